@@ -1,0 +1,1 @@
+"""serve_journal: a prediction journal for Ray Serve."""

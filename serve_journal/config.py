@@ -1,0 +1,149 @@
+"""Typed, frozen, validated configuration.
+
+Validated when ``@journaled`` is applied (on the driver), shipped to replicas by pickling, and
+turned into clients and threads only when a replica starts. Precedence for every field: the
+argument, then the ``SERVE_JOURNAL_<FIELD>`` environment variable, then the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "SERVE_JOURNAL_"
+
+TRANSPORTS = ("actors", "kafka", "memory")
+OVERFLOW_POLICIES = ("drop_newest",)
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and what would be right."""
+
+
+def _env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class JournalConfig:
+    """Everything ``@journaled`` needs, validated.
+
+    Extractor hooks are plain picklable callables; ``None`` selects the built-in extractor that
+    understands the common JSON shape ``{"subject_id": ..., "features": {...}}`` in and
+    ``{"score": ..., "decision": ...}`` (or ``{"scores": {label: score}}``) out.
+    """
+
+    model: str
+    """``models:/<name>@<alias>``, ``models:/<name>/<version>`` or a plain registered name."""
+    model_version: str | None = None
+    """Pin a version when ``model`` is a plain name; ``None`` means the latest version."""
+    threshold: float | None = None
+    journal_uri: str = "./journal"
+    """Root of the journal: a local path or any ``pyarrow.fs`` URI (``s3://bucket/prefix``)."""
+    tracking_uri: str | None = None
+    """MLflow tracking/registry URI; ``None`` uses MLflow's own resolution (MLFLOW_TRACKING_URI)."""
+    registry_refresh_s: float = 300.0
+    """Re-resolve the model alias this often (seconds); also on every Serve reconfigure."""
+    methods: tuple[str, ...] = ("__call__",)
+    caller_header: str = "x-caller-id"
+    subject_field: str = "subject_id"
+    features_field: str = "features"
+    caller: Callable[..., str | None] | None = None
+    subject: Callable[..., Any] | None = None
+    features: Callable[..., Any] | None = None
+    outputs: Callable[[Any], Any] | None = None
+    top_k: int = 3
+    buffer_capacity: int = 100_000
+    flush_interval_s: float = 0.1
+    flush_batch_size: int = 2_000
+    overflow: str = "drop_newest"
+    transport: str = "actors"
+    writer_pool_size: int = 2
+    writer_namespace: str = "serve_journal"
+    roll_seconds: float = 1.0
+    roll_bytes: int = 64 * 1024 * 1024
+    key_file: str | None = None
+    """Path of the local HMAC key file (0600); default ``<journal_uri>/../journal-keys/hmac.key``
+    for local journals. ``SERVE_JOURNAL_HMAC_KEY`` (hex) overrides it."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Settings for pluggable parts (e.g. ``{"kafka": {...}}``), validated where they are used."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ConfigError(f"model must be a registered model name or models:/ URI, got {self.model!r}")
+        if self.threshold is not None and not (isinstance(self.threshold, int | float)):
+            raise ConfigError(f"threshold must be a number, got {self.threshold!r}")
+        _positive("registry_refresh_s", self.registry_refresh_s)
+        _positive("flush_interval_s", self.flush_interval_s)
+        _positive("roll_seconds", self.roll_seconds)
+        for name in ("buffer_capacity", "flush_batch_size", "writer_pool_size", "roll_bytes", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.overflow not in OVERFLOW_POLICIES:
+            raise ConfigError(f"overflow must be one of {OVERFLOW_POLICIES}, got {self.overflow!r}")
+        if not self.methods or not all(isinstance(m, str) for m in self.methods):
+            raise ConfigError(f"methods must be a non-empty tuple of method names, got {self.methods!r}")
+        for hook in ("caller", "subject", "features", "outputs"):
+            value = getattr(self, hook)
+            if value is not None and not callable(value):
+                raise ConfigError(f"{hook} must be a callable or None, got {type(value).__name__}")
+
+    @classmethod
+    def resolve(cls, **arguments: Any) -> JournalConfig:
+        """Build a config: arguments first, then ``SERVE_JOURNAL_*`` variables, then defaults."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(arguments) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; known options: {sorted(known)}")
+        values: dict[str, Any] = {}
+        for name, spec in known.items():
+            value = arguments.get(name, _MISSING)
+            if value is None and name in arguments:
+                value = _MISSING
+            if value is _MISSING:
+                raw = os.environ.get(_env_name(name))
+                if raw is not None and raw != "":
+                    value = _parse_env(name, spec, raw)
+            if value is not _MISSING:
+                if name == "methods" and isinstance(value, str):
+                    value = (value,)
+                elif name == "methods":
+                    value = tuple(value)
+                values[name] = value
+        if "model" not in values:
+            raise ConfigError("model is required: pass model='models:/<name>@<alias>' or set SERVE_JOURNAL_MODEL")
+        return cls(**values)
+
+    def with_overrides(self, **changes: Any) -> JournalConfig:
+        """A copy with some fields replaced, validated again."""
+        return dataclasses.replace(self, **changes)
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+def _parse_env(name: str, spec: dataclasses.Field, raw: str) -> Any:
+    typ = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", str(spec.type))
+    try:
+        if typ.startswith("int"):
+            return int(raw)
+        if typ.startswith("float"):
+            return float(raw)
+        if typ.startswith("tuple"):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{_env_name(name)} must be a {typ.split(' ')[0]}, got {raw!r}") from exc
+    if "Callable" in typ or typ.startswith("dict"):
+        raise ConfigError(f"{name} cannot be set from the environment")
+    return raw

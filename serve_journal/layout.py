@@ -1,0 +1,103 @@
+"""Where journal files live: the partition spec, one object, not string formatting scattered around.
+
+Layout (hive style, so DuckDB, Spark and pyarrow.dataset prune partitions)::
+
+    <root>/<tier>/model=<model>/date=<YYYY-MM-DD>/hour=<HH>/<file name>.parquet
+
+Tiers are ``hot`` (recent, for investigations) and ``cold`` (long retention).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import urllib.parse
+from dataclasses import dataclass
+
+HOT = "hot"
+COLD = "cold"
+TIERS = (HOT, COLD)
+PARQUET_SUFFIX = ".parquet"
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.+\-]+$")
+
+
+def escape_value(value: str) -> str:
+    """Hive-escape a partition value so that ``/``, ``=`` and friends cannot change the path."""
+    return urllib.parse.quote(value, safe="-_.+")
+
+
+def unescape_value(value: str) -> str:
+    """Inverse of :func:`escape_value`."""
+    return urllib.parse.unquote(value)
+
+
+@dataclass(frozen=True, order=True)
+class PartitionKey:
+    """One journal partition: a model and one UTC hour."""
+
+    model: str
+    date: str  # YYYY-MM-DD
+    hour: int
+
+    def path(self, tier: str = HOT) -> str:
+        """Relative directory of this partition in ``tier``."""
+        if tier not in TIERS:
+            raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
+        return f"{tier}/model={escape_value(self.model)}/date={self.date}/hour={self.hour:02d}"
+
+    @property
+    def start(self) -> dt.datetime:
+        """First instant of the partition (UTC)."""
+        day = dt.date.fromisoformat(self.date)
+        return dt.datetime(day.year, day.month, day.day, self.hour, tzinfo=dt.UTC)
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """Maps an entry's model and timestamp to its partition; parses partition paths back."""
+
+    def key_for(self, model: str, ts: dt.datetime) -> PartitionKey:
+        """Partition of an entry of ``model`` decided at ``ts`` (aware or UTC-naive)."""
+        if ts.tzinfo is not None:
+            ts = ts.astimezone(dt.UTC)
+        return PartitionKey(model=model, date=ts.strftime("%Y-%m-%d"), hour=ts.hour)
+
+    def key_for_micros(self, model: str, ts_us: int) -> PartitionKey:
+        """Partition of an entry whose timestamp is given in microseconds since the epoch."""
+        ts = dt.datetime.fromtimestamp(ts_us / 1_000_000, tz=dt.UTC)
+        return self.key_for(model, ts)
+
+    def parse(self, relative_dir: str) -> tuple[str, PartitionKey]:
+        """Parse ``<tier>/model=../date=../hour=..`` (a file path below it is fine too)."""
+        parts = relative_dir.strip("/").split("/")
+        if len(parts) < 4 or parts[0] not in TIERS:
+            raise ValueError(f"not a journal partition path: {relative_dir!r}")
+        fields = {}
+        for part in parts[1:4]:
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise ValueError(f"not a journal partition path: {relative_dir!r}")
+            fields[name] = value
+        try:
+            key = PartitionKey(
+                model=unescape_value(fields["model"]),
+                date=fields["date"],
+                hour=int(fields["hour"]),
+            )
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"not a journal partition path: {relative_dir!r}") from exc
+        return parts[0], key
+
+    def file_path(self, key: PartitionKey, file_name: str, tier: str = HOT) -> str:
+        """Relative path of a data file named ``file_name`` (without suffix) in ``key``."""
+        if not _SAFE_NAME.match(file_name):
+            raise ValueError(f"file name must match {_SAFE_NAME.pattern}, got {file_name!r}")
+        return f"{key.path(tier)}/{file_name}{PARQUET_SUFFIX}"
+
+    def glob(self, tier: str = HOT) -> str:
+        """Relative glob matching every data file of a tier."""
+        return f"{tier}/model=*/date=*/hour=*/*{PARQUET_SUFFIX}"
+
+
+DEFAULT_SPEC = PartitionSpec()

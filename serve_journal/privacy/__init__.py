@@ -1,0 +1,1 @@
+"""Privacy: canonical feature encoding, keys, subject tokens, crypto-shredding."""

@@ -1,0 +1,79 @@
+"""The journal entry schema, defined once.
+
+Every journal file, every Kafka message and every query speaks this schema. Changing a column
+means a new ``SCHEMA_VERSION`` and a note in ``docs/schema.md``; readers accept every version
+listed in ``SUPPORTED_SCHEMA_VERSIONS``.
+
+No column ever holds a raw feature value or a raw subject identifier: ``features_hmac`` is a keyed
+HMAC of the canonical feature encoding and ``subject_token`` a keyed token of the subject id.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
+
+OUTCOME_OK = "ok"
+OUTCOME_ERROR = "error"
+OUTCOME_REJECTED = "rejected"
+OUTCOMES = (OUTCOME_OK, OUTCOME_ERROR, OUTCOME_REJECTED)
+
+OUTPUT_TYPE = pa.struct([("label", pa.string()), ("score", pa.float64())])
+
+#: Column name -> (Arrow type, nullable, description). Docs and the Arrow schema are built from it.
+COLUMNS: tuple[tuple[str, pa.DataType, bool, str], ...] = (
+    ("schema_version", pa.int16(), False, "Entry schema version (1)."),
+    ("request_id", pa.string(), False,
+     "Stable request id: Serve's request id (X-Request-ID when the caller sent one), shared by every "
+     "journaled deployment of one composed request."),
+    ("ts", pa.timestamp("us", tz="UTC"), False, "Decision time, UTC, microseconds."),
+    ("caller", pa.string(), False, "Caller identity from the configured extractor, or 'anonymous'."),
+    ("subject_token", pa.string(), True,
+     "Keyed token of the data subject (never the raw id); null when the request names no subject."),
+    ("model_name", pa.string(), False, "Registered model name."),
+    ("model_version", pa.string(), False, "Registered model version resolved at replica start."),
+    ("dataset_hash", pa.string(), True, "'sha256:<hex>' manifest hash of the training data."),
+    ("dataset_hash_source", pa.string(), False,
+     "Where dataset_hash came from: 'tag', 'mlflow_inputs' or 'none'."),
+    ("features_hmac", pa.string(), True, "Hex HMAC-SHA256 of the canonical feature encoding."),
+    ("key_id", pa.string(), True, "Id of the key features_hmac and subject_token were made with."),
+    ("outputs", pa.list_(OUTPUT_TYPE), True, "Top outputs, label and score, best first."),
+    ("score", pa.float64(), True, "The score the decision was taken on."),
+    ("threshold", pa.float64(), True, "Decision threshold in force."),
+    ("decision", pa.string(), True, "The decision served (e.g. 'block', 'allow')."),
+    ("explanation_ref", pa.string(), True, "Reference to an explanation stored elsewhere."),
+    ("outcome", pa.string(), False, "'ok', 'error' (the model raised) or 'rejected' (refused)."),
+    ("error_type", pa.string(), True,
+     "Exception class name for outcome 'error' or the reason for 'rejected'; never a message."),
+    ("latency_ms", pa.float32(), False, "Time spent in the wrapped method, milliseconds."),
+    ("risk_tier", pa.string(), False, "Risk tier the entry was classified in."),
+    ("sample_rate", pa.float32(), False, "Probability with which entries of this tier are kept."),
+    ("producer_id", pa.string(), False, "Id of the replica process that captured the entry."),
+    ("seq", pa.int64(), False,
+     "Per-producer sequence number, assigned at capture; gaps are explained by counted drops."),
+    ("app_name", pa.string(), True, "Serve application name."),
+    ("deployment", pa.string(), False, "Serve deployment name."),
+    ("replica", pa.string(), False, "Serve replica id."),
+)
+
+ENTRY_SCHEMA: pa.Schema = pa.schema(
+    [pa.field(name, typ, nullable=nullable) for name, typ, nullable, _ in COLUMNS],
+    metadata={b"serve_journal.schema_version": str(SCHEMA_VERSION).encode()},
+)
+
+COLUMN_NAMES: tuple[str, ...] = tuple(name for name, *_ in COLUMNS)
+
+
+def empty_table() -> pa.Table:
+    """An empty table with the entry schema."""
+    return ENTRY_SCHEMA.empty_table()
+
+
+def schema_markdown() -> str:
+    """The schema as a Markdown table (docs/schema.md is generated from it)."""
+    lines = ["| column | type | nullable | meaning |", "|---|---|---|---|"]
+    for name, typ, nullable, doc in COLUMNS:
+        lines.append(f"| `{name}` | `{typ}` | {'yes' if nullable else 'no'} | {doc} |")
+    return "\n".join(lines)
