@@ -9,6 +9,7 @@ Lock, ``If-None-Match``) extends :class:`JournalStorage` where configured.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
@@ -117,10 +118,8 @@ class LocalJournalStorage(JournalStorage):
             except FileExistsError as exc:
                 raise ObjectExistsError(f"journal object exists already: {relative}") from exc
         finally:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            except FileNotFoundError:
-                pass
         _fsync_dir(directory)
         return StoredObject(relative, len(data), hashlib.sha256(data).hexdigest())
 

@@ -1,0 +1,187 @@
+"""A generic batching worker: a bounded buffer, one background thread, timers and lifecycle.
+
+It knows nothing about journal entries. ``offer`` is the only call on the request path: a length
+check and a deque append, O(1), never raising. The worker thread hands batches to an ``export``
+callable (finalize + send); periodic tasks (metrics, heartbeats, registry refresh) run on the
+same thread so a replica owns exactly one journal thread. Unlike OpenTelemetry's
+BatchSpanProcessor, nothing is dropped silently: every refused item is reported to ``on_drop``
+with a reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+logger = logging.getLogger("serve_journal")
+
+REASON_BUFFER_FULL = "buffer_full"
+REASON_EXPORT_FAILED = "export_failed"
+REASON_CLOSED = "closed"
+
+
+class WorkerDiedError(RuntimeError):
+    """The background worker stopped unexpectedly; what it held is reported as dropped."""
+
+
+class PeriodicTask:
+    """A callable the worker runs every ``interval_s`` seconds (errors are logged, not fatal)."""
+
+    def __init__(self, name: str, interval_s: float, fn: Callable[[], Any]) -> None:
+        self.name = name
+        self.interval_s = interval_s
+        self.fn = fn
+        self.next_at = time.monotonic() + interval_s
+
+
+class BatchWorker:
+    """Owns the buffer and the thread that drains it into ``export``."""
+
+    def __init__(
+        self,
+        export: Callable[[list[Any]], None],
+        *,
+        capacity: int,
+        batch_size: int,
+        interval_s: float,
+        on_drop: Callable[[Sequence[Any], str], None],
+        periodic: Sequence[PeriodicTask] = (),
+        name: str = "serve-journal-flusher",
+    ) -> None:
+        self._export = export
+        self._capacity = capacity
+        self._batch_size = batch_size
+        self._interval_s = interval_s
+        self._on_drop = on_drop
+        self._periodic = list(periodic)
+        self._items: collections.deque[Any] = collections.deque()
+        self._wake = threading.Event()
+        self._done = threading.Condition()
+        self._exported_generation = 0
+        self._requested_generation = 0
+        self._closing = False
+        self._closed = False
+        self._died: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # -- request path -------------------------------------------------------------------------
+
+    def offer(self, item: Any) -> bool:
+        """Buffer ``item``; ``False`` (and ``on_drop``) when full or closed. Never raises."""
+        items = self._items
+        if len(items) >= self._capacity or self._closing:
+            try:
+                self._on_drop((item,), REASON_CLOSED if self._closing else REASON_BUFFER_FULL)
+            except Exception:  # noqa: BLE001 - the request path never raises
+                pass
+            return False
+        items.append(item)
+        if len(items) == self._batch_size:
+            self._wake.set()
+        return True
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Export everything buffered now; ``True`` when done within ``timeout``.
+
+        Raises :class:`WorkerDiedError` if the worker thread has died.
+        """
+        with self._done:
+            self._requested_generation += 1
+            target = self._requested_generation
+        self._wake.set()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._done:
+            while self._exported_generation < target:
+                if self._died is not None or not self._thread.is_alive():
+                    raise WorkerDiedError("serve_journal flusher thread died") from self._died
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._done.wait(timeout=0.05 if remaining is None else min(remaining, 0.05))
+        return True
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, then stop the thread. Closing twice is harmless. ``True`` when all was exported."""
+        if self._closed:
+            return True
+        try:
+            flushed = self.flush(timeout)
+        except WorkerDiedError:
+            flushed = False
+        self._closing = True
+        self._wake.set()
+        self._thread.join(timeout=timeout)
+        leftover = self._drain(len(self._items))
+        if leftover:
+            self._on_drop(leftover, REASON_CLOSED)
+        self._closed = True
+        return flushed and not leftover
+
+    # -- worker thread ------------------------------------------------------------------------
+
+    def _drain(self, limit: int) -> list[Any]:
+        items = self._items
+        out = []
+        popleft = items.popleft
+        for _ in range(min(limit, len(items))):
+            try:
+                out.append(popleft())
+            except IndexError:
+                break
+        return out
+
+    def _export_all(self) -> None:
+        while self._items:
+            batch = self._drain(self._batch_size)
+            if not batch:
+                break
+            try:
+                self._export(batch)
+            except Exception:  # noqa: BLE001 - counted below; the message never carries entry data
+                logger.exception("serve_journal: exporting a batch of %d entries failed", len(batch))
+                self._on_drop(batch, REASON_EXPORT_FAILED)
+
+    def _run_periodic(self) -> None:
+        now = time.monotonic()
+        for task in self._periodic:
+            if now >= task.next_at:
+                task.next_at = now + task.interval_s
+                try:
+                    task.fn()
+                except Exception:  # noqa: BLE001
+                    logger.warning("serve_journal: periodic task %s failed", task.name, exc_info=True)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                self._wake.wait(self._interval_s)
+                self._wake.clear()
+                with self._done:
+                    generation = self._requested_generation
+                self._export_all()
+                with self._done:
+                    self._exported_generation = max(self._exported_generation, generation)
+                    self._done.notify_all()
+                if self._closing:
+                    return
+                self._run_periodic()
+        except BaseException as exc:  # pragma: no cover - reported loudly to flush/close callers
+            self._died = exc
+            logger.critical("serve_journal flusher thread died", exc_info=True)
+            with self._done:
+                self._done.notify_all()
+            raise

@@ -1,0 +1,288 @@
+"""From captured calls to journal entries: everything the request path must not do.
+
+``CapturedCall`` holds references only (the request's scope and body, the arguments, the
+result); it lives in replica memory until the flusher turns it into one row of
+``ENTRY_SCHEMA``: parse the JSON body, extract subject, features and outputs, canonical-encode
+and HMAC the features, tokenize the subject, build Arrow columns. Raw values never leave this
+module except as tokens and HMACs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from serve_journal.config import JournalConfig
+from serve_journal.privacy.encoding import CanonicalEncodingError, canonical_encode
+from serve_journal.privacy.pseudonymizer import Pseudonymizer
+from serve_journal.registry import ModelInfo
+from serve_journal.schema import ENTRY_SCHEMA, OUTCOME_OK, SCHEMA_VERSION
+
+logger = logging.getLogger("serve_journal")
+
+DEFAULT_TIER = "default"
+
+
+class CapturedCall:
+    """One call as captured on the request path: references, no processing."""
+
+    __slots__ = (
+        "seq", "ts_us", "request_id", "args", "kwargs", "scope", "body", "result",
+        "outcome", "error_type", "latency_ms", "annotations", "model",
+    )
+
+    def __init__(self, seq, ts_us, request_id, args, kwargs, scope, body, result, outcome,
+                 error_type, latency_ms, annotations, model) -> None:
+        self.seq = seq
+        self.ts_us = ts_us
+        self.request_id = request_id
+        self.args = args
+        self.kwargs = kwargs
+        self.scope = scope
+        self.body = body
+        self.result = result
+        self.outcome = outcome
+        self.error_type = error_type
+        self.latency_ms = latency_ms
+        self.annotations = annotations
+        self.model = model
+
+    def __repr__(self) -> str:  # never show arguments, bodies or results
+        return f"CapturedCall(seq={self.seq}, outcome={self.outcome!r})"
+
+
+@dataclass
+class CallView:
+    """What an extractor hook sees of a call (built in the background, never on the request path)."""
+
+    args: tuple
+    kwargs: dict
+    body: Any
+    """The parsed JSON body of an HTTP request (or the first positional argument of a handle call)."""
+    headers: Mapping[str, str]
+    result: Any
+    """The method's return value (parsed JSON for a Starlette response); ``None`` on error."""
+
+
+@dataclass(frozen=True)
+class ReplicaIdentity:
+    """Names written into every entry of one replica process."""
+
+    producer_id: str
+    app_name: str | None
+    deployment: str
+    replica: str
+
+
+def _headers(scope: Mapping[str, Any] | None) -> dict[str, str]:
+    if not scope:
+        return {}
+    out = {}
+    for key, value in scope.get("headers") or ():
+        try:
+            out[key.decode("latin-1").lower()] = value.decode("latin-1")
+        except (AttributeError, UnicodeDecodeError):
+            continue
+    return out
+
+
+def _json_or_none(data: Any) -> Any:
+    if isinstance(data, bytes | bytearray | memoryview):
+        if not data:
+            return None
+        try:
+            return json.loads(bytes(data))
+        except (ValueError, UnicodeDecodeError):
+            return None
+    return data
+
+
+def _result_value(result: Any) -> Any:
+    body = getattr(result, "body", None)
+    if body is not None and hasattr(result, "status_code"):
+        return _json_or_none(body)
+    return result
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out
+
+
+def _outputs(value: Any, top_k: int) -> tuple[list[dict] | None, float | None, str | None]:
+    """Top-k outputs, score and decision from a result; tolerant of unknown shapes."""
+    if not isinstance(value, Mapping):
+        score = _as_float(value)
+        return (None, score, None)
+    score = _as_float(value.get("score"))
+    decision = value.get("decision")
+    decision = str(decision) if decision is not None else None
+    scores = value.get("scores", value.get("probabilities", value.get("outputs")))
+    outputs = None
+    if isinstance(scores, Mapping):
+        pairs = [(str(k), _as_float(v)) for k, v in scores.items()]
+        pairs = [(k, v) for k, v in pairs if v is not None]
+        pairs.sort(key=lambda kv: (-kv[1] if not math.isnan(kv[1]) else math.inf))
+        outputs = [{"label": k, "score": v} for k, v in pairs[:top_k]]
+    elif isinstance(scores, Sequence) and not isinstance(scores, str | bytes):
+        rows = []
+        for item in scores:
+            if isinstance(item, Mapping) and "label" in item:
+                rows.append({"label": str(item["label"]), "score": _as_float(item.get("score"))})
+        outputs = rows[:top_k] or None
+    if score is None and outputs:
+        score = outputs[0]["score"]
+    if outputs is None and score is not None:
+        label = value.get("label")
+        outputs = [{"label": str(label) if label is not None else "score", "score": score}]
+    return outputs, score, decision
+
+
+class EntryFinalizer:
+    """Turns captured calls into a RecordBatch of ``ENTRY_SCHEMA``."""
+
+    def __init__(self, config: JournalConfig, pseudonymizer: Pseudonymizer,
+                 identity: ReplicaIdentity) -> None:
+        self.config = config
+        self.pseudonymizer = pseudonymizer
+        self.identity = identity
+        self.unencodable_features = 0
+
+    def _view(self, call: CapturedCall) -> CallView:
+        if call.scope is not None:
+            body = _json_or_none(call.body)
+        else:
+            body = call.args[0] if call.args else (call.kwargs or None)
+        return CallView(call.args, call.kwargs, body, _headers(call.scope),
+                        _result_value(call.result) if call.outcome == OUTCOME_OK else None)
+
+    def _caller(self, call: CapturedCall, view: CallView) -> str:
+        caller = call.annotations.get("caller") if call.annotations else None
+        if caller is None and self.config.caller is not None:
+            caller = self.config.caller(view)
+        if caller is None:
+            caller = view.headers.get(self.config.caller_header.lower())
+        return str(caller) if caller else "anonymous"
+
+    def _subject(self, call: CapturedCall, view: CallView) -> str | None:
+        ann = call.annotations or {}
+        if "subject" in ann:
+            subject = ann["subject"]
+        elif self.config.subject is not None:
+            subject = self.config.subject(view)
+        elif isinstance(view.body, Mapping):
+            subject = view.body.get(self.config.subject_field)
+        else:
+            subject = None
+        return None if subject is None else str(subject)
+
+    def _features(self, call: CapturedCall, view: CallView) -> Any:
+        ann = call.annotations or {}
+        if "features" in ann:
+            return ann["features"]
+        if self.config.features is not None:
+            return self.config.features(view)
+        body = view.body
+        if isinstance(body, Mapping):
+            if self.config.features_field in body:
+                return body[self.config.features_field]
+            return {k: v for k, v in body.items() if k != self.config.subject_field}
+        return body
+
+    def finalize(self, calls: Sequence[CapturedCall]) -> pa.RecordBatch:
+        """Build one RecordBatch with one row per captured call, in capture order."""
+        cfg = self.config
+        ident = self.identity
+        n = len(calls)
+        subjects: list[str | None] = []
+        encoded: list[bytes | None] = []
+        callers: list[str] = []
+        outputs_col: list[Any] = []
+        scores: list[float | None] = []
+        decisions: list[str | None] = []
+        thresholds: list[float | None] = []
+        explanations: list[str | None] = []
+        for call in calls:
+            ann = call.annotations or {}
+            try:
+                view = self._view(call)
+                caller = self._caller(call, view)
+                subject = self._subject(call, view)
+                features = self._features(call, view)
+            except Exception as exc:  # noqa: BLE001 - a broken hook must not lose the entry
+                logger.warning("serve_journal: extractor hook raised %s; entry kept without "
+                               "subject/features", type(exc).__name__)
+                view = CallView((), {}, None, {}, None)
+                caller, subject, features = "anonymous", None, None
+            callers.append(caller)
+            subjects.append(subject)
+            try:
+                encoded.append(None if features is None else canonical_encode(features))
+            except CanonicalEncodingError:
+                self.unencodable_features += 1
+                encoded.append(None)
+            result = view.result
+            if "outputs" in ann or cfg.outputs is not None:
+                try:
+                    result = ann["outputs"] if "outputs" in ann else cfg.outputs(result)
+                except Exception as exc:  # noqa: BLE001
+                    logger.warning("serve_journal: outputs hook raised %s", type(exc).__name__)
+                    result = None
+            outs, score, decision = _outputs(result, cfg.top_k)
+            if "score" in ann:
+                score = _as_float(ann["score"])
+            if "decision" in ann:
+                decision = None if ann["decision"] is None else str(ann["decision"])
+            threshold = _as_float(ann["threshold"]) if "threshold" in ann else cfg.threshold
+            if decision is None and score is not None and threshold is not None \
+                    and call.outcome == OUTCOME_OK and not math.isnan(score):
+                decision = "positive" if score >= threshold else "negative"
+            outputs_col.append(outs)
+            scores.append(score)
+            decisions.append(decision)
+            thresholds.append(threshold)
+            ref = ann.get("explanation_ref")
+            explanations.append(None if ref is None else str(ref))
+
+        protected = self.pseudonymizer.protect(subjects, encoded)
+        models: list[ModelInfo] = [c.model for c in calls]
+        columns = {
+            "schema_version": pa.array([SCHEMA_VERSION] * n, pa.int16()),
+            "request_id": pa.array([c.request_id for c in calls], pa.string()),
+            "ts": pa.array([c.ts_us for c in calls], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+            "caller": pa.array(callers, pa.string()),
+            "subject_token": pa.array([p.subject_token for p in protected], pa.string()),
+            "model_name": pa.array([m.name for m in models], pa.string()),
+            "model_version": pa.array([m.version for m in models], pa.string()),
+            "dataset_hash": pa.array([m.dataset_hash for m in models], pa.string()),
+            "dataset_hash_source": pa.array([m.dataset_hash_source for m in models], pa.string()),
+            "features_hmac": pa.array([p.features_hmac for p in protected], pa.string()),
+            "key_id": pa.array([p.key_id for p in protected], pa.string()),
+            "outputs": pa.array(outputs_col, ENTRY_SCHEMA.field("outputs").type),
+            "score": pa.array(scores, pa.float64()),
+            "threshold": pa.array(thresholds, pa.float64()),
+            "decision": pa.array(decisions, pa.string()),
+            "explanation_ref": pa.array(explanations, pa.string()),
+            "outcome": pa.array([c.outcome for c in calls], pa.string()),
+            "error_type": pa.array([c.error_type for c in calls], pa.string()),
+            "latency_ms": pa.array([c.latency_ms for c in calls], pa.float32()),
+            "risk_tier": pa.array([DEFAULT_TIER] * n, pa.string()),
+            "sample_rate": pa.array([1.0] * n, pa.float32()),
+            "producer_id": pa.array([ident.producer_id] * n, pa.string()),
+            "seq": pa.array([c.seq for c in calls], pa.int64()),
+            "app_name": pa.array([ident.app_name] * n, pa.string()),
+            "deployment": pa.array([ident.deployment] * n, pa.string()),
+            "replica": pa.array([ident.replica] * n, pa.string()),
+        }
+        return pa.RecordBatch.from_arrays([columns[f.name] for f in ENTRY_SCHEMA], schema=ENTRY_SCHEMA)

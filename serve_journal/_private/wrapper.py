@@ -1,0 +1,427 @@
+"""The ``@journaled`` wrapper and the per-replica journal runtime.
+
+The wrapper subclasses the user's deployment class. Its ``__init__`` starts a
+:class:`JournalRuntime` (model resolution, buffer, flusher thread, transport) before the user's
+own ``__init__``; each journaled method is wrapped so that, after the user's method returns or
+raises, one :class:`CapturedCall` is offered to the buffer. The wrapper never changes the
+method's result or exception.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from serve_journal.config import ConfigError, JournalConfig
+from serve_journal.registry import ModelInfo, resolve_model
+from serve_journal.schema import OUTCOME_ERROR, OUTCOME_OK
+
+from .batching import PeriodicTask
+from .entries import CapturedCall, EntryFinalizer, ReplicaIdentity
+
+logger = logging.getLogger("serve_journal")
+
+_ANNOTATIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "serve_journal_annotations", default=None
+)
+_ANNOTATION_KEYS = frozenset(
+    {"subject", "features", "caller", "score", "decision", "threshold", "outputs", "explanation_ref"}
+)
+
+WARN_EVERY_S = 10.0
+
+
+def annotate(**values: Any) -> None:
+    """Record facts about the current call from inside a journaled method.
+
+    Keys: ``subject``, ``features``, ``caller``, ``score``, ``decision``, ``threshold``,
+    ``outputs``, ``explanation_ref``. They override what the extractors would find. Outside a
+    journaled call this does nothing.
+    """
+    unknown = set(values) - _ANNOTATION_KEYS
+    if unknown:
+        raise TypeError(f"annotate() got unknown keys {sorted(unknown)}; known: {sorted(_ANNOTATION_KEYS)}")
+    current = _ANNOTATIONS.get()
+    if current is not None:
+        current.update(values)
+
+
+def starlette_request_type() -> type | tuple:
+    """Starlette's Request class (what Serve passes for HTTP calls), or () when absent."""
+    try:
+        from starlette.requests import Request
+    except ImportError:  # pragma: no cover - Serve depends on starlette
+        return ()
+    return Request
+
+
+def _request_id() -> str:
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        rid = _get_serve_request_context().request_id
+    except Exception:  # noqa: BLE001 - outside Serve
+        rid = ""
+    return rid or uuid.uuid4().hex
+
+
+def _replica_names() -> tuple[str | None, str, str]:
+    try:
+        from ray import serve
+
+        ctx = serve.get_replica_context()
+        rid = ctx.replica_id
+        return ctx.app_name, rid.deployment_id.name, rid.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (plain class, tests)
+        return None, "local", f"pid{os.getpid()}"
+
+
+class _DropCounter:
+    """Counts drops per reason and remembers dropped sequence numbers as ranges (for verify)."""
+
+    def __init__(self) -> None:
+        self.by_reason: dict[str, int] = {}
+        self.ranges: list[list] = []  # [lo, hi, reason], merged when contiguous
+        self._lock = threading.Lock()
+        self._last_warning = 0.0
+
+    def __call__(self, items: Sequence[CapturedCall], reason: str) -> None:
+        with self._lock:
+            self.by_reason[reason] = self.by_reason.get(reason, 0) + len(items)
+            for item in items:
+                seq = item.seq
+                last = self.ranges[-1] if self.ranges else None
+                if last is not None and last[2] == reason and last[1] + 1 == seq:
+                    last[1] = seq
+                else:
+                    self.ranges.append([seq, seq, reason])
+            now = time.monotonic()
+            warn = now - self._last_warning >= WARN_EVERY_S
+            if warn:
+                self._last_warning = now
+        if warn:
+            logger.warning("serve_journal: dropped journal entries (%s so far: %s)",
+                           sum(self.by_reason.values()), dict(self.by_reason))
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_reason.values())
+
+
+class JournalRuntime:
+    """Everything the journal runs inside one replica process."""
+
+    def __init__(self, config: JournalConfig) -> None:
+        from .batching import BatchWorker
+
+        self.config = config
+        self.model: ModelInfo = resolve_model(config.model, config.model_version, config.tracking_uri)
+        self._model_lock = threading.Lock()
+        self._last_refresh = time.monotonic()
+        app, deployment, replica = _replica_names()
+        self.identity = ReplicaIdentity(
+            producer_id=f"{deployment}-{replica}-{uuid.uuid4().hex[:8]}",
+            app_name=app, deployment=deployment, replica=replica,
+        )
+        self._seq = itertools.count()
+        self._request_type = starlette_request_type()
+        self.captured = 0
+        self.exported = 0
+        self.registry_errors = 0
+        self.drops = _DropCounter()
+        self.transport = build_transport(config, self.identity.producer_id)
+        self.finalizer = EntryFinalizer(config, build_pseudonymizer(config), self.identity)
+        self._coordinator = None
+        self._closed = False
+        periodic = [PeriodicTask("registry-refresh", min(config.registry_refresh_s, 60.0), self._maybe_refresh)]
+        if config.transport != "memory":
+            periodic.append(PeriodicTask("heartbeat", _heartbeat_interval(), self.heartbeat))
+        self.worker = BatchWorker(
+            self._export,
+            capacity=config.buffer_capacity,
+            batch_size=config.flush_batch_size,
+            interval_s=config.flush_interval_s,
+            on_drop=self.drops,
+            periodic=periodic,
+        )
+
+    def __repr__(self) -> str:
+        return f"JournalRuntime(producer_id={self.identity.producer_id!r}, model={self.model.name!r})"
+
+    # -- request path -------------------------------------------------------------------------
+
+    def capture(self, args: tuple, kwargs: dict, result: Any, outcome: str, error_type: str | None,
+                started: float, annotations: dict | None) -> None:
+        """Offer one captured call to the buffer. O(1); never raises."""
+        try:
+            latency_ms = (time.perf_counter() - started) * 1000.0
+            scope = body = None
+            if args and isinstance(args[0], self._request_type):
+                request = args[0]
+                scope = request.scope
+                body = getattr(request, "_body", None)
+            call = CapturedCall(
+                next(self._seq), time.time_ns() // 1000, _request_id(), args, kwargs, scope, body,
+                result, outcome, error_type, latency_ms, annotations, self.model,
+            )
+            self.captured += 1
+            self.worker.offer(call)
+        except Exception:  # noqa: BLE001 - the journal never breaks serving
+            logger.exception("serve_journal: capture failed")
+
+    # -- background ---------------------------------------------------------------------------
+
+    def _export(self, calls: list[CapturedCall]) -> None:
+        batch = self.finalizer.finalize(calls)
+        delay = 0.05
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                self.transport.send(batch)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                logger.warning("serve_journal: transport send failed; retrying", exc_info=True)
+                time.sleep(delay)  # back-off between retries of a failed send
+                delay = min(delay * 2, 2.0)
+        self.exported += len(calls)
+
+    def _maybe_refresh(self) -> None:
+        if time.monotonic() - self._last_refresh >= self.config.registry_refresh_s:
+            self.refresh_model()
+
+    def refresh_model(self) -> None:
+        """Re-resolve the model alias (on reconfigure and every ``registry_refresh_s``)."""
+        with self._model_lock:
+            self._last_refresh = time.monotonic()
+            try:
+                model = resolve_model(self.config.model, self.config.model_version,
+                                      self.config.tracking_uri)
+            except Exception:  # noqa: BLE001 - keep serving with the version we know
+                self.registry_errors += 1
+                logger.warning("serve_journal: refreshing model %s from the registry failed",
+                               self.config.model, exc_info=True)
+                return
+            if model != self.model:
+                logger.info("serve_journal: model %s now resolves to version %s",
+                            model.name, model.version)
+            self.model = model
+
+    def report(self) -> dict[str, Any]:
+        """Counters of this producer."""
+        return {
+            "producer_id": self.identity.producer_id,
+            "deployment": self.identity.deployment,
+            "model": self.model.name,
+            "model_version": self.model.version,
+            "captured": self.captured,
+            "exported": self.exported,
+            "dropped": dict(self.drops.by_reason),
+            "dropped_ranges": [list(r) for r in self.drops.ranges],
+            "buffered": len(self.worker),
+            "unacked": self.captured - self.exported - self.drops.total,
+            "registry_errors": self.registry_errors,
+            "unencodable_features": self.finalizer.unencodable_features,
+            "as_of": time.time(),
+            "closed": self._closed,
+        }
+
+    def heartbeat(self) -> None:
+        from serve_journal.transport.actors import pool_id
+
+        from .coordinator import get_coordinator
+
+        if self._coordinator is None:
+            self._coordinator = get_coordinator(pool_id(self.config.journal_uri),
+                                                self.config.writer_namespace)
+        report = self.report()
+        in_flight = getattr(self.transport, "in_flight", None)
+        report["unacked"] += in_flight() if in_flight is not None else 0
+        self._coordinator.heartbeat.remote(self.identity.producer_id, report)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Export everything buffered and wait until the transport has it durable."""
+        start = time.monotonic()
+        if not self.worker.flush(timeout):
+            return False
+        remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+        return self.transport.flush(remaining)
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Flush and stop; closing twice is harmless."""
+        if self._closed:
+            return
+        try:
+            self.worker.close(timeout)
+            self.transport.close(timeout)
+        finally:
+            self._closed = True
+            if self.config.transport != "memory":
+                try:
+                    self.heartbeat()
+                except Exception:  # noqa: BLE001
+                    logger.warning("serve_journal: final heartbeat failed", exc_info=True)
+
+
+def _heartbeat_interval() -> float:
+    from .coordinator import HEARTBEAT_INTERVAL_S
+
+    return HEARTBEAT_INTERVAL_S
+
+
+def build_transport(config: JournalConfig, producer_id: str):
+    """The transport the config names, built inside the replica."""
+    if config.transport == "actors":
+        from serve_journal.transport.actors import RayActorTransport
+
+        return RayActorTransport(
+            config.journal_uri, pool_size=config.writer_pool_size, namespace=config.writer_namespace,
+            roll_seconds=config.roll_seconds, roll_bytes=config.roll_bytes, producer_id=producer_id,
+        )
+    if config.transport == "memory":
+        from serve_journal.testing import InMemoryTransport
+
+        return InMemoryTransport.shared(config.extra.get("memory_transport", "default"))
+    if config.transport == "kafka":
+        try:
+            from serve_journal.transport.kafka import KafkaSettings, KafkaTransport
+        except ImportError as exc:  # pragma: no cover
+            raise ConfigError("transport='kafka' needs aiokafka: pip install aiokafka") from exc
+        return KafkaTransport(KafkaSettings(**config.extra.get("kafka", {})))
+    raise ConfigError(f"unknown transport {config.transport!r}")
+
+
+def build_pseudonymizer(config: JournalConfig):
+    """The skeleton's pseudonymizer: one keyed HMAC key (see _private/keys.py)."""
+    from serve_journal.privacy.pseudonymizer import StaticKeyPseudonymizer
+
+    from .keys import load_hmac_key
+
+    key_id, key = load_hmac_key(config)
+    return StaticKeyPseudonymizer(key_id, key)
+
+
+# -- the decorator ---------------------------------------------------------------------------
+
+
+def _wrap_method(name: str, method: Any) -> Any:
+    if inspect.isasyncgenfunction(method) or inspect.isgeneratorfunction(method):
+        raise ConfigError(
+            f"method {name!r} is a generator (streaming response); journaling streams is not "
+            "supported: journal a non-streaming method instead"
+        )
+    if inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def journaled_async(self, *args, **kwargs):
+            runtime = self.__dict__.get("_serve_journal_runtime")
+            if runtime is None:
+                return await method(self, *args, **kwargs)
+            annotations: dict = {}
+            token = _ANNOTATIONS.set(annotations)
+            started = time.perf_counter()
+            try:
+                result = await method(self, *args, **kwargs)
+            except BaseException as exc:
+                runtime.capture(args, kwargs, None, OUTCOME_ERROR, type(exc).__name__, started,
+                                annotations)
+                raise
+            finally:
+                _ANNOTATIONS.reset(token)
+            runtime.capture(args, kwargs, result, OUTCOME_OK, None, started, annotations)
+            return result
+
+        return journaled_async
+
+    @functools.wraps(method)
+    def journaled_sync(self, *args, **kwargs):
+        runtime = self.__dict__.get("_serve_journal_runtime")
+        if runtime is None:
+            return method(self, *args, **kwargs)
+        annotations: dict = {}
+        token = _ANNOTATIONS.set(annotations)
+        started = time.perf_counter()
+        try:
+            result = method(self, *args, **kwargs)
+        except BaseException as exc:
+            runtime.capture(args, kwargs, None, OUTCOME_ERROR, type(exc).__name__, started,
+                            annotations)
+            raise
+        finally:
+            _ANNOTATIONS.reset(token)
+        runtime.capture(args, kwargs, result, OUTCOME_OK, None, started, annotations)
+        return result
+
+    return journaled_sync
+
+
+def wrap_class(user_cls: type, config: JournalConfig) -> type:
+    """A subclass of ``user_cls`` (same name) whose methods are journaled."""
+    if not inspect.isclass(user_cls):
+        raise ConfigError(
+            f"@journaled wraps a class-based deployment, got {type(user_cls).__name__}; "
+            "turn the function into a class with __call__"
+        )
+    attrs: dict[str, Any] = {"__module__": user_cls.__module__, "__qualname__": user_cls.__qualname__,
+                             "__doc__": user_cls.__doc__, "_serve_journal_config": config}
+    for name in config.methods:
+        method = getattr(user_cls, name, None)
+        if method is None or not callable(method):
+            raise ConfigError(f"{user_cls.__name__} has no method {name!r} to journal "
+                              f"(methods={config.methods!r})")
+        attrs[name] = _wrap_method(name, method)
+
+    user_init = user_cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        self._serve_journal_runtime = JournalRuntime(config)
+        user_init(self, *args, **kwargs)
+
+    user_reconfigure = getattr(user_cls, "reconfigure", None)
+
+    if user_reconfigure is not None and inspect.iscoroutinefunction(user_reconfigure):
+        async def reconfigure(self, user_config):
+            await user_reconfigure(self, user_config)
+            self._serve_journal_runtime.refresh_model()
+    else:
+        def reconfigure(self, user_config):
+            if user_reconfigure is not None:
+                user_reconfigure(self, user_config)
+            self._serve_journal_runtime.refresh_model()
+
+    user_del = getattr(user_cls, "__del__", None)
+
+    if user_del is not None and inspect.iscoroutinefunction(user_del):
+        async def __del__(self):
+            _close_runtime(self)
+            await user_del(self)
+    else:
+        def __del__(self):
+            _close_runtime(self)
+            if user_del is not None:
+                user_del(self)
+
+    attrs.update(__init__=__init__, reconfigure=reconfigure, __del__=__del__)
+    functools.update_wrapper(__init__, user_init, assigned=("__doc__",))
+    return type(user_cls.__name__, (user_cls,), attrs)
+
+
+def _close_runtime(instance: Any) -> None:
+    runtime = instance.__dict__.get("_serve_journal_runtime")
+    if runtime is not None:
+        runtime.close()
+
+
+def journal_runtime(instance: Any) -> JournalRuntime | None:
+    """The runtime of a journaled instance (for tests and admin methods)."""
+    return instance.__dict__.get("_serve_journal_runtime")

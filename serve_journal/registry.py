@@ -1,0 +1,192 @@
+"""Model metadata from the MLflow registry, and dataset manifests.
+
+A replica resolves its model once at start (and again on reconfigure or after the refresh
+interval), never per request. The dataset manifest hash ties a model version to the exact files it
+was trained on: a SHA-256 over a manifest listing every file's path, size and SHA-256. It is
+logged as an artifact of the version's run and set as a tag on the model version; when a version
+has no such tag, a hash over the run's MLflow dataset-input digests is used, and the entry records
+which source it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DATASET_HASH_TAG = "serve_journal.dataset_hash"
+MANIFEST_ARTIFACT = "serve_journal/dataset_manifest.json"
+
+SOURCE_TAG = "tag"
+SOURCE_MLFLOW_INPUTS = "mlflow_inputs"
+SOURCE_NONE = "none"
+
+
+class ModelNotFoundError(LookupError):
+    """The configured model (name, alias or version) does not exist in the registry."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed model reference: a name plus an alias, a version, or neither (latest)."""
+
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, model: str, version: str | None = None) -> ModelRef:
+        """Parse ``models:/name@alias``, ``models:/name/version`` or a plain ``name``."""
+        text = model.strip()
+        if text.startswith("models:/"):
+            body = text[len("models:/"):]
+            if "@" in body:
+                name, alias = body.split("@", 1)
+                if not name or not alias:
+                    raise ValueError(f"model URI must look like models:/<name>@<alias>, got {model!r}")
+                return cls(name=name, alias=alias)
+            name, _, ver = body.partition("/")
+            if not name:
+                raise ValueError(f"model URI must look like models:/<name>/<version>, got {model!r}")
+            return cls(name=name, version=ver or version)
+        if "/" in text or "@" in text:
+            raise ValueError(f"model must be a registered name or a models:/ URI, got {model!r}")
+        return cls(name=text, version=version)
+
+    def __str__(self) -> str:
+        if self.alias:
+            return f"models:/{self.name}@{self.alias}"
+        if self.version:
+            return f"models:/{self.name}/{self.version}"
+        return f"models:/{self.name}"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What an entry records about the model that decided."""
+
+    name: str
+    version: str
+    dataset_hash: str | None
+    dataset_hash_source: str
+    run_id: str | None = None
+    source: str | None = None
+    """The artifact URI of the version (replay loads the model from it)."""
+
+
+def _client(tracking_uri: str | None):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def resolve_model(model: str, version: str | None = None, tracking_uri: str | None = None) -> ModelInfo:
+    """Resolve a model reference to a version and its dataset hash; one registry round trip set."""
+    ref = ModelRef.parse(model, version)
+    client = _client(tracking_uri)
+    try:
+        if ref.alias:
+            mv = client.get_model_version_by_alias(ref.name, ref.alias)
+        elif ref.version:
+            mv = client.get_model_version(ref.name, ref.version)
+        else:
+            versions = client.search_model_versions(f"name = '{ref.name}'")
+            if not versions:
+                raise ModelNotFoundError(f"registered model {ref.name!r} has no versions")
+            mv = max(versions, key=lambda v: int(v.version))
+    except ModelNotFoundError:
+        raise
+    except Exception as exc:  # MlflowException: RESOURCE_DOES_NOT_EXIST and friends
+        raise ModelNotFoundError(
+            f"model {ref} was not found in the MLflow registry at "
+            f"{tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or 'the default tracking URI'}: "
+            f"register it (mlflow.register_model) or fix the name/alias/version"
+        ) from exc
+    dataset_hash, source = _dataset_hash(client, mv)
+    return ModelInfo(
+        name=mv.name,
+        version=str(mv.version),
+        dataset_hash=dataset_hash,
+        dataset_hash_source=source,
+        run_id=mv.run_id,
+        source=mv.source,
+    )
+
+
+def _dataset_hash(client: Any, mv: Any) -> tuple[str | None, str]:
+    tag = (mv.tags or {}).get(DATASET_HASH_TAG)
+    if tag:
+        return tag, SOURCE_TAG
+    if mv.run_id:
+        try:
+            run = client.get_run(mv.run_id)
+        except Exception:  # noqa: BLE001 - a deleted run leaves the hash unknown, not the replica dead
+            return None, SOURCE_NONE
+        digests = sorted(
+            d.dataset.digest for d in (run.inputs.dataset_inputs or []) if d.dataset.digest
+        )
+        if digests:
+            joined = "\n".join(digests).encode()
+            return "sha256:" + hashlib.sha256(joined).hexdigest(), SOURCE_MLFLOW_INPUTS
+    return None, SOURCE_NONE
+
+
+@dataclass(frozen=True)
+class DatasetManifest:
+    """Every file of a dataset with its size and SHA-256, and the hash over that list."""
+
+    files: tuple[tuple[str, int, str], ...]
+
+    @property
+    def digest(self) -> str:
+        """``sha256:<hex>`` over the canonical JSON of the file list."""
+        return "sha256:" + hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def to_json(self) -> str:
+        rows = [{"path": p, "size": s, "sha256": h} for p, s, h in self.files]
+        return json.dumps({"version": 1, "files": rows}, sort_keys=True, separators=(",", ":"))
+
+
+def dataset_manifest(paths: list[str | os.PathLike[str]] | str | os.PathLike[str]) -> DatasetManifest:
+    """Build the manifest of the files under ``paths`` (files or directories, recursively).
+
+    Paths in the manifest are relative to the directory given (or the file's name), so the
+    same data in another place hashes the same.
+    """
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    rows: list[tuple[str, int, str]] = []
+    for given in paths:
+        root = Path(given)
+        if root.is_dir():
+            files = sorted(p for p in root.rglob("*") if p.is_file())
+            names = [(p, p.relative_to(root).as_posix()) for p in files]
+        elif root.is_file():
+            names = [(root, root.name)]
+        else:
+            raise FileNotFoundError(f"dataset path does not exist: {given}")
+        for path, name in names:
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+            rows.append((name, path.stat().st_size, digest.hexdigest()))
+    rows.sort()
+    return DatasetManifest(tuple(rows))
+
+
+def register_dataset_manifest(
+    name: str, version: str, paths: list[str | os.PathLike[str]] | str | os.PathLike[str],
+    tracking_uri: str | None = None,
+) -> DatasetManifest:
+    """Compute the manifest, log it as an artifact of the version's run, tag the version."""
+    manifest = dataset_manifest(paths)
+    client = _client(tracking_uri)
+    mv = client.get_model_version(name, version)
+    if mv.run_id:
+        client.log_dict(mv.run_id, json.loads(manifest.to_json()), MANIFEST_ARTIFACT)
+    client.set_model_version_tag(name, version, DATASET_HASH_TAG, manifest.digest)
+    return manifest
