@@ -1,0 +1,247 @@
+"""Merkle tree hashes, inclusion proofs and consistency proofs as in RFC 6962 / RFC 9162.
+
+A journal file's entries are the leaves of one Merkle tree whose root its manifest record holds,
+so an auditor can check every entry of a file against the record, or a single entry with an
+inclusion proof of ``log2(n)`` hashes, without trusting whoever serves the file.
+
+Hashing follows RFC 9162 section 2.1.1 exactly (SHA-256, domain-separated)::
+
+    MTH({})      = SHA-256()
+    leaf hash    = SHA-256(0x00 || leaf data)
+    node hash    = SHA-256(0x01 || left || right)
+    MTH(D[n])    = node(MTH(D[0:k]), MTH(D[k:n]))   with k the largest power of two < n
+
+Proof generation is section 2.1.3.1 (PATH) and 2.1.4.1 (PROOF / SUBPROOF); verification is the
+algorithm of sections 2.1.3.2 and 2.1.4.2, which binds the proof length to the tree size, so the
+only proof a verifier accepts for a given (index, size, root) is the genuine one.
+
+The leaf data of a journal entry is :func:`entry_leaf`: the canonical encoding
+(:func:`serve_journal.privacy.encoding.canonical_encode`) of the row as a mapping of column name
+to value, with the timestamp ``ts`` as an integer number of microseconds since the Unix epoch
+(UTC). Every column of the file's schema takes part, so any edited value changes the leaf.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from serve_journal.privacy.encoding import canonical_encode
+
+_LEAF_PREFIX = b"\x00"
+_NODE_PREFIX = b"\x01"
+HASH_SIZE = 32
+
+EMPTY_ROOT = hashlib.sha256(b"").digest()
+"""MTH of the empty tree: SHA-256 of the empty string."""
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def leaf_hash(data: bytes) -> bytes:
+    """RFC 6962 leaf hash: SHA-256(0x00 || data)."""
+    return hashlib.sha256(_LEAF_PREFIX + data).digest()
+
+
+def node_hash(left: bytes, right: bytes) -> bytes:
+    """RFC 6962 interior node hash: SHA-256(0x01 || left || right)."""
+    return hashlib.sha256(_NODE_PREFIX + left + right).digest()
+
+
+def _split(n: int) -> int:
+    """The largest power of two strictly smaller than ``n`` (n >= 2)."""
+    return 1 << ((n - 1).bit_length() - 1)
+
+
+def _mth(hashes: Sequence[bytes], lo: int, hi: int) -> bytes:
+    """Merkle tree hash of the leaf hashes ``hashes[lo:hi]`` (non-empty)."""
+    n = hi - lo
+    if n == 1:
+        return hashes[lo]
+    k = _split(n)
+    return node_hash(_mth(hashes, lo, lo + k), _mth(hashes, lo + k, hi))
+
+
+def root_from_leaf_hashes(hashes: Sequence[bytes]) -> bytes:
+    """Merkle tree hash over already-hashed leaves."""
+    if not hashes:
+        return EMPTY_ROOT
+    # Bottom-up: fold each level pairwise; an odd last node is promoted unchanged. This yields
+    # exactly the RFC's largest-power-of-two split, without recursion over large files.
+    level = list(hashes)
+    while len(level) > 1:
+        nxt = [node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+def merkle_root(leaves: Sequence[bytes]) -> bytes:
+    """Merkle tree hash (MTH) of the leaf data ``leaves``."""
+    return root_from_leaf_hashes([leaf_hash(leaf) for leaf in leaves])
+
+
+def inclusion_proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
+    """Audit path (RFC 9162 PATH) proving that ``leaves[index]`` is in the tree of all ``leaves``."""
+    n = len(leaves)
+    if not 0 <= index < n:
+        raise ValueError(f"index must be in [0, {n}) for a tree of {n} leaves, got {index}")
+    hashes = [leaf_hash(leaf) for leaf in leaves]
+    return _path(hashes, index, 0, n)
+
+
+def _path(hashes: Sequence[bytes], m: int, lo: int, hi: int) -> list[bytes]:
+    n = hi - lo
+    if n == 1:
+        return []
+    k = _split(n)
+    if m < k:
+        return _path(hashes, m, lo, lo + k) + [_mth(hashes, lo + k, hi)]
+    return _path(hashes, m - k, lo + k, hi) + [_mth(hashes, lo, lo + k)]
+
+
+def consistency_proof(leaves: Sequence[bytes], old_size: int) -> list[bytes]:
+    """Proof (RFC 9162 PROOF) that the tree of ``leaves[:old_size]`` is a prefix of the full tree."""
+    n = len(leaves)
+    if not 0 <= old_size <= n:
+        raise ValueError(f"old_size must be in [0, {n}] for a tree of {n} leaves, got {old_size}")
+    if old_size == 0 or old_size == n:
+        return []
+    hashes = [leaf_hash(leaf) for leaf in leaves]
+    return _subproof(hashes, old_size, 0, n, True)
+
+
+def _subproof(hashes: Sequence[bytes], m: int, lo: int, hi: int, complete: bool) -> list[bytes]:
+    n = hi - lo
+    if m == n:
+        return [] if complete else [_mth(hashes, lo, hi)]
+    k = _split(n)
+    if m <= k:
+        return _subproof(hashes, m, lo, lo + k, complete) + [_mth(hashes, lo + k, hi)]
+    return _subproof(hashes, m - k, lo + k, hi, False) + [_mth(hashes, lo, lo + k)]
+
+
+def _well_formed(proof: Sequence[bytes]) -> bool:
+    return all(isinstance(p, bytes | bytearray) and len(p) == HASH_SIZE for p in proof)
+
+
+def verify_inclusion(
+    leaf: bytes, index: int, tree_size: int, proof: Sequence[bytes], root: bytes
+) -> bool:
+    """True when ``proof`` shows that leaf data ``leaf`` sits at ``index`` in the tree of
+    ``tree_size`` leaves whose root is ``root`` (RFC 9162 section 2.1.3.2). Never raises for
+    malformed input; it is rejected."""
+    return verify_inclusion_hash(leaf_hash(leaf), index, tree_size, proof, root)
+
+
+def verify_inclusion_hash(
+    leaf_digest: bytes, index: int, tree_size: int, proof: Sequence[bytes], root: bytes
+) -> bool:
+    """:func:`verify_inclusion` for an already-hashed leaf."""
+    if not isinstance(index, int) or not isinstance(tree_size, int):
+        return False
+    if not 0 <= index < tree_size or not _well_formed(proof):
+        return False
+    fn, sn = index, tree_size - 1
+    r = leaf_digest
+    for p in proof:
+        if sn == 0:
+            return False  # the path is longer than the tree is deep
+        if fn & 1 or fn == sn:
+            r = node_hash(p, r)
+            if not fn & 1:
+                while not (fn & 1 or fn == 0):
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            r = node_hash(r, p)
+        fn >>= 1
+        sn >>= 1
+    return sn == 0 and r == root
+
+
+def verify_consistency(
+    old_size: int, new_size: int, old_root: bytes, new_root: bytes, proof: Sequence[bytes]
+) -> bool:
+    """True when ``proof`` shows the tree of ``old_size`` leaves with ``old_root`` is a prefix of
+    the tree of ``new_size`` leaves with ``new_root`` (RFC 9162 section 2.1.4.2)."""
+    if not isinstance(old_size, int) or not isinstance(new_size, int):
+        return False
+    if not 0 <= old_size <= new_size or not _well_formed(proof):
+        return False
+    if old_size == 0:
+        return not proof and old_root == EMPTY_ROOT
+    if old_size == new_size:
+        return not proof and old_root == new_root
+    if not proof:
+        return False
+    path = list(proof)
+    if old_size & (old_size - 1) == 0:  # an exact power of two: the old root is a subtree
+        path.insert(0, old_root)
+    fn, sn = old_size - 1, new_size - 1
+    while fn & 1:
+        fn >>= 1
+        sn >>= 1
+    fr = sr = path[0]
+    for c in path[1:]:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            fr = node_hash(c, fr)
+            sr = node_hash(c, sr)
+            if not fn & 1:
+                while not (fn & 1 or fn == 0):
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            sr = node_hash(sr, c)
+        fn >>= 1
+        sn >>= 1
+    return sn == 0 and fr == old_root and sr == new_root
+
+
+# -- journal entries -----------------------------------------------------------------------------
+
+
+def _micros(value: dt.datetime) -> int:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def entry_leaf(row: Mapping[str, Any]) -> bytes:
+    """Leaf data of one journal entry: ``canonical_encode`` of the row with ``ts`` as int µs.
+
+    ``row`` maps column names to Python values as ``pyarrow.Table.to_pylist`` yields them;
+    ``ts`` may be an aware or UTC-naive ``datetime`` or already an integer of microseconds.
+    """
+    values = dict(row)
+    ts = values.get("ts")
+    if isinstance(ts, dt.datetime):
+        values["ts"] = _micros(ts)
+    return canonical_encode(values)
+
+
+def table_leaves(table: pa.Table) -> list[bytes]:
+    """Leaf data of every row of ``table``, in table (file) order."""
+    if "ts" in table.column_names:
+        # Integer microseconds straight from Arrow: exact, and no datetime round trip per row.
+        index = table.column_names.index("ts")
+        table = table.set_column(index, "ts", table.column("ts").cast(pa.int64()))
+    return [canonical_encode(row) for row in table.to_pylist()]
+
+
+def table_merkle_root(table: pa.Table) -> str:
+    """Hex Merkle root over a file's rows, in file order (see :func:`entry_leaf`)."""
+    return merkle_root(table_leaves(table)).hex()
+
+
+def entry_inclusion_proof(table: pa.Table, row_index: int) -> list[str]:
+    """Hex audit path for row ``row_index`` of a file, checkable against its manifest root."""
+    return [p.hex() for p in inclusion_proof(table_leaves(table), row_index)]

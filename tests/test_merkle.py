@@ -1,0 +1,202 @@
+"""RFC 6962/9162 Merkle trees: known answers, and property tests that the proof checkers accept
+every genuine proof and nothing else."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+
+import pyarrow as pa
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from serve_journal.privacy.encoding import canonical_encode
+from serve_journal.sink.merkle import (
+    EMPTY_ROOT,
+    _mth,
+    consistency_proof,
+    entry_inclusion_proof,
+    entry_leaf,
+    inclusion_proof,
+    leaf_hash,
+    merkle_root,
+    node_hash,
+    table_leaves,
+    table_merkle_root,
+    verify_consistency,
+    verify_inclusion,
+)
+
+leaves_st = st.lists(st.binary(max_size=8), min_size=1, max_size=40)
+hash_st = st.binary(min_size=32, max_size=32)
+
+
+def test_hash_prefixes_and_small_trees_follow_rfc_6962():
+    a, b, c = b"a", b"b", b"c"
+    assert leaf_hash(a) == hashlib.sha256(b"\x00a").digest()
+    assert node_hash(b"L" * 32, b"R" * 32) == hashlib.sha256(b"\x01" + b"L" * 32 + b"R" * 32).digest()
+    assert merkle_root([]) == EMPTY_ROOT == hashlib.sha256(b"").digest()
+    assert merkle_root([a]) == leaf_hash(a)
+    # Three leaves split 2 + 1 (largest power of two below n on the left).
+    assert merkle_root([a, b, c]) == node_hash(node_hash(leaf_hash(a), leaf_hash(b)), leaf_hash(c))
+
+
+def test_rfc_6962_reference_vectors():
+    # Test vectors of the reference implementation (certificate-transparency-go merkle tests).
+    vectors = [bytes.fromhex(h) for h in
+               ["", "00", "10", "2021", "3031", "40414243", "5051525354555657",
+                "606162636465666768696a6b6c6d6e6f"]]
+    roots = [
+        "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
+        "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
+        "aeb6bcfe274b70a14fb067a5e5578264db0fa9b51af5e0ba159158f329e06e77",
+        "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+        "4e3bbb1f7b478dcfe71fb631631519a3bca12c9aefca1612bfce4c13a86264d4",
+        "76e67dadbcdf1e10e1b74ddc608abd2f98dfb16fbce75277b5232a127f2087ef",
+        "ddb89be403809e325750d3d263cd78929c2942b7942a34b77e122c9594a74c8c",
+        "5dc9da79a70659a9ad559cb701ded9a2ab9d823aad2f4960cfe370eff4604328",
+    ]
+    for n, expected in enumerate(roots, start=1):
+        assert merkle_root(vectors[:n]).hex() == expected
+
+
+@given(leaves_st)
+def test_iterative_root_equals_recursive_definition(leaves):
+    hashes = [leaf_hash(x) for x in leaves]
+    assert merkle_root(leaves) == _mth(hashes, 0, len(hashes))
+
+
+@given(leaves_st, st.data())
+def test_every_genuine_inclusion_proof_verifies(leaves, data):
+    index = data.draw(st.integers(0, len(leaves) - 1))
+    proof = inclusion_proof(leaves, index)
+    assert verify_inclusion(leaves[index], index, len(leaves), proof, merkle_root(leaves))
+
+
+def _mutations(proof: list[bytes], data) -> list[bytes]:
+    kind = data.draw(st.sampled_from(["flip", "truncate", "extend", "swap", "replace", "drop"]))
+    mutated = list(proof)
+    if kind == "flip" and mutated:
+        i = data.draw(st.integers(0, len(mutated) - 1))
+        bit = data.draw(st.integers(0, 255))
+        item = bytearray(mutated[i])
+        item[bit // 8] ^= 1 << (bit % 8)
+        mutated[i] = bytes(item)
+    elif kind == "truncate" and mutated:
+        mutated = mutated[: data.draw(st.integers(0, len(mutated) - 1))]
+    elif kind == "extend":
+        mutated = mutated + data.draw(st.lists(hash_st, min_size=1, max_size=3))
+    elif kind == "swap" and len(mutated) >= 2:
+        i, j = data.draw(st.lists(st.integers(0, len(mutated) - 1), min_size=2, max_size=2, unique=True))
+        mutated[i], mutated[j] = mutated[j], mutated[i]
+    elif kind == "replace" and mutated:
+        mutated[data.draw(st.integers(0, len(mutated) - 1))] = data.draw(hash_st)
+    elif kind == "drop" and mutated:
+        del mutated[data.draw(st.integers(0, len(mutated) - 1))]
+    return mutated
+
+
+def _attack(genuine: list[bytes], data) -> list[bytes]:
+    mode = data.draw(st.sampled_from(["genuine", "mutated", "random"]))
+    if mode == "genuine":
+        return genuine
+    if mode == "mutated":
+        return _mutations(genuine, data)
+    return data.draw(st.lists(hash_st, max_size=8))
+
+
+@settings(max_examples=300)
+@given(leaves_st, st.data())
+def test_adversarial_inclusion_proofs_are_never_accepted(leaves, data):
+    n = len(leaves)
+    index = data.draw(st.integers(0, n - 1))
+    genuine = inclusion_proof(leaves, index)
+    # An attacker picks any claim (index, size, leaf) and any proof; the root is the genuine root
+    # of the first `size` leaves (or of an extension of the tree).
+    extra = data.draw(st.lists(st.binary(max_size=8), max_size=5))
+    full = leaves + extra
+    claim_size = data.draw(st.integers(1, len(full)))
+    claim_index = data.draw(st.one_of(st.just(index), st.integers(-2, claim_size + 2)))
+    claim_leaf = data.draw(st.one_of(st.just(leaves[index]), st.binary(max_size=8)))
+    proof = _attack(genuine, data)
+    root = merkle_root(full[:claim_size])
+    accepted = verify_inclusion(claim_leaf, claim_index, claim_size, proof, root)
+    # Soundness: only a true claim with exactly the genuine proof is ever accepted.
+    truth = (0 <= claim_index < claim_size and full[claim_index] == claim_leaf
+             and proof == inclusion_proof(full[:claim_size], claim_index))
+    assert accepted == truth
+
+
+@given(leaves_st, st.data())
+def test_inclusion_rejects_random_roots_and_garbage(leaves, data):
+    index = data.draw(st.integers(0, len(leaves) - 1))
+    proof = inclusion_proof(leaves, index)
+    root = data.draw(hash_st)
+    assume(root != merkle_root(leaves))
+    assert not verify_inclusion(leaves[index], index, len(leaves), proof, root)
+    # Malformed inputs are rejected, not raised.
+    assert not verify_inclusion(leaves[index], index, len(leaves), [*proof, b"short"], merkle_root(leaves))
+    assert not verify_inclusion(leaves[index], index, 0, proof, merkle_root(leaves))
+
+
+@given(leaves_st, st.data())
+def test_every_genuine_consistency_proof_verifies(leaves, data):
+    old = data.draw(st.integers(0, len(leaves)))
+    proof = consistency_proof(leaves, old)
+    assert verify_consistency(old, len(leaves), merkle_root(leaves[:old]), merkle_root(leaves), proof)
+
+
+@settings(max_examples=300)
+@given(leaves_st, st.data())
+def test_adversarial_consistency_proofs_are_never_accepted(leaves, data):
+    n = len(leaves)
+    old = data.draw(st.integers(1, n))
+    genuine = consistency_proof(leaves, old)
+    # The attacker's history: the same tree, or one whose old part was rewritten.
+    rewritten = list(leaves)
+    if data.draw(st.booleans()):
+        i = data.draw(st.integers(0, n - 1))
+        rewritten[i] = rewritten[i] + b"!"
+    # Roots are the genuine roots of the claimed sizes (sizes are signed together with roots).
+    claim_old = data.draw(st.one_of(st.just(old), st.integers(0, n)))
+    claim_new = data.draw(st.one_of(st.just(n), st.integers(0, n)))
+    proof = _attack(genuine, data)
+    old_root = merkle_root(rewritten[:claim_old])
+    new_root = merkle_root(leaves[:claim_new])
+    accepted = verify_consistency(claim_old, claim_new, old_root, new_root, proof)
+    truth = (claim_old <= claim_new and rewritten[:claim_old] == leaves[:claim_old]
+             and proof == consistency_proof(leaves[:claim_new], claim_old))
+    assert accepted == truth
+
+
+def _row(**overrides):
+    row = {"schema_version": 1, "request_id": "r-1",
+           "ts": dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.UTC), "seq": 7,
+           "outputs": [{"label": "fraud", "score": 0.25}], "score": 0.25}
+    row.update(overrides)
+    return row
+
+
+def test_entry_leaf_encodes_ts_as_integer_microseconds():
+    row = _row()
+    expected = dict(row, ts=1767323045678901)
+    assert entry_leaf(row) == canonical_encode(expected)
+    assert entry_leaf(dict(row, ts=1767323045678901)) == entry_leaf(row)
+    assert entry_leaf(_row(score=0.26)) != entry_leaf(row)
+
+
+def test_table_root_binds_every_row_and_the_order():
+    rows = [_row(request_id=f"r-{i}", seq=i) for i in range(5)]
+    schema = pa.schema([("schema_version", pa.int16()), ("request_id", pa.string()),
+                        ("ts", pa.timestamp("us", tz="UTC")), ("seq", pa.int64()),
+                        ("outputs", pa.list_(pa.struct([("label", pa.string()), ("score", pa.float64())]))),
+                        ("score", pa.float64())])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    assert table_leaves(table) == [entry_leaf(r) for r in rows]
+    root = table_merkle_root(table)
+    assert root == merkle_root([entry_leaf(r) for r in rows]).hex()
+    assert table_merkle_root(table.take([1, 0, 2, 3, 4])) != root
+    assert table_merkle_root(table.slice(0, 4)) != root
+    proof = [bytes.fromhex(h) for h in entry_inclusion_proof(table, 3)]
+    assert verify_inclusion(entry_leaf(rows[3]), 3, 5, proof, bytes.fromhex(root))
+    assert not verify_inclusion(entry_leaf(rows[2]), 3, 5, proof, bytes.fromhex(root))
