@@ -1,0 +1,431 @@
+"""Investigations: find journal entries by subject, request, model, decision, outcome and time.
+
+DuckDB reads the hive-partitioned Parquet files directly. Partition pruning happens before DuckDB
+sees a file: only the live files (see :func:`serve_journal.compaction.live_files`) of the
+requested model and of the hours that overlap ``[since, until)`` are handed to it. Inside each
+file, rows are sorted by ``subject_token`` and carry min/max statistics, a page index and Parquet
+bloom filters on ``subject_token`` and ``request_id``, so a point lookup reads one or two row
+groups of the whole day.
+
+Every query writes an access record (who, when, which filter, how many rows) beside the journal;
+a subject appears there only as its token.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from serve_journal._private.access_log import read_access_log, record_access
+from serve_journal.compaction import DataFile, MarkerCache, live_files
+from serve_journal.layout import TIERS
+from serve_journal.schema import ENTRY_SCHEMA, OUTCOMES
+from serve_journal.storage import JournalStorage
+
+__all__ = [
+    "JournalQuery",
+    "QueryStats",
+    "format_table",
+    "read_access_log",
+    "to_json",
+    "write_parquet",
+]
+
+Tokenizer = Callable[[str], "str | None"]
+
+TABLE_COLUMNS = (
+    "ts",
+    "request_id",
+    "subject_token",
+    "model_name",
+    "model_version",
+    "decision",
+    "score",
+    "threshold",
+    "outcome",
+    "caller",
+    "latency_ms",
+)
+"""Columns :func:`format_table` shows by default."""
+
+_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class QueryStats:
+    """What the last query did (also written to the access log)."""
+
+    files_scanned: int
+    rows: int
+    elapsed_ms: float
+
+
+def _as_utc(value: dt.datetime | str | None, name: str) -> dt.datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise ValueError(f"{name} must be an ISO-8601 time, got {value!r}") from exc
+    if not isinstance(value, dt.datetime):
+        raise TypeError(f"{name} must be a datetime or ISO-8601 string, got {type(value).__name__}")
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)
+
+
+def _sql_string(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class JournalQuery:
+    """Query a journal.
+
+    ``storage_or_uri`` is a :class:`JournalStorage` or a URI/path. ``tokenizer(subject_id)``
+    turns a subject id into its token (``None`` when the subject is unknown or was shredded);
+    without one, only ``subject_token=`` lookups are possible. ``actor`` names who queries, for
+    the access log.
+    """
+
+    def __init__(
+        self,
+        storage_or_uri: JournalStorage | str,
+        *,
+        tokenizer: Tokenizer | None = None,
+        actor: str,
+        threads: int | None = None,
+    ) -> None:
+        if isinstance(storage_or_uri, JournalStorage):
+            self.storage = storage_or_uri
+        else:
+            self.storage = JournalStorage.from_uri(storage_or_uri)
+        if not isinstance(actor, str) or not actor.strip():
+            raise ValueError("actor must name who runs the query (used in the access log)")
+        self.actor = actor
+        self._tokenizer = tokenizer
+        self._markers = MarkerCache()
+        self._lock = threading.Lock()
+        self._con = None
+        self._threads = threads
+        self.last_stats: QueryStats | None = None
+
+    def __repr__(self) -> str:
+        return f"JournalQuery({self.storage.uri!r}, actor={self.actor!r})"
+
+    def _connection(self):
+        if self._con is None:
+            import duckdb
+
+            con = duckdb.connect(config={"autoinstall_known_extensions": False,
+                                         "autoload_known_extensions": False})
+            con.execute("SET TimeZone='UTC'")
+            con.execute("SET parquet_metadata_cache=true")
+            if self._threads:
+                con.execute(f"SET threads={int(self._threads)}")
+            self._con = con
+        return self._con
+
+    def close(self) -> None:
+        """Release the DuckDB connection; harmless to call twice."""
+        with self._lock:
+            if self._con is not None:
+                self._con.close()
+                self._con = None
+
+    def __enter__(self) -> JournalQuery:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------------------
+
+    def files(
+        self,
+        *,
+        model: str | None = None,
+        since: dt.datetime | str | None = None,
+        until: dt.datetime | str | None = None,
+        tier: str = "hot",
+    ) -> list[DataFile]:
+        """The live files a query with these bounds scans (partition pruning)."""
+        if tier not in (*TIERS, "all"):
+            raise ValueError(f"tier must be 'hot', 'cold' or 'all', got {tier!r}")
+        since_utc = _as_utc(since, "since")
+        until_utc = _as_utc(until, "until")
+        out = []
+        for f in live_files(self.storage, tier=tier, model=model, cache=self._markers):
+            if model is not None and f.key.model != model:
+                continue
+            start = f.key.start
+            if until_utc is not None and start >= until_utc:
+                continue
+            if since_utc is not None and start + dt.timedelta(hours=1) <= since_utc:
+                continue
+            out.append(f)
+        return out
+
+    def find(
+        self,
+        subject: str | None = None,
+        subject_token: str | None = None,
+        request_id: str | None = None,
+        model: str | None = None,
+        model_version: str | None = None,
+        decision: str | None = None,
+        outcome: str | None = None,
+        since: dt.datetime | str | None = None,
+        until: dt.datetime | str | None = None,
+        limit: int | None = None,
+        tier: str = "hot",
+    ) -> pa.Table:
+        """Entries matching every given filter, oldest first, as a table with the entry schema.
+
+        ``subject`` is a raw subject id: it is turned into its token with the tokenizer and never
+        stored or logged. An unknown or shredded subject gives an empty result without a scan.
+        ``since`` is inclusive, ``until`` exclusive (UTC; naive times are taken as UTC).
+        """
+        started = time.perf_counter()
+        if subject is not None and subject_token is not None:
+            raise ValueError("give subject or subject_token, not both")
+        if outcome is not None and outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"limit must be a positive integer, got {limit!r}")
+        since_utc = _as_utc(since, "since")
+        until_utc = _as_utc(until, "until")
+        unresolved = False
+        if subject is not None:
+            if self._tokenizer is None:
+                raise ValueError(
+                    "subject= needs a tokenizer (JournalQuery(..., tokenizer=...)); "
+                    "or pass subject_token="
+                )
+            subject_token = self._tokenizer(subject)
+            unresolved = subject_token is None
+        filters: dict[str, Any] = {
+            "subject_token": subject_token,
+            "request_id": request_id,
+            "model": model,
+            "model_version": model_version,
+            "decision": decision,
+            "outcome": outcome,
+            "since": since_utc.isoformat() if since_utc else None,
+            "until": until_utc.isoformat() if until_utc else None,
+            "limit": limit,
+        }
+        filters = {k: v for k, v in filters.items() if v is not None}
+        if unresolved:
+            filters["subject_unresolved"] = True  # unknown or shredded: nothing to find
+
+        with self._lock:
+            if unresolved:
+                table, scanned = ENTRY_SCHEMA.empty_table(), 0
+            else:
+                table, scanned = self._run(
+                    subject_token=subject_token,
+                    request_id=request_id,
+                    model=model,
+                    model_version=model_version,
+                    decision=decision,
+                    outcome=outcome,
+                    since=since_utc,
+                    until=until_utc,
+                    limit=limit,
+                    tier=tier,
+                )
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        record_access(
+            self.storage,
+            actor=self.actor,
+            filters=filters,
+            rows=table.num_rows,
+            tier=tier,
+            files_scanned=scanned,
+            elapsed_ms=elapsed_ms,
+        )
+        self.last_stats = QueryStats(scanned, table.num_rows, elapsed_ms)
+        return table
+
+    def explain_analyze(self, **filters: Any) -> dict[str, Any]:
+        """DuckDB's profile (JSON) of the scan ``find(**filters)`` runs: row groups scanned,
+        bytes read. Not recorded in the access log: it returns no entries."""
+        with self._lock:
+            sql, params, files = self._sql(**self._normalise(filters))
+            if not files:
+                return {"query": {"total_row_groups_scanned": 0, "total_row_groups_to_scan": 0}}
+            con = self._connection()
+            con.execute("PRAGMA enable_profiling='json'")
+            try:
+                text = con.execute("EXPLAIN ANALYZE " + sql, params).fetchall()[0][1]
+            finally:
+                con.execute("PRAGMA disable_profiling")
+        return json.loads(text)
+
+    # ---------------------------------------------------------------------------------------
+
+    def _normalise(self, filters: dict[str, Any]) -> dict[str, Any]:
+        out = {
+            "subject_token": None, "request_id": None, "model": None, "model_version": None,
+            "decision": None, "outcome": None, "since": None, "until": None, "limit": None,
+            "tier": "hot",
+        }
+        unknown = set(filters) - set(out)
+        if unknown:
+            raise ValueError(f"unknown filter(s) {sorted(unknown)}; known: {sorted(out)}")
+        out.update(filters)
+        out["since"] = _as_utc(out["since"], "since")
+        out["until"] = _as_utc(out["until"], "until")
+        return out
+
+    def _sql(
+        self,
+        *,
+        subject_token: str | None,
+        request_id: str | None,
+        model: str | None,
+        model_version: str | None,
+        decision: str | None,
+        outcome: str | None,
+        since: dt.datetime | None,
+        until: dt.datetime | None,
+        limit: int | None,
+        tier: str,
+    ) -> tuple[str, list[Any], list[DataFile]]:
+        files = self.files(model=model, since=since, until=until, tier=tier)
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("subject_token", subject_token),
+            ("request_id", request_id),
+            ("model_name", model),
+            ("model_version", model_version),
+            ("decision", decision),
+            ("outcome", outcome),
+        ):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if since is not None:
+            where.append("ts >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("ts < ?")
+            params.append(until)
+        source = self._source(files)
+        sql = f"SELECT * FROM {source}"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY ts, producer_id, seq"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return sql, params, files
+
+    def _source(self, files: Sequence[DataFile]) -> str:
+        root = self.storage.local_path()
+        if root is not None:
+            listing = ", ".join(_sql_string(f"{root}/{f.path}") for f in files)
+            return f"read_parquet([{listing}], hive_partitioning=false, union_by_name=true)"
+        # Remote storage: pyarrow's filesystem reads, DuckDB pushes filters into the dataset scan.
+        import pyarrow.dataset as ds
+
+        dataset = ds.dataset(
+            [self.storage.full_path(f.path) for f in files],
+            schema=ENTRY_SCHEMA,
+            format="parquet",
+            filesystem=self.storage.filesystem,
+        )
+        self._connection().register("journal_files", dataset)
+        return "journal_files"
+
+    def _run(self, **filters: Any) -> tuple[pa.Table, int]:
+        import duckdb
+
+        for attempt in range(_RETRIES):
+            sql, params, files = self._sql(**filters)
+            if not files:
+                return ENTRY_SCHEMA.empty_table(), 0
+            try:
+                result = self._connection().sql(sql, params=params).to_arrow_table()
+            except (duckdb.IOException, OSError, FileNotFoundError):
+                # A compaction or lifecycle run deleted a replaced file after we listed it; the
+                # next listing sees the committed rewrite instead.
+                if attempt == _RETRIES - 1:
+                    raise
+                continue
+            return _to_entry_schema(result), len(files)
+        raise AssertionError("unreachable")
+
+
+def _to_entry_schema(table: pa.Table) -> pa.Table:
+    columns = [
+        table.column(name) if name in table.column_names else pa.nulls(table.num_rows, field.type)
+        for name, field in zip(ENTRY_SCHEMA.names, ENTRY_SCHEMA, strict=True)
+    ]
+    return pa.Table.from_arrays(columns, schema=ENTRY_SCHEMA.remove_metadata()).cast(ENTRY_SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def format_table(
+    table: pa.Table, columns: Sequence[str] = TABLE_COLUMNS, max_rows: int | None = 200
+) -> str:
+    """Entries as an aligned text table (the CLI's default output)."""
+    columns = [c for c in columns if c in table.column_names]
+    shown = table if max_rows is None else table.slice(0, max_rows)
+    rows = [[_cell(v) for v in row.values()] for row in shown.select(columns).to_pylist()]
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    footer = f"({table.num_rows} entr{'y' if table.num_rows == 1 else 'ies'}"
+    if max_rows is not None and table.num_rows > max_rows:
+        footer += f", first {max_rows} shown"
+    lines.append(footer + ")")
+    return "\n".join(lines)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    return value
+
+
+def to_json(table: pa.Table, *, indent: int | None = None) -> str:
+    """Entries as a JSON array of objects (times as ISO-8601 UTC)."""
+    rows = [{k: _json_value(v) for k, v in row.items()} for row in table.to_pylist()]
+    return json.dumps(rows, indent=indent)
+
+
+def write_parquet(table: pa.Table, path: str) -> None:
+    """Write the result to a local Parquet file (zstd)."""
+    pq.write_table(table, path, compression="zstd")
