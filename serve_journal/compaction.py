@@ -572,3 +572,19 @@ def compact(
             _crash=_crash,
         )
     return report
+
+
+def manifest_recorder(manifest_log) -> FileWrittenHook:
+    """An ``on_file_written`` hook appending each rewritten file's record (with the paths it
+    ``replaces``) to a :class:`serve_journal.sink.manifest.ManifestLog`.
+
+    After a crash between the append and the commit marker, a re-run appends a second record for
+    the same path and sha256; verification treats such records as one file.
+    """
+    from serve_journal.sink.manifest import build_file_record
+
+    def record(stored: StoredObject, table: pa.Table, replaces: tuple[str, ...]) -> None:
+        tier = DEFAULT_SPEC.parse(stored.path)[0]
+        manifest_log.append(build_file_record(stored, table, tier, replaces=list(replaces)))
+
+    return record
