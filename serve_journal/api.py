@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -96,6 +97,15 @@ def flush_journal(journal_uri: str = "./journal", timeout: float = 30.0, *,
     return len(ready) == len(refs) and all(left == 0 for left in ray.get(ready))
 
 
+def subject_tokenizer(journal_uri: str = "./journal", **options: Any):
+    """``subject id -> token`` as the replicas of ``journal_uri`` compute it (for lookups)."""
+    from serve_journal._private.wrapper import build_pseudonymizer
+
+    options.setdefault("model", "unused")
+    config = JournalConfig.resolve(journal_uri=_local_uri(journal_uri), **options)
+    return build_pseudonymizer(config).token_for
+
+
 def shutdown_journal(journal_uri: str = "./journal", *, namespace: str = "serve_journal",
                      timeout: float = 30.0) -> None:
     """Flush, then stop the writer actors and coordinator of a journal root."""
@@ -117,10 +127,11 @@ def shutdown_journal(journal_uri: str = "./journal", *, namespace: str = "serve_
         names.append(name)
         index += 1
     for name in names:
-        try:
+        with contextlib.suppress(ValueError):
             ray.kill(ray.get_actor(name, namespace=namespace))
-        except ValueError:
-            pass
 
 
-__all__ = ["annotate", "flush_journal", "journaled", "producer_reports", "shutdown_journal"]
+__all__ = [
+    "annotate", "flush_journal", "journaled", "producer_reports", "shutdown_journal",
+    "subject_tokenizer",
+]

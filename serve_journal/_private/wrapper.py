@@ -312,6 +312,17 @@ def build_pseudonymizer(config: JournalConfig):
 
 
 # -- the decorator ---------------------------------------------------------------------------
+# The wrappers below are pickled by value (Ray ships the class to replicas); they reach module
+# state only through module-level functions, which pickle by reference.
+
+
+def _enter_call() -> tuple[dict, contextvars.Token]:
+    annotations: dict = {}
+    return annotations, _ANNOTATIONS.set(annotations)
+
+
+def _exit_call(token: contextvars.Token) -> None:
+    _ANNOTATIONS.reset(token)
 
 
 def _wrap_method(name: str, method: Any) -> Any:
@@ -327,8 +338,7 @@ def _wrap_method(name: str, method: Any) -> Any:
             runtime = self.__dict__.get("_serve_journal_runtime")
             if runtime is None:
                 return await method(self, *args, **kwargs)
-            annotations: dict = {}
-            token = _ANNOTATIONS.set(annotations)
+            annotations, token = _enter_call()
             started = time.perf_counter()
             try:
                 result = await method(self, *args, **kwargs)
@@ -337,7 +347,7 @@ def _wrap_method(name: str, method: Any) -> Any:
                                 annotations)
                 raise
             finally:
-                _ANNOTATIONS.reset(token)
+                _exit_call(token)
             runtime.capture(args, kwargs, result, OUTCOME_OK, None, started, annotations)
             return result
 
@@ -348,8 +358,7 @@ def _wrap_method(name: str, method: Any) -> Any:
         runtime = self.__dict__.get("_serve_journal_runtime")
         if runtime is None:
             return method(self, *args, **kwargs)
-        annotations: dict = {}
-        token = _ANNOTATIONS.set(annotations)
+        annotations, token = _enter_call()
         started = time.perf_counter()
         try:
             result = method(self, *args, **kwargs)
@@ -358,7 +367,7 @@ def _wrap_method(name: str, method: Any) -> Any:
                             annotations)
             raise
         finally:
-            _ANNOTATIONS.reset(token)
+            _exit_call(token)
         runtime.capture(args, kwargs, result, OUTCOME_OK, None, started, annotations)
         return result
 

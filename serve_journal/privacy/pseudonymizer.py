@@ -46,6 +46,10 @@ class StaticKeyPseudonymizer:
     def __reduce__(self):  # pragma: no cover - a key must not travel in a pickle
         raise TypeError("StaticKeyPseudonymizer holds a secret key and cannot be pickled")
 
+    def token_for(self, subject: str) -> str | None:
+        """The token entries of ``subject`` carry (for investigators' lookups)."""
+        return self.protect([subject], [None])[0].subject_token
+
     def protect(
         self, subjects: Sequence[str | None], encoded_features: Sequence[bytes | None]
     ) -> list[Protected]:

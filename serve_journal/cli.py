@@ -1,0 +1,94 @@
+"""The ``serve-journal`` command line."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.group()
+@click.version_option(package_name="serve-journal")
+def main() -> None:
+    """serve-journal: the prediction journal for Ray Serve."""
+
+
+@main.command()
+@click.option("--workdir", default="./demo-output", show_default=True,
+              help="Folder for everything the demo writes (MLflow db, data, journal).")
+@click.option("--requests", "requests_count", default=3000, show_default=True)
+@click.option("--users", default=25, show_default=True)
+@click.option("--num-cpus", default=2, show_default=True)
+def demo(workdir: str, requests_count: int, users: int, num_cpus: int) -> None:
+    """Train, register, serve and journal the fraud example; then query the journal."""
+    from serve_journal.demo import run_demo
+
+    result = run_demo(workdir, requests_count, users, num_cpus)
+    if result["journaled"] + result["dropped"] < result["ok"]:
+        click.echo("error: some answered requests have no journal entry", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--model", "model_name", help="Registered model name to tag.")
+@click.option("--version", "model_version", help="Model version to tag.")
+@click.option("--tracking-uri", default=None, help="MLflow tracking/registry URI.")
+def manifest(paths: tuple[str, ...], model_name: str | None, model_version: str | None,
+             tracking_uri: str | None) -> None:
+    """Compute a dataset manifest hash; with --model/--version, log and tag it in MLflow."""
+    from serve_journal.registry import dataset_manifest, register_dataset_manifest
+
+    if bool(model_name) != bool(model_version):
+        raise click.UsageError("give both --model and --version, or neither")
+    if model_name:
+        result = register_dataset_manifest(model_name, model_version, list(paths),
+                                           tracking_uri=tracking_uri)
+    else:
+        result = dataset_manifest(list(paths))
+    click.echo(f"{len(result.files)} files")
+    click.echo(result.digest)
+
+
+@main.command()
+@click.option("--journal", "journal_uri", default="./journal", show_default=True)
+@click.option("--subject", default=None, help="Subject id (turned into its token; never stored).")
+@click.option("--subject-token", default=None)
+@click.option("--request-id", default=None)
+@click.option("--model", default=None)
+@click.option("--model-version", default=None)
+@click.option("--decision", default=None)
+@click.option("--outcome", default=None)
+@click.option("--since", default=None, help="ISO time, inclusive (UTC).")
+@click.option("--until", default=None, help="ISO time, exclusive (UTC).")
+@click.option("--limit", default=None, type=int)
+@click.option("--tier", default="hot", type=click.Choice(["hot", "cold", "all"]), show_default=True)
+@click.option("--as", "actor", default=None, help="Who is asking (recorded in the access log).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
+@click.option("--parquet", "parquet_path", default=None, help="Write the result to this file.")
+def query(journal_uri: str, subject: str | None, subject_token: str | None, request_id: str | None,
+          model: str | None, model_version: str | None, decision: str | None,
+          outcome: str | None, since: str | None, until: str | None, limit: int | None, tier: str,
+          actor: str | None, as_json: bool, parquet_path: str | None) -> None:
+    """Find journal entries; every query is recorded in the journal's access log."""
+    import getpass
+
+    from serve_journal.api import subject_tokenizer
+    from serve_journal.query import JournalQuery, format_table, to_json, write_parquet
+
+    q = JournalQuery(journal_uri, tokenizer=subject_tokenizer(journal_uri),
+                     actor=actor or getpass.getuser())
+    table = q.find(subject=subject, subject_token=subject_token, request_id=request_id, model=model,
+                   model_version=model_version, decision=decision, outcome=outcome, since=since,
+                   until=until, limit=limit, tier=tier)
+    if parquet_path:
+        write_parquet(table, parquet_path)
+        click.echo(f"wrote {table.num_rows} entries to {parquet_path}")
+    elif as_json:
+        click.echo(to_json(table))
+    else:
+        click.echo(format_table(table))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""Runnable examples shipped with the package (so Ray workers can import them)."""
