@@ -114,3 +114,11 @@ def test_full_spool_refuses_and_counts(tmp_path):
 def test_bad_settings_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="max_bytes"):
         DiskSpool(str(tmp_path), max_bytes=0)
+
+
+def test_one_spool_per_directory(tmp_path):
+    spool = DiskSpool(str(tmp_path))
+    with pytest.raises(ValueError, match="in use"):
+        DiskSpool(str(tmp_path))
+    spool.close()
+    DiskSpool(str(tmp_path)).close()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -81,6 +82,15 @@ class DiskSpool:
             "corrupt_records": 0, "torn_tails": 0, "corrupt_bytes": 0,
         }
         os.makedirs(self.directory, exist_ok=True)
+        self._lock_file = open(os.path.join(self.directory, ".lock"), "a")  # noqa: SIM115
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise ValueError(
+                f"spool directory {self.directory!r} is in use by another spool; give every "
+                "producer process its own directory"
+            ) from None
         self._recover()
 
     # -- introspection -------------------------------------------------------------------------
@@ -270,6 +280,8 @@ class DiskSpool:
             if self._active_file is not None:
                 self._active_file.close()
                 self._active_file = None
+            if not self._lock_file.closed:
+                self._lock_file.close()  # releases the flock
 
     def _segment_name(self, number: int) -> str:
         return f"seg-{number:012d}.spool"

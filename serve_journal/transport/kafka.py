@@ -1,0 +1,472 @@
+"""The durable transport: journal entries to a Kafka topic, with a local disk spool for outages.
+
+``send()`` is called by the replica's flusher thread and only enqueues (bounded); a background
+thread runs an asyncio loop with an ``aiokafka`` producer that encodes each batch with the wire
+format (``transport/wire.py``), routes every entry by ``(model, time bucket, shard)`` and waits for
+``acks="all"``. Whatever the broker does not acknowledge within ``send_timeout_s`` (broker down,
+partition leader gone, request failed) goes to the disk spool (``transport/spool.py``); while the
+spool holds anything, new batches are spooled behind it and a drainer resends spooled batches
+oldest first, so entries reach Kafka in the order they were handed over.
+
+Delivery is at-least-once: a batch that timed out may still land in Kafka and then be resent from
+the spool. The Kafka sink deduplicates by ``(producer_id, seq)``. With a real Kafka cluster keep
+``enable_idempotence=True`` (the default) so that producer retries do not duplicate either; the
+tansu broker used in tests does not implement ``InitProducerId``, so tests turn it off.
+
+Drops are never silent: a full in-memory queue counts ``transport_queue_full``, a full spool
+``spool_full``, a batch the loop could not take after close or a crash ``transport_closed`` /
+``transport_failed``; each is also reported to the optional ``on_drop(reason, entries)`` hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import pyarrow as pa
+
+from serve_journal.transport import TransportError, wire
+from serve_journal.transport.spool import DiskSpool
+
+logger = logging.getLogger(__name__)
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER")
+
+DropHook = Callable[[str, int], None]
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """Producer side of the Kafka path; validated on construction, clients built at start."""
+
+    bootstrap_servers: str
+    """Comma-separated ``host:port`` list."""
+    topic: str = "serve-journal"
+    enable_idempotence: bool = True
+    """Keep on for real Kafka; the tansu test broker lacks InitProducerId, so tests set False."""
+    num_partitions: int | None = None
+    """Partitions to route over; ``None`` asks the broker's metadata for the topic."""
+    shards_per_model: int = 4
+    """How many partitions one model spreads over within one time bucket."""
+    bucket_seconds: int = 60
+    """Width of a time bucket; a model's partitions rotate from bucket to bucket."""
+    linger_ms: int = 5
+    max_batch_size: int = 1024 * 1024
+    compression_type: str | None = None
+    request_timeout_ms: int = 10_000
+    send_timeout_s: float = 10.0
+    """Unacknowledged after this long: the entries go to the spool."""
+    queue_max_batches: int = 256
+    """Batches waiting for the background loop; beyond it ``send`` drops and counts."""
+    spool_dir: str | None = None
+    """One directory per producer process (a lock enforces it); default below the temp dir."""
+    spool_max_bytes: int = 256 * 1024 * 1024
+    spool_segment_bytes: int = 16 * 1024 * 1024
+    retry_backoff_s: float = 0.25
+    retry_backoff_max_s: float = 5.0
+    client_id: str = "serve-journal"
+    security_protocol: str = "PLAINTEXT"
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: str | None = field(default=None, repr=False)
+    sasl_mechanism: str | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bootstrap_servers, str) or not self.bootstrap_servers.strip():
+            raise ValueError("bootstrap_servers must be a non-empty 'host:port[,host:port]' string")
+        if not isinstance(self.topic, str) or not self.topic or not all(
+            c.isalnum() or c in "._-" for c in self.topic
+        ):
+            raise ValueError(f"topic must be a Kafka topic name of [A-Za-z0-9._-], got {self.topic!r}")
+        for name in ("shards_per_model", "bucket_seconds", "queue_max_batches", "spool_max_bytes",
+                     "spool_segment_bytes", "max_batch_size", "request_timeout_ms"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_partitions is not None and (not isinstance(self.num_partitions, int) or self.num_partitions < 1):
+            raise ValueError(f"num_partitions must be a positive integer or None, got {self.num_partitions!r}")
+        for name in ("send_timeout_s", "retry_backoff_s", "retry_backoff_max_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.linger_ms < 0:
+            raise ValueError(f"linger_ms must be >= 0, got {self.linger_ms!r}")
+        if self.security_protocol not in SECURITY_PROTOCOLS:
+            raise ValueError(f"security_protocol must be one of {SECURITY_PROTOCOLS}, got {self.security_protocol!r}")
+        if self.sasl_mechanism is not None and self.sasl_mechanism not in SASL_MECHANISMS:
+            raise ValueError(f"sasl_mechanism must be one of {SASL_MECHANISMS}, got {self.sasl_mechanism!r}")
+        if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
+            raise ValueError("sasl_mechanism is required when security_protocol is SASL_*")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> KafkaSettings:
+        """Build from a plain mapping (e.g. ``JournalConfig.extra["kafka"]``); unknown keys refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown Kafka setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def resolved_spool_dir(self) -> str:
+        if self.spool_dir:
+            return self.spool_dir
+        return os.path.join(tempfile.gettempdir(), "serve-journal-spool", self.topic, self.client_id)
+
+    def producer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``aiokafka.AIOKafkaProducer`` (acks is always ``"all"``)."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": self.client_id,
+            "acks": "all",
+            "enable_idempotence": self.enable_idempotence,
+            "linger_ms": self.linger_ms,
+            "max_batch_size": self.max_batch_size,
+            "max_request_size": max(self.max_batch_size, 1024 * 1024),
+            "compression_type": self.compression_type,
+            "request_timeout_ms": self.request_timeout_ms,
+            "security_protocol": self.security_protocol,
+        }
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            kwargs["ssl_context"] = create_ssl_context(
+                cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile,
+                password=self.ssl_password,
+            )
+        if self.sasl_mechanism is not None:
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+            kwargs["sasl_plain_username"] = self.sasl_plain_username
+            kwargs["sasl_plain_password"] = self.sasl_plain_password
+        return kwargs
+
+
+def stable_hash(data: bytes) -> int:
+    """A hash that is the same in every process and Python version (unlike ``hash()``)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+@dataclass(frozen=True)
+class ModelBucketShardPartitioner:
+    """Routes an entry by ``(model, time bucket, shard)``.
+
+    ``shard = stable_hash(request_id) % shards_per_model``; the partition is
+    ``(stable_hash(model|bucket) + shard) % num_partitions``: the shards of one model and bucket
+    take *consecutive* partitions from a hashed start, so they never collide (a hash per shard
+    would put two shards of a hot model on one partition about a third of the time), and the
+    start moves with every bucket, so over time every model uses every partition.
+    """
+
+    shards_per_model: int = 4
+    bucket_seconds: int = 60
+
+    def key(self, model: str, ts_us: int, request_id: str) -> bytes:
+        """The message key: ``<model>|<bucket>|<shard>``."""
+        bucket = ts_us // (self.bucket_seconds * 1_000_000)
+        shard = stable_hash(request_id.encode()) % self.shards_per_model
+        return f"{model}|{bucket}|{shard}".encode()
+
+    def partition(self, key: bytes, num_partitions: int) -> int:
+        """The partition of a key made by :meth:`key`."""
+        head, _, shard = key.rpartition(b"|")
+        return (stable_hash(head) + int(shard)) % num_partitions
+
+
+_STOP = object()
+
+
+class KafkaTransport:
+    """A :class:`~serve_journal.transport.Transport` to Kafka; see the module docstring."""
+
+    def __init__(self, settings: KafkaSettings, *, on_drop: DropHook | None = None) -> None:
+        self.settings = settings
+        self.partitioner = ModelBucketShardPartitioner(settings.shards_per_model, settings.bucket_seconds)
+        self._on_drop = on_drop
+        self._spool = DiskSpool(settings.resolved_spool_dir(), settings.spool_max_bytes,
+                                settings.spool_segment_bytes)
+        self._cond = threading.Condition()
+        self._handed = 0  # batches accepted by send()
+        self._settled = 0  # batches acked, spooled or dropped
+        self._pending = 0
+        self._counts = {"sent": 0, "spooled": 0, "drained": 0}
+        self._dropped: collections.Counter[str] = collections.Counter()
+        self._closed = False
+        self._closing = False
+        self._failed: BaseException | None = None
+        self._producer = None
+        self._num_partitions = settings.num_partitions
+        self._next_connect = 0.0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="serve-journal-kafka", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def __repr__(self) -> str:
+        return f"KafkaTransport(topic={self.settings.topic!r}, bootstrap={self.settings.bootstrap_servers!r})"
+
+    # -- Transport protocol (called from the flusher thread) -----------------------------------
+
+    def send(self, batch: pa.RecordBatch) -> None:
+        """Enqueue ``batch``; never waits on the network. Full queue: counted drop."""
+        if self._closed:
+            raise TransportError("KafkaTransport is closed; create a new one to send")
+        if self._failed is not None:
+            raise TransportError(f"KafkaTransport's background loop died ({type(self._failed).__name__})")
+        rows = batch.num_rows
+        with self._cond:
+            if self._pending >= self.settings.queue_max_batches:
+                self._drop("transport_queue_full", rows, locked=True)
+                return
+            self._pending += 1
+            self._handed += 1
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, batch)
+        except RuntimeError:  # loop closed between the check and the call
+            self._settle()
+            self._drop("transport_closed", rows)
+            raise TransportError("KafkaTransport is closed; create a new one to send") from None
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every batch handed over is acked by the broker or durably spooled."""
+        with self._cond:
+            target = self._handed
+            done = self._cond.wait_for(lambda: self._settled >= target or self._failed is not None, timeout)
+            return bool(done) and self._failed is None
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush within ``timeout``, spool what is left, stop the producer. Harmless twice."""
+        if self._closed:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.flush(timeout)
+        self._closed = True
+        self._closing = True  # the loop spools whatever is still queued instead of sending it
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, _STOP)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        self._thread.join(remaining)
+        if self._thread.is_alive():
+            logger.warning("Kafka transport loop did not stop within the close timeout")
+        self._spool.close()
+
+    # -- observation ---------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, Any]:
+        """Entries ``sent``, ``spooled``, ``drained`` and ``dropped`` (by reason), spool health."""
+        with self._cond:
+            out: dict[str, Any] = dict(self._counts)
+            out["dropped"] = dict(self._dropped)
+        out["spool_records"] = len(self._spool)
+        out["spool_bytes"] = self._spool.bytes_used
+        out["spool_corrupt_records"] = self._spool.stats["corrupt_records"]
+        out["spool_torn_tails"] = self._spool.stats["torn_tails"]
+        return out
+
+    def wait_drained(self, timeout: float | None = None) -> bool:
+        """Wait until everything handed over is settled and the spool is empty (tests, shutdown)."""
+        with self._cond:
+            target = self._handed
+            return bool(self._cond.wait_for(
+                lambda: (self._settled >= target and len(self._spool) == 0) or self._failed is not None,
+                timeout,
+            )) and self._failed is None
+
+    # -- background loop -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._spool_event = asyncio.Event()
+        self._ready.set()
+        try:
+            self._loop.run_until_complete(self._main())
+        except BaseException as exc:  # noqa: BLE001 - fail loudly, never hang callers
+            logger.exception("Kafka transport loop died")
+            with self._cond:
+                self._failed = exc
+                lost = self._pending
+                self._cond.notify_all()
+            if lost:
+                self._drop("transport_failed", lost)
+        finally:
+            self._loop.close()
+
+    async def _main(self) -> None:
+        if len(self._spool):
+            self._spool_event.set()
+        drainer = asyncio.create_task(self._drainer())
+        try:
+            while True:
+                batch = await self._queue.get()
+                if batch is _STOP:
+                    break
+                try:
+                    await self._handle(batch)
+                finally:
+                    self._settle()
+                if drainer.done():
+                    drainer.result()  # re-raise: a dead drainer must not go unnoticed
+        finally:
+            drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drainer
+            if self._producer is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._producer.stop(), self.settings.send_timeout_s)
+
+    def _settle(self) -> None:
+        with self._cond:
+            self._pending -= 1
+            self._settled += 1
+            self._cond.notify_all()
+
+    def _drop(self, reason: str, entries: int, locked: bool = False) -> None:
+        if locked:
+            self._dropped[reason] += entries
+        else:
+            with self._cond:
+                self._dropped[reason] += entries
+        logger.warning("journal transport dropped %d entries: %s", entries, reason)
+        if self._on_drop is not None:
+            try:
+                self._on_drop(reason, entries)
+            except Exception:  # noqa: BLE001 - a broken hook must not break the transport
+                logger.exception("on_drop hook raised")
+
+    async def _handle(self, batch: pa.RecordBatch) -> None:
+        messages = wire.encode_batch(batch)
+        key = self.partitioner.key
+        pairs = [(key(m.model_name, m.ts_us, m.request_id), m.value) for m in messages]
+        if self._closing or len(self._spool):
+            await self._spool_pairs(pairs)
+            return
+        unacked = await self._produce(pairs)
+        with self._cond:
+            self._counts["sent"] += len(pairs) - len(unacked)
+        if unacked:
+            await self._spool_pairs(unacked)
+
+    async def _spool_pairs(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        ok = await asyncio.to_thread(self._spool.append, wire.pack_frame(pairs))
+        if ok:
+            with self._cond:
+                self._counts["spooled"] += len(pairs)
+            self._spool_event.set()
+        else:
+            self._drop("spool_full", len(pairs))
+
+    async def _producer_or_none(self):
+        if self._producer is not None:
+            return self._producer
+        if time.monotonic() < self._next_connect:
+            return None
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(**self.settings.producer_kwargs())
+        try:
+            await asyncio.wait_for(producer.start(), self.settings.send_timeout_s)
+            if self._num_partitions is None:
+                partitions = await asyncio.wait_for(
+                    producer.partitions_for(self.settings.topic), self.settings.send_timeout_s)
+                self._num_partitions = len(partitions)
+        except Exception as exc:  # noqa: BLE001 - any failure means: spool and retry later
+            logger.warning("Kafka producer could not start (%s); spooling", type(exc).__name__)
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            self._next_connect = time.monotonic() + self.settings.retry_backoff_s
+            return None
+        self._producer = producer
+        return producer
+
+    async def _produce(self, pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """Send ``pairs`` with acks=all; return those not acknowledged within the timeout."""
+        producer = await self._producer_or_none()
+        if producer is None:
+            return pairs
+        assert self._num_partitions is not None
+        by_partition: dict[int, list[int]] = collections.defaultdict(list)
+        for i, (key, _) in enumerate(pairs):
+            by_partition[self.partitioner.partition(key, self._num_partitions)].append(i)
+        sends: list[tuple[list[int], asyncio.Future]] = []
+        headers = list(wire.HEADERS)
+        try:
+            async with asyncio.timeout(self.settings.send_timeout_s):
+                for partition, indices in by_partition.items():
+                    start = 0
+                    while start < len(indices):
+                        builder = producer.create_batch()
+                        end = start
+                        while end < len(indices):
+                            key, value = pairs[indices[end]]
+                            if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                                break
+                            end += 1
+                        if end == start:
+                            raise ValueError("one journal entry is larger than max_batch_size")
+                        future = await producer.send_batch(builder, self.settings.topic, partition=partition)
+                        sends.append((indices[start:end], future))
+                        start = end
+                await asyncio.gather(*(future for _, future in sends))
+        except Exception as exc:  # noqa: BLE001 - timeout, broker error: spool what is unacked
+            logger.warning("Kafka send failed (%s); spooling unacknowledged entries", type(exc).__name__)
+        acked: set[int] = set()
+        for indices, future in sends:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                acked.update(indices)
+            else:
+                future.add_done_callback(_consume_result)
+        return [pair for i, pair in enumerate(pairs) if i not in acked]
+
+    async def _drainer(self) -> None:
+        backoff = self.settings.retry_backoff_s
+        while True:
+            await self._spool_event.wait()
+            if self._closing:
+                return
+            record = await asyncio.to_thread(self._spool.peek)
+            if record is None:
+                if not len(self._spool):
+                    self._spool_event.clear()
+                with self._cond:
+                    self._cond.notify_all()
+                continue
+            try:
+                pairs = wire.unpack_frame(record.payload)
+            except wire.WireFormatError:
+                # Checksummed, so this is a frame from another version: count it, never replay it.
+                await asyncio.to_thread(self._spool.ack, record)
+                self._drop("spool_unreadable", 1)
+                continue
+            unacked = await self._produce(pairs)
+            if not unacked:
+                await asyncio.to_thread(self._spool.ack, record)
+                with self._cond:
+                    self._counts["drained"] += len(pairs)
+                    self._cond.notify_all()
+                backoff = self.settings.retry_backoff_s
+                continue
+            # Partly sent: the record stays and is resent whole; the sink dedupes the acked part.
+            await asyncio.sleep(backoff)  # retry pacing, not synchronisation
+            backoff = min(backoff * 2, self.settings.retry_backoff_max_s)
+
+
+def _consume_result(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved, so asyncio does not log "exception never retrieved"
+
+
+__all__ = ["KafkaSettings", "KafkaTransport", "ModelBucketShardPartitioner", "stable_hash"]

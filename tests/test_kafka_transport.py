@@ -1,0 +1,134 @@
+"""KafkaTransport against a real tansu broker: routing, spooling while the broker is away, drops."""
+
+from __future__ import annotations
+
+import collections
+import time
+
+import pytest
+
+from serve_journal.transport import TransportError
+from serve_journal.transport.kafka import KafkaSettings, KafkaTransport, ModelBucketShardPartitioner
+from serve_journal.transport.wire import decode_value
+from tests.fixtures.kafka import TansuBroker, free_port, make_entries
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _settings(bootstrap: str, tmp_path, **overrides) -> KafkaSettings:
+    values = dict(bootstrap_servers=bootstrap, topic="journal", enable_idempotence=False,
+                  spool_dir=str(tmp_path / "spool"), send_timeout_s=2.0, request_timeout_ms=2000,
+                  retry_backoff_s=0.1, retry_backoff_max_s=0.5)
+    values.update(overrides)
+    return KafkaSettings(**values)
+
+
+def test_one_hot_model_spreads_evenly_over_partitions(kafka_broker, tmp_path):
+    partitions = 8
+    kafka_broker.create_topic("journal", partitions)
+    transport = KafkaTransport(_settings(kafka_broker.bootstrap, tmp_path, shards_per_model=partitions))
+    for i in range(50):
+        transport.send(make_entries(2_000, start_seq=i * 2_000, model="hot-model"))
+    assert transport.flush(120)
+    counters = transport.counters()
+    transport.close(10)
+    assert counters["sent"] == 100_000 and counters["dropped"] == {}
+    records = kafka_broker.read_all("journal", partitions, expected=100_000)
+    assert len(records) == 100_000
+    loads = collections.Counter(record.partition for record in records)  # as stored by the broker
+    assert len(loads) == partitions
+    mean = 100_000 / partitions
+    ratio = max(loads.values()) / mean
+    print(f"partition loads {sorted(loads.values())}, max/mean {ratio:.3f}")
+    assert ratio <= 1.2
+
+
+def test_buckets_rotate_a_models_partitions():
+    partitioner = ModelBucketShardPartitioner(shards_per_model=2, bucket_seconds=60)
+    starts = set()
+    for bucket in range(40):
+        ts_us = bucket * 60_000_000
+        used = {partitioner.partition(partitioner.key("m", ts_us, f"r{i}"), 16) for i in range(200)}
+        assert len(used) == 2  # the two shards of a bucket never collide
+        starts.add(frozenset(used))
+    assert len(starts) >= 8  # and different buckets use different partitions
+
+
+def test_broker_down_spools_then_drains_in_order(tmp_path):
+    port = free_port()
+    broker = TansuBroker(port, "memory://tansu/", tmp_path / "tansu.log")
+    transport = KafkaTransport(_settings(broker.bootstrap, tmp_path, num_partitions=4, shards_per_model=4))
+    try:
+        batches = [make_entries(500, start_seq=i * 500) for i in range(6)]
+        started = time.monotonic()
+        for batch in batches:
+            transport.send(batch)
+        send_time = time.monotonic() - started
+        assert transport.flush(60)  # durable = spooled, with nobody listening
+        counters = transport.counters()
+        assert counters["spooled"] == 3_000 and counters["sent"] == 0
+        assert counters["spool_records"] >= 1
+        assert send_time < 1.0, "send() must not wait for the broker"
+
+        broker.start()
+        broker.create_topic("journal", 4)
+        assert transport.wait_drained(90)
+        counters = transport.counters()
+        assert counters["drained"] == 3_000 and counters["spool_records"] == 0
+        records = broker.read_all("journal", 4, expected=3_000)
+        seqs = [decode_value(r.value)["seq"] for r in records]
+        assert sorted(seqs) == list(range(3_000))
+        by_partition: dict[int, list[int]] = {}
+        for record in records:
+            by_partition.setdefault(record.partition, []).append(decode_value(record.value)["seq"])
+        for values in by_partition.values():
+            assert values == sorted(values)  # drained in the order handed over
+        assert all(dict(r.headers)["serve_journal.schema_version"] == b"1" for r in records)
+    finally:
+        transport.close(10)
+        broker.stop()
+
+
+def test_spool_full_and_queue_full_are_counted_drops(tmp_path):
+    drops: list[tuple[str, int]] = []
+    dead = f"127.0.0.1:{free_port()}"
+    transport = KafkaTransport(_settings(dead, tmp_path, num_partitions=2, spool_max_bytes=4096),
+                               on_drop=lambda reason, n: drops.append((reason, n)))
+    transport.send(make_entries(100))  # ~50 KB wire-encoded: larger than the spool
+    assert transport.flush(30)
+    assert transport.counters()["dropped"] == {"spool_full": 100}
+    assert drops == [("spool_full", 100)]
+    transport.close(5)
+    with pytest.raises(TransportError, match="closed"):
+        transport.send(make_entries(1))
+    transport.close(5)  # twice is harmless
+
+
+def test_queue_full_drops_instead_of_blocking(tmp_path):
+    dead = f"127.0.0.1:{free_port()}"
+    transport = KafkaTransport(_settings(dead, tmp_path, num_partitions=2, queue_max_batches=2))
+    big = make_entries(60_000)  # keeps the loop busy encoding
+    small = make_entries(10, start_seq=60_000)
+    transport.send(big)
+    for _ in range(20):
+        transport.send(small)
+    assert transport.flush(120)
+    counters = transport.counters()
+    dropped = counters["dropped"].get("transport_queue_full", 0)
+    assert dropped > 0 and dropped % 10 == 0
+    assert counters["spooled"] + dropped == 60_000 + 200
+    transport.close(10)
+
+
+def test_settings_validate_and_hide_secrets():
+    with pytest.raises(ValueError, match="topic"):
+        KafkaSettings(bootstrap_servers="x:1", topic="bad topic")
+    with pytest.raises(ValueError, match="sasl_mechanism"):
+        KafkaSettings(bootstrap_servers="x:1", security_protocol="SASL_SSL")
+    settings = KafkaSettings(bootstrap_servers="x:1", security_protocol="SASL_PLAINTEXT",
+                             sasl_mechanism="PLAIN", sasl_plain_username="u", sasl_plain_password="hunter2")
+    assert "hunter2" not in repr(settings)
+    assert settings.producer_kwargs()["acks"] == "all"
+    assert settings.producer_kwargs()["sasl_plain_password"] == "hunter2"
+    with pytest.raises(ValueError, match="unknown Kafka setting"):
+        KafkaSettings.from_mapping({"bootstrap_servers": "x:1", "acks": 1})
