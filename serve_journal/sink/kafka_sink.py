@@ -1,0 +1,541 @@
+"""The Kafka sink: journal entries from manually assigned Kafka partitions to Parquet, exactly once.
+
+Each sink owns a fixed set of partitions of the topic (manual assignment; no consumer-group
+rebalancing). Messages of one Kafka partition are collected into a *chunk* until it holds
+``roll_bytes`` of values or is ``roll_seconds`` old; a chunk covering offsets ``S..E`` is written
+as one Parquet file per journal partition (model, hour) it touches, named deterministically::
+
+    <tier>/model=<m>/date=<d>/hour=<h>/k-<topic>-p<partition>-o<S>-<E>-<i>of<n>.parquet
+
+and stored create-only (``JournalStorage.put_new``: exclusive create locally, If-None-Match on
+S3). Why this is exactly once:
+
+* **No loss.** The next offset of a partition is recovered from the files in storage, not from
+  Kafka: it is ``E + 1`` of the newest chunk whose ``n`` parts all exist. Kafka commits happen
+  after the durable write and serve lag monitoring only.
+* **No duplicate.** A chunk that was only partly written when the sink died (parts missing) is
+  rebuilt on restart from the same offsets ``S..E``: the same messages give the same parts with the
+  same names, existing parts are kept (create-only refuses to overwrite them), missing ones are
+  written. Every offset thus lands in exactly one file. Duplicate *messages* (the transport is
+  at-least-once: a batch that timed out may be resent from its spool) are dropped by
+  ``(producer_id, seq)`` within a chunk and against a window of recently written entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import logging
+import re
+import signal
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from serve_journal.layout import DEFAULT_SPEC, PartitionKey, PartitionSpec
+from serve_journal.sink.parquet import HOT_OPTIONS, ParquetOptions, encode_parquet
+from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
+from serve_journal.transport import wire
+
+logger = logging.getLogger(__name__)
+
+FileWrittenHook = Callable[[StoredObject, pa.Table], None]
+
+OFFSET_SOURCES = ("storage", "kafka")
+
+
+@dataclass(frozen=True)
+class KafkaSinkSettings:
+    """What a sink consumes and how it rolls files."""
+
+    bootstrap_servers: str
+    topic: str
+    partitions: tuple[int, ...]
+    group_id: str | None = None
+    """Consumer group used only to commit offsets for lag monitoring; default per topic."""
+    roll_seconds: float = 0.5
+    roll_bytes: int = 16 * 1024 * 1024
+    max_poll_records: int = 10_000
+    poll_timeout_ms: int = 100
+    write_retry_backoff_s: float = 0.25
+    write_retry_backoff_max_s: float = 5.0
+    dedupe_window: int = 1_000_000
+    """How many recently written ``(producer_id, seq)`` pairs are remembered to drop duplicates."""
+    parquet: ParquetOptions = HOT_OPTIONS
+    offset_source: str = "storage"
+    """``storage`` (exactly once). ``kafka`` trusts committed offsets: only for the control test."""
+    unsafe_commit_before_write: bool = False
+    """Commit to Kafka *before* the durable write. Loses entries on a crash; control test only."""
+    security_protocol: str = "PLAINTEXT"
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: str | None = field(default=None, repr=False)
+    sasl_mechanism: str | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.topic, str) or not re.fullmatch(r"[A-Za-z0-9._\-]+", self.topic):
+            raise ValueError(f"topic must be a Kafka topic name of [A-Za-z0-9._-], got {self.topic!r}")
+        parts = tuple(self.partitions)
+        if not parts or any(not isinstance(p, int) or p < 0 for p in parts) or len(set(parts)) != len(parts):
+            raise ValueError(f"partitions must be distinct non-negative integers, got {self.partitions!r}")
+        object.__setattr__(self, "partitions", parts)
+        if self.offset_source not in OFFSET_SOURCES:
+            raise ValueError(f"offset_source must be one of {OFFSET_SOURCES}, got {self.offset_source!r}")
+        for name in ("roll_seconds", "write_retry_backoff_s", "write_retry_backoff_max_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        for name in ("roll_bytes", "max_poll_records", "poll_timeout_ms", "dedupe_window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def resolved_group_id(self) -> str:
+        return self.group_id or f"serve-journal-sink-{self.topic}"
+
+    def consumer_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "group_id": self.resolved_group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "security_protocol": self.security_protocol,
+        }
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            kwargs["ssl_context"] = create_ssl_context(
+                cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile,
+                password=self.ssl_password)
+        if self.sasl_mechanism is not None:
+            kwargs.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_plain_username,
+                          sasl_plain_password=self.sasl_plain_password)
+        return kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# File names: the sink's durable record of what it consumed.
+
+@dataclass(frozen=True, order=True)
+class ChunkFileName:
+    """``k-<topic>-p<partition>-o<start>-<end>-<part>of<parts>``."""
+
+    topic: str
+    partition: int
+    start: int
+    end: int
+    part: int
+    parts: int
+
+    def __str__(self) -> str:
+        return f"k-{self.topic}-p{self.partition}-o{self.start}-{self.end}-{self.part}of{self.parts}"
+
+    @classmethod
+    def parse(cls, topic: str, file_name: str) -> ChunkFileName | None:
+        """The name's fields if ``file_name`` (base name, suffix optional) is a chunk of ``topic``."""
+        stem = file_name.removesuffix(".parquet")
+        prefix = f"k-{topic}-p"
+        if not stem.startswith(prefix):
+            return None
+        match = re.fullmatch(r"(\d+)-o(\d+)-(\d+)-(\d+)of(\d+)", stem[len(prefix):])
+        if match is None:
+            return None
+        p, s, e, i, n = (int(g) for g in match.groups())
+        return cls(topic, p, s, e, i, n)
+
+
+@dataclass(frozen=True)
+class RecoveredOffsets:
+    """Per partition: where to resume, and the end of a chunk to rebuild first (if any)."""
+
+    next_offset: dict[int, int]
+    rebuild_until: dict[int, int]
+
+
+def recover_offsets(storage: JournalStorage, topic: str, partitions: Iterable[int]) -> RecoveredOffsets:
+    """Read the sink's progress back from the file names in ``storage``."""
+    wanted = set(partitions)
+    chunks: dict[tuple[int, int, int], set[int]] = collections.defaultdict(set)
+    totals: dict[tuple[int, int, int], int] = {}
+    for path in storage.list_files(suffix=".parquet"):
+        name = ChunkFileName.parse(topic, path.rsplit("/", 1)[-1])
+        if name is None or name.partition not in wanted:
+            continue
+        key = (name.partition, name.start, name.end)
+        chunks[key].add(name.part)
+        totals[key] = name.parts
+    next_offset: dict[int, int] = {}
+    rebuild: dict[int, int] = {}
+    for (partition, start, end), parts in chunks.items():
+        if len(parts) == totals[(partition, start, end)]:
+            next_offset[partition] = max(next_offset.get(partition, 0), end + 1)
+    for (partition, start, end), parts in chunks.items():
+        if len(parts) < totals[(partition, start, end)] and start >= next_offset.get(partition, 0):
+            next_offset[partition] = start
+            rebuild[partition] = end
+    return RecoveredOffsets(next_offset, rebuild)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunks: what one write covers.
+
+@dataclass
+class _Chunk:
+    messages: list[tuple[int, bytes, Sequence[tuple[str, bytes]]]] = field(default_factory=list)
+    nbytes: int = 0
+    born: float = field(default_factory=time.monotonic)
+    closed: bool = False
+
+    @property
+    def start(self) -> int:
+        return self.messages[0][0]
+
+    @property
+    def end(self) -> int:
+        return self.messages[-1][0]
+
+
+@dataclass(frozen=True)
+class ChunkPart:
+    name: ChunkFileName
+    key: PartitionKey
+    table: pa.Table
+
+
+def build_chunk_parts(topic: str, partition: int, messages: Sequence[tuple[int, bytes, Sequence[tuple[str, bytes]]]],
+                      spec: PartitionSpec = DEFAULT_SPEC) -> tuple[list[ChunkPart], dict[str, int]]:
+    """Decode a chunk's messages into one table per journal partition, deterministically.
+
+    Within the chunk a ``(producer_id, seq)`` seen twice is kept once (first occurrence); a
+    message this version cannot read is skipped and counted (its offset is logged, its payload
+    never). Returns the parts, named ``1ofN..NofN`` in journal-partition order, and counters.
+    """
+    stats = {"undecodable": 0, "duplicates": 0}
+    seen: set[tuple[str, int]] = set()
+    groups: dict[PartitionKey, list[dict]] = collections.defaultdict(list)
+    for offset, value, headers in messages:
+        try:
+            wire.check_headers(headers)
+            row = wire.decode_value(value)
+        except wire.WireFormatError as exc:
+            logger.warning("skipping undecodable message %s[%d]@%d: %s", topic, partition, offset, exc)
+            stats["undecodable"] += 1
+            continue
+        ident = (row["producer_id"], row["seq"])
+        if ident in seen:
+            stats["duplicates"] += 1
+            continue
+        seen.add(ident)
+        groups[spec.key_for_micros(row["model_name"], row["ts"])].append(row)
+    start, end = messages[0][0], messages[-1][0]
+    keys = sorted(groups)
+    parts = []
+    for i, key in enumerate(keys, start=1):
+        name = ChunkFileName(topic, partition, start, end, i, len(keys))
+        parts.append(ChunkPart(name, key, wire.rows_to_table(groups[key])))
+    return parts, stats
+
+
+class KafkaSink:
+    """Consumes assigned partitions of a topic into the journal; see the module docstring."""
+
+    def __init__(self, settings: KafkaSinkSettings, storage: JournalStorage, *,
+                 on_file_written: FileWrittenHook | None = None, spec: PartitionSpec = DEFAULT_SPEC) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.spec = spec
+        self.on_file_written = on_file_written
+        self._consumer = None
+        self._tps: dict[int, Any] = {}
+        self._chunks: dict[int, _Chunk] = {}
+        self._ready: dict[int, collections.deque[_Chunk]] = collections.defaultdict(collections.deque)
+        self._rebuild_until: dict[int, int] = {}
+        self._retry_at: dict[int, float] = {}
+        self._backoff: dict[int, float] = {}
+        self._recent: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
+        self.next_offsets: dict[int, int] = {}
+        self.stats: collections.Counter[str] = collections.Counter()
+
+    def __repr__(self) -> str:
+        return (f"KafkaSink(topic={self.settings.topic!r}, partitions={list(self.settings.partitions)}, "
+                f"storage={self.storage!r})")
+
+    async def start(self) -> None:
+        """Recover offsets, connect, assign the partitions and seek to where the journal ends."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        self._consumer = AIOKafkaConsumer(**self.settings.consumer_kwargs())
+        await self._consumer.start()
+        self._tps = {p: TopicPartition(self.settings.topic, p) for p in self.settings.partitions}
+        self._consumer.assign(list(self._tps.values()))
+        if self.settings.offset_source == "storage":
+            recovered = await asyncio.to_thread(
+                recover_offsets, self.storage, self.settings.topic, self.settings.partitions)
+            self._rebuild_until = dict(recovered.rebuild_until)
+            starts = recovered.next_offset
+        else:
+            starts = {}
+            for p, tp in self._tps.items():
+                committed = await self._consumer.committed(tp)
+                if committed is not None:
+                    starts[p] = committed
+        beginnings = await self._consumer.beginning_offsets(list(self._tps.values()))
+        for p, tp in self._tps.items():
+            offset = starts.get(p, beginnings[tp])
+            self._consumer.seek(tp, offset)
+            self.next_offsets[p] = offset
+        logger.info("kafka sink %s resumes at %s (rebuilding %s)", self.settings.topic,
+                    self.next_offsets, self._rebuild_until)
+
+    async def stop(self) -> None:
+        """Stop consuming. Chunks not yet written are simply consumed again next time."""
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Poll and write until ``stop`` is set (or forever)."""
+        while stop is None or not stop.is_set():
+            await self.poll_once()
+
+    async def poll_once(self) -> int:
+        """One poll, then write every chunk that is due. Returns the rows written."""
+        assert self._consumer is not None, "call start() first"
+        active = [tp for p, tp in self._tps.items() if not self._ready[p]]
+        if active:
+            batches = await self._consumer.getmany(
+                *active, timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_poll_records)
+        else:
+            batches = {}
+            await asyncio.sleep(min(self._retry_delay(), self.settings.poll_timeout_ms / 1000))
+        for tp, records in batches.items():
+            for record in records:
+                self._add(tp.partition, record.offset, record.value or b"", record.headers or ())
+        now = time.monotonic()
+        for p, chunk in self._chunks.items():
+            if chunk.messages and not chunk.closed and (
+                    now - chunk.born >= self.settings.roll_seconds or chunk.nbytes >= self.settings.roll_bytes):
+                chunk.closed = True
+                self._ready[p].append(chunk)
+        self._chunks = {p: c for p, c in self._chunks.items() if not c.closed}
+        written = 0
+        for p in self.settings.partitions:
+            while self._ready[p] and time.monotonic() >= self._retry_at.get(p, 0.0):
+                rows = await self._write(p, self._ready[p][0])
+                if rows is None:
+                    break
+                self._ready[p].popleft()
+                written += rows
+        return written
+
+    def _retry_delay(self) -> float:
+        if not self._retry_at:
+            return 0.0
+        return max(0.0, min(self._retry_at.values()) - time.monotonic())
+
+    def _add(self, partition: int, offset: int, value: bytes, headers) -> None:
+        chunk = self._chunks.get(partition)
+        if chunk is None:
+            chunk = self._chunks[partition] = _Chunk()
+        chunk.messages.append((offset, value, tuple(headers)))
+        chunk.nbytes += len(value)
+        until = self._rebuild_until.get(partition)
+        if until is not None and offset >= until:
+            # Rebuilding a chunk left half written: cut exactly where it was cut before.
+            del self._rebuild_until[partition]
+            chunk.closed = True
+            self._ready[partition].append(chunk)
+            del self._chunks[partition]
+
+    async def _write(self, partition: int, chunk: _Chunk) -> int | None:
+        """Write a chunk's parts create-only, then commit; ``None`` when storage failed."""
+        tp = self._tps[partition]
+        if self.settings.unsafe_commit_before_write:
+            await self._commit(tp, chunk.end + 1)
+        try:
+            rows = await asyncio.to_thread(self._write_parts, partition, chunk)
+        except Exception as exc:  # noqa: BLE001 - storage fault: keep the chunk, retry later
+            backoff = self._backoff.get(partition, self.settings.write_retry_backoff_s)
+            self._retry_at[partition] = time.monotonic() + backoff
+            self._backoff[partition] = min(backoff * 2, self.settings.write_retry_backoff_max_s)
+            self.stats["write_failures"] += 1
+            logger.warning("journal write for %s[%d] offsets %d-%d failed (%s); retrying in %.2fs",
+                           self.settings.topic, partition, chunk.start, chunk.end,
+                           type(exc).__name__, backoff)
+            return None
+        self._retry_at.pop(partition, None)
+        self._backoff.pop(partition, None)
+        self.next_offsets[partition] = chunk.end + 1
+        if not self.settings.unsafe_commit_before_write:
+            await self._commit(tp, chunk.end + 1)
+        return rows
+
+    def _write_parts(self, partition: int, chunk: _Chunk) -> int:
+        parts, stats = build_chunk_parts(self.settings.topic, partition, chunk.messages, self.spec)
+        self.stats.update(stats)
+        rows = 0
+        for part in parts:
+            table = self._drop_recent(part.table)
+            path = self.spec.file_path(part.key, str(part.name))
+            data = encode_parquet(table, self.settings.parquet)
+            try:
+                stored = self.storage.put_new(path, data)
+            except ObjectExistsError:
+                # Written by an earlier run that died before finishing this chunk: keep it.
+                self.stats["parts_already_present"] += 1
+                self._remember(part.table)
+                continue
+            self.stats["files_written"] += 1
+            self.stats["rows_written"] += table.num_rows
+            rows += table.num_rows
+            self._remember(table)
+            if self.on_file_written is not None:
+                self.on_file_written(stored, table)
+        return rows
+
+    def _drop_recent(self, table: pa.Table) -> pa.Table:
+        if not self._recent:
+            return table
+        keep = [(p, s) not in self._recent for p, s in zip(
+            table.column("producer_id").to_pylist(), table.column("seq").to_pylist(), strict=True)]
+        dropped = keep.count(False)
+        if not dropped:
+            return table
+        self.stats["duplicates"] += dropped
+        return table.filter(pa.array(keep, type=pa.bool_()))
+
+    def _remember(self, table: pa.Table) -> None:
+        recent = self._recent
+        for ident in zip(table.column("producer_id").to_pylist(), table.column("seq").to_pylist(), strict=True):
+            recent[ident] = None
+        while len(recent) > self.settings.dedupe_window:
+            recent.popitem(last=False)
+
+    async def _commit(self, tp, offset: int) -> None:
+        try:
+            await self._consumer.commit({tp: offset})
+        except Exception as exc:  # noqa: BLE001 - commits are for lag monitoring only
+            self.stats["commit_failures"] += 1
+            logger.warning("offset commit for %s failed (%s)", tp, type(exc).__name__)
+
+    def lag_state(self) -> dict[str, Any]:
+        """Next offsets and counters, for monitoring."""
+        return {"next_offsets": dict(self.next_offsets), **dict(self.stats)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a sink: a Ray actor, and a blocking entry point for the CLI.
+
+class KafkaSinkActor:
+    """Body of an async Ray actor holding one :class:`KafkaSink`.
+
+    Use ``ray.remote(KafkaSinkActor).options(name=..., max_restarts=-1).remote(settings, uri)``
+    then ``await actor.start.remote()``; the actor consumes in the background until ``stop``.
+    A restarted actor recovers its offsets from storage, so ``max_restarts`` is safe.
+    """
+
+    def __init__(self, settings: KafkaSinkSettings, journal_uri: str,
+                 on_file_written: FileWrittenHook | None = None) -> None:
+        self._sink = KafkaSink(settings, JournalStorage.from_uri(journal_uri), on_file_written=on_file_written)
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> dict[int, int]:
+        """Connect and start consuming; returns the offsets it resumes from."""
+        if self._task is None:
+            await self._sink.start()
+            self._task = asyncio.create_task(self._sink.run(self._stop))
+        return dict(self._sink.next_offsets)
+
+    async def stats(self) -> dict[str, Any]:
+        if self._task is not None and self._task.done():
+            self._task.result()  # surface a crashed loop to the caller
+        return self._sink.lag_state()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
+        await self._sink.stop()
+
+
+def parse_partitions(text: str) -> tuple[int, ...]:
+    """``"0-3,7"`` -> ``(0, 1, 2, 3, 7)``."""
+    out: list[int] = []
+    for piece in text.split(","):
+        piece = piece.strip()
+        if not piece:
+            continue
+        low, sep, high = piece.partition("-")
+        try:
+            out.extend(range(int(low), int(high) + 1) if sep else [int(low)])
+        except ValueError:
+            raise ValueError(f"partitions must look like '0-3,7', got {text!r}") from None
+    if not out:
+        raise ValueError(f"partitions must look like '0-3,7', got {text!r}")
+    return tuple(out)
+
+
+def run_sink(bootstrap_servers: str, topic: str, partitions: Sequence[int] | str, journal_uri: str,
+             *, on_file_written: FileWrittenHook | None = None, **settings: Any) -> None:
+    """Run a sink in the foreground until SIGINT/SIGTERM (the ``serve-journal sink`` command)."""
+    if isinstance(partitions, str):
+        partitions = parse_partitions(partitions)
+    sink_settings = KafkaSinkSettings(bootstrap_servers=bootstrap_servers, topic=topic,
+                                      partitions=tuple(partitions), **settings)
+    storage = JournalStorage.from_uri(journal_uri)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        sink = KafkaSink(sink_settings, storage, on_file_written=on_file_written)
+        await sink.start()
+        try:
+            await sink.run(stop)
+        finally:
+            await sink.stop()
+
+    asyncio.run(main())
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m serve_journal.sink.kafka_sink",
+                                     description="Consume journal entries from Kafka into Parquet.")
+    parser.add_argument("--bootstrap", required=True)
+    parser.add_argument("--topic", required=True)
+    parser.add_argument("--partitions", required=True, help="e.g. 0-3,7")
+    parser.add_argument("--journal", required=True, help="journal root: path or pyarrow.fs URI")
+    parser.add_argument("--roll-seconds", type=float, default=0.5)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_sink(args.bootstrap, args.topic, args.partitions, args.journal, roll_seconds=args.roll_seconds)
+
+
+if __name__ == "__main__":
+    _main()
+
+
+__all__ = [
+    "ChunkFileName",
+    "KafkaSink",
+    "KafkaSinkActor",
+    "KafkaSinkSettings",
+    "build_chunk_parts",
+    "parse_partitions",
+    "recover_offsets",
+    "run_sink",
+]
