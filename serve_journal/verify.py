@@ -1,0 +1,507 @@
+"""``serve-journal verify``: prove the journal complete and unaltered, or name what is wrong.
+
+Checks, each reported with the file, manifest object or chain it concerns:
+
+1. every manifest chain: records numbered 0..n-1 without holes, each record's hash over its own
+   content, each ``prev_hash`` equal to the previous record's hash;
+2. every checkpoint (in the journal and in the witness): Ed25519 signature under the auditor's
+   public key, the two copies identical, and the chain still holding, at ``length - 1``, the head
+   hash the checkpoint signed; a chain truncated or rewritten after a checkpoint fails here;
+3. every data file (``hot/**.parquet``, ``cold/**.parquet``) against its manifest record: bytes
+   (SHA-256, size), object version, row count, time range, producer sequence ranges and the RFC 6962
+   Merkle root recomputed over its entries; files with no record are reported as added/forged;
+4. every record's file exists, unless a later record ``replaces`` it (compaction) and that
+   replacement verifies;
+5. per-producer sequence continuity over all records: every gap must be covered by an accounted
+   gap (counted drops or sampling), otherwise it is reported as loss;
+6. on versioned object stores (S3): extra object versions and delete markers anywhere in the
+   journal's areas.
+
+``report.ok`` is true only when there are no errors; warnings (e.g. records newer than the last
+signed checkpoint) do not fail verification.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from serve_journal.layout import DEFAULT_SPEC, PARQUET_SUFFIX, TIERS
+from serve_journal.sink.manifest import (
+    CHECKPOINT_PREFIX,
+    MANIFEST_PREFIX,
+    Checkpoint,
+    ManifestError,
+    ManifestRecord,
+    load_public_key,
+    parse_object_index,
+    record_path,
+    sequence_ranges,
+)
+from serve_journal.sink.merkle import table_merkle_root
+from serve_journal.sink.parquet import decode_parquet
+from serve_journal.storage import JournalStorage
+
+ERROR = "error"
+WARNING = "warning"
+
+AccountedGaps = Mapping[str, Iterable[tuple[int, int, str]]]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding. ``path`` is the journal object it concerns (data file, record, checkpoint)."""
+
+    kind: str
+    path: str
+    detail: str
+    chain_id: str | None = None
+    severity: str = ERROR
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of :func:`verify_journal`."""
+
+    journal: str
+    problems: list[Problem] = field(default_factory=list)
+    chains: int = 0
+    records: int = 0
+    checkpoints: int = 0
+    witness_checkpoints: int = 0
+    files: int = 0
+    entries: int = 0
+    producers: int = 0
+    accounted_gaps: int = 0
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == ERROR]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == WARNING]
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing failed (warnings allowed)."""
+        return not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "problems"}
+        out["ok"] = self.ok
+        out["problems"] = [asdict(p) for p in self.problems]
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def _add(self, kind: str, path: str, detail: str, chain_id: str | None = None,
+             severity: str = ERROR) -> None:
+        self.problems.append(Problem(kind, path, detail, chain_id, severity))
+
+
+def format_report(report: VerifyReport) -> str:
+    """A human summary: verdict, counts, then one line per problem."""
+    verdict = "OK" if report.ok else f"FAILED ({len(report.errors)} error(s))"
+    lines = [
+        f"journal {report.journal}: {verdict}",
+        f"  chains {report.chains}, manifest records {report.records}, checkpoints "
+        f"{report.checkpoints} (witness {report.witness_checkpoints})",
+        f"  data files {report.files}, entries {report.entries}, producers {report.producers}, "
+        f"accounted gaps {report.accounted_gaps}",
+    ]
+    for problem in sorted(report.problems, key=lambda p: (p.severity != ERROR, p.path, p.kind)):
+        chain = f" [chain {problem.chain_id}]" if problem.chain_id else ""
+        lines.append(f"  {problem.severity.upper():7} {problem.kind}: {problem.path}{chain}: {problem.detail}")
+    return "\n".join(lines)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _micros(value: dt.datetime) -> int:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return int((value - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) / dt.timedelta(microseconds=1))
+
+
+def _in_scope_path(path: str, since_us: int | None, model: str | None) -> bool:
+    """Whether a data file path can hold entries of ``model`` at or after ``since``."""
+    try:
+        _, key = DEFAULT_SPEC.parse(path)
+    except ValueError:
+        return since_us is None and model is None
+    if model is not None and key.model != model:
+        return False
+    return not (since_us is not None and _micros(key.start + dt.timedelta(hours=1)) <= since_us)
+
+
+def _in_scope_record(record: ManifestRecord, since_us: int | None, model: str | None) -> bool:
+    if model is not None and record.model != model:
+        return False
+    return not (since_us is not None and record.max_ts_us is not None and record.max_ts_us < since_us)
+
+
+def _read(storage: JournalStorage, path: str) -> tuple[bytes, str | None]:
+    reader = getattr(storage, "read_versioned", None)
+    if reader is not None:
+        return reader(path)
+    return storage.read(path), None
+
+
+def _merge(runs: Iterable[Sequence[int]]) -> list[list[int]]:
+    merged: list[list[int]] = []
+    for lo, hi in sorted((int(r[0]), int(r[1])) for r in runs):
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return merged
+
+
+def _uncovered(lo: int, hi: int, covered: list[list[int]]) -> list[tuple[int, int]]:
+    """Sub-ranges of [lo, hi] not inside any of the merged ``covered`` ranges."""
+    out = []
+    cursor = lo
+    for c_lo, c_hi in covered:
+        if c_hi < cursor:
+            continue
+        if c_lo > hi:
+            break
+        if c_lo > cursor:
+            out.append((cursor, min(hi, c_lo - 1)))
+        cursor = max(cursor, c_hi + 1)
+        if cursor > hi:
+            break
+    if cursor <= hi:
+        out.append((cursor, hi))
+    return out
+
+
+# -- the checks ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Chain:
+    chain_id: str
+    records: dict[int, ManifestRecord] = field(default_factory=dict)
+    signed_length: int = 0
+
+
+def _check_chains(storage: JournalStorage, report: VerifyReport) -> dict[str, _Chain]:
+    chains: dict[str, _Chain] = {}
+    paths: dict[str, dict[int, str]] = defaultdict(dict)
+    for path in storage.list_files(f"{MANIFEST_PREFIX}/", ".json"):
+        parts = path.split("/")
+        index = parse_object_index(path)
+        if len(parts) != 3 or index is None:
+            report._add("manifest-unexpected-object", path,
+                        "not a manifest record name (_manifest/<chain>/<n:012d>.json)")
+            continue
+        paths[parts[1]][index] = path
+    for chain_id, by_index in sorted(paths.items()):
+        chain = chains[chain_id] = _Chain(chain_id)
+        for index, path in sorted(by_index.items()):
+            try:
+                record = ManifestRecord.from_json(storage.read(path))
+            except (ManifestError, TypeError) as exc:
+                report._add("manifest-record-unreadable", path, str(exc), chain_id)
+                continue
+            report.records += 1
+            if record.record_hash != record.compute_hash():
+                report._add("manifest-record-altered", path,
+                            "record content does not match its record_hash (edited after writing)",
+                            chain_id)
+            if record.index != index or record.chain_id != chain_id:
+                report._add("manifest-record-misplaced", path,
+                            f"record says chain {record.chain_id!r} index {record.index}", chain_id)
+            chain.records[index] = record
+        last = max(by_index)
+        for index in range(last + 1):
+            if index not in by_index:
+                report._add("manifest-record-missing", record_path(chain_id, index),
+                            f"chain has records up to {last} but not this one (removed)", chain_id)
+        for index, record in sorted(chain.records.items()):
+            if index == 0:
+                expected = "0" * 64
+            elif index - 1 in chain.records:
+                expected = chain.records[index - 1].record_hash
+            else:
+                continue
+            if record.prev_hash != expected:
+                report._add("manifest-chain-broken", record_path(chain_id, index),
+                            "prev_hash does not match the previous record's hash", chain_id)
+    report.chains = len(chains)
+    return chains
+
+
+def _check_checkpoints(
+    storage: JournalStorage, witness: JournalStorage | None, public_key: Any,
+    chains: dict[str, _Chain], report: VerifyReport,
+) -> None:
+    sources: list[tuple[str, JournalStorage]] = [("journal", storage)]
+    if witness is not None:
+        sources.append(("witness", witness))
+    copies: dict[str, dict[str, bytes]] = defaultdict(dict)
+    for name, source in sources:
+        for path in source.list_files(f"{CHECKPOINT_PREFIX}/", ".json"):
+            copies[path][name] = source.read(path)
+            if name == "journal":
+                report.checkpoints += 1
+            else:
+                report.witness_checkpoints += 1
+    witnessed_chains: set[str] = set()
+    for path, by_source in sorted(copies.items()):
+        parts = path.split("/")
+        length_from_name = parse_object_index(path)
+        chain_id = parts[1] if len(parts) == 3 else None
+        if chain_id is None or length_from_name is None:
+            report._add("checkpoint-unexpected-object", path,
+                        "not a checkpoint name (_checkpoints/<chain>/<length:012d>.json)")
+            continue
+        if len(set(by_source.values())) > 1:
+            report._add("checkpoint-copies-differ", path,
+                        "the journal's copy differs from the witness's copy", chain_id)
+        for source_name, data in sorted(by_source.items()):
+            where = f"{source_name} copy"
+            try:
+                checkpoint = Checkpoint.from_json(data)
+            except ManifestError as exc:
+                report._add("checkpoint-unreadable", path, f"{where}: {exc}", chain_id)
+                continue
+            if not checkpoint.verify(public_key):
+                report._add("checkpoint-bad-signature", path,
+                            f"{where}: signature does not verify under the auditor's public key "
+                            f"(signed as key id {checkpoint.key_id!r})", chain_id)
+                continue
+            if checkpoint.chain_id != chain_id or checkpoint.length != length_from_name:
+                report._add("checkpoint-misplaced", path,
+                            f"{where}: signed chain {checkpoint.chain_id!r} length {checkpoint.length}",
+                            chain_id)
+                continue
+            if source_name == "witness":
+                witnessed_chains.add(chain_id)
+            chain = chains.get(chain_id)
+            records = chain.records if chain else {}
+            length = max(records) + 1 if records else 0
+            head = records.get(checkpoint.length - 1)
+            if length < checkpoint.length:
+                report._add("manifest-truncated", f"{MANIFEST_PREFIX}/{chain_id}/", (
+                    f"chain has {length} record(s) but {where} {path} signed {checkpoint.length}"),
+                    chain_id)
+            elif head is None or head.record_hash != checkpoint.head_hash:
+                report._add("manifest-rewritten", record_path(chain_id, checkpoint.length - 1),
+                            f"record does not have the head hash {where} {path} signed", chain_id)
+            elif chain is not None:
+                chain.signed_length = max(chain.signed_length, checkpoint.length)
+    for chain_id, chain in sorted(chains.items()):
+        length = max(chain.records) + 1 if chain.records else 0
+        if chain.signed_length == 0:
+            report._add("chain-unsigned", f"{MANIFEST_PREFIX}/{chain_id}/",
+                        f"no valid signed checkpoint covers this chain's {length} record(s)",
+                        chain_id, WARNING)
+        elif chain.signed_length < length:
+            report._add("chain-tail-unsigned", record_path(chain_id, chain.signed_length),
+                        f"{length - chain.signed_length} record(s) after the last signed checkpoint",
+                        chain_id, WARNING)
+        if witness is not None and chain_id not in witnessed_chains and chain.records:
+            report._add("chain-not-witnessed", f"{MANIFEST_PREFIX}/{chain_id}/",
+                        "the witness holds no checkpoint of this chain", chain_id, WARNING)
+
+
+def _check_file(
+    storage: JournalStorage, path: str, candidates: list[ManifestRecord], report: VerifyReport,
+) -> bool:
+    """Check one data file against its record(s); True when it verifies."""
+    try:
+        data, version = _read(storage, path)
+    except FileNotFoundError:
+        report._add("file-missing", path, "listed but cannot be read")
+        return False
+    sha = hashlib.sha256(data).hexdigest()
+    record = next((r for r in reversed(candidates) if r.sha256 == sha), candidates[-1])
+    chain = record.chain_id
+    ok = True
+    if sha != record.sha256 or len(data) != record.size:
+        report._add("file-altered", path, (
+            f"bytes differ from the manifest record (sha256 {sha[:16]}.. size {len(data)}, "
+            f"recorded {record.sha256[:16]}.. size {record.size})"), chain)
+        ok = False
+    if record.version_id is not None and version is not None and version != record.version_id:
+        report._add("file-version-mismatch", path,
+                    f"current object version {version} is not the recorded version {record.version_id}",
+                    chain)
+        ok = False
+    try:
+        table = decode_parquet(data)
+    except Exception as exc:  # noqa: BLE001 - any decode failure is a finding, not a crash
+        report._add("file-unreadable", path, f"not a readable journal Parquet file ({type(exc).__name__})", chain)
+        return False
+    report.entries += table.num_rows
+    if table.num_rows != record.row_count:
+        report._add("file-row-count", path,
+                    f"{table.num_rows} entries, the manifest record says {record.row_count}", chain)
+        ok = False
+    if table_merkle_root(table) != record.merkle_root:
+        report._add("file-entries-altered", path,
+                    "entries do not match the manifest record's Merkle root "
+                    "(an entry was edited, removed, added or reordered)", chain)
+        ok = False
+    elif table.num_rows:
+        ts = pc.min_max(table.column("ts").cast(pa.int64()))
+        seqs = sequence_ranges(table.column("producer_id"), table.column("seq"))
+        if (ts["min"].as_py(), ts["max"].as_py()) != (record.min_ts_us, record.max_ts_us) or \
+                seqs != record.seq_ranges:
+            report._add("manifest-record-inconsistent", path,
+                        "time range or sequence ranges in the record do not match the entries", chain)
+            ok = False
+    return ok
+
+
+def _check_sequences(
+    records: list[ManifestRecord], accounted: AccountedGaps, seq_start: int | None,
+    report: VerifyReport,
+) -> None:
+    runs: dict[str, list[tuple[int, int, ManifestRecord]]] = defaultdict(list)
+    for record in records:
+        for producer, ranges in record.seq_ranges.items():
+            for lo, hi in ranges:
+                runs[producer].append((int(lo), int(hi), record))
+    report.producers = len(runs)
+    covered = {p: _merge((lo, hi) for lo, hi, _ in gaps) for p, gaps in accounted.items()}
+    for producer, items in sorted(runs.items()):
+        items.sort(key=lambda item: (item[0], item[1]))
+        gaps: list[tuple[int, int, str, str]] = []  # lo, hi, file before, file after
+        first_lo, _, first_record = items[0]
+        if seq_start is not None and first_lo > seq_start:
+            gaps.append((seq_start, first_lo - 1, "", first_record.path))
+        end, end_record = items[0][1], items[0][2]
+        for lo, hi, record in items[1:]:
+            if lo > end + 1:
+                gaps.append((end + 1, lo - 1, end_record.path, record.path))
+            if hi > end:
+                end, end_record = hi, record
+        for lo, hi, before, after in gaps:
+            cover = covered.get(producer, [])
+            explained = (hi - lo + 1) - sum(b - a + 1 for a, b in _uncovered(lo, hi, cover))
+            if explained:
+                report.accounted_gaps += 1
+            for a, b in _uncovered(lo, hi, cover):
+                where = f"between {before} and {after}" if before else f"before {after}"
+                report._add("sequence-gap", after or before, (
+                    f"producer {producer}: sequence {a}..{b} ({b - a + 1} entries) missing {where} "
+                    "and not accounted for by a counted drop or sampling: loss"))
+
+
+def _check_versions(storage: JournalStorage, name: str, report: VerifyReport,
+                    in_scope: Any) -> None:
+    lister = getattr(storage, "list_versions", None)
+    if lister is None:
+        return
+    for prefix in (*(f"{tier}/" for tier in TIERS), f"{MANIFEST_PREFIX}/", f"{CHECKPOINT_PREFIX}/"):
+        by_path: dict[str, list[Any]] = defaultdict(list)
+        for version in lister(prefix):
+            by_path[version.path].append(version)
+        for path, versions in sorted(by_path.items()):
+            if not in_scope(path):
+                continue
+            markers = [v for v in versions if v.is_delete_marker]
+            objects = [v for v in versions if not v.is_delete_marker]
+            if markers:
+                report._add("delete-marker", path,
+                            f"{name}: {len(markers)} delete marker(s) hide this object")
+            if len(objects) > 1:
+                report._add("extra-object-version", path, (
+                    f"{name}: {len(objects)} versions of a write-once object (shadow version "
+                    f"written after the first: {', '.join(v.version_id for v in objects)})"))
+
+
+def verify_journal(
+    storage: JournalStorage,
+    *,
+    public_key: Any,
+    witness: JournalStorage | None = None,
+    since: dt.datetime | None = None,
+    model: str | None = None,
+    accounted_gaps: AccountedGaps | None = None,
+    seq_start: int | None = 0,
+) -> VerifyReport:
+    """Verify the journal in ``storage``; see the module docstring for what is checked.
+
+    ``public_key``: the auditor's Ed25519 public key (key object, PEM bytes or PEM file path).
+    ``since`` / ``model`` restrict the data files and records checked (chains and checkpoints are
+    always checked whole). ``accounted_gaps``: ``{producer_id: [(lo, hi, reason), ...]}`` sequence
+    ranges known to be dropped or sampled out. ``seq_start``: the first sequence number every
+    producer uses (``None`` to skip the leading-gap check); ignored when ``since`` is given.
+    """
+    key = load_public_key(public_key)
+    report = VerifyReport(journal=storage.uri)
+    since_us = _micros(since) if since is not None else None
+
+    chains = _check_chains(storage, report)
+    _check_checkpoints(storage, witness, key, chains, report)
+
+    records = [r for chain in chains.values() for _, r in sorted(chain.records.items())]
+    scoped = [r for r in records if _in_scope_record(r, since_us, model)]
+    by_path: dict[str, list[ManifestRecord]] = defaultdict(list)
+    for record in records:
+        by_path[record.path].append(record)
+
+    files = [p for tier in TIERS for p in storage.list_files(f"{tier}/", PARQUET_SUFFIX)]
+    files = [p for p in files if _in_scope_path(p, since_us, model)
+             or any(_in_scope_record(r, since_us, model) for r in by_path.get(p, []))]
+    verified: dict[str, bool] = {}
+    for path in files:
+        report.files += 1
+        if path not in by_path:
+            report._add("file-without-record", path,
+                        "data file has no manifest record (added or forged after the fact)")
+            verified[path] = False
+            continue
+        verified[path] = _check_file(storage, path, by_path[path], report)
+
+    # Records whose file is gone: fine only when a verified replacement supersedes them.
+    replaced_by: dict[str, list[ManifestRecord]] = defaultdict(list)
+    for record in records:
+        for old in record.replaces:
+            replaced_by[old].append(record)
+    present = set(storage.list_files("", PARQUET_SUFFIX))
+
+    def _replacement_ok(path: str) -> bool:
+        if path not in present:
+            return False
+        if path not in verified:
+            verified[path] = _check_file(storage, path, by_path[path], report)
+        return verified[path]
+
+    for record in scoped:
+        if record.path in present:
+            continue
+        replacements = replaced_by.get(record.path, [])
+        if any(_replacement_ok(r.path) for r in replacements):
+            continue
+        detail = "file in the manifest record is missing (deleted)"
+        if replacements:
+            detail += f"; its replacement {replacements[-1].path} does not verify"
+        report._add("file-missing", record.path, detail, record.chain_id)
+
+    _check_sequences(scoped, accounted_gaps or {}, seq_start if since is None else None, report)
+
+    def in_scope(path: str) -> bool:
+        if path.endswith(PARQUET_SUFFIX):
+            return _in_scope_path(path, since_us, model)
+        return True
+
+    _check_versions(storage, "journal", report, in_scope)
+    if witness is not None:
+        _check_versions(witness, "witness", report, lambda _path: True)
+    return report

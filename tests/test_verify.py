@@ -1,0 +1,347 @@
+"""verify_journal against real journals (Parquet files, manifest chains, signed checkpoints) on the
+local backend and on a real S3 API (moto server, Object Lock): a clean journal verifies, and each
+kind of tampering fails verification and names the file, record or checkpoint concerned."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from serve_journal._private.s3_worm import S3WormStorage
+from serve_journal.retention import RetentionPolicy, TieredRetention
+from serve_journal.sink.manifest import (
+    Checkpoint,
+    ManifestLog,
+    ManifestRecord,
+    ManifestSigner,
+    build_file_record,
+    checkpoint_path,
+    record_path,
+)
+from serve_journal.sink.parquet import decode_parquet, encode_parquet
+from serve_journal.storage import JournalStorage, LocalJournalStorage, StoredObject
+from serve_journal.verify import format_report, verify_journal
+from tests.test_manifest import BASE_TS, data_path, make_table
+
+CHAIN = "writer-1"
+
+
+@dataclass
+class Backend:
+    """A journal storage, its witness, and the means an attacker with write access has."""
+
+    name: str
+    storage: JournalStorage
+    witness: JournalStorage
+    raw_put: Any  # (path, bytes) -> None, bypassing create-only
+    raw_remove: Any  # (path) -> None
+
+    def overwrite(self, path: str, data: bytes) -> None:
+        self.raw_put(path, data)
+
+
+def _local_backend(tmp_path) -> Backend:
+    storage = LocalJournalStorage(str(tmp_path / "journal"))
+    witness = LocalJournalStorage(str(tmp_path / "witness"))
+
+    def raw_put(path: str, data: bytes) -> None:
+        full = storage.full_path(path)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        if os.path.exists(full):
+            os.chmod(full, 0o644)  # read-only files stop mistakes, not an owner (or root)
+        with open(full, "wb") as handle:
+            handle.write(data)
+        os.chmod(full, 0o444)
+
+    return Backend("local", storage, witness, raw_put, lambda path: os.unlink(storage.full_path(path)))
+
+
+def _s3_backend(s3_bucket) -> Backend:
+    server = s3_bucket.server
+    witness_bucket = f"witness-{uuid.uuid4().hex[:12]}"
+    server.client().create_bucket(Bucket=witness_bucket, ObjectLockEnabledForBucket=True)
+    retention = TieredRetention(hot=RetentionPolicy.custom(days=1, mode="GOVERNANCE"),
+                                cold=RetentionPolicy.custom(days=2))
+    options = dict(retention=retention, endpoint_url=server.endpoint_url, region=server.region,
+                   access_key=server.access_key, secret_key=server.secret_key)
+    storage = S3WormStorage(s3_bucket.name, "journal", **options)
+    witness = S3WormStorage(witness_bucket, "", **options)
+
+    def raw_put(path: str, data: bytes) -> None:
+        # A plain PutObject: no If-None-Match, so S3 keeps the locked version and adds a new one.
+        storage.client.put_object(Bucket=storage.bucket, Key=storage.key(path), Body=data)
+
+    return Backend("s3", storage, witness, raw_put, storage.delete)
+
+
+@pytest.fixture(params=["local", "s3"])
+def backend(request, tmp_path) -> Backend:
+    if request.param == "local":
+        return _local_backend(tmp_path)
+    return _s3_backend(request.getfixturevalue("s3_bucket"))
+
+
+@pytest.fixture
+def signer() -> ManifestSigner:
+    return ManifestSigner.generate()
+
+
+class Writer:
+    """Writes journal files the way a writer actor does: encode, put_new, record, append."""
+
+    def __init__(self, backend: Backend, signer: ManifestSigner, chain: str = CHAIN) -> None:
+        self.storage = backend.storage
+        self.log = ManifestLog(backend.storage, chain, signer, backend.witness)
+
+    def write(self, name: str, producer: str, seqs, *, tier: str = "hot", model: str = "fraud",
+              replaces: list[str] | None = None, table: pa.Table | None = None) -> str:
+        table = table if table is not None else make_table(producer, seqs, model=model)
+        stored = self.storage.put_new(data_path(name, model=model, tier=tier), encode_parquet(table))
+        self.log.append(build_file_record(stored, table, tier, self.log.chain_id, replaces))
+        return stored.path
+
+
+def standard_journal(backend: Backend, signer: ManifestSigner) -> list[str]:
+    writer = Writer(backend, signer)
+    paths = [
+        writer.write("f1", "p1", range(0, 10)),
+        writer.write("f2", "p1", range(10, 20)),
+        writer.write("f3", "p2", range(0, 5)),
+    ]
+    writer.log.checkpoint()
+    return paths
+
+
+def run(backend: Backend, signer: ManifestSigner, **kwargs):
+    return verify_journal(backend.storage, public_key=signer.export_public_key(),
+                          witness=backend.witness, **kwargs)
+
+
+def errors(report) -> set[tuple[str, str]]:
+    return {(p.kind, p.path) for p in report.errors}
+
+
+def test_clean_journal_verifies(backend, signer):
+    paths = standard_journal(backend, signer)
+    report = run(backend, signer)
+    assert report.ok, format_report(report)
+    assert (report.files, report.entries, report.records, report.chains) == (3, 25, 3, 1)
+    assert (report.checkpoints, report.witness_checkpoints, report.producers) == (1, 1, 2)
+    text = format_report(report)
+    assert text.splitlines()[0].endswith(": OK")
+    parsed = json.loads(report.to_json())
+    assert parsed["ok"] is True and parsed["files"] == 3
+    assert all(path.startswith("hot/model=fraud/") for path in paths)
+
+
+def test_one_byte_changed_in_a_parquet_file(backend, signer):
+    paths = standard_journal(backend, signer)
+    data = bytearray(backend.storage.read(paths[1]))
+    data[len(data) // 2] ^= 0x01
+    backend.overwrite(paths[1], bytes(data))
+    report = run(backend, signer)
+    assert not report.ok
+    assert ("file-altered", paths[1]) in errors(report)
+    assert {p.path for p in report.errors} <= {paths[1]}
+    assert paths[1] in format_report(report)
+
+
+def test_row_removed_and_file_rewritten(backend, signer):
+    paths = standard_journal(backend, signer)
+    table = decode_parquet(backend.storage.read(paths[0]))
+    backend.overwrite(paths[0], encode_parquet(table.slice(1)))
+    found = errors(run(backend, signer))
+    assert {("file-altered", paths[0]), ("file-row-count", paths[0]),
+            ("file-entries-altered", paths[0])} <= found
+
+
+def test_entry_edited_and_file_rewritten(backend, signer):
+    paths = standard_journal(backend, signer)
+    rows = decode_parquet(backend.storage.read(paths[2])).to_pylist()
+    rows[3]["decision"] = "block"
+    edited = pa.Table.from_pylist(rows, schema=make_table("p2", []).schema)
+    backend.overwrite(paths[2], encode_parquet(edited))
+    found = errors(run(backend, signer))
+    assert ("file-entries-altered", paths[2]) in found
+    assert ("file-row-count", paths[2]) not in found
+
+
+def test_file_deleted(backend, signer):
+    paths = standard_journal(backend, signer)
+    backend.raw_remove(paths[0])
+    report = run(backend, signer)
+    assert ("file-missing", paths[0]) in errors(report)
+    if backend.name == "s3":
+        assert ("delete-marker", paths[0]) in errors(report)
+
+
+def test_forged_file_added(backend, signer):
+    standard_journal(backend, signer)
+    forged = data_path("forged")
+    backend.raw_put(forged, encode_parquet(make_table("p1", range(20, 25))))
+    report = run(backend, signer)
+    assert ("file-without-record", forged) in errors(report)
+
+
+def test_two_files_swapped(backend, signer):
+    paths = standard_journal(backend, signer)
+    first, second = (backend.storage.read(p) for p in paths[:2])
+    backend.overwrite(paths[0], second)
+    backend.overwrite(paths[1], first)
+    found = errors(run(backend, signer))
+    assert {("file-altered", paths[0]), ("file-altered", paths[1])} <= found
+
+
+def test_manifest_truncated(backend, signer):
+    paths = standard_journal(backend, signer)
+    backend.raw_remove(record_path(CHAIN, 2))
+    report = run(backend, signer)
+    found = errors(report)
+    assert ("file-without-record", paths[2]) in found
+    assert any(kind == "manifest-truncated" and CHAIN in path for kind, path in found)
+
+
+def test_manifest_record_edited(backend, signer):
+    paths = standard_journal(backend, signer)
+    path = record_path(CHAIN, 1)
+    record = json.loads(backend.storage.read(path))
+    record["row_count"] = 9
+    backend.overwrite(path, json.dumps(record).encode())
+    found = errors(run(backend, signer))
+    assert ("manifest-record-altered", path) in found
+    assert ("file-row-count", paths[1]) in found
+
+
+def test_manifest_record_edited_with_its_hash_recomputed(backend, signer):
+    standard_journal(backend, signer)
+    for index in (1, 2):  # a middle record breaks the chain; the head contradicts the checkpoint
+        path = record_path(CHAIN, index)
+        record = ManifestRecord.from_json(backend.storage.read(path))
+        edited = dataclasses.replace(record, seq_ranges={"p9": [[0, 4]]})
+        edited = dataclasses.replace(edited, record_hash=edited.compute_hash())
+        backend.overwrite(path, edited.to_json())
+    found = errors(run(backend, signer))
+    assert ("manifest-chain-broken", record_path(CHAIN, 2)) in found
+    assert ("manifest-rewritten", record_path(CHAIN, 2)) in found
+
+
+def test_checkpoint_signed_with_another_key(backend, signer):
+    standard_journal(backend, signer)
+    path = checkpoint_path(CHAIN, 3)
+    attacker = ManifestSigner.generate()
+    genuine = Checkpoint.from_json(backend.storage.read(path))
+    forged = dataclasses.replace(genuine, key_id=attacker.key_id, signature="")
+    forged = dataclasses.replace(
+        forged, signature=base64.b64encode(attacker.sign(forged.signed_bytes())).decode())
+    backend.overwrite(path, forged.to_json())
+    report = run(backend, signer)
+    found = errors(report)
+    assert ("checkpoint-bad-signature", path) in found
+    assert ("checkpoint-copies-differ", path) in found
+    # The same journal checked with the attacker's key: the witness copy gives it away.
+    assert not verify_journal(backend.storage, public_key=attacker.export_public_key(),
+                              witness=backend.witness).ok
+
+
+def test_whole_chain_rewritten_and_resigned_is_caught_by_the_witness(backend, signer):
+    paths = standard_journal(backend, signer)
+    # An attacker holding the signing key drops f2: removes it, its records and the checkpoint,
+    # re-links f3 as record 1 and signs a new checkpoint (the witness is out of their reach).
+    backend.raw_remove(paths[1])
+    for path in (record_path(CHAIN, 1), record_path(CHAIN, 2), checkpoint_path(CHAIN, 3)):
+        backend.raw_remove(path)
+    head = ManifestRecord.from_json(backend.storage.read(record_path(CHAIN, 0)))
+    data = backend.storage.read(paths[2])
+    stored = StoredObject(paths[2], len(data), hashlib.sha256(data).hexdigest())
+    record = build_file_record(stored, decode_parquet(data), "hot", CHAIN)
+    linked = dataclasses.replace(record, index=1, prev_hash=head.record_hash, created=head.created)
+    linked = dataclasses.replace(linked, record_hash=linked.compute_hash())
+    backend.raw_put(record_path(CHAIN, 1), linked.to_json())
+    resigned = ManifestLog(backend.storage, CHAIN, signer).checkpoint()
+    assert resigned is not None and resigned.length == 2
+
+    without_witness = verify_journal(backend.storage, public_key=signer.export_public_key())
+    if backend.name == "local":
+        assert without_witness.ok, format_report(without_witness)  # the local journal alone is fooled
+    report = run(backend, signer)
+    assert ("manifest-truncated", f"_manifest/{CHAIN}/") in errors(report), format_report(report)
+
+
+def test_sequence_gap_is_loss_unless_accounted(backend, signer):
+    writer = Writer(backend, signer)
+    writer.write("a", "p1", range(0, 10))
+    gap_file = writer.write("b", "p1", range(15, 20))
+    writer.write("c", "p2", range(3, 6))  # p2 starts at 3: 0..2 missing too
+    writer.log.checkpoint()
+    report = run(backend, signer)
+    gaps = [p for p in report.errors if p.kind == "sequence-gap"]
+    assert {p.path for p in gaps} == {gap_file, data_path("c")}
+    assert any("p1: sequence 10..14 (5 entries)" in p.detail for p in gaps)
+    assert any("p2: sequence 0..2" in p.detail for p in gaps)
+
+    partly = run(backend, signer, accounted_gaps={"p1": [(10, 12, "buffer full")],
+                                                 "p2": [(0, 2, "sampled out")]})
+    assert [p.detail.split(" missing")[0] for p in partly.errors] == ["producer p1: sequence 13..14 (2 entries)"]
+    accounted = run(backend, signer, accounted_gaps={"p1": [(10, 14, "buffer full")],
+                                                    "p2": [(0, 2, "sampled out")]})
+    assert accounted.ok, format_report(accounted)
+    assert accounted.accounted_gaps == 2
+
+
+def test_compaction_replaces_files(backend, signer):
+    writer = Writer(backend, signer)
+    first = writer.write("a", "p1", range(0, 10))
+    second = writer.write("b", "p1", range(10, 20))
+    merged = pa.concat_tables([make_table("p1", range(0, 10)), make_table("p1", range(10, 20))])
+    compacted = writer.write("compacted", "p1", None, tier="cold", table=merged,
+                             replaces=[first, second])
+    writer.log.checkpoint()
+    for path in (first, second):
+        backend.raw_remove(path)
+    if backend.name == "local":  # on S3 a delete leaves markers, which verify reports
+        report = run(backend, signer)
+        assert report.ok, format_report(report)
+    data = bytearray(backend.storage.read(compacted))
+    data[-100] ^= 0xFF
+    backend.overwrite(compacted, bytes(data))
+    found = errors(run(backend, signer))
+    assert {("file-missing", first), ("file-missing", second), ("file-altered", compacted)} <= found
+
+
+def test_model_and_since_limit_the_files_checked(backend, signer):
+    writer = Writer(backend, signer)
+    writer.write("a", "p1", range(0, 10))
+    other = writer.write("b", "p2", range(0, 10), model="other")
+    writer.log.checkpoint()
+    data = bytearray(backend.storage.read(other))
+    data[len(data) // 2] ^= 0x01
+    backend.overwrite(other, bytes(data))
+    assert not run(backend, signer).ok
+    scoped = run(backend, signer, model="fraud")
+    assert scoped.files == 1
+    if backend.name == "local":  # on S3 the shadow version of `other` is found by key listing
+        assert scoped.ok, format_report(scoped)
+    later = run(backend, signer, since=BASE_TS + dt.timedelta(hours=2))
+    assert later.files == 0
+
+
+def test_s3_shadow_version_and_delete_marker(s3_bucket, signer):
+    backend = _s3_backend(s3_bucket)
+    paths = standard_journal(backend, signer)
+    same_bytes = backend.storage.read(paths[0])
+    backend.raw_put(paths[0], same_bytes)  # identical content, but a second version
+    backend.raw_remove(paths[1])
+    found = errors(run(backend, signer))
+    assert {("extra-object-version", paths[0]), ("file-version-mismatch", paths[0]),
+            ("delete-marker", paths[1]), ("file-missing", paths[1])} <= found
+    assert ("file-altered", paths[0]) not in found
