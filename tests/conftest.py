@@ -2,6 +2,7 @@
 
 pytest_plugins = [
     "tests.fixtures.ray_cluster",
+    "tests.fixtures.mlflow_registry",
     "tests.fixtures.postgres",
     "tests.fixtures.s3",
     "tests.fixtures.kafka",

@@ -52,7 +52,7 @@ def random_features(rng: np.random.Generator) -> dict[str, Any]:
 
 
 def train_and_register(workdir: str | os.PathLike[str], tracking_uri: str, *, rows: int = 5000,
-                       seed: int = 7) -> str:
+                       seed: int = 7, model_name: str = MODEL_NAME) -> str:
     """Train, log and register the model; returns the registered version."""
     import mlflow
     import pandas as pd
@@ -76,20 +76,20 @@ def train_and_register(workdir: str | os.PathLike[str], tracking_uri: str, *, ro
         mlflow.log_metric("train_accuracy", float(model.score(x, y)))
         mlflow.sklearn.log_model(model, name="model")
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    mv = mlflow.register_model(f"runs:/{run.info.run_id}/model", MODEL_NAME)
-    client.set_registered_model_alias(MODEL_NAME, ALIAS, mv.version)
-    register_dataset_manifest(MODEL_NAME, mv.version, data_dir, tracking_uri=tracking_uri)
+    mv = mlflow.register_model(f"runs:/{run.info.run_id}/model", model_name)
+    client.set_registered_model_alias(model_name, ALIAS, mv.version)
+    register_dataset_manifest(model_name, mv.version, data_dir, tracking_uri=tracking_uri)
     return str(mv.version)
 
 
-def load_model(tracking_uri: str | None, version: str | None = None):
+def load_model(tracking_uri: str | None, version: str | None = None, model_name: str = MODEL_NAME):
     """Load the registered model (the alias, or a pinned version)."""
     import mlflow
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
-    uri = f"models:/{MODEL_NAME}/{version}" if version else f"models:/{MODEL_NAME}@{ALIAS}"
+    uri = f"models:/{model_name}/{version}" if version else f"models:/{model_name}@{ALIAS}"
     return mlflow.sklearn.load_model(uri)
 
 
@@ -101,8 +101,10 @@ def score_features(model: Any, features: dict[str, Any]) -> float:
 class FraudModel:
     """Scores a transaction; the journal needs nothing from this class."""
 
-    def __init__(self, tracking_uri: str | None = None, threshold: float = THRESHOLD) -> None:
-        self.model = load_model(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    def __init__(self, tracking_uri: str | None = None, threshold: float = THRESHOLD,
+                 model_name: str = MODEL_NAME) -> None:
+        self.model = load_model(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                                model_name=model_name)
         self.threshold = threshold
 
     async def __call__(self, request) -> dict[str, Any]:
@@ -112,7 +114,7 @@ class FraudModel:
 
 
 def build_app(tracking_uri: str | None = None, journal_uri: str | None = None, *,
-              num_replicas: int = 1, **journal_options: Any):
+              num_replicas: int = 1, model_name: str = MODEL_NAME, **journal_options: Any):
     """The journaled fraud application, ready for ``serve.run``."""
     from ray import serve
 
@@ -122,11 +124,11 @@ def build_app(tracking_uri: str | None = None, journal_uri: str | None = None, *
     options = dict(journal_options)
     if journal_uri:
         options["journal_uri"] = journal_uri
-    deployment = journaled(model=f"models:/{MODEL_NAME}@{ALIAS}", threshold=THRESHOLD,
+    deployment = journaled(model=f"models:/{model_name}@{ALIAS}", threshold=THRESHOLD,
                            tracking_uri=tracking_uri, **options)(
         serve.deployment(FraudModel, num_replicas=num_replicas, ray_actor_options={"num_cpus": 0.5})
     )
-    return deployment.bind(tracking_uri=tracking_uri)
+    return deployment.bind(tracking_uri=tracking_uri, model_name=model_name)
 
 
 def app_builder(args: dict[str, str]):
