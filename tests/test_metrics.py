@@ -165,3 +165,11 @@ def test_metrics_reach_rays_prometheus_endpoint(ray_cluster, capsys):
         assert value(f"ray_{DROPPED.name}_total") == 2
     finally:
         ray.kill(actor)
+
+
+def test_operations_doc_lists_every_metric():
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    missing = [spec.name for spec in METRICS if f"ray_{spec.name}" not in doc]
+    assert not missing, f"docs/operations.md does not describe {missing}"
