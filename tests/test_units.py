@@ -142,3 +142,13 @@ def test_dataset_manifest_is_independent_of_location(tmp_path):
 
 def test_partition_key_start():
     assert PartitionKey("m", "2024-01-15", 10).start.isoformat() == "2024-01-15T10:00:00+00:00"
+
+
+def test_docs_schema_table_matches_the_code():
+    from pathlib import Path
+
+    from serve_journal.schema import schema_markdown
+
+    doc = (Path(__file__).parent.parent / "docs" / "schema.md").read_text()
+    table = doc.split("<!-- schema:start -->")[1].split("<!-- schema:end -->")[0].strip()
+    assert table == schema_markdown()

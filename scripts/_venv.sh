@@ -1,0 +1,10 @@
+# Sourced by scripts/demo.sh and scripts/test.sh: a project venv with the package installed.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[${EXTRAS:-}]"
+export RAY_USAGE_STATS_ENABLED=0

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Install the project and run the end-to-end demo (local Ray, sqlite MLflow, local Parquet journal).
+set -euo pipefail
+EXTRAS="" source "$(dirname "$0")/_venv.sh"
+exec .venv/bin/serve-journal demo --workdir "${DEMO_DIR:-./demo-output}" "$@"
