@@ -127,9 +127,10 @@ class JwtVerifier:
             raise CallerRejected("unsupported_algorithm")
         if "crit" in header:  # no critical extensions are understood, so none may be required
             raise CallerRejected("malformed")
+        payload = _b64url(payload_b64)  # structure first; JSON only once the signature holds
         signature = _b64url(signature_b64)
         self._check_signature(alg, f"{header_b64}.{payload_b64}".encode("ascii"), signature)
-        claims = _json_object(_b64url(payload_b64))
+        claims = _json_object(payload)
         self._check_claims(claims, time.time() if now is None else now)
         return claims
 
