@@ -415,8 +415,9 @@ def delete_replaced(
 class CompactionOptions:
     """How compaction sizes its output."""
 
-    row_group_size: int = 32 * 1024
-    """Rows per row group: smaller groups make a point lookup read less (32k: ~3 MB per group)."""
+    row_group_size: int = 16 * 1024
+    """Rows per row group: a point lookup reads whole row groups of the columns it returns, so
+    small groups keep it cheap (16k fraud entries: ~1.4 MB) for ~2% more bytes on disk."""
     max_rows_per_file: int = 4_000_000
     """Split a partition into several sorted files above this many rows."""
     min_files: int = 2
@@ -433,7 +434,8 @@ class CompactionOptions:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     def encoding(self) -> ParquetOptions:
-        return self.parquet or ParquetOptions(row_group_size=self.row_group_size)
+        # fpp 1%: a day holds hundreds of row groups, 5% would let ~5% of them through per lookup
+        return self.parquet or ParquetOptions(row_group_size=self.row_group_size, bloom_fpp=0.01)
 
 
 @dataclass
