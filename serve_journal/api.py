@@ -98,12 +98,15 @@ def flush_journal(journal_uri: str = "./journal", timeout: float = 30.0, *,
 
 
 def subject_tokenizer(journal_uri: str = "./journal", **options: Any):
-    """``subject id -> token`` as the replicas of ``journal_uri`` compute it (for lookups)."""
-    from serve_journal._private.wrapper import build_pseudonymizer
+    """``subject id -> token`` as the replicas of ``journal_uri`` compute it, for lookups.
+
+    Returns ``None`` for a subject never seen or forgotten (its key is gone); never creates a key.
+    """
+    from serve_journal._private.wrapper import build_privacy
 
     options.setdefault("model", "unused")
     config = JournalConfig.resolve(journal_uri=_local_uri(journal_uri), **options)
-    return build_pseudonymizer(config).token_for
+    return build_privacy(config)[0].token_for
 
 
 def shutdown_journal(journal_uri: str = "./journal", *, namespace: str = "serve_journal",

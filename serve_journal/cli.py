@@ -90,5 +90,93 @@ def query(journal_uri: str, subject: str | None, subject_token: str | None, requ
         click.echo(format_table(table))
 
 
+def _parse_time(value: str | None, name: str):
+    import datetime as dt
+
+    if value is None:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{name} must be an ISO time like 2024-01-15T10:00:00Z") from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def _default_privacy_dir(journal_uri: str, privacy_dir: str | None) -> str:
+    from serve_journal.config import JournalConfig
+
+    return JournalConfig(model="unused", journal_uri=journal_uri,
+                         privacy_dir=privacy_dir).resolved_privacy_dir()
+
+
+@main.command()
+@click.option("--journal", "journal_uri", default="./journal", show_default=True)
+@click.option("--since", default=None, help="Only files and records from this ISO time on.")
+@click.option("--model", default=None)
+@click.option("--public-key", default=None,
+              help="Auditor's Ed25519 public key (PEM); default the one exported next to a local journal.")
+@click.option("--witness", "witness_uri", default=None, help="Witness copy of the checkpoints.")
+@click.option("--privacy-dir", default=None)
+@click.option("--json", "as_json", is_flag=True)
+def verify(journal_uri: str, since: str | None, model: str | None, public_key: str | None,
+           witness_uri: str | None, privacy_dir: str | None, as_json: bool) -> None:
+    """Prove the journal complete and unaltered; exit code 0 only when everything checks."""
+    import os
+
+    from serve_journal.aggregates import accounted_gaps
+    from serve_journal.storage import JournalStorage
+    from serve_journal.verify import format_report, verify_journal
+
+    storage = JournalStorage.from_uri(journal_uri)
+    if public_key is None:
+        public_key = os.path.join(_default_privacy_dir(journal_uri, privacy_dir),
+                                  "manifest-signing.pub.pem")
+        if not os.path.exists(public_key):
+            raise click.UsageError(f"no public key at {public_key}; pass --public-key")
+    witness = JournalStorage.from_uri(witness_uri) if witness_uri else None
+    report = verify_journal(storage, public_key=public_key, witness=witness,
+                            since=_parse_time(since, "--since"), model=model,
+                            accounted_gaps=accounted_gaps(storage, model))
+    click.echo(report.to_json() if as_json else format_report(report))
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@click.option("--journal", "journal_uri", default="./journal", show_default=True)
+@click.option("--subject", required=True, help="The data subject's id (never stored or logged).")
+@click.option("--privacy-dir", default=None, help="Keyring folder (default next to a local journal).")
+@click.option("--vault-url", default=None, help="postgresql://... (default: SQLite in privacy dir).")
+def forget(journal_uri: str, subject: str, privacy_dir: str | None, vault_url: str | None) -> None:
+    """Right to be forgotten: destroy the subject's key; their entries become unlinkable."""
+    from serve_journal.privacy.forget import ForgetIncompleteError, forget_subject
+
+    try:
+        receipt = forget_subject(subject, journal_uri=journal_uri,
+                                 privacy_dir=_default_privacy_dir(journal_uri, privacy_dir),
+                                 vault_url=vault_url)
+    except ForgetIncompleteError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(receipt.to_json() if hasattr(receipt, "to_json") else str(receipt))
+
+
+@main.command()
+@click.option("--journal", "journal_uri", default="./journal", show_default=True)
+@click.option("--since", default=None)
+@click.option("--until", default=None)
+@click.option("--model", default=None)
+@click.option("--group-by", default="model_name,decision,risk_tier", show_default=True)
+def stats(journal_uri: str, since: str | None, until: str | None, model: str | None,
+          group_by: str) -> None:
+    """Exact counts (unsampled counters) and weighted estimates from the sampled journal."""
+    from serve_journal.aggregates import stats as journal_stats
+    from serve_journal.storage import JournalStorage
+
+    report = journal_stats(JournalStorage.from_uri(journal_uri), _parse_time(since, "--since"),
+                           _parse_time(until, "--until"), model,
+                           group_by=[c.strip() for c in group_by.split(",") if c.strip()])
+    click.echo(report.format_text())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -68,9 +68,26 @@ class JournalConfig:
     writer_namespace: str = "serve_journal"
     roll_seconds: float = 1.0
     roll_bytes: int = 64 * 1024 * 1024
-    key_file: str | None = None
-    """Path of the local HMAC key file (0600); default ``<journal_uri>/../journal-keys/hmac.key``
-    for local journals. ``SERVE_JOURNAL_HMAC_KEY`` (hex) overrides it."""
+    risk_policy: Any = None
+    """Risk tiers and sampling: a mapping (see ``serve_journal.policy.RiskPolicy.from_dict``),
+    ``"default"`` for the fraud example's policy, or ``None`` (keep everything, drop-newest when
+    full)."""
+    reserve_capacity: int = 1_000
+    """Extra buffer room only refusal entries may use, so a fail-closed refusal is journaled too."""
+    retention: str | None = None
+    """Named retention policy for write-once storage (e.g. "SEC 17a-4"); ``extra["retention"]``
+    takes a per-tier mapping. Selecting one on ``s3://`` turns on Object Lock writes."""
+    witness_uri: str | None = None
+    """Second location that receives a copy of every signed manifest checkpoint."""
+    signing_key_file: str | None = None
+    """Ed25519 PEM key (0600) that signs manifest checkpoints; default next to a local journal."""
+    checkpoint_interval_s: float = 5.0
+    privacy_dir: str | None = None
+    """Folder of the keyring (data keys wrapped under the KEK) and of the SQLite subject vault;
+    default ``<journal>/../journal-keys`` for a local journal. The KEK comes from
+    ``SERVE_JOURNAL_KEK`` or ``<privacy_dir>/keys/kek`` (0600)."""
+    vault_url: str | None = None
+    """Subject key vault: ``postgresql://...`` in production; default SQLite in ``privacy_dir``."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Settings for pluggable parts (e.g. ``{"kafka": {...}}``), validated where they are used."""
 
@@ -82,10 +99,16 @@ class JournalConfig:
         _positive("registry_refresh_s", self.registry_refresh_s)
         _positive("flush_interval_s", self.flush_interval_s)
         _positive("roll_seconds", self.roll_seconds)
-        for name in ("buffer_capacity", "flush_batch_size", "writer_pool_size", "roll_bytes", "top_k"):
+        _positive("checkpoint_interval_s", self.checkpoint_interval_s)
+        for name in ("buffer_capacity", "flush_batch_size", "writer_pool_size", "roll_bytes", "top_k",
+                     "reserve_capacity"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.risk_policy is not None:
+            from serve_journal.policy import build_policy
+
+            build_policy(self.risk_policy)  # raises ConfigError naming the wrong field
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.overflow not in OVERFLOW_POLICIES:
@@ -122,6 +145,19 @@ class JournalConfig:
         if "model" not in values:
             raise ConfigError("model is required: pass model='models:/<name>@<alias>' or set SERVE_JOURNAL_MODEL")
         return cls(**values)
+
+    def resolved_privacy_dir(self) -> str:
+        """Where the keyring (and the default vault) live."""
+        if self.privacy_dir:
+            return os.path.abspath(self.privacy_dir)
+        uri = self.journal_uri
+        if "://" in uri and not uri.startswith("file://"):
+            raise ConfigError(
+                "a remote journal needs privacy_dir (the keyring folder, present on every node) "
+                "and usually vault_url=postgresql://... for the subject key vault"
+            )
+        return os.path.join(os.path.dirname(os.path.abspath(uri.removeprefix("file://"))),
+                            "journal-keys")
 
     def with_overrides(self, **changes: Any) -> JournalConfig:
         """A copy with some fields replaced, validated again."""

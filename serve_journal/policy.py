@@ -503,6 +503,26 @@ def default_policy(low_rate: float = 0.1, near: float = 0.1, wait_s: float = 0.0
     )
 
 
+def keep_everything_policy() -> RiskPolicy:
+    """No sampling: one tier that keeps every entry and drops (counted) when the buffer is full."""
+    return RiskPolicy(rules=(), default_tier=RiskTier("default", 1.0, OVERFLOW_DROP, high_risk=False))
+
+
+def build_policy(value: RiskPolicy | Mapping[str, Any] | str | None) -> RiskPolicy:
+    """The policy a journal config names: ``None``, ``"default"``, a mapping or a policy."""
+    if value is None:
+        return keep_everything_policy()
+    if isinstance(value, RiskPolicy):
+        return value
+    if value == "default":
+        return default_policy()
+    if isinstance(value, Mapping):
+        return RiskPolicy.from_dict(value)
+    raise ConfigError(
+        f"risk_policy must be None, 'default', a mapping or a RiskPolicy, got {type(value).__name__}"
+    )
+
+
 # --------------------------------------------------------------------------- sampling
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import urllib.parse
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -42,11 +44,27 @@ class JournalStorage:
         self.uri = uri
 
     @classmethod
-    def from_uri(cls, uri: str) -> JournalStorage:
-        """Local path (``./journal``, ``file:///..``) or any URI ``pyarrow.fs`` understands."""
+    def from_uri(cls, uri: str, *, retention: Any = None, worm: bool | None = None) -> JournalStorage:
+        """Local path (``./journal``, ``file:///..``) or any URI ``pyarrow.fs`` understands.
+
+        ``s3://`` with ``worm=True`` (or ``?worm=1`` in the URI, or a ``retention`` policy) gives
+        the write-once S3 backend: ``If-None-Match`` puts with Object Lock and checksums.
+        """
         if "://" not in uri or uri.startswith("file://"):
             path = uri[len("file://"):] if uri.startswith("file://") else uri
             return LocalJournalStorage(os.path.abspath(path))
+        parsed = urllib.parse.urlparse(uri)
+        query = dict(urllib.parse.parse_qsl(parsed.query))
+        if worm is None:
+            worm = query.get("worm", "").lower() in ("1", "true", "yes") or retention is not None
+        if parsed.scheme == "s3" and worm:
+            from serve_journal._private.s3_worm import S3WormStorage
+            from serve_journal.retention import TieredRetention
+
+            return S3WormStorage.from_uri(uri, retention=TieredRetention.from_config(retention))
+        if "worm" in query:
+            query.pop("worm")
+            uri = urllib.parse.urlunparse(parsed._replace(query=urllib.parse.urlencode(query)))
         filesystem, root = pafs.FileSystem.from_uri(uri)
         return cls(filesystem, root, uri)
 

@@ -12,6 +12,7 @@ from serve_journal._private.batching import BatchWorker
 from serve_journal._private.entries import CapturedCall, EntryFinalizer, ReplicaIdentity
 from serve_journal.config import ConfigError, JournalConfig
 from serve_journal.layout import DEFAULT_SPEC, PartitionKey
+from serve_journal.policy import Sampler, build_policy
 from serve_journal.privacy.pseudonymizer import StaticKeyPseudonymizer
 from serve_journal.registry import ModelInfo, ModelRef, dataset_manifest
 from serve_journal.schema import ENTRY_SCHEMA
@@ -107,14 +108,17 @@ def _call(seq, args=(), result=None, annotations=None, outcome="ok"):
 def test_finalizer_builds_entries_with_tokens_not_raw_values():
     cfg = JournalConfig.resolve(model="fraud", threshold=0.5)
     fin = EntryFinalizer(cfg, StaticKeyPseudonymizer("k1", b"k" * 32),
-                         ReplicaIdentity("p1", "app", "Dep", "rep"))
+                         ReplicaIdentity("p1", "app", "Dep", "rep"),
+                         Sampler(build_policy(None), b"s" * 32))
     calls = [
         _call(0, ({"subject_id": "alice", "features": {"x": 1.0}},), {"score": 0.9}),
         _call(1, ({"subject_id": "alice", "features": {"x": 1.0}},), {"scores": {"a": 0.1, "b": 0.7}}),
         _call(2, ({"features": [float("nan")]},), None, {"decision": "manual", "explanation_ref": "e-1"}),
         _call(3, ({"subject_id": "bob", "features": {"x": object()}},), {"score": 0.2}),
     ]
-    batch = fin.finalize(calls)
+    result = fin.finalize(calls)
+    batch = result.batch
+    assert result.keep == [True] * 4 and result.tiers == ["default"] * 4
     assert batch.schema == ENTRY_SCHEMA
     rows = pa.Table.from_batches([batch]).to_pylist()
     assert rows[0]["decision"] == "positive" and rows[0]["score"] == 0.9

@@ -49,11 +49,13 @@ class BatchWorker:
         batch_size: int,
         interval_s: float,
         on_drop: Callable[[Sequence[Any], str], None],
+        reserve: int = 0,
         periodic: Sequence[PeriodicTask] = (),
         name: str = "serve-journal-flusher",
     ) -> None:
         self._export = export
         self._capacity = capacity
+        self._reserve = reserve
         self._batch_size = batch_size
         self._interval_s = interval_s
         self._on_drop = on_drop
@@ -71,14 +73,18 @@ class BatchWorker:
 
     # -- request path -------------------------------------------------------------------------
 
-    def offer(self, item: Any) -> bool:
-        """Buffer ``item``; ``False`` (and ``on_drop``) when full or closed. Never raises."""
+    def offer(self, item: Any, *, report_drop: bool = True, reserved: bool = False) -> bool:
+        """Buffer ``item``; ``False`` when full or closed (then ``on_drop`` unless
+        ``report_drop`` is false: the caller applies its own overflow policy). ``reserved`` items
+        may also use the reserve room. Never raises."""
         items = self._items
-        if len(items) >= self._capacity or self._closing:
-            try:
-                self._on_drop((item,), REASON_CLOSED if self._closing else REASON_BUFFER_FULL)
-            except Exception:  # noqa: BLE001 - the request path never raises
-                pass
+        limit = self._capacity + self._reserve if reserved else self._capacity
+        if len(items) >= limit or self._closing:
+            if report_drop:
+                try:
+                    self._on_drop((item,), REASON_CLOSED if self._closing else REASON_BUFFER_FULL)
+                except Exception:  # noqa: BLE001 - the request path never raises
+                    pass
             return False
         items.append(item)
         if len(items) == self._batch_size:
@@ -87,6 +93,9 @@ class BatchWorker:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def has_room(self) -> bool:
+        return len(self._items) < self._capacity and not self._closing
 
     # -- lifecycle ----------------------------------------------------------------------------
 

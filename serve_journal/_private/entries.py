@@ -19,6 +19,7 @@ from typing import Any
 import pyarrow as pa
 
 from serve_journal.config import JournalConfig
+from serve_journal.policy import Sampler
 from serve_journal.privacy.encoding import CanonicalEncodingError, canonical_encode
 from serve_journal.privacy.pseudonymizer import Pseudonymizer
 from serve_journal.registry import ModelInfo
@@ -26,15 +27,13 @@ from serve_journal.schema import ENTRY_SCHEMA, OUTCOME_OK, SCHEMA_VERSION
 
 logger = logging.getLogger("serve_journal")
 
-DEFAULT_TIER = "default"
-
 
 class CapturedCall:
     """One call as captured on the request path: references, no processing."""
 
     __slots__ = (
         "seq", "ts_us", "request_id", "args", "kwargs", "scope", "body", "result",
-        "outcome", "error_type", "latency_ms", "annotations", "model",
+        "outcome", "error_type", "latency_ms", "annotations", "model", "tier",
     )
 
     def __init__(self, seq, ts_us, request_id, args, kwargs, scope, body, result, outcome,
@@ -52,6 +51,7 @@ class CapturedCall:
         self.latency_ms = latency_ms
         self.annotations = annotations
         self.model = model
+        self.tier = None  # a RiskTier decided on the request path (overflow), else the flusher's
 
     def __repr__(self) -> str:  # never show arguments, bodies or results
         return f"CapturedCall(seq={self.seq}, outcome={self.outcome!r})"
@@ -149,14 +149,28 @@ def _outputs(value: Any, top_k: int) -> tuple[list[dict] | None, float | None, s
     return outputs, score, decision
 
 
+@dataclass
+class Finalized:
+    """A finalized batch: the kept entries, and what the counters need about every call."""
+
+    batch: pa.RecordBatch
+    models: list[ModelInfo]
+    decisions: list[str | None]
+    tiers: list[str]
+    rates: list[float]
+    outcomes: list[str]
+    keep: list[bool]
+
+
 class EntryFinalizer:
-    """Turns captured calls into a RecordBatch of ``ENTRY_SCHEMA``."""
+    """Turns captured calls into a RecordBatch of ``ENTRY_SCHEMA``, sampled by the risk policy."""
 
     def __init__(self, config: JournalConfig, pseudonymizer: Pseudonymizer,
-                 identity: ReplicaIdentity) -> None:
+                 identity: ReplicaIdentity, sampler: Sampler) -> None:
         self.config = config
         self.pseudonymizer = pseudonymizer
         self.identity = identity
+        self.sampler = sampler
         self.unencodable_features = 0
 
     def _view(self, call: CapturedCall) -> CallView:
@@ -200,9 +214,40 @@ class EntryFinalizer:
             return {k: v for k, v in body.items() if k != self.config.subject_field}
         return body
 
-    def finalize(self, calls: Sequence[CapturedCall]) -> pa.RecordBatch:
-        """Build one RecordBatch with one row per captured call, in capture order."""
+    def outputs(self, call: CapturedCall, result: Any
+                ) -> tuple[list[dict] | None, float | None, str | None, float | None]:
+        """(top outputs, score, decision, threshold) of a call from its result and annotations."""
         cfg = self.config
+        ann = call.annotations or {}
+        if "outputs" in ann or cfg.outputs is not None:
+            try:
+                result = ann["outputs"] if "outputs" in ann else cfg.outputs(result)
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("serve_journal: outputs hook raised %s", type(exc).__name__)
+                result = None
+        outs, score, decision = _outputs(result, cfg.top_k)
+        if "score" in ann:
+            score = _as_float(ann["score"])
+        if "decision" in ann:
+            decision = None if ann["decision"] is None else str(ann["decision"])
+        threshold = _as_float(ann["threshold"]) if "threshold" in ann else cfg.threshold
+        if decision is None and score is not None and threshold is not None \
+                and call.outcome == OUTCOME_OK and not math.isnan(score):
+            decision = "positive" if score >= threshold else "negative"
+        return outs, score, decision, threshold
+
+    def classify_now(self, call: CapturedCall):
+        """The call's risk tier, decided on the request path (only when the buffer is full)."""
+        try:
+            result = _result_value(call.result) if call.outcome == OUTCOME_OK else None
+            _, score, decision, threshold = self.outputs(call, result)
+        except Exception:  # noqa: BLE001 - classify as strictly as possible instead
+            return self.sampler.policy.strictest_tier
+        return self.sampler.policy.classify(decision, score, threshold, call.model.name, None,
+                                            call.outcome)
+
+    def finalize(self, calls: Sequence[CapturedCall]) -> Finalized:
+        """Classify and sample the calls; build one RecordBatch of the kept ones, in capture order."""
         ident = self.identity
         n = len(calls)
         subjects: list[str | None] = []
@@ -232,22 +277,7 @@ class EntryFinalizer:
             except CanonicalEncodingError:
                 self.unencodable_features += 1
                 encoded.append(None)
-            result = view.result
-            if "outputs" in ann or cfg.outputs is not None:
-                try:
-                    result = ann["outputs"] if "outputs" in ann else cfg.outputs(result)
-                except Exception as exc:  # noqa: BLE001
-                    logger.warning("serve_journal: outputs hook raised %s", type(exc).__name__)
-                    result = None
-            outs, score, decision = _outputs(result, cfg.top_k)
-            if "score" in ann:
-                score = _as_float(ann["score"])
-            if "decision" in ann:
-                decision = None if ann["decision"] is None else str(ann["decision"])
-            threshold = _as_float(ann["threshold"]) if "threshold" in ann else cfg.threshold
-            if decision is None and score is not None and threshold is not None \
-                    and call.outcome == OUTCOME_OK and not math.isnan(score):
-                decision = "positive" if score >= threshold else "negative"
+            outs, score, decision, threshold = self.outputs(call, view.result)
             outputs_col.append(outs)
             scores.append(score)
             decisions.append(decision)
@@ -255,34 +285,53 @@ class EntryFinalizer:
             ref = ann.get("explanation_ref")
             explanations.append(None if ref is None else str(ref))
 
-        protected = self.pseudonymizer.protect(subjects, encoded)
         models: list[ModelInfo] = [c.model for c in calls]
+        request_ids = [c.request_id for c in calls]
+        outcomes = [c.outcome for c in calls]
+        assignment = self.sampler.assign(
+            request_ids, decisions, scores, thresholds, [m.name for m in models], callers, outcomes,
+            tiers=[c.tier for c in calls],
+        )
+        keep = assignment.keep
+        kept = [i for i in range(n) if keep[i]]
+        tier_names = assignment.tier_names
+        rates = assignment.sample_rates
+        protected = self.pseudonymizer.protect([subjects[i] for i in kept], [encoded[i] for i in kept])
+        k = len(kept)
+
+        def col(values: list, typ: pa.DataType) -> pa.Array:
+            return pa.array([values[i] for i in kept], typ)
+
         columns = {
-            "schema_version": pa.array([SCHEMA_VERSION] * n, pa.int16()),
-            "request_id": pa.array([c.request_id for c in calls], pa.string()),
-            "ts": pa.array([c.ts_us for c in calls], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
-            "caller": pa.array(callers, pa.string()),
+            "schema_version": pa.array([SCHEMA_VERSION] * k, pa.int16()),
+            "request_id": col(request_ids, pa.string()),
+            "ts": pa.array([calls[i].ts_us for i in kept], pa.int64()).cast(
+                pa.timestamp("us", tz="UTC")),
+            "caller": col(callers, pa.string()),
             "subject_token": pa.array([p.subject_token for p in protected], pa.string()),
-            "model_name": pa.array([m.name for m in models], pa.string()),
-            "model_version": pa.array([m.version for m in models], pa.string()),
-            "dataset_hash": pa.array([m.dataset_hash for m in models], pa.string()),
-            "dataset_hash_source": pa.array([m.dataset_hash_source for m in models], pa.string()),
+            "model_name": pa.array([models[i].name for i in kept], pa.string()),
+            "model_version": pa.array([models[i].version for i in kept], pa.string()),
+            "dataset_hash": pa.array([models[i].dataset_hash for i in kept], pa.string()),
+            "dataset_hash_source": pa.array([models[i].dataset_hash_source for i in kept],
+                                            pa.string()),
             "features_hmac": pa.array([p.features_hmac for p in protected], pa.string()),
             "key_id": pa.array([p.key_id for p in protected], pa.string()),
-            "outputs": pa.array(outputs_col, ENTRY_SCHEMA.field("outputs").type),
-            "score": pa.array(scores, pa.float64()),
-            "threshold": pa.array(thresholds, pa.float64()),
-            "decision": pa.array(decisions, pa.string()),
-            "explanation_ref": pa.array(explanations, pa.string()),
-            "outcome": pa.array([c.outcome for c in calls], pa.string()),
-            "error_type": pa.array([c.error_type for c in calls], pa.string()),
-            "latency_ms": pa.array([c.latency_ms for c in calls], pa.float32()),
-            "risk_tier": pa.array([DEFAULT_TIER] * n, pa.string()),
-            "sample_rate": pa.array([1.0] * n, pa.float32()),
-            "producer_id": pa.array([ident.producer_id] * n, pa.string()),
-            "seq": pa.array([c.seq for c in calls], pa.int64()),
-            "app_name": pa.array([ident.app_name] * n, pa.string()),
-            "deployment": pa.array([ident.deployment] * n, pa.string()),
-            "replica": pa.array([ident.replica] * n, pa.string()),
+            "outputs": col(outputs_col, ENTRY_SCHEMA.field("outputs").type),
+            "score": col(scores, pa.float64()),
+            "threshold": col(thresholds, pa.float64()),
+            "decision": col(decisions, pa.string()),
+            "explanation_ref": col(explanations, pa.string()),
+            "outcome": col(outcomes, pa.string()),
+            "error_type": pa.array([calls[i].error_type for i in kept], pa.string()),
+            "latency_ms": pa.array([calls[i].latency_ms for i in kept], pa.float32()),
+            "risk_tier": col(tier_names, pa.string()),
+            "sample_rate": col(rates, pa.float32()),
+            "producer_id": pa.array([ident.producer_id] * k, pa.string()),
+            "seq": pa.array([calls[i].seq for i in kept], pa.int64()),
+            "app_name": pa.array([ident.app_name] * k, pa.string()),
+            "deployment": pa.array([ident.deployment] * k, pa.string()),
+            "replica": pa.array([ident.replica] * k, pa.string()),
         }
-        return pa.RecordBatch.from_arrays([columns[f.name] for f in ENTRY_SCHEMA], schema=ENTRY_SCHEMA)
+        batch = pa.RecordBatch.from_arrays([columns[f.name] for f in ENTRY_SCHEMA], schema=ENTRY_SCHEMA)
+        return Finalized(batch=batch, models=models, decisions=decisions, tiers=tier_names,
+                         rates=rates, outcomes=outcomes, keep=keep)

@@ -21,12 +21,22 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from serve_journal.aggregates import DROPPED, CounterSet
 from serve_journal.config import ConfigError, JournalConfig
+from serve_journal.policy import (
+    OVERFLOW_DROP,
+    OVERFLOW_WAIT,
+    Sampler,
+    build_policy,
+    derive_sampling_key,
+)
 from serve_journal.registry import ModelInfo, resolve_model
-from serve_journal.schema import OUTCOME_ERROR, OUTCOME_OK
+from serve_journal.schema import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_REJECTED
+from serve_journal.storage import JournalStorage
 
-from .batching import PeriodicTask
+from .batching import REASON_BUFFER_FULL, PeriodicTask
 from .entries import CapturedCall, EntryFinalizer, ReplicaIdentity
+from .metrics import JournalMetrics
 
 logger = logging.getLogger("serve_journal")
 
@@ -38,6 +48,12 @@ _ANNOTATION_KEYS = frozenset(
 )
 
 WARN_EVERY_S = 10.0
+COUNTERS_INTERVAL_S = 2.0
+METRICS_INTERVAL_S = 5.0
+ROOM_POLL_S = 0.002
+REASON_WAIT_TIMEOUT = "wait_timeout"
+REASON_REFUSAL_UNJOURNALED = "refusal_unjournaled"
+REFUSAL_REASON = "journal_full"
 
 
 def annotate(**values: Any) -> None:
@@ -86,24 +102,26 @@ def _replica_names() -> tuple[str | None, str, str]:
 
 
 class _DropCounter:
-    """Counts drops per reason and remembers dropped sequence numbers as ranges (for verify)."""
+    """Counts every drop with its reason: in the exact counters (so verify can explain the
+    sequence gap), in metrics, and in a per-reason total for reports; warns, rate-limited."""
 
-    def __init__(self) -> None:
+    def __init__(self, counters: CounterSet, metrics: JournalMetrics, default_tier: str) -> None:
         self.by_reason: dict[str, int] = {}
-        self.ranges: list[list] = []  # [lo, hi, reason], merged when contiguous
+        self._counters = counters
+        self._metrics = metrics
+        self._default_tier = default_tier
         self._lock = threading.Lock()
         self._last_warning = 0.0
 
     def __call__(self, items: Sequence[CapturedCall], reason: str) -> None:
+        for item in items:
+            tier = item.tier.name if item.tier is not None else self._default_tier
+            rate = item.tier.sample_rate if item.tier is not None else 1.0
+            self._counters.record(item.model.name, item.model.version, item.ts_us, None, tier,
+                                  rate, item.outcome, item.seq, DROPPED, reason)
+            self._metrics.add_dropped(reason, tier)
         with self._lock:
             self.by_reason[reason] = self.by_reason.get(reason, 0) + len(items)
-            for item in items:
-                seq = item.seq
-                last = self.ranges[-1] if self.ranges else None
-                if last is not None and last[2] == reason and last[1] + 1 == seq:
-                    last[1] = seq
-                else:
-                    self.ranges.append([seq, seq, reason])
             now = time.monotonic()
             warn = now - self._last_warning >= WARN_EVERY_S
             if warn:
@@ -115,6 +133,14 @@ class _DropCounter:
     @property
     def total(self) -> int:
         return sum(self.by_reason.values())
+
+
+class JournalUnavailableError(RuntimeError):
+    """A high-risk decision was refused because the journal had no room (fail-closed)."""
+
+
+REFUSAL_MESSAGE = ("journal unavailable: this decision is high-risk and is not served "
+                   "unjournaled; retry later")
 
 
 class JournalRuntime:
@@ -136,13 +162,24 @@ class JournalRuntime:
         self._request_type = starlette_request_type()
         self.captured = 0
         self.exported = 0
+        self.refused = 0
         self.registry_errors = 0
-        self.drops = _DropCounter()
+        pseudonymizer, sampling_key = build_privacy(config)
+        policy = build_policy(config.risk_policy)
+        self.counters = CounterSet(self.identity.producer_id)
+        self.metrics = JournalMetrics(self.model.name, deployment, replica)
+        self.drops = _DropCounter(self.counters, self.metrics, policy.default_tier.name)
+        self.storage = JournalStorage.from_uri(config.journal_uri, retention=config.retention)
         self.transport = build_transport(config, self.identity.producer_id)
-        self.finalizer = EntryFinalizer(config, build_pseudonymizer(config), self.identity)
+        self.finalizer = EntryFinalizer(config, pseudonymizer, self.identity,
+                                        Sampler(policy, sampling_key))
         self._coordinator = None
         self._closed = False
-        periodic = [PeriodicTask("registry-refresh", min(config.registry_refresh_s, 60.0), self._maybe_refresh)]
+        periodic = [
+            PeriodicTask("registry-refresh", min(config.registry_refresh_s, 60.0), self._maybe_refresh),
+            PeriodicTask("counters", COUNTERS_INTERVAL_S, self._flush_counters),
+            PeriodicTask("metrics", METRICS_INTERVAL_S, self._report_metrics),
+        ]
         if config.transport != "memory":
             periodic.append(PeriodicTask("heartbeat", _heartbeat_interval(), self.heartbeat))
         self.worker = BatchWorker(
@@ -151,6 +188,7 @@ class JournalRuntime:
             batch_size=config.flush_batch_size,
             interval_s=config.flush_interval_s,
             on_drop=self.drops,
+            reserve=config.reserve_capacity,
             periodic=periodic,
         )
 
@@ -160,10 +198,16 @@ class JournalRuntime:
     # -- request path -------------------------------------------------------------------------
 
     def capture(self, args: tuple, kwargs: dict, result: Any, outcome: str, error_type: str | None,
-                started: float, annotations: dict | None) -> None:
-        """Offer one captured call to the buffer. O(1); never raises."""
+                started: float, annotations: dict | None) -> CapturedCall | None:
+        """Offer one captured call to the buffer. O(1); never raises.
+
+        Returns ``None`` when the call was buffered, or dropped and counted. When the buffer is
+        full and the call's risk tier says wait or refuse, returns the call: the wrapper then
+        waits for room (:meth:`wait_for_room`) or refuses (:meth:`refuse`).
+        """
         try:
-            latency_ms = (time.perf_counter() - started) * 1000.0
+            now = time.perf_counter()
+            latency_ms = (now - started) * 1000.0
             scope = body = None
             if args and isinstance(args[0], self._request_type):
                 request = args[0]
@@ -174,14 +218,82 @@ class JournalRuntime:
                 result, outcome, error_type, latency_ms, annotations, self.model,
             )
             self.captured += 1
-            self.worker.offer(call)
+            if self.worker.offer(call, report_drop=False):
+                self.metrics.observe_enqueue_us((time.perf_counter() - now) * 1e6)
+                return None
+            call.tier = tier = self.finalizer.classify_now(call)
+            if tier.overflow == OVERFLOW_DROP:
+                self.drops((call,), REASON_BUFFER_FULL)
+                return None
+            return call
         except Exception:  # noqa: BLE001 - the journal never breaks serving
             logger.exception("serve_journal: capture failed")
+            return None
+
+    def _room_deadline(self, call: CapturedCall) -> float | None:
+        """Deadline to wait for room, or ``None`` when the tier refuses at once."""
+        if call.tier.overflow == OVERFLOW_WAIT:
+            return time.monotonic() + call.tier.timeout_s
+        return None
+
+    def _after_wait(self, call: CapturedCall) -> bool:
+        """The wait timed out: drop (counted) or refuse, per the tier. ``True`` means refuse."""
+        if call.tier.overflow == OVERFLOW_WAIT and call.tier.on_timeout == OVERFLOW_DROP:
+            self.drops((call,), REASON_WAIT_TIMEOUT)
+            return False
+        return True
+
+    async def wait_for_room(self, call: CapturedCall) -> bool:
+        """Async wait for buffer room; ``True`` when the call must be refused."""
+        import asyncio
+
+        deadline = self._room_deadline(call)
+        while deadline is not None and time.monotonic() < deadline:
+            if self.worker.offer(call, report_drop=False):
+                return False
+            await asyncio.sleep(ROOM_POLL_S)
+        return self._after_wait(call)
+
+    def wait_for_room_blocking(self, call: CapturedCall) -> bool:
+        """Blocking wait for buffer room (sync methods run in Serve's thread pool)."""
+        deadline = self._room_deadline(call)
+        while deadline is not None and time.monotonic() < deadline:
+            if self.worker.offer(call, report_drop=False):
+                return False
+            time.sleep(ROOM_POLL_S)
+        return self._after_wait(call)
+
+    def refuse(self, call: CapturedCall) -> Any:
+        """Journal the refusal (in the reserve room) and return the 503 response, or raise."""
+        self.refused += 1
+        self.metrics.add_refused(call.tier.name)
+        call.outcome = OUTCOME_REJECTED
+        call.error_type = REFUSAL_REASON
+        call.result = None
+        if not self.worker.offer(call, report_drop=False, reserved=True):
+            self.drops((call,), REASON_REFUSAL_UNJOURNALED)
+        if call.scope is not None:
+            from starlette.responses import JSONResponse
+
+            return JSONResponse({"error": REFUSAL_MESSAGE}, status_code=503,
+                                headers={"Retry-After": "1"})
+        raise JournalUnavailableError(REFUSAL_MESSAGE)
 
     # -- background ---------------------------------------------------------------------------
 
     def _export(self, calls: list[CapturedCall]) -> None:
-        batch = self.finalizer.finalize(calls)
+        started = time.perf_counter()
+        fin = self.finalizer.finalize(calls)
+        self.counters.record_batch(
+            [m.name for m in fin.models], [m.version for m in fin.models],
+            [c.ts_us for c in calls], fin.decisions, fin.tiers, fin.rates, fin.outcomes,
+            [c.seq for c in calls], fin.keep,
+        )
+        self.metrics.add_batch(fin.tiers, fin.keep)
+        batch = fin.batch
+        if batch.num_rows == 0:
+            self.exported += len(calls)
+            return
         delay = 0.05
         deadline = time.monotonic() + 30.0
         while True:
@@ -195,6 +307,14 @@ class JournalRuntime:
                 time.sleep(delay)  # back-off between retries of a failed send
                 delay = min(delay * 2, 2.0)
         self.exported += len(calls)
+        self.metrics.observe_flush_ms((time.perf_counter() - started) * 1000.0)
+
+    def _flush_counters(self) -> None:
+        self.counters.flush_to(self.storage)
+
+    def _report_metrics(self) -> None:
+        self.metrics.set_buffer_depth(len(self.worker), self.config.buffer_capacity)
+        self.metrics.report()
 
     def _maybe_refresh(self) -> None:
         if time.monotonic() - self._last_refresh >= self.config.registry_refresh_s:
@@ -209,6 +329,7 @@ class JournalRuntime:
                                       self.config.tracking_uri)
             except Exception:  # noqa: BLE001 - keep serving with the version we know
                 self.registry_errors += 1
+                self.metrics.add_registry_refresh_error()
                 logger.warning("serve_journal: refreshing model %s from the registry failed",
                                self.config.model, exc_info=True)
                 return
@@ -229,6 +350,7 @@ class JournalRuntime:
             "dropped": dict(self.drops.by_reason),
             "dropped_ranges": [list(r) for r in self.drops.ranges],
             "buffered": len(self.worker),
+            "refused": self.refused,
             "unacked": self.captured - self.exported - self.drops.total,
             "registry_errors": self.registry_errors,
             "unencodable_features": self.finalizer.unencodable_features,
@@ -264,6 +386,7 @@ class JournalRuntime:
         try:
             self.worker.close(timeout)
             self.transport.close(timeout)
+            self._flush_counters()
         finally:
             self._closed = True
             if self.config.transport != "memory":
@@ -282,11 +405,12 @@ def _heartbeat_interval() -> float:
 def build_transport(config: JournalConfig, producer_id: str):
     """The transport the config names, built inside the replica."""
     if config.transport == "actors":
+        from serve_journal.sink.settings import SinkSettings
         from serve_journal.transport.actors import RayActorTransport
 
         return RayActorTransport(
-            config.journal_uri, pool_size=config.writer_pool_size, namespace=config.writer_namespace,
-            roll_seconds=config.roll_seconds, roll_bytes=config.roll_bytes, producer_id=producer_id,
+            SinkSettings.from_config(config), pool_size=config.writer_pool_size,
+            namespace=config.writer_namespace, producer_id=producer_id,
         )
     if config.transport == "memory":
         from serve_journal.testing import InMemoryTransport
@@ -301,14 +425,20 @@ def build_transport(config: JournalConfig, producer_id: str):
     raise ConfigError(f"unknown transport {config.transport!r}")
 
 
-def build_pseudonymizer(config: JournalConfig):
-    """The skeleton's pseudonymizer: one keyed HMAC key (see _private/keys.py)."""
-    from serve_journal.privacy.pseudonymizer import StaticKeyPseudonymizer
+def build_privacy(config: JournalConfig):
+    """(pseudonymizer, sampling key) of a replica: the keyring and the per-subject key vault."""
+    from serve_journal.privacy.keyring import PURPOSE_SAMPLING, Keyring
+    from serve_journal.privacy.subjects import VaultPseudonymizer
+    from serve_journal.privacy.vault import SubjectVault
 
-    from .keys import load_hmac_key
-
-    key_id, key = load_hmac_key(config)
-    return StaticKeyPseudonymizer(key_id, key)
+    directory = config.resolved_privacy_dir()
+    keyring = Keyring.local_default(directory)
+    if config.vault_url:
+        vault = SubjectVault.open(config.vault_url, keyring)
+    else:
+        vault = SubjectVault.local_default(directory, keyring)
+    return (VaultPseudonymizer(keyring, vault),
+            derive_sampling_key(keyring.purpose_key(PURPOSE_SAMPLING)))
 
 
 # -- the decorator ---------------------------------------------------------------------------
@@ -348,7 +478,9 @@ def _wrap_method(name: str, method: Any) -> Any:
                 raise
             finally:
                 _exit_call(token)
-            runtime.capture(args, kwargs, result, OUTCOME_OK, None, started, annotations)
+            pending = runtime.capture(args, kwargs, result, OUTCOME_OK, None, started, annotations)
+            if pending is not None and await runtime.wait_for_room(pending):
+                return runtime.refuse(pending)
             return result
 
         return journaled_async
@@ -368,7 +500,9 @@ def _wrap_method(name: str, method: Any) -> Any:
             raise
         finally:
             _exit_call(token)
-        runtime.capture(args, kwargs, result, OUTCOME_OK, None, started, annotations)
+        pending = runtime.capture(args, kwargs, result, OUTCOME_OK, None, started, annotations)
+        if pending is not None and runtime.wait_for_room_blocking(pending):
+            return runtime.refuse(pending)
         return result
 
     return journaled_sync
