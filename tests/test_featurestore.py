@@ -1,0 +1,153 @@
+"""ParquetFeatureStore: point-in-time reads (DuckDB ASOF join), batching, purge, history edits."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from serve_journal.featurestore import (
+    FEATURE_FILE_SCHEMA,
+    FeatureStore,
+    ParquetFeatureStore,
+    default_feature_store_uri,
+    record_features,
+)
+from serve_journal.privacy.encoding import canonical_encode
+
+T0 = dt.datetime(2025, 3, 4, 10, 0, tzinfo=dt.UTC)
+
+
+def at(seconds: float) -> dt.datetime:
+    return T0 + dt.timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def store(tmp_path) -> ParquetFeatureStore:
+    s = ParquetFeatureStore(tmp_path / "features", batch_rows=4)
+    yield s
+    s.close()
+
+
+def test_as_of_returns_latest_row_at_or_before_each_timestamp(store):
+    for i in range(6):
+        store.write("alice", {"amount": 10.0 * i, "n": i}, at(10 * i))
+    store.write("bob", {"amount": 1.5, "n": 0}, at(25))
+    got = store.get_as_of(
+        ["alice", "alice", "alice", "alice", "bob", "bob", "carol"],
+        [at(-1), at(0), at(19.999), at(1000), at(24), at(25), at(30)])
+    assert got == [None, {"amount": 0.0, "n": 0}, {"amount": 10.0, "n": 1},
+                   {"amount": 50.0, "n": 5}, None, {"amount": 1.5, "n": 0}, None]
+
+
+def test_writes_are_batched_into_files_and_reads_see_pending_rows(store):
+    for i in range(9):
+        store.write(f"u{i}", {"x": i}, at(i))
+    assert len(store.files()) == 2  # two full batches of 4; one row pending
+    assert store.get_as_of(["u8"], [at(8)]) == [{"x": 8}]  # the read flushed it
+    assert len(store.files()) == 3
+    for path in store.files():
+        assert pq.ParquetFile(path).schema_arrow.equals(FEATURE_FILE_SCHEMA)
+    assert store.entity_ids() == [f"u{i}" for i in range(9)]
+
+
+def test_replayed_values_encode_exactly_like_the_served_ones(store):
+    # JSON keeps int and float apart: 3 and 3.0 encode differently, and both survive the store.
+    served = {"amount": 120.0, "hour": 3, "ratio": 0.1 + 0.2, "foreign": True, "tags": ["a", None],
+              "nan": float("nan")}
+    store.write("alice", served, at(0))
+    replayed = store.get_as_of(["alice"], [at(1)])[0]
+    assert canonical_encode(replayed) == canonical_encode(served)
+    assert canonical_encode(replayed) != canonical_encode({**served, "hour": 3.0})
+
+
+def test_numpy_values_are_stored_as_their_python_equivalents(store):
+    store.write("alice", {"v": np.float64(2.5), "k": np.int64(7), "arr": np.array([1, 2])}, at(0))
+    got = store.get_as_of(["alice"], [at(0)])[0]
+    assert got == {"v": 2.5, "k": 7, "arr": [1, 2]}
+    assert canonical_encode(got) == canonical_encode({"v": np.float64(2.5), "k": np.int64(7),
+                                                      "arr": np.array([1, 2])})
+
+
+def test_timestamps_as_microseconds_and_naive_utc_are_the_same_instant(store):
+    store.write("alice", {"x": 1}, int(at(5).timestamp() * 1_000_000))
+    assert store.get_as_of(["alice", "alice"], [at(5).replace(tzinfo=None), at(4.999999)]) == [
+        {"x": 1}, None]
+
+
+def test_purge_removes_every_row_of_one_subject_only(store):
+    for i in range(10):
+        store.write("alice" if i % 2 else "bob", {"x": i}, at(i))
+    store.flush()
+    assert store.purge("alice") == 5
+    assert store.entity_ids() == ["bob"]
+    assert store.get_as_of(["alice", "bob"], [at(100), at(100)]) == [None, {"x": 8}]
+    assert store.purge("alice") == 0
+    raw = b"".join(Path(p).read_bytes() for p in store.files())
+    assert b"alice" not in raw
+
+
+def test_purge_removes_a_file_that_held_only_that_subject(store):
+    for i in range(4):
+        store.write("alice", {"x": i}, at(i))
+    store.write("bob", {"x": 0}, at(0))
+    store.flush()
+    assert len(store.files()) == 2
+    assert store.purge("alice") == 4
+    assert len(store.files()) == 1
+
+
+def test_replace_rows_changes_history_in_place(store):
+    for i in range(3):
+        store.write("alice", {"x": i}, at(10 * i))
+    assert store.replace_rows("alice", at(10), {"x": 99}) == 1
+    assert store.get_as_of(["alice"] * 3, [at(0), at(15), at(25)]) == [{"x": 0}, {"x": 99}, {"x": 2}]
+    assert store.replace_rows("alice", at(11), {"x": 0}) == 0
+    assert len(store.history("alice")) == 3
+
+
+def test_empty_store_and_empty_query(tmp_path):
+    store = ParquetFeatureStore(tmp_path / "nothing")
+    assert store.get_as_of(["a"], [at(0)]) == [None]
+    assert store.get_as_of([], []) == []
+    assert store.entity_ids() == []
+    assert store.purge("a") == 0
+
+
+def test_pickles_as_its_location_and_settings(store):
+    store.write("alice", {"x": 1}, at(0))
+    store.flush()
+    copy = pickle.loads(pickle.dumps(store))
+    assert copy.root == store.root and copy.batch_rows == 4
+    assert copy.get_as_of(["alice"], [at(1)]) == [{"x": 1}]
+
+
+def test_record_features_and_protocol(store):
+    assert isinstance(store, FeatureStore)
+    record_features(store, "alice", {"x": 1}, at(0))
+    assert store.get_as_of(["alice"], [at(0)]) == [{"x": 1}]
+    with pytest.raises(TypeError, match="has no write"):
+        record_features(object(), "alice", {"x": 1})
+
+
+def test_bad_input_is_refused_without_echoing_values(store):
+    with pytest.raises(ValueError, match=r"entity_ids\[0\] must be a non-empty string"):
+        store.write("", {"x": 1})
+    with pytest.raises(TypeError, match="features must be a mapping"):
+        store.write("alice", [1, 2])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not JSON-serializable") as info:
+        store.write("alice", {"x": object()})
+    assert "alice" not in str(info.value)
+    with pytest.raises(ValueError, match="same length"):
+        store.get_as_of(["a", "b"], [at(0)])
+
+
+def test_default_location_is_beside_a_local_journal(tmp_path):
+    assert default_feature_store_uri(str(tmp_path / "journal")) == os.path.join(tmp_path, "features")
+    with pytest.raises(ValueError, match="no default feature store"):
+        default_feature_store_uri("s3://bucket/journal")
