@@ -1,0 +1,355 @@
+"""Who may use the console: the users file, password hashes, signed session cookies and CSRF tokens.
+
+The operator configures every account in a users file (JSON, mode 0600)::
+
+    {"version": 1, "users": {"ana": {"roles": ["auditor"], "password": "scrypt$15$8$1$<salt>$<hash>"}}}
+
+Passwords are stored only as salted scrypt hashes (``hashlib.scrypt``, N=2**15, r=8, p=1) and
+compared in constant time. There are no built-in accounts: a console without a users file, or with
+an empty one, refuses to start (the ``--dev`` mode creates a throw-away account with a random
+password instead).
+
+A session is a cookie ``<payload>.<HMAC-SHA256>`` signed with the console's secret key; the payload
+names the user, a random session id and an absolute expiry. The cookie is HttpOnly and
+SameSite=Strict (and Secure unless the console is bound to loopback); roles are looked up in the
+users file on every request, so removing an account or a role takes effect at once. Every
+state-changing form carries a CSRF token derived from the session id (before sign-in: from a
+signed pre-session cookie).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+AUDITOR = "auditor"
+OPERATOR = "operator"
+PRIVACY_OFFICER = "privacy_officer"
+ROLES = (AUDITOR, OPERATOR, PRIVACY_OFFICER)
+
+#: What each permission needs: any one of these roles.
+PERMISSIONS: dict[str, frozenset[str]] = {
+    "query": frozenset({AUDITOR}),
+    "read": frozenset({AUDITOR}),
+    "charts": frozenset({AUDITOR, OPERATOR}),
+    "reports": frozenset({AUDITOR, OPERATOR}),
+    "access_log": frozenset({AUDITOR, OPERATOR, PRIVACY_OFFICER}),
+    "stats": frozenset({OPERATOR}),
+    "lifecycle": frozenset({OPERATOR}),
+    "run_verify": frozenset({OPERATOR}),
+    "forget": frozenset({PRIVACY_OFFICER}),
+}
+
+MIN_PASSWORD_LENGTH = 12
+_USERNAME = re.compile(r"^[A-Za-z0-9_.@\-]{1,64}$")
+_SCRYPT_LOG_N, _SCRYPT_R, _SCRYPT_P = 15, 8, 1
+_SCRYPT_MAXMEM = 64 * 1024 * 1024
+
+
+class UsersFileError(ValueError):
+    """The users file is missing, unreadable or holds an invalid account."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def hash_password(password: str, *, log_n: int = _SCRYPT_LOG_N) -> str:
+    """A salted scrypt hash of ``password`` in the users file's format."""
+    if not isinstance(password, str) or len(password) < MIN_PASSWORD_LENGTH:
+        raise ValueError(f"password must be a string of at least {MIN_PASSWORD_LENGTH} characters")
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=2**log_n, r=_SCRYPT_R, p=_SCRYPT_P,
+                            maxmem=_SCRYPT_MAXMEM, dklen=32)
+    return f"scrypt${log_n}${_SCRYPT_R}${_SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    """True when ``password`` matches the ``stored`` hash (constant-time comparison)."""
+    try:
+        scheme, log_n, r, p, salt, digest = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = _unb64(digest)
+        actual = hashlib.scrypt(password.encode(), salt=_unb64(salt), n=2 ** int(log_n), r=int(r),
+                                p=int(p), maxmem=_SCRYPT_MAXMEM, dklen=len(expected))
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(actual, expected)
+
+
+_DUMMY_HASH = None
+
+
+def _dummy_hash() -> str:
+    global _DUMMY_HASH
+    if _DUMMY_HASH is None:
+        _DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
+    return _DUMMY_HASH
+
+
+@dataclass(frozen=True)
+class User:
+    """A signed-in account."""
+
+    name: str
+    roles: frozenset[str]
+
+    def can(self, permission: str) -> bool:
+        """True when one of the user's roles grants ``permission``."""
+        return bool(self.roles & PERMISSIONS[permission])
+
+
+def _validate_roles(roles: Iterable[str]) -> list[str]:
+    roles = sorted(set(roles))
+    if not roles:
+        raise ValueError(f"roles must name at least one of {ROLES}")
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown:
+        raise ValueError(f"roles must be among {ROLES}, got unknown role(s) {unknown}")
+    return roles
+
+
+def _read_users(path: str) -> dict[str, dict]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            doc = json.load(handle)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise UsersFileError(f"users file {path} is not readable JSON") from exc
+    users = doc.get("users") if isinstance(doc, dict) else None
+    if not isinstance(users, dict):
+        raise UsersFileError(f"users file {path} must hold an object with a 'users' mapping")
+    return users
+
+
+def _write_users(path: str, users: dict[str, dict]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".users-")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump({"version": 1, "users": users}, handle, indent=1, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def add_user(path: str, username: str, roles: Iterable[str], password: str) -> None:
+    """Create or update ``username`` in the users file at ``path`` (created 0600 if absent)."""
+    if not isinstance(username, str) or not _USERNAME.match(username):
+        raise ValueError(f"username must match {_USERNAME.pattern}")
+    roles = _validate_roles(roles)
+    users = _read_users(path)
+    users[username] = {"roles": roles, "password": hash_password(password)}
+    _write_users(path, users)
+
+
+def remove_user(path: str, username: str) -> bool:
+    """Remove ``username``; ``True`` when it existed."""
+    users = _read_users(path)
+    if users.pop(username, None) is None:
+        return False
+    _write_users(path, users)
+    return True
+
+
+class UserStore:
+    """The users file, re-read when it changes (so revocations apply to live sessions)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._users: dict[str, dict] = {}
+        self.reload()
+        if not self._users:
+            raise UsersFileError(
+                f"no console users configured in {self.path}: add one with "
+                "`serve-journal console-user add --users-file PATH NAME --role auditor`"
+            )
+
+    def __repr__(self) -> str:
+        return f"UserStore({self.path!r}, users={len(self._users)})"
+
+    def reload(self) -> None:
+        """Re-read the file if its modification time or size changed."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            with self._lock:
+                self._users, self._stamp = {}, None
+            return
+        stamp = (st.st_mtime_ns, st.st_size)
+        with self._lock:
+            if stamp == self._stamp:
+                return
+            users = _read_users(self.path)
+            for name, account in users.items():
+                if not _USERNAME.match(name) or not isinstance(account, dict):
+                    raise UsersFileError(f"users file {self.path}: invalid account entry")
+                _validate_roles(account.get("roles", []))
+            self._users, self._stamp = users, stamp
+
+    def user(self, name: str) -> User | None:
+        """The account ``name`` with its current roles, or ``None``."""
+        self.reload()
+        with self._lock:
+            account = self._users.get(name)
+        if account is None:
+            return None
+        return User(name, frozenset(account.get("roles", [])))
+
+    def authenticate(self, name: str, password: str) -> User | None:
+        """The user when ``password`` is right; the same work is done for unknown names."""
+        self.reload()
+        with self._lock:
+            account = self._users.get(name)
+        stored = account.get("password", "") if account else _dummy_hash()
+        ok = check_password(password, stored)
+        if not ok or account is None:
+            return None
+        return User(name, frozenset(account.get("roles", [])))
+
+
+def load_or_create_secret(path: str) -> bytes:
+    """The console's 32-byte signing key from ``path`` (created 0600 with random bytes if absent)."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        data = secrets.token_bytes(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another replica created it first
+            return load_or_create_secret(path)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return data
+    if len(data) < 32:
+        raise ValueError(f"console secret file {path} must hold at least 32 bytes")
+    return data
+
+
+@dataclass(frozen=True)
+class Session:
+    """A verified session cookie."""
+
+    username: str
+    sid: str
+    expires: float
+
+
+class SessionCodec:
+    """Signs and checks session cookies and derives CSRF tokens from them."""
+
+    def __init__(self, secret: bytes, ttl_s: float) -> None:
+        if len(secret) < 32:
+            raise ValueError("secret must be at least 32 bytes")
+        if ttl_s <= 0:
+            raise ValueError(f"session ttl must be positive seconds, got {ttl_s!r}")
+        self._secret = secret
+        self.ttl_s = ttl_s
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"SessionCodec(ttl_s={self.ttl_s})"
+
+    def _mac(self, purpose: bytes, data: bytes) -> bytes:
+        return hmac.new(self._secret, purpose + b"\0" + data, hashlib.sha256).digest()
+
+    def issue(self, username: str, now: float | None = None) -> str:
+        """A new cookie value for ``username``, valid for ``ttl_s`` seconds."""
+        now = time.time() if now is None else now
+        payload = json.dumps({"u": username, "s": secrets.token_urlsafe(18),
+                              "e": int(now + self.ttl_s)}, separators=(",", ":")).encode()
+        return f"{_b64(payload)}.{_b64(self._mac(b'session', payload))}"
+
+    def parse(self, value: str | None, now: float | None = None) -> Session | None:
+        """The session in ``value``; ``None`` when it is absent, forged, malformed or expired."""
+        if not value or value.count(".") != 1:
+            return None
+        body, mac = value.split(".")
+        try:
+            payload = _unb64(body)
+            if not hmac.compare_digest(_unb64(mac), self._mac(b"session", payload)):
+                return None
+            doc = json.loads(payload)
+            session = Session(str(doc["u"]), str(doc["s"]), float(doc["e"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+        now = time.time() if now is None else now
+        return session if now < session.expires else None
+
+    def csrf_token(self, sid: str) -> str:
+        """The CSRF token of the session (or pre-session) id ``sid``."""
+        return _b64(self._mac(b"csrf", sid.encode()))
+
+    def check_csrf(self, sid: str, token: str | None) -> bool:
+        return bool(token) and hmac.compare_digest(self.csrf_token(sid), token)
+
+    def issue_presession(self) -> str:
+        """A signed random id for the sign-in form's CSRF token (before there is a session)."""
+        nonce = secrets.token_urlsafe(18)
+        return f"{nonce}.{_b64(self._mac(b'pre', nonce.encode()))}"
+
+    def parse_presession(self, value: str | None) -> str | None:
+        if not value or value.count(".") != 1:
+            return None
+        nonce, mac = value.split(".")
+        try:
+            ok = hmac.compare_digest(_unb64(mac), self._mac(b"pre", nonce.encode()))
+        except ValueError:
+            return None
+        return nonce if ok else None
+
+
+class LoginThrottle:
+    """At most ``limit`` failed sign-ins per client address within ``window_s`` seconds."""
+
+    def __init__(self, limit: int = 10, window_s: float = 300.0) -> None:
+        self.limit, self.window_s = limit, window_s
+        self._failures: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def blocked(self, client: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            recent = [t for t in self._failures.get(client, []) if now - t < self.window_s]
+            self._failures[client] = recent
+            return len(recent) >= self.limit
+
+    def failed(self, client: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._failures.setdefault(client, []).append(now)
+
+
+__all__ = [
+    "AUDITOR", "OPERATOR", "PERMISSIONS", "PRIVACY_OFFICER", "ROLES", "LoginThrottle", "Session",
+    "SessionCodec", "User", "UserStore", "UsersFileError", "add_user", "check_password",
+    "hash_password", "load_or_create_secret", "remove_user",
+]
