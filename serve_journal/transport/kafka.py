@@ -431,29 +431,41 @@ class KafkaTransport:
                 future.add_done_callback(_consume_result)
         return [pair for i, pair in enumerate(pairs) if i not in acked]
 
+    def _ack_all(self, records: list) -> None:
+        for record in records:
+            self._spool.ack(record)
+
     async def _drainer(self) -> None:
         backoff = self.settings.retry_backoff_s
         while True:
             await self._spool_event.wait()
             if self._closing:
                 return
-            record = await asyncio.to_thread(self._spool.peek)
-            if record is None:
+            records = await asyncio.to_thread(self._spool.peek_many, 64)
+            if not records:
                 if not len(self._spool):
                     self._spool_event.clear()
                 with self._cond:
                     self._cond.notify_all()
                 continue
-            try:
-                pairs = wire.unpack_frame(record.payload)
-            except wire.WireFormatError:
-                # Checksummed, so this is a frame from another version: count it, never replay it.
-                await asyncio.to_thread(self._spool.ack, record)
-                self._drop("spool_unreadable", 1)
+            pairs = []
+            readable = []
+            for record in records:
+                try:
+                    pairs.extend(wire.unpack_frame(record.payload))
+                    readable.append(record)
+                except wire.WireFormatError:
+                    # Checksummed, so a frame of another version: counted, never replayed.
+                    if readable:
+                        break
+                    await asyncio.to_thread(self._spool.ack, record)
+                    self._drop("spool_unreadable", 1)
+                    break
+            if not readable:
                 continue
             unacked = await self._produce(pairs)
             if not unacked:
-                await asyncio.to_thread(self._spool.ack, record)
+                await asyncio.to_thread(self._ack_all, readable)
                 with self._cond:
                     self._counts["drained"] += len(pairs)
                     self._cond.notify_all()

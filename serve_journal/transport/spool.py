@@ -155,6 +155,28 @@ class DiskSpool:
                 self._after_consume(segment, offset + HEADER_SIZE + length)
             return None
 
+    def peek_many(self, max_records: int, max_bytes: int = 8 * 1024 * 1024) -> list[SpoolRecord]:
+        """Up to ``max_records`` oldest records (at least one if any), verified; ack them in order."""
+        out: list[SpoolRecord] = []
+        total = 0
+        with self._lock:
+            position = 0
+            while position < len(self._index) and len(out) < max_records:
+                segment, offset, length = self._index[position]
+                if out and total + length > max_bytes:
+                    break
+                payload = self._read_verified(segment, offset, length)
+                if payload is None:
+                    if position == 0:
+                        self._index.popleft()
+                        self._after_consume(segment, offset + HEADER_SIZE + length)
+                        continue
+                    break  # a bad record further on: stop before it; peek() skips it later
+                out.append(SpoolRecord(segment, offset, payload))
+                total += length
+                position += 1
+        return out
+
     def ack(self, record: SpoolRecord) -> None:
         """Forget ``record`` (it was delivered); must be the record :meth:`peek` returned."""
         with self._lock:

@@ -1,0 +1,379 @@
+"""Transport -> tansu broker -> KafkaSink -> Parquet, with real faults: exactly once, or caught.
+
+Every scenario checks the journal with ``check_delivery`` (by request id and by
+(producer_id, seq)); the control run shows that this check does report loss when the sink is
+configured unsafely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from serve_journal.layout import DEFAULT_SPEC
+from serve_journal.sink.kafka_sink import (
+    ChunkFileName,
+    KafkaSink,
+    KafkaSinkSettings,
+    parse_partitions,
+    recover_offsets,
+)
+from serve_journal.storage import LocalJournalStorage
+from serve_journal.transport.kafka import KafkaSettings, KafkaTransport
+from tests.fixtures.kafka import check_delivery, journal_table, make_entries, wait_for
+
+pytestmark = pytest.mark.timeout(300)
+
+TOPIC = "journal"
+PARTITIONS = 4
+
+
+def _transport(bootstrap: str, tmp_path: Path, name: str) -> KafkaTransport:
+    return KafkaTransport(KafkaSettings(
+        bootstrap_servers=bootstrap, topic=TOPIC, enable_idempotence=False, client_id=name,
+        spool_dir=str(tmp_path / f"spool-{name}"), send_timeout_s=2.0, request_timeout_ms=2000,
+        retry_backoff_s=0.2, retry_backoff_max_s=1.0, shards_per_model=PARTITIONS))
+
+
+def _sink_settings(bootstrap: str, **overrides) -> KafkaSinkSettings:
+    values = dict(bootstrap_servers=bootstrap, topic=TOPIC, partitions=tuple(range(PARTITIONS)),
+                  roll_seconds=0.3, write_retry_backoff_s=0.1, write_retry_backoff_max_s=0.5)
+    values.update(overrides)
+    return KafkaSinkSettings(**values)
+
+
+def _rows(storage) -> int:
+    return journal_table(storage).num_rows
+
+
+async def _drive(sink: KafkaSink, until, timeout: float, start: bool = True) -> None:
+    """Poll ``sink`` until ``until()`` holds (checked every few polls); fail after ``timeout``."""
+    if start:
+        await sink.start()
+    deadline = time.monotonic() + timeout
+    polls = 0
+    while True:
+        await sink.poll_once()
+        polls += 1
+        if polls % 5 == 0 and await asyncio.to_thread(until):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"sink did not get there within {timeout}s: {sink.lag_state()}")
+
+
+def _send(transport: KafkaTransport, batches) -> None:
+    for batch in batches:
+        transport.send(batch)
+    assert transport.flush(60)
+    assert transport.counters()["dropped"] == {}
+
+
+def test_parse_partitions():
+    assert parse_partitions("0-3,7") == (0, 1, 2, 3, 7)
+    with pytest.raises(ValueError, match="partitions"):
+        parse_partitions("a-b")
+
+
+def test_end_to_end_exactly_once_and_restart_resumes(kafka_broker, tmp_path):
+    kafka_broker.create_topic(TOPIC, PARTITIONS)
+    storage = LocalJournalStorage(str(tmp_path / "journal"))
+    a, b = _transport(kafka_broker.bootstrap, tmp_path, "a"), _transport(kafka_broker.bootstrap, tmp_path, "b")
+    # 20 ms apart: the run crosses 11:00 UTC, so two journal partitions (hours) per model
+    sent = [make_entries(1_500, producer_id=p, start_seq=i * 1_500, ts_step_us=20_000)
+            for i in range(2) for p in ("replica-a", "replica-b")]
+    _send(a, sent[0::2])
+    _send(b, sent[1::2])
+    written = []
+    sink = KafkaSink(_sink_settings(kafka_broker.bootstrap), storage,
+                     on_file_written=lambda stored, table: written.append((stored, table.num_rows)))
+
+    async def scenario():
+        try:
+            await _drive(sink, lambda: _rows(storage) >= 6_000, 90)
+        finally:
+            await sink.stop()
+    asyncio.run(scenario())
+
+    report = check_delivery(journal_table(storage), sent)
+    assert report.exactly_once, report.summary()
+    files = storage.list_files(suffix=".parquet")
+    assert {DEFAULT_SPEC.parse(f)[1].hour for f in files} == {10, 11}
+    for path in files:
+        assert ChunkFileName.parse(TOPIC, path.rsplit("/", 1)[-1]) is not None, path
+    assert sorted(s.path for s, _ in written) == files
+    assert sum(n for _, n in written) == 6_000
+
+    # A new sink (a restart) resumes where the files end: it rewrites nothing, loses nothing.
+    recovered = recover_offsets(storage, TOPIC, range(PARTITIONS))
+    assert recovered.rebuild_until == {}
+    assert recovered.next_offset == sink.next_offsets
+    more = [make_entries(300, producer_id="replica-a", start_seq=3_000, ts_step_us=20_000)]
+    _send(a, more)
+    restarted = KafkaSink(_sink_settings(kafka_broker.bootstrap), storage)
+
+    async def again():
+        try:
+            await _drive(restarted, lambda: _rows(storage) >= 6_300, 90)
+        finally:
+            await restarted.stop()
+    asyncio.run(again())
+    assert restarted.stats["parts_already_present"] == 0
+    report = check_delivery(journal_table(storage), sent + more)
+    assert report.exactly_once, report.summary()
+    a.close(10)
+    b.close(10)
+
+
+def test_half_written_chunk_is_rebuilt_with_the_same_names(kafka_broker, tmp_path):
+    kafka_broker.create_topic(TOPIC, PARTITIONS)
+    storage = LocalJournalStorage(str(tmp_path / "journal"))
+    transport = _transport(kafka_broker.bootstrap, tmp_path, "a")
+    sent = [make_entries(2_000, ts_step_us=40_000)]  # 80 s: every chunk spans two hours
+    _send(transport, sent)
+    transport.close(10)
+    # one chunk per partition: everything is in Kafka before the sink starts
+    settings = _sink_settings(kafka_broker.bootstrap, roll_seconds=3.0)
+    sink = KafkaSink(settings, storage)
+
+    async def scenario(s):
+        try:
+            await _drive(s, lambda: _rows(storage) >= 2_000, 90)
+        finally:
+            await s.stop()
+    asyncio.run(scenario(sink))
+    files = storage.list_files(suffix=".parquet")
+    second_parts = [f for f in files if f.endswith("-2of2.parquet")]
+    assert second_parts, files
+    # A crash between the two parts' writes leaves exactly this: part 1 present, part 2 absent.
+    for path in second_parts:
+        storage.delete(path)
+    recovered = recover_offsets(storage, TOPIC, range(PARTITIONS))
+    assert len(recovered.rebuild_until) == len(second_parts)
+    rebuilt = KafkaSink(settings, storage)
+    asyncio.run(scenario(rebuilt))
+    assert sorted(storage.list_files(suffix=".parquet")) == sorted(files)  # same names again
+    assert rebuilt.stats["parts_already_present"] == len(second_parts)
+    report = check_delivery(journal_table(storage), sent)
+    assert report.exactly_once, report.summary()
+
+
+def _break_storage(root: Path) -> Path:
+    """A real filesystem fault: the journal root becomes a regular file, so every create fails."""
+    away = root.with_name(root.name + ".away")
+    root.rename(away)
+    root.write_bytes(b"not a directory")
+    return away
+
+
+def _repair_storage(root: Path, away: Path) -> None:
+    root.unlink()
+    away.rename(root)
+
+
+def test_storage_failing_writes_then_recovering_loses_nothing(kafka_broker, tmp_path):
+    kafka_broker.create_topic(TOPIC, PARTITIONS)
+    root = tmp_path / "journal"
+    storage = LocalJournalStorage(str(root))
+    transport = _transport(kafka_broker.bootstrap, tmp_path, "a")
+    first = [make_entries(500)]
+    _send(transport, first)
+    sink = KafkaSink(_sink_settings(kafka_broker.bootstrap), storage)
+
+    async def scenario():
+        try:
+            await _drive(sink, lambda: _rows(storage) >= 500, 60)
+            away = _break_storage(root)
+            second = [make_entries(700, start_seq=500)]
+            await asyncio.to_thread(_send, transport, second)
+            await _drive(sink, lambda: sink.stats["write_failures"] >= 3, 60, start=False)
+            _repair_storage(root, away)
+            await _drive(sink, lambda: _rows(storage) >= 1_200, 60, start=False)
+            return second
+        finally:
+            await sink.stop()
+    second = asyncio.run(scenario())
+    assert sink.stats["write_failures"] >= 3
+    report = check_delivery(journal_table(storage), first + second)
+    assert report.exactly_once, report.summary()
+    transport.close(10)
+
+
+def test_control_unsafe_commit_before_write_is_caught_losing_entries(kafka_broker, tmp_path):
+    """Same fault, but the sink commits before writing and trusts Kafka's offsets: loss, detected."""
+    kafka_broker.create_topic(TOPIC, PARTITIONS)
+    root = tmp_path / "journal"
+    storage = LocalJournalStorage(str(root))
+    transport = _transport(kafka_broker.bootstrap, tmp_path, "a")
+    unsafe = _sink_settings(kafka_broker.bootstrap, offset_source="kafka", unsafe_commit_before_write=True,
+                            group_id="unsafe-control")
+    first = [make_entries(500)]
+    _send(transport, first)
+    second = [make_entries(700, start_seq=500)]
+    marker = [make_entries(50, start_seq=1_200)]
+    sink = KafkaSink(unsafe, storage)
+
+    async def crash_during_outage():
+        await _drive(sink, lambda: _rows(storage) >= 500, 60)
+        away = _break_storage(root)
+        await asyncio.to_thread(_send, transport, second)
+        await _drive(sink, lambda: sink.stats["write_failures"] >= 1, 60, start=False)
+        await sink.stop()  # the crash: chunks in memory are gone, their offsets committed
+        _repair_storage(root, away)
+    asyncio.run(crash_during_outage())
+    _send(transport, marker)
+    restarted = KafkaSink(unsafe, storage)
+
+    def marker_written() -> bool:
+        ids = set(journal_table(storage).column("request_id").to_pylist())
+        return set(marker[0].column("request_id").to_pylist()) <= ids
+
+    async def resume():
+        try:
+            await _drive(restarted, marker_written, 60)
+        finally:
+            await restarted.stop()
+    asyncio.run(resume())
+    report = check_delivery(journal_table(storage), first + second + marker)
+    assert not report.exactly_once
+    assert report.missing_request_ids  # the checker catches the loss
+    assert not report.duplicate_request_ids
+    transport.close(10)
+
+
+class SinkProcess:
+    """``python -m serve_journal.sink.kafka_sink`` as a child process, killed by its pid."""
+
+    def __init__(self, bootstrap: str, journal: Path, log: Path) -> None:
+        self.args = [sys.executable, "-m", "serve_journal.sink.kafka_sink", "--bootstrap", bootstrap,
+                     "--topic", TOPIC, "--partitions", f"0-{PARTITIONS - 1}", "--journal", str(journal),
+                     "--roll-seconds", "0.2"]
+        self.log = log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=str(Path(__file__).parents[1]))
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class Load:
+    """A background producer: batches of ``size`` entries every ``interval`` seconds."""
+
+    def __init__(self, transport: KafkaTransport, size: int = 100, interval: float = 0.05) -> None:
+        self.transport, self.size, self.interval = transport, size, interval
+        # Build one batch here first: its lazy imports (numpy.ma) run inspect -> ast.parse, and
+        # CPython 3.11.7 corrupts its AST recursion counter when two threads parse at once.
+        make_entries(1)
+        self.sent: list = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        seq = 0
+        while not self._stop.is_set():
+            batch = make_entries(self.size, start_seq=seq, ts_step_us=5_000)
+            self.transport.send(batch)
+            self.sent.append(batch)
+            seq += self.size
+            self._stop.wait(self.interval)  # pacing of the load, not synchronisation
+
+    def start(self) -> Load:
+        self._thread.start()
+        return self
+
+    def stop(self) -> list:
+        self._stop.set()
+        self._thread.join(10)
+        return self.sent
+
+    @property
+    def entries(self) -> int:
+        return len(self.sent) * self.size
+
+
+def _file_count(root: Path) -> int:
+    return sum(1 for _ in root.rglob("k-*.parquet")) if root.is_dir() else 0
+
+
+def test_sink_killed_mid_batch_and_restarted(kafka_broker, tmp_path):
+    kafka_broker.create_topic(TOPIC, PARTITIONS)
+    root = tmp_path / "journal"
+    transport = _transport(kafka_broker.bootstrap, tmp_path, "a")
+    sink = SinkProcess(kafka_broker.bootstrap, root, tmp_path / "sink.log")
+    load = Load(transport, size=200, interval=0.02).start()
+    try:
+        sink.start()
+        wait_for(lambda: _file_count(root) >= 6, 60, message="sink writing files")
+        sink.kill()  # kill -9, at whatever point of a chunk it happens to be
+        killed_at = _file_count(root)
+        wait_for(lambda: load.entries >= 8_000, 60, message="more load while the sink is down")
+        sink.start()
+        wait_for(lambda: _file_count(root) > killed_at + 4, 60, message="restarted sink writing")
+        sent = load.stop()
+        assert transport.flush(60)
+        total = sum(b.num_rows for b in sent)
+        storage = LocalJournalStorage(str(root))
+        wait_for(lambda: _rows(storage) >= total, 90, interval=0.5, message="every entry written")
+    finally:
+        load.stop()
+        sink.terminate()
+        transport.close(10)
+    report = check_delivery(journal_table(storage), sent)
+    assert report.exactly_once, report.summary()
+
+
+def test_broker_stopped_for_20s_under_load(kafka_broker_durable, tmp_path):
+    broker = kafka_broker_durable
+    broker.create_topic(TOPIC, PARTITIONS)
+    root = tmp_path / "journal"
+    transport = _transport(broker.bootstrap, tmp_path, "a")
+    sink = SinkProcess(broker.bootstrap, root, tmp_path / "sink.log")
+    load = Load(transport, size=100, interval=0.05).start()
+    try:
+        sink.start()
+        wait_for(lambda: _file_count(root) >= 4, 60, message="sink writing before the outage")
+        broker.stop()
+        outage_started = time.monotonic()
+        wait_for(lambda: transport.counters()["spooled"] > 0, 30, message="entries spooled")
+        # The outage lasts 20 s of continuous load; the condition is the clock itself.
+        wait_for(lambda: time.monotonic() - outage_started >= 20, 40, interval=0.5, message="20 s outage")
+        spooled_during = transport.counters()["spooled"]
+        broker.start()
+        wait_for(lambda: transport.counters()["drained"] >= spooled_during, 120, interval=0.2,
+                 message="spool drained after the outage")
+        sent = load.stop()
+        assert transport.wait_drained(120)
+        counters = transport.counters()
+        assert counters["dropped"] == {} and counters["spool_records"] == 0
+        total = sum(b.num_rows for b in sent)
+        storage = LocalJournalStorage(str(root))
+        wait_for(lambda: _rows(storage) >= total, 120, interval=0.5, message="every entry written")
+    finally:
+        load.stop()
+        sink.terminate()
+        transport.close(10)
+    print(f"outage run: {total} entries, counters {counters}")
+    report = check_delivery(journal_table(storage), sent)
+    assert report.exactly_once, report.summary()
+    assert counters["spooled"] > 0 and counters["drained"] == counters["spooled"]
