@@ -178,5 +178,25 @@ def stats(journal_uri: str, since: str | None, until: str | None, model: str | N
     click.echo(report.format_text())
 
 
+@main.command()
+@click.option("--bootstrap", required=True, help="Kafka bootstrap servers, host:port[,...].")
+@click.option("--topic", required=True)
+@click.option("--partitions", required=True, help="Partitions this sink consumes, e.g. 0-3,7.")
+@click.option("--journal", "journal_uri", required=True, help="Journal root: path or pyarrow.fs URI.")
+@click.option("--roll-seconds", default=0.5, show_default=True, type=float)
+@click.option("--witness", "witness_uri", default=None, help="Witness copy of the checkpoints.")
+@click.option("--signing-key-file", default=None, help="Ed25519 PEM key signing the checkpoints.")
+def sink(bootstrap: str, topic: str, partitions: str, journal_uri: str, roll_seconds: float,
+         witness_uri: str | None, signing_key_file: str | None) -> None:
+    """Consume journal entries from Kafka into Parquet, exactly once, until SIGINT/SIGTERM."""
+    import logging
+
+    from serve_journal.sink.kafka_app import run_journal_sink
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_journal_sink(bootstrap, topic, partitions, journal_uri, roll_seconds=roll_seconds,
+                     witness_uri=witness_uri, signing_key_file=signing_key_file)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -54,6 +54,13 @@ class JournalConfig:
     caller_header: str = "x-caller-id"
     subject_field: str = "subject_id"
     features_field: str = "features"
+    caller_jwt_public_key: str | None = None
+    """PEM public key (or a path to one): when set, HTTP callers must present a signed JWT
+    (``Authorization: Bearer``); its ``sub`` is the caller identity."""
+    caller_jwt_issuer: str | None = None
+    caller_jwt_audience: str | None = None
+    on_invalid_caller: str = "refuse"
+    """``refuse`` (HTTP 401, journaled as outcome ``rejected`` with the reason) or ``anonymous``."""
     caller: Callable[..., str | None] | None = None
     subject: Callable[..., Any] | None = None
     features: Callable[..., Any] | None = None
@@ -109,6 +116,17 @@ class JournalConfig:
             from serve_journal.policy import build_policy
 
             build_policy(self.risk_policy)  # raises ConfigError naming the wrong field
+        if self.on_invalid_caller not in ("refuse", "anonymous"):
+            raise ConfigError(
+                f"on_invalid_caller must be 'refuse' or 'anonymous', got {self.on_invalid_caller!r}")
+        if self.caller_jwt_public_key is not None:
+            from serve_journal.privacy.identity import JwtVerifier
+
+            try:
+                JwtVerifier(self.jwt_public_key_pem())
+            except Exception as exc:
+                raise ConfigError(
+                    "caller_jwt_public_key must be a PEM public key or the path of one") from exc
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.overflow not in OVERFLOW_POLICIES:
@@ -145,6 +163,14 @@ class JournalConfig:
         if "model" not in values:
             raise ConfigError("model is required: pass model='models:/<name>@<alias>' or set SERVE_JOURNAL_MODEL")
         return cls(**values)
+
+    def jwt_public_key_pem(self) -> bytes:
+        """The caller-JWT public key as PEM bytes (read from the file when a path was given)."""
+        value = self.caller_jwt_public_key or ""
+        if "-----BEGIN" in value:
+            return value.encode()
+        with open(value, "rb") as handle:
+            return handle.read()
 
     def resolved_privacy_dir(self) -> str:
         """Where the keyring (and the default vault) live."""

@@ -93,7 +93,7 @@ def test_spool_full_and_queue_full_are_counted_drops(tmp_path):
     drops: list[tuple[str, int]] = []
     dead = f"127.0.0.1:{free_port()}"
     transport = KafkaTransport(_settings(dead, tmp_path, num_partitions=2, spool_max_bytes=4096),
-                               on_drop=lambda reason, n: drops.append((reason, n)))
+                               on_drop=lambda reason, n, entries: drops.append((reason, n)))
     transport.send(make_entries(100))  # ~50 KB wire-encoded: larger than the spool
     assert transport.flush(30)
     assert transport.counters()["dropped"] == {"spool_full": 100}

@@ -21,6 +21,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from pyarrow.compute import equal as pc_equal
+
 from serve_journal.aggregates import DROPPED, CounterSet
 from serve_journal.config import ConfigError, JournalConfig
 from serve_journal.policy import (
@@ -170,9 +172,16 @@ class JournalRuntime:
         self.metrics = JournalMetrics(self.model.name, deployment, replica)
         self.drops = _DropCounter(self.counters, self.metrics, policy.default_tier.name)
         self.storage = JournalStorage.from_uri(config.journal_uri, retention=config.retention)
-        self.transport = build_transport(config, self.identity.producer_id)
+        self.transport_drops: dict[str, int] = {}
+        self.transport = build_transport(config, self.identity.producer_id, self._on_transport_drop)
         self.finalizer = EntryFinalizer(config, pseudonymizer, self.identity,
                                         Sampler(policy, sampling_key))
+        self.jwt = None
+        if config.caller_jwt_public_key is not None:
+            from serve_journal.privacy.identity import JwtVerifier
+
+            self.jwt = JwtVerifier(config.jwt_public_key_pem(), issuer=config.caller_jwt_issuer,
+                                   audience=config.caller_jwt_audience)
         self._coordinator = None
         self._closed = False
         periodic = [
@@ -191,6 +200,9 @@ class JournalRuntime:
             reserve=config.reserve_capacity,
             periodic=periodic,
         )
+        if config.transport != "memory":
+            # Register before serving, so a driver-side flush never overlooks this producer.
+            self.heartbeat()
 
     def __repr__(self) -> str:
         return f"JournalRuntime(producer_id={self.identity.producer_id!r}, model={self.model.name!r})"
@@ -229,6 +241,29 @@ class JournalRuntime:
         except Exception:  # noqa: BLE001 - the journal never breaks serving
             logger.exception("serve_journal: capture failed")
             return None
+
+    def check_caller(self, args: tuple, annotations: dict, started: float) -> Any:
+        """With JWT callers configured: verify the bearer token of an HTTP call before the model
+        runs. Returns ``None`` to go on (the caller recorded in ``annotations``), or the 401
+        response after journaling the rejection with its reason."""
+        if self.jwt is None or not args or not isinstance(args[0], self._request_type):
+            return None
+        from serve_journal.privacy.identity import CallerRejected
+
+        request = args[0]
+        try:
+            annotations["caller"] = self.jwt.verify_authorization(request.headers.get("authorization"))
+            return None
+        except CallerRejected as exc:
+            reason = exc.reason
+        if self.config.on_invalid_caller == "anonymous":
+            annotations["caller"] = "anonymous"
+            return None
+        self.capture(args, {}, None, OUTCOME_REJECTED, f"caller_{reason}", started, annotations)
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"error": f"caller rejected: {reason}"}, status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
 
     def _room_deadline(self, call: CapturedCall) -> float | None:
         """Deadline to wait for room, or ``None`` when the tier refuses at once."""
@@ -309,6 +344,23 @@ class JournalRuntime:
         self.exported += len(calls)
         self.metrics.observe_flush_ms((time.perf_counter() - started) * 1000.0)
 
+    def _on_transport_drop(self, reason: str, count: int, entries: Any = None) -> None:
+        """The transport dropped entries it had accepted: count them, with their sequence
+        numbers when it still has them (then verify can tell this drop from a loss)."""
+        self.transport_drops[reason] = self.transport_drops.get(reason, 0) + count
+        if entries is None:
+            return
+        own = entries.filter(pc_equal(entries.column("producer_id"), self.identity.producer_id))
+        ts = own.column("ts").cast("int64").to_pylist()
+        for model, version, ts_us, decision, tier, rate, outcome, seq in zip(
+                own.column("model_name").to_pylist(), own.column("model_version").to_pylist(), ts,
+                own.column("decision").to_pylist(), own.column("risk_tier").to_pylist(),
+                own.column("sample_rate").to_pylist(), own.column("outcome").to_pylist(),
+                own.column("seq").to_pylist(), strict=True):
+            self.counters.record(model, version, ts_us, decision, tier, rate, outcome, seq,
+                                 DROPPED, reason)
+            self.metrics.add_dropped(reason, tier)
+
     def _flush_counters(self) -> None:
         self.counters.flush_to(self.storage)
 
@@ -347,8 +399,7 @@ class JournalRuntime:
             "model_version": self.model.version,
             "captured": self.captured,
             "exported": self.exported,
-            "dropped": dict(self.drops.by_reason),
-            "dropped_ranges": [list(r) for r in self.drops.ranges],
+            "dropped": {**self.drops.by_reason, **self.transport_drops},
             "buffered": len(self.worker),
             "refused": self.refused,
             "unacked": self.captured - self.exported - self.drops.total,
@@ -402,8 +453,11 @@ def _heartbeat_interval() -> float:
     return HEARTBEAT_INTERVAL_S
 
 
-def build_transport(config: JournalConfig, producer_id: str):
-    """The transport the config names, built inside the replica."""
+def build_transport(config: JournalConfig, producer_id: str, on_drop=None):
+    """The transport the config names, built inside the replica.
+
+    ``on_drop(reason, count, entries)`` hears of entries a transport accepted and then dropped.
+    """
     if config.transport == "actors":
         from serve_journal.sink.settings import SinkSettings
         from serve_journal.transport.actors import RayActorTransport
@@ -421,7 +475,13 @@ def build_transport(config: JournalConfig, producer_id: str):
             from serve_journal.transport.kafka import KafkaSettings, KafkaTransport
         except ImportError as exc:  # pragma: no cover
             raise ConfigError("transport='kafka' needs aiokafka: pip install aiokafka") from exc
-        return KafkaTransport(KafkaSettings(**config.extra.get("kafka", {})))
+        settings = dict(config.extra.get("kafka", {}))
+        # One spool per replica process: a spool directory is never shared.
+        base = settings.pop("spool_dir", None) or os.path.join(
+            os.path.expanduser("~"), ".serve_journal", "spool")
+        settings["spool_dir"] = os.path.join(base, producer_id)
+        settings.setdefault("client_id", producer_id)
+        return KafkaTransport(KafkaSettings.from_mapping(settings), on_drop=on_drop)
     raise ConfigError(f"unknown transport {config.transport!r}")
 
 
@@ -470,6 +530,11 @@ def _wrap_method(name: str, method: Any) -> Any:
                 return await method(self, *args, **kwargs)
             annotations, token = _enter_call()
             started = time.perf_counter()
+            if runtime.jwt is not None:
+                refusal = runtime.check_caller(args, annotations, started)
+                if refusal is not None:
+                    _exit_call(token)
+                    return refusal
             try:
                 result = await method(self, *args, **kwargs)
             except BaseException as exc:
@@ -492,6 +557,11 @@ def _wrap_method(name: str, method: Any) -> Any:
             return method(self, *args, **kwargs)
         annotations, token = _enter_call()
         started = time.perf_counter()
+        if runtime.jwt is not None:
+            refusal = runtime.check_caller(args, annotations, started)
+            if refusal is not None:
+                _exit_call(token)
+                return refusal
         try:
             result = method(self, *args, **kwargs)
         except BaseException as exc:

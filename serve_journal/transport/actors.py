@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from serve_journal._private.metrics import JournalMetrics
 from serve_journal.layout import DEFAULT_SPEC, PartitionKey
 from serve_journal.sink.parquet import encode_parquet
 from serve_journal.sink.settings import SinkSettings, manifest_hook
@@ -186,22 +187,37 @@ class JournalWriter:
         # A new id per process start: a restarted writer never reuses a file name or a chain.
         self.writer_id = f"w{index:02d}-{uuid.uuid4().hex[:8]}"
         self.manifest = settings.manifest(storage, self.writer_id)
+        self.metrics = JournalMetrics("*", "journal-writer", self.writer_id)
         self.files = PartitionFileWriter(storage, self.writer_id, roll_seconds=settings.roll_seconds,
                                          roll_bytes=settings.roll_bytes,
-                                         on_file_written=[manifest_hook(self.manifest)])
+                                         on_file_written=[manifest_hook(self.manifest),
+                                                          self._observe_file])
         self.checkpoint_errors = 0
         self._stop = threading.Event()
         tick = min(0.1, settings.roll_seconds / 4)
         self._roller = threading.Thread(target=self._roll_loop, args=(tick,), daemon=True)
         self._roller.start()
 
+    def _observe_file(self, stored: StoredObject, table: pa.Table, key: PartitionKey) -> None:
+        """Sink metrics: rows, bytes, and the persistence lag of the file's oldest/newest entry."""
+        self.metrics.add_sink(table.num_rows, stored.size)
+        bounds = pc.min_max(table.column("ts").cast(pa.int64()))
+        now_us = time.time_ns() // 1000
+        self.metrics.observe_persistence_lag_ms(
+            [(now_us - bounds["min"].as_py()) / 1000.0, (now_us - bounds["max"].as_py()) / 1000.0])
+
     def _roll_loop(self, tick: float) -> None:
         next_checkpoint = time.monotonic() + self.settings.checkpoint_interval_s
+        next_report = time.monotonic() + 5.0
         while not self._stop.wait(tick):
             self.files.roll_due()
-            if time.monotonic() >= next_checkpoint:
-                next_checkpoint = time.monotonic() + self.settings.checkpoint_interval_s
+            now = time.monotonic()
+            if now >= next_checkpoint:
+                next_checkpoint = now + self.settings.checkpoint_interval_s
                 self._checkpoint()
+            if now >= next_report:
+                next_report = now + 5.0
+                self.metrics.report()
 
     def _checkpoint(self) -> None:
         try:

@@ -43,7 +43,10 @@ logger = logging.getLogger(__name__)
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER")
 
-DropHook = Callable[[str, int], None]
+DropHook = Callable[[str, int, "pa.Table | None"], None]
+"""``on_drop(reason, count, entries)``: ``entries`` is a table of the dropped entries when the
+transport still has them (queue full, spool full), so the replica can account their sequence
+numbers; ``None`` when it does not (a crashed loop, an unreadable spool record)."""
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,7 @@ class KafkaTransport:
         rows = batch.num_rows
         with self._cond:
             if self._pending >= self.settings.queue_max_batches:
-                self._drop("transport_queue_full", rows, locked=True)
+                self._drop("transport_queue_full", rows, locked=True, entries=batch)
                 return
             self._pending += 1
             self._handed += 1
@@ -237,8 +240,13 @@ class KafkaTransport:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, batch)
         except RuntimeError:  # loop closed between the check and the call
             self._settle()
-            self._drop("transport_closed", rows)
+            self._drop("transport_closed", rows, entries=batch)
             raise TransportError("KafkaTransport is closed; create a new one to send") from None
+
+    def in_flight(self) -> int:
+        """Batches handed over and not yet acked by the broker nor durably spooled."""
+        with self._cond:
+            return self._pending
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every batch handed over is acked by the broker or durably spooled."""
@@ -334,16 +342,19 @@ class KafkaTransport:
             self._settled += 1
             self._cond.notify_all()
 
-    def _drop(self, reason: str, entries: int, locked: bool = False) -> None:
+    def _drop(self, reason: str, count: int, locked: bool = False,
+              entries: pa.RecordBatch | pa.Table | None = None) -> None:
         if locked:
-            self._dropped[reason] += entries
+            self._dropped[reason] += count
         else:
             with self._cond:
-                self._dropped[reason] += entries
-        logger.warning("journal transport dropped %d entries: %s", entries, reason)
+                self._dropped[reason] += count
+        logger.warning("journal transport dropped %d entries: %s", count, reason)
         if self._on_drop is not None:
             try:
-                self._on_drop(reason, entries)
+                if isinstance(entries, pa.RecordBatch):
+                    entries = pa.Table.from_batches([entries])
+                self._on_drop(reason, count, entries)
             except Exception:  # noqa: BLE001 - a broken hook must not break the transport
                 logger.exception("on_drop hook raised")
 
@@ -367,7 +378,11 @@ class KafkaTransport:
                 self._counts["spooled"] += len(pairs)
             self._spool_event.set()
         else:
-            self._drop("spool_full", len(pairs))
+            try:
+                lost = wire.decode_values([value for _, value in pairs])
+            except Exception:  # noqa: BLE001 - count them even if they cannot be decoded
+                lost = None
+            self._drop("spool_full", len(pairs), entries=lost)
 
     async def _producer_or_none(self):
         if self._producer is not None:
