@@ -272,6 +272,9 @@ def _image_loaded(driver, element_id: str) -> bool:
 
 
 def _shot(driver, name: str) -> None:
+    driver.set_window_size(1280, 800)
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1280, max(800, min(int(height) + 120, 4000)))  # the whole page
     path = SCREENSHOTS / f"{name}.png"
     assert driver.save_screenshot(str(path)), f"screenshot {name} failed"
     assert path.stat().st_size > 1000
@@ -521,6 +524,29 @@ def test_password_hashes_are_salted_scrypt_and_files_private(tmp_path):
     assert store.authenticate("nobody", "ana-password-123") is None
     with pytest.raises(ValueError, match="unknown role"):
         add_user(path, "bob", ["admin"], "bob-password-123")
+
+
+def test_user_commands_and_dev_mode(tmp_path):
+    from click.testing import CliRunner
+
+    from serve_journal.console import dev_users_file
+    from serve_journal.console.commands import console_user
+
+    path = str(tmp_path / "users.json")
+    runner = CliRunner()
+    result = runner.invoke(console_user, ["add", "--users-file", path, "--role", "auditor",
+                                          "--role", "operator", "--password-stdin", "oli"],
+                           input="oli-password-123\n")
+    assert result.exit_code == 0, result.output
+    assert "oli-password-123" not in result.output
+    assert UserStore(path).authenticate("oli", "oli-password-123").roles == {"auditor", "operator"}
+    assert runner.invoke(console_user, ["remove", "--users-file", path, "oli"]).exit_code == 0
+    assert runner.invoke(console_user, ["remove", "--users-file", path, "oli"]).exit_code != 0
+
+    dev_path, password = dev_users_file(str(tmp_path / "dev"))
+    user = UserStore(dev_path).authenticate("dev", password)
+    assert user is not None and user.can("query") and user.can("stats") and user.can("forget")
+    assert dev_users_file(str(tmp_path / "dev2"))[1] != password  # random each time
 
 
 def test_no_working_default_credentials(tmp_path, world):
