@@ -102,6 +102,20 @@ def _parse_time(value: str | None, name: str):
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
+def _save_report(journal_uri: str, reports_dir: str | None, prefix: str, document: dict) -> None:
+    """Keep a summary where the console shows the latest one (next to a local journal)."""
+    import os
+
+    from serve_journal.console.app import write_report
+
+    if reports_dir is None:
+        if "://" in journal_uri and not journal_uri.startswith("file://"):
+            return
+        root = os.path.abspath(journal_uri.removeprefix("file://"))
+        reports_dir = os.path.join(os.path.dirname(root), "journal-reports")
+    write_report(reports_dir, prefix, document)
+
+
 def _default_privacy_dir(journal_uri: str, privacy_dir: str | None) -> str:
     from serve_journal.config import JournalConfig
 
@@ -117,9 +131,12 @@ def _default_privacy_dir(journal_uri: str, privacy_dir: str | None) -> str:
               help="Auditor's Ed25519 public key (PEM); default the one exported next to a local journal.")
 @click.option("--witness", "witness_uri", default=None, help="Witness copy of the checkpoints.")
 @click.option("--privacy-dir", default=None)
+@click.option("--reports-dir", default=None,
+              help="Where to keep the summary (default: journal-reports next to a local journal).")
 @click.option("--json", "as_json", is_flag=True)
 def verify(journal_uri: str, since: str | None, model: str | None, public_key: str | None,
-           witness_uri: str | None, privacy_dir: str | None, as_json: bool) -> None:
+           witness_uri: str | None, privacy_dir: str | None, reports_dir: str | None,
+           as_json: bool) -> None:
     """Prove the journal complete and unaltered; exit code 0 only when everything checks."""
     import os
 
@@ -138,6 +155,7 @@ def verify(journal_uri: str, since: str | None, model: str | None, public_key: s
                             since=_parse_time(since, "--since"), model=model,
                             accounted_gaps=accounted_gaps(storage, model))
     click.echo(report.to_json() if as_json else format_report(report))
+    _save_report(journal_uri, reports_dir, "verify-", report.to_dict())
     sys.exit(0 if report.ok else 1)
 
 
@@ -196,6 +214,16 @@ def sink(bootstrap: str, topic: str, partitions: str, journal_uri: str, roll_sec
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_journal_sink(bootstrap, topic, partitions, journal_uri, roll_seconds=roll_seconds,
                      witness_uri=witness_uri, signing_key_file=signing_key_file)
+
+
+def _register_console() -> None:
+    from serve_journal.console.commands import console_command, console_user
+
+    main.add_command(console_command, "console")
+    main.add_command(console_user, "console-user")
+
+
+_register_console()
 
 
 if __name__ == "__main__":  # pragma: no cover

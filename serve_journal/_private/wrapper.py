@@ -256,8 +256,9 @@ class JournalRuntime:
             return None
         except CallerRejected as exc:
             reason = exc.reason
+        # An unverified caller is anonymous: a claimed identity (header) is never recorded.
+        annotations["caller"] = "anonymous"
         if self.config.on_invalid_caller == "anonymous":
-            annotations["caller"] = "anonymous"
             return None
         self.capture(args, {}, None, OUTCOME_REJECTED, f"caller_{reason}", started, annotations)
         from starlette.responses import JSONResponse
