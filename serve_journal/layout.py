@@ -3,6 +3,11 @@
 Layout (hive style, so DuckDB, Spark and pyarrow.dataset prune partitions)::
 
     <root>/<tier>/model=<model>/date=<YYYY-MM-DD>/hour=<HH>/<file name>.parquet
+    <root>/<tier>/model=<model>/date=<YYYY-MM-DD>/hour=all/<file name>.parquet   (a whole day)
+
+Writers always write hour partitions. Compaction merges a finished day into the day partition
+``hour=all`` (``PartitionKey(hour=None)``) so that one subject's day sits in one row group; use
+:attr:`PartitionKey.end` (not ``start + 1 hour``) for the end of a partition's time range.
 
 Tiers are ``hot`` (recent, for investigations) and ``cold`` (long retention).
 """
@@ -18,6 +23,8 @@ HOT = "hot"
 COLD = "cold"
 TIERS = (HOT, COLD)
 PARQUET_SUFFIX = ".parquet"
+DAY_HOUR = "all"
+"""The ``hour=`` value of a day partition."""
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.+\-]+$")
 
@@ -34,23 +41,46 @@ def unescape_value(value: str) -> str:
 
 @dataclass(frozen=True, order=True)
 class PartitionKey:
-    """One journal partition: a model and one UTC hour."""
+    """One journal partition: a model and one UTC hour, or a whole UTC day (``hour=None``).
+
+    Do not sort hour and day keys together (``None`` does not compare with ``int``); sort by
+    :meth:`sort_key`.
+    """
 
     model: str
     date: str  # YYYY-MM-DD
-    hour: int
+    hour: int | None
 
     def path(self, tier: str = HOT) -> str:
         """Relative directory of this partition in ``tier``."""
         if tier not in TIERS:
             raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
-        return f"{tier}/model={escape_value(self.model)}/date={self.date}/hour={self.hour:02d}"
+        hour = DAY_HOUR if self.hour is None else f"{self.hour:02d}"
+        return f"{tier}/model={escape_value(self.model)}/date={self.date}/hour={hour}"
+
+    @property
+    def is_day(self) -> bool:
+        """True for a day partition (``hour=all``)."""
+        return self.hour is None
 
     @property
     def start(self) -> dt.datetime:
         """First instant of the partition (UTC)."""
         day = dt.date.fromisoformat(self.date)
-        return dt.datetime(day.year, day.month, day.day, self.hour, tzinfo=dt.UTC)
+        return dt.datetime(day.year, day.month, day.day, self.hour or 0, tzinfo=dt.UTC)
+
+    @property
+    def end(self) -> dt.datetime:
+        """First instant after the partition (UTC): one hour, or one day for a day partition."""
+        return self.start + (dt.timedelta(days=1) if self.hour is None else dt.timedelta(hours=1))
+
+    def day(self) -> PartitionKey:
+        """The day partition this partition's hour belongs to (itself for a day partition)."""
+        return PartitionKey(self.model, self.date, None)
+
+    def sort_key(self) -> tuple[str, str, int]:
+        """Sort key that orders hour and day keys together (a day before its hours)."""
+        return (self.model, self.date, -1 if self.hour is None else self.hour)
 
 
 @dataclass(frozen=True)
@@ -69,7 +99,8 @@ class PartitionSpec:
         return self.key_for(model, ts)
 
     def parse(self, relative_dir: str) -> tuple[str, PartitionKey]:
-        """Parse ``<tier>/model=../date=../hour=..`` (a file path below it is fine too)."""
+        """Parse ``<tier>/model=../date=../hour=..`` (a file path below it is fine too);
+        ``hour=all`` gives a day key (``hour=None``)."""
         parts = relative_dir.strip("/").split("/")
         if len(parts) < 4 or parts[0] not in TIERS:
             raise ValueError(f"not a journal partition path: {relative_dir!r}")
@@ -80,10 +111,11 @@ class PartitionSpec:
                 raise ValueError(f"not a journal partition path: {relative_dir!r}")
             fields[name] = value
         try:
+            hour = fields["hour"]
             key = PartitionKey(
                 model=unescape_value(fields["model"]),
                 date=fields["date"],
-                hour=int(fields["hour"]),
+                hour=None if hour == DAY_HOUR else int(hour),
             )
         except (KeyError, ValueError) as exc:
             raise ValueError(f"not a journal partition path: {relative_dir!r}") from exc

@@ -1,10 +1,12 @@
 """Hot -> cold lifecycle: move partitions older than the hot window into the cold tier.
 
-For each hour partition whose hour ended more than ``hot_days`` ago, :func:`apply`:
+For each partition (an hour, or a day compacted into ``hour=all``) whose time range ended more
+than ``hot_days`` ago, :func:`apply`:
 
 1. reads the partition's live hot files and fingerprints their entries (entry ids and hashes);
 2. writes ``cold/model=../date=../hour=../l-<hash of the hot file set>.parquet`` create-only with
-   the cold encoding (zstd level 19, 1M-row row groups);
+   the cold encoding (zstd level 19, 1M-row row groups) and reports it to ``on_file_written``
+   (the manifest record naming the hot files it replaces);
 3. re-reads the cold copy and refuses the partition if its entries differ in any way;
 4. hands the cold files to ``lock`` (the cold retention policy: Object Lock on S3);
 5. writes the commit marker (``_commits/cold/...``): from now on readers see the cold copy and
@@ -105,6 +107,24 @@ class LifecycleReport:
     kept_for_retention: list[str] = field(default_factory=list)
     refused: list[tuple[str, str]] = field(default_factory=list)
     """(partition, reason) of partitions whose cold copy did not check: hot data kept."""
+    plan: LifecyclePlan | None = None
+    manifest_chain: str | None = None
+    """The manifest chain the cold files were recorded in (``run_lifecycle``)."""
+
+    def describe(self) -> str:
+        """Human-readable summary (the CLI's output)."""
+        lines = [self.plan.describe()] if self.plan is not None else []
+        if self.dry_run:
+            lines.append("dry run: nothing written (use --apply)")
+            return "\n".join(lines)
+        lines.append(f"moved to cold: {len(self.moved)} partition(s), {len(self.cold_files)} "
+                     f"cold file(s); hot files expired: {len(self.expired)}, kept for retention: "
+                     f"{len(self.kept_for_retention)}")
+        for partition, reason in self.refused:
+            lines.append(f"  REFUSED {partition}: {reason}")
+        if self.manifest_chain:
+            lines.append(f"manifest chain: {self.manifest_chain}")
+        return "\n".join(lines)
 
 
 def plan(
@@ -117,9 +137,10 @@ def plan(
     cutoff = now - dt.timedelta(days=hot_days)
     groups: dict[PartitionKey, list[str]] = {}
     for f in live_files(storage, tier=HOT):
-        if f.key.start + dt.timedelta(hours=1) <= cutoff:
+        if f.key.end <= cutoff:
             groups.setdefault(f.key, []).append(f.path)
-    moves = tuple(PartitionMove(k, tuple(sorted(v))) for k, v in sorted(groups.items()))
+    moves = tuple(PartitionMove(k, tuple(sorted(v)))
+                  for k, v in sorted(groups.items(), key=lambda kv: kv[0].sort_key()))
     pending = tuple(
         m.path
         for m in load_markers(storage, prefix=COLD)
@@ -140,7 +161,11 @@ def apply(
     on_file_written: FileWrittenHook | None = None,
     _crash: CrashHook | None = None,
 ) -> LifecycleReport:
-    """Carry out ``lifecycle_plan``; a dry run (the default) only reports."""
+    """Carry out ``lifecycle_plan``; a dry run (the default) only reports.
+
+    ``on_file_written(stored, table, replaces)`` records each cold file (see
+    :func:`serve_journal.compaction.manifest_recorder`); without it ``serve-journal verify``
+    reports the cold files as unrecorded."""
     report = LifecycleReport(dry_run=dry_run)
     markers = list(lifecycle_plan.pending_expiry)
     for move in lifecycle_plan.moves:
@@ -171,7 +196,7 @@ def apply(
             report.refused.append((partition, f"cold copy unreadable ({type(exc).__name__})"))
             continue
         if lock is not None:
-            lock(cold_files)
+            lock([p for p, _ in cold_files])
         marker = commit(
             storage,
             kind="lifecycle",
@@ -184,7 +209,7 @@ def apply(
         if _crash:
             _crash("committed")
         report.moved.append(partition)
-        report.cold_files.extend(cold_files)
+        report.cold_files.extend(p for p, _ in cold_files)
         markers.append(marker.path)
     if dry_run:
         return report
@@ -201,6 +226,44 @@ def apply(
     return report
 
 
+def run_lifecycle(
+    journal_uri: str,
+    *,
+    apply: bool,
+    hot_days: int = DEFAULT_HOT_DAYS,
+    now: dt.datetime | None = None,
+    options: ParquetOptions = COLD_OPTIONS,
+) -> LifecycleReport:
+    """``serve-journal lifecycle run [--hot-days N] [--apply]`` for the journal at ``journal_uri``.
+
+    A dry run (``apply=False``) only plans. With ``apply``, every cold file gets a manifest record
+    naming the hot files it replaces in a chain of its own (``lifecycle-<id>``, signed with the
+    journal's signing key, witnessed when configured), checkpointed at the end, so
+    ``serve-journal verify`` keeps passing after the hot copies expire.
+    """
+    import uuid
+
+    from serve_journal.compaction import manifest_recorder
+    from serve_journal.sink.settings import SinkSettings
+
+    settings = SinkSettings(journal_uri=journal_uri)
+    storage = settings.storage()
+    the_plan = plan(storage, now, hot_days)
+    if not apply:
+        report = apply_plan(storage, the_plan, dry_run=True, options=options)
+        report.plan = the_plan
+        return report
+    manifest = settings.manifest(storage, f"lifecycle-{uuid.uuid4().hex[:8]}")
+    try:
+        report = apply_plan(storage, the_plan, dry_run=False, options=options,
+                            on_file_written=manifest_recorder(manifest))
+    finally:
+        manifest.checkpoint()
+    report.plan = the_plan
+    report.manifest_chain = manifest.chain_id if manifest.length else None
+    return report
+
+
 def _expire_superseded(
     storage: JournalStorage,
     marker: Any,
@@ -211,7 +274,8 @@ def _expire_superseded(
     from serve_journal.layout import DEFAULT_SPEC
 
     _, key = DEFAULT_SPEC.parse(marker.new_files[0])
-    hot_dir = key.path(HOT) + "/"
+    # a day partition replaced the files of its hour partitions too
+    hot_dir = (key.path(HOT).rsplit("/", 1)[0] if key.is_day else key.path(HOT)) + "/"
     replaced = set()
     for m in load_markers(storage, prefix=HOT):
         replaced.update(p for p in m.replaces if p.startswith(hot_dir))
@@ -315,3 +379,7 @@ def bytes_per_entry(storage: JournalStorage, tier: str = HOT) -> float | None:
         with storage.filesystem.open_input_file(full) as handle:
             rows += pq.ParquetFile(handle).metadata.num_rows
     return size / rows if rows else None
+
+
+apply_plan = apply
+"""Alias of :func:`apply` for code that has a local variable named ``apply``."""

@@ -50,7 +50,9 @@ def test_compaction_merges_files_and_queries_see_each_entry_once(journal):
     files_before = live_files(storage)
     report = compact(storage, now=LATER, options=CompactionOptions(row_group_size=64))
     files_after = live_files(storage)
-    assert len(files_before) == 20 and len(files_after) == 4
+    # a finished day: its four hour partitions become one day file (hour=all)
+    assert len(files_before) == 20 and len(files_after) == 1
+    assert files_after[0].key.is_day and "/hour=all/" in files_after[0].path
     assert all(f.path.rsplit("/", 1)[1].startswith("c-") for f in files_after)
     assert report.replaced_files == 20 and len(report.deleted) == 20
     assert not any(storage.exists(f.path) for f in files_before)
@@ -64,16 +66,28 @@ def test_compaction_merges_files_and_queries_see_each_entry_once(journal):
     assert compact(storage, now=LATER).compacted == {}
     late = make_entries(5, producer="p-late", spread_s=60)
     write_rolled(storage, late, files_per_partition=1, prefix="late")
+    day_file = files_after[0].path
     report = compact(storage, now=LATER)
     assert len(report.compacted) == 1
     assert all_ids(storage) == sorted(before + ids(late))
+    # late files become a further day file; the big one is not rewritten
+    assert sorted(f.path for f in live_files(storage))[0:2] and day_file in {
+        f.path for f in live_files(storage)}
+    assert len(live_files(storage)) == 2
 
 
 def test_recent_partitions_and_single_files_are_left_alone(journal):
     storage, *_ = journal
+    before = all_ids(storage)
     assert compact(storage, now=DAY + dt.timedelta(hours=1, minutes=1)).compacted == {}
     report = compact(storage, now=DAY + dt.timedelta(hours=1, minutes=10))
     assert len(report.compacted) == 1  # hour 00 only: settled for 5 minutes
+    assert [f.key.hour for f in live_files(storage) if f.path.rsplit("/", 1)[1].startswith("c-")] == [0]
+    # the day ends: the hourly compacted file and the other hours' files become one day file
+    report = compact(storage, now=DAY + dt.timedelta(days=1, minutes=10))
+    assert list(report.planned) == ["hot/model=fraud/date=2025-03-04/hour=all"]
+    assert [f.key.hour for f in live_files(storage)] == [None]
+    assert all_ids(storage) == before
 
 
 def test_retention_keeps_replaced_files_but_queries_do_not_double_count(journal):
@@ -110,7 +124,8 @@ def test_manifest_records_name_the_replaced_files(journal):
 
     storage, *_ = journal
     log = ManifestLog(storage, "compactor")
-    compact(storage, now=LATER, on_file_written=manifest_recorder(log))
+    compact(storage, now=LATER, options=CompactionOptions(day_level=False),
+            on_file_written=manifest_recorder(log))
     assert log.length == 4
     records = [ManifestRecord.from_json(storage.read(record_path("compactor", i)))
                for i in range(log.length)]
@@ -122,37 +137,38 @@ def test_manifest_records_name_the_replaced_files(journal):
 
 CRASH_SCRIPT = """
 import datetime as dt, os, signal, sys
-from serve_journal.compaction import compact
+from serve_journal.compaction import CompactionOptions, compact
 from serve_journal.storage import LocalJournalStorage
-root, stage, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
+root, stage, nth, day_level = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 seen = {"n": 0}
 def crash(point):
     if point == stage:
         seen["n"] += 1
         if seen["n"] == nth:
             os.kill(os.getpid(), signal.SIGKILL)
-compact(LocalJournalStorage(root), now=dt.datetime(2025, 3, 7, tzinfo=dt.UTC), _crash=crash)
+compact(LocalJournalStorage(root), now=dt.datetime(2025, 3, 7, tzinfo=dt.UTC), _crash=crash,
+        options=CompactionOptions(day_level=day_level))
 print("finished")
 """
 
 
 @pytest.mark.parametrize(
-    "stage,nth",
-    [("hot-file-written", 1), ("hot-file-written", 3), ("committed", 2), ("replaced-file-deleted", 1),
-     ("replaced-file-deleted", 7)],
+    "stage,nth,day_level",
+    [("hot-file-written", 1, True), ("hot-file-written", 3, False), ("committed", 1, True),
+     ("committed", 2, False), ("replaced-file-deleted", 1, True), ("replaced-file-deleted", 7, True)],
 )
-def test_kill_9_during_compaction_loses_and_doubles_nothing(journal, stage, nth):
+def test_kill_9_during_compaction_loses_and_doubles_nothing(journal, stage, nth, day_level):
     storage, *_ = journal
     before = all_ids(storage)
     proc = subprocess.run(
-        [sys.executable, "-c", CRASH_SCRIPT, storage.root, stage, str(nth)],
+        [sys.executable, "-c", CRASH_SCRIPT, storage.root, stage, str(nth), "1" if day_level else "0"],
         capture_output=True, timeout=300, check=False,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert all_ids(storage) == before  # mid-way: every entry exactly once
     report = compact(storage, now=LATER)  # a re-run completes the work
     assert all_ids(storage) == before
-    assert len(live_files(storage)) == 4
+    assert len(live_files(storage)) == 1
     assert report.skipped_unverified == []
     leftovers = [p for p in storage.list_files("hot") if not p.rsplit("/", 1)[1].startswith("c-")]
     assert leftovers == []

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from serve_journal import lifecycle
-from serve_journal.compaction import compact, live_files
+from serve_journal.compaction import CompactionOptions, compact, live_files
 from serve_journal.layout import COLD, DEFAULT_SPEC
 from serve_journal.query import JournalQuery
 from serve_journal.sink.parquet import encode_parquet
@@ -51,7 +51,7 @@ def test_dry_run_by_default_changes_nothing(journal):
 
 def test_move_to_cold_keeps_every_entry_once_and_compresses_harder(journal):
     storage, planted = journal
-    compact(storage, now=NOW)
+    compact(storage, now=NOW, options=CompactionOptions(day_level=False))
     before = query_ids(storage)
     hot_before = query_ids(storage, tier="hot")
     report = lifecycle.apply(storage, lifecycle.plan(storage, NOW), dry_run=False)

@@ -3,6 +3,11 @@
 Rows are sorted by ``subject_token`` then ``ts`` so that a subject's entries sit in few row groups
 whose min/max statistics prune the rest; Parquet bloom filters on ``subject_token`` and
 ``request_id`` let a point lookup skip row groups whose range happens to include the value.
+
+Encodings are chosen per column for bytes on disk (see docs/benchmarks.md): dictionaries only
+for the low-cardinality columns; ``BYTE_STREAM_SPLIT`` for the floats, timestamps and sequence
+numbers (their high bytes compress away); ``DELTA_LENGTH_BYTE_ARRAY`` for the random hex strings
+(no dictionary page to fall back from, no per-value length in the compressed stream).
 """
 
 from __future__ import annotations
@@ -18,6 +23,27 @@ from serve_journal.schema import ENTRY_SCHEMA
 SORT_KEYS = [("subject_token", "ascending", "at_end"), ("ts", "ascending", "at_end")]
 BLOOM_COLUMNS = ("subject_token", "request_id")
 
+COLUMN_ENCODING: dict[str, str] = {
+    "request_id": "DELTA_LENGTH_BYTE_ARRAY",
+    "features_hmac": "DELTA_LENGTH_BYTE_ARRAY",
+    "ts": "BYTE_STREAM_SPLIT",
+    "seq": "BYTE_STREAM_SPLIT",
+    "score": "BYTE_STREAM_SPLIT",
+    "latency_ms": "BYTE_STREAM_SPLIT",
+    "outputs.list.element.score": "BYTE_STREAM_SPLIT",
+}
+"""Columns written without a dictionary, and their encoding; every other column is dictionary
+encoded (low cardinality: model, version, caller, decision, producer, ... and the sorted subject
+token, whose ~10 entries per subject make its dictionary pay)."""
+
+_DICTIONARY_COLUMNS = [
+    ".".join(path) for path in (
+        [f.name] if not pa.types.is_list(f.type) else
+        [f.name, "list", "element", sub.name] for f in ENTRY_SCHEMA
+        for sub in (f.type.value_type if pa.types.is_list(f.type) else [None])
+    )
+]
+
 
 @dataclass(frozen=True)
 class ParquetOptions:
@@ -27,11 +53,22 @@ class ParquetOptions:
     compression_level: int | None = 3
     row_group_size: int = 128 * 1024
     bloom_filters: bool = True
-    bloom_fpp: float = 0.05
+    bloom_fpp: float = 0.01
+    bloom_columns: tuple[str, ...] = BLOOM_COLUMNS
+    """Columns that get a Parquet bloom filter per row group (sized to the values it holds)."""
+    column_encoding: tuple[tuple[str, str], ...] | None = tuple(COLUMN_ENCODING.items())
+    """``(column path, encoding)`` pairs written without a dictionary; ``None``: pyarrow's
+    defaults (dictionary everywhere)."""
+    data_page_size: int | None = None
 
 
 HOT_OPTIONS = ParquetOptions()
-COLD_OPTIONS = ParquetOptions(compression_level=19, row_group_size=1024 * 1024)
+COLD_OPTIONS = ParquetOptions(
+    compression_level=19, row_group_size=1024 * 1024, bloom_columns=("subject_token",),
+    data_page_size=1024 * 1024,
+)
+"""Cold: zstd 19, 1M-row groups, a bloom filter on the subject token only (a request-id filter
+costs ~1.2 bytes per entry; cold lookups by request id scan the partition)."""
 
 
 def sort_for_lookup(table: pa.Table) -> pa.Table:
@@ -48,12 +85,18 @@ def encode_parquet(table: pa.Table, options: ParquetOptions = HOT_OPTIONS) -> by
         table = table.cast(ENTRY_SCHEMA)
     table = sort_for_lookup(table)
     sink = pa.BufferOutputStream()
-    extra = {}
-    if options.bloom_filters and table.num_rows:
-        ndv = max(64, min(table.num_rows, options.row_group_size))
+    extra: dict = {}
+    if options.bloom_filters and table.num_rows and options.bloom_columns:
         extra["bloom_filter_options"] = {
-            column: {"ndv": ndv, "fpp": options.bloom_fpp} for column in BLOOM_COLUMNS
+            column: {"ndv": _ndv(table, column, options.row_group_size), "fpp": options.bloom_fpp}
+            for column in options.bloom_columns
         }
+    if options.column_encoding:
+        plain = dict(options.column_encoding)
+        extra["column_encoding"] = plain
+        extra["use_dictionary"] = [c for c in _DICTIONARY_COLUMNS if c not in plain]
+    if options.data_page_size:
+        extra["data_page_size"] = options.data_page_size
     with pq.ParquetWriter(
         sink,
         ENTRY_SCHEMA,
@@ -66,6 +109,17 @@ def encode_parquet(table: pa.Table, options: ParquetOptions = HOT_OPTIONS) -> by
     ) as writer:
         writer.write_table(table, row_group_size=options.row_group_size)
     return sink.getvalue().to_pybytes()
+
+
+def _ndv(table: pa.Table, column: str, row_group_size: int) -> int:
+    """Distinct values one row group of ``column`` holds (the bloom filter's size): all rows for
+    near-unique columns, the share of the table's distinct values for sorted repeating ones."""
+    rows = min(table.num_rows, row_group_size)
+    distinct = pc.count_distinct(table.column(column)).as_py()
+    if distinct >= table.num_rows * 0.9:
+        return max(64, rows)
+    share = -(-distinct * rows // table.num_rows)
+    return max(64, min(rows, int(share * 1.25) + 1))
 
 
 def decode_parquet(data: bytes) -> pa.Table:
