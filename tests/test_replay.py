@@ -284,7 +284,25 @@ def test_selection_by_decision_and_time(ray_cluster, traffic):
     assert future.total == 0 and future.files == 0 and future.ok
 
 
-# -- verifiers (no Ray) ------------------------------------------------------------------------
+# -- encoding and verifiers (no Ray) ---------------------------------------------------------
+
+
+def test_flat_fast_path_encodes_exactly_like_canonical_encode():
+    from serve_journal.replay import _flat_encode
+
+    rng = np.random.default_rng(5)
+    edge = {"neg": -1, "zero": 0, "big": 2**70, "small": -(2**63), "t": True, "f": False,
+            "none": None, "nan": float("nan"), "inf": float("-inf"), "negzero": -0.0,
+            "é键": "ünï", "": "", "b": 1.5}
+    samples = [edge, {}, *(random_features(rng) for _ in range(500))]
+    for features in samples:
+        assert _flat_encode(features) == canonical_encode(features)
+    # Anything else is left to canonical_encode.
+    for other in ({"x": [1]}, {"x": np.float64(1.0)}, {1: 2}, {"x": "\ud800"}, [1], {"x": b"1"}):
+        assert _flat_encode(other) is None
+
+
+# -- verifiers (no Ray) ---------------------------------------------------------------------
 
 
 def test_static_key_verifier_matches_the_static_pseudonymizer(tmp_path):
