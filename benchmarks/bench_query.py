@@ -1,9 +1,12 @@
 """Investigation query benchmark: one day of synthetic fraud entries, point lookups, warm cache.
 
 Writes the day through the real writer encoding (``encode_parquet`` + ``put_new``, several files
-per hour partition as rolling writers leave them), compacts it, then measures subject, request-id
-and absent-subject lookups with :class:`serve_journal.query.JournalQuery` (access log included),
-the row groups DuckDB scanned (EXPLAIN ANALYZE) and bytes per entry hot and cold.
+per hour partition as rolling writers leave them), compacts it (day-level: one day partition),
+then measures subject, request-id and absent-subject lookups with
+:class:`serve_journal.query.JournalQuery` (access log included), the row groups the footer pruner
+probed and read, the row groups DuckDB alone would scan (EXPLAIN ANALYZE), and bytes per entry hot
+and cold. The cold tier (zstd 19 is slow to write: ~4 min per million entries here) is measured
+on a separate day of ``--cold-rows`` entries.
 
     .venv/bin/python benchmarks/bench_query.py --rows 10000000
     .venv/bin/python benchmarks/bench_query.py --quick        # 200k rows, no docs update
@@ -146,14 +149,18 @@ def timed(q: JournalQuery, keys: list[str], field: str, rounds: int, tier: str =
     return times, found
 
 
-def row_groups(q: JournalQuery, keys: list[str], field: str) -> tuple[float, int]:
-    scanned = []
+def row_groups(q: JournalQuery, keys: list[str], field: str) -> tuple[float, int, float, float]:
+    """(DuckDB EXPLAIN ANALYZE row groups scanned, of total; pruner row groups probed, read)."""
+    scanned, probed, read = [], [], []
     total = 0
     for key in keys:
         profile = q.explain_analyze(**{field: key})
         scanned.append(profile["query"]["total_row_groups_scanned"])
         total = profile["query"]["total_row_groups_to_scan"]
-    return statistics.mean(scanned), total
+        q.find(**{field: key})
+        probed.append(q.last_stats.row_groups_probed or 0)
+        read.append(q.last_stats.row_groups_read or 0)
+    return statistics.mean(scanned), total, statistics.mean(probed), statistics.mean(read)
 
 
 def machine() -> str:
@@ -200,12 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lookups", type=int, default=100, help="distinct keys per lookup kind")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-tier rewrite")
+    parser.add_argument("--cold-rows", type=int, default=500_000,
+                        help="entries of the separate day moved to the cold tier")
     parser.add_argument("--no-docs", action="store_true")
     parser.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.lookups, args.rounds, args.no_docs = 200_000, 30, 2, True
+        args.cold_rows = 100_000
 
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="bench-query-"))
     root = workdir / "journal"
@@ -234,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     absent_keys = [bytes(hex_strings(rng, 1, 16)[0]).decode() for _ in range(lookups)]
 
     results = []
+    day_files = live_files(storage)
+    row_groups_day = sum(
+        __import__("pyarrow.parquet").parquet.ParquetFile(storage.full_path(f.path)).num_row_groups
+        for f in day_files
+    )
     q = JournalQuery(storage, actor="bench_query")
     t = time.perf_counter()
     q.find(subject_token=subject_keys[0])
@@ -245,22 +260,32 @@ def main(argv: list[str] | None = None) -> int:
     ):
         timed(q, keys[:10], field, 1)  # warm the metadata cache
         times, found = timed(q, keys, field, args.rounds)
-        rg, total = row_groups(q, keys[:20], field)
+        rg, total, probed, read = row_groups(q, keys[:20], field)
+        q.prune_point_lookups = False  # DuckDB alone over the same files, for comparison
+        timed(q, keys[:5], field, 1)
+        duck, _ = timed(q, keys[:20], field, 1)
+        q.prune_point_lookups = True
         results.append((label, pct(times, 0.5), pct(times, 0.99), found / args.rounds / len(keys),
-                        rg, total))
+                        rg, total, probed, read, pct(duck, 0.5)))
     q.close()
 
     cold_bpe = cold_rows = None
     if not args.no_cold:
+        cold_storage = LocalJournalStorage(str(workdir / "journal-cold"))
+        cold_subjects, _, _ = build(cold_storage, args.cold_rows, args.files_per_hour, args.seed + 1)
+        compact(cold_storage, now=DAY + dt.timedelta(days=1, hours=1))
+        cold_hot_bpe = lifecycle.bytes_per_entry(cold_storage, "hot")
         t = time.perf_counter()
-        report = lifecycle.apply(storage, lifecycle.plan(storage, DAY + dt.timedelta(days=31)),
+        report = lifecycle.apply(cold_storage,
+                                 lifecycle.plan(cold_storage, DAY + dt.timedelta(days=31)),
                                  dry_run=False)
         cold_s = time.perf_counter() - t
-        cold_bpe = lifecycle.bytes_per_entry(storage, "cold")
-        qc = JournalQuery(storage, actor="bench_query")
-        timed(qc, subject_keys[:10], "subject_token", 1, tier="all")
-        times, _ = timed(qc, subject_keys, "subject_token", 1, tier="all")
-        cold_rows = (pct(times, 0.5), pct(times, 0.99), cold_s, len(report.moved))
+        cold_bpe = lifecycle.bytes_per_entry(cold_storage, "cold")
+        qc = JournalQuery(cold_storage, actor="bench_query")
+        keys = cold_subjects[:lookups]
+        timed(qc, keys[:10], "subject_token", 1, tier="all")
+        times, _ = timed(qc, keys, "subject_token", 1, tier="all")
+        cold_rows = (pct(times, 0.5), pct(times, 0.99), cold_s, len(report.moved), cold_hot_bpe)
         qc.close()
 
     out.append("## Investigation queries (`benchmarks/bench_query.py`)\n")
@@ -269,27 +294,36 @@ def main(argv: list[str] | None = None) -> int:
         f"One day of {args.rows:,} synthetic fraud entries ({len(subjects) and args.rows // max(1000, args.rows // 10)} "
         f"entries per subject on average, 8 producers), written through `encode_parquet` + "
         f"`put_new` as {raw_files} files ({args.files_per_hour} per hour partition) in "
-        f"{write_s:.0f} s, compacted into {files} files ({CompactionOptions().row_group_size // 1024}k-row row groups) in {compact_s:.0f} s. "
-        f"Times are `JournalQuery.find` end to end (listing, DuckDB scan, access-log write with "
-        f"fsync), warm cache, {lookups} distinct keys x {args.rounds} rounds; row groups from "
-        f"EXPLAIN ANALYZE (mean over 20 keys, of the day's total).\n"
+        f"{write_s:.0f} s, compacted (day level) into {files} files of the day partition "
+        f"`hour=all`, {row_groups_day} row groups of {CompactionOptions().row_group_size // 1024}k "
+        f"rows, in {compact_s:.0f} s. "
+        f"Times are `JournalQuery.find` end to end (listing, footer pruning, DuckDB, access-log "
+        f"write with fsync), warm cache, {lookups} distinct keys x {args.rounds} rounds. Row "
+        f"groups (mean over 20 keys): *probed* = key column read because statistics and bloom "
+        f"filter said maybe, *read* = read in full; *DuckDB alone* = EXPLAIN ANALYZE "
+        f"`total_row_groups_scanned` when the same SQL runs over the files without the pruner, "
+        f"and its p50 over 20 keys.\n"
     )
-    out.append("| lookup | p50 ms | p99 ms | rows found (mean) | row groups scanned | target |")
-    out.append("|---|---|---|---|---|---|")
+    out.append("| lookup | p50 ms | p99 ms | rows found (mean) | row groups probed / read | "
+               "DuckDB alone: row groups scanned, p50 ms | target |")
+    out.append("|---|---|---|---|---|---|---|")
     targets = {"subject lookup": "p50 <= 50, p99 <= 200", "request-id lookup": "p50 <= 50, p99 <= 200",
                "absent subject": "<= 20"}
-    for label, p50, p99, found, rg, total in results:
-        out.append(f"| {label} | {p50:.1f} | {p99:.1f} | {found:.1f} | {rg:.1f} of {total} | {targets[label]} |")
+    for label, p50, p99, found, rg, total, probed, read, duck in results:
+        out.append(f"| {label} | {p50:.1f} | {p99:.1f} | {found:.1f} | {probed:.1f} / {read:.1f} "
+                   f"of {total} | {rg:.1f} of {total}, {duck:.0f} ms | {targets[label]} |")
     out.append(f"\nFirst query after opening (cold metadata cache): {first_ms:.0f} ms.\n")
     out.append("| bytes per entry on disk | value | target |")
     out.append("|---|---|---|")
     out.append(f"| hot, as written ({args.files_per_hour} files/hour) | {raw_bpe:.1f} | |")
     out.append(f"| hot, compacted | {hot_bpe:.1f} | <= 120 |")
     if cold_bpe is not None and cold_rows is not None:
-        out.append(f"| cold (zstd 19, 1M-row groups) | {cold_bpe:.1f} | <= 80 |")
+        out.append(f"| cold (zstd 19, 1M-row groups, subject bloom only; separate day of "
+                   f"{args.cold_rows:,} entries, {cold_rows[4]:.1f} B hot) | {cold_bpe:.1f} | <= 80 |")
         out.append(
-            f"\nLifecycle moved {cold_rows[3]} partitions to cold in {cold_rows[2]:.0f} s; subject "
-            f"lookups on the cold tier: p50 {cold_rows[0]:.1f} ms, p99 {cold_rows[1]:.1f} ms."
+            f"\nLifecycle moved {cold_rows[3]} partition(s) ({args.cold_rows:,} entries) to cold "
+            f"in {cold_rows[2]:.0f} s; subject lookups on the cold tier: p50 {cold_rows[0]:.1f} "
+            f"ms, p99 {cold_rows[1]:.1f} ms."
         )
     section = "\n".join(out)
     print(section)

@@ -26,7 +26,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -164,9 +164,39 @@ def fingerprint_files(storage: JournalStorage, paths: Sequence[str]) -> Fingerpr
     return _fingerprint_columns(rows, column)
 
 
-def read_files(storage: JournalStorage, paths: Iterable[str]) -> pa.Table:
-    """Concatenate the entries of journal files (entry schema)."""
-    tables = [decode_parquet(storage.read(path)) for path in paths]
+RecordedHashes = Mapping[str, Set[str]]
+"""``{path: {sha256, ...}}`` of the data files the manifest chains record."""
+
+
+class UnrecordedInputError(CompactionError):
+    """An input file's bytes match no manifest record: rewriting it would launder a change."""
+
+
+def recorded_hashes(storage: JournalStorage) -> dict[str, set[str]]:
+    """Every manifest record's ``path -> sha256`` (read from ``_manifest/``)."""
+    from serve_journal.sink.manifest import MANIFEST_PREFIX
+
+    out: dict[str, set[str]] = {}
+    for path in storage.list_files(f"{MANIFEST_PREFIX}/", ".json"):
+        doc = json.loads(storage.read(path))
+        out.setdefault(doc["path"], set()).add(doc["sha256"])
+    return out
+
+
+def read_files(
+    storage: JournalStorage, paths: Iterable[str], recorded: RecordedHashes | None = None
+) -> pa.Table:
+    """Concatenate the entries of journal files (entry schema). With ``recorded``, each file's
+    bytes must match one of its manifest records (:class:`UnrecordedInputError` otherwise)."""
+    tables = []
+    for path in paths:
+        data = storage.read(path)
+        if recorded is not None and hashlib.sha256(data).hexdigest() not in recorded.get(path, ()):
+            raise UnrecordedInputError(
+                f"input {path} does not match its manifest record (altered, or never recorded); "
+                "run `serve-journal verify`; it was not rewritten"
+            )
+        tables.append(decode_parquet(data))
     if not tables:
         return ENTRY_SCHEMA.empty_table()
     return pa.concat_tables(tables)
@@ -475,9 +505,9 @@ def delete_replaced(
 class CompactionOptions:
     """How compaction groups and sizes its output."""
 
-    row_group_size: int = 16 * 1024
-    """Rows per row group: a point lookup reads whole row groups of the columns it returns, so
-    small groups keep it cheap (16k fraud entries: ~1.4 MB) for ~1% more bytes on disk."""
+    row_group_size: int = 8 * 1024
+    """Rows per row group: a point lookup reads the whole row group that holds its key, so small
+    groups keep it cheap (8k fraud entries: ~0.7 MB compressed) for ~1% more bytes on disk."""
     max_rows_per_file: int = 4_000_000
     """Split a partition into several files above this many rows (sorted ranges of subject
     tokens: one subject still sits in one file)."""
@@ -514,6 +544,8 @@ class CompactionReport:
     deleted: list[str] = field(default_factory=list)
     kept_for_retention: list[str] = field(default_factory=list)
     skipped_unverified: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    """(partition, reason): inputs that match no manifest record were not rewritten."""
     planned: dict[str, list[str]] = field(default_factory=dict)
     """Partition directory -> input files, as planned (filled in a dry run too)."""
     dry_run: bool = False
@@ -530,6 +562,8 @@ class CompactionReport:
             lines.append(f"new files: {sum(len(v) for v in self.compacted.values())}, replaced "
                          f"files: {self.replaced_files}, deleted: {len(self.deleted)}, kept for "
                          f"retention: {len(self.kept_for_retention)}")
+            for partition, reason in self.refused:
+                lines.append(f"REFUSED {partition}: {reason}")
             if self.skipped_unverified:
                 lines.append(f"NOT deleted, new files do not check: {self.skipped_unverified}")
             if self.manifest_chain:
@@ -573,13 +607,15 @@ def compact_partition(
     options: CompactionOptions | None = None,
     on_file_written: FileWrittenHook | None = None,
     now: dt.datetime | None = None,
+    recorded: RecordedHashes | None = None,
     _crash: CrashHook | None = None,
 ) -> CommitMarker:
-    """Rewrite ``inputs`` (live files of one partition) into compacted files and commit them."""
+    """Rewrite ``inputs`` (live files of one partition) into compacted files and commit them.
+    With ``recorded`` (see :func:`recorded_hashes`), inputs must match their manifest records."""
     options = options or CompactionOptions()
     inputs = tuple(sorted(inputs))
     name = set_name(COMPACTED_PREFIX, inputs)
-    table = read_files(storage, inputs)
+    table = read_files(storage, inputs, recorded)
     expected = fingerprint(table)
     new_files = write_verified(
         storage,
@@ -642,6 +678,7 @@ def compact(
     on_file_written: FileWrittenHook | None = None,
     retention_allows: RetentionCheck | None = None,
     delete: bool = True,
+    recorded: RecordedHashes | None = None,
     _crash: CrashHook | None = None,
 ) -> CompactionReport:
     """Compact every settled partition of ``tier`` with several live files, then delete what the
@@ -654,16 +691,22 @@ def compact(
     report = CompactionReport()
     for key, inputs in _plan_partitions(storage, tier, now, options):
         report.planned[key.path(tier)] = list(inputs)
-        marker = compact_partition(
-            storage,
-            key,
-            inputs,
-            tier=tier,
-            options=options,
-            on_file_written=on_file_written,
-            now=now,
-            _crash=_crash,
-        )
+        try:
+            marker = compact_partition(
+                storage,
+                key,
+                inputs,
+                tier=tier,
+                options=options,
+                on_file_written=on_file_written,
+                now=now,
+                recorded=recorded,
+                _crash=_crash,
+            )
+        except UnrecordedInputError as exc:
+            log.warning("%s", exc)
+            report.refused.append((key.path(tier), str(exc)))
+            continue
         report.compacted[marker.path] = list(marker.new_files)
         report.replaced_files += len(marker.replaces)
     if delete:
@@ -706,7 +749,9 @@ def run_compaction(
     A dry run (``apply=False``) only plans. With ``apply``, every new file gets a manifest record
     naming the files it replaces in a chain of its own (``compactor-<id>``, signed with the
     journal's signing key, copied to the witness when one is configured) which is checkpointed
-    at the end, so ``serve-journal verify`` keeps passing; replaced files are then deleted when
+    at the end, so ``serve-journal verify`` keeps passing. A partition with an input whose bytes
+    match no manifest record is refused (``report.refused``), so a rewrite never launders an
+    altered file; replaced files are then deleted when
     the storage allows (an Object Lock refusal keeps them, reported as kept for retention).
     """
     import uuid
@@ -725,7 +770,8 @@ def run_compaction(
     manifest = settings.manifest(storage, f"compactor-{uuid.uuid4().hex[:8]}")
     try:
         report = compact(storage, now=now, options=options,
-                         on_file_written=manifest_recorder(manifest))
+                         on_file_written=manifest_recorder(manifest),
+                         recorded=recorded_hashes(storage))
     finally:
         manifest.checkpoint()
     report.manifest_chain = manifest.chain_id if manifest.length else None

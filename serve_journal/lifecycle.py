@@ -33,7 +33,9 @@ from serve_journal.compaction import (
     CompactionError,
     CrashHook,
     FileWrittenHook,
+    RecordedHashes,
     RetentionCheck,
+    UnrecordedInputError,
     commit,
     delete_replaced,
     fingerprint,
@@ -159,6 +161,7 @@ def apply(
     retention_allows: RetentionCheck | None = None,
     lock: LockHook | None = None,
     on_file_written: FileWrittenHook | None = None,
+    recorded: RecordedHashes | None = None,
     _crash: CrashHook | None = None,
 ) -> LifecycleReport:
     """Carry out ``lifecycle_plan``; a dry run (the default) only reports.
@@ -173,7 +176,11 @@ def apply(
         if dry_run:
             report.moved.append(partition)
             continue
-        table = read_files(storage, move.hot_files)
+        try:
+            table = read_files(storage, move.hot_files, recorded)
+        except UnrecordedInputError as exc:
+            report.refused.append((partition, str(exc)))
+            continue
         expected = fingerprint(table)
         try:
             cold_files = write_verified(
@@ -239,11 +246,12 @@ def run_lifecycle(
     A dry run (``apply=False``) only plans. With ``apply``, every cold file gets a manifest record
     naming the hot files it replaces in a chain of its own (``lifecycle-<id>``, signed with the
     journal's signing key, witnessed when configured), checkpointed at the end, so
-    ``serve-journal verify`` keeps passing after the hot copies expire.
+    ``serve-journal verify`` keeps passing after the hot copies expire. A partition with a hot
+    file whose bytes match no manifest record is refused: its change is not laundered into cold.
     """
     import uuid
 
-    from serve_journal.compaction import manifest_recorder
+    from serve_journal.compaction import manifest_recorder, recorded_hashes
     from serve_journal.sink.settings import SinkSettings
 
     settings = SinkSettings(journal_uri=journal_uri)
@@ -256,7 +264,8 @@ def run_lifecycle(
     manifest = settings.manifest(storage, f"lifecycle-{uuid.uuid4().hex[:8]}")
     try:
         report = apply_plan(storage, the_plan, dry_run=False, options=options,
-                            on_file_written=manifest_recorder(manifest))
+                            on_file_written=manifest_recorder(manifest),
+                            recorded=recorded_hashes(storage))
     finally:
         manifest.checkpoint()
     report.plan = the_plan

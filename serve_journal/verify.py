@@ -10,8 +10,14 @@ Checks, each reported with the file, manifest object or chain it concerns:
 3. every data file (``hot/**.parquet``, ``cold/**.parquet``) against its manifest record: bytes
    (SHA-256, size), object version, row count, time range, producer sequence ranges and the RFC 6962
    Merkle root recomputed over its entries; files with no record are reported as added/forged;
-4. every record's file exists, unless a later record ``replaces`` it (compaction) and that
-   replacement verifies;
+4. every record's file exists, unless a later record ``replaces`` it (compaction, lifecycle) or
+   a commit marker (``_commits/``) names it among the files a rewrite replaced, and that
+   replacement verifies; replacements chain (a writer's hot file -> the compacted day file ->
+   its cold copy): a replacement that is gone itself is fine when its own replacement verifies;
+   a derived file (``c-*`` compacted or any cold file) that no commit marker names is not part
+   of the journal (a rewrite that stopped before its commit): it is reported as a warning, not
+   as a forged file; the same record appended twice (same path and SHA-256: a rewrite re-run
+   after a crash between recording and committing) counts as one;
 5. per-producer sequence continuity over all records: every gap must be covered by an accounted
    gap (counted drops or sampling), otherwise it is reported as loss;
 6. on versioned object stores (S3): extra object versions and delete markers anywhere in the
@@ -142,7 +148,7 @@ def _in_scope_path(path: str, since_us: int | None, model: str | None) -> bool:
         return since_us is None and model is None
     if model is not None and key.model != model:
         return False
-    return not (since_us is not None and _micros(key.start + dt.timedelta(hours=1)) <= since_us)
+    return not (since_us is not None and _micros(key.end) <= since_us)
 
 
 def _in_scope_record(record: ManifestRecord, since_us: int | None, model: str | None) -> bool:
@@ -450,8 +456,24 @@ def verify_journal(
     chains = _check_chains(storage, report)
     _check_checkpoints(storage, witness, key, chains, report)
 
-    records = [r for chain in chains.values() for _, r in sorted(chain.records.items())]
+    records = []
+    seen_files: set[tuple[str, str]] = set()
+    for chain in chains.values():
+        for _, record in sorted(chain.records.items()):
+            if (record.path, record.sha256) in seen_files:
+                continue  # re-recorded after a crash between the record and the commit marker
+            seen_files.add((record.path, record.sha256))
+            records.append(record)
     scoped = [r for r in records if _in_scope_record(r, since_us, model)]
+    from serve_journal.compaction import MarkerCache, is_derived, load_markers
+
+    try:
+        markers = load_markers(storage, cache=MarkerCache())
+    except Exception as exc:  # noqa: BLE001 - an unreadable marker is a finding
+        report._add("commit-marker-unreadable", "_commits/", f"cannot read commit markers "
+                    f"({type(exc).__name__})")
+        markers = []
+    committed = {p for m in markers for p in m.new_files}
     by_path: dict[str, list[ManifestRecord]] = defaultdict(list)
     for record in records:
         by_path[record.path].append(record)
@@ -461,6 +483,11 @@ def verify_journal(
              or any(_in_scope_record(r, since_us, model) for r in by_path.get(p, []))]
     verified: dict[str, bool] = {}
     for path in files:
+        if path not in by_path and is_derived(path) and path not in committed:
+            report._add("uncommitted-derived-file", path,
+                        "compacted/cold file that no commit marker names: a rewrite that stopped "
+                        "before its commit; readers ignore it", severity=WARNING)
+            continue
         report.files += 1
         if path not in by_path:
             report._add("file-without-record", path,
@@ -470,28 +497,37 @@ def verify_journal(
         verified[path] = _check_file(storage, path, by_path[path], report)
 
     # Records whose file is gone: fine only when a verified replacement supersedes them.
-    replaced_by: dict[str, list[ManifestRecord]] = defaultdict(list)
+    replaced_by: dict[str, set[str]] = defaultdict(set)
     for record in records:
         for old in record.replaces:
-            replaced_by[old].append(record)
+            replaced_by[old].add(record.path)
+    for marker in markers:
+        for old in marker.replaces:
+            replaced_by[old].update(marker.new_files)
     present = set(storage.list_files("", PARQUET_SUFFIX))
 
-    def _replacement_ok(path: str) -> bool:
-        if path not in present:
+    def _replacement_ok(path: str, seen: frozenset[str]) -> bool:
+        """A replacement holds: it is present and verifies, or it is gone and replaced in turn
+        by files that hold (hot -> compacted -> cold)."""
+        if path in seen:
             return False
-        if path not in verified:
-            verified[path] = _check_file(storage, path, by_path[path], report)
-        return verified[path]
+        if path in present:
+            if path not in by_path:
+                return False
+            if path not in verified:
+                verified[path] = _check_file(storage, path, by_path[path], report)
+            return verified[path]
+        return any(_replacement_ok(r, seen | {path}) for r in sorted(replaced_by.get(path, ())))
 
     for record in scoped:
         if record.path in present:
             continue
-        replacements = replaced_by.get(record.path, [])
-        if any(_replacement_ok(r.path) for r in replacements):
+        replacements = sorted(replaced_by.get(record.path, ()))
+        if any(_replacement_ok(r, frozenset({record.path})) for r in replacements):
             continue
         detail = "file in the manifest record is missing (deleted)"
         if replacements:
-            detail += f"; its replacement {replacements[-1].path} does not verify"
+            detail += f"; its replacement {replacements[-1]} does not verify"
         report._add("file-missing", record.path, detail, record.chain_id)
 
     _check_sequences(scoped, accounted_gaps or {}, seq_start if since is None else None, report)
