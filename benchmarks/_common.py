@@ -149,7 +149,6 @@ def tansu_broker(log_dir: str | os.PathLike[str], topic: str, partitions: int) -
 
     Started as its own process and killed by its pid on exit, even on failure.
     """
-    import asyncio
     import signal
     import subprocess
 
@@ -174,22 +173,29 @@ def tansu_broker(log_dir: str | os.PathLike[str], topic: str, partitions: int) -
             raise RuntimeError("tansu did not start; see tansu.log")
         bootstrap = f"127.0.0.1:{port}"
 
-        async def create() -> None:
-            from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-            admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-            await admin.start()
-            try:
-                await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
-            finally:
-                await admin.close()
-
-        asyncio.run(create())
+        create_topic(bootstrap, topic, partitions)
         yield bootstrap
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    """Create ``topic`` with ``partitions`` partitions (replication 1) on the broker."""
+    import asyncio
+
+    async def create() -> None:
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
 
 
 def parquet_rows(root: str | os.PathLike[str]) -> int:

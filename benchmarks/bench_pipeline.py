@@ -166,6 +166,12 @@ class _Path:
 def _one_level(path: _Path, rate: float, producers: int, seconds: float, durable_timeout: float,
                wait_for_roll: bool) -> tuple[dict[str, Any], Path]:
     journal = path.root / f"j-{path.kind}-{uuid.uuid4().hex[:6]}"
+    if path.kind == "kafka":
+        # a fresh topic per level: a new journal's sinks start from the topic's beginning
+        from benchmarks._common import create_topic
+
+        path.topic = f"journal-{uuid.uuid4().hex[:6]}"
+        create_topic(path.bootstrap, path.topic, path.partitions)
     path.start_sinks(journal)
     actors = [Producer.remote(path.config(journal, i)) for i in range(producers)]
     try:

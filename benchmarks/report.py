@@ -108,6 +108,7 @@ def _header(results: dict[str, Any]) -> str:
         "Benchmarks report and never fail: a target not met on this machine is shown as **not met**.",
         "",
     ]
+    lines += [f"- {note}" for note in results.get("notes", [])] + ([""] if results.get("notes") else [])
     return "\n".join(lines)
 
 
@@ -163,6 +164,8 @@ def _serving(res: dict[str, Any]) -> str:
         "Target for serve_journal: >= 0.97x throughput and <= 0.3 ms added p99.", "",
         _table(["variant", "path", "req/s", "req/s range", "ratio vs no journal", "p50 ms", "p99 ms",
                 "added p50 ms", "added p99 ms", "errors", "target"], table), "",
+        "Differences smaller than the round-to-round range are noise at this size; a negative added "
+        "latency is noise, not a speed-up.", "",
         notes,
     ])
 
@@ -199,7 +202,9 @@ def _pipeline(res: dict[str, Any]) -> str:
                 "drain tail s", "kept up"], table), "",
         *best_lines, "",
         "Persistence latency at a steady rate (one producer): file mtime - entry `ts`, for every entry, "
-        "with no forced flush (the flusher's 100 ms interval and the writers' own roll).", "",
+        "with no forced flush (the flusher's 100 ms interval and the writers' own roll). A writer keeps a "
+        "file open up to `roll_seconds` (default 1.0 s) by design, so entries wait 0-1 s for their file "
+        "plus the flush interval: p99 <= 1 s needs `roll_seconds` around 0.5 s, or a quiet machine.", "",
         _table(["path", "rate/s", "seconds", "entries", "p50 ms", "p99 ms", "max ms", "p99 <= 1 s"], lat)
         if lat else "Not measured.", "",
         notes,

@@ -62,13 +62,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {ALL}")
     parser.add_argument("--out", default=str(DOCS), help="Markdown report to write ('-' for none)")
     parser.add_argument("--json", help="also write the raw results as JSON here")
+    parser.add_argument("--merge", help="results JSON of an earlier run: keep its benchmarks that this "
+                        "run does not re-measure (the report says which were re-measured, and when)")
     args = parser.parse_args(argv)
     only = tuple(x.strip() for x in args.only.split(",") if x.strip())
     unknown = sorted(set(only) - set(ALL))
     if unknown:
         parser.error(f"--only got unknown benchmark(s) {unknown}; known: {list(ALL)}")
     out = None if args.out == "-" else Path(args.out)
-    results = run_all(args.size, only, out)
+    results = run_all(args.size, only, None if args.merge else out)
+    if args.merge:
+        earlier = json.loads(Path(args.merge).read_text(encoding="utf-8"))
+        fresh = results
+        results = {**earlier, **{k: v for k, v in fresh.items() if k in only}}
+        m = fresh["machine"]
+        results.setdefault("notes", []).append(
+            f"{', '.join(only)} re-measured at {m['date']} (load avg at start "
+            f"{' / '.join(str(x) for x in m.get('load_avg_at_start') or [])}); the rest is from the run above.")
+        if out is not None:
+            report.write(results, out)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     if out is not None:
