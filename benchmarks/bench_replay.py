@@ -3,8 +3,8 @@
 Builds a journal of ``N`` fraud-shaped entries made by the real :class:`VaultPseudonymizer`
 (per-subject keys in a SQLite vault), written with the real writer encoding into one hour
 partition (files of 100k rows, as compaction leaves them), and a :class:`ParquetFeatureStore`
-holding the features each entry was decided on (one history row per entry, written 1 ms before
-it). Then times :func:`serve_journal.replay.replay` (verify only, per-entry results written to
+holding the features each entry was decided on (one history row per entry, written before it
+and after every earlier decision). Then times :func:`serve_journal.replay.replay` (verify only, per-entry results written to
 Parquet) on a local Ray with the machine's cores, and checks every entry verified.
 
     .venv/bin/python benchmarks/bench_replay.py --entries 1000000
@@ -68,14 +68,20 @@ def build(workdir: Path, n: int, subjects: int, seed: int) -> dict:
     storage = LocalJournalStorage(str(workdir / "journal"))
     store = ParquetFeatureStore(workdir / "features", batch_rows=FILE_ROWS)
     start_us = int(HOUR.timestamp() * 1_000_000)
-    ts_all = np.sort(rng.integers(start_us + 1000, start_us + 3_600_000_000, n))
+    # Entry i is decided in slot i (random point in its first half); its features are written at
+    # the slot's start, after every earlier decision: so "latest at or before" is always its own
+    # row, also for a subject with two decisions a few microseconds apart.
+    step = 3_600_000_000 // n
+    slots = start_us + np.arange(n, dtype=np.int64) * step
+    ts_all = slots + rng.integers(0, max(1, step // 2), n)
     key = DEFAULT_SPEC.key_for("fraud", HOUR)
     for chunk, begin in enumerate(range(0, n, FILE_ROWS)):
         ts = ts_all[begin:begin + FILE_ROWS]
+        feature_ts = slots[begin:begin + FILE_ROWS]
         m = len(ts)
         users = [f"user-{int(u):06d}" for u in rng.integers(0, subjects, m)]
         feats = _features(rng, m)
-        store.write_many(users, feats, [int(t) - 1000 for t in ts])
+        store.write_many(users, feats, [int(t) for t in feature_ts])
         protected = pseudonymizer.protect(users, [canonical_encode(f) for f in feats])
         scores = rng.random(m)
         table = pa.table({
