@@ -530,7 +530,7 @@ def _journal_sample(
                 _, key = DEFAULT_SPEC.parse(path)
             except ValueError:
                 continue
-            if (first and key.start < first) or (until and key.start >= until):
+            if (first and key.end <= first) or (until and key.start >= until):
                 continue
             parquet = pq.ParquetFile(pa.BufferReader(storage.read(path)))
             tables.append(parquet.read(columns=wanted))

@@ -216,14 +216,71 @@ def sink(bootstrap: str, topic: str, partitions: str, journal_uri: str, roll_sec
                      witness_uri=witness_uri, signing_key_file=signing_key_file)
 
 
-def _register_console() -> None:
+@main.command()
+@click.option("--journal", "journal_uri", default="./journal", show_default=True)
+@click.option("--apply", "do_apply", is_flag=True, help="Act; without it, only report the plan.")
+def compact(journal_uri: str, do_apply: bool) -> None:
+    """Merge the many small files of finished days into few sorted day files (verify-safe)."""
+    from serve_journal.compaction import run_compaction
+
+    click.echo(run_compaction(journal_uri, apply=do_apply).describe())
+
+
+@main.group()
+def lifecycle() -> None:
+    """Hot -> cold tier moves, and the S3 lifecycle configuration to apply to the bucket."""
+
+
+@lifecycle.command("run")
+@click.option("--journal", "journal_uri", default="./journal", show_default=True)
+@click.option("--hot-days", default=30, show_default=True, type=int)
+@click.option("--apply", "do_apply", is_flag=True, help="Act; without it (default) a dry run.")
+def lifecycle_run(journal_uri: str, hot_days: int, do_apply: bool) -> None:
+    """Rewrite partitions older than the hot window into the cold tier, check, then expire."""
+    from serve_journal.lifecycle import run_lifecycle
+
+    click.echo(run_lifecycle(journal_uri, apply=do_apply, hot_days=hot_days).describe())
+
+
+@lifecycle.command("s3-config")
+@click.option("--prefix", default="", help="Journal prefix inside the bucket.")
+@click.option("--glacier-after-days", default=30, show_default=True, type=int)
+@click.option("--deep-archive-after-days", default=180, show_default=True, type=int)
+def lifecycle_s3_config(prefix: str, glacier_after_days: int, deep_archive_after_days: int) -> None:
+    """Print the S3 lifecycle configuration (storage-class transitions) for the journal bucket."""
+    import json
+
+    from serve_journal.lifecycle import s3_lifecycle_configuration
+
+    click.echo(json.dumps(s3_lifecycle_configuration(
+        prefix=prefix, glacier_after_days=glacier_after_days,
+        deep_archive_after_days=deep_archive_after_days), indent=2))
+
+
+@main.command("bytes-per-entry")
+@click.option("--journal", "journal_uri", default="./journal", show_default=True)
+def bytes_per_entry_command(journal_uri: str) -> None:
+    """Bytes per entry on disk, hot and cold tiers."""
+    from serve_journal.lifecycle import bytes_per_entry
+    from serve_journal.storage import JournalStorage
+
+    storage = JournalStorage.from_uri(journal_uri)
+    for tier in ("hot", "cold"):
+        value = bytes_per_entry(storage, tier)
+        click.echo(f"{tier}: {'no entries' if value is None else f'{value:.1f} B/entry'}")
+
+
+def _register_lazy_commands() -> None:
     from serve_journal.console.commands import console_command, console_user
 
     main.add_command(console_command, "console")
     main.add_command(console_user, "console-user")
+    from serve_journal.replay import replay_command
+
+    main.add_command(replay_command, "replay")
 
 
-_register_console()
+_register_lazy_commands()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,30 +26,44 @@ def _free_port() -> int:
 
 
 def send_traffic(url: str, n: int, users: list[str], *, seed: int = 1, concurrency: int = 8,
-                 caller: str = "checkout-service") -> list[dict[str, Any]]:
-    """POST ``n`` requests as the given synthetic users; returns what each request got."""
+                 caller: str = "checkout-service", feature_store: Any = None) -> list[dict[str, Any]]:
+    """POST ``n`` requests as the given synthetic users; returns what each request got.
+
+    With a ``feature_store``, each request's features are recorded there first (with history),
+    as a feature pipeline would, so replay can recompute them as of decision time. Each worker
+    thread owns a subset of the users, so one user's requests never race each other.
+    """
+    import threading
+
     import requests
 
     from serve_journal.examples.fraud import random_features
+    from serve_journal.featurestore import record_features
 
     rng = np.random.default_rng(seed)
     plan = [(users[int(rng.integers(0, len(users)))], random_features(rng)) for _ in range(n)]
-    session_local = __import__("threading").local()
+    lanes: list[list[tuple[int, str, dict]]] = [[] for _ in range(concurrency)]
+    for i, (user, features) in enumerate(plan):
+        lanes[users.index(user) % concurrency].append((i, user, features))
+    results: list[dict[str, Any] | None] = [None] * n
+    store_lock = threading.Lock()
 
-    def one(item: tuple[str, dict]) -> dict[str, Any]:
-        user, features = item
-        session = getattr(session_local, "session", None)
-        if session is None:
-            session = session_local.session = requests.Session()
-        request_id = uuid.uuid4().hex
-        response = session.post(url, json={"subject_id": user, "features": features},
-                                headers={"x-caller-id": caller, "x-request-id": request_id},
-                                timeout=60)
-        return {"user": user, "request_id": request_id, "status": response.status_code,
-                "body": response.json() if response.ok else None}
+    def lane(items: list[tuple[int, str, dict]]) -> None:
+        session = requests.Session()
+        for i, user, features in items:
+            if feature_store is not None:
+                with store_lock:
+                    record_features(feature_store, user, features)
+            request_id = uuid.uuid4().hex
+            response = session.post(url, json={"subject_id": user, "features": features},
+                                    headers={"x-caller-id": caller, "x-request-id": request_id},
+                                    timeout=60)
+            results[i] = {"user": user, "request_id": request_id, "status": response.status_code,
+                          "body": response.json() if response.ok else None}
 
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(one, plan))
+        list(pool.map(lane, lanes))
+    return [r for r in results if r is not None]
 
 
 def run_demo(workdir: str = "./demo-output", requests_count: int = 3000, users: int = 25,
@@ -61,7 +75,9 @@ def run_demo(workdir: str = "./demo-output", requests_count: int = 3000, users: 
     from serve_journal import flush_journal, producer_reports
     from serve_journal.api import subject_tokenizer
     from serve_journal.examples.fraud import build_app, train_and_register
+    from serve_journal.featurestore import ParquetFeatureStore
     from serve_journal.query import JournalQuery, format_table
+    from serve_journal.replay import replay
 
     started = time.monotonic()
     root = Path(workdir).resolve()
@@ -82,8 +98,11 @@ def run_demo(workdir: str = "./demo-output", requests_count: int = 3000, users: 
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(tracking_uri, journal_uri), name="fraud", route_prefix="/fraud")
         user_ids = [f"user-{i:04d}" for i in range(users)]
+        store = ParquetFeatureStore(root / "features")
         t0 = time.monotonic()
-        results = send_traffic(f"http://127.0.0.1:{port}/fraud", requests_count, user_ids)
+        results = send_traffic(f"http://127.0.0.1:{port}/fraud", requests_count, user_ids,
+                               feature_store=store)
+        store.close()
         elapsed = time.monotonic() - t0
         ok = sum(1 for r in results if r["status"] == 200)
         print(f"sent {len(results)} requests from {users} users in {elapsed:.1f} s "
@@ -104,9 +123,14 @@ def run_demo(workdir: str = "./demo-output", requests_count: int = 3000, users: 
         print(f"\nWhat predictions did {subject} receive today? ({table.num_rows} entries)")
         print(format_table(table, columns=["ts", "request_id", "model_version", "score",
                                            "threshold", "decision", "outcome"], max_rows=20))
+        report = replay(journal_uri, model="fraud", rescore=True, tracking_uri=tracking_uri,
+                        feature_store=ParquetFeatureStore(root / "features"),
+                        output=str(root / "replay-results.parquet"), progress=False)
+        print("\nReplay: features recomputed as of each decision, HMAC checked, model re-run")
+        print(report.format_summary())
         print(f"\nfinished in {time.monotonic() - started:.0f} s; files under {root}")
         return {"requests": len(results), "ok": ok, "journaled": journaled, "captured": captured,
-                "dropped": dropped, "subject_rows": table.num_rows}
+                "dropped": dropped, "subject_rows": table.num_rows, "replay_ok": report.ok}
     finally:
         serve.shutdown()
         ray.shutdown()

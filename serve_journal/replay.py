@@ -783,7 +783,7 @@ def _journal_files(storage: Any, model: str, since: dt.datetime | None, until: d
         start = f.key.start
         if until is not None and start >= until:
             continue
-        if since is not None and start + dt.timedelta(hours=1) <= since:
+        if since is not None and f.key.end <= since:
             continue
         out.append(storage.full_path(f.path))
     return out

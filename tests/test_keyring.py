@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from serve_journal.privacy.keyring import (
     KEK_ENV,
+    PURPOSE_SAMPLING,
     PURPOSE_SUBJECT_INDEX,
     PURPOSE_SUBJECT_WRAP,
     EnvKek,
@@ -48,7 +49,7 @@ def test_local_default_creates_kek_0600_and_wrapped_keyring(tmp_path, monkeypatc
     assert stat.S_IMODE((tmp_path / "keys" / "keyring.json").stat().st_mode) == 0o600
     doc = json.loads((tmp_path / "keys" / "keyring.json").read_text())
     assert doc["current"] == ring.current_key_id and set(doc["keys"]) == {ring.current_key_id}
-    assert set(doc["purposes"]) == {PURPOSE_SUBJECT_INDEX, PURPOSE_SUBJECT_WRAP}
+    assert set(doc["purposes"]) == {PURPOSE_SUBJECT_INDEX, PURPOSE_SUBJECT_WRAP, PURPOSE_SAMPLING}
     keys = all_secrets(ring)
     assert all(len(k) == 32 for k in keys) and len(set(keys)) == len(keys)
     # at rest only wrapped: no clear key in any form in the file
@@ -194,12 +195,12 @@ def test_kms_hook(tmp_path):
     _KMS_SERVICE["alias/journal"] = secrets.token_bytes(32)
     before = FakeKmsHook.calls
     ring = Keyring(tmp_path / "ring.json", FakeKmsHook("alias/journal"))
-    assert FakeKmsHook.calls - before == 3  # one data key and two purpose keys wrapped
+    assert FakeKmsHook.calls - before == 4  # one data key and three purpose keys wrapped
     clone = pickle.loads(pickle.dumps(ring))
     assert clone.data_key() == ring.data_key()
-    assert FakeKmsHook.calls - before == 4  # the clone unwrapped once, then cached
+    assert FakeKmsHook.calls - before == 5  # the clone unwrapped once, then cached
     clone.data_key()
-    assert FakeKmsHook.calls - before == 4
+    assert FakeKmsHook.calls - before == 5
     with pytest.raises(KeyringError, match="wrap"):
         Keyring(tmp_path / "other.json", object())  # type: ignore[arg-type]
 

@@ -208,7 +208,7 @@ class _Console:
         from serve_journal.compaction import live_files
 
         keys = [f.key for f in live_files(self.storage, tier="all", model=model)]
-        until = (max(k.start for k in keys) + dt.timedelta(hours=1)) if keys else \
+        until = max(k.end for k in keys) if keys else \
             dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0)
         return until - dt.timedelta(hours=24), until
 
