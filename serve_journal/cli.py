@@ -188,12 +188,18 @@ def stats(journal_uri: str, since: str | None, until: str | None, model: str | N
           group_by: str) -> None:
     """Exact counts (unsampled counters) and weighted estimates from the sampled journal."""
     from serve_journal.aggregates import stats as journal_stats
+    from serve_journal.lifecycle import bytes_per_entry
     from serve_journal.storage import JournalStorage
 
-    report = journal_stats(JournalStorage.from_uri(journal_uri), _parse_time(since, "--since"),
+    storage = JournalStorage.from_uri(journal_uri)
+    report = journal_stats(storage, _parse_time(since, "--since"),
                            _parse_time(until, "--until"), model,
                            group_by=[c.strip() for c in group_by.split(",") if c.strip()])
     click.echo(report.format_text())
+    for tier in ("hot", "cold"):
+        value = bytes_per_entry(storage, tier)
+        if value is not None:
+            click.echo(f"bytes per entry on disk, {tier} tier: {value:.1f}")
 
 
 @main.command()
