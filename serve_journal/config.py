@@ -73,7 +73,7 @@ class JournalConfig:
     transport: str = "actors"
     writer_pool_size: int = 2
     writer_namespace: str = "serve_journal"
-    roll_seconds: float = 1.0
+    roll_seconds: float = 0.5
     roll_bytes: int = 64 * 1024 * 1024
     risk_policy: Any = None
     """Risk tiers and sampling: a mapping (see ``serve_journal.policy.RiskPolicy.from_dict``),

@@ -25,7 +25,7 @@ class SinkSettings:
     """Where and how journal files are written, and how their manifests are signed."""
 
     journal_uri: str
-    roll_seconds: float = 1.0
+    roll_seconds: float = 0.5
     roll_bytes: int = 64 * 1024 * 1024
     retention: Any = None
     """A policy name, a mapping, or ``{"hot": .., "cold": ..}`` (see serve_journal.retention)."""
