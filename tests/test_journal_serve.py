@@ -339,7 +339,7 @@ def test_reconfigure_resolves_the_alias_again(serve_instance, tmp_path, journal_
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     v1 = train_and_register(tmp_path, tracking_uri, rows=500, seed=1, model_name="fraud-reconf")
     v2 = train_and_register(tmp_path, tracking_uri, rows=500, seed=2, model_name="fraud-reconf")
-    MlflowClient(tracking_uri).set_registered_model_alias("fraud-reconf", "champion", v1)
+    MlflowClient(tracking_uri, registry_uri=tracking_uri).set_registered_model_alias("fraud-reconf", "champion", v1)
 
     def app(user_config: dict):
         return journaled(model="models:/fraud-reconf@champion", tracking_uri=tracking_uri,
@@ -348,7 +348,7 @@ def test_reconfigure_resolves_the_alias_again(serve_instance, tmp_path, journal_
 
     handle = serve.run(app({"round": 1}), name=app_name, route_prefix=None)
     handle.remote({"features": {"amount": 1.0}}).result()
-    MlflowClient(tracking_uri).set_registered_model_alias("fraud-reconf", "champion", v2)
+    MlflowClient(tracking_uri, registry_uri=tracking_uri).set_registered_model_alias("fraud-reconf", "champion", v2)
     handle = serve.run(app({"round": 2}), name=app_name, route_prefix=None)
     handle.remote({"features": {"amount": 2.0}}).result()
     rows = sorted(wait_for_rows(journal_root, 2).to_pylist(), key=lambda r: r["ts"])

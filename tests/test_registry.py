@@ -25,7 +25,7 @@ def test_alias_version_and_tagged_dataset_hash(mlflow_registry):
     assert by_alias == by_version == latest
     assert by_alias.version == version
     assert by_alias.dataset_hash_source == "tag" and by_alias.dataset_hash.startswith("sha256:")
-    tag = MlflowClient(tracking_uri).get_model_version("fraud", version).tags[DATASET_HASH_TAG]
+    tag = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version("fraud", version).tags[DATASET_HASH_TAG]
     assert tag == by_alias.dataset_hash
 
 
