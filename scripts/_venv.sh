@@ -6,5 +6,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[${EXTRAS:-}]"
+if [ -n "${EXTRAS:-}" ]; then
+  .venv/bin/python -m pip install --quiet -e ".[${EXTRAS}]"
+else
+  .venv/bin/python -m pip install --quiet -e .
+fi
 export RAY_USAGE_STATS_ENABLED=0
