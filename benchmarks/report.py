@@ -203,8 +203,9 @@ def _pipeline(res: dict[str, Any]) -> str:
         *best_lines, "",
         "Persistence latency at a steady rate (one producer): file mtime - entry `ts`, for every entry, "
         "with no forced flush (the flusher's 100 ms interval and the writers' own roll). A writer keeps a "
-        "file open up to `roll_seconds` (default 1.0 s) by design, so entries wait 0-1 s for their file "
-        "plus the flush interval: p99 <= 1 s needs `roll_seconds` around 0.5 s, or a quiet machine.", "",
+        "file open up to `roll_seconds` (default 0.5 s) by design, so entries wait up to that for their "
+        "file plus the flush interval (100 ms) and the file write; the Kafka path adds the broker round "
+        "trip and the sink's own roll.", "",
         _table(["path", "rate/s", "seconds", "entries", "p50 ms", "p99 ms", "max ms", "p99 <= 1 s"], lat)
         if lat else "Not measured.", "",
         notes,
