@@ -381,6 +381,9 @@ class _SqliteBackend:
 # -- PostgreSQL --------------------------------------------------------------------------------
 
 
+_DEADLOCK_RETRIES = 5
+
+
 class _PostgresBackend:
     def __init__(self, dsn: str, namespace: str) -> None:
         try:
@@ -449,15 +452,28 @@ class _PostgresBackend:
         return self._select_where("token", "text", tokens)
 
     def insert_missing(self, rows: Sequence[_Row], created: float) -> None:
+        import psycopg
+
+        # Every process inserts in blind-index order, so two batches that overlap wait on each
+        # other's rows in the same order and cannot deadlock (in arbitrary order they can: each
+        # holds a row the other's ON CONFLICT check waits for). A deadlock reported anyway (a
+        # foreign writer to the table) is retried: the statement is idempotent.
+        ordered = sorted(rows, key=lambda r: r.blind_index)
         with self._lock:
             conn = self._connection()
-            for chunk in _chunks(rows):
-                conn.execute(
-                    f"INSERT INTO {self.keys} (blind_index, key_ref, token, wrapped, created) "
-                    "SELECT i, r, t, w, %s FROM unnest(%s::bytea[], %s::text[], %s::text[], "
-                    "%s::bytea[]) AS u(i, r, t, w) ON CONFLICT DO NOTHING",
-                    (created, [r.blind_index for r in chunk], [r.key_ref for r in chunk],
-                     [r.token for r in chunk], [r.wrapped for r in chunk]))
+            for chunk in _chunks(ordered):
+                for attempt in range(_DEADLOCK_RETRIES):
+                    try:
+                        conn.execute(
+                            f"INSERT INTO {self.keys} (blind_index, key_ref, token, wrapped, created) "
+                            "SELECT i, r, t, w, %s FROM unnest(%s::bytea[], %s::text[], %s::text[], "
+                            "%s::bytea[]) AS u(i, r, t, w) ORDER BY i ON CONFLICT DO NOTHING",
+                            (created, [r.blind_index for r in chunk], [r.key_ref for r in chunk],
+                             [r.token for r in chunk], [r.wrapped for r in chunk]))
+                        break
+                    except psycopg.errors.DeadlockDetected:
+                        if attempt == _DEADLOCK_RETRIES - 1:
+                            raise
 
     def delete(self, index: bytes, deleted_at: float) -> str | None:
         with self._lock:
