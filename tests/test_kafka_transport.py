@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import collections
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from serve_journal.transport import TransportError
 from serve_journal.transport.kafka import KafkaSettings, KafkaTransport, ModelBucketShardPartitioner
+from serve_journal.transport.spool import DiskSpool, find_spools
 from serve_journal.transport.wire import decode_value
-from tests.fixtures.kafka import TansuBroker, free_port, make_entries
+from tests.fixtures.kafka import TansuBroker, free_port, make_entries, wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -132,3 +136,82 @@ def test_settings_validate_and_hide_secrets():
     assert settings.producer_kwargs()["sasl_plain_password"] == "hunter2"
     with pytest.raises(ValueError, match="unknown Kafka setting"):
         KafkaSettings.from_mapping({"bootstrap_servers": "x:1", "acks": 1})
+
+
+_SPOOLING_PRODUCER = """
+import sys, time
+from serve_journal.transport.kafka import KafkaSettings, KafkaTransport
+from tests.fixtures.kafka import make_entries
+settings = KafkaSettings(bootstrap_servers=sys.argv[1], topic="journal", enable_idempotence=False,
+                         spool_dir=sys.argv[2], num_partitions=4, send_timeout_s=1.0,
+                         request_timeout_ms=1000, retry_backoff_s=0.1, retry_backoff_max_s=0.5)
+transport = KafkaTransport(settings)
+for i in range(3):
+    transport.send(make_entries(500, producer_id="dead-replica", start_seq=i * 500))
+assert transport.flush(60)
+print("spooled", transport.counters()["spooled"], flush=True)
+time.sleep(600)
+"""
+
+
+def test_spool_of_a_killed_producer_is_adopted_by_a_live_one(tmp_path):
+    broker = TansuBroker(free_port(), "memory://tansu/", tmp_path / "tansu.log")
+    base = tmp_path / "spools"
+    orphan = base / "dead-replica"
+    producer = subprocess.Popen(  # a replica process: spools 1,500 entries while the broker is down
+        [sys.executable, "-c", _SPOOLING_PRODUCER, broker.bootstrap, str(orphan)],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+    live = None
+    try:
+        assert producer.stdout.readline().split() == ["spooled", "1500"]
+        # While its owner lives, nobody may take the spool over.
+        assert DiskSpool.adopt(str(orphan), _settings(broker.bootstrap, tmp_path).spool_label) is None
+        producer.kill()  # kill -9 with the entries still in its spool
+        producer.wait(10)
+
+        broker.start()
+        broker.create_topic("journal", 4)
+        live = KafkaTransport(_settings(broker.bootstrap, tmp_path, spool_dir=str(base / "live-replica"),
+                                        num_partitions=4, orphan_scan_interval_s=0.2))
+        wait_for(lambda: live.counters()["adopted_spools"] == 1, 60, message="orphaned spool adopted")
+        counters = live.counters()
+        assert counters["adopted_drained"] == 1_500 and counters["dropped"] == {}
+        assert not orphan.exists()  # drained and removed
+        records = broker.read_all("journal", 4, expected=1_500)
+        rows = [decode_value(r.value) for r in records]
+        assert {r["producer_id"] for r in rows} == {"dead-replica"}
+        assert sorted(r["seq"] for r in rows) == list(range(1_500))  # each once, none lost
+    finally:
+        if producer.poll() is None:
+            producer.kill()
+            producer.wait(10)
+        if live is not None:
+            live.close(10)
+        broker.stop()
+
+
+def test_spools_of_other_topics_and_unmarked_directories_are_left_alone(tmp_path):
+    base = tmp_path / "spools"
+    other = DiskSpool(str(base / "other-topic"), label="kafka 127.0.0.1:1 other-topic")
+    assert other.append(b"frame")
+    other.close()
+    plain = DiskSpool(str(base / "unlabelled"))
+    assert plain.append(b"frame")
+    plain.close()
+    mine = DiskSpool(str(base / "mine"), label="kafka 127.0.0.1:1 journal")
+    mine.close()
+    assert find_spools(str(base), "kafka 127.0.0.1:1 journal") == [str(base / "mine")]
+    assert DiskSpool.adopt(str(base / "other-topic"), "kafka 127.0.0.1:1 journal") is None
+    assert DiskSpool.adopt(str(base / "unlabelled"), "kafka 127.0.0.1:1 journal") is None
+    adopted = DiskSpool.adopt(str(base / "mine"), "kafka 127.0.0.1:1 journal")
+    assert adopted is not None and len(adopted) == 0
+    adopted.remove()
+    assert sorted(p.name for p in base.iterdir()) == ["other-topic", "unlabelled"]
+    full = DiskSpool.adopt(str(base / "other-topic"), "kafka 127.0.0.1:1 other-topic")
+    assert full is not None
+    try:
+        with pytest.raises(ValueError, match="still holds 1 records"):
+            full.remove()  # never deletes undrained entries
+    finally:
+        full.close()
+    assert (base / "other-topic").is_dir()

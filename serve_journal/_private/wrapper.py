@@ -477,7 +477,8 @@ def build_transport(config: JournalConfig, producer_id: str, on_drop=None):
         except ImportError as exc:  # pragma: no cover
             raise ConfigError("transport='kafka' needs aiokafka: pip install aiokafka") from exc
         settings = dict(config.extra.get("kafka", {}))
-        # One spool per replica process: a spool directory is never shared.
+        # One spool per replica process: a spool directory is never shared. The live replicas
+        # on a node drain the spools that dead ones left in the same base directory.
         base = settings.pop("spool_dir", None) or os.path.join(
             os.path.expanduser("~"), ".serve_journal", "spool")
         settings["spool_dir"] = os.path.join(base, producer_id)

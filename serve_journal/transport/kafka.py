@@ -16,6 +16,12 @@ tansu broker used in tests does not implement ``InitProducerId``, so tests turn 
 Drops are never silent: a full in-memory queue counts ``transport_queue_full``, a full spool
 ``spool_full``, a batch the loop could not take after close or a crash ``transport_closed`` /
 ``transport_failed``; each is also reported to the optional ``on_drop(reason, entries)`` hook.
+
+A producer that dies (a replica killed, a node rebooted) leaves its spool on disk. Every live
+transport looks for such spools beside its own (same parent directory, marked with the same
+brokers and topic, no longer locked by a living process) at start and every
+``orphan_scan_interval_s``, drains them to Kafka and removes them; counters ``adopted_spools``
+and ``adopted_drained``. The entries keep their own ``producer_id`` and ``seq``.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from typing import Any
 import pyarrow as pa
 
 from serve_journal.transport import TransportError, wire
-from serve_journal.transport.spool import DiskSpool
+from serve_journal.transport.spool import DiskSpool, find_spools
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +84,10 @@ class KafkaSettings:
     spool_segment_bytes: int = 16 * 1024 * 1024
     retry_backoff_s: float = 0.25
     retry_backoff_max_s: float = 5.0
+    adopt_orphan_spools: bool = True
+    """Drain the spools that dead producers of the same brokers and topic left beside ours."""
+    orphan_scan_interval_s: float = 30.0
+    """How often to look for such spools (also once at start)."""
     client_id: str = "serve-journal"
     security_protocol: str = "PLAINTEXT"
     ssl_cafile: str | None = None
@@ -102,7 +112,7 @@ class KafkaSettings:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.num_partitions is not None and (not isinstance(self.num_partitions, int) or self.num_partitions < 1):
             raise ValueError(f"num_partitions must be a positive integer or None, got {self.num_partitions!r}")
-        for name in ("send_timeout_s", "retry_backoff_s", "retry_backoff_max_s"):
+        for name in ("send_timeout_s", "retry_backoff_s", "retry_backoff_max_s", "orphan_scan_interval_s"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
@@ -123,6 +133,11 @@ class KafkaSettings:
         if unknown:
             raise ValueError(f"unknown Kafka setting(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
+
+    @property
+    def spool_label(self) -> str:
+        """What marks this deployment's spools, so only they are adopted (brokers and topic)."""
+        return f"kafka {self.bootstrap_servers} {self.topic}"
 
     def resolved_spool_dir(self) -> str:
         if self.spool_dir:
@@ -199,17 +214,18 @@ class KafkaTransport:
         self.partitioner = ModelBucketShardPartitioner(settings.shards_per_model, settings.bucket_seconds)
         self._on_drop = on_drop
         self._spool = DiskSpool(settings.resolved_spool_dir(), settings.spool_max_bytes,
-                                settings.spool_segment_bytes)
+                                settings.spool_segment_bytes, label=settings.spool_label)
         self._cond = threading.Condition()
         self._handed = 0  # batches accepted by send()
         self._settled = 0  # batches acked, spooled or dropped
         self._pending = 0
-        self._counts = {"sent": 0, "spooled": 0, "drained": 0}
+        self._counts = {"sent": 0, "spooled": 0, "drained": 0, "adopted_spools": 0, "adopted_drained": 0}
         self._dropped: collections.Counter[str] = collections.Counter()
         self._closed = False
         self._closing = False
         self._failed: BaseException | None = None
         self._producer = None
+        self._producer_lock: asyncio.Lock | None = None
         self._num_partitions = settings.num_partitions
         self._next_connect = 0.0
         self._loop = asyncio.new_event_loop()
@@ -299,6 +315,7 @@ class KafkaTransport:
         asyncio.set_event_loop(self._loop)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._spool_event = asyncio.Event()
+        self._producer_lock = asyncio.Lock()
         self._ready.set()
         try:
             self._loop.run_until_complete(self._main())
@@ -316,7 +333,9 @@ class KafkaTransport:
     async def _main(self) -> None:
         if len(self._spool):
             self._spool_event.set()
-        drainer = asyncio.create_task(self._drainer())
+        helpers = [asyncio.create_task(self._drainer())]
+        if self.settings.adopt_orphan_spools:
+            helpers.append(asyncio.create_task(self._adopter()))
         try:
             while True:
                 batch = await self._queue.get()
@@ -326,12 +345,14 @@ class KafkaTransport:
                     await self._handle(batch)
                 finally:
                     self._settle()
-                if drainer.done():
-                    drainer.result()  # re-raise: a dead drainer must not go unnoticed
+                for helper in helpers:
+                    if helper.done():
+                        helper.result()  # re-raise: a dead drainer must not go unnoticed
         finally:
-            drainer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await drainer
+            for helper in helpers:
+                helper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await helper
             if self._producer is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._producer.stop(), self.settings.send_timeout_s)
@@ -385,6 +406,13 @@ class KafkaTransport:
             self._drop("spool_full", len(pairs), entries=lost)
 
     async def _producer_or_none(self):
+        if self._producer is not None:
+            return self._producer
+        assert self._producer_lock is not None
+        async with self._producer_lock:  # the drainer and the adopter must not both connect
+            return await self._connect()
+
+    async def _connect(self):
         if self._producer is not None:
             return self._producer
         if time.monotonic() < self._next_connect:
@@ -446,9 +474,33 @@ class KafkaTransport:
                 future.add_done_callback(_consume_result)
         return [pair for i, pair in enumerate(pairs) if i not in acked]
 
-    def _ack_all(self, records: list) -> None:
+    async def _drain_once(self, spool: DiskSpool) -> int | None:
+        """Resend up to 64 of ``spool``'s oldest records and ack them.
+
+        Returns the entries drained (0 when the spool was empty or its head was unreadable and
+        skipped), or ``None`` when the broker did not take them all: the records stay and are
+        resent whole later; the sink drops the part that did arrive by ``(producer_id, seq)``.
+        """
+        records = await asyncio.to_thread(spool.peek_many, 64)
+        pairs: list[tuple[bytes, bytes]] = []
+        readable = []
         for record in records:
-            self._spool.ack(record)
+            try:
+                pairs.extend(wire.unpack_frame(record.payload))
+                readable.append(record)
+            except wire.WireFormatError:
+                # Checksummed, so a frame of another version: counted, never replayed.
+                if readable:
+                    break
+                await asyncio.to_thread(spool.ack, record)
+                self._drop("spool_unreadable", 1)
+                break
+        if not readable:
+            return 0
+        if await self._produce(pairs):
+            return None
+        await asyncio.to_thread(_ack_all, spool, readable)
+        return len(pairs)
 
     async def _drainer(self) -> None:
         backoff = self.settings.retry_backoff_s
@@ -456,39 +508,59 @@ class KafkaTransport:
             await self._spool_event.wait()
             if self._closing:
                 return
-            records = await asyncio.to_thread(self._spool.peek_many, 64)
-            if not records:
-                if not len(self._spool):
+            drained = await self._drain_once(self._spool)
+            if drained is None:
+                await asyncio.sleep(backoff)  # retry pacing, not synchronisation
+                backoff = min(backoff * 2, self.settings.retry_backoff_max_s)
+                continue
+            backoff = self.settings.retry_backoff_s
+            with self._cond:
+                self._counts["drained"] += drained
+                if not drained and not len(self._spool):
                     self._spool_event.clear()
-                with self._cond:
-                    self._cond.notify_all()
-                continue
-            pairs = []
-            readable = []
-            for record in records:
-                try:
-                    pairs.extend(wire.unpack_frame(record.payload))
-                    readable.append(record)
-                except wire.WireFormatError:
-                    # Checksummed, so a frame of another version: counted, never replayed.
-                    if readable:
-                        break
-                    await asyncio.to_thread(self._spool.ack, record)
-                    self._drop("spool_unreadable", 1)
-                    break
-            if not readable:
-                continue
-            unacked = await self._produce(pairs)
-            if not unacked:
-                await asyncio.to_thread(self._ack_all, readable)
-                with self._cond:
-                    self._counts["drained"] += len(pairs)
-                    self._cond.notify_all()
+                self._cond.notify_all()
+
+    async def _adopter(self) -> None:
+        """Every ``orphan_scan_interval_s``: drain and remove spools left by dead producers."""
+        own = self._spool.directory
+        base = os.path.dirname(own)
+        while not self._closing:
+            for directory in await asyncio.to_thread(find_spools, base, self.settings.spool_label, own):
+                if self._closing:
+                    return
+                await self._adopt(directory)
+            await asyncio.sleep(self.settings.orphan_scan_interval_s)  # a period, not a wait for state
+
+    async def _adopt(self, directory: str) -> None:
+        spool = await asyncio.to_thread(DiskSpool.adopt, directory, self.settings.spool_label,
+                                        self.settings.spool_max_bytes, self.settings.spool_segment_bytes)
+        if spool is None:
+            return  # its producer is alive (or it is gone already)
+        try:
+            logger.info("adopting the spool of a stopped producer: %d records in %s",
+                        len(spool), os.path.basename(directory))
+            backoff = self.settings.retry_backoff_s
+            while len(spool) and not self._closing:
+                drained = await self._drain_once(spool)
+                if drained is None:
+                    await asyncio.sleep(backoff)  # retry pacing, not synchronisation
+                    backoff = min(backoff * 2, self.settings.retry_backoff_max_s)
+                    continue
                 backoff = self.settings.retry_backoff_s
-                continue
-            # Partly sent: the record stays and is resent whole; the sink dedupes the acked part.
-            await asyncio.sleep(backoff)  # retry pacing, not synchronisation
-            backoff = min(backoff * 2, self.settings.retry_backoff_max_s)
+                with self._cond:
+                    self._counts["adopted_drained"] += drained
+            if not len(spool):
+                await asyncio.to_thread(spool.remove)
+                with self._cond:
+                    self._counts["adopted_spools"] += 1
+                    self._cond.notify_all()
+        finally:
+            spool.close()  # anything left stays on disk for the next adopter
+
+
+def _ack_all(spool: DiskSpool, records: list) -> None:
+    for record in records:
+        spool.ack(record)
 
 
 def _consume_result(future: asyncio.Future) -> None:

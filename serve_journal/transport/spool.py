@@ -21,6 +21,13 @@ is bounded by ``max_bytes`` (segment files on disk); a full spool makes :meth:`D
 return ``False`` and the caller applies its overflow policy and counts the drop.
 
 Thread safe: one lock serialises appends, reads and acknowledgements.
+
+**Orphaned spools.** A spool is owned by one process through an ``flock`` on ``.lock``; the
+kernel releases it when the process dies, however it dies. A spool created with a ``label``
+(the Kafka transport uses its bootstrap servers and topic) also carries a ``.serve-journal-spool``
+marker holding the label, so a live process of the same deployment can find a dead sibling's
+spool (:func:`find_spools`), take it over (:meth:`DiskSpool.adopt`, which fails while the owner
+lives), drain it and :meth:`DiskSpool.remove` it. Unlabelled spools are never adopted.
 """
 
 from __future__ import annotations
@@ -43,6 +50,12 @@ _HEADER = struct.Struct(">4sI32s")
 HEADER_SIZE = _HEADER.size
 _SEGMENT = re.compile(r"^seg-(\d{12})\.spool$")
 _CURSOR = "cursor"
+_LOCK = ".lock"
+MARKER = ".serve-journal-spool"
+
+
+class SpoolInUseError(ValueError):
+    """The spool directory is locked by another live spool (process or object)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +75,8 @@ class DiskSpool:
     """A bounded spool of byte payloads in a directory; see the module docstring."""
 
     def __init__(self, directory: str, max_bytes: int = 256 * 1024 * 1024,
-                 segment_bytes: int = 16 * 1024 * 1024) -> None:
+                 segment_bytes: int = 16 * 1024 * 1024, *, label: str | None = None,
+                 _create: bool = True) -> None:
         if not isinstance(max_bytes, int) or max_bytes < HEADER_SIZE + 1:
             raise ValueError(f"max_bytes must be an integer > {HEADER_SIZE}, got {max_bytes!r}")
         if not isinstance(segment_bytes, int) or segment_bytes < 1:
@@ -81,17 +95,65 @@ class DiskSpool:
             "appended": 0, "acked": 0, "full": 0,
             "corrupt_records": 0, "torn_tails": 0, "corrupt_bytes": 0,
         }
-        os.makedirs(self.directory, exist_ok=True)
-        self._lock_file = open(os.path.join(self.directory, ".lock"), "a")  # noqa: SIM115
+        self.label = label
+        if _create:
+            os.makedirs(self.directory, exist_ok=True)
+        # Adopting: no O_CREAT, so a spool removed meanwhile is not brought back empty.
+        flags = os.O_RDWR | (os.O_CREAT if _create else 0)
+        self._lock_file = os.fdopen(os.open(os.path.join(self.directory, _LOCK), flags, 0o600), "r+")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock_file.close()
-            raise ValueError(
+            raise SpoolInUseError(
                 f"spool directory {self.directory!r} is in use by another spool; give every "
                 "producer process its own directory"
             ) from None
+        marker = os.path.join(self.directory, MARKER)
+        if not _create and _read_marker(self.directory) != label:
+            self._lock_file.close()  # removed (or relabelled) while we waited for the lock
+            raise FileNotFoundError(marker)
+        if _create and label is not None and _read_marker(self.directory) != label:
+            tmp = marker + ".tmp"
+            with open(tmp, "w") as handle:
+                handle.write(label)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, marker)
         self._recover()
+
+    @classmethod
+    def adopt(cls, directory: str, label: str, max_bytes: int = 256 * 1024 * 1024,
+              segment_bytes: int = 16 * 1024 * 1024) -> DiskSpool | None:
+        """Take over the spool another process left in ``directory``.
+
+        ``None`` when its owner still holds it, when it is gone, or when its marker does not
+        carry ``label`` (another deployment's spool, or not a spool at all).
+        """
+        if _read_marker(directory) != label:
+            return None
+        try:
+            return cls(directory, max_bytes, segment_bytes, label=label, _create=False)
+        except (SpoolInUseError, FileNotFoundError):
+            return None
+
+    def remove(self) -> None:
+        """Delete this drained spool's directory and close it; refused while records remain."""
+        with self._lock:
+            if self._index:
+                raise ValueError(f"spool {self.directory!r} still holds {len(self._index)} records")
+            self._closed = True
+            if self._active_file is not None:
+                self._active_file.close()
+                self._active_file = None
+            # The marker goes first: whoever opened .lock meanwhile sees no marker and backs off.
+            for name in [MARKER, *sorted(os.listdir(self.directory))]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.directory, name))
+            with contextlib.suppress(OSError):
+                os.rmdir(self.directory)
+            if not self._lock_file.closed:
+                self._lock_file.close()
 
     # -- introspection -------------------------------------------------------------------------
 
@@ -312,6 +374,30 @@ class DiskSpool:
         return os.path.join(self.directory, self._segment_name(number))
 
 
+def find_spools(base: str, label: str, exclude: str | None = None) -> list[str]:
+    """Directories directly below ``base`` holding a spool marked with ``label``, oldest first."""
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return []
+    skip = os.path.abspath(exclude) if exclude else None
+    found = []
+    for name in names:
+        directory = os.path.abspath(os.path.join(base, name))
+        if directory != skip and _read_marker(directory) == label:
+            with contextlib.suppress(OSError):
+                found.append((os.stat(os.path.join(directory, MARKER)).st_mtime, directory))
+    return [directory for _, directory in sorted(found)]
+
+
+def _read_marker(directory: str) -> str | None:
+    try:
+        with open(os.path.join(directory, MARKER)) as handle:
+            return handle.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def _verify(data: bytes, pos: int) -> bytes | None:
     """The payload of a valid record at ``pos`` of ``data``, else ``None``."""
     if len(data) - pos < HEADER_SIZE:
@@ -343,4 +429,4 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-__all__ = ["DiskSpool", "SpoolRecord"]
+__all__ = ["DiskSpool", "SpoolInUseError", "SpoolRecord", "find_spools"]
