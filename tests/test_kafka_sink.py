@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from serve_journal.layout import DEFAULT_SPEC
+from serve_journal.sink.kafka_app import sink_manifest_hook
 from serve_journal.sink.kafka_sink import (
     ChunkFileName,
     KafkaSink,
@@ -28,6 +29,7 @@ from serve_journal.sink.kafka_sink import (
 )
 from serve_journal.storage import LocalJournalStorage
 from serve_journal.transport.kafka import KafkaSettings, KafkaTransport
+from serve_journal.verify import format_report, verify_journal
 from tests.fixtures.kafka import check_delivery, journal_table, make_entries, wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -157,12 +159,20 @@ def test_half_written_chunk_is_rebuilt_with_the_same_names(kafka_broker, tmp_pat
         storage.delete(path)
     recovered = recover_offsets(storage, TOPIC, range(PARTITIONS))
     assert len(recovered.rebuild_until) == len(second_parts)
-    rebuilt = KafkaSink(settings, storage)
+    # The first run kept no manifest, as if it died before recording anything: the rebuilding
+    # run must record the parts it finds as well as those it writes, or verify flags them.
+    log, hook = sink_manifest_hook(str(tmp_path / "journal"), TOPIC, tuple(range(PARTITIONS)))
+    rebuilt = KafkaSink(settings, storage, on_file_written=hook)
     asyncio.run(scenario(rebuilt))
+    log.checkpoint()
     assert sorted(storage.list_files(suffix=".parquet")) == sorted(files)  # same names again
     assert rebuilt.stats["parts_already_present"] == len(second_parts)
+    assert rebuilt.stats["existing_parts_recorded"] == len(second_parts)
     report = check_delivery(journal_table(storage), sent)
     assert report.exactly_once, report.summary()
+    verified = verify_journal(storage, public_key=str(tmp_path / "journal-keys" / "manifest-signing.pub.pem"))
+    assert verified.files == len(files)
+    assert not [p for p in verified.errors if p.kind == "file-without-record"], format_report(verified)
 
 
 def _break_storage(root: Path) -> Path:

@@ -15,7 +15,8 @@ S3). Why this is exactly once:
   after the durable write and serve lag monitoring only.
 * **No duplicate.** A chunk that was only partly written when the sink died (parts missing) is
   rebuilt on restart from the same offsets ``S..E``: the same messages give the same parts with the
-  same names, existing parts are kept (create-only refuses to overwrite them), missing ones are
+  same names, existing parts are kept (create-only refuses to overwrite them) and recorded again
+  in the new run's manifest chain (the dead run may not have recorded them), missing ones are
   written. Every offset thus lands in exactly one file. Duplicate *messages* (the transport is
   at-least-once: a batch that timed out may be resent from its spool) are dropped by
   ``(producer_id, seq)`` within a chunk and against a window of recently written entries.
@@ -27,6 +28,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import hashlib
 import logging
 import re
 import signal
@@ -38,7 +40,7 @@ from typing import Any
 import pyarrow as pa
 
 from serve_journal.layout import DEFAULT_SPEC, PartitionKey, PartitionSpec
-from serve_journal.sink.parquet import HOT_OPTIONS, ParquetOptions, encode_parquet
+from serve_journal.sink.parquet import HOT_OPTIONS, ParquetOptions, decode_parquet, encode_parquet
 from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
 from serve_journal.transport import wire
 
@@ -391,9 +393,13 @@ class KafkaSink:
             try:
                 stored = self.storage.put_new(path, data)
             except ObjectExistsError:
-                # Written by an earlier run that died before finishing this chunk: keep it.
+                # Written by an earlier run that died before finishing this chunk: keep it, and
+                # record it in this run's manifest chain, since the dead run may have died between
+                # the write and its record (verify counts a file recorded twice once).
                 self.stats["parts_already_present"] += 1
                 self._remember(part.table)
+                if self.on_file_written is not None:
+                    self._record_existing(path)
                 continue
             self.stats["files_written"] += 1
             self.stats["rows_written"] += table.num_rows
@@ -402,6 +408,21 @@ class KafkaSink:
             if self.on_file_written is not None:
                 self.on_file_written(stored, table)
         return rows
+
+    def _record_existing(self, path: str) -> None:
+        """Pass a file already in storage to ``on_file_written`` as it is stored (bytes, version)."""
+        read_versioned = getattr(self.storage, "read_versioned", None)
+        data, version = read_versioned(path) if read_versioned else (self.storage.read(path), None)
+        try:
+            table = decode_parquet(data)
+        except Exception as exc:  # noqa: BLE001 - left unrecorded, so verify reports the file
+            self.stats["existing_parts_unreadable"] += 1
+            logger.warning("existing journal file %s is unreadable (%s); not recorded", path,
+                           type(exc).__name__)
+            return
+        stored = StoredObject(path, len(data), hashlib.sha256(data).hexdigest(), version)
+        self.on_file_written(stored, table)
+        self.stats["existing_parts_recorded"] += 1
 
     def _drop_recent(self, table: pa.Table) -> pa.Table:
         if not self._recent:
