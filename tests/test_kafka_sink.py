@@ -387,3 +387,54 @@ def test_broker_stopped_for_20s_under_load(kafka_broker_durable, tmp_path):
     report = check_delivery(journal_table(storage), sent)
     assert report.exactly_once, report.summary()
     assert counters["spooled"] > 0 and counters["drained"] == counters["spooled"]
+
+
+def test_sink_replica_killed_by_sigkill_is_restarted_by_serve(serve_instance, kafka_broker, tmp_path):
+    """kill -9 of the Ray actor running a sink (the Serve app of deployments/kafka-sink.yaml):
+    Serve starts a new replica, which resumes from the files in storage; nothing lost, nothing
+    duplicated, and every file has a manifest record."""
+    from ray import serve
+
+    from serve_journal.sink.kafka_app import app_builder
+
+    kafka_broker.create_topic(TOPIC, PARTITIONS)
+    root = tmp_path / "journal"
+    transport = _transport(kafka_broker.bootstrap, tmp_path, "a")
+    status = serve.run(app_builder({
+        "bootstrap": kafka_broker.bootstrap, "topic": TOPIC, "partitions": f"0-{PARTITIONS - 1}",
+        "journal_uri": str(root), "roll_seconds": "0.2", "num_cpus": "0"}),
+        name="kafka-sink-kill", route_prefix="/kafka-sink-kill")
+
+    def sink_state() -> dict:
+        return status.remote(None).result(timeout_s=30)["sinks"][0]
+
+    load = Load(transport, size=200, interval=0.02).start()
+    try:
+        wait_for(lambda: _file_count(root) >= 6, 90, message="sink replica writing files")
+        victim = sink_state()["pid"]
+        os.kill(victim, signal.SIGKILL)  # the actor's worker process, mid-batch or not
+        killed_at = _file_count(root)
+
+        def restarted() -> bool:
+            try:
+                return sink_state()["pid"] != victim
+            except Exception:  # noqa: BLE001 - the old replica is gone until Serve replaces it
+                return False
+
+        wait_for(restarted, 120, interval=0.5, message="Serve restarted the sink replica")
+        wait_for(lambda: _file_count(root) > killed_at + 4, 60, message="new replica writing")
+        sent = load.stop()
+        assert transport.flush(60)
+        total = sum(b.num_rows for b in sent)
+        storage = LocalJournalStorage(str(root))
+        wait_for(lambda: _rows(storage) >= total, 90, interval=0.5, message="every entry written")
+    finally:
+        load.stop()
+        serve.delete("kafka-sink-kill")  # the replica checkpoints its manifest chain on the way out
+        transport.close(10)
+    report = check_delivery(journal_table(storage), sent)
+    assert report.exactly_once, report.summary()
+    verified = verify_journal(storage, public_key=str(tmp_path / "journal-keys" / "manifest-signing.pub.pem"))
+    assert verified.files == _file_count(root)
+    assert not [p for p in verified.errors if p.kind in ("file-without-record", "file-missing")], \
+        format_report(verified)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import uuid
 from typing import Any
@@ -89,7 +90,8 @@ class KafkaSinkReplica:
                 await asyncio.to_thread(self.log.checkpoint)
 
     def stats(self) -> dict[str, Any]:
-        return self.sink.lag_state()
+        """The sink's next offsets and counters, and this replica's process id."""
+        return {"pid": os.getpid(), **self.sink.lag_state()}
 
     def __del__(self) -> None:
         if self._loop is not None and self._stop is not None:
