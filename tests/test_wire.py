@@ -80,30 +80,63 @@ def test_round_trip_property(subject, caller, model, score, latency, outputs, ts
     data.update(subject_token=[subject], caller=[caller], model_name=[model], score=[score],
                 latency_ms=[latency], outputs=[outputs], ts=[ts], seq=[seq])
     batch = pa.RecordBatch.from_pydict(data, schema=ENTRY_SCHEMA)
-    assert _round_trip(batch).equals(pa.Table.from_batches([batch]))
+    expected = pa.Table.from_batches([batch])
+    assert _round_trip(batch).equals(expected)
+    # The bulk decoder gives the same table, or declines (never a different table).
+    fast = wire.decode_values_fast([m.value for m in wire.encode_batch(batch)])
+    floats = [score, *(o["score"] for o in outputs or [])]
+    if all(f is None or math.isfinite(f) for f in floats):
+        assert fast is not None and fast.equals(expected)
+    else:
+        assert fast is None  # "Infinity" is a string: the per-message path decodes it
 
 
-def test_headers_with_unknown_versions_are_refused():
-    wire.check_headers(wire.HEADERS)
-    with pytest.raises(wire.WireFormatError, match="schema_version"):
-        wire.check_headers([(wire.SCHEMA_VERSION_HEADER, b"99"), (wire.WIRE_VERSION_HEADER, b"1")])
-    with pytest.raises(wire.WireFormatError, match="wire_version"):
-        wire.check_headers([(wire.SCHEMA_VERSION_HEADER, b"1")])
+def test_bulk_decoder_matches_the_per_message_decoder():
+    values = [m.value for m in wire.encode_batch(make_entries(2_000, nulls=True))]
+    fast = wire.decode_values_fast(values)
+    assert fast is not None and fast.equals(wire.decode_values(values))
+    assert fast.schema == ENTRY_SCHEMA
 
 
-def test_malformed_values_are_refused_without_quoting_them():
-    with pytest.raises(wire.WireFormatError) as info:
-        wire.decode_value(b'{"secret-subject-123": 1')
-    assert "secret-subject-123" not in str(info.value)
+def test_absent_nullable_columns_read_as_null_absent_required_ones_refuse():
+    record = json.loads(wire.encode_batch(make_entries(1, nulls=False))[0].value)
+    del record["explanation_ref"], record["subject_token"]
+    record["added_in_a_later_version"] = 1  # unknown keys are ignored
+    value = json.dumps(record).encode()
+    slow = wire.decode_values([value])
+    assert slow.column("subject_token").to_pylist() == [None]
+    assert wire.decode_values_fast([value]).equals(slow)
+    del record["seq"]
+    value = json.dumps(record).encode()
     with pytest.raises(wire.WireFormatError, match="lacks entry column"):
-        wire.decode_value(b"{}")
+        wire.decode_value(value)
+    assert wire.decode_values_fast([value]) is None
 
 
-def test_frame_round_trip_and_truncation():
-    pairs = [(b"fraud|1|0", b'{"a":1}'), (b"", b""), (b"k" * 300, b"v" * 70_000)]
-    frame = wire.pack_frame(pairs)
-    assert wire.unpack_frame(frame) == pairs
-    with pytest.raises(wire.WireFormatError):
-        wire.unpack_frame(frame[:-1])
-    with pytest.raises(wire.WireFormatError):
-        wire.unpack_frame(frame + b"x")
+@pytest.mark.parametrize(("bad", "readable"), [
+    (b'{"schema_version": 1', False),  # not JSON
+    (b"[1, 2]", False),  # not an object
+    (b"", False),  # empty
+    ("seq as text", False),  # a type that does not fit the schema
+    ("two objects", False),  # two objects in one value
+    ("pretty", True),  # one valid entry over several lines: the per-message path reads it
+])
+def test_a_chunk_with_one_bad_message_keeps_the_others(bad, readable):
+    from serve_journal.sink.kafka_sink import build_chunk_parts
+
+    values = [m.value for m in wire.encode_batch(make_entries(20, nulls=False))]
+    record = json.loads(values[5])
+    if bad == "seq as text":
+        bad = json.dumps({**record, "seq": "five"}).encode()
+    elif bad == "two objects":
+        bad = values[5] + b"\n" + values[6]
+    elif bad == "pretty":
+        bad = json.dumps(record, indent=2).encode()
+    values[5] = bad
+    messages = [(offset, value, wire.HEADERS) for offset, value in enumerate(values)]
+    parts, stats = build_chunk_parts("journal", 0, messages)
+    seqs = sorted(seq for part in parts for seq in part.table.column("seq").to_pylist())
+    if readable:
+        assert stats["undecodable"] == 0 and seqs == list(range(20))
+    else:  # skipped and counted; the 19 others are written, not held back by the bad one
+        assert stats["undecodable"] == 1 and seqs == [s for s in range(20) if s != 5]

@@ -40,6 +40,7 @@ from typing import Any
 import pyarrow as pa
 
 from serve_journal.layout import DEFAULT_SPEC, PartitionKey, PartitionSpec
+from serve_journal.schema import ENTRY_SCHEMA
 from serve_journal.sink.parquet import HOT_OPTIONS, ParquetOptions, decode_parquet, encode_parquet
 from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
 from serve_journal.transport import wire
@@ -222,29 +223,74 @@ def build_chunk_parts(topic: str, partition: int, messages: Sequence[tuple[int, 
     never). Returns the parts, named ``1ofN..NofN`` in journal-partition order, and counters.
     """
     stats = {"undecodable": 0, "duplicates": 0}
-    seen: set[tuple[str, int]] = set()
-    groups: dict[PartitionKey, list[dict]] = collections.defaultdict(list)
+    readable = []
+    checked: set = set()
     for offset, value, headers in messages:
+        headers = tuple(headers)
+        if headers not in checked:
+            try:
+                wire.check_headers(headers)
+            except wire.WireFormatError as exc:
+                logger.warning("skipping undecodable message %s[%d]@%d: %s", topic, partition, offset, exc)
+                stats["undecodable"] += 1
+                continue
+            checked.add(headers)
+        readable.append((offset, value))
+    table = wire.decode_values_fast([value for _, value in readable]) if readable else None
+    if table is None:
+        table = _decode_one_by_one(topic, partition, readable, stats)
+    # First occurrence of each (producer_id, seq), grouped by journal partition, in offset order.
+    seen: set[tuple[str, int]] = set()
+    hour_us = 3_600_000_000
+    keys: dict[tuple[str, int], PartitionKey] = {}
+    groups: dict[PartitionKey, list[int]] = collections.defaultdict(list)
+    rows = zip(table.column("producer_id").to_pylist(), table.column("seq").to_pylist(),
+               table.column("model_name").to_pylist(), table.column("ts").cast(pa.int64()).to_pylist(),
+               strict=True)
+    for index, (producer_id, seq, model, ts_us) in enumerate(rows):
+        if (producer_id, seq) in seen:
+            stats["duplicates"] += 1
+            continue
+        seen.add((producer_id, seq))
+        bucket = (model, ts_us // hour_us)
+        key = keys.get(bucket)
+        if key is None:
+            key = keys[bucket] = spec.key_for_micros(model, bucket[1] * hour_us)
+        groups[key].append(index)
+    start, end = messages[0][0], messages[-1][0]
+    ordered = sorted(groups)
+    parts = []
+    for i, key in enumerate(ordered, start=1):
+        name = ChunkFileName(topic, partition, start, end, i, len(ordered))
+        parts.append(ChunkPart(name, key, table.take(pa.array(groups[key], type=pa.int64()))))
+    return parts, stats
+
+
+def _decode_one_by_one(topic: str, partition: int, messages: Sequence[tuple[int, bytes]],
+                       stats: dict[str, int]) -> pa.Table:
+    """The slow path: decode message by message, skipping (and counting) each unreadable one."""
+    rows = []
+    for offset, value in messages:
         try:
-            wire.check_headers(headers)
-            row = wire.decode_value(value)
+            rows.append(wire.decode_value(value))
         except wire.WireFormatError as exc:
             logger.warning("skipping undecodable message %s[%d]@%d: %s", topic, partition, offset, exc)
             stats["undecodable"] += 1
             continue
-        ident = (row["producer_id"], row["seq"])
-        if ident in seen:
-            stats["duplicates"] += 1
-            continue
-        seen.add(ident)
-        groups[spec.key_for_micros(row["model_name"], row["ts"])].append(row)
-    start, end = messages[0][0], messages[-1][0]
-    keys = sorted(groups)
-    parts = []
-    for i, key in enumerate(keys, start=1):
-        name = ChunkFileName(topic, partition, start, end, i, len(keys))
-        parts.append(ChunkPart(name, key, wire.rows_to_table(groups[key])))
-    return parts, stats
+        rows[-1]["_offset"] = offset
+    try:
+        return wire.rows_to_table(rows)
+    except wire.WireFormatError:
+        pass  # some row's values do not fit the schema: find it, keep the others
+    tables = []
+    for row in rows:
+        try:
+            tables.append(wire.rows_to_table([row]))
+        except wire.WireFormatError as exc:
+            logger.warning("skipping undecodable message %s[%d]@%d: %s", topic, partition,
+                           row["_offset"], exc)
+            stats["undecodable"] += 1
+    return pa.concat_tables(tables) if tables else ENTRY_SCHEMA.empty_table()
 
 
 class KafkaSink:

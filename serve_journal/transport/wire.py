@@ -5,6 +5,8 @@ Version 1 of the wire format:
 * **value**: compact UTF-8 JSON object of the entry's columns (``serve_journal.schema.COLUMNS``),
   keys in schema order. ``ts`` is an integer, microseconds since the Unix epoch (UTC);
   ``outputs`` is a list of ``{"label": ..., "score": ...}`` objects; a null column is ``null``.
+  Readers treat an absent *nullable* column as ``null`` and ignore keys they do not know; a
+  message without a required (non-nullable) column is not a journal entry.
   Non-finite floats, which JSON cannot carry, are the strings ``"NaN"``, ``"Infinity"`` and
   ``"-Infinity"``.
 * **headers**: ``serve_journal.schema_version`` (the entry schema version, ASCII digits),
@@ -28,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.json as pajson
 
 from serve_journal.schema import (
     COLUMN_NAMES,
@@ -57,6 +60,7 @@ _FLOAT_COLUMNS = frozenset(
     name for name, typ in zip(ENTRY_SCHEMA.names, ENTRY_SCHEMA.types, strict=True)
     if pa.types.is_floating(typ)
 )
+_REQUIRED = tuple(field.name for field in ENTRY_SCHEMA if not field.nullable)
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
@@ -160,7 +164,7 @@ def decode_value(value: bytes) -> dict:
         raise WireFormatError("message value is not UTF-8 JSON") from exc
     if not isinstance(record, dict):
         raise WireFormatError("message value must be a JSON object of entry columns")
-    missing = [name for name in COLUMN_NAMES if name not in record]
+    missing = [name for name in _REQUIRED if name not in record]
     if missing:
         raise WireFormatError(f"message value lacks entry column(s) {missing}")
     for name in _FLOAT_COLUMNS:
@@ -174,7 +178,7 @@ def decode_value(value: bytes) -> dict:
                 item["score"] = _float_from_json(item["score"], "outputs.score")
     if not isinstance(record["ts"], int) or isinstance(record["ts"], bool):
         raise WireFormatError("column 'ts' must be integer microseconds since the epoch")
-    return {name: record[name] for name in COLUMN_NAMES}
+    return {name: record.get(name) for name in COLUMN_NAMES}
 
 
 def rows_to_table(rows: Sequence[dict]) -> pa.Table:
@@ -191,6 +195,56 @@ def rows_to_table(rows: Sequence[dict]) -> pa.Table:
 def decode_values(values: Iterable[bytes]) -> pa.Table:
     """Message values (any number) to one table with the entry schema."""
     return rows_to_table([decode_value(v) for v in values])
+
+
+def _json_type(typ: pa.DataType) -> pa.DataType:
+    """The type Arrow's JSON reader parses a column as, before the cast to the entry type."""
+    if pa.types.is_timestamp(typ) or pa.types.is_integer(typ):
+        return pa.int64()
+    if pa.types.is_floating(typ):
+        return pa.float64()
+    return typ
+
+
+_JSON_PARSE = pajson.ParseOptions(
+    explicit_schema=pa.schema([pa.field(f.name, _json_type(f.type)) for f in ENTRY_SCHEMA]),
+    unexpected_field_behavior="ignore", newlines_in_values=False)
+
+
+def decode_values_fast(values: Sequence[bytes]) -> pa.Table | None:
+    """All ``values`` to one entry table with Arrow's JSON reader (C++, about 10x faster than
+    :func:`decode_value` per message), or ``None`` when any value needs the per-message path.
+
+    Gives the same table as ``decode_values(values)`` whenever it gives one. ``None`` (never a
+    guess) when a value is not one compact JSON object per line, has a non-finite float (a
+    string the reader will not put in a number column), a type that does not fit, an integer
+    out of range or a required column absent; the caller then decodes message by message, which
+    tells the bad value apart from the good ones.
+    """
+    if not values:
+        return None
+    block = b"\n".join(values)
+    try:
+        parsed = pajson.read_json(
+            pa.BufferReader(block),
+            read_options=pajson.ReadOptions(use_threads=False, block_size=max(1 << 20, len(block) + 1)),
+            parse_options=_JSON_PARSE)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return None
+    if parsed.num_rows != len(values):
+        return None  # a value spanning lines, or several objects in one value
+    columns = []
+    try:
+        for field in ENTRY_SCHEMA:
+            column = parsed.column(field.name)
+            if not field.nullable and column.null_count:
+                return None
+            if column.type != field.type:
+                column = column.cast(field.type, safe=not pa.types.is_floating(field.type))
+            columns.append(column)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return None
+    return pa.Table.from_arrays(columns, schema=ENTRY_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------
