@@ -84,6 +84,28 @@ def test_parse_partitions():
         parse_partitions("a-b")
 
 
+def test_roll_counts_from_when_the_first_message_was_sent(tmp_path):
+    sink = KafkaSink(_sink_settings("127.0.0.1:1", roll_seconds=1.0, roll_bytes=10_000),
+                     LocalJournalStorage(str(tmp_path)))
+    sent_at = 1_000_000.0  # wall clock, seconds
+    sink._add(0, 0, b"x" * 100, (), timestamp_ms=int(sent_at * 1000))
+    chunk = sink._chunks[0]
+    born = chunk.born
+    assert chunk.first_sent == sent_at
+    # Received 0.7 s after it was sent: due 0.3 s later, not a whole roll_seconds later.
+    assert not sink.chunk_due(chunk, born + 0.29, sent_at + 0.99)
+    assert sink.chunk_due(chunk, born + 0.30, sent_at + 1.0)
+    # A producer clock far behind: still at least roll_seconds / 4 of consuming.
+    assert not sink.chunk_due(chunk, born + 0.2, sent_at + 60)
+    assert sink.chunk_due(chunk, born + 0.26, sent_at + 60)
+    # No timestamp, or a producer clock ahead: roll_seconds after it arrived; size rolls too.
+    chunk.first_sent = None
+    assert not sink.chunk_due(chunk, born + 0.99, sent_at + 60)
+    assert sink.chunk_due(chunk, born + 1.01, sent_at + 60)
+    chunk.nbytes = 10_000
+    assert sink.chunk_due(chunk, born, sent_at)
+
+
 def test_end_to_end_exactly_once_and_restart_resumes(kafka_broker, tmp_path):
     kafka_broker.create_topic(TOPIC, PARTITIONS)
     storage = LocalJournalStorage(str(tmp_path / "journal"))

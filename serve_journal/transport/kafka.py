@@ -333,7 +333,8 @@ class KafkaTransport:
     async def _main(self) -> None:
         if len(self._spool):
             self._spool_event.set()
-        helpers = [asyncio.create_task(self._drainer())]
+        # Connect now, not on the first batch: the first entries would wait for it otherwise.
+        helpers = [asyncio.create_task(self._producer_or_none()), asyncio.create_task(self._drainer())]
         if self.settings.adopt_orphan_spools:
             helpers.append(asyncio.create_task(self._adopter()))
         try:
@@ -345,7 +346,7 @@ class KafkaTransport:
                     await self._handle(batch)
                 finally:
                     self._settle()
-                for helper in helpers:
+                for helper in helpers[1:]:
                     if helper.done():
                         helper.result()  # re-raise: a dead drainer must not go unnoticed
         finally:
