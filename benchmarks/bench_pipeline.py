@@ -32,11 +32,12 @@ from benchmarks._common import (
 )
 
 SIZES = {
-    "tiny": {"rates": (), "producers": 1, "seconds": 1.0, "latency_rate": 1_000, "latency_seconds": 1.5},
+    "tiny": {"rates": (), "producers": 1, "seconds": 1.0, "latency_rate": 1_000, "latency_seconds": 1.5,
+             "drain_entries": 0},
     "quick": {"rates": (5_000, 20_000, 50_000, 100_000), "producers": 2, "seconds": 4.0,
-              "latency_rate": 5_000, "latency_seconds": 6.0},
+              "latency_rate": 5_000, "latency_seconds": 6.0, "drain_entries": 60_000},
     "full": {"rates": (10_000, 25_000, 50_000, 75_000, 100_000), "producers": 2, "seconds": 15.0,
-             "latency_rate": 5_000, "latency_seconds": 20.0},
+             "latency_rate": 5_000, "latency_seconds": 20.0, "drain_entries": 300_000},
 }
 TARGET_ACTORS = 50_000
 TARGET_KAFKA = 20_000
@@ -167,6 +168,47 @@ class _Path:
         self.sinks = []
 
 
+def _sink_drain(path: _Path, entries: int) -> dict[str, Any]:
+    """Kafka sinks alone: a topic holding ``entries`` real entries, consumed into Parquet with no
+    producer running. Timed from starting the sink actors to the last row on disk."""
+    from benchmarks._common import create_topic
+
+    journal = path.root / f"j-drain-{uuid.uuid4().hex[:6]}"
+    path.topic = f"journal-{uuid.uuid4().hex[:6]}"
+    create_topic(path.bootstrap, path.topic, path.partitions)
+    producer = Producer.remote(path.config(journal, 0))
+    try:
+        rate = 10_000  # what one producer finalizes without dropping
+        ray.get(producer.run.remote(rate, entries / rate))
+        ray.get(producer.flush.remote(300))
+        counts = ray.get(producer.counts.remote())
+        ray.get(producer.close.remote())
+    finally:
+        with contextlib.suppress(Exception):
+            ray.kill(producer)
+    expected = counts["captured"] - counts["dropped"]
+    marks: dict[float, float] = {}  # fraction of rows on disk -> seconds since the sinks started
+
+    def progress() -> bool:
+        rows = parquet_rows(journal / "hot")
+        for fraction in (0.1, 0.9):
+            if rows >= fraction * expected:
+                marks.setdefault(fraction, time.monotonic() - t0)
+        return rows >= expected
+
+    t0 = time.monotonic()
+    path.start_sinks(journal)
+    try:
+        complete = wait_until(progress, 300, interval=0.1)
+        seconds = time.monotonic() - t0
+    finally:
+        path.stop_sinks()
+    steady = marks.get(0.9, 0.0) - marks.get(0.1, 0.0)
+    return {"entries": expected, "seconds": seconds, "rate": expected / seconds if seconds else 0.0,
+            "steady_rate": 0.8 * expected / steady if steady > 0 else 0.0,
+            "sinks": 2, "partitions": path.partitions, "complete": complete}
+
+
 def _one_level(path: _Path, rate: float, producers: int, seconds: float, durable_timeout: float,
                wait_for_roll: bool) -> tuple[dict[str, Any], Path]:
     journal = path.root / f"j-{path.kind}-{uuid.uuid4().hex[:6]}"
@@ -236,6 +278,7 @@ def run(size: str = "quick", workdir: str | os.PathLike[str] | None = None,
     rows: list[dict[str, Any]] = []
     latency_rows: list[dict[str, Any]] = []
     notes: list[str] = []
+    drain: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="sj-bench-pipeline-", dir=workdir) as tmp:
         root = Path(tmp)
         tracking_uri = tracking_uri or fraud_registry(root / "mlflow")
@@ -271,6 +314,11 @@ def run(size: str = "quick", workdir: str | os.PathLike[str] | None = None,
                         notes.append(f"{kind} at {rate}/s failed: {type(exc).__name__}: {exc}")
                         break
                     rows.append(row)
+                if kind == "kafka" and params["drain_entries"]:
+                    try:
+                        drain = _sink_drain(path, params["drain_entries"])
+                    except Exception as exc:  # noqa: BLE001
+                        notes.append(f"kafka sink drain failed: {type(exc).__name__}: {exc}")
                 try:
                     row, journal = _one_level(path, params["latency_rate"], 1, params["latency_seconds"],
                                               60.0, True)
@@ -290,7 +338,8 @@ def run(size: str = "quick", workdir: str | os.PathLike[str] | None = None,
             for r in kept:
                 r["target_rate"] = target
             notes.append(f"{kind}: best sustained {best:,.0f} entries/s durable")
-    return {"rows": rows, "latency": latency_rows, "notes": notes, "params": {"size": size, **params}}
+    return {"rows": rows, "latency": latency_rows, "sink_drain": drain, "notes": notes,
+            "params": {"size": size, **params}}
 
 
 if __name__ == "__main__":  # pragma: no cover
