@@ -154,7 +154,7 @@ class _Path:
         for i in range(sinks):
             mine = tuple(parts[i::sinks])
             settings = KafkaSinkSettings(bootstrap_servers=self.bootstrap, topic=self.topic, partitions=mine,
-                                         group_id=f"bench-{journal.name}", roll_seconds=0.5)
+                                         group_id=f"bench-{journal.name}")
             actor = actor_cls.remote(settings, str(journal))
             ray.get(actor.start.remote())
             self.sinks.append(actor)

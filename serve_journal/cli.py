@@ -207,7 +207,7 @@ def stats(journal_uri: str, since: str | None, until: str | None, model: str | N
 @click.option("--topic", required=True)
 @click.option("--partitions", required=True, help="Partitions this sink consumes, e.g. 0-3,7.")
 @click.option("--journal", "journal_uri", required=True, help="Journal root: path or pyarrow.fs URI.")
-@click.option("--roll-seconds", default=0.5, show_default=True, type=float)
+@click.option("--roll-seconds", default=0.4, show_default=True, type=float)
 @click.option("--witness", "witness_uri", default=None, help="Witness copy of the checkpoints.")
 @click.option("--signing-key-file", default=None, help="Ed25519 PEM key signing the checkpoints.")
 def sink(bootstrap: str, topic: str, partitions: str, journal_uri: str, roll_seconds: float,

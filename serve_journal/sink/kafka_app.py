@@ -18,7 +18,13 @@ import threading
 import uuid
 from typing import Any
 
-from serve_journal.sink.kafka_sink import KafkaSink, KafkaSinkSettings, parse_partitions, run_sink
+from serve_journal.sink.kafka_sink import (
+    DEFAULT_ROLL_SECONDS,
+    KafkaSink,
+    KafkaSinkSettings,
+    parse_partitions,
+    run_sink,
+)
 from serve_journal.sink.settings import SinkSettings, manifest_hook
 
 
@@ -33,7 +39,7 @@ def sink_manifest_hook(journal_uri: str, topic: str, partitions: tuple[int, ...]
 
 
 def run_journal_sink(bootstrap_servers: str, topic: str, partitions: str, journal_uri: str,
-                     *, roll_seconds: float = 0.5, witness_uri: str | None = None,
+                     *, roll_seconds: float = DEFAULT_ROLL_SECONDS, witness_uri: str | None = None,
                      signing_key_file: str | None = None) -> None:
     """The ``serve-journal sink`` command: consume until SIGINT/SIGTERM, recording manifests."""
     parts = parse_partitions(partitions)
@@ -51,7 +57,7 @@ class KafkaSinkReplica:
     """A Serve replica that runs one sink over its partitions in a background thread."""
 
     def __init__(self, bootstrap_servers: str, topic: str, partitions: str, journal_uri: str,
-                 roll_seconds: float = 0.5, checkpoint_interval_s: float = 5.0) -> None:
+                 roll_seconds: float = DEFAULT_ROLL_SECONDS, checkpoint_interval_s: float = 5.0) -> None:
         parts = parse_partitions(partitions)
         self.log, hook = sink_manifest_hook(journal_uri, topic, parts,
                                             checkpoint_interval_s=checkpoint_interval_s)
@@ -121,5 +127,5 @@ def app_builder(args: dict[str, str]):
         deployment = serve.deployment(KafkaSinkReplica, name=f"KafkaSink{i}", num_replicas=1,
                                       ray_actor_options={"num_cpus": float(args.get("num_cpus", 0.5))})
         sinks.append(deployment.bind(args["bootstrap"], args["topic"], group, args["journal_uri"],
-                                     float(args.get("roll_seconds", 0.5))))
+                                     float(args.get("roll_seconds", DEFAULT_ROLL_SECONDS))))
     return serve.deployment(SinkStatus, name="SinkStatus").bind(*sinks)
