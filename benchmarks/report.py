@@ -213,8 +213,9 @@ def _pipeline(res: dict[str, Any]) -> str:
         "Persistence latency at a steady rate (one producer): file mtime - entry `ts`, for every entry, "
         "with no forced flush (the flusher's 100 ms interval and the writers' own roll). A writer keeps a "
         "file open up to `roll_seconds` (default 0.5 s) by design, so entries wait up to that for their "
-        "file plus the flush interval (100 ms) and the file write; the Kafka path adds the broker round "
-        "trip and the sink's own roll.", "",
+        "file plus the flush interval (100 ms) and the file write. On the Kafka path entries wait for the "
+        "broker round trip instead, then up to the sink's `roll_seconds` (default 0.4 s) counted from when "
+        "the chunk's first message was sent.", "",
         _table(["path", "rate/s", "seconds", "entries", "p50 ms", "p99 ms", "max ms", "p99 <= 1 s"], lat)
         if lat else "Not measured.", "",
         notes,
