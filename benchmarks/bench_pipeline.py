@@ -89,8 +89,12 @@ class Producer:
 
     def counts(self) -> dict[str, int]:
         drops = getattr(self.runtime, "drops", None)
+        # Entries the transport accepted and then dropped (e.g. its queue full) are counted
+        # apart from the replica's own drops (buffer full); both are counted drops.
+        transport_dropped = int(sum(getattr(self.runtime, "transport_drops", {}).values()))
         out = {"captured": int(self.runtime.captured), "exported": int(self.runtime.exported),
-               "dropped": int(getattr(drops, "total", 0))}
+               "dropped": int(getattr(drops, "total", 0)) + transport_dropped,
+               "transport_dropped": transport_dropped}
         transport_counters = getattr(self.runtime.transport, "counters", None)
         if transport_counters is not None:  # Kafka: how much went through the disk spool
             out["spooled"] = int(transport_counters().get("spooled", 0))
