@@ -151,7 +151,7 @@ class _Path:
     def start_sinks(self, journal: Path, sinks: int = 2) -> None:
         if self.kind != "kafka":
             return
-        from serve_journal.sink.kafka_sink import KafkaSinkActor, KafkaSinkSettings
+        from serve_journal.sink.kafka import KafkaSinkActor, KafkaSinkSettings
 
         actor_cls = ray.remote(num_cpus=0)(KafkaSinkActor)
         parts = list(range(self.partitions))
@@ -290,7 +290,7 @@ def run(size: str = "quick", workdir: str | os.PathLike[str] | None = None,
         kafka_ok = False
         if kafka:
             try:
-                import serve_journal.sink.kafka_sink  # noqa: F401
+                import serve_journal.sink.kafka  # noqa: F401
                 import serve_journal.transport.kafka  # noqa: F401
 
                 kafka_ok = tansu_binary() is not None

@@ -3,7 +3,7 @@
 Writes the day through the real writer encoding (``encode_parquet`` + ``put_new``, several files
 per hour partition as rolling writers leave them), compacts it (day-level: one day partition),
 then measures subject, request-id and absent-subject lookups with
-:class:`serve_journal.query.JournalQuery` (access log included), the row groups the footer pruner
+:class:`serve_journal.read.query.JournalQuery` (access log included), the row groups the footer pruner
 probed and read, the row groups DuckDB alone would scan (EXPLAIN ANALYZE), and bytes per entry hot
 and cold. The cold tier (zstd 19 is slow to write: ~4 min per million entries here) is measured
 on a separate day of ``--cold-rows`` entries.
@@ -33,9 +33,9 @@ import numpy as np
 import pyarrow as pa
 
 from serve_journal import lifecycle
-from serve_journal.compaction import CompactionOptions, compact, live_files
-from serve_journal.layout import DEFAULT_SPEC
-from serve_journal.query import JournalQuery
+from serve_journal.catalog.layout import DEFAULT_SPEC
+from serve_journal.maintain.compaction import CompactionOptions, compact, live_files
+from serve_journal.read.query import JournalQuery
 from serve_journal.schema import ENTRY_SCHEMA, OUTPUT_TYPE
 from serve_journal.sink.parquet import HOT_OPTIONS, encode_parquet
 from serve_journal.storage import LocalJournalStorage

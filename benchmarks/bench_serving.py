@@ -204,7 +204,7 @@ def _stop_pool(journal: Path) -> None:
 
 def _kafka_variant(tracking_uri, root, stack, notes, journal_options):
     try:
-        import serve_journal.sink.kafka_sink  # noqa: F401
+        import serve_journal.sink.kafka  # noqa: F401
         import serve_journal.transport.kafka  # noqa: F401
         from benchmarks._common import tansu_broker
         from benchmarks.baselines import BenchFraud

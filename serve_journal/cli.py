@@ -21,7 +21,7 @@ def main() -> None:
 @click.option("--num-cpus", default=2, show_default=True)
 def demo(workdir: str, requests_count: int, users: int, num_cpus: int) -> None:
     """Train, register, serve and journal the fraud example; then query the journal."""
-    from serve_journal.demo import run_demo
+    from serve_journal.examples.demo import run_demo
 
     result = run_demo(workdir, requests_count, users, num_cpus)
     if result["journaled"] + result["dropped"] < result["ok"]:
@@ -74,7 +74,7 @@ def query(journal_uri: str, subject: str | None, subject_token: str | None, requ
     import getpass
 
     from serve_journal.api import subject_tokenizer
-    from serve_journal.query import JournalQuery, format_table, to_json, write_parquet
+    from serve_journal.read.query import JournalQuery, format_table, to_json, write_parquet
 
     q = JournalQuery(journal_uri, tokenizer=subject_tokenizer(journal_uri),
                      actor=actor or getpass.getuser())
@@ -140,17 +140,17 @@ def verify(journal_uri: str, since: str | None, model: str | None, public_key: s
     """Prove the journal complete and unaltered; exit code 0 only when everything checks."""
     import os
 
-    from serve_journal.aggregates import accounted_gaps
-    from serve_journal.storage import JournalStorage
-    from serve_journal.verify import format_report, verify_journal
+    from serve_journal.read.stats import accounted_gaps
+    from serve_journal.read.verify import format_report, verify_journal
+    from serve_journal.storage import open_storage
 
-    storage = JournalStorage.from_uri(journal_uri)
+    storage = open_storage(journal_uri)
     if public_key is None:
         public_key = os.path.join(_default_privacy_dir(journal_uri, privacy_dir),
                                   "manifest-signing.pub.pem")
         if not os.path.exists(public_key):
             raise click.UsageError(f"no public key at {public_key}; pass --public-key")
-    witness = JournalStorage.from_uri(witness_uri) if witness_uri else None
+    witness = open_storage(witness_uri) if witness_uri else None
     report = verify_journal(storage, public_key=public_key, witness=witness,
                             since=_parse_time(since, "--since"), model=model,
                             accounted_gaps=accounted_gaps(storage, model))
@@ -187,11 +187,11 @@ def forget(journal_uri: str, subject: str, privacy_dir: str | None, vault_url: s
 def stats(journal_uri: str, since: str | None, until: str | None, model: str | None,
           group_by: str) -> None:
     """Exact counts (unsampled counters) and weighted estimates from the sampled journal."""
-    from serve_journal.aggregates import stats as journal_stats
-    from serve_journal.lifecycle import bytes_per_entry
-    from serve_journal.storage import JournalStorage
+    from serve_journal.maintain.lifecycle import bytes_per_entry
+    from serve_journal.read.stats import stats as journal_stats
+    from serve_journal.storage import open_storage
 
-    storage = JournalStorage.from_uri(journal_uri)
+    storage = open_storage(journal_uri)
     report = journal_stats(storage, _parse_time(since, "--since"),
                            _parse_time(until, "--until"), model,
                            group_by=[c.strip() for c in group_by.split(",") if c.strip()])
@@ -227,7 +227,7 @@ def sink(bootstrap: str, topic: str, partitions: str, journal_uri: str, roll_sec
 @click.option("--apply", "do_apply", is_flag=True, help="Act; without it, only report the plan.")
 def compact(journal_uri: str, do_apply: bool) -> None:
     """Merge the many small files of finished days into few sorted day files (verify-safe)."""
-    from serve_journal.compaction import run_compaction
+    from serve_journal.maintain.compaction import run_compaction
 
     click.echo(run_compaction(journal_uri, apply=do_apply).describe())
 
@@ -243,7 +243,7 @@ def lifecycle() -> None:
 @click.option("--apply", "do_apply", is_flag=True, help="Act; without it (default) a dry run.")
 def lifecycle_run(journal_uri: str, hot_days: int, do_apply: bool) -> None:
     """Rewrite partitions older than the hot window into the cold tier, check, then expire."""
-    from serve_journal.lifecycle import run_lifecycle
+    from serve_journal.maintain.lifecycle import run_lifecycle
 
     click.echo(run_lifecycle(journal_uri, apply=do_apply, hot_days=hot_days).describe())
 
@@ -256,7 +256,7 @@ def lifecycle_s3_config(prefix: str, glacier_after_days: int, deep_archive_after
     """Print the S3 lifecycle configuration (storage-class transitions) for the journal bucket."""
     import json
 
-    from serve_journal.lifecycle import s3_lifecycle_configuration
+    from serve_journal.maintain.lifecycle import s3_lifecycle_configuration
 
     click.echo(json.dumps(s3_lifecycle_configuration(
         prefix=prefix, glacier_after_days=glacier_after_days,
@@ -267,10 +267,10 @@ def lifecycle_s3_config(prefix: str, glacier_after_days: int, deep_archive_after
 @click.option("--journal", "journal_uri", default="./journal", show_default=True)
 def bytes_per_entry_command(journal_uri: str) -> None:
     """Bytes per entry on disk, hot and cold tiers."""
-    from serve_journal.lifecycle import bytes_per_entry
-    from serve_journal.storage import JournalStorage
+    from serve_journal.maintain.lifecycle import bytes_per_entry
+    from serve_journal.storage import open_storage
 
-    storage = JournalStorage.from_uri(journal_uri)
+    storage = open_storage(journal_uri)
     for tier in ("hot", "cold"):
         value = bytes_per_entry(storage, tier)
         click.echo(f"{tier}: {'no entries' if value is None else f'{value:.1f} B/entry'}")
@@ -281,7 +281,7 @@ def _register_lazy_commands() -> None:
 
     main.add_command(console_command, "console")
     main.add_command(console_user, "console-user")
-    from serve_journal.replay import replay_command
+    from serve_journal.replay.driver import replay_command
 
     main.add_command(replay_command, "replay")
 

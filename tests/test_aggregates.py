@@ -13,7 +13,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from serve_journal.aggregates import (
+from serve_journal.catalog.layout import DEFAULT_SPEC, escape_value
+from serve_journal.policy import Sampler, default_policy, derive_sampling_key, keep_mask
+from serve_journal.read.stats import (
     COUNTER_SCHEMA,
     COUNTERS_DIR,
     DROPPED,
@@ -29,8 +31,6 @@ from serve_journal.aggregates import (
     merge_runs,
     stats,
 )
-from serve_journal.layout import DEFAULT_SPEC, escape_value
-from serve_journal.policy import Sampler, default_policy, derive_sampling_key, keep_mask
 from serve_journal.schema import COLUMN_NAMES, ENTRY_SCHEMA
 from serve_journal.sink.parquet import encode_parquet
 from serve_journal.storage import LocalJournalStorage, ObjectExistsError

@@ -11,7 +11,8 @@ import sys
 import pyarrow as pa
 import pytest
 
-from serve_journal.compaction import (
+from serve_journal.catalog.layout import DEFAULT_SPEC
+from serve_journal.maintain.compaction import (
     COMMITS_PREFIX,
     CompactionError,
     CompactionOptions,
@@ -20,8 +21,7 @@ from serve_journal.compaction import (
     live_files,
     manifest_recorder,
 )
-from serve_journal.layout import DEFAULT_SPEC
-from serve_journal.query import JournalQuery
+from serve_journal.read.query import JournalQuery
 from serve_journal.sink.parquet import encode_parquet
 from serve_journal.storage import LocalJournalStorage
 from tests.test_query import DAY, ids, make_entries, token, write_rolled
@@ -106,7 +106,7 @@ def test_a_new_file_that_does_not_verify_is_never_committed(journal):
     files = [f for f in live_files(storage) if f.key.hour == 0]
     key = files[0].key
     inputs = [f.path for f in files]
-    from serve_journal.compaction import COMPACTED_PREFIX, set_name
+    from serve_journal.maintain.compaction import COMPACTED_PREFIX, set_name
 
     # an earlier run left a wrong file at the deterministic name
     bogus = make_entries(3, producer="p-bogus")
@@ -120,7 +120,7 @@ def test_a_new_file_that_does_not_verify_is_never_committed(journal):
 
 
 def test_manifest_records_name_the_replaced_files(journal):
-    from serve_journal.sink.manifest import ManifestLog, ManifestRecord, record_path
+    from serve_journal.integrity.manifest import ManifestLog, ManifestRecord, record_path
 
     storage, *_ = journal
     log = ManifestLog(storage, "compactor")
@@ -137,7 +137,7 @@ def test_manifest_records_name_the_replaced_files(journal):
 
 CRASH_SCRIPT = """
 import datetime as dt, os, signal, sys
-from serve_journal.compaction import CompactionOptions, compact
+from serve_journal.maintain.compaction import CompactionOptions, compact
 from serve_journal.storage import LocalJournalStorage
 root, stage, nth, day_level = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 seen = {"n": 0}

@@ -25,7 +25,7 @@ import httpx
 import pyarrow as pa
 import pytest
 
-from serve_journal.aggregates import CounterSet
+from serve_journal.catalog.layout import DEFAULT_SPEC
 from serve_journal.console import ConsoleSettings, add_user, create_app, run_console
 from serve_journal.console.app import (
     build_serve_app,
@@ -40,8 +40,8 @@ from serve_journal.console.auth import (
     hash_password,
     load_or_create_secret,
 )
-from serve_journal.layout import DEFAULT_SPEC
-from serve_journal.query import read_access_log
+from serve_journal.read.query import read_access_log
+from serve_journal.read.stats import CounterSet
 from serve_journal.schema import ENTRY_SCHEMA
 from serve_journal.sink.settings import SinkSettings, manifest_hook
 from serve_journal.storage import LocalJournalStorage

@@ -11,14 +11,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from serve_journal.featurestore import (
+from serve_journal.integrity.encoding import canonical_encode
+from serve_journal.replay.featurestore import (
     FEATURE_FILE_SCHEMA,
     FeatureStore,
     ParquetFeatureStore,
     default_feature_store_uri,
     record_features,
 )
-from serve_journal.privacy.encoding import canonical_encode
 
 T0 = dt.datetime(2025, 3, 4, 10, 0, tzinfo=dt.UTC)
 

@@ -10,8 +10,8 @@ import os
 import pyarrow as pa
 import pytest
 
-from serve_journal.layout import COLD, DEFAULT_SPEC, HOT
-from serve_journal.privacy.encoding import canonical_encode
+from serve_journal.catalog.layout import COLD, DEFAULT_SPEC, HOT
+from serve_journal.integrity.encoding import canonical_encode
 from serve_journal.privacy.forget import (
     ForgetEvent,
     ForgetIncompleteError,

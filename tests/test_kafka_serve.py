@@ -12,12 +12,12 @@ import requests
 from ray import serve
 
 from serve_journal import journaled, producer_reports
-from serve_journal.aggregates import accounted_gaps
 from serve_journal.examples.fraud import MODEL_NAME
+from serve_journal.read.stats import accounted_gaps
+from serve_journal.read.verify import verify_journal
+from serve_journal.sink.kafka import KafkaSink, KafkaSinkSettings
 from serve_journal.sink.kafka_app import sink_manifest_hook
-from serve_journal.sink.kafka_sink import KafkaSink, KafkaSinkSettings
-from serve_journal.storage import JournalStorage
-from serve_journal.verify import verify_journal
+from serve_journal.storage import open_storage
 
 from .fixtures.kafka import wait_for
 from .test_journal_serve import read_journal
@@ -37,7 +37,7 @@ class SinkThread:
         self.log, hook = sink_manifest_hook(journal_uri, TOPIC, parts)
         settings = KafkaSinkSettings(bootstrap_servers=bootstrap, topic=TOPIC, partitions=parts,
                                      roll_seconds=0.3)
-        self.sink = KafkaSink(settings, JournalStorage.from_uri(journal_uri), on_file_written=hook)
+        self.sink = KafkaSink(settings, open_storage(journal_uri), on_file_written=hook)
         self.ready = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
         self.thread.start()
@@ -93,7 +93,7 @@ def test_serve_to_kafka_to_parquet_loses_nothing_and_verifies(serve_instance, ml
     assert all(r["model_name"] == MODEL_NAME and r["subject_token"] for r in rows)
     reports = producer_reports(str(root))
     assert sum(r["captured"] for r in reports.values()) == len(ids)
-    storage = JournalStorage.from_uri(str(root))
+    storage = open_storage(str(root))
     public_key = str(root.parent / "journal-keys" / "manifest-signing.pub.pem")
     report = verify_journal(storage, public_key=public_key, accounted_gaps=accounted_gaps(storage))
     assert report.ok, report.to_json()

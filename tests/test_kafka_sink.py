@@ -18,18 +18,18 @@ from pathlib import Path
 
 import pytest
 
-from serve_journal.layout import DEFAULT_SPEC
-from serve_journal.sink.kafka_app import sink_manifest_hook
-from serve_journal.sink.kafka_sink import (
+from serve_journal.catalog.layout import DEFAULT_SPEC
+from serve_journal.read.verify import format_report, verify_journal
+from serve_journal.sink.kafka import (
     ChunkFileName,
     KafkaSink,
     KafkaSinkSettings,
     parse_partitions,
     recover_offsets,
 )
+from serve_journal.sink.kafka_app import sink_manifest_hook
 from serve_journal.storage import LocalJournalStorage
 from serve_journal.transport.kafka import KafkaSettings, KafkaTransport
-from serve_journal.verify import format_report, verify_journal
 from tests.fixtures.kafka import check_delivery, journal_table, make_entries, wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -281,10 +281,10 @@ def test_control_unsafe_commit_before_write_is_caught_losing_entries(kafka_broke
 
 
 class SinkProcess:
-    """``python -m serve_journal.sink.kafka_sink`` as a child process, killed by its pid."""
+    """``python -m serve_journal.sink.kafka`` as a child process, killed by its pid."""
 
     def __init__(self, bootstrap: str, journal: Path, log: Path) -> None:
-        self.args = [sys.executable, "-m", "serve_journal.sink.kafka_sink", "--bootstrap", bootstrap,
+        self.args = [sys.executable, "-m", "serve_journal.sink.kafka", "--bootstrap", bootstrap,
                      "--topic", TOPIC, "--partitions", f"0-{PARTITIONS - 1}", "--journal", str(journal),
                      "--roll-seconds", "0.2"]
         self.log = log

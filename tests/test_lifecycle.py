@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from serve_journal import lifecycle
-from serve_journal.compaction import CompactionOptions, compact, live_files
-from serve_journal.layout import COLD, DEFAULT_SPEC
-from serve_journal.query import JournalQuery
+from serve_journal.catalog.layout import COLD, DEFAULT_SPEC
+from serve_journal.maintain.compaction import CompactionOptions, compact, live_files
+from serve_journal.read.query import JournalQuery
 from serve_journal.sink.parquet import encode_parquet
 from serve_journal.storage import LocalJournalStorage
 from tests.test_query import DAY, ids, make_entries, token, write_rolled

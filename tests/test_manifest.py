@@ -12,9 +12,8 @@ import stat
 import pyarrow as pa
 import pytest
 
-from serve_journal.layout import DEFAULT_SPEC
-from serve_journal.schema import ENTRY_SCHEMA
-from serve_journal.sink.manifest import (
+from serve_journal.catalog.layout import DEFAULT_SPEC
+from serve_journal.integrity.manifest import (
     GENESIS_HASH,
     ChainConflictError,
     Checkpoint,
@@ -26,7 +25,8 @@ from serve_journal.sink.manifest import (
     load_public_key,
     record_path,
 )
-from serve_journal.sink.merkle import table_merkle_root
+from serve_journal.integrity.merkle import table_merkle_root
+from serve_journal.schema import ENTRY_SCHEMA
 from serve_journal.sink.parquet import decode_parquet, encode_parquet
 from serve_journal.storage import LocalJournalStorage
 

@@ -10,8 +10,8 @@ import pyarrow as pa
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from serve_journal.privacy.encoding import canonical_encode
-from serve_journal.sink.merkle import (
+from serve_journal.integrity.encoding import canonical_encode
+from serve_journal.integrity.merkle import (
     EMPTY_ROOT,
     _mth,
     consistency_proof,

@@ -15,10 +15,10 @@ import requests
 from ray import serve
 
 from serve_journal import flush_journal, journaled
-from serve_journal.aggregates import accounted_gaps, load_counters
 from serve_journal.examples.fraud import MODEL_NAME
-from serve_journal.storage import JournalStorage
-from serve_journal.verify import verify_journal
+from serve_journal.read.stats import accounted_gaps, load_counters
+from serve_journal.read.verify import verify_journal
+from serve_journal.storage import open_storage
 
 from .test_journal_serve import read_journal
 
@@ -92,7 +92,7 @@ def test_full_buffer_keeps_every_high_risk_decision_and_counts_every_low_risk_dr
     for rid in refused:
         assert rows[rid]["outcome"] == "rejected" and rows[rid]["error_type"] == "journal_full"
     # Low risk: journaled + sampled out + dropped == served, exactly, per the counters.
-    storage = JournalStorage.from_uri(str(root))
+    storage = open_storage(str(root))
     counters = load_counters(storage).to_pylist()
     low = [c for c in counters if c["risk_tier"] == "low" and c["outcome"] == "ok"]
     by_disposition = {d: sum(c["count"] for c in low if c["disposition"] == d)
@@ -122,7 +122,7 @@ def test_verify_catches_an_unaccounted_gap_in_a_served_journal(serve_instance, m
         if i == 14:
             assert flush_journal(str(root), timeout=60)  # two files at least
     assert flush_journal(str(root), timeout=60)
-    storage = JournalStorage.from_uri(str(root))
+    storage = open_storage(str(root))
     public_key = str(root.parent / "journal-keys" / "manifest-signing.pub.pem")
     assert verify_journal(storage, public_key=public_key, accounted_gaps=accounted_gaps(storage)).ok
     # Delete one data file: its records' entries are now a loss verify must name.

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serve_journal.privacy.encoding import MAX_DEPTH, CanonicalEncodingError, canonical_encode
+from serve_journal.integrity.encoding import MAX_DEPTH, CanonicalEncodingError, canonical_encode
 
 # --- a decoder written for the test: decode(encode(x)) must give back x's canonical form ---------
 
@@ -253,7 +253,7 @@ _CORPUS = (
 def test_stable_across_processes():
     script = (
         "import sys\n"
-        "from serve_journal.privacy.encoding import canonical_encode\n"
+        "from serve_journal.integrity.encoding import canonical_encode\n"
         f"sys.stdout.write(canonical_encode({_CORPUS}).hex())\n"
     )
     # A different hash seed changes dict/set iteration order of str keys in the child.

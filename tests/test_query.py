@@ -10,8 +10,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from serve_journal.layout import DEFAULT_SPEC
-from serve_journal.query import JournalQuery, format_table, read_access_log, to_json, write_parquet
+from serve_journal.catalog.layout import DEFAULT_SPEC
+from serve_journal.read.query import (
+    JournalQuery,
+    format_table,
+    read_access_log,
+    to_json,
+    write_parquet,
+)
 from serve_journal.schema import ENTRY_SCHEMA
 from serve_journal.sink.parquet import encode_parquet
 from serve_journal.storage import LocalJournalStorage
@@ -256,7 +262,7 @@ def test_bad_arguments_name_the_field(journal):
 
 
 def test_xxh64_matches_the_reference_vectors():
-    from serve_journal.query import xxh64
+    from serve_journal.read.query import xxh64
 
     assert xxh64(b"") == 0xEF46DB3751D8E999
     assert xxh64(b"abc") == 0x44BC2CF5AD770999
@@ -264,7 +270,7 @@ def test_xxh64_matches_the_reference_vectors():
 
 def test_pruned_point_lookups_equal_a_full_duckdb_scan(tmp_path):
     """Footer pruning (statistics + bloom filters) returns exactly what DuckDB's scan returns."""
-    from serve_journal.compaction import CompactionOptions, compact
+    from serve_journal.maintain.compaction import CompactionOptions, compact
 
     storage = LocalJournalStorage(str(tmp_path / "journal"))
     tokens = [token(f"s-{i}") for i in range(300)]

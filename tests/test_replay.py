@@ -23,14 +23,13 @@ import requests
 
 from serve_journal import flush_journal
 from serve_journal.examples.fraud import MODEL_NAME, build_app, random_features, train_and_register
-from serve_journal.featurestore import ParquetFeatureStore, record_features
-from serve_journal.privacy.encoding import canonical_encode
+from serve_journal.integrity.encoding import canonical_encode
 from serve_journal.privacy.forget import forget
 from serve_journal.privacy.keyring import Keyring
 from serve_journal.privacy.pseudonymizer import StaticKeyPseudonymizer
 from serve_journal.privacy.subjects import VaultPseudonymizer
 from serve_journal.privacy.vault import SubjectVault
-from serve_journal.replay import (
+from serve_journal.replay.driver import (
     RESULT_SCHEMA,
     MlflowRescorer,
     StaticKeyVerifier,
@@ -38,6 +37,7 @@ from serve_journal.replay import (
     replay,
     run_replay_cli,
 )
+from serve_journal.replay.featurestore import ParquetFeatureStore, record_features
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -288,7 +288,7 @@ def test_selection_by_decision_and_time(ray_cluster, traffic):
 
 
 def test_flat_fast_path_encodes_exactly_like_canonical_encode():
-    from serve_journal.replay import _flat_encode
+    from serve_journal.replay.driver import _flat_encode
 
     rng = np.random.default_rng(5)
     edge = {"neg": -1, "zero": 0, "big": 2**70, "small": -(2**63), "t": True, "f": False,

@@ -10,8 +10,8 @@ import hashlib
 import pytest
 from botocore.exceptions import ClientError
 
-from serve_journal._private.s3_worm import S3WormStorage
-from serve_journal.retention import (
+from serve_journal.storage import ObjectExistsError
+from serve_journal.storage.retention import (
     FINRA_4511,
     SEC_17A_4,
     RetentionError,
@@ -19,7 +19,7 @@ from serve_journal.retention import (
     TieredRetention,
     policy,
 )
-from serve_journal.storage import ObjectExistsError
+from serve_journal.storage.s3 import S3WormStorage
 
 
 def worm(bucket, *, prefix="journal", retention=None) -> S3WormStorage:

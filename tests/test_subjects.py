@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from serve_journal.privacy.encoding import canonical_encode
+from serve_journal.integrity.encoding import canonical_encode
 from serve_journal.privacy.forget import forget
 from serve_journal.privacy.keyring import (
     PURPOSE_SUBJECT_INDEX,

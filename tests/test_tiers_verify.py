@@ -11,7 +11,8 @@ import pyarrow as pa
 import pytest
 
 from serve_journal import lifecycle
-from serve_journal.compaction import (
+from serve_journal.catalog.layout import COLD, HOT
+from serve_journal.maintain.compaction import (
     COMMITS_PREFIX,
     CompactionOptions,
     compact,
@@ -19,12 +20,11 @@ from serve_journal.compaction import (
     manifest_recorder,
     run_compaction,
 )
-from serve_journal.layout import COLD, HOT
-from serve_journal.query import JournalQuery
+from serve_journal.read.query import JournalQuery
+from serve_journal.read.verify import format_report, verify_journal
 from serve_journal.sink.parquet import decode_parquet, encode_parquet
 from serve_journal.sink.settings import SinkSettings, manifest_hook
 from serve_journal.transport.actors import PartitionFileWriter, split_by_partition
-from serve_journal.verify import format_report, verify_journal
 from tests.test_query import DAY, ids, make_entries, token
 
 COMPACT_AT = DAY + dt.timedelta(days=2)

@@ -10,8 +10,8 @@ import pytest
 
 from serve_journal._private.batching import BatchWorker
 from serve_journal._private.entries import CapturedCall, EntryFinalizer, ReplicaIdentity
+from serve_journal.catalog.layout import DEFAULT_SPEC, PartitionKey
 from serve_journal.config import ConfigError, JournalConfig
-from serve_journal.layout import DEFAULT_SPEC, PartitionKey
 from serve_journal.policy import Sampler, build_policy
 from serve_journal.privacy.pseudonymizer import StaticKeyPseudonymizer
 from serve_journal.registry import ModelInfo, ModelRef, dataset_manifest

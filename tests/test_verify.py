@@ -17,9 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from serve_journal._private.s3_worm import S3WormStorage
-from serve_journal.retention import RetentionPolicy, TieredRetention
-from serve_journal.sink.manifest import (
+from serve_journal.integrity.manifest import (
     Checkpoint,
     ManifestLog,
     ManifestRecord,
@@ -28,9 +26,11 @@ from serve_journal.sink.manifest import (
     checkpoint_path,
     record_path,
 )
+from serve_journal.read.verify import format_report, verify_journal
 from serve_journal.sink.parquet import decode_parquet, encode_parquet
 from serve_journal.storage import JournalStorage, LocalJournalStorage, StoredObject
-from serve_journal.verify import format_report, verify_journal
+from serve_journal.storage.retention import RetentionPolicy, TieredRetention
+from serve_journal.storage.s3 import S3WormStorage
 from tests.test_manifest import BASE_TS, data_path, make_table
 
 CHAIN = "writer-1"

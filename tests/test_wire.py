@@ -122,7 +122,7 @@ def test_absent_nullable_columns_read_as_null_absent_required_ones_refuse():
     ("pretty", True),  # one valid entry over several lines: the per-message path reads it
 ])
 def test_a_chunk_with_one_bad_message_keeps_the_others(bad, readable):
-    from serve_journal.sink.kafka_sink import build_chunk_parts
+    from serve_journal.sink.kafka import build_chunk_parts
 
     values = [m.value for m in wire.encode_batch(make_entries(20, nulls=False))]
     record = json.loads(values[5])

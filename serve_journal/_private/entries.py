@@ -19,8 +19,8 @@ from typing import Any
 import pyarrow as pa
 
 from serve_journal.config import JournalConfig
+from serve_journal.integrity.encoding import CanonicalEncodingError, canonical_encode
 from serve_journal.policy import Sampler
-from serve_journal.privacy.encoding import CanonicalEncodingError, canonical_encode
 from serve_journal.privacy.pseudonymizer import Pseudonymizer
 from serve_journal.registry import ModelInfo
 from serve_journal.schema import ENTRY_SCHEMA, OUTCOME_OK, SCHEMA_VERSION

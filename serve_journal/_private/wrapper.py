@@ -23,7 +23,6 @@ from typing import Any
 
 from pyarrow.compute import equal as pc_equal
 
-from serve_journal.aggregates import DROPPED, CounterSet
 from serve_journal.config import ConfigError, JournalConfig
 from serve_journal.policy import (
     OVERFLOW_DROP,
@@ -32,9 +31,10 @@ from serve_journal.policy import (
     build_policy,
     derive_sampling_key,
 )
+from serve_journal.read.stats import DROPPED, CounterSet
 from serve_journal.registry import ModelInfo, resolve_model
 from serve_journal.schema import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_REJECTED
-from serve_journal.storage import JournalStorage
+from serve_journal.storage import open_storage
 
 from .batching import REASON_BUFFER_FULL, PeriodicTask
 from .entries import CapturedCall, EntryFinalizer, ReplicaIdentity
@@ -171,7 +171,7 @@ class JournalRuntime:
         self.counters = CounterSet(self.identity.producer_id)
         self.metrics = JournalMetrics(self.model.name, deployment, replica)
         self.drops = _DropCounter(self.counters, self.metrics, policy.default_tier.name)
-        self.storage = JournalStorage.from_uri(config.journal_uri, retention=config.retention)
+        self.storage = open_storage(config.journal_uri, retention=config.retention)
         self.transport_drops: dict[str, int] = {}
         self.transport = build_transport(config, self.identity.producer_id, self._on_transport_drop)
         self.finalizer = EntryFinalizer(config, pseudonymizer, self.identity,

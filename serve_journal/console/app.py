@@ -1,8 +1,8 @@
 """The investigation console: a FastAPI app over the journal, run alone or as a Ray Serve app.
 
-Reads go through :class:`~serve_journal.query.JournalQuery` (whose access log records every query
-with the signed-in user as actor), :mod:`serve_journal.aggregates` (exact counters and estimates)
-and :func:`serve_journal.verify.verify_journal`. Every page view is written to the same access log.
+Reads go through :class:`~serve_journal.read.query.JournalQuery` (whose access log records every query
+with the signed-in user as actor), :mod:`serve_journal.read.stats` (exact counters and estimates)
+and :func:`serve_journal.read.verify.verify_journal`. Every page view is written to the same access log.
 
 Subject ids are only ever typed into POST forms (search, forget); they are turned into tokens with
 the configured tokenizer at once, and pages, URLs, logs and the access log carry the token only.
@@ -25,7 +25,6 @@ from typing import Annotated, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from serve_journal._private.access_log import record_access
 from serve_journal.console.auth import (
     ROLES,
     SessionCodec,
@@ -34,7 +33,8 @@ from serve_journal.console.auth import (
     add_user,
     load_or_create_secret,
 )
-from serve_journal.storage import JournalStorage
+from serve_journal.read.access_log import record_access
+from serve_journal.storage import open_storage
 
 logger = logging.getLogger("serve_journal.console")
 
@@ -153,7 +153,7 @@ class _Console:
         import jinja2
 
         self.settings = settings
-        self.storage = JournalStorage.from_uri(settings.journal_uri)
+        self.storage = open_storage(settings.journal_uri)
         self.users = UserStore(settings.users_file)
         self.codec = SessionCodec(load_or_create_secret(settings.resolved_secret_file()),
                                   settings.session_ttl_s)
@@ -173,7 +173,7 @@ class _Console:
     # -- helpers -------------------------------------------------------------------------------
 
     def query(self, user: User):
-        from serve_journal.query import JournalQuery
+        from serve_journal.read.query import JournalQuery
 
         return JournalQuery(self.storage, tokenizer=self.tokenizer, actor=user.name)
 
@@ -185,13 +185,13 @@ class _Console:
                       elapsed_ms=(time.perf_counter() - started) * 1000)
 
     def models(self) -> list[str]:
-        from serve_journal.compaction import live_files
+        from serve_journal.maintain.compaction import live_files
 
         return sorted({f.key.model for f in live_files(self.storage, tier="all")})
 
     def manifest_records(self) -> dict[str, list[Any]]:
         """Data file path -> its manifest records (cached: record objects never change)."""
-        from serve_journal.sink.manifest import MANIFEST_PREFIX, ManifestError, ManifestRecord
+        from serve_journal.integrity.manifest import MANIFEST_PREFIX, ManifestError, ManifestRecord
 
         for path in self.storage.list_files(f"{MANIFEST_PREFIX}/", ".json"):
             if path not in self._records:
@@ -205,7 +205,7 @@ class _Console:
         return by_file
 
     def default_window(self, model: str) -> tuple[dt.datetime, dt.datetime]:
-        from serve_journal.compaction import live_files
+        from serve_journal.maintain.compaction import live_files
 
         keys = [f.key for f in live_files(self.storage, tier="all", model=model)]
         until = max(k.end for k in keys) if keys else \
@@ -479,8 +479,8 @@ def create_app(settings: ConsoleSettings):
     @app.get("/entry", response_class=HTMLResponse)
     def entry(request: Request, model: str, request_id: str, producer: str, seq: int,
               auth: allowed("read")):
+        from serve_journal.read.verify import VerifyReport, _check_file
         from serve_journal.schema import COLUMNS
-        from serve_journal.verify import VerifyReport, _check_file
 
         user, csrf = auth
         with console.query(user) as q:
@@ -581,7 +581,7 @@ def create_app(settings: ConsoleSettings):
             return Response(str(exc), status_code=400, media_type="text/plain")
         label = f"{model}, {start:%Y-%m-%d %H:%M} .. {end:%Y-%m-%d %H:%M} UTC"
         if kind == "sampling":
-            from serve_journal.aggregates import load_counters
+            from serve_journal.read.stats import load_counters
 
             png = charts.sampling_and_drops(load_counters(console.storage, start, end, model),
                                             f"captured entries by disposition (exact), {label}")
@@ -618,7 +618,7 @@ def create_app(settings: ConsoleSettings):
     @app.get("/stats", response_class=HTMLResponse)
     def stats_page(request: Request, auth: allowed("stats"), model: str | None = None,
                    since: str | None = None, until: str | None = None):
-        from serve_journal.aggregates import stats
+        from serve_journal.read.stats import stats
 
         user, csrf = auth
         try:
@@ -653,8 +653,8 @@ def create_app(settings: ConsoleSettings):
 
     @app.post("/reports/verify", response_class=HTMLResponse)
     def run_verify(request: Request, auth: posted("run_verify")):
-        from serve_journal.aggregates import accounted_gaps
-        from serve_journal.verify import verify_journal
+        from serve_journal.read.stats import accounted_gaps
+        from serve_journal.read.verify import verify_journal
 
         user, csrf, _ = auth
         directory = settings.resolved_reports_dir()
@@ -699,7 +699,7 @@ def create_app(settings: ConsoleSettings):
 
     @app.get("/access", response_class=HTMLResponse)
     def access_page(request: Request, auth: allowed("access_log"), date: str | None = None):
-        from serve_journal.query import read_access_log
+        from serve_journal.read.query import read_access_log
 
         user, csrf = auth
         day = date or dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")

@@ -3,7 +3,7 @@
 See docs/security.md for the threat model, the encoding specification and the key hierarchy.
 """
 
-from serve_journal.privacy.encoding import CanonicalEncodingError, canonical_encode
+from serve_journal.integrity.encoding import CanonicalEncodingError, canonical_encode
 from serve_journal.privacy.forget import (
     ForgetEvent,
     ForgetIncompleteError,

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from serve_journal.layout import PARQUET_SUFFIX, TIERS
+from serve_journal.catalog.layout import PARQUET_SUFFIX, TIERS
 from serve_journal.privacy.keyring import Keyring
 from serve_journal.privacy.vault import SubjectVault
-from serve_journal.storage import JournalStorage
+from serve_journal.storage import JournalStorage, open_storage
 
 __all__ = [
     "RECEIPTS_PREFIX",
@@ -232,7 +232,7 @@ def forget_subject(
         vault = SubjectVault.open(vault_url, keyring)
     try:
         return forget(subject_id, vault=vault, keyring=keyring,
-                      journal_storage=JournalStorage.from_uri(journal_uri),
+                      journal_storage=open_storage(journal_uri),
                       purge_hook=purge_hook, forget_hook=forget_hook)
     finally:
         vault.close()

@@ -18,7 +18,7 @@ import threading
 import uuid
 from typing import Any
 
-from serve_journal.sink.kafka_sink import (
+from serve_journal.sink.kafka import (
     DEFAULT_ROLL_SECONDS,
     KafkaSink,
     KafkaSinkSettings,

@@ -14,10 +14,10 @@ from typing import Any
 
 import pyarrow as pa
 
+from serve_journal.catalog.layout import HOT, PartitionKey
 from serve_journal.config import JournalConfig
-from serve_journal.layout import HOT, PartitionKey
-from serve_journal.sink.manifest import ManifestLog, ManifestSigner, build_file_record
-from serve_journal.storage import JournalStorage, StoredObject
+from serve_journal.integrity.manifest import ManifestLog, ManifestSigner, build_file_record
+from serve_journal.storage import JournalStorage, StoredObject, open_storage
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class SinkSettings:
     roll_seconds: float = 0.5
     roll_bytes: int = 64 * 1024 * 1024
     retention: Any = None
-    """A policy name, a mapping, or ``{"hot": .., "cold": ..}`` (see serve_journal.retention)."""
+    """A policy name, a mapping, or ``{"hot": .., "cold": ..}`` (see serve_journal.storage.retention)."""
     witness_uri: str | None = None
     signing_key_file: str | None = None
     checkpoint_interval_s: float = 5.0
@@ -44,10 +44,10 @@ class SinkSettings:
         )
 
     def storage(self) -> JournalStorage:
-        return JournalStorage.from_uri(self.journal_uri, retention=self.retention)
+        return open_storage(self.journal_uri, retention=self.retention)
 
     def witness(self) -> JournalStorage | None:
-        return None if not self.witness_uri else JournalStorage.from_uri(self.witness_uri)
+        return None if not self.witness_uri else open_storage(self.witness_uri)
 
     def keys_dir(self) -> str | None:
         uri = self.journal_uri

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import ray
 
 from serve_journal._private.metrics import JournalMetrics
-from serve_journal.layout import DEFAULT_SPEC, PartitionKey
+from serve_journal.catalog.layout import DEFAULT_SPEC, PartitionKey
 from serve_journal.sink.parquet import encode_parquet
 from serve_journal.sink.settings import SinkSettings, manifest_hook
 from serve_journal.storage import JournalStorage, StoredObject

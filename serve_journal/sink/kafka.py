@@ -39,10 +39,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from serve_journal.layout import DEFAULT_SPEC, PartitionKey, PartitionSpec
+from serve_journal.catalog.layout import DEFAULT_SPEC, PartitionKey, PartitionSpec
 from serve_journal.schema import ENTRY_SCHEMA
 from serve_journal.sink.parquet import HOT_OPTIONS, ParquetOptions, decode_parquet, encode_parquet
-from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
+from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject, open_storage
 from serve_journal.transport import wire
 
 logger = logging.getLogger(__name__)
@@ -537,7 +537,7 @@ class KafkaSinkActor:
 
     def __init__(self, settings: KafkaSinkSettings, journal_uri: str,
                  on_file_written: FileWrittenHook | None = None) -> None:
-        self._sink = KafkaSink(settings, JournalStorage.from_uri(journal_uri), on_file_written=on_file_written)
+        self._sink = KafkaSink(settings, open_storage(journal_uri), on_file_written=on_file_written)
         self._stop = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -585,7 +585,7 @@ def run_sink(bootstrap_servers: str, topic: str, partitions: Sequence[int] | str
         partitions = parse_partitions(partitions)
     sink_settings = KafkaSinkSettings(bootstrap_servers=bootstrap_servers, topic=topic,
                                       partitions=tuple(partitions), **settings)
-    storage = JournalStorage.from_uri(journal_uri)
+    storage = open_storage(journal_uri)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -604,7 +604,7 @@ def run_sink(bootstrap_servers: str, topic: str, partitions: Sequence[int] | str
 
 
 def _main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serve_journal.sink.kafka_sink",
+    parser = argparse.ArgumentParser(prog="python -m serve_journal.sink.kafka",
                                      description="Consume journal entries from Kafka into Parquet.")
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--topic", required=True)

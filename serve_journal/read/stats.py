@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from serve_journal.layout import COLD, DEFAULT_SPEC, HOT, PARQUET_SUFFIX, escape_value
+from serve_journal.catalog.layout import COLD, DEFAULT_SPEC, HOT, PARQUET_SUFFIX, escape_value
 from serve_journal.schema import ENTRY_SCHEMA
 from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
 

@@ -1,6 +1,6 @@
 """Feature stores with time travel: the features a decision was taken on, as of its timestamp.
 
-The journal never stores raw features; replay (:mod:`serve_journal.replay`) recomputes them from
+The journal never stores raw features; replay (:mod:`serve_journal.replay.driver`) recomputes them from
 a feature store *as of* each entry's timestamp, hashes them with the entry's key and compares the
 result with the journaled ``features_hmac``.
 

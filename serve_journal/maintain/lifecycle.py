@@ -29,7 +29,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from serve_journal.compaction import (
+from serve_journal.catalog.layout import COLD, HOT, TIERS, PartitionKey
+from serve_journal.maintain.compaction import (
     CompactionError,
     CrashHook,
     FileWrittenHook,
@@ -47,7 +48,6 @@ from serve_journal.compaction import (
     set_name,
     write_verified,
 )
-from serve_journal.layout import COLD, HOT, TIERS, PartitionKey
 from serve_journal.sink.parquet import COLD_OPTIONS, ParquetOptions
 from serve_journal.storage import JournalStorage
 
@@ -167,7 +167,7 @@ def apply(
     """Carry out ``lifecycle_plan``; a dry run (the default) only reports.
 
     ``on_file_written(stored, table, replaces)`` records each cold file (see
-    :func:`serve_journal.compaction.manifest_recorder`); without it ``serve-journal verify``
+    :func:`serve_journal.maintain.compaction.manifest_recorder`); without it ``serve-journal verify``
     reports the cold files as unrecorded."""
     report = LifecycleReport(dry_run=dry_run)
     markers = list(lifecycle_plan.pending_expiry)
@@ -251,7 +251,7 @@ def run_lifecycle(
     """
     import uuid
 
-    from serve_journal.compaction import manifest_recorder, recorded_hashes
+    from serve_journal.maintain.compaction import manifest_recorder, recorded_hashes
     from serve_journal.sink.settings import SinkSettings
 
     settings = SinkSettings(journal_uri=journal_uri)
@@ -280,7 +280,7 @@ def _expire_superseded(
     report: LifecycleReport,
 ) -> None:
     """Delete hot files of the moved partition that earlier compactions replaced (no longer read)."""
-    from serve_journal.layout import DEFAULT_SPEC
+    from serve_journal.catalog.layout import DEFAULT_SPEC
 
     _, key = DEFAULT_SPEC.parse(marker.new_files[0])
     # a day partition replaced the files of its hour partitions too

@@ -38,7 +38,7 @@ def send_traffic(url: str, n: int, users: list[str], *, seed: int = 1, concurren
     import requests
 
     from serve_journal.examples.fraud import random_features
-    from serve_journal.featurestore import record_features
+    from serve_journal.replay.featurestore import record_features
 
     rng = np.random.default_rng(seed)
     plan = [(users[int(rng.integers(0, len(users)))], random_features(rng)) for _ in range(n)]
@@ -75,9 +75,9 @@ def run_demo(workdir: str = "./demo-output", requests_count: int = 3000, users: 
     from serve_journal import flush_journal, producer_reports
     from serve_journal.api import subject_tokenizer
     from serve_journal.examples.fraud import build_app, train_and_register
-    from serve_journal.featurestore import ParquetFeatureStore
-    from serve_journal.query import JournalQuery, format_table
-    from serve_journal.replay import replay
+    from serve_journal.read.query import JournalQuery, format_table
+    from serve_journal.replay.driver import replay
+    from serve_journal.replay.featurestore import ParquetFeatureStore
 
     started = time.monotonic()
     root = Path(workdir).resolve()

@@ -16,7 +16,7 @@ algorithm of sections 2.1.3.2 and 2.1.4.2, which binds the proof length to the t
 only proof a verifier accepts for a given (index, size, root) is the genuine one.
 
 The leaf data of a journal entry is :func:`entry_leaf`: the canonical encoding
-(:func:`serve_journal.privacy.encoding.canonical_encode`) of the row as a mapping of column name
+(:func:`serve_journal.integrity.encoding.canonical_encode`) of the row as a mapping of column name
 to value, with the timestamp ``ts`` as an integer number of microseconds since the Unix epoch
 (UTC). Every column of the file's schema takes part, so any edited value changes the leaf.
 """
@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from serve_journal.privacy.encoding import canonical_encode
+from serve_journal.integrity.encoding import canonical_encode
 
 _LEAF_PREFIX = b"\x00"
 _NODE_PREFIX = b"\x01"

@@ -1,7 +1,7 @@
 """Investigations: find journal entries by subject, request, model, decision, outcome and time.
 
 DuckDB reads the hive-partitioned Parquet files directly. Partition pruning happens before DuckDB
-sees a file: only the live files (see :func:`serve_journal.compaction.live_files`) of the
+sees a file: only the live files (see :func:`serve_journal.maintain.compaction.live_files`) of the
 requested model and of the hours (days) that overlap ``[since, until)`` are handed to it. Inside
 each file, rows are sorted by ``subject_token`` and carry min/max statistics, a page index and
 Parquet bloom filters on ``subject_token`` and ``request_id``.
@@ -31,11 +31,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from serve_journal._private.access_log import read_access_log, record_access
-from serve_journal.compaction import DataFile, MarkerCache, live_files
-from serve_journal.layout import TIERS
+from serve_journal.catalog.layout import TIERS
+from serve_journal.maintain.compaction import DataFile, MarkerCache, live_files
+from serve_journal.read.access_log import read_access_log, record_access
 from serve_journal.schema import ENTRY_SCHEMA, OUTCOMES
-from serve_journal.storage import JournalStorage
+from serve_journal.storage import JournalStorage, open_storage
 
 __all__ = [
     "JournalQuery",
@@ -282,7 +282,7 @@ class JournalQuery:
         if isinstance(storage_or_uri, JournalStorage):
             self.storage = storage_or_uri
         else:
-            self.storage = JournalStorage.from_uri(storage_or_uri)
+            self.storage = open_storage(storage_or_uri)
         if not isinstance(actor, str) or not actor.strip():
             raise ValueError("actor must name who runs the query (used in the access log)")
         self.actor = actor

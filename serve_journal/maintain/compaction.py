@@ -17,7 +17,7 @@ Readers (:func:`live_files`) apply one rule: a file named in some marker's ``rep
 derived file (``c-*`` compacted, or anything in the cold tier) is visible only once a marker
 names it. Before step 5 readers see the inputs only, after it the new files only.
 
-The same markers carry lifecycle moves (hot -> cold, see :mod:`serve_journal.lifecycle`).
+The same markers carry lifecycle moves (hot -> cold, see :mod:`serve_journal.maintain.lifecycle`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from serve_journal.layout import (
+from serve_journal.catalog.layout import (
     COLD,
     DEFAULT_SPEC,
     HOT,
@@ -174,7 +174,7 @@ class UnrecordedInputError(CompactionError):
 
 def recorded_hashes(storage: JournalStorage) -> dict[str, set[str]]:
     """Every manifest record's ``path -> sha256`` (read from ``_manifest/``)."""
-    from serve_journal.sink.manifest import MANIFEST_PREFIX
+    from serve_journal.integrity.manifest import MANIFEST_PREFIX
 
     out: dict[str, set[str]] = {}
     for path in storage.list_files(f"{MANIFEST_PREFIX}/", ".json"):
@@ -346,7 +346,7 @@ def live_files(
 
 
 def _escape(model: str | None) -> str:
-    from serve_journal.layout import escape_value
+    from serve_journal.catalog.layout import escape_value
 
     return escape_value(model or "")
 
@@ -722,12 +722,12 @@ def compact(
 
 def manifest_recorder(manifest_log) -> FileWrittenHook:
     """An ``on_file_written`` hook appending each rewritten file's record (with the paths it
-    ``replaces``) to a :class:`serve_journal.sink.manifest.ManifestLog`.
+    ``replaces``) to a :class:`serve_journal.integrity.manifest.ManifestLog`.
 
     After a crash between the append and the commit marker, a re-run appends a second record for
     the same path and sha256; verification treats such records as one file.
     """
-    from serve_journal.sink.manifest import build_file_record
+    from serve_journal.integrity.manifest import build_file_record
 
     def record(stored: StoredObject, table: pa.Table, replaces: tuple[str, ...]) -> None:
         tier = DEFAULT_SPEC.parse(stored.path)[0]

@@ -1,7 +1,7 @@
 """Reproduce journaled decisions: point-in-time features, HMAC check by key id, re-scoring.
 
 The journal holds no raw features. :func:`replay` reads the selected journal partitions with Ray
-Data, fetches each entry's features from a :class:`~serve_journal.featurestore.FeatureStore` *as
+Data, fetches each entry's features from a :class:`~serve_journal.replay.featurestore.FeatureStore` *as
 of the entry's timestamp*, recomputes the canonical encoding and the HMAC with the entry's key and
 classifies the entry (:data:`STATUSES`). With ``rescore=True`` it also loads the exact model
 version the entry names (``models:/<name>/<version>``, never the alias) from MLflow and compares
@@ -38,8 +38,12 @@ from typing import Any, Protocol, runtime_checkable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from serve_journal.featurestore import FeatureStore, ParquetFeatureStore, default_feature_store_uri
-from serve_journal.privacy.encoding import CanonicalEncodingError, canonical_encode
+from serve_journal.integrity.encoding import CanonicalEncodingError, canonical_encode
+from serve_journal.replay.featurestore import (
+    FeatureStore,
+    ParquetFeatureStore,
+    default_feature_store_uri,
+)
 
 __all__ = [
     "RESULT_SCHEMA",
@@ -57,7 +61,7 @@ __all__ = [
     "threshold_decision",
 ]
 
-logger = logging.getLogger("serve_journal.replay")
+logger = logging.getLogger("serve_journal.replay.driver")
 
 VERIFIED = "verified"
 """The features as of the entry's time hash to the journaled HMAC (and, with rescore, the model
@@ -776,7 +780,7 @@ def _micros(value: dt.datetime | None) -> int | None:
 
 def _journal_files(storage: Any, model: str, since: dt.datetime | None, until: dt.datetime | None,
                    tier: str) -> list[str]:
-    from serve_journal.compaction import live_files
+    from serve_journal.maintain.compaction import live_files
 
     out = []
     for f in live_files(storage, tier=tier, model=model):
@@ -827,8 +831,8 @@ def replay(
     ``rescorer``). Per-entry results go to ``output`` (one Parquet file) and, with
     ``keep_results``, into the report.
     """
-    from serve_journal.layout import TIERS
-    from serve_journal.storage import JournalStorage
+    from serve_journal.catalog.layout import TIERS
+    from serve_journal.storage import open_storage
 
     started = time.monotonic()
     if not isinstance(model, str) or not model:
@@ -856,7 +860,7 @@ def replay(
         tokens = frozenset(t for t in found if t is not None)
         without_key = sum(1 for t in found if t is None)
 
-    storage = JournalStorage.from_uri(journal_uri)
+    storage = open_storage(journal_uri)
     files = _journal_files(storage, model, since_utc, until_utc, tier)
     spec = _Spec(uuid.uuid4().hex, feature_store, verifier, rescorer if rescore else None, tokens,
                  _micros(since_utc), _micros(until_utc), decision, float(tolerance))

@@ -4,12 +4,12 @@ pyarrow's S3 filesystem cannot send conditional or Object Lock headers, so write
 listings go through boto3:
 
 * ``PutObject`` with ``If-None-Match: *``: the store refuses to replace an existing key (412,
-  raised as :class:`~serve_journal.storage.ObjectExistsError`);
+  raised as :class:`~serve_journal.storage.base.ObjectExistsError`);
 * ``ObjectLockMode`` and ``ObjectLockRetainUntilDate`` from the retention policy of the path's
   area (hot / cold / manifests), so the stored version cannot be deleted or overwritten in place
   before that date (the bucket must have Object Lock enabled, which implies versioning);
 * ``ChecksumSHA256``: S3 checks the body against it and keeps it with the object;
-* the returned ``VersionId`` goes into :class:`~serve_journal.storage.StoredObject` and from there
+* the returned ``VersionId`` goes into :class:`~serve_journal.storage.base.StoredObject` and from there
   into the manifest record, so verify can tell the recorded version from a shadow version.
 
 ``filesystem`` is still a pyarrow ``S3FileSystem`` on the same endpoint, for readers (DuckDB,
@@ -28,8 +28,8 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from serve_journal.retention import RetentionPolicy, TieredRetention
-from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
+from serve_journal.storage.base import JournalStorage, ObjectExistsError, StoredObject
+from serve_journal.storage.retention import RetentionPolicy, TieredRetention
 
 
 @dataclass(frozen=True)

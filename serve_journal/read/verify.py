@@ -40,8 +40,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from serve_journal.layout import DEFAULT_SPEC, PARQUET_SUFFIX, TIERS
-from serve_journal.sink.manifest import (
+from serve_journal.catalog.layout import DEFAULT_SPEC, PARQUET_SUFFIX, TIERS
+from serve_journal.integrity.manifest import (
     CHECKPOINT_PREFIX,
     MANIFEST_PREFIX,
     Checkpoint,
@@ -52,7 +52,7 @@ from serve_journal.sink.manifest import (
     record_path,
     sequence_ranges,
 )
-from serve_journal.sink.merkle import table_merkle_root
+from serve_journal.integrity.merkle import table_merkle_root
 from serve_journal.sink.parquet import decode_parquet
 from serve_journal.storage import JournalStorage
 
@@ -465,7 +465,7 @@ def verify_journal(
             seen_files.add((record.path, record.sha256))
             records.append(record)
     scoped = [r for r in records if _in_scope_record(r, since_us, model)]
-    from serve_journal.compaction import MarkerCache, is_derived, load_markers
+    from serve_journal.maintain.compaction import MarkerCache, is_derived, load_markers
 
     try:
         markers = load_markers(storage, cache=MarkerCache())
