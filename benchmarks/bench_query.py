@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from serve_journal import lifecycle
+from serve_journal.catalog import live_files
 from serve_journal.catalog.layout import DEFAULT_SPEC
-from serve_journal.maintain.compaction import CompactionOptions, compact, live_files
+from serve_journal.maintain import lifecycle
+from serve_journal.maintain.compaction import CompactionOptions, compact
 from serve_journal.read.query import JournalQuery
 from serve_journal.schema import ENTRY_SCHEMA, OUTPUT_TYPE
 from serve_journal.sink.parquet import HOT_OPTIONS, encode_parquet

@@ -13,14 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from serve_journal.errors import ConfigError
+from serve_journal.policy import build_policy
+from serve_journal.privacy.identity import JwtVerifier
+
 ENV_PREFIX = "SERVE_JOURNAL_"
 
 TRANSPORTS = ("actors", "kafka", "memory")
 OVERFLOW_POLICIES = ("drop_newest",)
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the field and what would be right."""
 
 
 def _env_name(name: str) -> str:
@@ -113,15 +113,11 @@ class JournalConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.risk_policy is not None:
-            from serve_journal.policy import build_policy
-
             build_policy(self.risk_policy)  # raises ConfigError naming the wrong field
         if self.on_invalid_caller not in ("refuse", "anonymous"):
             raise ConfigError(
                 f"on_invalid_caller must be 'refuse' or 'anonymous', got {self.on_invalid_caller!r}")
         if self.caller_jwt_public_key is not None:
-            from serve_journal.privacy.identity import JwtVerifier
-
             try:
                 JwtVerifier(self.jwt_public_key_pem())
             except Exception as exc:

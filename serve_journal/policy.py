@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve_journal.config import ConfigError
+from serve_journal.errors import ConfigError
 
 OVERFLOW_DROP = "drop"
 OVERFLOW_WAIT = "wait"

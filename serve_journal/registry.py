@@ -17,16 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serve_journal.errors import ModelNotFoundError
+
 DATASET_HASH_TAG = "serve_journal.dataset_hash"
 MANIFEST_ARTIFACT = "serve_journal/dataset_manifest.json"
 
 SOURCE_TAG = "tag"
 SOURCE_MLFLOW_INPUTS = "mlflow_inputs"
 SOURCE_NONE = "none"
-
-
-class ModelNotFoundError(LookupError):
-    """The configured model (name, alias or version) does not exist in the registry."""
 
 
 @dataclass(frozen=True)

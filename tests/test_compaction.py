@@ -11,14 +11,13 @@ import sys
 import pyarrow as pa
 import pytest
 
+from serve_journal.catalog import COMMITS_PREFIX, live_files
 from serve_journal.catalog.layout import DEFAULT_SPEC
 from serve_journal.maintain.compaction import (
-    COMMITS_PREFIX,
     CompactionError,
     CompactionOptions,
     compact,
     compact_partition,
-    live_files,
     manifest_recorder,
 )
 from serve_journal.read.query import JournalQuery
@@ -106,7 +105,7 @@ def test_a_new_file_that_does_not_verify_is_never_committed(journal):
     files = [f for f in live_files(storage) if f.key.hour == 0]
     key = files[0].key
     inputs = [f.path for f in files]
-    from serve_journal.maintain.compaction import COMPACTED_PREFIX, set_name
+    from serve_journal.catalog import COMPACTED_PREFIX, set_name
 
     # an earlier run left a wrong file at the deterministic name
     bogus = make_entries(3, producer="p-bogus")

@@ -13,9 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from serve_journal import lifecycle
+from serve_journal.catalog import live_files
 from serve_journal.catalog.layout import COLD, DEFAULT_SPEC
-from serve_journal.maintain.compaction import CompactionOptions, compact, live_files
+from serve_journal.maintain import lifecycle
+from serve_journal.maintain.compaction import CompactionOptions, compact
 from serve_journal.read.query import JournalQuery
 from serve_journal.sink.parquet import encode_parquet
 from serve_journal.storage import LocalJournalStorage
@@ -117,7 +118,7 @@ def test_refuses_to_expire_after_the_cold_copy_was_damaged(journal):
 
 CRASH_SCRIPT = """
 import datetime as dt, os, signal, sys
-from serve_journal import lifecycle
+from serve_journal.maintain import lifecycle
 from serve_journal.storage import LocalJournalStorage
 root, stage, nth = sys.argv[1], sys.argv[2], int(sys.argv[3])
 seen = {"n": 0}

@@ -10,13 +10,12 @@ import os
 import pyarrow as pa
 import pytest
 
-from serve_journal import lifecycle
+from serve_journal.catalog import COMMITS_PREFIX, live_files
 from serve_journal.catalog.layout import COLD, HOT
+from serve_journal.maintain import lifecycle
 from serve_journal.maintain.compaction import (
-    COMMITS_PREFIX,
     CompactionOptions,
     compact,
-    live_files,
     manifest_recorder,
     run_compaction,
 )

@@ -24,6 +24,7 @@ from typing import Any
 from pyarrow.compute import equal as pc_equal
 
 from serve_journal.config import ConfigError, JournalConfig
+from serve_journal.errors import JournalUnavailableError
 from serve_journal.policy import (
     OVERFLOW_DROP,
     OVERFLOW_WAIT,
@@ -135,10 +136,6 @@ class _DropCounter:
     @property
     def total(self) -> int:
         return sum(self.by_reason.values())
-
-
-class JournalUnavailableError(RuntimeError):
-    """A high-risk decision was refused because the journal had no room (fail-closed)."""
 
 
 REFUSAL_MESSAGE = ("journal unavailable: this decision is high-risk and is not served "

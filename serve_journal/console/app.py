@@ -185,7 +185,7 @@ class _Console:
                       elapsed_ms=(time.perf_counter() - started) * 1000)
 
     def models(self) -> list[str]:
-        from serve_journal.maintain.compaction import live_files
+        from serve_journal.catalog import live_files
 
         return sorted({f.key.model for f in live_files(self.storage, tier="all")})
 
@@ -205,7 +205,7 @@ class _Console:
         return by_file
 
     def default_window(self, model: str) -> tuple[dt.datetime, dt.datetime]:
-        from serve_journal.maintain.compaction import live_files
+        from serve_journal.catalog import live_files
 
         keys = [f.key for f in live_files(self.storage, tier="all", model=model)]
         until = max(k.end for k in keys) if keys else \
@@ -634,7 +634,7 @@ def create_app(settings: ConsoleSettings):
 
     @app.get("/lifecycle", response_class=HTMLResponse)
     def lifecycle_page(request: Request, auth: allowed("lifecycle")):
-        from serve_journal import lifecycle
+        from serve_journal.maintain import lifecycle
 
         user, csrf = auth
         kwargs = {} if settings.hot_days is None else {"hot_days": settings.hot_days}

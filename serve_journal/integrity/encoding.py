@@ -25,6 +25,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from serve_journal.errors import CanonicalEncodingError
+
 __all__ = ["MAX_DEPTH", "CanonicalEncodingError", "canonical_encode"]
 
 _NONE = b"N"
@@ -41,10 +43,6 @@ _CANONICAL_NAN = struct.pack(">Q", 0x7FF8000000000000)
 
 #: Deepest nesting accepted; deeper input (or a self-referencing container) is refused clearly.
 MAX_DEPTH = 64
-
-
-class CanonicalEncodingError(ValueError):
-    """A feature value cannot be encoded. The message names the type and path, never the value."""
 
 
 def canonical_encode(value: Any) -> bytes:

@@ -38,6 +38,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from serve_journal.errors import ChainConflictError, ManifestError
 from serve_journal.integrity.merkle import table_merkle_root
 from serve_journal.schema import ENTRY_SCHEMA
 from serve_journal.sink.parquet import sort_for_lookup
@@ -51,14 +52,6 @@ SIGNING_KEY_FILE = "manifest-signing.pem"
 
 _CHAIN_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 _OBJECT_NAME = re.compile(r"^(\d{12})\.json$")
-
-
-class ManifestError(RuntimeError):
-    """A manifest chain cannot be appended to or read as expected."""
-
-
-class ChainConflictError(ManifestError):
-    """Another writer appended to this chain: every chain must have exactly one writer."""
 
 
 def canonical_json(value: Mapping[str, Any]) -> bytes:

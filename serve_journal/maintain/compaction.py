@@ -31,14 +31,24 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from serve_journal.catalog import (
+    CommitMarker,
+    DataFile,
+    commit,
+    live_files,
+    load_markers,
+    marker_checks,
+    marker_path,
+    set_name,
+)
 from serve_journal.catalog.layout import (
-    COLD,
     DEFAULT_SPEC,
     HOT,
-    PARQUET_SUFFIX,
     TIERS,
     PartitionKey,
 )
+from serve_journal.errors import CompactionError, UnrecordedInputError
+from serve_journal.integrity.fingerprint import Fingerprint, fingerprint, fingerprint_files
 from serve_journal.schema import ENTRY_SCHEMA
 from serve_journal.sink.parquet import ParquetOptions, decode_parquet, encode_parquet
 from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
@@ -60,116 +70,8 @@ RetentionCheck = Callable[[str], bool]
 CrashHook = Callable[[str], None]
 
 
-class CompactionError(RuntimeError):
-    """A compacted file does not hold exactly the entries of the files it replaces."""
-
-
-# --------------------------------------------------------------------------------------------
-# Entry fingerprints
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """Order-independent digest of a set of entries.
-
-    The entries are put in canonical order (by entry id ``(producer_id, seq)``); ``entry_ids`` is
-    the SHA-256 of the ids in that order, ``entries`` the SHA-256 of every column's values
-    (validity, lengths and bytes) in that order. Two equal multisets of entries always give equal
-    fingerprints, and any changed, missing or doubled entry changes them. Computed column by
-    column with Arrow and numpy (about 1 s per million entries), never a whole second copy.
-    """
-
-    rows: int
-    entry_ids: str
-    entries: str
-
-    def as_dict(self) -> dict:
-        return {"rows": self.rows, "entry_ids": self.entry_ids, "entries": self.entries}
-
-
-_ID_COLUMNS = ("producer_id", "seq")
-
-
-def _feed(digest, array: pa.Array) -> None:
-    """Feed ``array``'s logical values (not its buffer layout) into ``digest``."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    typ = array.type
-    digest.update(str(typ).encode() + b"\0" + len(array).to_bytes(8, "little"))
-    if array.null_count:
-        digest.update(np.packbits(pc.is_valid(array).to_numpy(zero_copy_only=False)).tobytes())
-    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
-        lengths = pc.list_value_length(array).fill_null(0)
-        digest.update(lengths.to_numpy(zero_copy_only=False).astype("<i8").tobytes())
-        _feed(digest, pc.list_flatten(array))
-    elif pa.types.is_struct(typ):
-        for i in range(typ.num_fields):
-            _feed(digest, pc.struct_field(array, [i]))
-    elif pa.types.is_string(typ) or pa.types.is_binary(typ) or pa.types.is_large_string(typ) \
-            or pa.types.is_large_binary(typ):
-        filled = array.fill_null("" if pa.types.is_string(typ) or pa.types.is_large_string(typ)
-                                 else b"") if array.null_count else array
-        wide = pa.types.is_large_string(typ) or pa.types.is_large_binary(typ)
-        offsets = np.frombuffer(filled.buffers()[1], dtype="<i8" if wide else "<i4")
-        offsets = offsets[filled.offset: filled.offset + len(filled) + 1]
-        digest.update((offsets - offsets[0]).astype("<i8").tobytes())
-        data = filled.buffers()[2]
-        if data is not None and len(filled):
-            digest.update(memoryview(data)[int(offsets[0]): int(offsets[-1])])
-    else:
-        if pa.types.is_timestamp(typ) or pa.types.is_date(typ) or pa.types.is_time(typ):
-            array = array.cast(pa.int64())
-        if array.null_count:
-            array = array.fill_null(False if pa.types.is_boolean(typ) else 0)
-        digest.update(array.to_numpy(zero_copy_only=False).tobytes())
-
-
-def _fingerprint_columns(rows: int, column: Callable[[str], pa.ChunkedArray]) -> Fingerprint:
-    import pyarrow.compute as pc
-
-    ids = pa.table({c: column(c) for c in _ID_COLUMNS})
-    order = pc.sort_indices(ids, sort_keys=[(c, "ascending") for c in _ID_COLUMNS])
-    id_digest = hashlib.sha256()
-    for name in _ID_COLUMNS:
-        _feed(id_digest, ids.column(name).take(order).combine_chunks())
-    del ids
-    entries = hashlib.sha256()
-    for name in ENTRY_SCHEMA.names:
-        entries.update(name.encode() + b"\0")
-        _feed(entries, column(name).take(order).combine_chunks())
-    return Fingerprint(rows=rows, entry_ids=id_digest.hexdigest(), entries=entries.hexdigest())
-
-
-def fingerprint(table: pa.Table) -> Fingerprint:
-    """Fingerprint the entries of ``table`` (any row order, any chunking)."""
-    if table.schema != ENTRY_SCHEMA:
-        table = table.cast(ENTRY_SCHEMA)
-    return _fingerprint_columns(table.num_rows, table.column)
-
-
-def fingerprint_files(storage: JournalStorage, paths: Sequence[str]) -> Fingerprint:
-    """Fingerprint the entries of journal files, reading one column at a time."""
-    import pyarrow.parquet as pq
-
-    files = [pq.ParquetFile(pa.BufferReader(storage.read(p))) for p in paths]
-    rows = sum(f.metadata.num_rows for f in files)
-
-    def column(name: str) -> pa.ChunkedArray:
-        typ = ENTRY_SCHEMA.field(name).type
-        chunks = [c for f in files for c in f.read(columns=[name]).column(0).cast(typ).chunks]
-        return pa.chunked_array(chunks, type=typ)
-
-    return _fingerprint_columns(rows, column)
-
-
 RecordedHashes = Mapping[str, Set[str]]
 """``{path: {sha256, ...}}`` of the data files the manifest chains record."""
-
-
-class UnrecordedInputError(CompactionError):
-    """An input file's bytes match no manifest record: rewriting it would launder a change."""
 
 
 def recorded_hashes(storage: JournalStorage) -> dict[str, set[str]]:
@@ -203,163 +105,8 @@ def read_files(
 
 
 # --------------------------------------------------------------------------------------------
-# Commit markers and the reader's view
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CommitMarker:
-    """A committed rewrite: ``new_files`` now hold exactly the entries of ``replaces``."""
-
-    kind: str  # "compaction" or "lifecycle"
-    path: str
-    new_files: tuple[str, ...]
-    replaces: tuple[str, ...]
-    fingerprint: Fingerprint
-    created_at: str
-    file_sha256: tuple[tuple[str, str], ...] = ()
-    """``(new file, SHA-256 of its bytes)`` as verified before the commit (empty in markers
-    written before this field existed: those are checked by fingerprint)."""
-
-    def to_json(self) -> bytes:
-        doc = {
-            "marker_version": MARKER_VERSION,
-            "kind": self.kind,
-            "new_files": list(self.new_files),
-            "replaces": list(self.replaces),
-            "fingerprint": self.fingerprint.as_dict(),
-            "created_at": self.created_at,
-        }
-        if self.file_sha256:
-            doc["file_sha256"] = dict(self.file_sha256)
-        return json.dumps(doc, sort_keys=True, indent=1).encode()
-
-    @classmethod
-    def from_json(cls, path: str, data: bytes) -> CommitMarker:
-        doc = json.loads(data)
-        fp = doc["fingerprint"]
-        return cls(
-            kind=doc["kind"],
-            path=path,
-            new_files=tuple(doc["new_files"]),
-            replaces=tuple(doc["replaces"]),
-            fingerprint=Fingerprint(fp["rows"], fp["entry_ids"], fp["entries"]),
-            created_at=doc["created_at"],
-            file_sha256=tuple(sorted(doc.get("file_sha256", {}).items())),
-        )
-
-
-def marker_path(key: PartitionKey, tier: str, name: str) -> str:
-    """Where the commit marker of derived file set ``name`` of partition ``key`` lives."""
-    return f"{COMMITS_PREFIX}/{key.path(tier)}/{name}.json"
-
-
-class MarkerCache:
-    """Markers are create-only and never change: read each once per process (per journal root:
-    marker names are deterministic, two journals can hold the same name)."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, str], CommitMarker] = {}
-
-    def load(self, storage: JournalStorage, paths: Sequence[str]) -> list[CommitMarker]:
-        out = []
-        for path in paths:
-            marker = self._cache.get((storage.full_path(path), path))
-            if marker is None:
-                marker = CommitMarker.from_json(path, storage.read(path))
-                self._cache[(storage.full_path(path), path)] = marker
-            out.append(marker)
-        return out
-
-
-_DEFAULT_CACHE = MarkerCache()
-
-
-def load_markers(
-    storage: JournalStorage, prefix: str = "", cache: MarkerCache | None = None
-) -> list[CommitMarker]:
-    """Every commit marker below ``_commits/<prefix>``."""
-    base = f"{COMMITS_PREFIX}/{prefix}".rstrip("/")
-    paths = storage.list_files(base, suffix=".json")
-    return (cache or _DEFAULT_CACHE).load(storage, paths)
-
-
-def is_derived(path: str) -> bool:
-    """Compacted files and cold files exist only once a commit marker names them."""
-    name = path.rsplit("/", 1)[-1]
-    return path.startswith(f"{COLD}/") or name.startswith(COMPACTED_PREFIX)
-
-
-@dataclass(frozen=True)
-class DataFile:
-    """One live journal data file."""
-
-    path: str
-    tier: str
-    key: PartitionKey
-
-
-def resolve_live(paths: Iterable[str], markers: Iterable[CommitMarker]) -> list[str]:
-    """Apply the reader's rule to a file listing: drop replaced files and uncommitted derived ones."""
-    replaced: set[str] = set()
-    committed: set[str] = set()
-    for marker in markers:
-        replaced.update(marker.replaces)
-        committed.update(marker.new_files)
-    return [
-        p for p in paths if p not in replaced and (not is_derived(p) or p in committed)
-    ]
-
-
-def live_files(
-    storage: JournalStorage,
-    tier: str = "all",
-    model: str | None = None,
-    cache: MarkerCache | None = None,
-) -> list[DataFile]:
-    """The files a reader must scan to see every entry of ``tier`` exactly once.
-
-    Markers are listed before and after the data files; if a rewrite committed in between, the
-    listing is taken again, so a concurrent compaction or lifecycle run never makes entries vanish
-    or double.
-    """
-    tiers = TIERS if tier == "all" else (tier,)
-    if any(t not in TIERS for t in tiers):
-        raise ValueError(f"tier must be 'hot', 'cold' or 'all', got {tier!r}")
-    for _ in range(20):
-        before = load_markers(storage, cache=cache)
-        paths: list[str] = []
-        for t in TIERS:  # both tiers: a hot file replaced by a cold one must be judged together
-            prefix = f"{t}/model={_escape(model)}" if model is not None else t
-            paths.extend(storage.list_files(prefix, suffix=PARQUET_SUFFIX))
-        after = load_markers(storage, cache=cache)
-        if [m.path for m in before] == [m.path for m in after]:
-            break
-    else:  # pragma: no cover - needs a rewrite committing on every one of 20 listings
-        raise RuntimeError("journal listing kept changing; retry the query")
-    out = []
-    for path in resolve_live(paths, after):
-        file_tier, key = DEFAULT_SPEC.parse(path)
-        if file_tier in tiers:
-            out.append(DataFile(path, file_tier, key))
-    return out
-
-
-def _escape(model: str | None) -> str:
-    from serve_journal.catalog.layout import escape_value
-
-    return escape_value(model or "")
-
-
-# --------------------------------------------------------------------------------------------
 # Writing a rewrite: shared by compaction and lifecycle
 # --------------------------------------------------------------------------------------------
-
-
-def set_name(prefix: str, inputs: Sequence[str]) -> str:
-    """Deterministic name of the file set derived from ``inputs``: ``<prefix><hash>``."""
-    digest = hashlib.sha256("\n".join(sorted(inputs)).encode()).hexdigest()[:24]
-    return f"{prefix}{digest}"
 
 
 def _split(table: pa.Table, max_rows: int) -> list[pa.Table]:
@@ -414,60 +161,6 @@ def write_verified(
         for stored, part in stored_list:
             on_file_written(stored, part, replaces)
     return [(stored.path, stored.sha256) for stored, _ in stored_list]
-
-
-def commit(
-    storage: JournalStorage,
-    *,
-    kind: str,
-    path: str,
-    new_files: Sequence[str] | Sequence[tuple[str, str]],
-    replaces: Sequence[str],
-    expected: Fingerprint,
-    now: dt.datetime | None = None,
-) -> CommitMarker:
-    """Write the commit marker (create-only); an existing marker from an earlier run is kept.
-    ``new_files`` are paths or ``(path, sha256)`` pairs (as :func:`write_verified` returns)."""
-    pairs = [f if isinstance(f, tuple) else (f, "") for f in new_files]
-    new_files = [p for p, _ in pairs]
-    marker = CommitMarker(
-        kind=kind,
-        path=path,
-        new_files=tuple(new_files),
-        replaces=tuple(sorted(replaces)),
-        fingerprint=expected,
-        created_at=(now or dt.datetime.now(dt.UTC)).isoformat(),
-        file_sha256=tuple(sorted((p, h) for p, h in pairs if h)),
-    )
-    try:
-        storage.put_new(path, marker.to_json())
-    except ObjectExistsError:
-        marker = CommitMarker.from_json(path, storage.read(path))
-        if set(marker.new_files) != set(new_files) or marker.fingerprint != expected:
-            raise CompactionError(f"commit marker {path} exists with other content") from None
-    return marker
-
-
-def marker_checks(storage: JournalStorage, marker: CommitMarker) -> bool:
-    """Do the marker's new files (still) hold exactly the entries it promises?
-
-    Files whose SHA-256 the marker recorded are checked by their bytes (they were verified entry
-    by entry before the commit); older markers by recomputing the fingerprint."""
-    try:
-        if marker.file_sha256 and {p for p, _ in marker.file_sha256} == set(marker.new_files):
-            return all(_sha256_of(storage, p) == h for p, h in marker.file_sha256)
-        return fingerprint_files(storage, marker.new_files) == marker.fingerprint
-    except Exception as exc:  # unreadable, missing or damaged: it does not check
-        log.warning("files of %s do not check: %s", marker.path, type(exc).__name__)
-        return False
-
-
-def _sha256_of(storage: JournalStorage, path: str) -> str:
-    digest = hashlib.sha256()
-    with storage.filesystem.open_input_stream(storage.full_path(path)) as stream:
-        while chunk := stream.read(8 * 1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def delete_replaced(

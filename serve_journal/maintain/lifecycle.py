@@ -29,7 +29,16 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from serve_journal.catalog import (
+    commit,
+    live_files,
+    load_markers,
+    marker_checks,
+    marker_path,
+    set_name,
+)
 from serve_journal.catalog.layout import COLD, HOT, TIERS, PartitionKey
+from serve_journal.integrity.fingerprint import fingerprint
 from serve_journal.maintain.compaction import (
     CompactionError,
     CrashHook,
@@ -37,15 +46,8 @@ from serve_journal.maintain.compaction import (
     RecordedHashes,
     RetentionCheck,
     UnrecordedInputError,
-    commit,
     delete_replaced,
-    fingerprint,
-    live_files,
-    load_markers,
-    marker_checks,
-    marker_path,
     read_files,
-    set_name,
     write_verified,
 )
 from serve_journal.sink.parquet import COLD_OPTIONS, ParquetOptions

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from serve_journal.catalog.layout import PARQUET_SUFFIX, TIERS
+from serve_journal.errors import ForgetIncompleteError
 from serve_journal.privacy.keyring import Keyring
 from serve_journal.privacy.vault import SubjectVault
 from serve_journal.storage import JournalStorage, open_storage
@@ -77,16 +78,6 @@ class ForgetReceipt:
         doc = asdict(self)
         doc.pop("path")
         return json.dumps(doc, indent=1, sort_keys=True)
-
-
-class ForgetIncompleteError(RuntimeError):
-    """The key was destroyed and the receipt written, but a configured hook failed."""
-
-    def __init__(self, receipt: ForgetReceipt) -> None:
-        failed = sorted(k for k, v in receipt.hooks.items() if v.startswith("failed"))
-        super().__init__(f"forget {receipt.receipt_id}: key destroyed, but hook(s) {failed} failed; "
-                         "see the receipt and run them again")
-        self.receipt = receipt
 
 
 def count_subject_entries(storage: JournalStorage, subject_token: str) -> tuple[int, list[tuple[str, str]]]:

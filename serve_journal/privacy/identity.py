@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from serve_journal.errors import CallerRejected
+
 __all__ = ["ALGORITHMS", "CallerRejected", "JwtVerifier", "REASONS"]
 
 ALGORITHMS = ("EdDSA", "ES256", "RS256")
@@ -32,14 +34,6 @@ REASONS = (
     "missing_expiry", "wrong_issuer", "wrong_audience", "missing_subject",
 )
 MAX_TOKEN_BYTES = 16 * 1024
-
-
-class CallerRejected(Exception):
-    """The caller's token was refused; ``reason`` is one of :data:`REASONS`."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def _b64url(part: str) -> bytes:

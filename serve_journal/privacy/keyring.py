@@ -32,6 +32,8 @@ from typing import Any, Protocol, runtime_checkable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from serve_journal.errors import KeyringError
+
 __all__ = [
     "KEK_ENV",
     "EnvKek",
@@ -52,13 +54,6 @@ PURPOSE_SAMPLING = "sampling"
 _PURPOSES = (PURPOSE_SUBJECT_INDEX, PURPOSE_SUBJECT_WRAP, PURPOSE_SAMPLING)
 _NONCE = 12
 _KEY_BYTES = 32
-
-
-class KeyringError(RuntimeError):
-    """The keyring or its KEK is missing, malformed, unreadable or refuses to unwrap.
-
-    Messages name files, variables and key ids; never key bytes.
-    """
 
 
 @runtime_checkable

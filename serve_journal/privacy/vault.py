@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from serve_journal.errors import VaultError
 from serve_journal.privacy.keyring import PURPOSE_SUBJECT_INDEX, PURPOSE_SUBJECT_WRAP, Keyring
 
 __all__ = ["SubjectKey", "SubjectVault", "VaultError", "subject_token_from_key"]
@@ -39,10 +40,6 @@ _NAMESPACE = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 _CHUNK = 500
 _NONCE = 12
 TOKEN_HEX_CHARS = 32
-
-
-class VaultError(RuntimeError):
-    """The vault cannot be opened or a stored key cannot be unwrapped. Never names a subject."""
 
 
 def subject_token_from_key(key: bytes) -> str:

@@ -31,8 +31,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from serve_journal.catalog import DataFile, MarkerCache, live_files
 from serve_journal.catalog.layout import TIERS
-from serve_journal.maintain.compaction import DataFile, MarkerCache, live_files
 from serve_journal.read.access_log import read_access_log, record_access
 from serve_journal.schema import ENTRY_SCHEMA, OUTCOMES
 from serve_journal.storage import JournalStorage, open_storage

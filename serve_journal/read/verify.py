@@ -465,7 +465,7 @@ def verify_journal(
             seen_files.add((record.path, record.sha256))
             records.append(record)
     scoped = [r for r in records if _in_scope_record(r, since_us, model)]
-    from serve_journal.maintain.compaction import MarkerCache, is_derived, load_markers
+    from serve_journal.catalog import MarkerCache, is_derived, load_markers
 
     try:
         markers = load_markers(storage, cache=MarkerCache())

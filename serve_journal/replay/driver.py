@@ -780,7 +780,7 @@ def _micros(value: dt.datetime | None) -> int | None:
 
 def _journal_files(storage: Any, model: str, since: dt.datetime | None, until: dt.datetime | None,
                    tier: str) -> list[str]:
-    from serve_journal.maintain.compaction import live_files
+    from serve_journal.catalog import live_files
 
     out = []
     for f in live_files(storage, tier=tier, model=model):

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
-
-class ObjectExistsError(FileExistsError):
-    """A create-only write found an object at that path already."""
+from serve_journal.errors import ObjectExistsError
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from serve_journal.errors import RetentionError
+
 COMPLIANCE = "COMPLIANCE"
 GOVERNANCE = "GOVERNANCE"
 LOCK_MODES = (COMPLIANCE, GOVERNANCE)
-
-
-class RetentionError(ValueError):
-    """A retention policy setting is wrong; the message names the field and what would be right."""
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,7 @@ from typing import Protocol, runtime_checkable
 
 import pyarrow as pa
 
-
-class TransportError(RuntimeError):
-    """A transport could not accept a batch; the caller spools, retries or counts a drop."""
+from serve_journal.errors import TransportError
 
 
 @runtime_checkable

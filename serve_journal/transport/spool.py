@@ -43,6 +43,8 @@ import struct
 import threading
 from dataclasses import dataclass
 
+from serve_journal.errors import SpoolInUseError
+
 logger = logging.getLogger(__name__)
 
 MAGIC = b"SJR1"
@@ -52,10 +54,6 @@ _SEGMENT = re.compile(r"^seg-(\d{12})\.spool$")
 _CURSOR = "cursor"
 _LOCK = ".lock"
 MARKER = ".serve-journal-spool"
-
-
-class SpoolInUseError(ValueError):
-    """The spool directory is locked by another live spool (process or object)."""
 
 
 @dataclass(frozen=True, slots=True)

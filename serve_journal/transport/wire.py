@@ -33,6 +33,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.json as pajson
 
+from serve_journal.errors import WireFormatError
 from serve_journal.schema import (
     COLUMN_NAMES,
     ENTRY_SCHEMA,
@@ -63,10 +64,6 @@ _FLOAT_COLUMNS = frozenset(
 )
 _REQUIRED = tuple(field.name for field in ENTRY_SCHEMA if not field.nullable)
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-
-
-class WireFormatError(ValueError):
-    """A message is not a journal entry this version can read (the payload is never quoted)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,107 @@
+"""Entry fingerprints: an order-independent digest of a set of journal entries.
+
+A rewrite (compaction, lifecycle) must hold exactly the entries it replaces; commit markers carry
+the fingerprint of those entries, and the catalog checks a marker's files against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from serve_journal.schema import ENTRY_SCHEMA
+from serve_journal.storage import JournalStorage
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Order-independent digest of a set of entries.
+
+    The entries are put in canonical order (by entry id ``(producer_id, seq)``); ``entry_ids`` is
+    the SHA-256 of the ids in that order, ``entries`` the SHA-256 of every column's values
+    (validity, lengths and bytes) in that order. Two equal multisets of entries always give equal
+    fingerprints, and any changed, missing or doubled entry changes them. Computed column by
+    column with Arrow and numpy (about 1 s per million entries), never a whole second copy.
+    """
+
+    rows: int
+    entry_ids: str
+    entries: str
+
+    def as_dict(self) -> dict:
+        return {"rows": self.rows, "entry_ids": self.entry_ids, "entries": self.entries}
+
+
+_ID_COLUMNS = ("producer_id", "seq")
+
+
+def _feed(digest, array: pa.Array) -> None:
+    """Feed ``array``'s logical values (not its buffer layout) into ``digest``."""
+    typ = array.type
+    digest.update(str(typ).encode() + b"\0" + len(array).to_bytes(8, "little"))
+    if array.null_count:
+        digest.update(np.packbits(pc.is_valid(array).to_numpy(zero_copy_only=False)).tobytes())
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        lengths = pc.list_value_length(array).fill_null(0)
+        digest.update(lengths.to_numpy(zero_copy_only=False).astype("<i8").tobytes())
+        _feed(digest, pc.list_flatten(array))
+    elif pa.types.is_struct(typ):
+        for i in range(typ.num_fields):
+            _feed(digest, pc.struct_field(array, [i]))
+    elif pa.types.is_string(typ) or pa.types.is_binary(typ) or pa.types.is_large_string(typ) \
+            or pa.types.is_large_binary(typ):
+        filled = array.fill_null("" if pa.types.is_string(typ) or pa.types.is_large_string(typ)
+                                 else b"") if array.null_count else array
+        wide = pa.types.is_large_string(typ) or pa.types.is_large_binary(typ)
+        offsets = np.frombuffer(filled.buffers()[1], dtype="<i8" if wide else "<i4")
+        offsets = offsets[filled.offset: filled.offset + len(filled) + 1]
+        digest.update((offsets - offsets[0]).astype("<i8").tobytes())
+        data = filled.buffers()[2]
+        if data is not None and len(filled):
+            digest.update(memoryview(data)[int(offsets[0]): int(offsets[-1])])
+    else:
+        if pa.types.is_timestamp(typ) or pa.types.is_date(typ) or pa.types.is_time(typ):
+            array = array.cast(pa.int64())
+        if array.null_count:
+            array = array.fill_null(False if pa.types.is_boolean(typ) else 0)
+        digest.update(array.to_numpy(zero_copy_only=False).tobytes())
+
+
+def _fingerprint_columns(rows: int, column: Callable[[str], pa.ChunkedArray]) -> Fingerprint:
+    ids = pa.table({c: column(c) for c in _ID_COLUMNS})
+    order = pc.sort_indices(ids, sort_keys=[(c, "ascending") for c in _ID_COLUMNS])
+    id_digest = hashlib.sha256()
+    for name in _ID_COLUMNS:
+        _feed(id_digest, ids.column(name).take(order).combine_chunks())
+    del ids
+    entries = hashlib.sha256()
+    for name in ENTRY_SCHEMA.names:
+        entries.update(name.encode() + b"\0")
+        _feed(entries, column(name).take(order).combine_chunks())
+    return Fingerprint(rows=rows, entry_ids=id_digest.hexdigest(), entries=entries.hexdigest())
+
+
+def fingerprint(table: pa.Table) -> Fingerprint:
+    """Fingerprint the entries of ``table`` (any row order, any chunking)."""
+    if table.schema != ENTRY_SCHEMA:
+        table = table.cast(ENTRY_SCHEMA)
+    return _fingerprint_columns(table.num_rows, table.column)
+
+
+def fingerprint_files(storage: JournalStorage, paths: Sequence[str]) -> Fingerprint:
+    """Fingerprint the entries of journal files, reading one column at a time."""
+    files = [pq.ParquetFile(pa.BufferReader(storage.read(p))) for p in paths]
+    rows = sum(f.metadata.num_rows for f in files)
+
+    def column(name: str) -> pa.ChunkedArray:
+        typ = ENTRY_SCHEMA.field(name).type
+        chunks = [c for f in files for c in f.read(columns=[name]).column(0).cast(typ).chunks]
+        return pa.chunked_array(chunks, type=typ)
+
+    return _fingerprint_columns(rows, column)
