@@ -34,11 +34,11 @@ import pyarrow as pa
 
 from serve_journal.catalog import live_files
 from serve_journal.catalog.layout import DEFAULT_SPEC
+from serve_journal.fileformat import HOT_OPTIONS, encode_parquet
 from serve_journal.maintain import lifecycle
 from serve_journal.maintain.compaction import CompactionOptions, compact
 from serve_journal.read.query import JournalQuery
 from serve_journal.schema import ENTRY_SCHEMA, OUTPUT_TYPE
-from serve_journal.sink.parquet import HOT_OPTIONS, encode_parquet
 from serve_journal.storage import LocalJournalStorage
 
 DAY = dt.datetime(2025, 6, 1, tzinfo=dt.UTC)

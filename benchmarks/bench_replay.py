@@ -50,13 +50,13 @@ def _features(rng: np.random.Generator, n: int) -> list[dict]:
 def build(workdir: Path, n: int, subjects: int, seed: int) -> dict:
     """Journal + feature store + keys under ``workdir``; returns build figures."""
     from serve_journal.catalog.layout import DEFAULT_SPEC
+    from serve_journal.fileformat import encode_parquet
     from serve_journal.integrity.encoding import canonical_encode
     from serve_journal.privacy.keyring import Keyring
     from serve_journal.privacy.subjects import VaultPseudonymizer
     from serve_journal.privacy.vault import SubjectVault
     from serve_journal.replay.featurestore import ParquetFeatureStore
     from serve_journal.schema import ENTRY_SCHEMA
-    from serve_journal.sink.parquet import encode_parquet
     from serve_journal.storage import LocalJournalStorage
 
     started = time.monotonic()

@@ -62,7 +62,7 @@ def journal_entries(n: int, tracking_uri: str, root: Path) -> tuple[pa.Table, li
 def run(size: str = "quick", workdir: str | os.PathLike[str] | None = None,
         tracking_uri: str | None = None) -> dict[str, Any]:
     """Run the storage benchmark; returns ``{"rows": [...], "params": {...}}``."""
-    from serve_journal.sink.parquet import COLD_OPTIONS, HOT_OPTIONS, encode_parquet
+    from serve_journal.fileformat import COLD_OPTIONS, HOT_OPTIONS, encode_parquet
 
     params = SIZES[size]
     with tempfile.TemporaryDirectory(prefix="sj-bench-storage-", dir=workdir) as tmp:

@@ -14,25 +14,22 @@ import pyarrow.parquet as pq
 import pytest
 
 from serve_journal.catalog.layout import DEFAULT_SPEC, escape_value
-from serve_journal.policy import Sampler, default_policy, derive_sampling_key, keep_mask
-from serve_journal.read.stats import (
+from serve_journal.counters import (
     COUNTER_SCHEMA,
     COUNTERS_DIR,
     DROPPED,
     KEPT,
     SAMPLED_OUT,
     CounterSet,
-    accounted_gaps,
     counters_path,
     decode_counters,
     encode_counters,
-    estimate_groups,
-    load_counters,
     merge_runs,
-    stats,
 )
+from serve_journal.fileformat import encode_parquet
+from serve_journal.policy import Sampler, default_policy, derive_sampling_key, keep_mask
+from serve_journal.read.stats import accounted_gaps, estimate_groups, load_counters, stats
 from serve_journal.schema import COLUMN_NAMES, ENTRY_SCHEMA
-from serve_journal.sink.parquet import encode_parquet
 from serve_journal.storage import LocalJournalStorage, ObjectExistsError
 
 MODEL = "fraud/detector v2"  # needs escaping in paths

@@ -13,6 +13,7 @@ import pytest
 
 from serve_journal.catalog import COMMITS_PREFIX, live_files
 from serve_journal.catalog.layout import DEFAULT_SPEC
+from serve_journal.fileformat import encode_parquet
 from serve_journal.maintain.compaction import (
     CompactionError,
     CompactionOptions,
@@ -21,7 +22,6 @@ from serve_journal.maintain.compaction import (
     manifest_recorder,
 )
 from serve_journal.read.query import JournalQuery
-from serve_journal.sink.parquet import encode_parquet
 from serve_journal.storage import LocalJournalStorage
 from tests.test_query import DAY, ids, make_entries, token, write_rolled
 

@@ -40,8 +40,8 @@ from serve_journal.console.auth import (
     hash_password,
     load_or_create_secret,
 )
+from serve_journal.counters import CounterSet
 from serve_journal.read.query import read_access_log
-from serve_journal.read.stats import CounterSet
 from serve_journal.schema import ENTRY_SCHEMA
 from serve_journal.sink.settings import SinkSettings, manifest_hook
 from serve_journal.storage import LocalJournalStorage

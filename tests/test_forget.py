@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from serve_journal.catalog.layout import COLD, DEFAULT_SPEC, HOT
+from serve_journal.fileformat import encode_parquet
 from serve_journal.integrity.encoding import canonical_encode
 from serve_journal.privacy.forget import (
     ForgetEvent,
@@ -23,7 +24,6 @@ from serve_journal.privacy.keyring import Keyring
 from serve_journal.privacy.subjects import VaultPseudonymizer, VerifyStatus
 from serve_journal.privacy.vault import SubjectVault
 from serve_journal.schema import ENTRY_SCHEMA
-from serve_journal.sink.parquet import encode_parquet
 from serve_journal.storage import LocalJournalStorage
 
 TS = dt.datetime(2025, 3, 4, 10, 30, tzinfo=dt.UTC)

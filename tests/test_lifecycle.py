@@ -15,10 +15,10 @@ import pytest
 
 from serve_journal.catalog import live_files
 from serve_journal.catalog.layout import COLD, DEFAULT_SPEC
+from serve_journal.fileformat import encode_parquet
 from serve_journal.maintain import lifecycle
 from serve_journal.maintain.compaction import CompactionOptions, compact
 from serve_journal.read.query import JournalQuery
-from serve_journal.sink.parquet import encode_parquet
 from serve_journal.storage import LocalJournalStorage
 from tests.test_query import DAY, ids, make_entries, token, write_rolled
 

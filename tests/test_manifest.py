@@ -13,6 +13,7 @@ import pyarrow as pa
 import pytest
 
 from serve_journal.catalog.layout import DEFAULT_SPEC
+from serve_journal.fileformat import decode_parquet, encode_parquet
 from serve_journal.integrity.manifest import (
     GENESIS_HASH,
     ChainConflictError,
@@ -27,7 +28,6 @@ from serve_journal.integrity.manifest import (
 )
 from serve_journal.integrity.merkle import table_merkle_root
 from serve_journal.schema import ENTRY_SCHEMA
-from serve_journal.sink.parquet import decode_parquet, encode_parquet
 from serve_journal.storage import LocalJournalStorage
 
 BASE_TS = dt.datetime(2026, 3, 1, 10, 0, tzinfo=dt.UTC)

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from serve_journal.catalog.layout import DEFAULT_SPEC
+from serve_journal.fileformat import encode_parquet
 from serve_journal.read.query import (
     JournalQuery,
     format_table,
@@ -19,7 +20,6 @@ from serve_journal.read.query import (
     write_parquet,
 )
 from serve_journal.schema import ENTRY_SCHEMA
-from serve_journal.sink.parquet import encode_parquet
 from serve_journal.storage import LocalJournalStorage
 
 DAY = dt.datetime(2025, 3, 4, tzinfo=dt.UTC)

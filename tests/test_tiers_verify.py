@@ -12,6 +12,7 @@ import pytest
 
 from serve_journal.catalog import COMMITS_PREFIX, live_files
 from serve_journal.catalog.layout import COLD, HOT
+from serve_journal.fileformat import decode_parquet, encode_parquet
 from serve_journal.maintain import lifecycle
 from serve_journal.maintain.compaction import (
     CompactionOptions,
@@ -21,7 +22,6 @@ from serve_journal.maintain.compaction import (
 )
 from serve_journal.read.query import JournalQuery
 from serve_journal.read.verify import format_report, verify_journal
-from serve_journal.sink.parquet import decode_parquet, encode_parquet
 from serve_journal.sink.settings import SinkSettings, manifest_hook
 from serve_journal.transport.actors import PartitionFileWriter, split_by_partition
 from tests.test_query import DAY, ids, make_entries, token

@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from serve_journal.fileformat import decode_parquet, encode_parquet
 from serve_journal.integrity.manifest import (
     Checkpoint,
     ManifestLog,
@@ -27,7 +28,6 @@ from serve_journal.integrity.manifest import (
     record_path,
 )
 from serve_journal.read.verify import format_report, verify_journal
-from serve_journal.sink.parquet import decode_parquet, encode_parquet
 from serve_journal.storage import JournalStorage, LocalJournalStorage, StoredObject
 from serve_journal.storage.retention import RetentionPolicy, TieredRetention
 from serve_journal.storage.s3 import S3WormStorage

@@ -24,6 +24,7 @@ from typing import Any
 from pyarrow.compute import equal as pc_equal
 
 from serve_journal.config import ConfigError, JournalConfig
+from serve_journal.counters import DROPPED, CounterSet
 from serve_journal.errors import JournalUnavailableError
 from serve_journal.policy import (
     OVERFLOW_DROP,
@@ -32,7 +33,6 @@ from serve_journal.policy import (
     build_policy,
     derive_sampling_key,
 )
-from serve_journal.read.stats import DROPPED, CounterSet
 from serve_journal.registry import ModelInfo, resolve_model
 from serve_journal.schema import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_REJECTED
 from serve_journal.storage import open_storage

@@ -39,9 +39,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from serve_journal.errors import ChainConflictError, ManifestError
+from serve_journal.fileformat import sort_for_lookup
 from serve_journal.integrity.merkle import table_merkle_root
 from serve_journal.schema import ENTRY_SCHEMA
-from serve_journal.sink.parquet import sort_for_lookup
 from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
 
 MANIFEST_PREFIX = "_manifest"

@@ -48,9 +48,9 @@ from serve_journal.catalog.layout import (
     PartitionKey,
 )
 from serve_journal.errors import CompactionError, UnrecordedInputError
+from serve_journal.fileformat import ParquetOptions, decode_parquet, encode_parquet
 from serve_journal.integrity.fingerprint import Fingerprint, fingerprint, fingerprint_files
 from serve_journal.schema import ENTRY_SCHEMA
-from serve_journal.sink.parquet import ParquetOptions, decode_parquet, encode_parquet
 from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def read_files(
 
 
 def _split(table: pa.Table, max_rows: int) -> list[pa.Table]:
-    from serve_journal.sink.parquet import sort_for_lookup
+    from serve_journal.fileformat import sort_for_lookup
 
     table = sort_for_lookup(table)
     if table.num_rows <= max_rows:

@@ -38,6 +38,7 @@ from serve_journal.catalog import (
     set_name,
 )
 from serve_journal.catalog.layout import COLD, HOT, TIERS, PartitionKey
+from serve_journal.fileformat import COLD_OPTIONS, ParquetOptions
 from serve_journal.integrity.fingerprint import fingerprint
 from serve_journal.maintain.compaction import (
     CompactionError,
@@ -50,7 +51,6 @@ from serve_journal.maintain.compaction import (
     read_files,
     write_verified,
 )
-from serve_journal.sink.parquet import COLD_OPTIONS, ParquetOptions
 from serve_journal.storage import JournalStorage
 
 log = logging.getLogger(__name__)

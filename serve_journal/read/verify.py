@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from serve_journal.catalog.layout import DEFAULT_SPEC, PARQUET_SUFFIX, TIERS
+from serve_journal.fileformat import decode_parquet
 from serve_journal.integrity.manifest import (
     CHECKPOINT_PREFIX,
     MANIFEST_PREFIX,
@@ -53,7 +54,6 @@ from serve_journal.integrity.manifest import (
     sequence_ranges,
 )
 from serve_journal.integrity.merkle import table_merkle_root
-from serve_journal.sink.parquet import decode_parquet
 from serve_journal.storage import JournalStorage
 
 ERROR = "error"

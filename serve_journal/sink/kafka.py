@@ -40,8 +40,8 @@ from typing import Any
 import pyarrow as pa
 
 from serve_journal.catalog.layout import DEFAULT_SPEC, PartitionKey, PartitionSpec
+from serve_journal.fileformat import HOT_OPTIONS, ParquetOptions, decode_parquet, encode_parquet
 from serve_journal.schema import ENTRY_SCHEMA
-from serve_journal.sink.parquet import HOT_OPTIONS, ParquetOptions, decode_parquet, encode_parquet
 from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject, open_storage
 from serve_journal.transport import wire
 

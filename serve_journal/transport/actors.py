@@ -28,7 +28,7 @@ import ray
 
 from serve_journal._private.metrics import JournalMetrics
 from serve_journal.catalog.layout import DEFAULT_SPEC, PartitionKey
-from serve_journal.sink.parquet import encode_parquet
+from serve_journal.fileformat import encode_parquet
 from serve_journal.sink.settings import SinkSettings, manifest_hook
 from serve_journal.storage import JournalStorage, StoredObject
 from serve_journal.transport import TransportError

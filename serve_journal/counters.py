@@ -1,0 +1,315 @@
+"""Exact, unsampled counters beside the journal: what the replica counts and how it is stored.
+
+Every captured entry is counted in the replica, whatever happens to it afterwards: kept, sampled
+out by its tier's rate, or dropped under backpressure (with a reason). The counts are grouped by
+``(model, version, minute, decision, tier, sample rate, outcome, disposition, reason)``; in
+addition the sequence numbers of entries that were *not* kept are recorded per producer as
+run-length ranges, so that ``verify`` can explain every gap in a producer's sequence.
+
+The flusher persists a :class:`CounterSet` every few seconds as small create-only Parquet files::
+
+    <root>/_counters/model=<model>/date=<YYYY-MM-DD>/<producer_id>-<n>.parquet
+
+Each file holds two kinds of rows (column ``kind``): ``"count"`` rows with the counter key and a
+count, and ``"gap"`` rows with a sequence range ``[seq_lo, seq_hi]`` of entries that are not in the
+journal and why (``disposition`` and ``reason``).
+
+Read them with :mod:`serve_journal.read.stats`.
+"""
+
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from serve_journal.catalog.layout import PARQUET_SUFFIX, escape_value
+from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
+
+COUNTERS_DIR = "_counters"
+
+KEPT = "kept"
+SAMPLED_OUT = "sampled_out"
+DROPPED = "dropped"
+DISPOSITIONS = (KEPT, SAMPLED_OUT, DROPPED)
+
+KIND_COUNT = "count"
+KIND_GAP = "gap"
+
+_MINUTE_US = 60_000_000
+_DAY_US = 86_400 * 1_000_000
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+COUNTER_SCHEMA = pa.schema(
+    [
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("producer_id", pa.string(), nullable=False),
+        pa.field("model_name", pa.string(), nullable=False),
+        pa.field("model_version", pa.string()),
+        pa.field("minute", pa.timestamp("us", tz="UTC")),
+        pa.field("decision", pa.string()),
+        pa.field("risk_tier", pa.string()),
+        pa.field("sample_rate", pa.float32()),
+        pa.field("outcome", pa.string()),
+        pa.field("disposition", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+        pa.field("count", pa.int64(), nullable=False),
+        pa.field("seq_lo", pa.int64()),
+        pa.field("seq_hi", pa.int64()),
+    ],
+    metadata={b"serve_journal.counters_version": b"1"},
+)
+"""Columns of a counters file. ``count`` rows leave ``seq_lo``/``seq_hi`` null; ``gap`` rows
+leave the counter key (version, minute, decision, tier, rate, outcome) null."""
+
+COUNT_DIMENSIONS = (
+    "model_name", "model_version", "minute", "decision", "risk_tier", "sample_rate", "outcome",
+)
+"""Columns the exact counters are grouped by (besides disposition and reason)."""
+
+
+def gap_reason(disposition: str, reason: str | None) -> str:
+    """The reason string verify shows for a gap: ``sampled_out`` or ``dropped:<reason>``."""
+    return disposition if disposition != DROPPED else f"{DROPPED}:{reason or 'unknown'}"
+
+
+# --------------------------------------------------------------------------- in the replica
+
+_CountKey = tuple  # (model, version, minute_us, decision, tier, rate, outcome, disposition, reason)
+_RangeKey = tuple  # (model, day_number, disposition, reason)
+
+
+@dataclass
+class CounterSnapshot:
+    """Counts and sequence ranges taken out of a :class:`CounterSet`."""
+
+    producer_id: str
+    counts: dict[_CountKey, int] = field(default_factory=dict)
+    ranges: dict[_RangeKey, list[list[int]]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.counts) or bool(self.ranges)
+
+    def parts(self) -> dict[tuple[str, str], CounterSnapshot]:
+        """This snapshot split by (model, date), one part per counters file."""
+        out: dict[tuple[str, str], CounterSnapshot] = {}
+        for key, n in self.counts.items():
+            part = (key[0], _date_of_day(key[2] // _DAY_US))
+            out.setdefault(part, CounterSnapshot(self.producer_id)).counts[key] = n
+        for key, runs in self.ranges.items():
+            part = (key[0], _date_of_day(key[1]))
+            out.setdefault(part, CounterSnapshot(self.producer_id)).ranges[key] = runs
+        return out
+
+    def to_table(self) -> pa.Table:
+        """The snapshot as rows of :data:`COUNTER_SCHEMA` (ranges sorted and merged)."""
+        cols: dict[str, list[Any]] = {name: [] for name in COUNTER_SCHEMA.names}
+
+        def row(**values: Any) -> None:
+            for name in COUNTER_SCHEMA.names:
+                cols[name].append(values.get(name))
+
+        for key, n in sorted(self.counts.items(), key=lambda item: counter_sort_key(item[0])):
+            model, version, minute_us, decision, tier, rate, outcome, disposition, reason = key
+            row(kind=KIND_COUNT, producer_id=self.producer_id, model_name=model,
+                model_version=version, minute=minute_us, decision=decision, risk_tier=tier,
+                sample_rate=rate, outcome=outcome, disposition=disposition, reason=reason, count=n)
+        for key in sorted(self.ranges, key=counter_sort_key):
+            model, _day, disposition, reason = key
+            for lo, hi in merge_runs(self.ranges[key]):
+                row(kind=KIND_GAP, producer_id=self.producer_id, model_name=model,
+                    disposition=disposition, reason=reason, count=hi - lo + 1, seq_lo=lo, seq_hi=hi)
+        return pa.table(cols, schema=COUNTER_SCHEMA)
+
+
+def counter_sort_key(key: tuple) -> tuple:
+    return tuple((v is None, v if v is not None else 0) for v in key)
+
+
+def _date_of_day(day: int) -> str:
+    return (_EPOCH + dt.timedelta(days=day)).strftime("%Y-%m-%d")
+
+
+def merge_runs(runs: Iterable[Sequence[int]]) -> list[tuple[int, int]]:
+    """Sort inclusive ranges and merge overlapping or adjacent ones."""
+    out: list[list[int]] = []
+    for lo, hi in sorted((int(lo), int(hi)) for lo, hi in runs):
+        if out and lo <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi) for lo, hi in out]
+
+
+class CounterSet:
+    """Exact counters of one producer (replica process); thread-safe, cheap.
+
+    The request path calls :meth:`record` for an entry it drops (buffer full); the flusher calls
+    :meth:`record_batch` once per finalized batch and :meth:`flush_to` every few seconds.
+    """
+
+    def __init__(self, producer_id: str) -> None:
+        if not isinstance(producer_id, str) or not producer_id:
+            raise ValueError("producer_id must be a non-empty string")
+        self.producer_id = producer_id
+        self._lock = threading.Lock()
+        self._counts: dict[_CountKey, int] = {}
+        self._ranges: dict[_RangeKey, list[list[int]]] = {}
+        self._file_no = 0
+
+    def __repr__(self) -> str:
+        return f"CounterSet({self.producer_id!r}, keys={len(self._counts)})"
+
+    def record(
+        self,
+        model: str,
+        version: str,
+        ts_us: int,
+        decision: str | None,
+        tier: str,
+        sample_rate: float,
+        outcome: str,
+        seq: int,
+        disposition: str,
+        reason: str | None = None,
+    ) -> None:
+        """Count one entry. ``disposition`` is ``kept``, ``sampled_out`` or ``dropped`` (then
+        ``reason`` says why, e.g. ``buffer_full``). Never raises on valid types."""
+        minute = ts_us - ts_us % _MINUTE_US
+        key = (model, version, minute, decision, tier, sample_rate, outcome, disposition, reason)
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+            if disposition != KEPT:
+                self._add_seq((model, ts_us // _DAY_US, disposition, reason), seq)
+
+    def record_batch(
+        self,
+        model: str | Sequence[str],
+        version: str | Sequence[str],
+        ts_us: Sequence[int],
+        decisions: Sequence[str | None],
+        tiers: Sequence[str],
+        sample_rates: Sequence[float],
+        outcomes: Sequence[str],
+        seqs: Sequence[int],
+        keep: Sequence[bool],
+    ) -> None:
+        """Count a finalized batch: each entry is ``kept`` or ``sampled_out`` per ``keep``.
+
+        ``model`` and ``version`` may be one string for the whole batch or one per entry.
+        """
+        n = len(seqs)
+        models = [model] * n if isinstance(model, str) else model
+        versions = [version] * n if isinstance(version, str) else version
+        local: dict[_CountKey, int] = {}
+        gaps: list[tuple[_RangeKey, int]] = []
+        for m, v, ts, d, t, r, o, s, k in zip(
+            models, versions, ts_us, decisions, tiers, sample_rates, outcomes, seqs, keep,
+            strict=True,
+        ):
+            disposition = KEPT if k else SAMPLED_OUT
+            key = (m, v, ts - ts % _MINUTE_US, d, t, r, o, disposition, None)
+            local[key] = local.get(key, 0) + 1
+            if not k:
+                gaps.append(((m, ts // _DAY_US, SAMPLED_OUT, None), s))
+        with self._lock:
+            counts = self._counts
+            for key, c in local.items():
+                counts[key] = counts.get(key, 0) + c
+            for range_key, s in gaps:
+                self._add_seq(range_key, s)
+
+    def _add_seq(self, key: _RangeKey, seq: int) -> None:
+        runs = self._ranges.get(key)
+        if runs is None:
+            self._ranges[key] = [[seq, seq]]
+            return
+        last = runs[-1]
+        if seq == last[1] + 1:
+            last[1] = seq
+        else:  # out of order (a drop recorded while an earlier batch was finalized): merged later
+            runs.append([seq, seq])
+
+    def snapshot_and_reset(self) -> CounterSnapshot:
+        """Take every count and range out, leaving the set empty."""
+        with self._lock:
+            snap = CounterSnapshot(self.producer_id, self._counts, self._ranges)
+            self._counts, self._ranges = {}, {}
+        return snap
+
+    def restore(self, snapshot: CounterSnapshot) -> None:
+        """Merge a snapshot back (its write failed), so nothing is lost or counted twice."""
+        with self._lock:
+            for key, n in snapshot.counts.items():
+                self._counts[key] = self._counts.get(key, 0) + n
+            for key, runs in snapshot.ranges.items():
+                self._ranges.setdefault(key, []).extend([list(r) for r in runs])
+                self._ranges[key].sort()
+
+    def totals(self) -> dict[str, int]:
+        """Current (unflushed) counts by disposition."""
+        out = dict.fromkeys(DISPOSITIONS, 0)
+        with self._lock:
+            for key, n in self._counts.items():
+                out[key[7]] = out.get(key[7], 0) + n
+        return out
+
+    def flush_to(self, storage: JournalStorage, max_attempts: int = 1000) -> list[StoredObject]:
+        """Persist everything counted so far as counters files; what fails is restored.
+
+        A file name that exists already (a producer id reused) moves on to the next number.
+        """
+        snapshot = self.snapshot_and_reset()
+        written: list[StoredObject] = []
+        pending = list(snapshot.parts().items())
+        try:
+            while pending:
+                (model, date), part = pending[0]
+                data = encode_counters(part.to_table())
+                for _ in range(max_attempts):
+                    with self._lock:
+                        number = self._file_no
+                        self._file_no += 1
+                    path = counters_path(model, date, self.producer_id, number)
+                    try:
+                        written.append(storage.put_new(path, data))
+                        break
+                    except ObjectExistsError:
+                        continue
+                else:
+                    raise ObjectExistsError(
+                        f"no free counters file name for producer after {max_attempts} attempts"
+                    )
+                pending.pop(0)
+        except BaseException:
+            for _, part in pending:
+                self.restore(part)
+            raise
+        return written
+
+
+def counters_path(model: str, date: str, producer_id: str, number: int) -> str:
+    """Relative path of counters file ``number`` of ``producer_id`` for ``model`` on ``date``."""
+    return (
+        f"{COUNTERS_DIR}/model={escape_value(model)}/date={date}/"
+        f"{escape_value(producer_id)}-{number:08d}{PARQUET_SUFFIX}"
+    )
+
+
+def encode_counters(table: pa.Table) -> bytes:
+    """A counters table as Parquet bytes (zstd; dictionary encoding does the rest)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.cast(COUNTER_SCHEMA), sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def decode_counters(data: bytes) -> pa.Table:
+    """Parquet bytes of a counters file as a table with :data:`COUNTER_SCHEMA`."""
+    # ParquetFile, not read_table: see sink.parquet.decode_parquet.
+    return pq.ParquetFile(pa.BufferReader(data)).read().cast(COUNTER_SCHEMA)
