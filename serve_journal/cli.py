@@ -1,32 +1,44 @@
-"""The ``serve-journal`` command line."""
+"""The ``serve-journal`` command line: one command per public entry point of the read,
+maintenance, privacy and sink tools. The demo is not a command: ``python -m
+serve_journal.examples.demo`` (``scripts/demo.sh``) runs it, so library code never imports it."""
 
 from __future__ import annotations
 
+import datetime as dt
+import getpass
+import json
+import logging
+import os
 import sys
 
 import click
+
+from serve_journal.api import subject_tokenizer
+from serve_journal.config import JournalConfig
+from serve_journal.console.app import write_report
+from serve_journal.console.commands import console_command, console_user
+from serve_journal.maintain.compaction import run_compaction
+from serve_journal.maintain.lifecycle import (
+    bytes_per_entry,
+    run_lifecycle,
+    s3_lifecycle_configuration,
+)
+from serve_journal.privacy.forget import ForgetIncompleteError, forget_subject
+from serve_journal.read.query import JournalQuery, format_table, to_json, write_parquet
+from serve_journal.read.stats import accounted_gaps
+from serve_journal.read.stats import stats as journal_stats
+from serve_journal.read.verify import format_report, verify_journal
+from serve_journal.registry import dataset_manifest, register_dataset_manifest
+from serve_journal.replay.driver import replay_command
+from serve_journal.sink.kafka_app import run_journal_sink
+from serve_journal.storage import local_root, open_storage
+from serve_journal.times import as_utc
 
 
 @click.group()
 @click.version_option(package_name="serve-journal")
 def main() -> None:
     """serve-journal: the prediction journal for Ray Serve."""
-
-
-@main.command()
-@click.option("--workdir", default="./demo-output", show_default=True,
-              help="Folder for everything the demo writes (MLflow db, data, journal).")
-@click.option("--requests", "requests_count", default=3000, show_default=True)
-@click.option("--users", default=25, show_default=True)
-@click.option("--num-cpus", default=2, show_default=True)
-def demo(workdir: str, requests_count: int, users: int, num_cpus: int) -> None:
-    """Train, register, serve and journal the fraud example; then query the journal."""
-    from serve_journal.examples.demo import run_demo
-
-    result = run_demo(workdir, requests_count, users, num_cpus)
-    if result["journaled"] + result["dropped"] < result["ok"]:
-        click.echo("error: some answered requests have no journal entry", err=True)
-        sys.exit(1)
 
 
 @main.command()
@@ -37,8 +49,6 @@ def demo(workdir: str, requests_count: int, users: int, num_cpus: int) -> None:
 def manifest(paths: tuple[str, ...], model_name: str | None, model_version: str | None,
              tracking_uri: str | None) -> None:
     """Compute a dataset manifest hash; with --model/--version, log and tag it in MLflow."""
-    from serve_journal.registry import dataset_manifest, register_dataset_manifest
-
     if bool(model_name) != bool(model_version):
         raise click.UsageError("give both --model and --version, or neither")
     if model_name:
@@ -71,10 +81,7 @@ def query(journal_uri: str, subject: str | None, subject_token: str | None, requ
           outcome: str | None, since: str | None, until: str | None, limit: int | None, tier: str,
           actor: str | None, as_json: bool, parquet_path: str | None) -> None:
     """Find journal entries; every query is recorded in the journal's access log."""
-    import getpass
 
-    from serve_journal.api import subject_tokenizer
-    from serve_journal.read.query import JournalQuery, format_table, to_json, write_parquet
 
     q = JournalQuery(journal_uri, tokenizer=subject_tokenizer(journal_uri),
                      actor=actor or getpass.getuser())
@@ -90,34 +97,24 @@ def query(journal_uri: str, subject: str | None, subject_token: str | None, requ
         click.echo(format_table(table))
 
 
-def _parse_time(value: str | None, name: str):
-    import datetime as dt
-
-    if value is None:
-        return None
+def _parse_time(value: str | None, name: str) -> dt.datetime | None:
     try:
-        parsed = dt.datetime.fromisoformat(value)
+        return as_utc(value, name)
     except ValueError as exc:
-        raise click.BadParameter(f"{name} must be an ISO time like 2024-01-15T10:00:00Z") from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+        raise click.BadParameter(str(exc)) from None
 
 
 def _save_report(journal_uri: str, reports_dir: str | None, prefix: str, document: dict) -> None:
     """Keep a summary where the console shows the latest one (next to a local journal)."""
-    import os
-
-    from serve_journal.console.app import write_report
-
     if reports_dir is None:
-        if "://" in journal_uri and not journal_uri.startswith("file://"):
+        root = local_root(journal_uri)
+        if root is None:
             return
-        root = os.path.abspath(journal_uri.removeprefix("file://"))
         reports_dir = os.path.join(os.path.dirname(root), "journal-reports")
     write_report(reports_dir, prefix, document)
 
 
 def _default_privacy_dir(journal_uri: str, privacy_dir: str | None) -> str:
-    from serve_journal.config import JournalConfig
 
     return JournalConfig(model="unused", journal_uri=journal_uri,
                          privacy_dir=privacy_dir).resolved_privacy_dir()
@@ -138,11 +135,7 @@ def verify(journal_uri: str, since: str | None, model: str | None, public_key: s
            witness_uri: str | None, privacy_dir: str | None, reports_dir: str | None,
            as_json: bool) -> None:
     """Prove the journal complete and unaltered; exit code 0 only when everything checks."""
-    import os
 
-    from serve_journal.read.stats import accounted_gaps
-    from serve_journal.read.verify import format_report, verify_journal
-    from serve_journal.storage import open_storage
 
     storage = open_storage(journal_uri)
     if public_key is None:
@@ -166,8 +159,6 @@ def verify(journal_uri: str, since: str | None, model: str | None, public_key: s
 @click.option("--vault-url", default=None, help="postgresql://... (default: SQLite in privacy dir).")
 def forget(journal_uri: str, subject: str, privacy_dir: str | None, vault_url: str | None) -> None:
     """Right to be forgotten: destroy the subject's key; their entries become unlinkable."""
-    from serve_journal.privacy.forget import ForgetIncompleteError, forget_subject
-
     try:
         receipt = forget_subject(subject, journal_uri=journal_uri,
                                  privacy_dir=_default_privacy_dir(journal_uri, privacy_dir),
@@ -187,10 +178,6 @@ def forget(journal_uri: str, subject: str, privacy_dir: str | None, vault_url: s
 def stats(journal_uri: str, since: str | None, until: str | None, model: str | None,
           group_by: str) -> None:
     """Exact counts (unsampled counters) and weighted estimates from the sampled journal."""
-    from serve_journal.maintain.lifecycle import bytes_per_entry
-    from serve_journal.read.stats import stats as journal_stats
-    from serve_journal.storage import open_storage
-
     storage = open_storage(journal_uri)
     report = journal_stats(storage, _parse_time(since, "--since"),
                            _parse_time(until, "--until"), model,
@@ -213,9 +200,7 @@ def stats(journal_uri: str, since: str | None, until: str | None, model: str | N
 def sink(bootstrap: str, topic: str, partitions: str, journal_uri: str, roll_seconds: float,
          witness_uri: str | None, signing_key_file: str | None) -> None:
     """Consume journal entries from Kafka into Parquet, exactly once, until SIGINT/SIGTERM."""
-    import logging
 
-    from serve_journal.sink.kafka_app import run_journal_sink
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_journal_sink(bootstrap, topic, partitions, journal_uri, roll_seconds=roll_seconds,
@@ -227,8 +212,6 @@ def sink(bootstrap: str, topic: str, partitions: str, journal_uri: str, roll_sec
 @click.option("--apply", "do_apply", is_flag=True, help="Act; without it, only report the plan.")
 def compact(journal_uri: str, do_apply: bool) -> None:
     """Merge the many small files of finished days into few sorted day files (verify-safe)."""
-    from serve_journal.maintain.compaction import run_compaction
-
     click.echo(run_compaction(journal_uri, apply=do_apply).describe())
 
 
@@ -243,8 +226,6 @@ def lifecycle() -> None:
 @click.option("--apply", "do_apply", is_flag=True, help="Act; without it (default) a dry run.")
 def lifecycle_run(journal_uri: str, hot_days: int, do_apply: bool) -> None:
     """Rewrite partitions older than the hot window into the cold tier, check, then expire."""
-    from serve_journal.maintain.lifecycle import run_lifecycle
-
     click.echo(run_lifecycle(journal_uri, apply=do_apply, hot_days=hot_days).describe())
 
 
@@ -254,9 +235,7 @@ def lifecycle_run(journal_uri: str, hot_days: int, do_apply: bool) -> None:
 @click.option("--deep-archive-after-days", default=180, show_default=True, type=int)
 def lifecycle_s3_config(prefix: str, glacier_after_days: int, deep_archive_after_days: int) -> None:
     """Print the S3 lifecycle configuration (storage-class transitions) for the journal bucket."""
-    import json
 
-    from serve_journal.maintain.lifecycle import s3_lifecycle_configuration
 
     click.echo(json.dumps(s3_lifecycle_configuration(
         prefix=prefix, glacier_after_days=glacier_after_days,
@@ -267,26 +246,15 @@ def lifecycle_s3_config(prefix: str, glacier_after_days: int, deep_archive_after
 @click.option("--journal", "journal_uri", default="./journal", show_default=True)
 def bytes_per_entry_command(journal_uri: str) -> None:
     """Bytes per entry on disk, hot and cold tiers."""
-    from serve_journal.maintain.lifecycle import bytes_per_entry
-    from serve_journal.storage import open_storage
-
     storage = open_storage(journal_uri)
     for tier in ("hot", "cold"):
         value = bytes_per_entry(storage, tier)
         click.echo(f"{tier}: {'no entries' if value is None else f'{value:.1f} B/entry'}")
 
 
-def _register_lazy_commands() -> None:
-    from serve_journal.console.commands import console_command, console_user
-
-    main.add_command(console_command, "console")
-    main.add_command(console_user, "console-user")
-    from serve_journal.replay.driver import replay_command
-
-    main.add_command(replay_command, "replay")
-
-
-_register_lazy_commands()
+main.add_command(console_command, "console")
+main.add_command(console_user, "console-user")
+main.add_command(replay_command, "replay")
 
 
 if __name__ == "__main__":  # pragma: no cover

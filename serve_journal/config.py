@@ -16,6 +16,7 @@ from typing import Any
 from serve_journal.errors import ConfigError
 from serve_journal.policy import build_policy
 from serve_journal.privacy.identity import JwtVerifier
+from serve_journal.storage import local_root
 
 ENV_PREFIX = "SERVE_JOURNAL_"
 
@@ -172,14 +173,13 @@ class JournalConfig:
         """Where the keyring (and the default vault) live."""
         if self.privacy_dir:
             return os.path.abspath(self.privacy_dir)
-        uri = self.journal_uri
-        if "://" in uri and not uri.startswith("file://"):
+        root = local_root(self.journal_uri)
+        if root is None:
             raise ConfigError(
                 "a remote journal needs privacy_dir (the keyring folder, present on every node) "
                 "and usually vault_url=postgresql://... for the subject key vault"
             )
-        return os.path.join(os.path.dirname(os.path.abspath(uri.removeprefix("file://"))),
-                            "journal-keys")
+        return os.path.join(os.path.dirname(root), "journal-keys")
 
     def with_overrides(self, **changes: Any) -> JournalConfig:
         """A copy with some fields replaced, validated again."""

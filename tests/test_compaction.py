@@ -23,7 +23,7 @@ from serve_journal.maintain.compaction import (
 )
 from serve_journal.read.query import JournalQuery
 from serve_journal.storage import LocalJournalStorage
-from tests.test_query import DAY, ids, make_entries, token, write_rolled
+from tests.helpers.entries import DAY, ids, make_entries, token, write_rolled
 
 LATER = DAY + dt.timedelta(days=2)
 

@@ -20,7 +20,7 @@ from serve_journal.maintain import lifecycle
 from serve_journal.maintain.compaction import CompactionOptions, compact
 from serve_journal.read.query import JournalQuery
 from serve_journal.storage import LocalJournalStorage
-from tests.test_query import DAY, ids, make_entries, token, write_rolled
+from tests.helpers.entries import DAY, ids, make_entries, token, write_rolled
 
 NOW = DAY + dt.timedelta(days=30, hours=2)  # hours 00 and 01 of DAY are past the 30-day window
 

@@ -240,7 +240,7 @@ def test_columnwise_leaves_equal_row_by_row_canonical_encoding(rows, data):
 
 
 def test_columnwise_leaves_on_journal_entries_and_chunked_tables():
-    from tests.test_manifest import make_table
+    from tests.helpers.manifest_tables import make_table
 
     table = pa.concat_tables([make_table("p1", range(0, 5)), make_table("p2", range(3, 9))])
     assert table.column("seq").num_chunks == 2

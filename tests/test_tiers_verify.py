@@ -24,7 +24,7 @@ from serve_journal.read.query import JournalQuery
 from serve_journal.read.verify import format_report, verify_journal
 from serve_journal.sink.settings import SinkSettings, manifest_hook
 from serve_journal.transport.actors import PartitionFileWriter, split_by_partition
-from tests.test_query import DAY, ids, make_entries, token
+from tests.helpers.entries import DAY, ids, make_entries, token
 
 COMPACT_AT = DAY + dt.timedelta(days=2)
 LIFECYCLE_AT = DAY + dt.timedelta(days=40)

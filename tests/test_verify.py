@@ -31,7 +31,7 @@ from serve_journal.read.verify import format_report, verify_journal
 from serve_journal.storage import JournalStorage, LocalJournalStorage, StoredObject
 from serve_journal.storage.retention import RetentionPolicy, TieredRetention
 from serve_journal.storage.s3 import S3WormStorage
-from tests.test_manifest import BASE_TS, data_path, make_table
+from tests.helpers.manifest_tables import BASE_TS, data_path, make_table
 
 CHAIN = "writer-1"
 

@@ -134,3 +134,27 @@ def run_demo(workdir: str = "./demo-output", requests_count: int = 3000, users: 
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m serve_journal.examples.demo``: run the demo; exit 1 if an answered request has
+    no journal entry."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m serve_journal.examples.demo",
+                                     description=run_demo.__doc__)
+    parser.add_argument("--workdir", default="./demo-output",
+                        help="folder for everything the demo writes (default: %(default)s)")
+    parser.add_argument("--requests", dest="requests_count", type=int, default=3000)
+    parser.add_argument("--users", type=int, default=25)
+    parser.add_argument("--num-cpus", type=int, default=2)
+    args = parser.parse_args(argv)
+    result = run_demo(args.workdir, args.requests_count, args.users, args.num_cpus)
+    if result["journaled"] + result["dropped"] < result["ok"]:
+        print("error: some answered requests have no journal entry")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -38,6 +38,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from serve_journal.catalog.layout import DEFAULT_SPEC
 from serve_journal.errors import ChainConflictError, ManifestError
 from serve_journal.fileformat import sort_for_lookup
 from serve_journal.integrity.merkle import table_merkle_root
@@ -151,8 +152,6 @@ class ManifestRecord:
     @property
     def model(self) -> str | None:
         """Model name from the hive path, or ``None`` when the path is not a partition path."""
-        from serve_journal.catalog.layout import DEFAULT_SPEC
-
         try:
             return DEFAULT_SPEC.parse(self.path)[1].model
         except ValueError:

@@ -26,6 +26,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
@@ -48,9 +49,11 @@ from serve_journal.catalog.layout import (
     PartitionKey,
 )
 from serve_journal.errors import CompactionError, UnrecordedInputError
-from serve_journal.fileformat import ParquetOptions, decode_parquet, encode_parquet
+from serve_journal.fileformat import ParquetOptions, decode_parquet, encode_parquet, sort_for_lookup
 from serve_journal.integrity.fingerprint import Fingerprint, fingerprint, fingerprint_files
+from serve_journal.integrity.manifest import MANIFEST_PREFIX, build_file_record
 from serve_journal.schema import ENTRY_SCHEMA
+from serve_journal.sink.settings import SinkSettings
 from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
 
 log = logging.getLogger(__name__)
@@ -76,8 +79,6 @@ RecordedHashes = Mapping[str, Set[str]]
 
 def recorded_hashes(storage: JournalStorage) -> dict[str, set[str]]:
     """Every manifest record's ``path -> sha256`` (read from ``_manifest/``)."""
-    from serve_journal.integrity.manifest import MANIFEST_PREFIX
-
     out: dict[str, set[str]] = {}
     for path in storage.list_files(f"{MANIFEST_PREFIX}/", ".json"):
         doc = json.loads(storage.read(path))
@@ -110,8 +111,6 @@ def read_files(
 
 
 def _split(table: pa.Table, max_rows: int) -> list[pa.Table]:
-    from serve_journal.fileformat import sort_for_lookup
-
     table = sort_for_lookup(table)
     if table.num_rows <= max_rows:
         return [table]
@@ -420,8 +419,6 @@ def manifest_recorder(manifest_log) -> FileWrittenHook:
     After a crash between the append and the commit marker, a re-run appends a second record for
     the same path and sha256; verification treats such records as one file.
     """
-    from serve_journal.integrity.manifest import build_file_record
-
     def record(stored: StoredObject, table: pa.Table, replaces: tuple[str, ...]) -> None:
         tier = DEFAULT_SPEC.parse(stored.path)[0]
         manifest_log.append(build_file_record(stored, table, tier, manifest_log.chain_id,
@@ -447,10 +444,6 @@ def run_compaction(
     altered file; replaced files are then deleted when
     the storage allows (an Object Lock refusal keeps them, reported as kept for retention).
     """
-    import uuid
-
-    from serve_journal.sink.settings import SinkSettings
-
     settings = SinkSettings(journal_uri=journal_uri)
     storage = settings.storage()
     now = now or dt.datetime.now(dt.UTC)

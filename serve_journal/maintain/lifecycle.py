@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,7 @@ from serve_journal.catalog import (
     marker_path,
     set_name,
 )
-from serve_journal.catalog.layout import COLD, HOT, TIERS, PartitionKey
+from serve_journal.catalog.layout import COLD, DEFAULT_SPEC, HOT, TIERS, PartitionKey
 from serve_journal.fileformat import COLD_OPTIONS, ParquetOptions
 from serve_journal.integrity.fingerprint import fingerprint
 from serve_journal.maintain.compaction import (
@@ -48,9 +49,12 @@ from serve_journal.maintain.compaction import (
     RetentionCheck,
     UnrecordedInputError,
     delete_replaced,
+    manifest_recorder,
     read_files,
+    recorded_hashes,
     write_verified,
 )
+from serve_journal.sink.settings import SinkSettings
 from serve_journal.storage import JournalStorage
 
 log = logging.getLogger(__name__)
@@ -251,11 +255,6 @@ def run_lifecycle(
     ``serve-journal verify`` keeps passing after the hot copies expire. A partition with a hot
     file whose bytes match no manifest record is refused: its change is not laundered into cold.
     """
-    import uuid
-
-    from serve_journal.maintain.compaction import manifest_recorder, recorded_hashes
-    from serve_journal.sink.settings import SinkSettings
-
     settings = SinkSettings(journal_uri=journal_uri)
     storage = settings.storage()
     the_plan = plan(storage, now, hot_days)
@@ -282,8 +281,6 @@ def _expire_superseded(
     report: LifecycleReport,
 ) -> None:
     """Delete hot files of the moved partition that earlier compactions replaced (no longer read)."""
-    from serve_journal.catalog.layout import DEFAULT_SPEC
-
     _, key = DEFAULT_SPEC.parse(marker.new_files[0])
     # a day partition replaced the files of its hour partitions too
     hot_dir = (key.path(HOT).rsplit("/", 1)[0] if key.is_day else key.path(HOT)) + "/"

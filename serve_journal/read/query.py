@@ -29,13 +29,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from serve_journal.catalog import DataFile, MarkerCache, live_files
 from serve_journal.catalog.layout import TIERS
 from serve_journal.read.access_log import read_access_log, record_access
+from serve_journal.retry import retry_call
 from serve_journal.schema import ENTRY_SCHEMA, OUTCOMES
 from serve_journal.storage import JournalStorage, open_storage
+from serve_journal.times import as_utc
 
 __all__ = [
     "JournalQuery",
@@ -243,21 +246,6 @@ class _FooterCache:
         self._items.clear()
 
 
-def _as_utc(value: dt.datetime | str | None, name: str) -> dt.datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise ValueError(f"{name} must be an ISO-8601 time, got {value!r}") from exc
-    if not isinstance(value, dt.datetime):
-        raise TypeError(f"{name} must be a datetime or ISO-8601 string, got {type(value).__name__}")
-    if value.tzinfo is None:
-        return value.replace(tzinfo=dt.UTC)
-    return value.astimezone(dt.UTC)
-
-
 def _sql_string(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
@@ -303,7 +291,7 @@ class JournalQuery:
 
     def _connection(self):
         if self._con is None:
-            import duckdb
+            import duckdb  # inside: 0.2 s to import, and only point-free queries need it
 
             con = duckdb.connect(config={"autoinstall_known_extensions": False,
                                          "autoload_known_extensions": False})
@@ -340,8 +328,8 @@ class JournalQuery:
         """The live files a query with these bounds scans (partition pruning)."""
         if tier not in (*TIERS, "all"):
             raise ValueError(f"tier must be 'hot', 'cold' or 'all', got {tier!r}")
-        since_utc = _as_utc(since, "since")
-        until_utc = _as_utc(until, "until")
+        since_utc = as_utc(since, "since")
+        until_utc = as_utc(until, "until")
         out = []
         for f in live_files(self.storage, tier=tier, model=model, cache=self._markers):
             if model is not None and f.key.model != model:
@@ -380,8 +368,8 @@ class JournalQuery:
             raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise ValueError(f"limit must be a positive integer, got {limit!r}")
-        since_utc = _as_utc(since, "since")
-        until_utc = _as_utc(until, "until")
+        since_utc = as_utc(since, "since")
+        until_utc = as_utc(until, "until")
         unresolved = False
         if subject is not None:
             if self._tokenizer is None:
@@ -464,8 +452,8 @@ class JournalQuery:
         if unknown:
             raise ValueError(f"unknown filter(s) {sorted(unknown)}; known: {sorted(out)}")
         out.update(filters)
-        out["since"] = _as_utc(out["since"], "since")
-        out["until"] = _as_utc(out["until"], "until")
+        out["since"] = as_utc(out["since"], "since")
+        out["until"] = as_utc(out["until"], "until")
         return out
 
     def _sql(
@@ -515,8 +503,6 @@ class JournalQuery:
     def _pruned(self, files: Sequence[DataFile], column: str, value: str) -> pa.Table:
         """The rows of ``files`` with ``column == value``, read through cached footers: key
         column of the candidate row groups first, whole row groups only where the key is."""
-        import pyarrow.compute as pc
-
         parts = []
         total = probed = read = 0
         for f in files:
@@ -552,7 +538,7 @@ class JournalQuery:
             listing = ", ".join(_sql_string(f"{root}/{f.path}") for f in files)
             return f"read_parquet([{listing}], hive_partitioning=false, union_by_name=true)"
         # Remote storage: pyarrow's filesystem reads, DuckDB pushes filters into the dataset scan.
-        import pyarrow.dataset as ds
+        import pyarrow.dataset as ds  # inside: 0.4 s to import, needed by scans only
 
         dataset = ds.dataset(
             [self.storage.full_path(f.path) for f in files],
@@ -564,36 +550,33 @@ class JournalQuery:
         return "journal_files"
 
     def _run(self, **filters: Any) -> tuple[pa.Table, int]:
-        import duckdb
+        import duckdb  # inside: 0.2 s to import, and only point-free queries need it
 
-        for attempt in range(_RETRIES):
-            sql, params, files = self._sql(**filters)
-            if not files:
-                return ENTRY_SCHEMA.empty_table(), 0
+        # A compaction or lifecycle run may delete a replaced file after we listed it; the next
+        # listing sees the committed rewrite instead, so the whole attempt is retried.
+        return retry_call(lambda: self._run_once(filters), attempts=_RETRIES, delay_s=0.01,
+                          max_delay_s=0.05, retry_on=(duckdb.IOException, OSError))
+
+    def _run_once(self, filters: dict[str, Any]) -> tuple[pa.Table, int]:
+        sql, params, files = self._sql(**filters)
+        if not files:
+            return ENTRY_SCHEMA.empty_table(), 0
+        point = next(((c, filters[c]) for c in ("subject_token", "request_id")
+                      if filters.get(c) is not None), None)
+        if point is not None and self.prune_point_lookups and len(files) <= 256:
+            rows = self._pruned(files, *point)
+            if rows.num_rows == 0:
+                return ENTRY_SCHEMA.empty_table(), len(files)
+            con = self._connection()
+            con.register("journal_rows", rows)
             try:
-                point = next(((c, filters[c]) for c in ("subject_token", "request_id")
-                              if filters.get(c) is not None), None)
-                if point is not None and self.prune_point_lookups and len(files) <= 256:
-                    rows = self._pruned(files, *point)
-                    if rows.num_rows == 0:
-                        return ENTRY_SCHEMA.empty_table(), len(files)
-                    con = self._connection()
-                    con.register("journal_rows", rows)
-                    try:
-                        sql = sql.replace(f"FROM {self._last_source}", "FROM journal_rows", 1)
-                        result = con.sql(sql, params=params).to_arrow_table()
-                    finally:
-                        con.unregister("journal_rows")
-                    return _to_entry_schema(result), len(files)
-                result = self._connection().sql(sql, params=params).to_arrow_table()
-            except (duckdb.IOException, OSError, FileNotFoundError):
-                # A compaction or lifecycle run deleted a replaced file after we listed it; the
-                # next listing sees the committed rewrite instead.
-                if attempt == _RETRIES - 1:
-                    raise
-                continue
+                sql = sql.replace(f"FROM {self._last_source}", "FROM journal_rows", 1)
+                result = con.sql(sql, params=params).to_arrow_table()
+            finally:
+                con.unregister("journal_rows")
             return _to_entry_schema(result), len(files)
-        raise AssertionError("unreachable")
+        result = self._connection().sql(sql, params=params).to_arrow_table()
+        return _to_entry_schema(result), len(files)
 
 
 def _to_entry_schema(table: pa.Table) -> pa.Table:

@@ -41,20 +41,13 @@ from serve_journal.counters import (
 )
 from serve_journal.schema import ENTRY_SCHEMA
 from serve_journal.storage import JournalStorage
+from serve_journal.times import as_utc
 
 # --------------------------------------------------------------------------- readers
 
 
-def _as_utc(value: dt.datetime | None) -> dt.datetime | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        return value.replace(tzinfo=dt.UTC)
-    return value.astimezone(dt.UTC)
-
-
 def _floor_minute(value: dt.datetime | None) -> dt.datetime | None:
-    value = _as_utc(value)
+    value = as_utc(value)
     return None if value is None else value.replace(second=0, microsecond=0)
 
 

@@ -40,6 +40,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from serve_journal.catalog import MarkerCache, is_derived, load_markers
 from serve_journal.catalog.layout import DEFAULT_SPEC, PARQUET_SUFFIX, TIERS
 from serve_journal.fileformat import decode_parquet
 from serve_journal.integrity.manifest import (
@@ -55,6 +56,7 @@ from serve_journal.integrity.manifest import (
 )
 from serve_journal.integrity.merkle import table_merkle_root
 from serve_journal.storage import JournalStorage
+from serve_journal.times import to_micros
 
 ERROR = "error"
 WARNING = "warning"
@@ -134,12 +136,6 @@ def format_report(report: VerifyReport) -> str:
 # -- helpers -------------------------------------------------------------------------------------
 
 
-def _micros(value: dt.datetime) -> int:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
-    return int((value - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) / dt.timedelta(microseconds=1))
-
-
 def _in_scope_path(path: str, since_us: int | None, model: str | None) -> bool:
     """Whether a data file path can hold entries of ``model`` at or after ``since``."""
     try:
@@ -148,7 +144,7 @@ def _in_scope_path(path: str, since_us: int | None, model: str | None) -> bool:
         return since_us is None and model is None
     if model is not None and key.model != model:
         return False
-    return not (since_us is not None and _micros(key.end) <= since_us)
+    return not (since_us is not None and to_micros(key.end) <= since_us)
 
 
 def _in_scope_record(record: ManifestRecord, since_us: int | None, model: str | None) -> bool:
@@ -451,7 +447,7 @@ def verify_journal(
     """
     key = load_public_key(public_key)
     report = VerifyReport(journal=storage.uri)
-    since_us = _micros(since) if since is not None else None
+    since_us = to_micros(since) if since is not None else None
 
     chains = _check_chains(storage, report)
     _check_checkpoints(storage, witness, key, chains, report)
@@ -465,8 +461,6 @@ def verify_journal(
             seen_files.add((record.path, record.sha256))
             records.append(record)
     scoped = [r for r in records if _in_scope_record(r, since_us, model)]
-    from serve_journal.catalog import MarkerCache, is_derived, load_markers
-
     try:
         markers = load_markers(storage, cache=MarkerCache())
     except Exception as exc:  # noqa: BLE001 - an unreadable marker is a finding

@@ -46,7 +46,7 @@ class ObjectVersion:
 
 def _boto3() -> Any:
     try:
-        import boto3
+        import boto3  # inside: 0.2 s to import, needed only for s3:// journals
     except ImportError as exc:  # pragma: no cover - boto3 is a dependency
         raise ImportError("S3 write-once storage needs boto3: pip install 'boto3>=1.34'") from exc
     return boto3
