@@ -7,10 +7,13 @@ runs as a real uvicorn server on a loopback port (and once as a Ray Serve app).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import functools
 import hashlib
+import hmac
+import json
 import logging
 import os
 import re
@@ -25,7 +28,7 @@ import httpx
 import pyarrow as pa
 import pytest
 
-from serve_journal.catalog.layout import DEFAULT_SPEC
+from serve_journal.catalog.layout import DEFAULT_SPEC, split_by_partition
 from serve_journal.console import ConsoleSettings, add_user, create_app, run_console
 from serve_journal.console.app import (
     build_serve_app,
@@ -44,8 +47,8 @@ from serve_journal.counters import CounterSet
 from serve_journal.read.query import read_access_log
 from serve_journal.schema import ENTRY_SCHEMA
 from serve_journal.sink.settings import SinkSettings, manifest_hook
+from serve_journal.sink.writer import PartitionFileWriter
 from serve_journal.storage import LocalJournalStorage
-from serve_journal.transport.actors import PartitionFileWriter, split_by_partition
 from tests.fixtures.ray_cluster import free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -482,6 +485,57 @@ def test_sessions_expire_and_forged_cookies_are_refused(console):
             assert response.status_code == status
             if status == 303:
                 assert response.headers["location"].endswith("/login")
+
+
+def test_session_cookie_with_another_users_name_is_refused(console):
+    world = console["world"]
+    codec = SessionCodec(load_or_create_secret(f"{world['users_file']}.secret"), 1800)
+    payload, timestamp, signature = codec.issue("ana").split(".")
+    other = base64.urlsafe_b64encode(json.dumps({"u": "oscar", "s": "x"}).encode()).rstrip(b"=")
+    swapped = f"{other.decode()}.{timestamp}.{signature}"
+    with httpx.Client(base_url=console["url"]) as client:
+        response = client.get("/stats", cookies={"sj_session": swapped})
+        assert response.status_code == 303 and response.headers["location"].endswith("/login")
+        assert "sj_session=" in response.headers["set-cookie"]  # the bad cookie is deleted
+
+
+def test_session_codec_signs_with_itsdangerous(tmp_path):
+    secret = os.urandom(32)
+    codec = SessionCodec(secret, 600)
+    now = time.time()
+    value = codec.issue("ana", now=now)
+    session = codec.parse(value, now=now)
+    assert session is not None and session.username == "ana" and len(session.sid) >= 24
+    assert session.expires == pytest.approx(int(now) + 600)
+    assert codec.parse(value, now=now + 599) is not None  # within the lifetime
+    assert codec.parse(value, now=now + 602) is None  # older than the lifetime
+    assert codec.parse(value, now=now - 60) is None  # issued in the future
+    assert SessionCodec(os.urandom(32), 600).parse(value, now=now) is None  # another key
+    # The payload is signed: changing the user name or session id breaks the signature.
+    payload, timestamp, signature = value.split(".")
+    forged = base64.urlsafe_b64encode(json.dumps({"u": "root", "s": session.sid}).encode())
+    assert codec.parse(f"{forged.rstrip(b'=').decode()}.{timestamp}.{signature}", now=now) is None
+    assert codec.parse(f"{payload}.{timestamp}", now=now) is None
+    for garbage in (None, "", ".", "a.b.c", "a.b.c.d", value + "x", "é" * 10):
+        assert codec.parse(garbage, now=now) is None
+    # Values signed for one purpose (salt) are refused for another.
+    pre = codec.issue_presession()
+    nonce = codec.parse_presession(pre)
+    assert nonce and codec.parse(pre, now=now) is None
+    assert codec.parse_presession(value) is None and codec.parse_presession("x.y") is None
+    token = codec.csrf_token(session.sid)
+    assert codec.check_csrf(session.sid, token)
+    assert not codec.check_csrf(nonce, token) and not codec.check_csrf(session.sid, None)
+    flipped = token[:10] + ("A" if token[10] != "A" else "B") + token[11:]
+    assert not codec.check_csrf(session.sid, flipped)
+    assert codec.csrf_token(nonce) != token
+    # The hand-made format of earlier versions (<payload>.<HMAC-SHA256>) is not a session.
+    legacy_body = json.dumps({"u": "ana", "s": "x", "e": int(now) + 600}).encode()
+    legacy_mac = hmac.new(secret, b"session\0" + legacy_body, hashlib.sha256).digest()
+    legacy = f"{base64.urlsafe_b64encode(legacy_body).decode()}." \
+             f"{base64.urlsafe_b64encode(legacy_mac).decode()}"
+    assert codec.parse(legacy, now=now) is None
+    assert secret.hex() not in repr(codec) and "ttl_s=600" in repr(codec)
 
 
 def test_security_headers_and_no_cdn_assets(console):

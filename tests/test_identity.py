@@ -9,6 +9,7 @@ import json
 import pickle
 import time
 
+import jwt
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
@@ -150,3 +151,43 @@ def test_secret_looking_token_is_not_echoed_and_verifier_pickles():
     clone = pickle.loads(pickle.dumps(verifier))
     assert clone.verify(sign(key, "RS256", claims(aud="journal"))) == "svc-payments"
     assert "journal" in repr(clone)
+
+
+@pytest.mark.parametrize("alg", sorted(KEYS))
+def test_tokens_made_by_pyjwt_verify(alg):
+    token = jwt.encode(claims(iss="idp", aud="journal"), KEYS[alg], algorithm=alg)
+    assert JwtVerifier(pem(KEYS[alg]), issuer="idp", audience="journal").verify(token) == "svc-payments"
+
+
+def test_what_pyjwt_would_accept_but_the_verifier_refuses():
+    ed = KEYS["EdDSA"]
+    verifier = JwtVerifier(pem(ed))
+    head, body, sig = sign(ed, "EdDSA", claims()).split(".")
+    # '=' padding, an empty payload, a critical extension PyJWT understands ("b64")
+    assert reason(verifier, f"{head}.{body}.{sig}==") == "malformed"
+    assert reason(verifier, f"{head}.{body}=.{sig}") == "malformed"
+    assert reason(verifier, f"{head}..{sig}") == "malformed"
+    assert reason(verifier, sign(ed, "EdDSA", claims(), header={"crit": ["b64"], "b64": True})) == "malformed"
+    # algorithms PyJWT supports but the verifier does not
+    rsa_key = KEYS["RS256"]
+    rsa_verifier = JwtVerifier(pem(rsa_key))
+    for alg in ("PS256", "RS512", "HS256", "none"):
+        head, body, sig = sign(rsa_key, "RS256", claims()).split(".")
+        other_head = b64(json.dumps({"alg": alg, "typ": "JWT"}).encode())
+        assert reason(rsa_verifier, f"{other_head}.{body}.{sig}") == "unsupported_algorithm"
+    # a future iat is not a reason to refuse (only exp and nbf are time checks)
+    assert verifier.verify(sign(ed, "EdDSA", claims(iat=int(time.time()) + 3600))) == "svc-payments"
+    # a numeric string is not a time
+    assert reason(verifier, sign(ed, "EdDSA", claims(exp=str(int(time.time()) + 300)))) == "malformed"
+
+
+def test_now_pins_the_clock():
+    key = KEYS["EdDSA"]
+    verifier = JwtVerifier(pem(key), leeway_s=10)
+    token = sign(key, "EdDSA", {"sub": "svc", "nbf": 1_000_000, "exp": 2_000_000})
+    assert verifier.verify(token, now=1_500_000) == "svc"
+    assert verifier.verify(token, now=999_990) == "svc"  # nbf within the leeway
+    assert verifier.verify(token, now=2_000_010) == "svc"  # exp within the leeway
+    assert reason(verifier, token, now=999_989) == "not_yet_valid"
+    assert reason(verifier, token, now=2_000_011) == "expired"
+    assert reason(verifier, token) == "expired"  # the wall clock when now is not given

@@ -9,12 +9,14 @@ compared in constant time. There are no built-in accounts: a console without a u
 an empty one, refuses to start (the ``--dev`` mode creates a throw-away account with a random
 password instead).
 
-A session is a cookie ``<payload>.<HMAC-SHA256>`` signed with the console's secret key; the payload
-names the user, a random session id and an absolute expiry. The cookie is HttpOnly and
-SameSite=Strict (and Secure unless the console is bound to loopback); roles are looked up in the
-users file on every request, so removing an account or a role takes effect at once. Every
-state-changing form carries a CSRF token derived from the session id (before sign-in: from a
-signed pre-session cookie).
+A session is a cookie signed with the console's secret key by ``itsdangerous``
+(``URLSafeTimedSerializer``, HMAC-SHA256, its own salt): the payload names the user and a random
+session id, the signature carries the time of issue, and a cookie older than the session lifetime
+is refused. The cookie is HttpOnly and SameSite=Strict (and Secure unless the console is bound to
+loopback); roles are looked up in the users file on every request, so removing an account or a
+role takes effect at once. Every state-changing form carries a CSRF token derived from the session
+id (before sign-in: from a signed pre-session cookie), also signed by ``itsdangerous`` under a salt
+of its own.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
+
+from itsdangerous import BadData, Signer, TimestampSigner, URLSafeTimedSerializer
 
 AUDITOR = "auditor"
 OPERATOR = "operator"
@@ -264,8 +269,31 @@ class Session:
     expires: float
 
 
+SESSION_SALT = "serve-journal.console.session"
+CSRF_SALT = "serve-journal.console.csrf"
+PRESESSION_SALT = "serve-journal.console.pre-session"
+
+
+class _ClockSigner(TimestampSigner):
+    """An ``itsdangerous`` timestamp signer whose clock can be pinned (``now``) for one call."""
+
+    def __init__(self, *args: Any, now: float | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._now = now
+
+    def get_timestamp(self) -> int:
+        """Now (or the pinned ``now``) in whole seconds: the issue time, and the clock for age."""
+        return int(time.time() if self._now is None else self._now)
+
+
 class SessionCodec:
-    """Signs and checks session cookies and derives CSRF tokens from them."""
+    """Signs and checks session cookies and derives CSRF tokens from them (``itsdangerous``).
+
+    Session cookies are ``URLSafeTimedSerializer`` values (salt :data:`SESSION_SALT`, HMAC-SHA256)
+    holding ``{"u": user name, "s": random session id}``; one older than ``ttl_s`` seconds is
+    refused. CSRF tokens and pre-session cookies are HMAC-SHA256 signatures under salts of their
+    own, so no value signed for one purpose is accepted for another.
+    """
 
     def __init__(self, secret: bytes, ttl_s: float) -> None:
         if len(secret) < 32:
@@ -274,57 +302,56 @@ class SessionCodec:
             raise ValueError(f"session ttl must be positive seconds, got {ttl_s!r}")
         self._secret = secret
         self.ttl_s = ttl_s
+        self._csrf = Signer(secret, salt=CSRF_SALT, digest_method=hashlib.sha256)
+        self._presession = Signer(secret, salt=PRESESSION_SALT, digest_method=hashlib.sha256)
 
     def __repr__(self) -> str:  # never show the secret
         return f"SessionCodec(ttl_s={self.ttl_s})"
 
-    def _mac(self, purpose: bytes, data: bytes) -> bytes:
-        return hmac.new(self._secret, purpose + b"\0" + data, hashlib.sha256).digest()
+    def _sessions(self, now: float | None) -> URLSafeTimedSerializer:
+        return URLSafeTimedSerializer(
+            self._secret, salt=SESSION_SALT, signer=_ClockSigner,
+            signer_kwargs={"digest_method": hashlib.sha256, "now": now},
+        )
 
     def issue(self, username: str, now: float | None = None) -> str:
-        """A new cookie value for ``username``, valid for ``ttl_s`` seconds."""
-        now = time.time() if now is None else now
-        payload = json.dumps({"u": username, "s": secrets.token_urlsafe(18),
-                              "e": int(now + self.ttl_s)}, separators=(",", ":")).encode()
-        return f"{_b64(payload)}.{_b64(self._mac(b'session', payload))}"
+        """A new cookie value for ``username``, valid for ``ttl_s`` seconds from ``now``."""
+        return self._sessions(now).dumps({"u": username, "s": secrets.token_urlsafe(18)})
 
     def parse(self, value: str | None, now: float | None = None) -> Session | None:
         """The session in ``value``; ``None`` when it is absent, forged, malformed or expired."""
-        if not value or value.count(".") != 1:
+        if not value:
             return None
-        body, mac = value.split(".")
         try:
-            payload = _unb64(body)
-            if not hmac.compare_digest(_unb64(mac), self._mac(b"session", payload)):
-                return None
-            doc = json.loads(payload)
-            session = Session(str(doc["u"]), str(doc["s"]), float(doc["e"]))
-        except (ValueError, KeyError, TypeError):
+            doc, issued = self._sessions(now).loads(value, max_age=self.ttl_s,
+                                                    return_timestamp=True)
+        except BadData:  # bad signature, expired, issued in the future, or not our payload
             return None
-        now = time.time() if now is None else now
-        return session if now < session.expires else None
+        if not isinstance(doc, dict) or not isinstance(doc.get("u"), str) \
+                or not isinstance(doc.get("s"), str):
+            return None
+        return Session(doc["u"], doc["s"], issued.timestamp() + self.ttl_s)
 
     def csrf_token(self, sid: str) -> str:
         """The CSRF token of the session (or pre-session) id ``sid``."""
-        return _b64(self._mac(b"csrf", sid.encode()))
+        return self._csrf.get_signature(sid).decode("ascii")
 
     def check_csrf(self, sid: str, token: str | None) -> bool:
-        return bool(token) and hmac.compare_digest(self.csrf_token(sid), token)
+        """True when ``token`` is the CSRF token of ``sid`` (constant-time comparison)."""
+        return bool(token) and self._csrf.verify_signature(sid, token)
 
     def issue_presession(self) -> str:
         """A signed random id for the sign-in form's CSRF token (before there is a session)."""
-        nonce = secrets.token_urlsafe(18)
-        return f"{nonce}.{_b64(self._mac(b'pre', nonce.encode()))}"
+        return self._presession.sign(secrets.token_urlsafe(18)).decode("ascii")
 
     def parse_presession(self, value: str | None) -> str | None:
-        if not value or value.count(".") != 1:
+        """The random id of a pre-session cookie ``value``; ``None`` when absent or forged."""
+        if not value:
             return None
-        nonce, mac = value.split(".")
         try:
-            ok = hmac.compare_digest(_unb64(mac), self._mac(b"pre", nonce.encode()))
-        except ValueError:
+            return self._presession.unsign(value).decode("ascii")
+        except (BadData, UnicodeDecodeError):
             return None
-        return nonce if ok else None
 
 
 class LoginThrottle:
@@ -336,6 +363,7 @@ class LoginThrottle:
         self._lock = threading.Lock()
 
     def blocked(self, client: str, now: float | None = None) -> bool:
+        """True when ``client`` has used up its failed sign-ins in the current window."""
         now = time.monotonic() if now is None else now
         with self._lock:
             recent = [t for t in self._failures.get(client, []) if now - t < self.window_s]
@@ -343,13 +371,14 @@ class LoginThrottle:
             return len(recent) >= self.limit
 
     def failed(self, client: str, now: float | None = None) -> None:
+        """Count one failed sign-in from ``client``."""
         now = time.monotonic() if now is None else now
         with self._lock:
             self._failures.setdefault(client, []).append(now)
 
 
 __all__ = [
-    "AUDITOR", "OPERATOR", "PERMISSIONS", "PRIVACY_OFFICER", "ROLES", "LoginThrottle", "Session",
-    "SessionCodec", "User", "UserStore", "UsersFileError", "add_user", "check_password",
+    "AUDITOR", "CSRF_SALT", "OPERATOR", "PERMISSIONS", "PRESESSION_SALT", "PRIVACY_OFFICER", "ROLES",
+    "SESSION_SALT", "LoginThrottle", "Session", "SessionCodec", "User", "UserStore", "UsersFileError", "add_user", "check_password",
     "hash_password", "load_or_create_secret", "remove_user",
 ]

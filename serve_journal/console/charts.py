@@ -11,6 +11,7 @@ import datetime as dt
 import io
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import pyarrow as pa
 
@@ -19,15 +20,17 @@ _SIZE = (8.0, 3.2)
 _DPI = 96
 
 
-def _figure():
-    from matplotlib.figure import Figure
+def _figure() -> tuple[Any, Any]:
+    """A new figure of the console's size and its one axes."""
+    from matplotlib.figure import Figure  # inside: matplotlib costs ~0.5 s; only charts need it
 
     fig = Figure(figsize=_SIZE, dpi=_DPI, layout="constrained")
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def _png(fig) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def _png(fig: Any) -> bytes:
+    """``fig`` drawn with the Agg backend, as PNG bytes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # inside: as in _figure
 
     FigureCanvasAgg(fig)
     out = io.BytesIO()
@@ -35,7 +38,7 @@ def _png(fig) -> bytes:
     return out.getvalue()
 
 
-def _empty(ax, message: str) -> None:
+def _empty(ax: Any, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="#666")
     ax.set_xticks([])
     ax.set_yticks([])

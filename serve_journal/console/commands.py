@@ -10,7 +10,8 @@ import sys
 
 import click
 
-from serve_journal.console.auth import ROLES
+from serve_journal.console.app import run_console
+from serve_journal.console.auth import ROLES, add_user, remove_user
 
 
 @click.command("console")
@@ -31,8 +32,6 @@ def console_command(journal_uri: str, host: str, port: int, users_file: str | No
                     secret_file: str | None, reports_dir: str | None, public_key: str | None,
                     session_minutes: int, dev: bool, use_serve: bool) -> None:
     """Serve the investigation console (sign-in required; see docs/console.md)."""
-    from serve_journal.console.app import run_console
-
     try:
         run_console(journal_uri, host, port, users_file, dev=dev, use_serve=use_serve,
                     secret_file=secret_file, reports_dir=reports_dir, public_key=public_key,
@@ -54,8 +53,6 @@ def console_user() -> None:
 def add_command(users_file: str, roles: tuple[str, ...], password_stdin: bool,
                 username: str) -> None:
     """Create USERNAME (or replace its roles and password)."""
-    from serve_journal.console.auth import add_user
-
     if password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
@@ -72,8 +69,6 @@ def add_command(users_file: str, roles: tuple[str, ...], password_stdin: bool,
 @click.argument("username")
 def remove_command(users_file: str, username: str) -> None:
     """Remove USERNAME; its live sessions stop working at their next request."""
-    from serve_journal.console.auth import remove_user
-
     if not remove_user(users_file, username):
         raise click.UsageError(f"no user {username} in {users_file}")
     click.echo(f"user {username} removed")

@@ -1,32 +1,33 @@
-"""Verified caller identity: JWS compact (JWT) verification with ``cryptography``, no PyJWT.
+"""Verified caller identity: JWT (JWS compact) verification with PyJWT and one public key.
 
 A header such as ``x-caller-id`` can be set by anyone; where the caller matters, configure a
 :class:`JwtVerifier` with the issuer's public key. ``verify(token)`` returns the ``sub`` claim or
 raises :class:`CallerRejected` with a short machine-readable reason (journaled as outcome
-``rejected``); the token itself never appears in a message.
+``rejected``); neither the token nor the key ever appears in a message.
 
 Accepted algorithms: ``EdDSA`` (Ed25519), ``ES256`` (P-256, raw ``r||s`` signature) and
 ``RS256`` (RSASSA-PKCS1-v1_5 with SHA-256). The algorithm must be one the verifier allows *and*
 match the configured key's type, so ``none``, HMAC and algorithm-confusion tokens are refused.
+
+PyJWT (``jwt.decode``) parses the token and verifies its signature. The claims (``exp``, ``nbf``,
+``iat``, ``iss``, ``aud``, ``sub``) are then checked here, in a fixed order and against a clock
+that ``now=`` can pin (PyJWT always reads the wall clock), so a token gets the same reason from
+:data:`REASONS` as it always did.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from serve_journal.errors import CallerRejected
 
-__all__ = ["ALGORITHMS", "CallerRejected", "JwtVerifier", "REASONS"]
+__all__ = ["ALGORITHMS", "MAX_TOKEN_BYTES", "REASONS", "CallerRejected", "JwtVerifier"]
 
 ALGORITHMS = ("EdDSA", "ES256", "RS256")
 REASONS = (
@@ -35,14 +36,12 @@ REASONS = (
 )
 MAX_TOKEN_BYTES = 16 * 1024
 
-
-def _b64url(part: str) -> bytes:
-    if not part or "=" in part:
-        raise CallerRejected("malformed")
-    try:
-        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-    except (binascii.Error, ValueError):
-        raise CallerRejected("malformed") from None
+#: ``jwt.decode`` checks structure and signature; the claims are checked by ``_check_claims``.
+_DECODE_OPTIONS: dict[str, Any] = {
+    "verify_signature": True, "verify_exp": False, "verify_nbf": False, "verify_iat": False,
+    "verify_iss": False, "verify_aud": False, "verify_sub": False, "verify_jti": False,
+    "require": [],
+}
 
 
 def _key_algorithm(key: Any) -> str:
@@ -58,8 +57,32 @@ def _key_algorithm(key: Any) -> str:
                      "use an Ed25519, P-256 or RSA (>= 2048 bit) public key")
 
 
+def _compact(token: Any) -> tuple[str, list[str]]:
+    """``token`` as text and its three segments; refused if too long or not three segments."""
+    if isinstance(token, bytes):
+        try:
+            token = token.decode("ascii")
+        except UnicodeDecodeError:
+            raise CallerRejected("malformed") from None
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
+        raise CallerRejected("malformed")
+    return token, token.split(".")
+
+
+def _check_segment(segment: str) -> None:
+    """Refuse an empty or ``=``-padded segment (PyJWT accepts both; they were never valid here)."""
+    if not segment or "=" in segment:
+        raise CallerRejected("malformed")
+
+
 class JwtVerifier:
-    """Verifies JWTs signed with one configured public key; picklable (carries the PEM)."""
+    """Verifies JWTs signed with one configured public key; picklable (carries the PEM).
+
+    ``public_key_pem`` is a PEM ``PUBLIC KEY`` block (Ed25519, P-256 or RSA >= 2048 bit); its type
+    fixes the one algorithm accepted, which ``algorithms`` must allow. ``issuer`` and ``audience``,
+    when set, must match ``iss`` and (one of) ``aud``; ``leeway_s`` is the clock skew allowed on
+    ``exp`` and ``nbf``; ``require_expiry=False`` accepts tokens without ``exp``.
+    """
 
     def __init__(self, public_key_pem: bytes | str, algorithms: Iterable[str] = ALGORITHMS, *,
                  issuer: str | None = None, audience: str | None = None, leeway_s: float = 30.0,
@@ -88,7 +111,7 @@ class JwtVerifier:
         return (f"JwtVerifier(algorithm={self.algorithm!r}, issuer={self.issuer!r}, "
                 f"audience={self.audience!r})")
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (_rebuild, (self._pem, self.algorithms, self.issuer, self.audience, self.leeway_s,
                            self.require_expiry))
 
@@ -107,44 +130,33 @@ class JwtVerifier:
 
     def claims(self, token: str | bytes, *, now: float | None = None) -> Mapping[str, Any]:
         """All claims of a verified token (signature and time/issuer/audience checks passed)."""
-        if isinstance(token, bytes):
-            try:
-                token = token.decode("ascii")
-            except UnicodeDecodeError:
-                raise CallerRejected("malformed") from None
-        if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
-            raise CallerRejected("malformed")
-        header_b64, payload_b64, signature_b64 = token.split(".")
-        header = _json_object(_b64url(header_b64))
+        text, (header_b64, payload_b64, signature_b64) = _compact(token)
+        _check_segment(header_b64)
+        try:
+            header = jwt.get_unverified_header(text)
+        except jwt.PyJWTError:
+            raise CallerRejected("malformed") from None
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.algorithms or alg != self.algorithm:
             raise CallerRejected("unsupported_algorithm")
         if "crit" in header:  # no critical extensions are understood, so none may be required
             raise CallerRejected("malformed")
-        payload = _b64url(payload_b64)  # structure first; JSON only once the signature holds
-        signature = _b64url(signature_b64)
-        self._check_signature(alg, f"{header_b64}.{payload_b64}".encode("ascii"), signature)
-        claims = _json_object(payload)
+        _check_segment(payload_b64)
+        _check_segment(signature_b64)
+        try:
+            claims = jwt.decode(text, self._key, algorithms=[self.algorithm],
+                                options=_DECODE_OPTIONS)
+        except jwt.InvalidSignatureError:
+            raise CallerRejected("bad_signature") from None
+        except jwt.InvalidAlgorithmError:
+            raise CallerRejected("unsupported_algorithm") from None
+        except jwt.PyJWTError:
+            raise CallerRejected("malformed") from None
         self._check_claims(claims, time.time() if now is None else now)
         return claims
 
-    def _check_signature(self, alg: str, signed: bytes, signature: bytes) -> None:
-        key = self._key
-        try:
-            if alg == "EdDSA":
-                key.verify(signature, signed)
-            elif alg == "ES256":
-                if len(signature) != 64:
-                    raise CallerRejected("bad_signature")
-                r = int.from_bytes(signature[:32], "big")
-                s = int.from_bytes(signature[32:], "big")
-                key.verify(encode_dss_signature(r, s), signed, ec.ECDSA(hashes.SHA256()))
-            else:
-                key.verify(signature, signed, padding.PKCS1v15(), hashes.SHA256())
-        except InvalidSignature:
-            raise CallerRejected("bad_signature") from None
-
     def _check_claims(self, claims: Mapping[str, Any], now: float) -> None:
+        """exp (required unless ``require_expiry=False``), nbf, iat, iss, aud, then sub."""
         exp = claims.get("exp")
         if exp is None:
             if self.require_expiry:
@@ -176,16 +188,6 @@ class JwtVerifier:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise CallerRejected("malformed") from None
-    if not isinstance(value, dict):
-        raise CallerRejected("malformed")
-    return value
 
 
 def _rebuild(pem: bytes, algorithms: tuple[str, ...], issuer: str | None, audience: str | None,

@@ -535,3 +535,22 @@ def verify_journal(
     if witness is not None:
         _check_versions(witness, "witness", report, lambda _path: True)
     return report
+
+
+def verify_file(
+    storage: JournalStorage, path: str, records: Sequence[ManifestRecord],
+) -> VerifyReport:
+    """Check one data file against its manifest record(s), as :func:`verify_journal` checks
+    every file: bytes (SHA-256, size), object version, row count, Merkle root, time and sequence
+    ranges.
+
+    ``records`` are the file's manifest records, oldest first (the one whose SHA-256 matches the
+    file is used, else the newest); there must be at least one. The report counts one file;
+    ``report.ok`` says whether the file verifies and ``report.problems`` what differs. Chains,
+    checkpoints and sequence continuity are not checked here: use :func:`verify_journal` for those.
+    """
+    if not records:
+        raise ValueError(f"verify_file needs at least one manifest record for {path}")
+    report = VerifyReport(journal=storage.uri, files=1)
+    _check_file(storage, path, list(records), report)
+    return report
