@@ -15,7 +15,7 @@ import click
 
 from serve_journal.api import subject_tokenizer
 from serve_journal.config import JournalConfig
-from serve_journal.console.app import write_report
+from serve_journal.console import write_report
 from serve_journal.console.commands import console_command, console_user
 from serve_journal.maintain.compaction import run_compaction
 from serve_journal.maintain.lifecycle import (

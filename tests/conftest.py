@@ -3,6 +3,7 @@
 # CPython 3.11.7 can raise "AST constructor recursion depth mismatch" when two threads parse
 # source at once (numpy.ma does, lazily); import it up front, before any test starts threads.
 import numpy.ma  # noqa: F401
+import pytest
 
 pytest_plugins = [
     "tests.fixtures.ray_cluster",
@@ -11,3 +12,14 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.kafka",
 ]
+
+# The fast tier (`pytest -m "not slow"`, the inner loop) leaves out every test that needs the
+# Ray cluster (it takes tens of seconds to start on two cores) and the tests marked slow by hand
+# (long soak, kill and benchmark runs).
+RAY_FIXTURES = frozenset({"ray_cluster", "serve_instance"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if RAY_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

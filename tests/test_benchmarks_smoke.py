@@ -15,7 +15,7 @@ import pytest
 from benchmarks import bench_enqueue, bench_pipeline, bench_serving, bench_storage, report
 from benchmarks.machine import machine_info, versions
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
 def _positive(row: dict, *keys: str) -> None:
