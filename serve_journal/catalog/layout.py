@@ -19,6 +19,9 @@ import re
 import urllib.parse
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 HOT = "hot"
 COLD = "cold"
 TIERS = (HOT, COLD)
@@ -133,3 +136,32 @@ class PartitionSpec:
 
 
 DEFAULT_SPEC = PartitionSpec()
+
+
+_US_PER_HOUR = 3_600_000_000
+
+
+def split_by_partition(
+    rows: pa.RecordBatch | pa.Table, spec: PartitionSpec = DEFAULT_SPEC,
+) -> list[tuple[PartitionKey, pa.RecordBatch | pa.Table]]:
+    """Group journal entries by their hour partition (``model_name``, UTC hour of ``ts``).
+
+    Returns ``(key, rows of that partition)`` pairs in the order each partition first appears,
+    rows in their original order; ``rows`` itself when it all belongs to one partition (the
+    common case), nothing when it is empty.
+    """
+    if rows.num_rows == 0:
+        return []
+    ts = rows.column("ts").cast(pa.int64())
+    # Floor division (pc.divide truncates toward zero): an instant before 1970 keeps its own hour.
+    hours = pc.divide(pc.subtract(ts, pc.if_else(pc.less(ts, 0), _US_PER_HOUR - 1, 0)),
+                      _US_PER_HOUR)
+    models = rows.column("model_name")
+    lo, hi = pc.min_max(hours).values()
+    if lo == hi and pc.count_distinct(models).as_py() == 1:
+        return [(spec.key_for_micros(models[0].as_py(), lo.as_py() * _US_PER_HOUR), rows)]
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, (model, hour) in enumerate(zip(models.to_pylist(), hours.to_pylist(), strict=True)):
+        groups.setdefault((model, hour), []).append(i)
+    return [(spec.key_for_micros(model, hour * _US_PER_HOUR), rows.take(pa.array(indices, pa.int64())))
+            for (model, hour), indices in groups.items()]

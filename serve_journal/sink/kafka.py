@@ -20,18 +20,22 @@ S3). Why this is exactly once:
   written. Every offset thus lands in exactly one file. Duplicate *messages* (the transport is
   at-least-once: a batch that timed out may be resent from its spool) are dropped by
   ``(producer_id, seq)`` within a chunk and against a window of recently written entries.
+
+Rows are split by journal partition with :func:`serve_journal.catalog.layout.split_by_partition`
+and every part is encoded and stored create-only by the shared
+:class:`~serve_journal.sink.writer.PartitionFileWriter`, under its chunk file name. This module is
+the consumer logic only; ``sink/kafka_app.py`` runs a sink (the ``serve-journal sink`` command,
+the Serve application, a Ray actor) with the manifest records of every file it writes.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import contextlib
 import hashlib
 import logging
 import re
-import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -39,15 +43,25 @@ from typing import Any
 
 import pyarrow as pa
 
-from serve_journal.catalog.layout import DEFAULT_SPEC, PartitionKey, PartitionSpec
-from serve_journal.fileformat import HOT_OPTIONS, ParquetOptions, decode_parquet, encode_parquet
+from serve_journal.catalog.layout import (
+    DEFAULT_SPEC,
+    PartitionKey,
+    PartitionSpec,
+    split_by_partition,
+)
+from serve_journal.fileformat import HOT_OPTIONS, ParquetOptions, decode_parquet
+from serve_journal.retry import Backoff
 from serve_journal.schema import ENTRY_SCHEMA
-from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject, open_storage
+from serve_journal.sink.writer import PartitionFileWriter
+from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
 from serve_journal.transport import wire
+from serve_journal.transport.kafka_security import KafkaSecurity
 
 logger = logging.getLogger(__name__)
 
-FileWrittenHook = Callable[[StoredObject, pa.Table], None]
+SinkFileHook = Callable[[StoredObject, pa.Table], None]
+"""``on_file_written(stored, table)`` of a sink: each file it wrote, or found written by a run
+that died before recording it (for manifest records)."""
 
 OFFSET_SOURCES = ("storage", "kafka")
 
@@ -80,6 +94,7 @@ class KafkaSinkSettings:
     """``storage`` (exactly once). ``kafka`` trusts committed offsets: only for the control test."""
     unsafe_commit_before_write: bool = False
     """Commit to Kafka *before* the durable write. Loses entries on a crash; control test only."""
+    # TLS/SASL: the fields of serve_journal.transport.kafka_security.KafkaSecurity.
     security_protocol: str = "PLAINTEXT"
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
@@ -106,30 +121,31 @@ class KafkaSinkSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.write_retry_backoff_s > self.write_retry_backoff_max_s:
+            raise ValueError(f"write_retry_backoff_s ({self.write_retry_backoff_s}) must not exceed "
+                             f"write_retry_backoff_max_s ({self.write_retry_backoff_max_s})")
+        KafkaSecurity.of(self)  # raises ValueError on invalid TLS/SASL fields
 
     @property
     def resolved_group_id(self) -> str:
+        """``group_id``, or ``serve-journal-sink-<topic>``."""
         return self.group_id or f"serve-journal-sink-{self.topic}"
 
+    @property
+    def security(self) -> KafkaSecurity:
+        """The TLS/SASL fields, validated."""
+        return KafkaSecurity.of(self)
+
     def consumer_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {
+        """Keyword arguments for ``aiokafka.AIOKafkaConsumer`` (no auto commit, from earliest)."""
+        return {
             "bootstrap_servers": self.bootstrap_servers,
             "group_id": self.resolved_group_id,
             "enable_auto_commit": False,
             "auto_offset_reset": "earliest",
             "fetch_max_wait_ms": self.fetch_max_wait_ms,
-            "security_protocol": self.security_protocol,
+            **self.security.client_kwargs(),
         }
-        if self.security_protocol in ("SSL", "SASL_SSL"):
-            from aiokafka.helpers import create_ssl_context
-
-            kwargs["ssl_context"] = create_ssl_context(
-                cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile,
-                password=self.ssl_password)
-        if self.sasl_mechanism is not None:
-            kwargs.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_plain_username,
-                          sasl_plain_password=self.sasl_plain_password)
-        return kwargs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +234,8 @@ class _Chunk:
 
 @dataclass(frozen=True)
 class ChunkPart:
+    """One file of a chunk: its name, its journal partition and its rows."""
+
     name: ChunkFileName
     key: PartitionKey
     table: pa.Table
@@ -248,31 +266,28 @@ def build_chunk_parts(topic: str, partition: int, messages: Sequence[tuple[int, 
     table = wire.decode_values_fast([value for _, value in readable]) if readable else None
     if table is None:
         table = _decode_one_by_one(topic, partition, readable, stats)
-    # First occurrence of each (producer_id, seq), grouped by journal partition, in offset order.
-    seen: set[tuple[str, int]] = set()
-    hour_us = 3_600_000_000
-    keys: dict[tuple[str, int], PartitionKey] = {}
-    groups: dict[PartitionKey, list[int]] = collections.defaultdict(list)
-    rows = zip(table.column("producer_id").to_pylist(), table.column("seq").to_pylist(),
-               table.column("model_name").to_pylist(), table.column("ts").cast(pa.int64()).to_pylist(),
-               strict=True)
-    for index, (producer_id, seq, model, ts_us) in enumerate(rows):
-        if (producer_id, seq) in seen:
-            stats["duplicates"] += 1
-            continue
-        seen.add((producer_id, seq))
-        bucket = (model, ts_us // hour_us)
-        key = keys.get(bucket)
-        if key is None:
-            key = keys[bucket] = spec.key_for_micros(model, bucket[1] * hour_us)
-        groups[key].append(index)
+    table = _first_occurrences(table, stats)
+    # One part per journal partition, rows in offset order, numbered in partition order.
+    groups = sorted(split_by_partition(table, spec), key=lambda group: group[0])
     start, end = messages[0][0], messages[-1][0]
-    ordered = sorted(groups)
-    parts = []
-    for i, key in enumerate(ordered, start=1):
-        name = ChunkFileName(topic, partition, start, end, i, len(ordered))
-        parts.append(ChunkPart(name, key, table.take(pa.array(groups[key], type=pa.int64()))))
+    parts = [ChunkPart(ChunkFileName(topic, partition, start, end, i, len(groups)), key, rows)
+             for i, (key, rows) in enumerate(groups, start=1)]
     return parts, stats
+
+
+def _first_occurrences(table: pa.Table, stats: dict[str, int]) -> pa.Table:
+    """``table`` without the rows whose ``(producer_id, seq)`` came earlier (counted)."""
+    seen: set[tuple[str, int]] = set()
+    keep = []
+    for ident in zip(table.column("producer_id").to_pylist(), table.column("seq").to_pylist(),
+                     strict=True):
+        keep.append(ident not in seen)
+        seen.add(ident)
+    dropped = keep.count(False)
+    if not dropped:
+        return table
+    stats["duplicates"] += dropped
+    return table.filter(pa.array(keep, type=pa.bool_()))
 
 
 def _decode_one_by_one(topic: str, partition: int, messages: Sequence[tuple[int, bytes]],
@@ -306,18 +321,27 @@ class KafkaSink:
     """Consumes assigned partitions of a topic into the journal; see the module docstring."""
 
     def __init__(self, settings: KafkaSinkSettings, storage: JournalStorage, *,
-                 on_file_written: FileWrittenHook | None = None, spec: PartitionSpec = DEFAULT_SPEC) -> None:
+                 on_file_written: SinkFileHook | None = None, spec: PartitionSpec = DEFAULT_SPEC) -> None:
         self.settings = settings
         self.storage = storage
         self.spec = spec
         self.on_file_written = on_file_written
-        self._consumer = None
+        # Count and remember a file before the caller's hook runs: when that hook (the manifest
+        # record) fails, the file is written all the same and the retry finds it present.
+        hooks = [self._count_written]
+        if on_file_written is not None:
+            hooks.append(lambda stored, table, key: on_file_written(stored, table))
+        self._files = PartitionFileWriter(
+            storage, f"k-{settings.topic}", roll_seconds=settings.roll_seconds,
+            roll_bytes=settings.roll_bytes, on_file_written=hooks, parquet=settings.parquet, spec=spec)
+        self._consumer: Any = None
         self._tps: dict[int, Any] = {}
         self._chunks: dict[int, _Chunk] = {}
         self._ready: dict[int, collections.deque[_Chunk]] = collections.defaultdict(collections.deque)
         self._rebuild_until: dict[int, int] = {}
         self._retry_at: dict[int, float] = {}
-        self._backoff: dict[int, float] = {}
+        self._backoff = {p: Backoff(settings.write_retry_backoff_s, settings.write_retry_backoff_max_s)
+                         for p in settings.partitions}
         self._recent: collections.OrderedDict[tuple[str, int], None] = collections.OrderedDict()
         self.next_offsets: dict[int, int] = {}
         self.stats: collections.Counter[str] = collections.Counter()
@@ -328,7 +352,7 @@ class KafkaSink:
 
     async def start(self) -> None:
         """Recover offsets, connect, assign the partitions and seek to where the journal ends."""
-        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka import AIOKafkaConsumer, TopicPartition  # inside: slow import; CLI start-up
 
         self._consumer = AIOKafkaConsumer(**self.settings.consumer_kwargs())
         await self._consumer.start()
@@ -437,16 +461,15 @@ class KafkaSink:
         try:
             rows = await asyncio.to_thread(self._write_parts, partition, chunk)
         except Exception as exc:  # noqa: BLE001 - storage fault: keep the chunk, retry later
-            backoff = self._backoff.get(partition, self.settings.write_retry_backoff_s)
-            self._retry_at[partition] = time.monotonic() + backoff
-            self._backoff[partition] = min(backoff * 2, self.settings.write_retry_backoff_max_s)
+            delay = self._backoff[partition].next_delay()
+            self._retry_at[partition] = time.monotonic() + delay
             self.stats["write_failures"] += 1
             logger.warning("journal write for %s[%d] offsets %d-%d failed (%s); retrying in %.2fs",
                            self.settings.topic, partition, chunk.start, chunk.end,
-                           type(exc).__name__, backoff)
+                           type(exc).__name__, delay)
             return None
         self._retry_at.pop(partition, None)
-        self._backoff.pop(partition, None)
+        self._backoff[partition].reset()
         self.next_offsets[partition] = chunk.end + 1
         if not self.settings.unsafe_commit_before_write:
             await self._commit(tp, chunk.end + 1)
@@ -458,10 +481,8 @@ class KafkaSink:
         rows = 0
         for part in parts:
             table = self._drop_recent(part.table)
-            path = self.spec.file_path(part.key, str(part.name))
-            data = encode_parquet(table, self.settings.parquet)
             try:
-                stored = self.storage.put_new(path, data)
+                self._files.write_file(part.key, table, str(part.name))
             except ObjectExistsError:
                 # Written by an earlier run that died before finishing this chunk: keep it, and
                 # record it in this run's manifest chain, since the dead run may have died between
@@ -469,15 +490,15 @@ class KafkaSink:
                 self.stats["parts_already_present"] += 1
                 self._remember(part.table)
                 if self.on_file_written is not None:
-                    self._record_existing(path)
+                    self._record_existing(self.spec.file_path(part.key, str(part.name)))
                 continue
-            self.stats["files_written"] += 1
-            self.stats["rows_written"] += table.num_rows
             rows += table.num_rows
-            self._remember(table)
-            if self.on_file_written is not None:
-                self.on_file_written(stored, table)
         return rows
+
+    def _count_written(self, stored: StoredObject, table: pa.Table, key: PartitionKey) -> None:
+        self.stats["files_written"] += 1
+        self.stats["rows_written"] += table.num_rows
+        self._remember(table)
 
     def _record_existing(self, path: str) -> None:
         """Pass a file already in storage to ``on_file_written`` as it is stored (bytes, version)."""
@@ -512,7 +533,7 @@ class KafkaSink:
         while len(recent) > self.settings.dedupe_window:
             recent.popitem(last=False)
 
-    async def _commit(self, tp, offset: int) -> None:
+    async def _commit(self, tp: Any, offset: int) -> None:
         try:
             await self._consumer.commit({tp: offset})
         except Exception as exc:  # noqa: BLE001 - commits are for lag monitoring only
@@ -522,43 +543,6 @@ class KafkaSink:
     def lag_state(self) -> dict[str, Any]:
         """Next offsets and counters, for monitoring."""
         return {"next_offsets": dict(self.next_offsets), **dict(self.stats)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Running a sink: a Ray actor, and a blocking entry point for the CLI.
-
-class KafkaSinkActor:
-    """Body of an async Ray actor holding one :class:`KafkaSink`.
-
-    Use ``ray.remote(KafkaSinkActor).options(name=..., max_restarts=-1).remote(settings, uri)``
-    then ``await actor.start.remote()``; the actor consumes in the background until ``stop``.
-    A restarted actor recovers its offsets from storage, so ``max_restarts`` is safe.
-    """
-
-    def __init__(self, settings: KafkaSinkSettings, journal_uri: str,
-                 on_file_written: FileWrittenHook | None = None) -> None:
-        self._sink = KafkaSink(settings, open_storage(journal_uri), on_file_written=on_file_written)
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task | None = None
-
-    async def start(self) -> dict[int, int]:
-        """Connect and start consuming; returns the offsets it resumes from."""
-        if self._task is None:
-            await self._sink.start()
-            self._task = asyncio.create_task(self._sink.run(self._stop))
-        return dict(self._sink.next_offsets)
-
-    async def stats(self) -> dict[str, Any]:
-        if self._task is not None and self._task.done():
-            self._task.result()  # surface a crashed loop to the caller
-        return self._sink.lag_state()
-
-    async def stop(self) -> None:
-        self._stop.set()
-        if self._task is not None:
-            with contextlib.suppress(Exception):
-                await self._task
-        await self._sink.stop()
 
 
 def parse_partitions(text: str) -> tuple[int, ...]:
@@ -578,56 +562,15 @@ def parse_partitions(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def run_sink(bootstrap_servers: str, topic: str, partitions: Sequence[int] | str, journal_uri: str,
-             *, on_file_written: FileWrittenHook | None = None, **settings: Any) -> None:
-    """Run a sink in the foreground until SIGINT/SIGTERM (the ``serve-journal sink`` command)."""
-    if isinstance(partitions, str):
-        partitions = parse_partitions(partitions)
-    sink_settings = KafkaSinkSettings(bootstrap_servers=bootstrap_servers, topic=topic,
-                                      partitions=tuple(partitions), **settings)
-    storage = open_storage(journal_uri)
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
-        sink = KafkaSink(sink_settings, storage, on_file_written=on_file_written)
-        await sink.start()
-        try:
-            await sink.run(stop)
-        finally:
-            await sink.stop()
-
-    asyncio.run(main())
-
-
-def _main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m serve_journal.sink.kafka",
-                                     description="Consume journal entries from Kafka into Parquet.")
-    parser.add_argument("--bootstrap", required=True)
-    parser.add_argument("--topic", required=True)
-    parser.add_argument("--partitions", required=True, help="e.g. 0-3,7")
-    parser.add_argument("--journal", required=True, help="journal root: path or pyarrow.fs URI")
-    parser.add_argument("--roll-seconds", type=float, default=DEFAULT_ROLL_SECONDS)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_sink(args.bootstrap, args.topic, args.partitions, args.journal, roll_seconds=args.roll_seconds)
-
-
-if __name__ == "__main__":
-    _main()
-
-
 __all__ = [
     "DEFAULT_ROLL_SECONDS",
     "ChunkFileName",
+    "ChunkPart",
     "KafkaSink",
-    "KafkaSinkActor",
     "KafkaSinkSettings",
+    "RecoveredOffsets",
+    "SinkFileHook",
     "build_chunk_parts",
     "parse_partitions",
     "recover_offsets",
-    "run_sink",
 ]

@@ -1,56 +1,180 @@
-"""Running Kafka sinks: the ``serve-journal sink`` command and a Serve application.
+"""Running Kafka sinks, always with manifest records: :class:`KafkaSinkRunner` and its flavours.
 
-Every sink consumes a fixed set of partitions (manual assignment, no group rebalancing), writes
-Parquet through create-only deterministic names and records each file in its own manifest chain,
-so ``serve-journal verify`` covers the Kafka path exactly like the actor path.
+:class:`KafkaSinkRunner` is the one way to run a :class:`~serve_journal.sink.kafka.KafkaSink`: it
+gives the sink a manifest chain of its own (:func:`sink_manifest_hook`), so that every file the
+sink writes, or finds written by a run that died before recording it, gets a record; it
+checkpoints (signs) the chain every ``checkpoint_interval_s`` and when the sink stops. So
+``serve-journal verify`` covers the Kafka path exactly like the actor path. Every sink consumes
+a fixed set of partitions (manual assignment, no group rebalancing) and writes Parquet through
+create-only deterministic names. Three ways to run one, all through the runner:
 
-The Serve application (``deployments/kafka-sink.yaml``) runs one deployment per partition group,
-each with one replica that consumes in a background thread, plus a small ingress answering
-``GET /`` with every sink's offsets and lag.
+* :func:`run_journal_sink`: the ``serve-journal sink`` command, in the foreground until
+  SIGINT/SIGTERM;
+* :class:`KafkaSinkActor`: the body of an async Ray actor
+  (``ray.remote(KafkaSinkActor).options(name=..., max_restarts=-1).remote(settings, uri)``);
+* :func:`app_builder`: the Serve application (``deployments/kafka-sink.yaml``), one deployment per
+  partition group, each with one replica (:class:`KafkaSinkReplica`) that consumes in a background
+  thread, plus a small ingress (:class:`SinkStatus`) answering ``GET /`` with every sink's offsets
+  and lag.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import signal
 import threading
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
+from serve_journal.integrity.manifest import ManifestLog
 from serve_journal.sink.kafka import (
     DEFAULT_ROLL_SECONDS,
     KafkaSink,
     KafkaSinkSettings,
     parse_partitions,
-    run_sink,
 )
-from serve_journal.sink.settings import SinkSettings, manifest_hook
+from serve_journal.sink.settings import ManifestHook, SinkSettings, manifest_hook
+from serve_journal.storage import JournalStorage
+
+logger = logging.getLogger(__name__)
 
 
-def sink_manifest_hook(journal_uri: str, topic: str, partitions: tuple[int, ...], **sink_options: Any):
-    """A manifest chain of its own for one sink process, and the hook that records its files."""
+def _sink_chain(settings: SinkSettings, storage: JournalStorage, topic: str,
+                partitions: Sequence[int]) -> ManifestLog:
+    """A new manifest chain ``k-<topic>-p<first>-<last>-<random>`` for one run of one sink."""
+    chain_id = f"k-{topic}-p{min(partitions)}-{max(partitions)}-{uuid.uuid4().hex[:8]}"
+    return settings.manifest(storage, chain_id)
+
+
+def sink_manifest_hook(journal_uri: str, topic: str, partitions: tuple[int, ...],
+                       **sink_options: Any) -> tuple[ManifestLog, ManifestHook]:
+    """A manifest chain of its own for one sink process, and the hook that records its files.
+
+    ``sink_options`` are further :class:`SinkSettings` fields (``witness_uri``, ...).
+    """
     settings = SinkSettings(journal_uri=journal_uri, **sink_options)
-    storage = settings.storage()
-    first, last = min(partitions), max(partitions)
-    chain_id = f"k-{topic}-p{first}-{last}-{uuid.uuid4().hex[:8]}"
-    log = settings.manifest(storage, chain_id)
+    log = _sink_chain(settings, settings.storage(), topic, partitions)
     return log, manifest_hook(log)
+
+
+class KafkaSinkRunner:
+    """One sink with its manifest chain: the one way to run a Kafka sink (module docstring).
+
+    Call :meth:`start`, then :meth:`run` until a stop event; :meth:`close` (also at the end of
+    :meth:`run`) stops consuming and checkpoints. A new runner after a crash or a restart
+    recovers its offsets from storage and starts a new chain.
+    """
+
+    def __init__(self, settings: KafkaSinkSettings, journal: SinkSettings) -> None:
+        storage = journal.storage()
+        self.log = _sink_chain(journal, storage, settings.topic, settings.partitions)
+        self.sink = KafkaSink(settings, storage, on_file_written=manifest_hook(self.log))
+        self.checkpoint_interval_s = journal.checkpoint_interval_s
+
+    def __repr__(self) -> str:
+        return f"KafkaSinkRunner({self.sink!r}, chain={self.log.chain_id!r})"
+
+    async def start(self) -> dict[int, int]:
+        """Recover the offsets from storage and connect; returns where each partition resumes."""
+        await self.sink.start()
+        return dict(self.sink.next_offsets)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until ``stop`` is set, checkpointing every ``checkpoint_interval_s``; then
+        :meth:`close`, also when consuming failed."""
+        checkpoints = asyncio.create_task(self._checkpoints())
+        try:
+            await self.sink.run(stop)
+        finally:
+            checkpoints.cancel()
+            await self.close()
+
+    async def close(self) -> None:
+        """Stop consuming and checkpoint the chain; closing twice is harmless. Chunks not yet
+        written are consumed again by the next run."""
+        await self.sink.stop()
+        await asyncio.to_thread(self.checkpoint)
+
+    def checkpoint(self) -> None:
+        """Sign the chain's head if it grew; a failure is logged and retried next time."""
+        try:
+            self.log.checkpoint()
+        except Exception:  # noqa: BLE001 - retried at the next interval; verify shows the lag
+            logger.warning("kafka sink: manifest checkpoint of %s failed", self.log.chain_id,
+                           exc_info=True)
+
+    async def _checkpoints(self) -> None:
+        while True:
+            await asyncio.sleep(self.checkpoint_interval_s)  # a period, not a wait for state
+            await asyncio.to_thread(self.checkpoint)
+
+    def lag_state(self) -> dict[str, Any]:
+        """The sink's next offsets and counters."""
+        return self.sink.lag_state()
 
 
 def run_journal_sink(bootstrap_servers: str, topic: str, partitions: str, journal_uri: str,
                      *, roll_seconds: float = DEFAULT_ROLL_SECONDS, witness_uri: str | None = None,
                      signing_key_file: str | None = None) -> None:
     """The ``serve-journal sink`` command: consume until SIGINT/SIGTERM, recording manifests."""
-    parts = parse_partitions(partitions)
-    log, hook = sink_manifest_hook(journal_uri, topic, parts, witness_uri=witness_uri,
-                                   signing_key_file=signing_key_file)
-    try:
-        run_sink(bootstrap_servers, topic, parts, journal_uri, on_file_written=hook,
-                 roll_seconds=roll_seconds)
-    finally:
-        with contextlib.suppress(Exception):
-            log.checkpoint()
+    settings = KafkaSinkSettings(bootstrap_servers=bootstrap_servers, topic=topic,
+                                 partitions=parse_partitions(partitions), roll_seconds=roll_seconds)
+    runner = KafkaSinkRunner(settings, SinkSettings(journal_uri, witness_uri=witness_uri,
+                                                    signing_key_file=signing_key_file))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        try:
+            await runner.start()
+            await runner.run(stop)
+        finally:
+            await runner.close()
+
+    asyncio.run(main())
+
+
+class KafkaSinkActor:
+    """Body of an async Ray actor running one sink through :class:`KafkaSinkRunner`.
+
+    Use ``ray.remote(KafkaSinkActor).options(name=..., max_restarts=-1).remote(settings, uri)``
+    then ``await actor.start.remote()``; the actor consumes in the background until ``stop``.
+    A restarted actor recovers its offsets from storage, so ``max_restarts`` is safe.
+    ``sink_options`` are further :class:`SinkSettings` fields (``witness_uri``, ...).
+    """
+
+    def __init__(self, settings: KafkaSinkSettings, journal_uri: str, **sink_options: Any) -> None:
+        self._runner = KafkaSinkRunner(settings, SinkSettings(journal_uri, **sink_options))
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> dict[int, int]:
+        """Connect and start consuming; returns the offsets it resumes from."""
+        if self._task is None:
+            await self._runner.start()
+            self._task = asyncio.create_task(self._runner.run(self._stop))
+        return dict(self._runner.sink.next_offsets)
+
+    async def stats(self) -> dict[str, Any]:
+        """The sink's next offsets and counters; raises what stopped its loop, if anything did."""
+        if self._task is not None and self._task.done():
+            self._task.result()  # surface a crashed loop to the caller
+        return self._runner.lag_state()
+
+    async def stop(self) -> None:
+        """Stop consuming and checkpoint."""
+        self._stop.set()
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
+        await self._runner.close()
 
 
 class KafkaSinkReplica:
@@ -58,13 +182,10 @@ class KafkaSinkReplica:
 
     def __init__(self, bootstrap_servers: str, topic: str, partitions: str, journal_uri: str,
                  roll_seconds: float = DEFAULT_ROLL_SECONDS, checkpoint_interval_s: float = 5.0) -> None:
-        parts = parse_partitions(partitions)
-        self.log, hook = sink_manifest_hook(journal_uri, topic, parts,
-                                            checkpoint_interval_s=checkpoint_interval_s)
         settings = KafkaSinkSettings(bootstrap_servers=bootstrap_servers, topic=topic,
-                                     partitions=parts, roll_seconds=roll_seconds)
-        self.sink = KafkaSink(settings, SinkSettings(journal_uri).storage(), on_file_written=hook)
-        self._checkpoint_interval_s = checkpoint_interval_s
+                                     partitions=parse_partitions(partitions), roll_seconds=roll_seconds)
+        self.runner = KafkaSinkRunner(settings, SinkSettings(
+            journal_uri, checkpoint_interval_s=checkpoint_interval_s))
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = threading.Event()
@@ -76,28 +197,15 @@ class KafkaSinkReplica:
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
-            await self.sink.start()
+            await self.runner.start()
             self._started.set()
-            checkpoints = asyncio.create_task(self._checkpoints())
-            try:
-                await self.sink.run(self._stop)
-            finally:
-                checkpoints.cancel()
-                await self.sink.stop()
-                with contextlib.suppress(Exception):
-                    self.log.checkpoint()
+            await self.runner.run(self._stop)
 
         asyncio.run(main())
 
-    async def _checkpoints(self) -> None:
-        while True:
-            await asyncio.sleep(self._checkpoint_interval_s)
-            with contextlib.suppress(Exception):
-                await asyncio.to_thread(self.log.checkpoint)
-
     def stats(self) -> dict[str, Any]:
         """The sink's next offsets and counters, and this replica's process id."""
-        return {"pid": os.getpid(), **self.sink.lag_state()}
+        return {"pid": os.getpid(), **self.runner.lag_state()}
 
     def __del__(self) -> None:
         if self._loop is not None and self._stop is not None:
@@ -108,18 +216,19 @@ class KafkaSinkReplica:
 class SinkStatus:
     """The sink app's ingress: offsets and lag of every sink."""
 
-    def __init__(self, *sinks) -> None:
+    def __init__(self, *sinks: Any) -> None:
         self.sinks = sinks
 
-    async def __call__(self, request) -> dict[str, Any]:
+    async def __call__(self, request: Any) -> dict[str, Any]:
+        """Every sink replica's :meth:`KafkaSinkReplica.stats`."""
         states = [await sink.stats.remote() for sink in self.sinks]
         return {"sinks": states}
 
 
-def app_builder(args: dict[str, str]):
+def app_builder(args: dict[str, str]) -> Any:
     """Serve config entry point: ``bootstrap``, ``topic``, ``journal_uri`` and ``partitions``
     (groups separated by ``;``, e.g. ``"0-3;4-7"``: one sink deployment per group)."""
-    from ray import serve
+    from ray import serve  # inside: ray.serve takes seconds to import; the CLI imports this module
 
     groups = [g.strip() for g in args["partitions"].split(";") if g.strip()]
     sinks = []
@@ -129,3 +238,14 @@ def app_builder(args: dict[str, str]):
         sinks.append(deployment.bind(args["bootstrap"], args["topic"], group, args["journal_uri"],
                                      float(args.get("roll_seconds", DEFAULT_ROLL_SECONDS))))
     return serve.deployment(SinkStatus, name="SinkStatus").bind(*sinks)
+
+
+__all__ = [
+    "KafkaSinkActor",
+    "KafkaSinkReplica",
+    "KafkaSinkRunner",
+    "SinkStatus",
+    "app_builder",
+    "run_journal_sink",
+    "sink_manifest_hook",
+]

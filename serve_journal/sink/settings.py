@@ -1,14 +1,14 @@
 """What every writer of journal files needs, in one picklable object.
 
-Ray writer actors and Kafka sink actors both build their storage (local, generic ``pyarrow.fs`` or
-write-once S3), their manifest chain and its signer from :class:`SinkSettings`, and record every
-file they write through :func:`manifest_hook`.
+The Ray writer actors (``sink/actor.py``) and the Kafka sinks (``sink/kafka_app.py``) both build
+their storage (local, generic ``pyarrow.fs`` or write-once S3), their manifest chain and its
+signer from :class:`SinkSettings`, and record every file they write through :func:`manifest_hook`.
 """
 
 from __future__ import annotations
 
 import os
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,8 @@ import pyarrow as pa
 from serve_journal.catalog.layout import HOT, PartitionKey
 from serve_journal.config import JournalConfig
 from serve_journal.integrity.manifest import ManifestLog, ManifestSigner, build_file_record
-from serve_journal.storage import JournalStorage, StoredObject, open_storage
+from serve_journal.retry import retry_call
+from serve_journal.storage import JournalStorage, StoredObject, local_root, open_storage
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class SinkSettings:
 
     @classmethod
     def from_config(cls, config: JournalConfig) -> SinkSettings:
+        """The sink side of a journal's configuration."""
         return cls(
             journal_uri=config.journal_uri, roll_seconds=config.roll_seconds,
             roll_bytes=config.roll_bytes,
@@ -44,17 +46,17 @@ class SinkSettings:
         )
 
     def storage(self) -> JournalStorage:
+        """The journal root's storage, with the configured retention."""
         return open_storage(self.journal_uri, retention=self.retention)
 
     def witness(self) -> JournalStorage | None:
+        """Where checkpoints are copied too, if configured."""
         return None if not self.witness_uri else open_storage(self.witness_uri)
 
     def keys_dir(self) -> str | None:
-        uri = self.journal_uri
-        if "://" in uri and not uri.startswith("file://"):
-            return None
-        root = os.path.abspath(uri.removeprefix("file://"))
-        return os.path.join(os.path.dirname(root), "journal-keys")
+        """``journal-keys`` beside a local journal root; ``None`` for a remote one."""
+        root = local_root(self.journal_uri)
+        return None if root is None else os.path.join(os.path.dirname(root), "journal-keys")
 
     def signer(self) -> ManifestSigner:
         """The checkpoint signer: the configured key file, else one generated next to the journal."""
@@ -68,20 +70,17 @@ class SinkSettings:
             )
         # Several writers may start at once; the loser of the create race may read the key file
         # while the winner is still writing it.
-        deadline = time.monotonic() + 5.0
-        while True:
-            try:
-                return ManifestSigner.load_or_generate(keys)
-            except (ValueError, OSError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+        return retry_call(lambda: ManifestSigner.load_or_generate(keys), retry_on=(ValueError, OSError),
+                          deadline_s=5.0, delay_s=0.02, max_delay_s=0.02)
 
     def public_key_path(self) -> str | None:
+        """The public key file verify checks checkpoints with (local journals only)."""
         keys = self.keys_dir()
         return None if keys is None else os.path.join(keys, "manifest-signing.pub.pem")
 
     def manifest(self, storage: JournalStorage, chain_id: str) -> ManifestLog:
+        """A manifest chain ``chain_id`` in ``storage``, signed by :meth:`signer`; writes the
+        public key beside a local journal on first use."""
         signer = self.signer()
         public = self.public_key_path()
         if public and not os.path.exists(public):
@@ -92,7 +91,11 @@ class SinkSettings:
         return ManifestLog(storage, chain_id, signer, self.witness())
 
 
-def manifest_hook(log: ManifestLog, tier: str = HOT):
+ManifestHook = Callable[..., None]
+"""``hook(stored, table, key=None)``: fits both the writer's and the Kafka sink's hooks."""
+
+
+def manifest_hook(log: ManifestLog, tier: str = HOT) -> ManifestHook:
     """A ``(stored, table, key)`` callback that appends each written file's manifest record."""
 
     def record(stored: StoredObject, table: pa.Table, key: PartitionKey | None = None) -> None:

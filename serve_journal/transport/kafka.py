@@ -40,14 +40,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import pyarrow as pa
+from aiokafka import AIOKafkaProducer
 
+from serve_journal.retry import Backoff
 from serve_journal.transport import TransportError, wire
+from serve_journal.transport.kafka_security import KafkaSecurity
 from serve_journal.transport.spool import DiskSpool, find_spools
 
 logger = logging.getLogger(__name__)
-
-SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER")
 
 DropHook = Callable[[str, int, "pa.Table | None"], None]
 """``on_drop(reason, count, entries)``: ``entries`` is a table of the dropped entries when the
@@ -89,6 +89,7 @@ class KafkaSettings:
     orphan_scan_interval_s: float = 30.0
     """How often to look for such spools (also once at start)."""
     client_id: str = "serve-journal"
+    # TLS/SASL: the fields of serve_journal.transport.kafka_security.KafkaSecurity.
     security_protocol: str = "PLAINTEXT"
     ssl_cafile: str | None = None
     ssl_certfile: str | None = None
@@ -116,14 +117,12 @@ class KafkaSettings:
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.retry_backoff_s > self.retry_backoff_max_s:
+            raise ValueError(f"retry_backoff_s ({self.retry_backoff_s}) must not exceed "
+                             f"retry_backoff_max_s ({self.retry_backoff_max_s})")
         if self.linger_ms < 0:
             raise ValueError(f"linger_ms must be >= 0, got {self.linger_ms!r}")
-        if self.security_protocol not in SECURITY_PROTOCOLS:
-            raise ValueError(f"security_protocol must be one of {SECURITY_PROTOCOLS}, got {self.security_protocol!r}")
-        if self.sasl_mechanism is not None and self.sasl_mechanism not in SASL_MECHANISMS:
-            raise ValueError(f"sasl_mechanism must be one of {SASL_MECHANISMS}, got {self.sasl_mechanism!r}")
-        if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
-            raise ValueError("sasl_mechanism is required when security_protocol is SASL_*")
+        KafkaSecurity.of(self)  # raises ValueError on invalid TLS/SASL fields
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> KafkaSettings:
@@ -139,14 +138,20 @@ class KafkaSettings:
         """What marks this deployment's spools, so only they are adopted (brokers and topic)."""
         return f"kafka {self.bootstrap_servers} {self.topic}"
 
+    @property
+    def security(self) -> KafkaSecurity:
+        """The TLS/SASL fields, validated."""
+        return KafkaSecurity.of(self)
+
     def resolved_spool_dir(self) -> str:
+        """``spool_dir``, or ``<temp dir>/serve-journal-spool/<topic>/<client_id>``."""
         if self.spool_dir:
             return self.spool_dir
         return os.path.join(tempfile.gettempdir(), "serve-journal-spool", self.topic, self.client_id)
 
     def producer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``aiokafka.AIOKafkaProducer`` (acks is always ``"all"``)."""
-        kwargs: dict[str, Any] = {
+        return {
             "bootstrap_servers": self.bootstrap_servers,
             "client_id": self.client_id,
             "acks": "all",
@@ -156,20 +161,8 @@ class KafkaSettings:
             "max_request_size": max(self.max_batch_size, 1024 * 1024),
             "compression_type": self.compression_type,
             "request_timeout_ms": self.request_timeout_ms,
-            "security_protocol": self.security_protocol,
+            **self.security.client_kwargs(),
         }
-        if self.security_protocol in ("SSL", "SASL_SSL"):
-            from aiokafka.helpers import create_ssl_context
-
-            kwargs["ssl_context"] = create_ssl_context(
-                cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile,
-                password=self.ssl_password,
-            )
-        if self.sasl_mechanism is not None:
-            kwargs["sasl_mechanism"] = self.sasl_mechanism
-            kwargs["sasl_plain_username"] = self.sasl_plain_username
-            kwargs["sasl_plain_password"] = self.sasl_plain_password
-        return kwargs
 
 
 def stable_hash(data: bytes) -> int:
@@ -406,20 +399,18 @@ class KafkaTransport:
                 lost = None
             self._drop("spool_full", len(pairs), entries=lost)
 
-    async def _producer_or_none(self):
+    async def _producer_or_none(self) -> AIOKafkaProducer | None:
         if self._producer is not None:
             return self._producer
         assert self._producer_lock is not None
         async with self._producer_lock:  # the drainer and the adopter must not both connect
             return await self._connect()
 
-    async def _connect(self):
+    async def _connect(self) -> AIOKafkaProducer | None:
         if self._producer is not None:
             return self._producer
         if time.monotonic() < self._next_connect:
             return None
-        from aiokafka import AIOKafkaProducer
-
         producer = AIOKafkaProducer(**self.settings.producer_kwargs())
         try:
             await asyncio.wait_for(producer.start(), self.settings.send_timeout_s)
@@ -503,18 +494,20 @@ class KafkaTransport:
         await asyncio.to_thread(_ack_all, spool, readable)
         return len(pairs)
 
+    def _backoff(self) -> Backoff:
+        return Backoff(self.settings.retry_backoff_s, self.settings.retry_backoff_max_s)
+
     async def _drainer(self) -> None:
-        backoff = self.settings.retry_backoff_s
+        backoff = self._backoff()
         while True:
             await self._spool_event.wait()
             if self._closing:
                 return
             drained = await self._drain_once(self._spool)
             if drained is None:
-                await asyncio.sleep(backoff)  # retry pacing, not synchronisation
-                backoff = min(backoff * 2, self.settings.retry_backoff_max_s)
+                await asyncio.sleep(backoff.next_delay())  # retry pacing, not synchronisation
                 continue
-            backoff = self.settings.retry_backoff_s
+            backoff.reset()
             with self._cond:
                 self._counts["drained"] += drained
                 if not drained and not len(self._spool):
@@ -540,14 +533,13 @@ class KafkaTransport:
         try:
             logger.info("adopting the spool of a stopped producer: %d records in %s",
                         len(spool), os.path.basename(directory))
-            backoff = self.settings.retry_backoff_s
+            backoff = self._backoff()
             while len(spool) and not self._closing:
                 drained = await self._drain_once(spool)
                 if drained is None:
-                    await asyncio.sleep(backoff)  # retry pacing, not synchronisation
-                    backoff = min(backoff * 2, self.settings.retry_backoff_max_s)
+                    await asyncio.sleep(backoff.next_delay())  # retry pacing, not synchronisation
                     continue
-                backoff = self.settings.retry_backoff_s
+                backoff.reset()
                 with self._cond:
                     self._counts["adopted_drained"] += drained
             if not len(spool):

@@ -66,6 +66,7 @@ class SpoolRecord:
 
     @property
     def size(self) -> int:
+        """Bytes the record takes in its segment, header included."""
         return HEADER_SIZE + len(self.payload)
 
 

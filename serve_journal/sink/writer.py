@@ -1,0 +1,164 @@
+"""The one partition file writer: journal rows to create-only Parquet files, one per partition.
+
+Both writers of journal files go through :class:`PartitionFileWriter`:
+
+* the Ray writer actor (``sink/actor.py``) buffers rows per partition (:meth:`~PartitionFileWriter.add`)
+  and rolls each partition into a file named ``<prefix>-<n>`` when it reaches ``roll_bytes`` or
+  ``roll_seconds`` of age;
+* the Kafka sink (``sink/kafka.py``) writes each part of a chunk at once under its deterministic
+  name (:meth:`~PartitionFileWriter.write_file` with ``name``).
+
+Either way a file is encoded by :func:`serve_journal.fileformat.encode_parquet`, stored with
+:meth:`JournalStorage.put_new` (exclusive create locally, If-None-Match on S3: an existing file is
+never overwritten) and then handed to every ``on_file_written`` hook (the manifest record).
+Plain Python, no Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from serve_journal.catalog.layout import DEFAULT_SPEC, PartitionKey, PartitionSpec
+from serve_journal.fileformat import HOT_OPTIONS, ParquetOptions, encode_parquet
+from serve_journal.storage import JournalStorage, StoredObject
+
+logger = logging.getLogger("serve_journal")
+
+FileWrittenHook = Callable[[StoredObject, pa.Table, PartitionKey], None]
+"""``hook(stored, table, key)``: called after each file is stored, with the rows it holds."""
+
+
+@dataclass
+class OpenPartition:
+    """Rows buffered for one partition, not yet in a file."""
+
+    batches: list[pa.RecordBatch] = field(default_factory=list)
+    nbytes: int = 0
+    rows: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
+
+
+RollPredicate = Callable[[PartitionKey, OpenPartition], bool]
+
+
+class PartitionFileWriter:
+    """Writes journal rows as create-only Parquet files, one partition per file; see the module
+    docstring. ``name_prefix`` names the files of the buffered path (``<prefix>-000000``, ...)."""
+
+    def __init__(self, storage: JournalStorage, name_prefix: str, *, roll_seconds: float,
+                 roll_bytes: int, on_file_written: Iterable[FileWrittenHook] | None = None,
+                 parquet: ParquetOptions = HOT_OPTIONS, spec: PartitionSpec = DEFAULT_SPEC) -> None:
+        self.storage = storage
+        self.name_prefix = name_prefix
+        self.roll_seconds = roll_seconds
+        self.roll_bytes = roll_bytes
+        self.on_file_written = list(on_file_written or [])
+        self.parquet = parquet
+        self.spec = spec
+        self._open: dict[PartitionKey, OpenPartition] = {}
+        self._lock = threading.Lock()
+        self._io_lock = threading.Lock()
+        self._files = 0
+        self.rows_written = 0
+        self.bytes_written = 0
+        self.write_errors = 0
+
+    # -- one file ------------------------------------------------------------------------------
+
+    def write_file(self, key: PartitionKey, table: pa.Table, name: str | None = None) -> StoredObject:
+        """Encode ``table`` and store it create-only as a file of partition ``key``, then call
+        every hook. ``name`` (no suffix) defaults to the next ``<prefix>-<n>``.
+
+        Raises :class:`~serve_journal.storage.ObjectExistsError` when a file of that name
+        exists (nothing is stored nor recorded then), or what storage raised.
+        """
+        data = encode_parquet(table, self.parquet)
+        numbered = name is None
+        path = self.spec.file_path(key, f"{self.name_prefix}-{self._files:06d}" if numbered else name)
+        stored = self.storage.put_new(path, data)
+        if numbered:
+            self._files += 1
+        self.rows_written += table.num_rows
+        self.bytes_written += len(data)
+        for hook in self.on_file_written:
+            hook(stored, table, key)
+        return stored
+
+    # -- buffered rows, rolled by size or age --------------------------------------------------
+
+    def add(self, key: PartitionKey, batch: pa.RecordBatch) -> None:
+        """Buffer ``batch`` (rows of partition ``key``); roll the partition once it is full."""
+        with self._lock:
+            part = self._open.get(key)
+            if part is None:
+                part = self._open[key] = OpenPartition()
+            part.batches.append(batch)
+            part.nbytes += batch.nbytes
+            part.rows += batch.num_rows
+            full = part.nbytes >= self.roll_bytes
+        if full:
+            self.roll_quietly(lambda k, p: k == key)
+
+    def roll_due(self) -> list[StoredObject]:
+        """Roll every partition open for ``roll_seconds`` or longer (quietly)."""
+        now = time.monotonic()
+        return self.roll_quietly(lambda k, p: now - p.opened_at >= self.roll_seconds)
+
+    def roll_quietly(self, predicate: RollPredicate) -> list[StoredObject]:
+        """Roll; on a storage failure keep the rows buffered (retried next time) and count it."""
+        try:
+            return self.roll(predicate)
+        except Exception:  # noqa: BLE001 - the rows stay buffered and are retried
+            self.write_errors += 1
+            logger.warning("serve_journal writer %s: writing a file failed; will retry",
+                           self.name_prefix, exc_info=True)
+            return []
+
+    def roll_all(self) -> list[StoredObject]:
+        """Roll every open partition; raises when storage fails (the rows stay buffered)."""
+        return self.roll(lambda k, p: True)
+
+    def roll(self, predicate: RollPredicate) -> list[StoredObject]:
+        """Write one file per open partition that ``predicate`` selects; returns the files.
+
+        On a failure the partitions not written are put back, ahead of newer rows, and the error
+        is raised.
+        """
+        # One roll at a time, so file numbers follow write order and a failed write is retried
+        # with the same rows before newer ones.
+        with self._io_lock:
+            with self._lock:
+                due = [(k, p) for k, p in self._open.items() if predicate(k, p) and p.rows]
+                for k, _ in due:
+                    del self._open[k]
+            written = []
+            for i, (key, part) in enumerate(due):
+                try:
+                    written.append(self.write_file(key, pa.Table.from_batches(part.batches)))
+                except Exception:
+                    # Put back what was not written, ahead of anything newer, and re-raise.
+                    with self._lock:
+                        for k, p in due[i:]:
+                            newer = self._open.pop(k, None)
+                            if newer is not None:
+                                p.batches.extend(newer.batches)
+                                p.nbytes += newer.nbytes
+                                p.rows += newer.rows
+                            self._open[k] = p
+                    raise
+            return written
+
+    @property
+    def buffered_rows(self) -> int:
+        """Rows buffered and not yet in a file."""
+        with self._lock:
+            return sum(p.rows for p in self._open.values())
+
+
+__all__ = ["FileWrittenHook", "OpenPartition", "PartitionFileWriter"]
