@@ -180,7 +180,7 @@ def test_bad_arguments_name_the_field(journal):
 
 
 def test_xxh64_matches_the_reference_vectors():
-    from serve_journal.read.query import xxh64
+    from serve_journal.read.pruning import xxh64
 
     assert xxh64(b"") == 0xEF46DB3751D8E999
     assert xxh64(b"abc") == 0x44BC2CF5AD770999
