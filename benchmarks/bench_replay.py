@@ -4,8 +4,9 @@ Builds a journal of ``N`` fraud-shaped entries made by the real :class:`VaultPse
 (per-subject keys in a SQLite vault), written with the real writer encoding into one hour
 partition (files of 100k rows, as compaction leaves them), and a :class:`ParquetFeatureStore`
 holding the features each entry was decided on (one history row per entry, written before it
-and after every earlier decision). Then times :func:`serve_journal.replay.driver.replay` (verify only, per-entry results written to
-Parquet) on a local Ray with the machine's cores, and checks every entry verified.
+and after every earlier decision). Then times :func:`serve_journal.replay.replay` (verify only,
+per-entry results written to Parquet) on a local Ray with the machine's cores, and checks every
+entry verified.
 
     .venv/bin/python benchmarks/bench_replay.py --entries 1000000
     .venv/bin/python benchmarks/bench_replay.py --entries 100000 --no-docs
@@ -27,8 +28,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow as pa
+import ray
+
+from serve_journal.catalog.layout import DEFAULT_SPEC
+from serve_journal.fileformat import encode_parquet
+from serve_journal.integrity.encoding import canonical_encode
+from serve_journal.privacy.keyring import Keyring
+from serve_journal.privacy.subjects import VaultPseudonymizer
+from serve_journal.privacy.vault import SubjectVault
+from serve_journal.replay import ParquetFeatureStore, VaultVerifier, replay
+from serve_journal.schema import ENTRY_SCHEMA
+from serve_journal.storage import LocalJournalStorage
 
 START, END = "<!-- bench_replay:start -->", "<!-- bench_replay:end -->"
 HOUR = dt.datetime(2025, 6, 1, 10, tzinfo=dt.UTC)
@@ -49,16 +62,6 @@ def _features(rng: np.random.Generator, n: int) -> list[dict]:
 
 def build(workdir: Path, n: int, subjects: int, seed: int) -> dict:
     """Journal + feature store + keys under ``workdir``; returns build figures."""
-    from serve_journal.catalog.layout import DEFAULT_SPEC
-    from serve_journal.fileformat import encode_parquet
-    from serve_journal.integrity.encoding import canonical_encode
-    from serve_journal.privacy.keyring import Keyring
-    from serve_journal.privacy.subjects import VaultPseudonymizer
-    from serve_journal.privacy.vault import SubjectVault
-    from serve_journal.replay.featurestore import ParquetFeatureStore
-    from serve_journal.schema import ENTRY_SCHEMA
-    from serve_journal.storage import LocalJournalStorage
-
     started = time.monotonic()
     rng = np.random.default_rng(seed)
     privacy = workdir / "journal-keys"
@@ -123,11 +126,6 @@ def build(workdir: Path, n: int, subjects: int, seed: int) -> dict:
 def bench_replay(n: int, *, subjects: int = 20_000, seed: int = 7, workdir: Path | None = None,
                  num_cpus: int | None = None, batch_size: int = 65_536) -> dict:
     """Build ``n`` entries and time a verify-only replay of them; returns the figures."""
-    import ray
-
-    from serve_journal.replay.driver import VaultVerifier, replay
-    from serve_journal.replay.featurestore import ParquetFeatureStore
-
     own = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="bench_replay_")) if own else workdir
     try:
@@ -155,9 +153,7 @@ def bench_replay(n: int, *, subjects: int = 20_000, seed: int = 7, workdir: Path
 
 
 def machine() -> str:
-    import duckdb
-    import ray
-
+    """One line naming the machine and the versions that matter for the figures."""
     cpu = platform.processor() or "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

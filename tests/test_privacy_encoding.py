@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import datetime
+import enum
 import math
 import struct
 import subprocess
 import sys
+from collections import OrderedDict
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serve_journal.integrity.encoding import MAX_DEPTH, CanonicalEncodingError, canonical_encode
+from serve_journal.integrity.encoding import (
+    MAX_DEPTH,
+    CanonicalEncodingError,
+    canonical_encode,
+    canonical_encode_fast,
+    encode_arrow_rows,
+    encode_arrow_values,
+    encode_flat_mapping,
+)
 
 # --- a decoder written for the test: decode(encode(x)) must give back x's canonical form ---------
 
@@ -217,8 +229,6 @@ def test_surrogate_in_key_is_rejected_without_echo():
 
 def test_unsupported_types_and_cycles_are_clear_errors():
     with pytest.raises(CanonicalEncodingError, match=r"\$\.when has unsupported type datetime"):
-        import datetime
-
         canonical_encode({"when": datetime.datetime(2024, 1, 1)})
     with pytest.raises(CanonicalEncodingError, match="keys must be str"):
         canonical_encode({1: "x"})
@@ -261,3 +271,137 @@ def test_stable_across_processes():
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                            check=True, env=env, timeout=120)
     assert child.stdout == canonical_encode(eval(_CORPUS)).hex()  # noqa: S307 - literal corpus
+
+
+# --- the fast forms: byte-identical to canonical_encode, falling back to it ---------------------
+
+flat_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(2**200), max_value=2**200)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | text
+)
+
+
+@given(st.dictionaries(text, flat_scalars, max_size=8))
+@settings(max_examples=400, deadline=None)
+def test_flat_mapping_fast_path_takes_flat_mappings_and_is_byte_identical(mapping):
+    fast = encode_flat_mapping(mapping)
+    assert fast is not None
+    assert fast == canonical_encode(mapping)
+    assert canonical_encode_fast(mapping) == fast
+
+
+@given(values)
+@settings(max_examples=400, deadline=None)
+def test_fast_encoder_equals_canonical_encode_for_every_value(value):
+    fast = encode_flat_mapping(value)
+    assert fast is None or fast == canonical_encode(value)
+    assert canonical_encode_fast(value) == canonical_encode(value)
+
+
+class _Level(enum.IntEnum):
+    HIGH = 3
+
+
+def test_fast_path_declines_other_shapes_and_the_fallback_behaves_like_canonical_encode():
+    declined = [{"x": [1]}, {"x": np.float64(1.0)}, {"x": np.int64(1)}, {1: 2}, {"x": "\ud800"},
+                {"\ud800": 1}, [1], {"x": b"1"}, {"x": {"y": 1}}, {"x": _Level.HIGH},
+                OrderedDict(x=1), None, 1.5]
+    for other in declined:
+        assert encode_flat_mapping(other) is None
+    for ok in ({"x": np.float64(1.0)}, {"x": _Level.HIGH}, OrderedDict(x=1), {"x": {"y": [1]}}):
+        assert canonical_encode_fast(ok) == canonical_encode(ok)
+    for bad in ({"x": "4111\ud800"}, {1: 2}, {"k\ud800": 1}, {"x": object()}, {"x": [1j]}):
+        with pytest.raises(CanonicalEncodingError) as reference:
+            canonical_encode(bad)
+        with pytest.raises(CanonicalEncodingError) as fast:
+            canonical_encode_fast(bad)
+        assert str(fast.value) == str(reference.value)
+
+
+_field_names = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=4)
+_leaf_types = st.sampled_from([
+    pa.null(), pa.bool_(), pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(),
+    pa.uint16(), pa.uint32(), pa.uint64(), pa.float32(), pa.float64(), pa.string(),
+    pa.large_string(), pa.binary(), pa.large_binary(), pa.dictionary(pa.int32(), pa.string()),
+])
+arrow_types = st.recursive(
+    _leaf_types,
+    lambda inner: st.builds(pa.list_, inner)
+    | st.builds(pa.large_list, inner)
+    | st.lists(st.tuples(_field_names, inner), min_size=1, max_size=3,
+               unique_by=lambda f: f[0]).map(pa.struct),
+    max_leaves=6,
+)
+
+
+def arrow_values(typ: pa.DataType) -> st.SearchStrategy:
+    """Python values of Arrow type ``typ``, nulls included."""
+    if pa.types.is_null(typ):
+        return st.none()
+    if pa.types.is_boolean(typ):
+        base = st.booleans()
+    elif pa.types.is_integer(typ):
+        width = typ.bit_width
+        signed = pa.types.is_signed_integer(typ)
+        base = (st.integers(-(2 ** (width - 1)), 2 ** (width - 1) - 1) if signed
+                else st.integers(0, 2**width - 1))
+    elif pa.types.is_floating(typ):
+        special = st.sampled_from([0.0, -0.0, float("nan"), float("inf"), float("-inf")])
+        base = st.floats(width=typ.bit_width, allow_nan=True) | special
+    elif pa.types.is_dictionary(typ) or pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        base = text
+    elif pa.types.is_binary(typ) or pa.types.is_large_binary(typ):
+        base = st.binary(max_size=6)
+    elif pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        base = st.lists(arrow_values(typ.value_type), max_size=3)
+    else:
+        base = st.fixed_dictionaries({typ.field(i).name: arrow_values(typ.field(i).type)
+                                      for i in range(typ.num_fields)})
+    return st.none() | base
+
+
+@given(st.data())
+@settings(max_examples=300, deadline=None)
+def test_arrow_values_equal_canonical_encode_of_each_element(data):
+    typ = data.draw(arrow_types)
+    items = data.draw(st.lists(arrow_values(typ), max_size=8))
+    array = pa.array(items, typ)
+    array = array.slice(data.draw(st.integers(0, len(items))))  # buffer offsets must not matter
+    expected = [canonical_encode(v) for v in array.to_pylist()]
+    assert encode_arrow_values(array).to_pylist() == expected
+    assert encode_arrow_values(pa.chunked_array([array, array], typ)).to_pylist() == expected * 2
+
+
+@given(st.data())
+@settings(max_examples=200, deadline=None)
+def test_arrow_rows_equal_canonical_encode_of_each_row(data):
+    columns = data.draw(st.lists(st.tuples(text, arrow_types), min_size=1, max_size=4,
+                                 unique_by=lambda c: c[0]))
+    n = data.draw(st.integers(0, 6))
+    table = pa.table({name: pa.array(data.draw(st.lists(arrow_values(typ), min_size=n, max_size=n)),
+                                     typ) for name, typ in columns})
+    expected = [canonical_encode(row) for row in table.to_pylist()]
+    assert encode_arrow_rows(table) == expected
+    assert encode_arrow_rows(pa.concat_tables([table, table])) == expected * 2
+
+
+def test_arrow_forms_fall_back_for_types_they_do_not_vectorise():
+    big = pa.array([2**64 - 1, None, 0], pa.uint64())
+    assert encode_arrow_values(big).to_pylist() == [canonical_encode(2**64 - 1), b"N",
+                                                   canonical_encode(0)]
+    assert encode_arrow_rows(pa.table({"u": big, "s": ["a", "b", None]})) == [
+        canonical_encode({"u": 2**64 - 1, "s": "a"}), canonical_encode({"u": None, "s": "b"}),
+        canonical_encode({"u": 0, "s": None})]
+    empty = pa.array([{}, None], pa.struct([]))
+    assert encode_arrow_values(empty).to_pylist() == [canonical_encode({}), b"N"]
+    # A type canonical_encode refuses is refused here too, not encoded some other way.
+    stamps = pa.array([datetime.datetime(2025, 1, 1)], pa.timestamp("us"))
+    with pytest.raises(CanonicalEncodingError, match="unsupported type datetime"):
+        encode_arrow_values(stamps)
+    with pytest.raises(CanonicalEncodingError, match="unsupported type datetime"):
+        encode_arrow_rows(pa.table({"ts": stamps}))
+    assert encode_arrow_rows(pa.table({"x": pa.array([], pa.int64())})) == []

@@ -20,24 +20,38 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import requests
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from serve_journal import flush_journal
-from serve_journal.examples.fraud import MODEL_NAME, build_app, random_features, train_and_register
-from serve_journal.integrity.encoding import canonical_encode
+from serve_journal.examples.fraud import (
+    FEATURES,
+    MODEL_NAME,
+    build_app,
+    random_features,
+    synthetic_transactions,
+    train_and_register,
+)
+from serve_journal.integrity.encoding import canonical_encode, encode_flat_mapping
 from serve_journal.privacy.forget import forget
 from serve_journal.privacy.keyring import Keyring
 from serve_journal.privacy.pseudonymizer import StaticKeyPseudonymizer
-from serve_journal.privacy.subjects import VaultPseudonymizer
+from serve_journal.privacy.subjects import VaultPseudonymizer, features_hmac
 from serve_journal.privacy.vault import SubjectVault
-from serve_journal.replay.driver import (
+from serve_journal.replay import (
     RESULT_SCHEMA,
     MlflowRescorer,
+    ParquetFeatureStore,
     StaticKeyVerifier,
     VaultVerifier,
+    record_features,
     replay,
+    replay_command,
     run_replay_cli,
 )
-from serve_journal.replay.featurestore import ParquetFeatureStore, record_features
+from serve_journal.replay import driver as replay_driver
+from serve_journal.replay.verifiers import _subject_features_hmac
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -205,7 +219,8 @@ def test_rescore_uses_the_journaled_version(ray_cluster, traffic):
     report = replay(str(traffic.journal), model=MODEL_NAME,
                     feature_store=ParquetFeatureStore(traffic.features),
                     verifier=VaultVerifier.from_journal(str(traffic.journal)), subjects=USERS,
-                    rescore=True, tracking_uri=traffic.tracking_uri, progress=False)
+                    rescore=True, tracking_uri=traffic.tracking_uri, feature_names=FEATURES,
+                    progress=False)
     assert report.counts == {"verified": report.total} and report.total == len(USERS) * PER_USER
     rows = report.results.to_pylist()
     answers = {r["request_id"]: r["answer"] for r in traffic.sent}
@@ -216,9 +231,9 @@ def test_rescore_uses_the_journaled_version(ray_cluster, traffic):
 
 
 @pytest.fixture
-def registry_copy(traffic, tmp_path) -> str:
+def registry_copy(mlflow_registry, tmp_path) -> str:
     """A copy of the session registry (same artifacts) that this test may change."""
-    source = traffic.tracking_uri.removeprefix("sqlite:///")
+    source = mlflow_registry[0].removeprefix("sqlite:///")
     target = tmp_path / "mlflow-copy.db"
     with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
         src.backup(dst)
@@ -227,14 +242,14 @@ def registry_copy(traffic, tmp_path) -> str:
 
 def test_promoting_a_new_version_does_not_change_rescore_and_a_deleted_version_is_reported(
         ray_cluster, traffic, registry_copy, tmp_path):
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # inside: MLflow takes seconds to import
 
     new_version = train_and_register(tmp_path / "v2", registry_copy, rows=2000, seed=99)
     client = MlflowClient(tracking_uri=registry_copy, registry_uri=registry_copy)
     assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == new_version
     assert new_version != traffic.version
     # The promoted version really scores differently: rescoring with it could not pass.
-    rescorer = MlflowRescorer(registry_copy)
+    rescorer = MlflowRescorer(registry_copy, feature_names=FEATURES)
     sample = [r["features"] for r in traffic.sent[:20]]
     old = rescorer.score(MODEL_NAME, traffic.version, sample)
     new = rescorer.score(MODEL_NAME, new_version, sample)
@@ -242,7 +257,8 @@ def test_promoting_a_new_version_does_not_change_rescore_and_a_deleted_version_i
 
     common = dict(model=MODEL_NAME, feature_store=ParquetFeatureStore(traffic.features),
                   verifier=VaultVerifier.from_journal(str(traffic.journal)), subjects=USERS,
-                  rescore=True, tracking_uri=registry_copy, progress=False)
+                  rescore=True, tracking_uri=registry_copy, feature_names=FEATURES,
+                  progress=False)
     report = replay(str(traffic.journal), **common)
     assert report.counts == {"verified": len(USERS) * PER_USER}
 
@@ -252,7 +268,8 @@ def test_promoting_a_new_version_does_not_change_rescore_and_a_deleted_version_i
     assert set(report.results["hmac_status"].to_pylist()) == {"verified"}
     assert "model_missing" in report.format_summary() and report.exit_code == 1
     # Only the copy lost the version: the session registry (and its artifacts) still serve it.
-    assert MlflowRescorer(traffic.tracking_uri).score(MODEL_NAME, traffic.version, sample[:1])
+    assert MlflowRescorer(traffic.tracking_uri, feature_names=FEATURES).score(
+        MODEL_NAME, traffic.version, sample[:1])
 
 
 def test_cli_function_returns_non_zero_when_something_did_not_verify(ray_cluster, traffic,
@@ -268,6 +285,22 @@ def test_cli_function_returns_non_zero_when_something_did_not_verify(ray_cluster
                           features_uri=str(traffic.features), output=str(out), echo=lines.append)
     assert code == 1  # the user without features: missing
     assert "missing" in lines[-1]
+    code = run_replay_cli(model=MODEL_NAME, journal_uri=str(traffic.journal),
+                          features_uri=str(traffic.features), output=str(out),
+                          subjects=USERS[:2], rescore=True, tracking_uri=traffic.tracking_uri,
+                          feature_names=FEATURES, echo=lines.append)
+    assert code == 0, lines[-1]
+    assert "(with rescore)" in lines[-1] and "all entries verified" in lines[-1]
+
+
+def test_rescore_without_a_feature_order_says_which_option_to_pass(ray_cluster, traffic):
+    # The fraud model was logged without a signature: nothing names its input order.
+    with pytest.raises(Exception, match="--feature-names") as info:
+        replay(str(traffic.journal), model=MODEL_NAME,
+               feature_store=ParquetFeatureStore(traffic.features),
+               verifier=VaultVerifier.from_journal(str(traffic.journal)), subjects=USERS[:1],
+               rescore=True, tracking_uri=traffic.tracking_uri, progress=False)
+    assert "feature_names" in str(info.value)
 
 
 def test_selection_by_decision_and_time(ray_cluster, traffic):
@@ -288,18 +321,16 @@ def test_selection_by_decision_and_time(ray_cluster, traffic):
 
 
 def test_flat_fast_path_encodes_exactly_like_canonical_encode():
-    from serve_journal.replay.driver import _flat_encode
-
     rng = np.random.default_rng(5)
     edge = {"neg": -1, "zero": 0, "big": 2**70, "small": -(2**63), "t": True, "f": False,
             "none": None, "nan": float("nan"), "inf": float("-inf"), "negzero": -0.0,
             "é键": "ünï", "": "", "b": 1.5}
     samples = [edge, {}, *(random_features(rng) for _ in range(500))]
     for features in samples:
-        assert _flat_encode(features) == canonical_encode(features)
+        assert encode_flat_mapping(features) == canonical_encode(features)
     # Anything else is left to canonical_encode.
     for other in ({"x": [1]}, {"x": np.float64(1.0)}, {1: 2}, {"x": "\ud800"}, [1], {"x": b"1"}):
-        assert _flat_encode(other) is None
+        assert encode_flat_mapping(other) is None
 
 
 # -- verifiers (no Ray) ---------------------------------------------------------------------
@@ -354,3 +385,91 @@ def test_vault_verifier_batch_agrees_with_verify_features(tmp_path, monkeypatch)
         assert pickle.loads(pickle.dumps(verifier)).tokens_for(["bob"]) == [tokens[1]]
     finally:
         vault.close()
+
+
+# -- rescorer and command options (no Ray) ---------------------------------------------------
+
+
+def test_rescorer_needs_an_explicit_feature_order_or_a_signature(mlflow_registry):
+    tracking_uri, version = mlflow_registry
+    rescorer = MlflowRescorer(tracking_uri)
+    sample = [random_features(np.random.default_rng(3)) for _ in range(3)]
+    with pytest.raises(ValueError, match="feature_names") as info:
+        rescorer.score(MODEL_NAME, version, sample)
+    assert "--feature-names" in str(info.value) and f"models:/{MODEL_NAME}/{version}" in str(info.value)
+    explicit = MlflowRescorer(tracking_uri, feature_names=FEATURES)
+    assert explicit.feature_order(MODEL_NAME, version) == FEATURES
+    assert len(explicit.score(MODEL_NAME, version, sample)) == 3
+    with pytest.raises(TypeError, match="not one string"):
+        MlflowRescorer(tracking_uri, feature_names="amount,hour")
+    with pytest.raises(ValueError, match="twice"):
+        MlflowRescorer(tracking_uri, feature_names=["amount", "amount"])
+    with pytest.raises(ValueError, match="non-empty"):
+        MlflowRescorer(tracking_uri, feature_names=[])
+    with pytest.raises(ValueError, match="give the feature order to that rescorer"):
+        replay("./no-journal", model=MODEL_NAME, rescore=True, rescorer=explicit,
+               feature_names=FEATURES)
+
+
+def test_rescorer_reads_the_feature_order_from_the_model_signature(registry_copy, tmp_path):
+    import mlflow  # inside: MLflow, pandas and scikit-learn take seconds to import
+    import pandas as pd  # inside: as above
+    from mlflow.models import infer_signature  # inside: as above
+    from sklearn.linear_model import LogisticRegression  # inside: as above
+
+    # Trained on the columns in reverse order: only the signature can tell the rescorer so.
+    order = tuple(reversed(FEATURES))
+    x, y = synthetic_transactions(1000, seed=11)
+    frame = pd.DataFrame(x, columns=list(FEATURES))[list(order)]
+    model = LogisticRegression(max_iter=1000).fit(frame.to_numpy(), y)
+    before = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(registry_copy)
+    mlflow.set_registry_uri(registry_copy)
+    try:
+        mlflow.set_experiment("signed")
+        with mlflow.start_run() as run:
+            mlflow.sklearn.log_model(model, name="model", signature=infer_signature(frame))
+        version = str(mlflow.register_model(f"runs:/{run.info.run_id}/model", "signed").version)
+    finally:
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
+    rng = np.random.default_rng(4)
+    sample = [random_features(rng) for _ in range(20)]
+    from_signature = MlflowRescorer(registry_copy)
+    assert from_signature.feature_order("signed", version) == order
+    expected = model.predict_proba(np.array([[float(f[n]) for n in order] for f in sample]))[:, 1]
+    assert from_signature.score("signed", version, sample) == pytest.approx(list(expected), abs=1e-12)
+    assert MlflowRescorer(registry_copy, feature_names=order).score("signed", version, sample) == \
+        from_signature.score("signed", version, sample)
+    wrong = MlflowRescorer(registry_copy, feature_names=FEATURES).score("signed", version, sample)
+    assert max(abs(a - b) for a, b in zip(wrong, expected, strict=True)) > 1e-6
+
+
+def test_replay_command_passes_the_feature_order(monkeypatch):
+    seen: dict = {}
+
+    def fake(**options):
+        seen.update(options)
+        return 0
+
+    monkeypatch.setattr(replay_driver, "run_replay_cli", fake)
+    runner = CliRunner()
+    result = runner.invoke(replay_command, ["--model", MODEL_NAME, "--rescore",
+                                            "--feature-names", "amount, hour,merchant_risk"])
+    assert result.exit_code == 0, result.output
+    assert seen["feature_names"] == ("amount", "hour", "merchant_risk") and seen["rescore"]
+    seen.clear()
+    assert runner.invoke(replay_command, ["--model", MODEL_NAME]).exit_code == 0
+    assert seen["feature_names"] is None
+    bad = runner.invoke(replay_command, ["--model", MODEL_NAME, "--feature-names", "amount,,hour"])
+    assert bad.exit_code == 2 and "--feature-names" in bad.output
+
+
+@given(st.binary(max_size=64), st.binary(min_size=32, max_size=32),
+       st.binary(min_size=32, max_size=32))
+@settings(max_examples=200, deadline=None)
+def test_vault_verifier_fast_hmac_is_privacy_features_hmac(encoded, data_key, subject_key):
+    expected = features_hmac(encoded, data_key, subject_key)
+    assert _subject_features_hmac(encoded, data_key, subject_key) == expected
+    assert _subject_features_hmac(encoded, data_key, subject_key) == expected  # from the cache
+    assert _subject_features_hmac(encoded + b"x", data_key, subject_key) != expected

@@ -18,7 +18,9 @@ only proof a verifier accepts for a given (index, size, root) is the genuine one
 The leaf data of a journal entry is :func:`entry_leaf`: the canonical encoding
 (:func:`serve_journal.integrity.encoding.canonical_encode`) of the row as a mapping of column name
 to value, with the timestamp ``ts`` as an integer number of microseconds since the Unix epoch
-(UTC). Every column of the file's schema takes part, so any edited value changes the leaf.
+(UTC). Every column of the file's schema takes part, so any edited value changes the leaf. The
+value encodings all come from :mod:`serve_journal.integrity.encoding`; :func:`table_leaves` builds
+the leaves of a whole file column-wise with its Arrow form.
 """
 
 from __future__ import annotations
@@ -28,11 +30,10 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from serve_journal.integrity.encoding import canonical_encode
+from serve_journal.integrity.encoding import canonical_encode, encode_arrow_rows
+from serve_journal.times import to_micros
 
 _LEAF_PREFIX = b"\x00"
 _NODE_PREFIX = b"\x01"
@@ -40,8 +41,6 @@ HASH_SIZE = 32
 
 EMPTY_ROOT = hashlib.sha256(b"").digest()
 """MTH of the empty tree: SHA-256 of the empty string."""
-
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def leaf_hash(data: bytes) -> bytes:
@@ -210,13 +209,6 @@ def verify_consistency(
 # -- journal entries -----------------------------------------------------------------------------
 
 
-def _micros(value: dt.datetime) -> int:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
-    delta = value - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
 def entry_leaf(row: Mapping[str, Any]) -> bytes:
     """Leaf data of one journal entry: ``canonical_encode`` of the row with ``ts`` as int µs.
 
@@ -226,146 +218,22 @@ def entry_leaf(row: Mapping[str, Any]) -> bytes:
     values = dict(row)
     ts = values.get("ts")
     if isinstance(ts, dt.datetime):
-        values["ts"] = _micros(ts)
+        values["ts"] = to_micros(ts, "ts")
     return canonical_encode(values)
 
 
 def table_leaves(table: pa.Table) -> list[bytes]:
     """Leaf data of every row of ``table``, in table (file) order.
 
-    Byte-for-byte ``entry_leaf(row)`` for each row of ``table.to_pylist()``, built column-wise with
-    Arrow kernels (tens of times faster than encoding row dictionaries one by one); tables with a
-    column type the vectorised encoder does not know fall back to the row-by-row path.
+    Byte-for-byte ``entry_leaf(row)`` for each row of ``table.to_pylist()``, built column-wise
+    with Arrow kernels by :func:`~serve_journal.integrity.encoding.encode_arrow_rows` (which
+    falls back to encoding row by row for a column type it does not vectorise).
     """
     if "ts" in table.column_names:
         # Integer microseconds straight from Arrow: exact, and no datetime round trip per row.
         index = table.column_names.index("ts")
         table = table.set_column(index, "ts", table.column("ts").cast(pa.int64()))
-    try:
-        return _vector_leaves(table)
-    except _Unsupported:
-        return [canonical_encode(row) for row in table.to_pylist()]
-
-
-# Column-wise canonical encoding: each column becomes a binary array holding, per row, exactly the
-# bytes canonical_encode writes for that value; a row is the mapping header, then for each column
-# name in UTF-8 order the encoded name and the value's fragment.
-
-
-class _Unsupported(Exception):
-    pass
-
-
-def _len8(lengths: Any) -> pa.Array:
-    """Per-row 8-byte big-endian lengths (canonical_encode's length prefix) as a binary array."""
-    values = np.asarray(lengths, dtype=np.int64).astype(">u8")
-    fixed = pa.FixedSizeBinaryArray.from_buffers(pa.binary(8), len(values),
-                                                 [None, pa.py_buffer(values.tobytes())])
-    return fixed.cast(pa.binary())
-
-
-def _join(*parts: Any) -> pa.Array:
-    return pc.binary_join_element_wise(*parts, b"")
-
-
-def _with_nulls(frag: pa.Array, arr: pa.Array) -> pa.Array:
-    if arr.null_count:
-        frag = pc.if_else(arr.is_valid(), frag, pa.scalar(b"N", pa.binary()))
-    return frag
-
-
-def _length_prefixed(tag: bytes, raw: pa.Array, arr: pa.Array) -> pa.Array:
-    lengths = pc.fill_null(pc.binary_length(raw), 0).to_numpy(zero_copy_only=False)
-    return _with_nulls(_join(pa.scalar(tag, pa.binary()), _len8(lengths), pc.fill_null(raw, b"")), arr)
-
-
-def _fragments(arr: pa.Array) -> pa.Array:
-    typ = arr.type
-    n = len(arr)
-    if n == 0:
-        return pa.array([], pa.binary())
-    if pa.types.is_null(typ):
-        return pa.array([b"N"] * n, pa.binary())
-    if pa.types.is_boolean(typ):
-        frag = pc.if_else(pc.fill_null(arr, False), pa.scalar(b"T", pa.binary()),
-                          pa.scalar(b"F", pa.binary()))
-        return _with_nulls(frag, arr)
-    if pa.types.is_integer(typ):
-        if typ == pa.uint64():
-            raise _Unsupported(str(typ))
-        return _with_nulls(_int_fragments(arr), arr)
-    if pa.types.is_floating(typ):
-        values = arr.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(">f8")
-        bits = values.view(">u8").copy()
-        bits[np.isnan(values)] = 0x7FF8000000000000  # one NaN, as canonical_encode writes it
-        fixed = pa.FixedSizeBinaryArray.from_buffers(pa.binary(8), n, [None, pa.py_buffer(bits.tobytes())])
-        return _with_nulls(_join(pa.scalar(b"D", pa.binary()), fixed.cast(pa.binary())), arr)
-    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
-        return _length_prefixed(b"S", arr.cast(pa.binary()), arr)
-    if pa.types.is_binary(typ) or pa.types.is_large_binary(typ):
-        return _length_prefixed(b"B", arr.cast(pa.binary()), arr)
-    if pa.types.is_struct(typ):
-        names = sorted((typ.field(i).name for i in range(typ.num_fields)), key=lambda k: k.encode("utf-8"))
-        parts: list[Any] = [pa.scalar(_DICT_TAG + _length_bytes(len(names)), pa.binary())]
-        for name in names:
-            parts.append(pa.scalar(canonical_encode(name), pa.binary()))
-            parts.append(_fragments(pc.struct_field(arr, name)))
-        return _with_nulls(_join(*parts), arr)
-    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
-        lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
-        children = _fragments(pc.list_flatten(arr))
-        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int32)
-        grouped = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), children)
-        joined = pc.binary_join(grouped, b"")
-        return _with_nulls(_join(pa.scalar(b"L", pa.binary()), _len8(lengths), joined), arr)
-    raise _Unsupported(str(typ))
-
-
-_DICT_TAG = b"M"
-
-
-def _int_fragments(arr: pa.Array) -> pa.Array:
-    """``b"I" u64(n)`` + the n-byte big-endian two's complement, n = bit_length(|v|) // 8 + 1."""
-    values = pc.fill_null(arr.cast(pa.int64()), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    n_rows = len(values)
-    unsigned = values.view(np.uint64)
-    magnitude = np.where(values < 0, np.uint64(0) - unsigned, unsigned)  # |v|, exact for -2**63
-    bits = np.zeros(n_rows, dtype=np.int64)
-    rest = magnitude.copy()
-    for shift in (32, 16, 8, 4, 2, 1):
-        big = rest >= (np.uint64(1) << np.uint64(shift))
-        bits += big * shift
-        rest = np.where(big, rest >> np.uint64(shift), rest)
-    bits += (rest > 0).astype(np.int64)
-    sizes = bits // 8 + 1  # 1..9 bytes
-    wide = np.empty((n_rows, 9), dtype=np.uint8)
-    wide[:, 0] = np.where(values < 0, 0xFF, 0x00)  # sign extension for the 9-byte case (-2**63)
-    wide[:, 1:] = values.astype(">i8").view(np.uint8).reshape(n_rows, 8)
-    keep = np.arange(9)[None, :] >= (9 - sizes)[:, None]
-    payload = wide[keep]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32)
-    raw = pa.BinaryArray.from_buffers(
-        pa.binary(), n_rows, [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(payload.tobytes())]
-    )
-    return _join(pa.scalar(b"I", pa.binary()), _len8(sizes), raw)
-
-
-def _length_bytes(n: int) -> bytes:
-    return int(n).to_bytes(8, "big")
-
-
-def _vector_leaves(table: pa.Table) -> list[bytes]:
-    if table.num_rows == 0:
-        return []
-    table = table.combine_chunks()
-    names = sorted(table.column_names, key=lambda k: k.encode("utf-8"))
-    parts: list[Any] = [pa.scalar(_DICT_TAG + _length_bytes(len(names)), pa.binary())]
-    for name in names:
-        column = table.column(name)
-        array = column.chunk(0) if column.num_chunks == 1 else pa.concat_arrays(column.chunks)
-        parts.append(pa.scalar(canonical_encode(name), pa.binary()))
-        parts.append(_fragments(array))
-    return _join(*parts).to_pylist()
+    return encode_arrow_rows(table)
 
 
 def table_leaf_hashes(table: pa.Table) -> list[bytes]:

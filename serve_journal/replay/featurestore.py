@@ -1,7 +1,7 @@
 """Feature stores with time travel: the features a decision was taken on, as of its timestamp.
 
-The journal never stores raw features; replay (:mod:`serve_journal.replay.driver`) recomputes them from
-a feature store *as of* each entry's timestamp, hashes them with the entry's key and compares the
+The journal never stores raw features; replay (:mod:`serve_journal.replay`) recomputes them from a
+feature store *as of* each entry's timestamp, hashes them with the entry's key and compares the
 result with the journaled ``features_hmac``.
 
 Entity ids here are the **subject ids** (the raw identifiers). The feature store is the operator's
@@ -27,10 +27,14 @@ import os
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from serve_journal.storage import local_root
+from serve_journal.times import to_micros
 
 __all__ = [
     "FEATURE_FILE_SCHEMA",
@@ -71,23 +75,21 @@ class FeatureStore(Protocol):
 
 def default_feature_store_uri(journal_uri: str) -> str:
     """``<journal parent>/features`` for a local journal (where the fraud example writes)."""
-    if "://" in journal_uri and not journal_uri.startswith("file://"):
+    root = local_root(journal_uri)
+    if root is None:
         raise ValueError("a remote journal has no default feature store; pass the feature store "
                          "location explicitly (e.g. --features /path/to/features)")
-    root = os.path.abspath(journal_uri.removeprefix("file://"))
     return os.path.join(os.path.dirname(root), "features")
 
 
 def _to_micros(value: Timestamp, field: str) -> int:
+    """Microseconds since the epoch of an int (as is) or a datetime (naive is UTC)."""
     if isinstance(value, bool):
         raise TypeError(f"{field} must be a datetime or microseconds since the epoch, got bool")
     if isinstance(value, int):
         return value
     if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.UTC)
-        delta = value - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-        return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+        return cast(int, to_micros(value, field))  # None only for None, which is not a datetime
     raise TypeError(f"{field} must be a datetime or microseconds since the epoch, "
                     f"got {type(value).__name__}")
 
@@ -132,7 +134,7 @@ class ParquetFeatureStore:
     def __repr__(self) -> str:
         return f"ParquetFeatureStore({self.root!r})"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.root,), {"batch_rows": self.batch_rows, "threads": self.threads})
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -215,7 +217,7 @@ class ParquetFeatureStore:
 
     def _connection(self) -> Any:
         if self._con is None:
-            import duckdb
+            import duckdb  # inside: DuckDB is only needed to read, and the CLI imports this module
 
             con = duckdb.connect(config={"autoinstall_known_extensions": False,
                                          "autoload_known_extensions": False})
@@ -305,8 +307,6 @@ class ParquetFeatureStore:
 
     def purge(self, subject: str) -> int:
         """Rewrite every file holding ``subject`` without its rows; returns the rows removed."""
-        import pyarrow.compute as pc
-
         removed = 0
         with self._lock:
             self.flush()
@@ -330,8 +330,6 @@ class ParquetFeatureStore:
         For corrections of history by the operator (and for tests showing that replay notices):
         entries decided on the old values then no longer verify.
         """
-        import pyarrow.compute as pc
-
         micros = _to_micros(ts, "ts")
         text = _features_json(features)
         changed = 0
