@@ -2,17 +2,42 @@
 
 Every call of a ``@journaled`` deployment leaves one minimal, privacy-safe entry (schema in
 ``serve_journal.schema``), captured off the request path and persisted as Parquet.
+
+What users call:
+
+- on the deployment: :func:`journaled`, :func:`annotate`;
+- from the driver: :func:`flush_journal`, :func:`producer_reports`, :func:`shutdown_journal`,
+  :func:`subject_tokenizer` (subject id -> the token entries carry);
+- reading the journal: :class:`JournalQuery`, :func:`verify_journal`, :func:`journal_stats`,
+  :func:`replay`, :func:`forget_subject`;
+- the registry: :func:`resolve_model`, :func:`dataset_manifest`,
+  :func:`register_dataset_manifest`.
+
+Everything else lives in subpackages (``read``, ``replay``, ``maintain``, ``privacy``, ``sink``,
+``transport``, ``storage``, ``catalog``, ``integrity``); ``_private`` is the replica's inside.
 """
 
-from serve_journal.api import annotate, flush_journal, journaled, producer_reports, shutdown_journal
-from serve_journal.config import ConfigError, JournalConfig
+from serve_journal.api import (
+    annotate,
+    flush_journal,
+    journaled,
+    producer_reports,
+    shutdown_journal,
+    subject_tokenizer,
+)
+from serve_journal.config import JournalConfig
+from serve_journal.errors import ConfigError, JournalUnavailableError, ModelNotFoundError
+from serve_journal.privacy.forget import forget_subject
+from serve_journal.read.query import JournalQuery
+from serve_journal.read.stats import stats as journal_stats
+from serve_journal.read.verify import verify_journal
 from serve_journal.registry import (
     ModelInfo,
-    ModelNotFoundError,
     dataset_manifest,
     register_dataset_manifest,
     resolve_model,
 )
+from serve_journal.replay import replay
 from serve_journal.schema import ENTRY_SCHEMA, SCHEMA_VERSION
 
 __version__ = "0.1.0"
@@ -22,14 +47,21 @@ __all__ = [
     "SCHEMA_VERSION",
     "ConfigError",
     "JournalConfig",
+    "JournalQuery",
+    "JournalUnavailableError",
     "ModelInfo",
     "ModelNotFoundError",
     "annotate",
     "dataset_manifest",
     "flush_journal",
+    "forget_subject",
+    "journal_stats",
     "journaled",
     "producer_reports",
     "register_dataset_manifest",
+    "replay",
     "resolve_model",
     "shutdown_journal",
+    "subject_tokenizer",
+    "verify_journal",
 ]

@@ -57,6 +57,7 @@ pytestmark = pytest.mark.timeout(600)
 
 USERS = [f"user-{i:03d}" for i in range(10)]
 NO_FEATURES_USER = "user-nofeatures"
+DECISION_LABELS = ("block", "allow")  # the fraud example's decisions, at or above the threshold first
 PER_USER = 9
 
 
@@ -220,7 +221,7 @@ def test_rescore_uses_the_journaled_version(ray_cluster, traffic):
                     feature_store=ParquetFeatureStore(traffic.features),
                     verifier=VaultVerifier.from_journal(str(traffic.journal)), subjects=USERS,
                     rescore=True, tracking_uri=traffic.tracking_uri, feature_names=FEATURES,
-                    progress=False)
+                    decision_labels=DECISION_LABELS, progress=False)
     assert report.counts == {"verified": report.total} and report.total == len(USERS) * PER_USER
     rows = report.results.to_pylist()
     answers = {r["request_id"]: r["answer"] for r in traffic.sent}
@@ -258,7 +259,7 @@ def test_promoting_a_new_version_does_not_change_rescore_and_a_deleted_version_i
     common = dict(model=MODEL_NAME, feature_store=ParquetFeatureStore(traffic.features),
                   verifier=VaultVerifier.from_journal(str(traffic.journal)), subjects=USERS,
                   rescore=True, tracking_uri=registry_copy, feature_names=FEATURES,
-                  progress=False)
+                  decision_labels=DECISION_LABELS, progress=False)
     report = replay(str(traffic.journal), **common)
     assert report.counts == {"verified": len(USERS) * PER_USER}
 
@@ -288,7 +289,8 @@ def test_cli_function_returns_non_zero_when_something_did_not_verify(ray_cluster
     code = run_replay_cli(model=MODEL_NAME, journal_uri=str(traffic.journal),
                           features_uri=str(traffic.features), output=str(out),
                           subjects=USERS[:2], rescore=True, tracking_uri=traffic.tracking_uri,
-                          feature_names=FEATURES, echo=lines.append)
+                          feature_names=FEATURES, decision_labels=DECISION_LABELS,
+                          echo=lines.append)
     assert code == 0, lines[-1]
     assert "(with rescore)" in lines[-1] and "all entries verified" in lines[-1]
 
@@ -455,12 +457,15 @@ def test_replay_command_passes_the_feature_order(monkeypatch):
     monkeypatch.setattr(replay_driver, "run_replay_cli", fake)
     runner = CliRunner()
     result = runner.invoke(replay_command, ["--model", MODEL_NAME, "--rescore",
-                                            "--feature-names", "amount, hour,merchant_risk"])
+                                            "--feature-names", "amount, hour,merchant_risk",
+                                            "--decision-labels", "block,allow"])
     assert result.exit_code == 0, result.output
     assert seen["feature_names"] == ("amount", "hour", "merchant_risk") and seen["rescore"]
+    assert seen["decision_labels"] == ("block", "allow")
     seen.clear()
     assert runner.invoke(replay_command, ["--model", MODEL_NAME]).exit_code == 0
-    assert seen["feature_names"] is None
+    assert seen["feature_names"] is None and seen["decision_labels"] is None
+    assert runner.invoke(replay_command, ["--model", MODEL_NAME, "--decision-labels", "x"]).exit_code == 2
     bad = runner.invoke(replay_command, ["--model", MODEL_NAME, "--feature-names", "amount,,hour"])
     assert bad.exit_code == 2 and "--feature-names" in bad.output
 

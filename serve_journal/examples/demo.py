@@ -7,16 +7,31 @@ received today. Everything it writes stays under one folder.
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import datetime as dt
 import os
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+import requests
+from ray import serve
+
+from serve_journal import JournalQuery, flush_journal, producer_reports, replay, subject_tokenizer
+from serve_journal.examples.fraud import (
+    FEATURES,
+    build_app,
+    random_features,
+    train_and_register,
+)
+from serve_journal.read.query import format_table
+from serve_journal.replay.featurestore import ParquetFeatureStore, record_features
 
 
 def _free_port() -> int:
@@ -33,13 +48,6 @@ def send_traffic(url: str, n: int, users: list[str], *, seed: int = 1, concurren
     as a feature pipeline would, so replay can recompute them as of decision time. Each worker
     thread owns a subset of the users, so one user's requests never race each other.
     """
-    import threading
-
-    import requests
-
-    from serve_journal.examples.fraud import random_features
-    from serve_journal.replay.featurestore import record_features
-
     rng = np.random.default_rng(seed)
     plan = [(users[int(rng.integers(0, len(users)))], random_features(rng)) for _ in range(n)]
     lanes: list[list[tuple[int, str, dict]]] = [[] for _ in range(concurrency)]
@@ -69,16 +77,6 @@ def send_traffic(url: str, n: int, users: list[str], *, seed: int = 1, concurren
 def run_demo(workdir: str = "./demo-output", requests_count: int = 3000, users: int = 25,
              num_cpus: int = 2) -> dict[str, Any]:
     """Run the demo; returns its figures (also printed)."""
-    import ray
-    from ray import serve
-
-    from serve_journal import flush_journal, producer_reports
-    from serve_journal.api import subject_tokenizer
-    from serve_journal.examples.fraud import build_app, train_and_register
-    from serve_journal.read.query import JournalQuery, format_table
-    from serve_journal.replay.driver import replay
-    from serve_journal.replay.featurestore import ParquetFeatureStore
-
     started = time.monotonic()
     root = Path(workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -125,6 +123,7 @@ def run_demo(workdir: str = "./demo-output", requests_count: int = 3000, users: 
                                            "threshold", "decision", "outcome"], max_rows=20))
         report = replay(journal_uri, model="fraud", rescore=True, tracking_uri=tracking_uri,
                         feature_store=ParquetFeatureStore(root / "features"),
+                        feature_names=FEATURES, decision_labels=("block", "allow"),
                         output=str(root / "replay-results.parquet"), progress=False)
         print("\nReplay: features recomputed as of each decision, HMAC checked, model re-run")
         print(report.format_summary())
@@ -139,8 +138,6 @@ def run_demo(workdir: str = "./demo-output", requests_count: int = 3000, users: 
 def main(argv: list[str] | None = None) -> int:
     """``python -m serve_journal.examples.demo``: run the demo; exit 1 if an answered request has
     no journal entry."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m serve_journal.examples.demo",
                                      description=run_demo.__doc__)
     parser.add_argument("--workdir", default="./demo-output",

@@ -47,7 +47,7 @@ from serve_journal.replay.featurestore import (
     ParquetFeatureStore,
     default_feature_store_uri,
 )
-from serve_journal.replay.rescore import MlflowRescorer, Rescorer
+from serve_journal.replay.rescore import NEGATIVE, POSITIVE, MlflowRescorer, Rescorer
 from serve_journal.replay.statuses import STATUSES, VERIFIED
 from serve_journal.replay.tasks import JOURNAL_COLUMNS, RESULT_SCHEMA, TaskSpec, replay_batch
 from serve_journal.replay.verifiers import StaticKeyVerifier, VaultVerifier, Verifier
@@ -176,6 +176,7 @@ def replay(
     tier: str = "all",
     rescorer: Rescorer | None = None,
     feature_names: Sequence[str] | None = None,
+    decision_labels: tuple[str, str] = (POSITIVE, NEGATIVE),
     batch_size: int = 32_768,
     progress: bool = True,
     keep_results: bool = True,
@@ -188,7 +189,8 @@ def replay(
     other tokens are then ``missing`` or ``shredded``). ``since`` is inclusive, ``until``
     exclusive. With ``rescore`` the journaled model version is loaded from ``tracking_uri`` by an
     :class:`MlflowRescorer` taking the model's inputs in the order ``feature_names`` (default: the
-    order of the model version's MLflow signature), or by ``rescorer``. Per-entry results go to
+    order of the model version's MLflow signature) and deciding ``decision_labels[0]`` at or above
+    the entry's threshold, else ``decision_labels[1]``; or by ``rescorer``. Per-entry results go to
     ``output`` (one Parquet file) and, with ``keep_results``, into the report.
     """
     started = time.monotonic()
@@ -198,17 +200,22 @@ def replay(
         raise ValueError(f"tier must be 'hot', 'cold' or 'all', got {tier!r}")
     if not (isinstance(tolerance, int | float) and tolerance >= 0):
         raise ValueError(f"tolerance must be a non-negative number, got {tolerance!r}")
-    if rescorer is not None and feature_names is not None:
-        raise ValueError("feature_names configures the default MlflowRescorer; with rescorer= "
-                         "give the feature order to that rescorer instead")
+    if rescorer is not None and (feature_names is not None
+                                 or tuple(decision_labels) != (POSITIVE, NEGATIVE)):
+        raise ValueError("feature_names and decision_labels configure the default MlflowRescorer; "
+                         "with rescorer= give them to that rescorer instead")
     since_utc, until_utc = as_utc(since, "since"), as_utc(until, "until")
     if feature_store is None:
         feature_store = ParquetFeatureStore(default_feature_store_uri(journal_uri))
     if verifier is None:
         verifier = VaultVerifier.from_journal(journal_uri)
     if rescore and rescorer is None:
+        if len(decision_labels) != 2 or not all(isinstance(x, str) and x for x in decision_labels):
+            raise ValueError("decision_labels must be two labels: (at or above the threshold, "
+                             f"below it), got {decision_labels!r}")
         rescorer = MlflowRescorer(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-                                  feature_names=feature_names)
+                                  feature_names=feature_names, positive=decision_labels[0],
+                                  negative=decision_labels[1])
     flush = getattr(feature_store, "flush", None)
     if flush is not None:
         flush()  # rows the caller buffered must be visible to the tasks
@@ -301,6 +308,7 @@ def run_replay_cli(
     features_uri: str | None = None,
     tracking_uri: str | None = None,
     feature_names: Sequence[str] | None = None,
+    decision_labels: tuple[str, str] | None = None,
     output: str | None = None,
     subjects: Sequence[str] = (),
     privacy_dir: str | None = None,
@@ -323,8 +331,9 @@ def run_replay_cli(
     report = replay(journal_uri, model=model, since=since, until=until, decision=decision,
                     rescore=rescore, feature_store=store, verifier=verifier,
                     tracking_uri=tracking_uri, feature_names=feature_names or None,
-                    output=output, tolerance=tolerance, subjects=list(subjects) or None,
-                    tier=tier, keep_results=False)
+                    decision_labels=decision_labels or (POSITIVE, NEGATIVE), output=output,
+                    tolerance=tolerance, subjects=list(subjects) or None, tier=tier,
+                    keep_results=False)
     echo(report.format_summary())
     return report.exit_code
 
@@ -341,6 +350,17 @@ def _split_names(ctx: click.Context, param: click.Parameter, value: str | None
     return names
 
 
+def _split_labels(ctx: click.Context, param: click.Parameter, value: str | None
+                  ) -> tuple[str, str] | None:
+    """``--decision-labels block,allow`` as a pair."""
+    if value is None:
+        return None
+    labels = tuple(n.strip() for n in value.split(","))
+    if len(labels) != 2 or not all(labels):
+        raise click.BadParameter("give two labels, at or above the threshold first: block,allow")
+    return labels  # type: ignore[return-value]
+
+
 @click.command("replay")
 @click.option("--model", required=True, help="Registered model name whose entries to replay.")
 @click.option("--journal", "journal_uri", default="./journal", show_default=True)
@@ -355,6 +375,9 @@ def _split_names(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--feature-names", default=None, callback=_split_names,
               help="With --rescore: the model's input features in order, comma-separated "
                    "(default: the input names of the model version's MLflow signature).")
+@click.option("--decision-labels", default=None, callback=_split_labels,
+              help="With --rescore: the decisions at or above the threshold and below it, "
+                   "comma-separated, e.g. block,allow (default: positive,negative).")
 @click.option("--output", default=None, help="Per-entry results Parquet file.")
 @click.option("--subject", "subjects", multiple=True,
               help="Only this subject id (repeatable; never stored or logged).")

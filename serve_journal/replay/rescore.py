@@ -21,8 +21,15 @@ import numpy as np
 __all__ = ["MlflowRescorer", "Rescorer", "threshold_decision"]
 
 
-def threshold_decision(score: float | None, threshold: float | None, positive: str = "block",
-                       negative: str = "allow") -> str | None:
+POSITIVE = "positive"
+NEGATIVE = "negative"
+"""The decision labels the journal itself records when a deployment returns a score and no
+decision (``_private/entries.py``); a deployment with its own labels (``block``/``allow``) names
+them to replay with ``decision_labels=``."""
+
+
+def threshold_decision(score: float | None, threshold: float | None,
+                       positive: str = POSITIVE, negative: str = NEGATIVE) -> str | None:
     """``positive`` when ``score >= threshold``, else ``negative``; ``None`` without a score,
     a threshold, or with a NaN score."""
     if score is None or threshold is None or math.isnan(score):
@@ -93,7 +100,7 @@ class MlflowRescorer:
     """
 
     def __init__(self, tracking_uri: str | None, *, feature_names: Sequence[str] | None = None,
-                 positive: str = "block", negative: str = "allow") -> None:
+                 positive: str = POSITIVE, negative: str = NEGATIVE) -> None:
         self.tracking_uri = tracking_uri
         self.feature_names = _feature_names(feature_names)
         self.positive = positive
