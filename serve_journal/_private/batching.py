@@ -52,7 +52,10 @@ class BatchWorker:
         reserve: int = 0,
         periodic: Sequence[PeriodicTask] = (),
         name: str = "serve-journal-flusher",
+        start: bool = True,
     ) -> None:
+        """``start=False`` leaves the thread to :meth:`start`, once whatever ``export``,
+        ``on_drop`` and the periodic tasks reach exists."""
         self._export = export
         self._capacity = capacity
         self._reserve = reserve
@@ -69,6 +72,11 @@ class BatchWorker:
         self._closed = False
         self._died: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start the worker thread (when built with ``start=False``)."""
         self._thread.start()
 
     # -- request path -------------------------------------------------------------------------
@@ -92,15 +100,18 @@ class BatchWorker:
         return True
 
     def __len__(self) -> int:
+        """Items buffered now."""
         return len(self._items)
 
     def has_room(self) -> bool:
+        """Whether :meth:`offer` would accept an item now (outside the reserve)."""
         return len(self._items) < self._capacity and not self._closing
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     @property
     def alive(self) -> bool:
+        """Whether the worker thread runs."""
         return self._thread.is_alive()
 
     def flush(self, timeout: float | None = None) -> bool:

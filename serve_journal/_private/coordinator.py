@@ -18,6 +18,7 @@ STALE_AFTER_S = 10.0
 
 
 def coordinator_name(pool: str) -> str:
+    """The actor name of the coordinator of writer pool ``pool``."""
     return f"sj-coordinator-{pool}"
 
 
@@ -29,15 +30,18 @@ class JournalCoordinator:
         self._producers: dict[str, dict[str, Any]] = {}
 
     def heartbeat(self, producer_id: str, report: dict[str, Any]) -> None:
+        """Keep ``report`` as the producer's latest, stamped with the time received."""
         report = dict(report)
         report["received_at"] = time.time()
         self._producers[producer_id] = report
 
     def producers(self) -> dict[str, dict[str, Any]]:
+        """The latest report of every producer that sent one."""
         return dict(self._producers)
 
 
 def get_coordinator(pool: str, namespace: str) -> ray.actor.ActorHandle:
+    """The coordinator of ``pool`` (a detached actor), created on first use."""
     return JournalCoordinator.options(
         name=coordinator_name(pool), namespace=namespace, lifetime="detached", get_if_exists=True,
     ).remote()

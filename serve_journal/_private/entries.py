@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from serve_journal.config import JournalConfig
 from serve_journal.integrity.encoding import CanonicalEncodingError, canonical_encode
-from serve_journal.policy import Sampler
+from serve_journal.policy import RiskTier, Sampler
 from serve_journal.privacy.pseudonymizer import Pseudonymizer
 from serve_journal.registry import ModelInfo
 from serve_journal.schema import ENTRY_SCHEMA, OUTCOME_OK, SCHEMA_VERSION
@@ -36,8 +36,10 @@ class CapturedCall:
         "outcome", "error_type", "latency_ms", "annotations", "model", "tier",
     )
 
-    def __init__(self, seq, ts_us, request_id, args, kwargs, scope, body, result, outcome,
-                 error_type, latency_ms, annotations, model) -> None:
+    def __init__(self, seq: int, ts_us: int, request_id: str, args: tuple, kwargs: dict,
+                 scope: Mapping[str, Any] | None, body: bytes | None, result: Any, outcome: str,
+                 error_type: str | None, latency_ms: float, annotations: dict | None,
+                 model: ModelInfo) -> None:
         self.seq = seq
         self.ts_us = ts_us
         self.request_id = request_id
@@ -51,7 +53,8 @@ class CapturedCall:
         self.latency_ms = latency_ms
         self.annotations = annotations
         self.model = model
-        self.tier = None  # a RiskTier decided on the request path (overflow), else the flusher's
+        self.tier: RiskTier | None = None
+        """The tier decided on the request path (full buffer only); else the flusher decides."""
 
     def __repr__(self) -> str:  # never show arguments, bodies or results
         return f"CapturedCall(seq={self.seq}, outcome={self.outcome!r})"
@@ -236,7 +239,7 @@ class EntryFinalizer:
             decision = "positive" if score >= threshold else "negative"
         return outs, score, decision, threshold
 
-    def classify_now(self, call: CapturedCall):
+    def classify_now(self, call: CapturedCall) -> RiskTier:
         """The call's risk tier, decided on the request path (only when the buffer is full)."""
         try:
             result = _result_value(call.result) if call.outcome == OUTCOME_OK else None

@@ -95,7 +95,7 @@ def _ray_metric(name: str, kind: str, description: str, tags: tuple[str, ...]) -
     with _RAY_LOCK:
         metric = _RAY_METRICS.get(name)
         if metric is None:
-            from ray.util import metrics as ray_metrics
+            from ray.util import metrics as ray_metrics  # inside: imports Ray (~2 s)
 
             if kind == "counter":
                 metric = ray_metrics.Counter(name, description, tags)
@@ -121,7 +121,7 @@ def _le(bound: float) -> str:
 def ray_available() -> bool:
     """Whether this process is connected to Ray (a driver, task, actor or Serve replica)."""
     try:
-        import ray
+        import ray  # inside: imports Ray (~2 s); tests and the CLI run without it
     except ImportError:
         return False
     return bool(ray.is_initialized())
@@ -172,12 +172,15 @@ class JournalMetrics:
             self._totals[key] = self._totals.get(key, 0) + n
 
     def add_captured(self, tier: str, n: int = 1) -> None:
+        """Entries captured in ``tier``."""
         self._add(CAPTURED, n, tier=tier)
 
     def add_kept(self, tier: str, n: int = 1) -> None:
+        """Entries of ``tier`` kept by sampling."""
         self._add(KEPT, n, tier=tier)
 
     def add_sampled_out(self, tier: str, n: int = 1) -> None:
+        """Entries of ``tier`` not kept by sampling."""
         self._add(SAMPLED_OUT, n, tier=tier)
 
     def add_dropped(self, reason: str, tier: str, n: int = 1) -> None:
@@ -186,6 +189,7 @@ class JournalMetrics:
         self._add(CAPTURED, n, tier=tier)
 
     def add_refused(self, tier: str, n: int = 1) -> None:
+        """Requests of ``tier`` refused (fail-closed)."""
         self._add(REFUSED, n, tier=tier)
 
     def add_batch(self, tiers: Sequence[str], keep: Sequence[bool]) -> None:
@@ -201,20 +205,24 @@ class JournalMetrics:
                     self._totals[key] = self._totals.get(key, 0) + n
 
     def add_sink(self, rows: int, nbytes: int) -> None:
+        """Rows and bytes a sink wrote to journal files."""
         self._add(SINK_ROWS, rows)
         self._add(SINK_BYTES, nbytes)
 
     def add_registry_refresh_error(self, n: int = 1) -> None:
+        """A failed refresh of the model's registry metadata."""
         self._add(REGISTRY_ERRORS, n)
 
     # -- gauges ----------------------------------------------------------
 
     def set_buffer_depth(self, depth: int, capacity: int | None = None) -> None:
+        """Entries in the replica's buffer now (and its capacity)."""
         self._gauges[BUFFER_DEPTH.name] = depth
         if capacity is not None:
             self._gauges[BUFFER_CAPACITY.name] = capacity
 
     def set_spool_depth(self, entries: int, nbytes: int | None = None) -> None:
+        """Entries (and bytes) in the local disk spool now."""
         self._gauges[SPOOL_DEPTH.name] = entries
         if nbytes is not None:
             self._gauges[SPOOL_BYTES.name] = nbytes
@@ -222,12 +230,15 @@ class JournalMetrics:
     # -- histograms (lock-free appends) -----------------------------------
 
     def observe_enqueue_us(self, microseconds: float) -> None:
+        """One capture's time on the request path."""
         self._enqueue_us.append(microseconds)
 
     def observe_flush_ms(self, milliseconds: float) -> None:
+        """One batch's time to finalize and hand to the transport."""
         self._flush_ms.append(milliseconds)
 
     def observe_persistence_lag_ms(self, milliseconds: float | Iterable[float]) -> None:
+        """Decision-to-durable lag of one entry, or of several."""
         if isinstance(milliseconds, int | float):
             self._lag_ms.append(milliseconds)
         else:

@@ -7,7 +7,8 @@ AES-256-GCM under the keyring's ``subject-wrap`` key, bound to its blind index. 
 with that key becomes unlinkable and unverifiable. A forget also records a tombstone (sequence
 number, blind index, time) so that running replicas evict cached keys (:meth:`changes_since`).
 
-Backends: a SQLite file (embedded default; WAL, busy timeout) and PostgreSQL (psycopg 3).
+Backends (:mod:`serve_journal.privacy.vault_sql`, one set of SQL statements for both): a SQLite
+file (embedded default; WAL, busy timeout) and PostgreSQL (psycopg 3).
 :meth:`SubjectVault.get_or_create_many` is one batch and is safe when several processes see a new
 subject at once: ``INSERT .. ON CONFLICT DO NOTHING`` then ``SELECT``, so every process ends up
 with the one key that won.
@@ -15,29 +16,31 @@ with the one key that won.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import os
 import re
 import secrets
-import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from serve_journal.errors import VaultError
 from serve_journal.privacy.keyring import PURPOSE_SUBJECT_INDEX, PURPOSE_SUBJECT_WRAP, Keyring
+from serve_journal.privacy.vault_sql import (
+    KeyRow,
+    PostgresBackend,
+    SqliteBackend,
+    VaultBackend,
+    mask_dsn,
+)
 
 __all__ = ["SubjectKey", "SubjectVault", "VaultError", "subject_token_from_key"]
 
 _NAMESPACE = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
-_CHUNK = 500
 _NONCE = 12
 TOKEN_HEX_CHARS = 32
 
@@ -69,31 +72,10 @@ class SubjectKey:
         return subject_token_from_key(self.key)
 
 
-@dataclass(frozen=True)
-class _Row:
-    blind_index: bytes
-    key_ref: str
-    token: str
-    wrapped: bytes
-
-
-class _Backend(Protocol):
-    def select(self, indexes: Sequence[bytes]) -> list[_Row]: ...
-    def select_tokens(self, tokens: Sequence[str]) -> list[_Row]: ...
-    def insert_missing(self, rows: Sequence[_Row], created: float) -> None: ...
-    def delete(self, index: bytes, deleted_at: float) -> str | None: ...
-    def tombstones_since(self, cursor: int, limit: int) -> list[tuple[int, bytes]]: ...
-    def latest_cursor(self) -> int: ...
-    def count(self) -> int: ...
-    def prune_tombstones(self, before: float) -> int: ...
-    def close(self) -> None: ...
-    def config(self) -> tuple[str, str, str]: ...
-
-
 class SubjectVault:
     """Per-subject keys, batch get-or-create, forget with tombstones. Thread- and process-safe."""
 
-    def __init__(self, backend: _Backend, keyring: Keyring) -> None:
+    def __init__(self, backend: VaultBackend, keyring: Keyring) -> None:
         self._backend = backend
         self.keyring = keyring
         self._index_key = keyring.purpose_key(PURPOSE_SUBJECT_INDEX)
@@ -105,14 +87,14 @@ class SubjectVault:
     def sqlite(cls, path: str | os.PathLike[str], keyring: Keyring, *,
                namespace: str = "serve_journal", busy_timeout_s: float = 30.0) -> SubjectVault:
         """A vault in a SQLite file (created with mode 0600); the embedded default."""
-        return cls(_SqliteBackend(os.fspath(path), _check_namespace(namespace), busy_timeout_s),
+        return cls(SqliteBackend(os.fspath(path), _check_namespace(namespace), busy_timeout_s),
                    keyring)
 
     @classmethod
     def postgres(cls, dsn: str, keyring: Keyring, *, namespace: str = "serve_journal") -> SubjectVault:
         """A vault in PostgreSQL (psycopg 3). Put the password in PGPASSWORD or ~/.pgpass, not the DSN,
         if the vault is pickled to other processes."""
-        return cls(_PostgresBackend(dsn, _check_namespace(namespace)), keyring)
+        return cls(PostgresBackend(dsn, _check_namespace(namespace)), keyring)
 
     @classmethod
     def open(cls, url: str, keyring: Keyring, *, namespace: str = "serve_journal") -> SubjectVault:
@@ -131,10 +113,10 @@ class SubjectVault:
     def __repr__(self) -> str:
         kind, where, namespace = self._backend.config()
         if kind == "postgres":
-            where = _mask_dsn(where)
+            where = mask_dsn(where)
         return f"SubjectVault({kind}, {where!r}, namespace={namespace!r})"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[..., SubjectVault], tuple[str, str, str, Keyring]]:
         kind, where, namespace = self._backend.config()
         if kind == "postgres" and _dsn_has_password(where):
             raise TypeError("this SubjectVault's DSN holds a password and must not travel in a pickle; "
@@ -209,13 +191,13 @@ class SubjectVault:
 
     # -- wrapping ------------------------------------------------------------------------------
 
-    def _new_row(self, index: bytes) -> _Row:
+    def _new_row(self, index: bytes) -> KeyRow:
         key = secrets.token_bytes(32)
         nonce = secrets.token_bytes(_NONCE)
         wrapped = nonce + self._wrap.encrypt(nonce, key, b"subject-key\0" + index)
-        return _Row(index, "sk-" + secrets.token_hex(8), subject_token_from_key(key), wrapped)
+        return KeyRow(index, "sk-" + secrets.token_hex(8), subject_token_from_key(key), wrapped)
 
-    def _unwrap(self, row: _Row) -> SubjectKey:
+    def _unwrap(self, row: KeyRow) -> SubjectKey:
         try:
             key = self._wrap.decrypt(row.wrapped[:_NONCE], row.wrapped[_NONCE:],
                                      b"subject-key\0" + row.blind_index)
@@ -239,12 +221,8 @@ def _check_namespace(namespace: str) -> str:
     return namespace
 
 
-def _mask_dsn(dsn: str) -> str:
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", re.sub(r"(password\s*=\s*)\S+", r"\1***", dsn))
-
-
 def _dsn_has_password(dsn: str) -> bool:
-    return _mask_dsn(dsn) != dsn
+    return mask_dsn(dsn) != dsn
 
 
 def _reopen(kind: str, where: str, namespace: str, keyring: Keyring) -> SubjectVault:
@@ -252,253 +230,3 @@ def _reopen(kind: str, where: str, namespace: str, keyring: Keyring) -> SubjectV
         return SubjectVault.sqlite(where, keyring, namespace=namespace)
     return SubjectVault.postgres(where, keyring, namespace=namespace)
 
-
-def _chunks(items: Sequence[Any]) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), _CHUNK):
-        yield items[start:start + _CHUNK]
-
-
-# -- SQLite ------------------------------------------------------------------------------------
-
-
-class _SqliteBackend:
-    def __init__(self, path: str, namespace: str, busy_timeout_s: float) -> None:
-        self.path = path
-        self.namespace = namespace
-        self.busy_timeout_s = busy_timeout_s
-        self.keys = f"{namespace}_subject_keys"
-        self.tombs = f"{namespace}_tombstones"
-        self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = None
-        self._pid = 0
-        with self._lock:
-            self._connection()
-
-    def config(self) -> tuple[str, str, str]:
-        return ("sqlite", self.path, self.namespace)
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is not None and self._pid == os.getpid():
-            return self._conn
-        # A connection inherited through fork is never reused; open our own.
-        parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None,
-                               check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {self.keys} (blind_index BLOB PRIMARY KEY, "
-            "key_ref TEXT NOT NULL UNIQUE, token TEXT NOT NULL UNIQUE, wrapped BLOB NOT NULL, "
-            "created REAL NOT NULL)"
-        )
-        conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {self.tombs} (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
-            "blind_index BLOB NOT NULL, deleted_at REAL NOT NULL)"
-        )
-        self._conn, self._pid = conn, os.getpid()
-        return conn
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            self._conn = None
-
-    def _select_where(self, column: str, values: Sequence[Any]) -> list[_Row]:
-        out = []
-        with self._lock:
-            conn = self._connection()
-            for chunk in _chunks(values):
-                marks = ",".join("?" * len(chunk))
-                out += [_Row(bytes(r[0]), r[1], r[2], bytes(r[3])) for r in conn.execute(
-                    f"SELECT blind_index, key_ref, token, wrapped FROM {self.keys} "
-                    f"WHERE {column} IN ({marks})", list(chunk))]
-        return out
-
-    def select(self, indexes: Sequence[bytes]) -> list[_Row]:
-        return self._select_where("blind_index", indexes)
-
-    def select_tokens(self, tokens: Sequence[str]) -> list[_Row]:
-        return self._select_where("token", tokens)
-
-    def insert_missing(self, rows: Sequence[_Row], created: float) -> None:
-        with self._lock:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany(
-                    f"INSERT INTO {self.keys} (blind_index, key_ref, token, wrapped, created) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    [(r.blind_index, r.key_ref, r.token, r.wrapped, created) for r in rows])
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-
-    def delete(self, index: bytes, deleted_at: float) -> str | None:
-        with self._lock:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute(f"DELETE FROM {self.keys} WHERE blind_index = ? RETURNING key_ref",
-                                   (index,)).fetchone()
-                conn.execute(f"INSERT INTO {self.tombs} (blind_index, deleted_at) VALUES (?, ?)",
-                             (index, deleted_at))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        return row[0] if row else None
-
-    def tombstones_since(self, cursor: int, limit: int) -> list[tuple[int, bytes]]:
-        with self._lock:
-            return [(r[0], bytes(r[1])) for r in self._connection().execute(
-                f"SELECT seq, blind_index FROM {self.tombs} WHERE seq > ? ORDER BY seq LIMIT ?",
-                (cursor, limit))]
-
-    def latest_cursor(self) -> int:
-        with self._lock:
-            return self._connection().execute(
-                f"SELECT COALESCE(MAX(seq), 0) FROM {self.tombs}").fetchone()[0]
-
-    def count(self) -> int:
-        with self._lock:
-            return self._connection().execute(f"SELECT COUNT(*) FROM {self.keys}").fetchone()[0]
-
-    def prune_tombstones(self, before: float) -> int:
-        with self._lock:
-            return self._connection().execute(
-                f"DELETE FROM {self.tombs} WHERE deleted_at < ?", (before,)).rowcount
-
-
-# -- PostgreSQL --------------------------------------------------------------------------------
-
-
-_DEADLOCK_RETRIES = 5
-
-
-class _PostgresBackend:
-    def __init__(self, dsn: str, namespace: str) -> None:
-        try:
-            import psycopg  # noqa: F401
-        except ImportError:
-            raise VaultError("the PostgreSQL vault needs psycopg 3: pip install 'psycopg[binary]>=3.1'") from None
-        self.dsn = dsn
-        self.namespace = namespace
-        self.keys = f"{namespace}_subject_keys"
-        self.tombs = f"{namespace}_tombstones"
-        # Forgets serialise on this lock so tombstone sequence numbers commit in order and a
-        # reader's cursor never skips a tombstone committed late.
-        self._lock_id = int.from_bytes(hashlib.sha256(self.tombs.encode()).digest()[:8], "big",
-                                       signed=True)
-        self._lock = threading.Lock()
-        self._conn: Any = None
-        self._pid = 0
-        with self._lock:
-            self._connection()
-
-    def config(self) -> tuple[str, str, str]:
-        return ("postgres", self.dsn, self.namespace)
-
-    def _connection(self) -> Any:
-        import psycopg
-
-        if self._conn is not None and self._pid == os.getpid() and not self._conn.closed:
-            return self._conn
-        try:
-            conn = psycopg.connect(self.dsn, autocommit=True)
-        except psycopg.OperationalError as exc:
-            raise VaultError(f"cannot connect to the PostgreSQL vault at {_mask_dsn(self.dsn)} "
-                             f"({type(exc).__name__})") from None
-        with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_id,))
-            conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {self.keys} (blind_index bytea PRIMARY KEY, "
-                "key_ref text NOT NULL UNIQUE, token text NOT NULL UNIQUE, wrapped bytea NOT NULL, "
-                "created double precision NOT NULL)")
-            conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {self.tombs} (seq bigserial PRIMARY KEY, "
-                "blind_index bytea NOT NULL, deleted_at double precision NOT NULL)")
-        self._conn, self._pid = conn, os.getpid()
-        return conn
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            self._conn = None
-
-    def _select_where(self, column: str, cast: str, values: Sequence[Any]) -> list[_Row]:
-        out = []
-        with self._lock:
-            conn = self._connection()
-            for chunk in _chunks(values):
-                out += [_Row(bytes(r[0]), r[1], r[2], bytes(r[3])) for r in conn.execute(
-                    f"SELECT blind_index, key_ref, token, wrapped FROM {self.keys} "
-                    f"WHERE {column} = ANY(%s::{cast}[])", (list(chunk),))]
-        return out
-
-    def select(self, indexes: Sequence[bytes]) -> list[_Row]:
-        return self._select_where("blind_index", "bytea", indexes)
-
-    def select_tokens(self, tokens: Sequence[str]) -> list[_Row]:
-        return self._select_where("token", "text", tokens)
-
-    def insert_missing(self, rows: Sequence[_Row], created: float) -> None:
-        import psycopg
-
-        # Every process inserts in blind-index order, so two batches that overlap wait on each
-        # other's rows in the same order and cannot deadlock (in arbitrary order they can: each
-        # holds a row the other's ON CONFLICT check waits for). A deadlock reported anyway (a
-        # foreign writer to the table) is retried: the statement is idempotent.
-        ordered = sorted(rows, key=lambda r: r.blind_index)
-        with self._lock:
-            conn = self._connection()
-            for chunk in _chunks(ordered):
-                for attempt in range(_DEADLOCK_RETRIES):
-                    try:
-                        conn.execute(
-                            f"INSERT INTO {self.keys} (blind_index, key_ref, token, wrapped, created) "
-                            "SELECT i, r, t, w, %s FROM unnest(%s::bytea[], %s::text[], %s::text[], "
-                            "%s::bytea[]) AS u(i, r, t, w) ORDER BY i ON CONFLICT DO NOTHING",
-                            (created, [r.blind_index for r in chunk], [r.key_ref for r in chunk],
-                             [r.token for r in chunk], [r.wrapped for r in chunk]))
-                        break
-                    except psycopg.errors.DeadlockDetected:
-                        if attempt == _DEADLOCK_RETRIES - 1:
-                            raise
-
-    def delete(self, index: bytes, deleted_at: float) -> str | None:
-        with self._lock:
-            conn = self._connection()
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_id,))
-                row = conn.execute(f"DELETE FROM {self.keys} WHERE blind_index = %s RETURNING key_ref",
-                                   (index,)).fetchone()
-                conn.execute(f"INSERT INTO {self.tombs} (blind_index, deleted_at) VALUES (%s, %s)",
-                             (index, deleted_at))
-        return row[0] if row else None
-
-    def tombstones_since(self, cursor: int, limit: int) -> list[tuple[int, bytes]]:
-        with self._lock:
-            return [(r[0], bytes(r[1])) for r in self._connection().execute(
-                f"SELECT seq, blind_index FROM {self.tombs} WHERE seq > %s ORDER BY seq LIMIT %s",
-                (cursor, limit))]
-
-    def latest_cursor(self) -> int:
-        with self._lock:
-            return self._connection().execute(
-                f"SELECT COALESCE(MAX(seq), 0) FROM {self.tombs}").fetchone()[0]
-
-    def count(self) -> int:
-        with self._lock:
-            return self._connection().execute(f"SELECT COUNT(*) FROM {self.keys}").fetchone()[0]
-
-    def prune_tombstones(self, before: float) -> int:
-        with self._lock:
-            return self._connection().execute(
-                f"DELETE FROM {self.tombs} WHERE deleted_at < %s", (before,)).rowcount

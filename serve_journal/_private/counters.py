@@ -1,0 +1,124 @@
+"""Drop accounting of one replica: every captured call ends up counted exactly once.
+
+A captured call is kept, sampled out or dropped; the exact counters
+(:class:`serve_journal.counters.CounterSet`, written next to the journal) record which, with the
+drop reason, so verify can explain every gap in a producer's sequence numbers. This module holds
+the replica's side of that bookkeeping: :class:`DropCounter` (drops the replica itself decides:
+buffer full, wait timeout, ...), :class:`TransportDropCounter` (entries a transport accepted and
+then dropped) and :class:`ReplicaCounters`, which owns both and flushes the counters to storage.
+The counter data structures themselves live in :mod:`serve_journal.counters`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+import pyarrow as pa
+from pyarrow.compute import equal as pc_equal
+
+from serve_journal.counters import DROPPED, CounterSet
+from serve_journal.storage import JournalStorage
+
+from .entries import CapturedCall, Finalized
+from .metrics import JournalMetrics
+
+logger = logging.getLogger("serve_journal")
+
+WARN_EVERY_S = 10.0
+"""At most one "dropped journal entries" warning per this many seconds."""
+
+
+class DropCounter:
+    """Counts every drop with its reason: in the exact counters (so verify can explain the
+    sequence gap), in metrics, and in a per-reason total for reports; warns, rate-limited."""
+
+    def __init__(self, counters: CounterSet, metrics: JournalMetrics, default_tier: str) -> None:
+        self.by_reason: dict[str, int] = {}
+        self._counters = counters
+        self._metrics = metrics
+        self._default_tier = default_tier
+        self._lock = threading.Lock()
+        self._last_warning = 0.0
+
+    def __call__(self, items: Sequence[CapturedCall], reason: str) -> None:
+        """Count ``items`` as dropped for ``reason`` (the batch worker's ``on_drop``)."""
+        for item in items:
+            tier = item.tier.name if item.tier is not None else self._default_tier
+            rate = item.tier.sample_rate if item.tier is not None else 1.0
+            self._counters.record(item.model.name, item.model.version, item.ts_us, None, tier,
+                                  rate, item.outcome, item.seq, DROPPED, reason)
+            self._metrics.add_dropped(reason, tier)
+        with self._lock:
+            self.by_reason[reason] = self.by_reason.get(reason, 0) + len(items)
+            now = time.monotonic()
+            warn = now - self._last_warning >= WARN_EVERY_S
+            if warn:
+                self._last_warning = now
+        if warn:
+            logger.warning("serve_journal: dropped journal entries (%s so far: %s)",
+                           sum(self.by_reason.values()), dict(self.by_reason))
+
+    @property
+    def total(self) -> int:
+        """Entries dropped so far, all reasons."""
+        return sum(self.by_reason.values())
+
+
+class TransportDropCounter:
+    """Counts entries a transport accepted and then dropped (its ``on_drop`` callback)."""
+
+    def __init__(self, counters: CounterSet, metrics: JournalMetrics, producer_id: str) -> None:
+        self.by_reason: dict[str, int] = {}
+        self._counters = counters
+        self._metrics = metrics
+        self._producer_id = producer_id
+
+    def __call__(self, reason: str, count: int, entries: pa.Table | pa.RecordBatch | None = None
+                 ) -> None:
+        """Count ``count`` dropped entries; with their sequence numbers when the transport still
+        has the ``entries`` (then verify can tell this drop from a loss)."""
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + count
+        if entries is None:
+            return
+        own = entries.filter(pc_equal(entries.column("producer_id"), self._producer_id))
+        ts = own.column("ts").cast("int64").to_pylist()
+        for model, version, ts_us, decision, tier, rate, outcome, seq in zip(
+                own.column("model_name").to_pylist(), own.column("model_version").to_pylist(), ts,
+                own.column("decision").to_pylist(), own.column("risk_tier").to_pylist(),
+                own.column("sample_rate").to_pylist(), own.column("outcome").to_pylist(),
+                own.column("seq").to_pylist(), strict=True):
+            self._counters.record(model, version, ts_us, decision, tier, rate, outcome, seq,
+                                  DROPPED, reason)
+            self._metrics.add_dropped(reason, tier)
+
+
+class ReplicaCounters:
+    """The exact counters of one producer, its drop counters, and their flush to storage."""
+
+    def __init__(self, producer_id: str, metrics: JournalMetrics, default_tier: str,
+                 storage: JournalStorage) -> None:
+        self.exact = CounterSet(producer_id)
+        self.drops = DropCounter(self.exact, metrics, default_tier)
+        self.transport_drops = TransportDropCounter(self.exact, metrics, producer_id)
+        self._metrics = metrics
+        self._storage = storage
+
+    def record_finalized(self, calls: Sequence[CapturedCall], fin: Finalized) -> None:
+        """Count a finalized batch: each call kept or sampled out, per tier."""
+        self.exact.record_batch(
+            [m.name for m in fin.models], [m.version for m in fin.models],
+            [c.ts_us for c in calls], fin.decisions, fin.tiers, fin.rates, fin.outcomes,
+            [c.seq for c in calls], fin.keep,
+        )
+        self._metrics.add_batch(fin.tiers, fin.keep)
+
+    def dropped(self) -> dict[str, int]:
+        """Entries dropped so far, by reason: the replica's own drops and the transport's."""
+        return {**self.drops.by_reason, **self.transport_drops.by_reason}
+
+    def flush(self) -> None:
+        """Write the counters gathered since the last flush to storage."""
+        self.exact.flush_to(self._storage)

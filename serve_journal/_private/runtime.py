@@ -1,0 +1,206 @@
+"""The journal of one replica process, assembled and run: :class:`JournalRuntime`.
+
+The runtime owns the parts :func:`~serve_journal._private.wiring.wire` built from the config,
+the request path (:class:`~serve_journal._private.capture.CallCapture`), the buffer and its
+flusher thread (:class:`~serve_journal._private.batching.BatchWorker`, exporting through
+:class:`~serve_journal._private.export.BatchExporter`), and the flusher's periodic tasks: model
+alias refresh, counters flush, metrics report and the heartbeat to the journal's coordinator.
+It also reports this producer's counters and flushes and closes the whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from serve_journal.config import JournalConfig
+from serve_journal.registry import ModelInfo, resolve_model
+
+from .batching import BatchWorker, PeriodicTask
+from .capture import CallCapture
+from .export import BatchExporter
+from .wiring import wire
+
+logger = logging.getLogger("serve_journal")
+
+COUNTERS_INTERVAL_S = 2.0
+METRICS_INTERVAL_S = 5.0
+MAX_REFRESH_CHECK_S = 60.0
+"""The registry refresh task checks at least this often whether ``registry_refresh_s`` passed."""
+
+
+class JournalRuntime:
+    """Everything the journal runs inside one replica process."""
+
+    def __init__(self, config: JournalConfig) -> None:
+        self.config = config
+        parts = wire(config)
+        self.identity = parts.identity
+        self.storage = parts.storage
+        self.transport = parts.transport
+        self.finalizer = parts.finalizer
+        self.metrics = parts.metrics
+        self.jwt = parts.jwt
+        self._accounting = parts.counters
+        self.counters = parts.counters.exact
+        self.drops = parts.counters.drops
+        self.transport_drops: dict[str, int] = parts.counters.transport_drops.by_reason
+        self.registry_errors = 0
+        self._model_lock = threading.Lock()
+        self._last_refresh = time.monotonic()
+        self._coordinator: Any = None
+        self._closed = False
+        self._exporter = BatchExporter(parts.finalizer, parts.counters, parts.metrics,
+                                       parts.transport)
+        periodic = [
+            PeriodicTask("registry-refresh", min(config.registry_refresh_s, MAX_REFRESH_CHECK_S),
+                         self._maybe_refresh),
+            PeriodicTask("counters", COUNTERS_INTERVAL_S, self._flush_counters),
+            PeriodicTask("metrics", METRICS_INTERVAL_S, self._report_metrics),
+        ]
+        if self._reports_heartbeats:
+            from .coordinator import HEARTBEAT_INTERVAL_S  # inside: imports Ray (~2 s)
+
+            periodic.append(PeriodicTask("heartbeat", HEARTBEAT_INTERVAL_S, self.heartbeat))
+        self.worker = BatchWorker(
+            self._exporter,
+            capacity=config.buffer_capacity,
+            batch_size=config.flush_batch_size,
+            interval_s=config.flush_interval_s,
+            on_drop=self.drops,
+            reserve=config.reserve_capacity,
+            periodic=periodic,
+            start=False,
+        )
+        self.capturer = CallCapture(parts.model, self.worker, parts.finalizer, self.drops,
+                                    parts.metrics, parts.jwt, config.on_invalid_caller)
+        # Everything the flusher's tasks reach exists now: start it.
+        self.worker.start()
+        # The request-path entry points, bound once (no extra call per request).
+        self.capture = self.capturer.capture
+        self.check_caller = self.capturer.check_caller
+        self.wait_for_room = self.capturer.wait_for_room
+        self.wait_for_room_blocking = self.capturer.wait_for_room_blocking
+        self.refuse = self.capturer.refuse
+        if self._reports_heartbeats:
+            # Register before serving, so a driver-side flush never overlooks this producer.
+            self.heartbeat()
+
+    def __repr__(self) -> str:
+        return f"JournalRuntime(producer_id={self.identity.producer_id!r}, model={self.model.name!r})"
+
+    @property
+    def _reports_heartbeats(self) -> bool:
+        return self.config.transport != "memory"
+
+    @property
+    def model(self) -> ModelInfo:
+        """The model version calls are attributed to now."""
+        return self.capturer.model
+
+    @property
+    def captured(self) -> int:
+        """Calls captured on the request path."""
+        return self.capturer.captured
+
+    @property
+    def refused(self) -> int:
+        """Requests refused because their entry could not be journaled."""
+        return self.capturer.refused
+
+    @property
+    def exported(self) -> int:
+        """Calls finalized and handed to the transport (or sampled out)."""
+        return self._exporter.exported
+
+    # -- periodic tasks (flusher thread) -------------------------------------------------------
+
+    def _flush_counters(self) -> None:
+        self._accounting.flush()
+
+    def _report_metrics(self) -> None:
+        self.metrics.set_buffer_depth(len(self.worker), self.config.buffer_capacity)
+        self.metrics.report()
+
+    def _maybe_refresh(self) -> None:
+        if time.monotonic() - self._last_refresh >= self.config.registry_refresh_s:
+            self.refresh_model()
+
+    def refresh_model(self) -> None:
+        """Re-resolve the model alias (on reconfigure and every ``registry_refresh_s``)."""
+        with self._model_lock:
+            self._last_refresh = time.monotonic()
+            try:
+                model = resolve_model(self.config.model, self.config.model_version,
+                                      self.config.tracking_uri)
+            except Exception:  # noqa: BLE001 - keep serving with the version we know
+                self.registry_errors += 1
+                self.metrics.add_registry_refresh_error()
+                logger.warning("serve_journal: refreshing model %s from the registry failed",
+                               self.config.model, exc_info=True)
+                return
+            if model != self.model:
+                logger.info("serve_journal: model %s now resolves to version %s",
+                            model.name, model.version)
+            self.capturer.model = model
+
+    # -- reporting and lifecycle ---------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        """Counters of this producer."""
+        return {
+            "producer_id": self.identity.producer_id,
+            "deployment": self.identity.deployment,
+            "model": self.model.name,
+            "model_version": self.model.version,
+            "captured": self.captured,
+            "exported": self.exported,
+            "dropped": self._accounting.dropped(),
+            "buffered": len(self.worker),
+            "refused": self.refused,
+            "unacked": self.captured - self.exported - self.drops.total,
+            "registry_errors": self.registry_errors,
+            "unencodable_features": self.finalizer.unencodable_features,
+            "as_of": time.time(),
+            "closed": self._closed,
+        }
+
+    def heartbeat(self) -> None:
+        """Send this producer's report to the journal's coordinator (fire and forget)."""
+        from serve_journal.transport.actors import pool_id  # inside: imports Ray (~2 s)
+
+        from .coordinator import get_coordinator  # inside: imports Ray (~2 s)
+
+        if self._coordinator is None:
+            self._coordinator = get_coordinator(pool_id(self.config.journal_uri),
+                                                self.config.writer_namespace)
+        report = self.report()
+        in_flight = getattr(self.transport, "in_flight", None)
+        report["unacked"] += in_flight() if in_flight is not None else 0
+        self._coordinator.heartbeat.remote(self.identity.producer_id, report)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Export everything buffered and wait until the transport has it durable."""
+        start = time.monotonic()
+        if not self.worker.flush(timeout):
+            return False
+        remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+        return self.transport.flush(remaining)
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Flush and stop; closing twice is harmless."""
+        if self._closed:
+            return
+        try:
+            self.worker.close(timeout)
+            self.transport.close(timeout)
+            self._flush_counters()
+        finally:
+            self._closed = True
+            if self._reports_heartbeats:
+                try:
+                    self.heartbeat()
+                except Exception:  # noqa: BLE001
+                    logger.warning("serve_journal: final heartbeat failed", exc_info=True)

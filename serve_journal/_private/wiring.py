@@ -1,0 +1,135 @@
+"""Wiring of one replica's journal: the parts a :class:`~serve_journal.config.JournalConfig` implies.
+
+:func:`wire` builds them once, at replica start, in a fixed order: the model (resolved in the
+registry first, so an unknown model fails replica start with a clear message), the replica's
+identity, privacy (keyring, subject-key vault, pseudonymizer, sampling key), the risk policy,
+metrics, storage and exact counters, the transport, the entry finalizer and the caller verifier.
+Nothing here runs on the request path; :mod:`~serve_journal._private.runtime` assembles the
+parts into a running journal.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from serve_journal.config import ConfigError, JournalConfig
+from serve_journal.policy import RiskPolicy, Sampler, build_policy, derive_sampling_key
+from serve_journal.privacy.identity import JwtVerifier
+from serve_journal.privacy.keyring import PURPOSE_SAMPLING, Keyring
+from serve_journal.privacy.subjects import VaultPseudonymizer
+from serve_journal.privacy.vault import SubjectVault
+from serve_journal.registry import ModelInfo, resolve_model
+from serve_journal.sink.settings import SinkSettings
+from serve_journal.storage import JournalStorage, open_storage
+from serve_journal.transport import Transport
+from serve_journal.transport.memory import InMemoryTransport
+
+from .counters import ReplicaCounters
+from .entries import EntryFinalizer, ReplicaIdentity
+from .metrics import JournalMetrics
+
+TransportDropHook = Callable[[str, int, Any], None]
+"""``on_drop(reason, count, entries)``: a transport dropped entries it had accepted."""
+
+
+@dataclass
+class ReplicaParts:
+    """Everything the config implies for one replica process, built by :func:`wire`."""
+
+    model: ModelInfo
+    identity: ReplicaIdentity
+    policy: RiskPolicy
+    metrics: JournalMetrics
+    storage: JournalStorage
+    counters: ReplicaCounters
+    transport: Transport
+    finalizer: EntryFinalizer
+    jwt: JwtVerifier | None
+
+
+def replica_names() -> tuple[str | None, str, str]:
+    """(app, deployment, replica) of this Serve replica; ``(None, "local", "pid<N>")`` outside
+    Serve (a plain instance, tests)."""
+    try:
+        from ray import serve  # inside: imports Ray (~2 s); `import serve_journal` stays Ray-free
+
+        ctx = serve.get_replica_context()
+        rid = ctx.replica_id
+        return ctx.app_name, rid.deployment_id.name, rid.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (plain class, tests)
+        return None, "local", f"pid{os.getpid()}"
+
+
+def build_transport(config: JournalConfig, producer_id: str,
+                    on_drop: TransportDropHook | None = None) -> Transport:
+    """The transport the config names, built inside the replica.
+
+    ``on_drop(reason, count, entries)`` hears of entries a transport accepted and then dropped.
+    """
+    if config.transport == "actors":
+        from serve_journal.transport.actors import RayActorTransport  # inside: imports Ray (~2 s)
+
+        return RayActorTransport(
+            SinkSettings.from_config(config), pool_size=config.writer_pool_size,
+            namespace=config.writer_namespace, producer_id=producer_id,
+        )
+    if config.transport == "memory":
+        return InMemoryTransport.shared(config.extra.get("memory_transport", "default"))
+    if config.transport == "kafka":
+        try:
+            from serve_journal.transport import kafka  # inside: the Kafka stack, only when used
+        except ImportError as exc:  # pragma: no cover
+            raise ConfigError("transport='kafka' needs aiokafka: pip install aiokafka") from exc
+        settings = dict(config.extra.get("kafka", {}))
+        # One spool per replica process: a spool directory is never shared. The live replicas
+        # on a node drain the spools that dead ones left in the same base directory.
+        base = settings.pop("spool_dir", None) or os.path.join(
+            os.path.expanduser("~"), ".serve_journal", "spool")
+        settings["spool_dir"] = os.path.join(base, producer_id)
+        settings.setdefault("client_id", producer_id)
+        return kafka.KafkaTransport(kafka.KafkaSettings.from_mapping(settings), on_drop=on_drop)
+    raise ConfigError(f"unknown transport {config.transport!r}")
+
+
+def build_privacy(config: JournalConfig) -> tuple[VaultPseudonymizer, bytes]:
+    """(pseudonymizer, sampling key) of a replica: the keyring and the per-subject key vault."""
+    directory = config.resolved_privacy_dir()
+    keyring = Keyring.local_default(directory)
+    if config.vault_url:
+        vault = SubjectVault.open(config.vault_url, keyring)
+    else:
+        vault = SubjectVault.local_default(directory, keyring)
+    return (VaultPseudonymizer(keyring, vault),
+            derive_sampling_key(keyring.purpose_key(PURPOSE_SAMPLING)))
+
+
+def build_jwt(config: JournalConfig) -> JwtVerifier | None:
+    """The verifier of callers' bearer tokens, when the config names a public key."""
+    if config.caller_jwt_public_key is None:
+        return None
+    return JwtVerifier(config.jwt_public_key_pem(), issuer=config.caller_jwt_issuer,
+                       audience=config.caller_jwt_audience)
+
+
+def wire(config: JournalConfig) -> ReplicaParts:
+    """Build every part of one replica's journal from its config (see the module docstring)."""
+    model = resolve_model(config.model, config.model_version, config.tracking_uri)
+    app, deployment, replica = replica_names()
+    identity = ReplicaIdentity(
+        producer_id=f"{deployment}-{replica}-{uuid.uuid4().hex[:8]}",
+        app_name=app, deployment=deployment, replica=replica,
+    )
+    pseudonymizer, sampling_key = build_privacy(config)
+    policy = build_policy(config.risk_policy)
+    metrics = JournalMetrics(model.name, deployment, replica)
+    storage = open_storage(config.journal_uri, retention=config.retention)
+    counters = ReplicaCounters(identity.producer_id, metrics, policy.default_tier.name, storage)
+    transport = build_transport(config, identity.producer_id, counters.transport_drops)
+    finalizer = EntryFinalizer(config, pseudonymizer, identity, Sampler(policy, sampling_key))
+    return ReplicaParts(model=model, identity=identity, policy=policy, metrics=metrics,
+                        storage=storage, counters=counters, transport=transport,
+                        finalizer=finalizer, jwt=build_jwt(config))
