@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from serve_journal._private.metrics import (
+from serve_journal.metrics import (
     BUFFER_DEPTH,
     CAPTURED,
     DROPPED,

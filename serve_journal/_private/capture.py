@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from serve_journal.errors import JournalUnavailableError
+from serve_journal.metrics import JournalMetrics
 from serve_journal.policy import OVERFLOW_DROP, OVERFLOW_WAIT
 from serve_journal.privacy.identity import CallerRejected, JwtVerifier
 from serve_journal.registry import ModelInfo
@@ -37,7 +38,6 @@ from serve_journal.schema import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_REJECTED
 from .batching import REASON_BUFFER_FULL, BatchWorker
 from .counters import DropCounter
 from .entries import CapturedCall, EntryFinalizer
-from .metrics import JournalMetrics
 
 logger = logging.getLogger("serve_journal")
 

@@ -20,10 +20,10 @@ import pyarrow as pa
 from pyarrow.compute import equal as pc_equal
 
 from serve_journal.counters import DROPPED, CounterSet
+from serve_journal.metrics import JournalMetrics
 from serve_journal.storage import JournalStorage
 
 from .entries import CapturedCall, Finalized
-from .metrics import JournalMetrics
 
 logger = logging.getLogger("serve_journal")
 

@@ -15,12 +15,12 @@ import time
 
 import pyarrow as pa
 
+from serve_journal.metrics import JournalMetrics
 from serve_journal.retry import retry_call
 from serve_journal.transport import Transport
 
 from .counters import ReplicaCounters
 from .entries import CapturedCall, EntryFinalizer
-from .metrics import JournalMetrics
 
 logger = logging.getLogger("serve_journal")
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from serve_journal.config import ConfigError, JournalConfig
+from serve_journal.metrics import JournalMetrics
 from serve_journal.policy import RiskPolicy, Sampler, build_policy, derive_sampling_key
 from serve_journal.privacy.identity import JwtVerifier
 from serve_journal.privacy.keyring import PURPOSE_SAMPLING, Keyring
@@ -30,7 +31,6 @@ from serve_journal.transport.memory import InMemoryTransport
 
 from .counters import ReplicaCounters
 from .entries import EntryFinalizer, ReplicaIdentity
-from .metrics import JournalMetrics
 
 TransportDropHook = Callable[[str, int, Any], None]
 """``on_drop(reason, count, entries)``: a transport dropped entries it had accepted."""

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from serve_journal._private.metrics import JournalMetrics
 from serve_journal.catalog.layout import PartitionKey
+from serve_journal.metrics import JournalMetrics
 from serve_journal.sink.settings import SinkSettings, manifest_hook
 from serve_journal.sink.writer import PartitionFileWriter
 from serve_journal.storage import StoredObject
