@@ -27,8 +27,9 @@ from serve_journal.counters import (
     merge_runs,
 )
 from serve_journal.fileformat import encode_parquet
-from serve_journal.policy import Sampler, default_policy, derive_sampling_key, keep_mask
+from serve_journal.policy import default_policy
 from serve_journal.read.stats import accounted_gaps, estimate_groups, load_counters, stats
+from serve_journal.sampling import Sampler, derive_sampling_key, keep_mask
 from serve_journal.schema import COLUMN_NAMES, ENTRY_SCHEMA
 from serve_journal.storage import LocalJournalStorage, ObjectExistsError
 

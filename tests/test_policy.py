@@ -20,8 +20,10 @@ from serve_journal.policy import (
     RiskPolicy,
     RiskRule,
     RiskTier,
-    Sampler,
     default_policy,
+)
+from serve_journal.sampling import (
+    Sampler,
     derive_sampling_key,
     keep_mask,
     sampling_uniform,

@@ -12,9 +12,10 @@ from serve_journal._private.batching import BatchWorker
 from serve_journal._private.entries import CapturedCall, EntryFinalizer, ReplicaIdentity
 from serve_journal.catalog.layout import DEFAULT_SPEC, PartitionKey
 from serve_journal.config import ConfigError, JournalConfig
-from serve_journal.policy import Sampler, build_policy
+from serve_journal.policy import build_policy
 from serve_journal.privacy.pseudonymizer import StaticKeyPseudonymizer
 from serve_journal.registry import ModelInfo, ModelRef, dataset_manifest
+from serve_journal.sampling import Sampler
 from serve_journal.schema import ENTRY_SCHEMA
 
 

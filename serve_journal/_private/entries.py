@@ -20,9 +20,10 @@ import pyarrow as pa
 
 from serve_journal.config import JournalConfig
 from serve_journal.integrity.encoding import CanonicalEncodingError, canonical_encode
-from serve_journal.policy import RiskTier, Sampler
+from serve_journal.policy import RiskTier
 from serve_journal.privacy.pseudonymizer import Pseudonymizer
 from serve_journal.registry import ModelInfo
+from serve_journal.sampling import Sampler
 from serve_journal.schema import ENTRY_SCHEMA, OUTCOME_OK, SCHEMA_VERSION
 
 logger = logging.getLogger("serve_journal")

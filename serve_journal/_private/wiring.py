@@ -18,12 +18,13 @@ from typing import Any
 
 from serve_journal.config import ConfigError, JournalConfig
 from serve_journal.metrics import JournalMetrics
-from serve_journal.policy import RiskPolicy, Sampler, build_policy, derive_sampling_key
+from serve_journal.policy import RiskPolicy, build_policy
 from serve_journal.privacy.identity import JwtVerifier
 from serve_journal.privacy.keyring import PURPOSE_SAMPLING, Keyring
 from serve_journal.privacy.subjects import VaultPseudonymizer
 from serve_journal.privacy.vault import SubjectVault
 from serve_journal.registry import ModelInfo, resolve_model
+from serve_journal.sampling import Sampler, derive_sampling_key
 from serve_journal.sink.settings import SinkSettings
 from serve_journal.storage import JournalStorage, open_storage
 from serve_journal.transport import Transport
