@@ -10,9 +10,11 @@ import os
 import pyarrow as pa
 import pytest
 
+from serve_journal.catalog import commit, is_derived, marker_path
 from serve_journal.catalog.layout import COLD, DEFAULT_SPEC, HOT
 from serve_journal.fileformat import encode_parquet
 from serve_journal.integrity.encoding import canonical_encode
+from serve_journal.integrity.fingerprint import fingerprint
 from serve_journal.privacy.forget import (
     ForgetEvent,
     ForgetIncompleteError,
@@ -49,8 +51,14 @@ def journal_table(pseudonymizer: VaultPseudonymizer, requests: list[tuple[str | 
 
 
 def write_journal(storage: LocalJournalStorage, table: pa.Table, tier: str, name: str) -> None:
+    """Write ``table`` as a data file; a derived file (cold, or ``c-*``) is committed with a
+    marker, as lifecycle and compaction do, so the catalog shows it to readers."""
     key = DEFAULT_SPEC.key_for(table["model_name"][0].as_py(), TS)
-    storage.put_new(DEFAULT_SPEC.file_path(key, name, tier), encode_parquet(table))
+    path = DEFAULT_SPEC.file_path(key, name, tier)
+    storage.put_new(path, encode_parquet(table))
+    if is_derived(path):
+        commit(storage, kind="lifecycle", path=marker_path(key, tier, name), new_files=[path],
+               replaces=[], expected=fingerprint(table))
 
 
 @pytest.fixture
@@ -205,3 +213,22 @@ def test_canary_scan_over_every_byte_written(world, caplog):
     assert hits == []
     for canary in (CANARY_SUBJECT, CANARY_NUMERIC, CANARY_FEATURE):
         assert canary not in caplog.text
+
+
+def test_forget_counts_through_the_catalog_so_a_compacted_entry_counts_once(world):
+    """A compaction committed but its inputs not yet deleted (retention keeps them): the inputs
+    and the compacted file hold the same entries; the catalog shows each once."""
+    _, _, _, _, pseudonymizer, storage = world
+    first = journal_table(pseudonymizer, [("alice", {"amount": 1}, "fraud", "3")])
+    second = journal_table(pseudonymizer, [("alice", {"amount": 2}, "fraud", "3")])
+    write_journal(storage, first, HOT, "w-1")
+    write_journal(storage, second, HOT, "w-2")
+    key = DEFAULT_SPEC.key_for("fraud", TS)
+    inputs = [DEFAULT_SPEC.file_path(key, n, HOT) for n in ("w-1", "w-2")]
+    merged = pa.concat_tables([first, second])
+    compacted = DEFAULT_SPEC.file_path(key, "c-merged", HOT)
+    storage.put_new(compacted, encode_parquet(merged))
+    commit(storage, kind="compaction", path=marker_path(key, HOT, "c-merged"),
+           new_files=[compacted], replaces=inputs, expected=fingerprint(merged))
+    assert all(storage.exists(p) for p in inputs)  # still there, as retention would keep them
+    assert count_subject_entries(storage, pseudonymizer.token_for("alice")) == (2, [("fraud", "3")])

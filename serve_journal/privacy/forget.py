@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from serve_journal.catalog.layout import PARQUET_SUFFIX, TIERS
+from serve_journal.catalog import live_files
 from serve_journal.errors import ForgetIncompleteError
 from serve_journal.privacy.keyring import Keyring
 from serve_journal.privacy.vault import SubjectVault
@@ -85,8 +85,9 @@ class ForgetReceipt:
 
 
 def count_subject_entries(storage: JournalStorage, subject_token: str) -> tuple[int, list[tuple[str, str]]]:
-    """Entries carrying ``subject_token`` in the hot and cold tiers, and their model versions."""
-    files = [f for tier in TIERS for f in storage.list_files(tier, PARQUET_SUFFIX)]
+    """Entries carrying ``subject_token`` in the live files of the hot and cold tiers (the
+    catalog's view, so a compacted or moved entry counts once), and their model versions."""
+    files = [f.path for f in live_files(storage, tier="all")]
     if not files:
         return 0, []
     local = storage.local_path()

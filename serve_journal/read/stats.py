@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from serve_journal.catalog.layout import COLD, DEFAULT_SPEC, HOT, PARQUET_SUFFIX, escape_value
+from serve_journal.catalog import live_files
+from serve_journal.catalog.layout import COLD, HOT, PARQUET_SUFFIX, escape_value
 from serve_journal.counters import (
     COUNT_DIMENSIONS,
     COUNTER_SCHEMA,
@@ -239,17 +240,14 @@ def _journal_sample(
     )
     first = since.replace(minute=0) if since else None
     tables = []
-    for tier in tiers:
-        prefix = f"{tier}/model={escape_value(model)}/" if model else f"{tier}/"
-        for path in storage.list_files(prefix, PARQUET_SUFFIX):
-            try:
-                _, key = DEFAULT_SPEC.parse(path)
-            except ValueError:
-                continue
-            if (first and key.end <= first) or (until and key.start >= until):
-                continue
-            parquet = pq.ParquetFile(pa.BufferReader(storage.read(path)))
-            tables.append(parquet.read(columns=wanted))
+    for data_file in live_files(storage, tier="all", model=model):
+        if data_file.tier not in tiers:
+            continue
+        path, key = data_file.path, data_file.key
+        if (first and key.end <= first) or (until and key.start >= until):
+            continue
+        parquet = pq.ParquetFile(pa.BufferReader(storage.read(path)))
+        tables.append(parquet.read(columns=wanted))
     if not tables:
         table = ENTRY_SCHEMA.empty_table().select(wanted)
     else:
