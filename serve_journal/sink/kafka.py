@@ -70,7 +70,7 @@ DEFAULT_ROLL_SECONDS = 0.4
 
 
 @dataclass(frozen=True)
-class KafkaSinkSettings:
+class KafkaSinkSettings(KafkaSecurity):
     """What a sink consumes and how it rolls files."""
 
     bootstrap_servers: str
@@ -94,15 +94,6 @@ class KafkaSinkSettings:
     """``storage`` (exactly once). ``kafka`` trusts committed offsets: only for the control test."""
     unsafe_commit_before_write: bool = False
     """Commit to Kafka *before* the durable write. Loses entries on a crash; control test only."""
-    # TLS/SASL: the fields of serve_journal.transport.kafka_security.KafkaSecurity.
-    security_protocol: str = "PLAINTEXT"
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    ssl_password: str | None = field(default=None, repr=False)
-    sasl_mechanism: str | None = None
-    sasl_plain_username: str | None = None
-    sasl_plain_password: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.topic, str) or not re.fullmatch(r"[A-Za-z0-9._\-]+", self.topic):
@@ -124,17 +115,12 @@ class KafkaSinkSettings:
         if self.write_retry_backoff_s > self.write_retry_backoff_max_s:
             raise ValueError(f"write_retry_backoff_s ({self.write_retry_backoff_s}) must not exceed "
                              f"write_retry_backoff_max_s ({self.write_retry_backoff_max_s})")
-        KafkaSecurity.of(self)  # raises ValueError on invalid TLS/SASL fields
+        super().__post_init__()  # the TLS/SASL fields
 
     @property
     def resolved_group_id(self) -> str:
         """``group_id``, or ``serve-journal-sink-<topic>``."""
         return self.group_id or f"serve-journal-sink-{self.topic}"
-
-    @property
-    def security(self) -> KafkaSecurity:
-        """The TLS/SASL fields, validated."""
-        return KafkaSecurity.of(self)
 
     def consumer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``aiokafka.AIOKafkaConsumer`` (no auto commit, from earliest)."""
@@ -144,7 +130,7 @@ class KafkaSinkSettings:
             "enable_auto_commit": False,
             "auto_offset_reset": "earliest",
             "fetch_max_wait_ms": self.fetch_max_wait_ms,
-            **self.security.client_kwargs(),
+            **self.client_kwargs(),
         }
 
 

@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import pyarrow as pa
@@ -56,7 +56,7 @@ numbers; ``None`` when it does not (a crashed loop, an unreadable spool record).
 
 
 @dataclass(frozen=True)
-class KafkaSettings:
+class KafkaSettings(KafkaSecurity):
     """Producer side of the Kafka path; validated on construction, clients built at start."""
 
     bootstrap_servers: str
@@ -89,15 +89,6 @@ class KafkaSettings:
     orphan_scan_interval_s: float = 30.0
     """How often to look for such spools (also once at start)."""
     client_id: str = "serve-journal"
-    # TLS/SASL: the fields of serve_journal.transport.kafka_security.KafkaSecurity.
-    security_protocol: str = "PLAINTEXT"
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    ssl_password: str | None = field(default=None, repr=False)
-    sasl_mechanism: str | None = None
-    sasl_plain_username: str | None = None
-    sasl_plain_password: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.bootstrap_servers, str) or not self.bootstrap_servers.strip():
@@ -122,7 +113,7 @@ class KafkaSettings:
                              f"retry_backoff_max_s ({self.retry_backoff_max_s})")
         if self.linger_ms < 0:
             raise ValueError(f"linger_ms must be >= 0, got {self.linger_ms!r}")
-        KafkaSecurity.of(self)  # raises ValueError on invalid TLS/SASL fields
+        super().__post_init__()  # the TLS/SASL fields
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> KafkaSettings:
@@ -137,11 +128,6 @@ class KafkaSettings:
     def spool_label(self) -> str:
         """What marks this deployment's spools, so only they are adopted (brokers and topic)."""
         return f"kafka {self.bootstrap_servers} {self.topic}"
-
-    @property
-    def security(self) -> KafkaSecurity:
-        """The TLS/SASL fields, validated."""
-        return KafkaSecurity.of(self)
 
     def resolved_spool_dir(self) -> str:
         """``spool_dir``, or ``<temp dir>/serve-journal-spool/<topic>/<client_id>``."""
@@ -161,7 +147,7 @@ class KafkaSettings:
             "max_request_size": max(self.max_batch_size, 1024 * 1024),
             "compression_type": self.compression_type,
             "request_timeout_ms": self.request_timeout_ms,
-            **self.security.client_kwargs(),
+            **self.client_kwargs(),
         }
 
 

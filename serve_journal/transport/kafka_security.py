@@ -1,24 +1,26 @@
 """Kafka client security (TLS, SASL): validated and turned into aiokafka arguments in one place.
 
 The producer (``KafkaSettings`` in ``transport/kafka.py``) and the sink's consumer
-(``KafkaSinkSettings`` in ``sink/kafka.py``) carry the same flat fields (``security_protocol``,
-``ssl_*``, ``sasl_*``); both build their :class:`KafkaSecurity` from them with
-:meth:`KafkaSecurity.of`, which validates them, and take their client arguments from
-:meth:`KafkaSecurity.client_kwargs`.
+(``KafkaSinkSettings`` in ``sink/kafka.py``) both inherit :class:`KafkaSecurity`: the same flat,
+keyword-only fields (``security_protocol``, ``ssl_*``, ``sasl_*``), validated once in its
+``__post_init__``, and their client arguments from :meth:`KafkaSecurity.client_kwargs`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KafkaSecurity:
-    """How a Kafka client authenticates and encrypts; passwords are kept out of ``repr``."""
+    """How a Kafka client authenticates and encrypts; passwords are kept out of ``repr``.
+
+    The producer and sink settings inherit these fields (keyword-only), so a flat settings mapping
+    (``extra={"kafka": {"security_protocol": ...}}``) configures both the same way."""
 
     security_protocol: str = "PLAINTEXT"
     ssl_cafile: str | None = None
@@ -36,11 +38,6 @@ class KafkaSecurity:
             raise ValueError(f"sasl_mechanism must be one of {SASL_MECHANISMS}, got {self.sasl_mechanism!r}")
         if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
             raise ValueError("sasl_mechanism is required when security_protocol is SASL_*")
-
-    @classmethod
-    def of(cls, settings: object) -> KafkaSecurity:
-        """The security fields of a settings object that carries them under the same names."""
-        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
     def client_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for an aiokafka producer or consumer: the protocol, an SSL context
