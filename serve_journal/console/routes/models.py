@@ -57,7 +57,7 @@ def _lag_points(console: ConsoleState, model: str, start: dt.datetime,
         if r.model != model or r.min_ts_us is None or r.max_ts_us < lo_us \
                 or r.min_ts_us >= hi_us or not r.created or r.replaces:
             continue
-        created = dt.datetime.fromisoformat(r.created).timestamp()
+        created = as_utc(r.created, "created").timestamp()
         newest = dt.datetime.fromtimestamp(r.max_ts_us / 1e6, dt.UTC)
         points.append((newest, created - r.max_ts_us / 1e6, created - r.min_ts_us / 1e6))
     points.sort()
