@@ -408,7 +408,7 @@ def test_rescorer_needs_an_explicit_feature_order_or_a_signature(mlflow_registry
         MlflowRescorer(tracking_uri, feature_names=["amount", "amount"])
     with pytest.raises(ValueError, match="non-empty"):
         MlflowRescorer(tracking_uri, feature_names=[])
-    with pytest.raises(ValueError, match="give the feature order to that rescorer"):
+    with pytest.raises(ValueError, match="give them to that rescorer"):
         replay("./no-journal", model=MODEL_NAME, rescore=True, rescorer=explicit,
                feature_names=FEATURES)
 
