@@ -96,6 +96,10 @@ def test_time_claims():
     assert reason(verifier, sign(key, "EdDSA", claims(exp=int(now) - 31))) == "expired"
     assert verifier.verify(sign(key, "EdDSA", claims(exp=int(now) - 29)), now=int(now)) == "svc-payments"
     assert reason(verifier, sign(key, "EdDSA", claims(nbf=int(now) + 60))) == "not_yet_valid"
+    # Python's JSON parser reads Infinity and NaN: neither may mean "never expires".
+    for odd in (float("inf"), float("nan")):
+        assert reason(verifier, sign(key, "EdDSA", claims(exp=odd))) == "malformed"
+    assert reason(verifier, sign(key, "EdDSA", claims(nbf=float("-inf")))) == "malformed"
     no_exp = {"sub": "svc"}
     assert reason(verifier, sign(key, "EdDSA", no_exp)) == "missing_expiry"
     assert JwtVerifier(pem(key), require_expiry=False).verify(sign(key, "EdDSA", no_exp)) == "svc"

@@ -269,6 +269,8 @@ class Session:
     expires: float
 
 
+CLOCK_SKEW_S = 30.0
+"""How far ahead of this replica's clock another console replica's clock may be."""
 SESSION_SALT = "serve-journal.console.session"
 CSRF_SALT = "serve-journal.console.csrf"
 PRESESSION_SALT = "serve-journal.console.pre-session"
@@ -290,8 +292,8 @@ class SessionCodec:
     """Signs and checks session cookies and derives CSRF tokens from them (``itsdangerous``).
 
     Session cookies are ``URLSafeTimedSerializer`` values (salt :data:`SESSION_SALT`, HMAC-SHA256)
-    holding ``{"u": user name, "s": random session id}``; one older than ``ttl_s`` seconds is
-    refused. CSRF tokens and pre-session cookies are HMAC-SHA256 signatures under salts of their
+    holding ``{"u": user name, "s": random session id}``; one older than ``ttl_s`` seconds, or
+    issued more than :data:`CLOCK_SKEW_S` in the future, is refused. CSRF tokens and pre-session cookies are HMAC-SHA256 signatures under salts of their
     own, so no value signed for one purpose is accepted for another.
     """
 
@@ -323,9 +325,14 @@ class SessionCodec:
         if not value:
             return None
         try:
-            doc, issued = self._sessions(now).loads(value, max_age=self.ttl_s,
-                                                    return_timestamp=True)
-        except BadData:  # bad signature, expired, issued in the future, or not our payload
+            # Age is checked here, not by itsdangerous, which refuses a cookie issued even one
+            # second "in the future": with several console replicas, clocks differ a little.
+            doc, issued = self._sessions(now).loads(value, return_timestamp=True)
+        except BadData:  # bad signature or not our payload
+            return None
+        clock = time.time() if now is None else now
+        age = clock - issued.timestamp()
+        if age > self.ttl_s or age < -CLOCK_SKEW_S:
             return None
         if not isinstance(doc, dict) or not isinstance(doc.get("u"), str) \
                 or not isinstance(doc.get("s"), str):

@@ -11,12 +11,14 @@ match the configured key's type, so ``none``, HMAC and algorithm-confusion token
 
 PyJWT (``jwt.decode``) parses the token and verifies its signature. The claims (``exp``, ``nbf``,
 ``iat``, ``iss``, ``aud``, ``sub``) are then checked here, in a fixed order and against a clock
-that ``now=`` can pin (PyJWT always reads the wall clock), so a token gets the same reason from
-:data:`REASONS` as it always did.
+that ``now=`` can pin (PyJWT always reads the wall clock), so a token that fails several checks
+gets a stable reason from :data:`REASONS`. Since PyJWT parses strictly, a token whose base64 is
+not canonical (stray ``+``, non-zero trailing bits, a truncated signature) is ``malformed``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -187,7 +189,9 @@ class JwtVerifier:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite JSON number (``NaN`` and ``Infinity``, which Python's JSON parser accepts, are
+    not: an ``exp`` of ``Infinity`` must not mean "never expires")."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _rebuild(pem: bytes, algorithms: tuple[str, ...], issuer: str | None, audience: str | None,
