@@ -232,3 +232,15 @@ def test_forget_counts_through_the_catalog_so_a_compacted_entry_counts_once(worl
            new_files=[compacted], replaces=inputs, expected=fingerprint(merged))
     assert all(storage.exists(p) for p in inputs)  # still there, as retention would keep them
     assert count_subject_entries(storage, pseudonymizer.token_for("alice")) == (2, [("fraud", "3")])
+
+
+def test_an_unreadable_journal_never_blocks_the_erasure(world):
+    """Someone drops a file the catalog cannot place: counting fails, the key is shredded anyway
+    and the receipt says the count is unknown."""
+    _, _, _, vault, pseudonymizer, storage = world
+    write_journal(storage, journal_table(pseudonymizer, [("alice", {"amount": 1}, "fraud", "3")]),
+                  HOT, "w-1")
+    storage.put_new("hot/stray.parquet", b"not a partition path")
+    receipt = forget("alice", vault=vault, journal_storage=storage)
+    assert receipt.status == "shredded" and receipt.entries_unlinkable is None
+    assert vault.get_many(["alice"]) == {} or vault.get_many(["alice"]).get("alice") is None

@@ -66,7 +66,9 @@ class ForgetReceipt:
     """Random id of the destroyed key; ``None`` when the subject had no key."""
     status: str
     """``shredded`` (a key was destroyed) or ``no_key`` (nothing in the vault for that subject)."""
-    entries_unlinkable: int
+    entries_unlinkable: int | None
+    """Entries of the subject in the journal's live files; ``None`` when the journal could not be
+    read (the key is destroyed all the same: counting never stands in the way of erasure)."""
     model_versions: list[dict[str, str]]
     hooks: dict[str, str] = field(default_factory=dict)
     """``purge`` / ``forget`` -> ``ok``, ``not_configured`` or ``failed:<ExceptionType>``."""
@@ -145,9 +147,15 @@ def forget(
     now = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
     key = vault.get_many([subject_id]).get(subject_id)
     token = key.token if key is not None else None  # before the key is gone
-    entries, versions = 0, []
+    entries: int | None = 0
+    versions: list[tuple[str, str]] = []
     if token is not None and journal_storage is not None:
-        entries, versions = count_subject_entries(journal_storage, token)
+        try:
+            entries, versions = count_subject_entries(journal_storage, token)
+        except Exception as exc:  # noqa: BLE001 - an unreadable journal must not block erasure
+            log.warning("forget: could not count the subject's entries (%s); shredding the key "
+                        "anyway", type(exc).__name__)
+            entries = None
     key_ref = vault.forget(subject_id)
     if key_ref is None and key is not None:
         key_ref = key.key_ref  # a concurrent forget destroyed it between our read and delete
