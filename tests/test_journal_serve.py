@@ -15,22 +15,15 @@ import uuid
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import requests
 from ray import serve
 
 from serve_journal import flush_journal, journaled, producer_reports
 from serve_journal.examples.fraud import MODEL_NAME, FraudModel, build_app, random_features
-from serve_journal.schema import ENTRY_SCHEMA
+from tests.helpers.journal import read_journal
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def read_journal(root: Path) -> pa.Table:
-    files = sorted(glob.glob(str(root / "hot" / "**" / "*.parquet"), recursive=True))
-    tables = [pq.ParquetFile(f).read() for f in files]
-    return pa.concat_tables(tables) if tables else ENTRY_SCHEMA.empty_table()
 
 
 def post(url: str, body: dict, request_id: str | None = None, caller: str = "svc-a") -> requests.Response:

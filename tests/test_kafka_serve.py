@@ -18,10 +18,10 @@ from serve_journal.read.verify import verify_journal
 from serve_journal.sink.kafka import KafkaSink, KafkaSinkSettings
 from serve_journal.sink.kafka_app import sink_manifest_hook
 from serve_journal.storage import open_storage
+from tests.helpers.deployments import Rules
+from tests.helpers.journal import read_journal
 
 from .fixtures.kafka import wait_for
-from .test_journal_serve import read_journal
-from .test_policy_serve import Rules
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -19,8 +19,8 @@ from serve_journal.examples.fraud import MODEL_NAME
 from serve_journal.read.stats import accounted_gaps, load_counters
 from serve_journal.read.verify import verify_journal
 from serve_journal.storage import open_storage
-
-from .test_journal_serve import read_journal
+from tests.helpers.deployments import Failing, Rules
+from tests.helpers.journal import read_journal
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -32,16 +32,6 @@ POLICY = {
     "rules": [{"tier": "high", "decision": "block"}],
     "default_tier": "low",
 }
-
-
-@serve.deployment(max_ongoing_requests=64)
-class Rules:
-    """Blocks amounts >= 50: a deterministic model so the test knows every decision."""
-
-    async def __call__(self, request) -> dict:
-        body = await request.json()
-        amount = body["features"]["amount"]
-        return {"score": min(1.0, amount / 100.0), "decision": "block" if amount >= 50 else "allow"}
 
 
 @pytest.fixture
@@ -104,6 +94,42 @@ def test_full_buffer_keeps_every_high_risk_decision_and_counts_every_low_risk_dr
     assert by_disposition["dropped"] > 0
     assert by_disposition["sampled_out"] > 0
     # ... and verify explains every sequence gap with the counted drops and samples.
+    public_key = root.parent / "journal-keys" / "manifest-signing.pub.pem"
+    report = verify_journal(storage, public_key=str(public_key), accounted_gaps=accounted_gaps(storage))
+    assert report.ok, report.to_json()
+
+
+def test_errors_meeting_a_full_buffer_in_a_refusing_tier_are_journaled_or_counted(
+        serve_instance, mlflow_registry, tmp_path, app_name):
+    """A failing method serves no decision, so there is nothing to refuse; with the buffer and its
+    reserve full, its entry is still journaled or counted as dropped, never lost uncounted."""
+    tracking_uri, _ = mlflow_registry
+    root = tmp_path / "journal"
+    policy = {"tiers": {"high": {"sample_rate": 1.0, "overflow": "refuse"}}, "rules": [],
+              "default_tier": "high"}
+    dep = journaled(model=f"models:/{MODEL_NAME}@champion", tracking_uri=tracking_uri,
+                    journal_uri=str(root), threshold=0.5, risk_policy=policy, buffer_capacity=2,
+                    flush_interval_s=0.25, flush_batch_size=10_000, reserve_capacity=2)(Failing)
+    serve.run(dep.bind(), name=app_name, route_prefix=f"/{app_name}")
+    url = f"{serve_instance}/{app_name}"
+
+    def send(i: int) -> int:
+        return requests.post(url, json={"subject_id": f"s{i % 5}", "features": {"amount": 1.0}},
+                             headers={"x-request-id": f"e-{i}"}, timeout=60).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(send, range(120)))
+    assert set(statuses) == {500}
+    assert flush_journal(str(root), timeout=60)
+    serve.delete(app_name)  # replicas close: their counters are flushed
+
+    rows = read_journal(root).to_pylist()
+    assert all(r["outcome"] == "error" and r["error_type"] == "ValueError" for r in rows)
+    storage = open_storage(str(root))
+    counted = load_counters(storage).to_pylist()
+    dropped = sum(c["count"] for c in counted if c["disposition"] == "dropped")
+    assert dropped > 0, "the buffer never filled: the test did not exercise the full buffer"
+    assert len(rows) + dropped == len(statuses)
     public_key = root.parent / "journal-keys" / "manifest-signing.pub.pem"
     report = verify_journal(storage, public_key=str(public_key), accounted_gaps=accounted_gaps(storage))
     assert report.ok, report.to_json()

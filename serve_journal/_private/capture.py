@@ -159,11 +159,21 @@ class CallCapture:
         annotations["caller"] = "anonymous"
         if self._on_invalid_caller == "anonymous":
             return None
-        self.capture(args, {}, None, OUTCOME_REJECTED, f"caller_{reason}", started, annotations)
+        self.keep_unserved(self.capture(args, {}, None, OUTCOME_REJECTED, f"caller_{reason}",
+                                        started, annotations))
         return JSONResponse({"error": f"caller rejected: {reason}"}, status_code=401,
                             headers={"WWW-Authenticate": "Bearer"})
 
     # -- a full buffer ---------------------------------------------------------------------
+
+    def keep_unserved(self, call: CapturedCall | None) -> None:
+        """A call that served no decision (the method raised, or the caller was rejected) met a
+        full buffer in a tier that would wait or refuse: there is nothing to refuse, so journal
+        it in the reserve room, or count it as dropped. Never leave it uncounted."""
+        if call is None:
+            return
+        if not self._worker.offer(call, report_drop=False, reserved=True):
+            self._drops((call,), REASON_BUFFER_FULL)
 
     def _room_deadline(self, call: CapturedCall) -> float | None:
         """Deadline to wait for room, or ``None`` when the tier refuses at once."""
@@ -256,8 +266,9 @@ class JournaledCall:
         """After the method: journal an exception (it still propagates); close the scope."""
         try:
             if exc_type is not None:
-                self._capture.capture(self.args, self.kwargs, None, OUTCOME_ERROR,
-                                      exc_type.__name__, self.started, self.annotations)
+                self._capture.keep_unserved(self._capture.capture(
+                    self.args, self.kwargs, None, OUTCOME_ERROR, exc_type.__name__, self.started,
+                    self.annotations))
         finally:
             self._close()
         return False
