@@ -47,12 +47,14 @@ class BatchExporter:
         """Export one batch; raises when the transport keeps failing past the deadline."""
         started = time.perf_counter()
         fin = self.finalizer.finalize(calls)
+        if fin.batch.num_rows:
+            # Counted only once sent: a batch given up raises, and the worker then counts every
+            # call of it as dropped (export_failed), so no call is counted both ways.
+            self.send(fin.batch)
         self.counters.record_finalized(calls, fin)
-        if fin.batch.num_rows == 0:
-            self.exported += len(calls)
-            return
-        self.send(fin.batch)
         self.exported += len(calls)
+        if fin.batch.num_rows == 0:
+            return
         self.metrics.observe_flush_ms((time.perf_counter() - started) * 1000.0)
 
     def send(self, batch: pa.RecordBatch) -> None:
