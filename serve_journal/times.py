@@ -8,20 +8,22 @@ EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def as_utc(value: dt.datetime | str | None, name: str = "time") -> dt.datetime | None:
-    """``value`` as an aware UTC datetime; ``None`` and ``""`` stay ``None``.
+    """``value`` as an aware UTC datetime; ``None`` stays ``None`` (no bound).
 
     Strings are ISO 8601 (``2025-01-15T10:00:00Z``, ``2025-01-15T10:00:00+02:00``,
     ``2025-01-15``); a time without an offset, string or datetime, is taken as UTC. ``name``
-    names the parameter in the error.
+    names the parameter in the error. An empty string is an error, not "no bound": a form
+    field left empty is the caller's to turn into ``None``.
     """
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if value is None:
         return None
     if isinstance(value, str):
         try:
             value = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
         except ValueError:
+            shown = value if len(value) <= 40 else value[:40] + "..."
             raise ValueError(
-                f"{name} must be an ISO-8601 time like 2025-01-15T10:00:00Z, got {value!r}"
+                f"{name} must be an ISO-8601 time like 2025-01-15T10:00:00Z, got {shown!r}"
             ) from None
     if not isinstance(value, dt.datetime):
         raise TypeError(f"{name} must be a datetime or ISO-8601 string, got {type(value).__name__}")

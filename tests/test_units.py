@@ -157,3 +157,22 @@ def test_docs_schema_table_matches_the_code():
     doc = (Path(__file__).parent.parent / "docs" / "schema.md").read_text()
     table = doc.split("<!-- schema:start -->")[1].split("<!-- schema:end -->")[0].strip()
     assert table == schema_markdown()
+
+
+def test_one_time_parser_for_every_time_option():
+    import datetime as dt
+
+    from serve_journal.times import as_utc, to_micros
+
+    utc = dt.datetime(2025, 1, 15, 10, 0, tzinfo=dt.UTC)
+    assert as_utc("2025-01-15T10:00:00Z") == utc
+    assert as_utc("2025-01-15T12:00:00+02:00") == utc
+    assert as_utc("2025-01-15T10:00:00") == utc  # no offset: UTC
+    assert as_utc(dt.datetime(2025, 1, 15, 10)) == utc
+    assert as_utc(None) is None
+    assert to_micros("1970-01-01T00:00:01Z") == 1_000_000
+    for bad in ("", "yesterday", "2025-13-01"):
+        with pytest.raises(ValueError, match="since must be an ISO-8601 time"):
+            as_utc(bad, "since")
+    with pytest.raises(TypeError, match="until"):
+        as_utc(12345, "until")  # type: ignore[arg-type]

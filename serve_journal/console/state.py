@@ -118,7 +118,8 @@ class ConsoleState:
         Raises ``ValueError`` naming the parameter when one is not a time.
         """
         default_since, default_until = self.default_window(model)
-        return (as_utc(since, "since") or default_since, as_utc(until, "until") or default_until)
+        return (as_utc(since or None, "since") or default_since,
+                as_utc(until or None, "until") or default_until)
 
     def render(self, request: Request, template: str, status: int = 200,
                user: User | None = None, csrf: str | None = None,

@@ -67,8 +67,8 @@ def _filters(values: dict[str, str], console: ConsoleState) -> tuple[dict[str, A
         "model_version": values["model_version"] or None,
         "decision": values["decision"] or None,
         "outcome": values["outcome"] or None,
-        "since": as_utc(values["since"], "since"),
-        "until": as_utc(values["until"], "until"),
+        "since": as_utc(values["since"] or None, "since"),
+        "until": as_utc(values["until"] or None, "until"),
     }
     if filters["subject"] and console.tokenizer is None:
         raise ValueError("this console has no subject tokenizer: search by subject token")

@@ -104,7 +104,8 @@ def stats_page(request: Request, console: ConsoleDep, auth: Stats, model: str | 
     """Exact counts and Horvitz-Thompson estimates by model, version, decision and outcome."""
     user, csrf = auth
     try:
-        report = stats(console.storage, as_utc(since, "since"), as_utc(until, "until"),
+        report = stats(console.storage, as_utc(since or None, "since"),
+                       as_utc(until or None, "until"),
                        model or None,
                        group_by=("model_name", "model_version", "decision", "outcome"))
     except ValueError as exc:
