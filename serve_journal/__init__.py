@@ -7,7 +7,8 @@ What users call:
 
 - on the deployment: :func:`journaled`, :func:`annotate`;
 - from the driver: :func:`flush_journal`, :func:`producer_reports`, :func:`shutdown_journal`,
-  :func:`subject_tokenizer` (subject id -> the token entries carry);
+  :func:`subject_tokenizer` (subject id -> the token entries carry), :func:`caller_tokenizer`
+  (caller id -> the caller token entries carry with ``caller_privacy="token"``);
 - reading the journal: :class:`JournalQuery`, :func:`verify_journal`, :func:`journal_stats`,
   :func:`replay`, :func:`forget_subject`;
 - the registry: :func:`resolve_model`, :func:`dataset_manifest`,
@@ -19,6 +20,7 @@ Everything else lives in subpackages (``read``, ``replay``, ``maintain``, ``priv
 
 from serve_journal.api import (
     annotate,
+    caller_tokenizer,
     flush_journal,
     journaled,
     producer_reports,
@@ -52,6 +54,7 @@ __all__ = [
     "ModelInfo",
     "ModelNotFoundError",
     "annotate",
+    "caller_tokenizer",
     "dataset_manifest",
     "flush_journal",
     "forget_subject",

@@ -2,8 +2,8 @@
 
 ``journaled`` wraps a deployment class (:mod:`serve_journal._private.wrapper`); ``annotate`` adds
 facts to the current call from inside it. On the driver, ``producer_reports``, ``flush_journal``
-and ``shutdown_journal`` talk to a journal root's coordinator and writer actors, and
-``subject_tokenizer`` computes subject tokens as the replicas do.
+and ``shutdown_journal`` talk to a journal root's coordinator and writer actors;
+``subject_tokenizer`` and ``caller_tokenizer`` compute subject and caller tokens as the replicas do.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from serve_journal._private.capture import annotate
 from serve_journal._private.wiring import build_privacy
 from serve_journal._private.wrapper import wrap_class
 from serve_journal.config import JournalConfig
+from serve_journal.privacy.keyring import Keyring
+from serve_journal.privacy.tokens import CallerTokenizer
 from serve_journal.storage import is_local_uri, local_root
 
 FLUSH_POLL_S = 0.05
@@ -126,6 +128,18 @@ def subject_tokenizer(journal_uri: str = "./journal", **options: Any) -> Callabl
     return build_privacy(config)[0].token_for
 
 
+def caller_tokenizer(journal_uri: str = "./journal", **options: Any) -> Callable[[str], str | None]:
+    """``caller id -> caller token`` as replicas with ``caller_privacy="token"`` record it, for
+    lookups (``JournalQuery(..., caller_tokenizer=...)``).
+
+    ``anonymous`` stays ``anonymous``. Returns ``None`` while no replica of the journal has
+    tokenized a caller (the keyring has no caller-token key yet); never adds a key.
+    """
+    options.setdefault("model", "unused")
+    config = JournalConfig.resolve(journal_uri=_root(journal_uri), **options)
+    return CallerTokenizer(Keyring.local_default(config.resolved_privacy_dir()), create=False)
+
+
 def shutdown_journal(journal_uri: str = "./journal", *, namespace: str = "serve_journal",
                      timeout: float = 30.0) -> None:
     """Flush, then stop the writer actors and coordinator of a journal root."""
@@ -143,6 +157,6 @@ def shutdown_journal(journal_uri: str = "./journal", *, namespace: str = "serve_
 
 
 __all__ = [
-    "annotate", "flush_journal", "journaled", "producer_reports", "shutdown_journal",
+    "annotate", "caller_tokenizer", "flush_journal", "journaled", "producer_reports", "shutdown_journal",
     "subject_tokenizer",
 ]

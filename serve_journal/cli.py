@@ -12,8 +12,10 @@ import os
 import sys
 
 import click
+import pyarrow as pa
 
-from serve_journal.api import subject_tokenizer
+from serve_journal.api import caller_tokenizer, subject_tokenizer
+from serve_journal.cli_input import expand_subjects, subject_token_option
 from serve_journal.config import JournalConfig
 from serve_journal.console import write_report
 from serve_journal.console.commands import console_command, console_user
@@ -27,7 +29,7 @@ from serve_journal.privacy.forget import ForgetIncompleteError, forget_subject
 from serve_journal.read.query import JournalQuery, format_table, to_json, write_parquet
 from serve_journal.read.stats import accounted_gaps
 from serve_journal.read.stats import stats as journal_stats
-from serve_journal.read.verify import format_report, verify_journal
+from serve_journal.read.verify import format_report, load_heads, save_heads, verify_journal
 from serve_journal.registry import dataset_manifest, register_dataset_manifest
 from serve_journal.replay.driver import replay_command
 from serve_journal.sink.kafka_app import run_journal_sink
@@ -62,8 +64,14 @@ def manifest(paths: tuple[str, ...], model_name: str | None, model_version: str 
 
 @main.command()
 @click.option("--journal", "journal_uri", default="./journal", show_default=True)
-@click.option("--subject", default=None, help="Subject id (turned into its token; never stored).")
-@click.option("--subject-token", default=None)
+@click.option("--subject", default=None,
+              help="Subject id (turned into its token; never stored). '-' reads ids from "
+                   "standard input, one per line, keeping them out of shell history.")
+@click.option("--subject-token", default=None, callback=subject_token_option,
+              help="A subject token (32 lowercase hex characters).")
+@click.option("--caller", default=None,
+              help="Caller id (or its ct- token); also finds entries journaled with "
+                   "caller_privacy=token.")
 @click.option("--request-id", default=None)
 @click.option("--model", default=None)
 @click.option("--model-version", default=None)
@@ -76,18 +84,33 @@ def manifest(paths: tuple[str, ...], model_name: str | None, model_version: str 
 @click.option("--as", "actor", default=None, help="Who is asking (recorded in the access log).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
 @click.option("--parquet", "parquet_path", default=None, help="Write the result to this file.")
-def query(journal_uri: str, subject: str | None, subject_token: str | None, request_id: str | None,
-          model: str | None, model_version: str | None, decision: str | None,
-          outcome: str | None, since: str | None, until: str | None, limit: int | None, tier: str,
-          actor: str | None, as_json: bool, parquet_path: str | None) -> None:
+def query(journal_uri: str, subject: str | None, subject_token: str | None, caller: str | None,
+          request_id: str | None, model: str | None, model_version: str | None,
+          decision: str | None, outcome: str | None, since: str | None, until: str | None,
+          limit: int | None, tier: str, actor: str | None, as_json: bool,
+          parquet_path: str | None) -> None:
     """Find journal entries; every query is recorded in the journal's access log."""
-
-
+    subjects: list[str | None] = [None] if subject is None else list(expand_subjects([subject]))
     q = JournalQuery(journal_uri, tokenizer=subject_tokenizer(journal_uri),
+                     caller_tokenizer=caller_tokenizer(journal_uri) if caller else None,
                      actor=actor or getpass.getuser())
-    table = q.find(subject=subject, subject_token=subject_token, request_id=request_id, model=model,
-                   model_version=model_version, decision=decision, outcome=outcome, since=since,
-                   until=until, limit=limit, tier=tier)
+    try:
+        tables = [q.find(subject=one, subject_token=subject_token, caller=caller,
+                         request_id=request_id, model=model, model_version=model_version,
+                         decision=decision, outcome=outcome, since=since, until=until,
+                         limit=limit, tier=tier) for one in subjects]
+    except UnicodeError:  # its message would quote a piece of the id
+        raise click.UsageError("--subject must be valid UTF-8 text") from None
+    except ValueError as exc:  # the message names the option, never a subject id
+        raise click.UsageError(str(exc)) from None
+    finally:
+        q.close()
+    table = tables[0]
+    if len(tables) > 1:
+        table = pa.concat_tables(tables).sort_by(
+            [("ts", "ascending"), ("producer_id", "ascending"), ("seq", "ascending")])
+        if limit is not None:
+            table = table.slice(0, limit)
     if parquet_path:
         write_parquet(table, parquet_path)
         click.echo(f"wrote {table.num_rows} entries to {parquet_path}")
@@ -104,18 +127,22 @@ def _parse_time(value: str | None, name: str) -> dt.datetime | None:
         raise click.BadParameter(str(exc)) from None
 
 
+def _reports_dir(journal_uri: str, reports_dir: str | None) -> str | None:
+    """``reports_dir``, else ``journal-reports`` beside a local journal; ``None`` for a remote one."""
+    if reports_dir is not None:
+        return reports_dir
+    root = local_root(journal_uri)
+    return None if root is None else os.path.join(os.path.dirname(root), "journal-reports")
+
+
 def _save_report(journal_uri: str, reports_dir: str | None, prefix: str, document: dict) -> None:
     """Keep a summary where the console shows the latest one (next to a local journal)."""
-    if reports_dir is None:
-        root = local_root(journal_uri)
-        if root is None:
-            return
-        reports_dir = os.path.join(os.path.dirname(root), "journal-reports")
-    write_report(reports_dir, prefix, document)
+    folder = _reports_dir(journal_uri, reports_dir)
+    if folder is not None:
+        write_report(folder, prefix, document)
 
 
 def _default_privacy_dir(journal_uri: str, privacy_dir: str | None) -> str:
-
     return JournalConfig(model="unused", journal_uri=journal_uri,
                          privacy_dir=privacy_dir).resolved_privacy_dir()
 
@@ -130,11 +157,20 @@ def _default_privacy_dir(journal_uri: str, privacy_dir: str | None) -> str:
 @click.option("--privacy-dir", default=None)
 @click.option("--reports-dir", default=None,
               help="Where to keep the summary (default: journal-reports next to a local journal).")
+@click.option("--heads", "heads_file", default=None,
+              help="Chain heads file: checked against, then updated after a clean run (default: "
+                   "verify-heads.json in the reports folder of a local journal).")
+@click.option("--expect-heads", "expect_heads_file", default=None,
+              help="Chain heads file to check against, left unchanged.")
 @click.option("--json", "as_json", is_flag=True)
 def verify(journal_uri: str, since: str | None, model: str | None, public_key: str | None,
            witness_uri: str | None, privacy_dir: str | None, reports_dir: str | None,
-           as_json: bool) -> None:
-    """Prove the journal complete and unaltered; exit code 0 only when everything checks."""
+           heads_file: str | None, expect_heads_file: str | None, as_json: bool) -> None:
+    """Prove the journal complete and unaltered; exit code 0 only when everything checks.
+
+    The signed chain heads of a clean run are kept (--heads), and the next run refuses a journal
+    whose signed history went backwards: tail truncation and rollback are caught without a
+    witness too."""
 
 
     storage = open_storage(journal_uri)
@@ -144,29 +180,49 @@ def verify(journal_uri: str, since: str | None, model: str | None, public_key: s
         if not os.path.exists(public_key):
             raise click.UsageError(f"no public key at {public_key}; pass --public-key")
     witness = open_storage(witness_uri) if witness_uri else None
+    if heads_file is None and expect_heads_file is None:
+        folder = _reports_dir(journal_uri, reports_dir)
+        heads_file = os.path.join(folder, "verify-heads.json") if folder else None
+    try:
+        expected = load_heads(expect_heads_file or heads_file) if (expect_heads_file or heads_file) \
+            else None
+    except (OSError, ValueError) as exc:
+        raise click.UsageError(f"cannot read the chain heads: {exc}") from None
+    if expect_heads_file and expected is None:
+        raise click.UsageError(f"--expect-heads {expect_heads_file}: no such file")
     report = verify_journal(storage, public_key=public_key, witness=witness,
                             since=_parse_time(since, "--since"), model=model,
-                            accounted_gaps=accounted_gaps(storage, model))
+                            accounted_gaps=accounted_gaps(storage, model), expected_heads=expected)
     click.echo(report.to_json() if as_json else format_report(report))
     _save_report(journal_uri, reports_dir, "verify-", report.to_dict())
+    if report.ok and heads_file and not expect_heads_file and since is None and model is None:
+        save_heads(heads_file, report, expected)
     sys.exit(0 if report.ok else 1)
 
 
 @main.command()
 @click.option("--journal", "journal_uri", default="./journal", show_default=True)
-@click.option("--subject", required=True, help="The data subject's id (never stored or logged).")
+@click.option("--subject", required=True,
+              help="The data subject's id (never stored or logged). '-' reads ids from standard "
+                   "input, one per line, keeping them out of shell history.")
 @click.option("--privacy-dir", default=None, help="Keyring folder (default next to a local journal).")
 @click.option("--vault-url", default=None, help="postgresql://... (default: SQLite in privacy dir).")
 def forget(journal_uri: str, subject: str, privacy_dir: str | None, vault_url: str | None) -> None:
     """Right to be forgotten: destroy the subject's key; their entries become unlinkable."""
-    try:
-        receipt = forget_subject(subject, journal_uri=journal_uri,
-                                 privacy_dir=_default_privacy_dir(journal_uri, privacy_dir),
-                                 vault_url=vault_url)
-    except ForgetIncompleteError as exc:
-        click.echo(f"error: {exc}", err=True)
+    subjects = expand_subjects([subject])
+    privacy_dir = _default_privacy_dir(journal_uri, privacy_dir)
+    incomplete = False
+    for one in subjects:
+        try:
+            receipt = forget_subject(one, journal_uri=journal_uri, privacy_dir=privacy_dir,
+                                     vault_url=vault_url)
+        except ForgetIncompleteError as exc:
+            click.echo(f"error: {exc}", err=True)
+            incomplete = True
+            continue
+        click.echo(receipt.to_json() if hasattr(receipt, "to_json") else str(receipt))
+    if incomplete:
         sys.exit(2)
-    click.echo(receipt.to_json() if hasattr(receipt, "to_json") else str(receipt))
 
 
 @main.command()
@@ -200,8 +256,6 @@ def stats(journal_uri: str, since: str | None, until: str | None, model: str | N
 def sink(bootstrap: str, topic: str, partitions: str, journal_uri: str, roll_seconds: float,
          witness_uri: str | None, signing_key_file: str | None) -> None:
     """Consume journal entries from Kafka into Parquet, exactly once, until SIGINT/SIGTERM."""
-
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_journal_sink(bootstrap, topic, partitions, journal_uri, roll_seconds=roll_seconds,
                      witness_uri=witness_uri, signing_key_file=signing_key_file)
@@ -235,8 +289,6 @@ def lifecycle_run(journal_uri: str, hot_days: int, do_apply: bool) -> None:
 @click.option("--deep-archive-after-days", default=180, show_default=True, type=int)
 def lifecycle_s3_config(prefix: str, glacier_after_days: int, deep_archive_after_days: int) -> None:
     """Print the S3 lifecycle configuration (storage-class transitions) for the journal bucket."""
-
-
     click.echo(json.dumps(s3_lifecycle_configuration(
         prefix=prefix, glacier_after_days=glacier_after_days,
         deep_archive_after_days=deep_archive_after_days), indent=2))

@@ -21,6 +21,7 @@ from serve_journal.storage import local_root
 ENV_PREFIX = "SERVE_JOURNAL_"
 
 TRANSPORTS = ("actors", "kafka", "memory")
+CALLER_PRIVACY = ("plain", "token")
 OVERFLOW_POLICIES = ("drop_newest",)
 
 
@@ -62,6 +63,9 @@ class JournalConfig:
     caller_jwt_audience: str | None = None
     on_invalid_caller: str = "refuse"
     """``refuse`` (HTTP 401, journaled as outcome ``rejected`` with the reason) or ``anonymous``."""
+    caller_privacy: str = "plain"
+    """``plain`` records the caller identity as given; ``token`` records a keyed caller token
+    (``ct-<hex>``, see :mod:`serve_journal.privacy.tokens`) instead, for callers who are people."""
     caller: Callable[..., str | None] | None = None
     subject: Callable[..., Any] | None = None
     features: Callable[..., Any] | None = None
@@ -118,6 +122,9 @@ class JournalConfig:
         if self.on_invalid_caller not in ("refuse", "anonymous"):
             raise ConfigError(
                 f"on_invalid_caller must be 'refuse' or 'anonymous', got {self.on_invalid_caller!r}")
+        if self.caller_privacy not in CALLER_PRIVACY:
+            raise ConfigError(
+                f"caller_privacy must be one of {CALLER_PRIVACY}, got {self.caller_privacy!r}")
         if self.caller_jwt_public_key is not None:
             try:
                 JwtVerifier(self.jwt_public_key_pem())

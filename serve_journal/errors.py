@@ -83,6 +83,22 @@ class CallerRejected(Exception):
         self.reason = reason
 
 
+class TokenFormatError(ValueError):
+    """A value given as a token (``subject_token=``) does not have a token's format.
+
+    The message names the parameter and the expected format, never the value given.
+    """
+
+    def __init__(self, parameter: str, expected: str) -> None:
+        super().__init__(f"{parameter} must be {expected}")
+        self.parameter = parameter
+
+
+class ReplayDataError(ValueError):
+    """Replay could not use the features (or ids) it read: the message names the stage, the entry's
+    position or path and the types involved, never a feature value or a subject id."""
+
+
 class WireFormatError(ValueError):
     """A message is not a journal entry this version can read (the payload is never quoted)."""
 

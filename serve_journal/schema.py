@@ -29,7 +29,7 @@ COLUMNS: tuple[tuple[str, pa.DataType, bool, str], ...] = (
      "Stable request id: Serve's request id (X-Request-ID when the caller sent one), shared by every "
      "journaled deployment of one composed request."),
     ("ts", pa.timestamp("us", tz="UTC"), False, "Decision time, UTC, microseconds."),
-    ("caller", pa.string(), False, "Caller identity from the configured extractor, or 'anonymous'."),
+    ("caller", pa.string(), False, "Caller identity from the configured extractor (its keyed ct- token with caller_privacy=token), or 'anonymous'."),
     ("subject_token", pa.string(), True,
      "Keyed token of the data subject (never the raw id); null when the request names no subject."),
     ("model_name", pa.string(), False, "Registered model name."),

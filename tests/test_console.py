@@ -36,7 +36,10 @@ from serve_journal.console.app import (
     journal_tokenizer,
 )
 from serve_journal.console.auth import (
+    CLOCK_SKEW_S,
+    LoginThrottle,
     SessionCodec,
+    SessionRevocations,
     UsersFileError,
     UserStore,
     check_password,
@@ -497,6 +500,100 @@ def test_session_cookie_with_another_users_name_is_refused(console):
         response = client.get("/stats", cookies={"sj_session": swapped})
         assert response.status_code == 303 and response.headers["location"].endswith("/login")
         assert "sj_session=" in response.headers["set-cookie"]  # the bad cookie is deleted
+
+
+def _csrf(page) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+
+
+def test_sign_out_revokes_the_session_on_every_replica(console):
+    from starlette.testclient import TestClient
+
+    world = console["world"]
+    with _http_sign_in(console["url"], "ana") as client:
+        copied = client.cookies["sj_session"]
+        csrf = _csrf(client.get("/"))
+        other_replica = TestClient(create_app(_settings(world)), base_url="http://127.0.0.1")
+        other_replica.cookies.set("sj_session", copied)
+        assert other_replica.get("/search", follow_redirects=False).status_code == 200
+        out = client.post("/logout", data={"csrf": csrf})
+        assert out.status_code == 303 and out.headers["location"].endswith("/login")
+    with httpx.Client(base_url=console["url"], cookies={"sj_session": copied}) as thief:
+        refused = thief.get("/search")
+        assert refused.status_code == 303 and refused.headers["location"].endswith("/login")
+        assert thief.post("/search", data={"request_id": "x", "csrf": csrf}).status_code == 303
+    refused = other_replica.get("/search", follow_redirects=False)  # a replica started before
+    assert refused.status_code == 303 and refused.headers["location"].endswith("/login")
+    with _http_sign_in(console["url"], "ana") as client:  # signing in again works
+        assert client.get("/search").status_code == 200
+    # The record names a hash of the session id, never the id; nothing else is in the folder.
+    revoked = Path(f"{world['users_file']}.revoked")
+    session = SessionCodec(load_or_create_secret(f"{world['users_file']}.secret"), 1800) \
+        .parse(copied)
+    names = [p.name for p in revoked.iterdir()]
+    assert names and all(session.sid not in n for n in names)
+    assert all(session.sid not in p.read_text() for p in revoked.iterdir())
+    assert revoked.stat().st_mode & 0o777 == 0o700
+
+
+def test_revocations_are_create_only_and_pruned_after_the_session_lifetime(tmp_path):
+    revocations = SessionRevocations(str(tmp_path / "revoked"))
+    now = time.time()
+    revocations.revoke("sid-old", expires=now - CLOCK_SKEW_S - 1, now=now)  # prunes itself
+    revocations.revoke("sid-live", expires=now + 600, now=now)
+    revocations.revoke("sid-live", expires=now + 900, now=now)  # already revoked: kept as is
+    assert revocations.is_revoked("sid-live") and not revocations.is_revoked("sid-other")
+    assert not revocations.is_revoked("sid-old")  # expired anyway: its record was pruned
+    assert revocations.prune(now + 600) == 0  # within the clock-skew allowance
+    assert revocations.is_revoked("sid-live")
+    assert revocations.prune(now + 600 + CLOCK_SKEW_S + 1) == 1
+    assert not revocations.is_revoked("sid-live") and not os.listdir(revocations.directory)
+
+
+def test_failed_sign_ins_for_one_account_throttle_it_from_every_address(tmp_path, world):
+    from starlette.testclient import TestClient
+
+    users_file = str(tmp_path / "users.json")
+    add_user(users_file, "tess", ["auditor"], "tess-password-123")
+    add_user(users_file, "uma", ["auditor"], "uma-password-123")
+    settings = _settings(world, users_file=users_file)
+    replicas = [create_app(settings), create_app(settings)]  # they share the failure records
+
+    def attempt(address: str, name: str, password: str, replica: int = 0) -> int:
+        client = TestClient(replicas[replica], base_url="http://127.0.0.1", client=(address, 4000))
+        page = client.get("/login")
+        return client.post("/login", data={"csrf": _csrf(page), "username": name,
+                                           "password": password},
+                           follow_redirects=False).status_code
+
+    for i in range(10):  # ten guesses, each from another address, through both replicas
+        assert attempt(f"10.0.0.{i}", "tess", f"guess-{i}-password", replica=i % 2) == 401
+    assert attempt("10.0.1.1", "tess", "tess-password-123") == 429  # even the right password
+    assert attempt("10.0.1.2", "tess", "tess-password-123", replica=1) == 429
+    assert attempt("10.0.1.3", "uma", "uma-password-123") == 303  # other accounts are unaffected
+    for i in range(10):  # a name that is no account is throttled the same way
+        assert attempt(f"10.0.2.{i}", "nobody", "guess-password-x") == 401
+    assert attempt("10.0.3.1", "nobody", "guess-password-x") == 429
+    records = list(Path(f"{users_file}.failures").iterdir())
+    assert len(records) == 20 and not any("tess" in p.name or "nobody" in p.name for p in records)
+    # Once the window has passed, the account may sign in again (and stale records go).
+    throttle = LoginThrottle(directory=f"{users_file}.failures")
+    assert throttle.account_blocked("tess")
+    assert not throttle.account_blocked("tess", now=time.time() + 301)
+    assert not list(Path(f"{users_file}.failures").iterdir())
+
+
+def test_timeline_refuses_what_is_not_a_subject_token(console):
+    pasted = "pasted-subject-id-77"  # not one of SUBJECTS: URLs are in the server's log
+    with _http_sign_in(console["url"], "ana") as client:
+        for bad in (pasted, "A" * 32):
+            page = client.get(f"/subject/{bad}")
+            assert page.status_code == 404 and bad not in page.text
+            assert client.get(f"/subject/{bad}/chart.png").status_code == 404
+        home = client.get("/")
+        form = client.post("/search", data={"csrf": _csrf(home), "subject_token": pasted})
+        assert form.status_code == 400 and "must be a subject token" in form.text
+        assert pasted not in form.text
 
 
 def test_session_codec_signs_with_itsdangerous(tmp_path):

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import pickle
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from serve_journal.errors import ReplayDataError
 from serve_journal.integrity.encoding import canonical_encode
+from serve_journal.privacy.pseudonymizer import StaticKeyPseudonymizer
 from serve_journal.replay.featurestore import (
     FEATURE_FILE_SCHEMA,
     FeatureStore,
@@ -19,6 +23,9 @@ from serve_journal.replay.featurestore import (
     default_feature_store_uri,
     record_features,
 )
+from serve_journal.replay.rescore import MlflowRescorer
+from serve_journal.replay.tasks import JOURNAL_COLUMNS, TaskSpec, replay_batch
+from serve_journal.replay.verifiers import StaticKeyVerifier
 
 T0 = dt.datetime(2025, 3, 4, 10, 0, tzinfo=dt.UTC)
 
@@ -151,3 +158,120 @@ def test_default_location_is_beside_a_local_journal(tmp_path):
     assert default_feature_store_uri(str(tmp_path / "journal")) == os.path.join(tmp_path, "features")
     with pytest.raises(ValueError, match="no default feature store"):
         default_feature_store_uri("s3://bucket/journal")
+
+
+SUBJECT_CANARY = "CANARY-SUBJ-51e0d2"
+FEATURE_CANARY = "CANARY-FEAT-9a77c3"
+
+
+def _assert_clean(exc: BaseException, caplog) -> None:
+    """No canary in the error, in what it chains to, in its pickle or in any log record."""
+    seen = []
+    current: BaseException | None = exc
+    while current is not None:
+        seen += [str(current), repr(current), repr(current.args)]
+        current = current.__cause__ or current.__context__
+    seen.append(repr(pickle.loads(pickle.dumps(exc)).__dict__))
+    seen += [r.getMessage() for r in caplog.records]
+    for canary in (SUBJECT_CANARY, FEATURE_CANARY):
+        assert not any(canary in text for text in seen), f"{canary} leaked"
+
+
+def _plant_feature_row(store: ParquetFeatureStore, entity: str, text: str) -> None:
+    """A row written behind the store's back (a corrupt or foreign file)."""
+    table = pa.table({"entity_id": [entity], "ts": pa.array([at(0)], pa.timestamp("us", tz="UTC")),
+                      "features": [text]}, schema=FEATURE_FILE_SCHEMA)
+    os.makedirs(store.root, exist_ok=True)
+    pq.write_table(table, os.path.join(store.root, "features-planted.parquet"))
+
+
+def test_unparsable_features_are_reported_without_their_text(store, caplog):
+    _plant_feature_row(store, SUBJECT_CANARY, '{"merchant": "' + FEATURE_CANARY)
+    with pytest.raises(ReplayDataError, match="position 0 are not valid JSON") as info:
+        store.get_as_of([SUBJECT_CANARY], [at(5)])
+    _assert_clean(info.value, caplog)
+    with pytest.raises(TypeError, match="non-empty string"):
+        store.purge(12345)  # type: ignore[arg-type]
+
+
+def test_feature_store_file_names_are_not_glob_patterns(store):
+    store.write("alice", {"x": 1}, at(0))
+    store.flush()
+    # A planted file whose name is a pattern matching every store file reads only itself.
+    table = pa.table({"entity_id": ["mallory"], "ts": pa.array([at(0)], pa.timestamp("us", tz="UTC")),
+                      "features": ['{"x": 2}']}, schema=FEATURE_FILE_SCHEMA)
+    pq.write_table(table, os.path.join(store.root, "features-*.parquet"))
+    assert store.entity_ids() == ["alice", "mallory"]
+    assert store.get_as_of(["alice", "mallory"], [at(1), at(1)]) == [{"x": 1}, {"x": 2}]
+    assert store.history("alice").num_rows == 1
+
+
+class _FloatRescorer:
+    """A rescorer that converts features the naive way: float()'s message quotes the value."""
+
+    def available(self, model_name: str, model_version: str) -> bool:
+        return True
+
+    def score(self, model_name: str, model_version: str, features: list[dict]) -> list[float]:
+        return [float(f["merchant"]) for f in features]
+
+    def decide(self, score: float | None, threshold: float | None) -> str | None:
+        return None
+
+
+class _LocalMlflowRescorer(MlflowRescorer):
+    """The real MlflowRescorer's conversion, without a registry."""
+
+    def available(self, model_name: str, model_version: str) -> bool:
+        return True
+
+    def feature_order(self, model_name: str, model_version: str) -> tuple[str, ...]:
+        return ("amount", "merchant")
+
+    def _model(self, model_name: str, model_version: str):
+        return object()  # never asked to predict: the features do not convert
+
+
+def _replay_spec(store: ParquetFeatureStore, rescorer) -> tuple[pa.Table, TaskSpec]:
+    key = bytes(range(32))
+    features = {"amount": 12.5, "merchant": FEATURE_CANARY}
+    store.write(SUBJECT_CANARY, features, at(0))
+    store.flush()
+    protected = StaticKeyPseudonymizer("k1", key).protect([SUBJECT_CANARY],
+                                                          [canonical_encode(features)])[0]
+    batch = pa.table({
+        "request_id": ["r1"], "ts": pa.array([at(10)], pa.timestamp("us", tz="UTC")),
+        "subject_token": [protected.subject_token], "model_name": ["fraud"],
+        "model_version": ["3"], "features_hmac": [protected.features_hmac], "key_id": ["k1"],
+        "score": [0.5], "threshold": [0.5], "decision": ["block"], "outcome": ["ok"],
+    }).select(JOURNAL_COLUMNS)
+    spec = TaskSpec(f"leak-{id(rescorer)}", store, StaticKeyVerifier("k1", key), rescorer, None,
+                    None, None, None, 1e-6)
+    return batch, spec
+
+
+@pytest.mark.parametrize("rescorer, message", [
+    (_FloatRescorer(), "re-scoring failed with ValueError; its message is withheld"),
+    (_LocalMlflowRescorer(None), "feature 'merchant' of replayed row 0 is a str"),
+])
+def test_replay_conversion_errors_never_carry_the_value(store, caplog, rescorer, message):
+    batch, spec = _replay_spec(store, rescorer)
+    with caplog.at_level(logging.DEBUG), pytest.raises(ReplayDataError, match=message) as info:
+        replay_batch(batch, spec)
+    _assert_clean(info.value, caplog)
+    assert info.value.__context__ is None and info.value.__cause__ is None
+    # Without re-scoring the same entry verifies: the failure was the conversion only.
+    plain = TaskSpec("leak-plain", store, spec.verifier, None, None, None, None, None, 1e-6)
+    assert replay_batch(batch, plain)["status"].to_pylist() == ["verified"]
+
+
+def test_replay_task_reports_corrupt_feature_rows_without_their_text(store, caplog):
+    batch, spec = _replay_spec(store, None)
+    _plant_feature_row(store, SUBJECT_CANARY, "{" + FEATURE_CANARY)  # newer than the good row
+    os.utime(os.path.join(store.root, "features-planted.parquet"))
+    table = pq.read_table(os.path.join(store.root, "features-planted.parquet"))
+    pq.write_table(table.set_column(1, "ts", pa.array([at(5)], pa.timestamp("us", tz="UTC"))),
+                   os.path.join(store.root, "features-planted.parquet"))
+    with pytest.raises(ReplayDataError, match="not valid JSON") as info:
+        replay_batch(batch, spec)
+    _assert_clean(info.value, caplog)

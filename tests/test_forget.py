@@ -12,6 +12,7 @@ import pytest
 
 from serve_journal.catalog import commit, is_derived, marker_path
 from serve_journal.catalog.layout import COLD, DEFAULT_SPEC, HOT
+from serve_journal.errors import TokenFormatError
 from serve_journal.fileformat import encode_parquet
 from serve_journal.integrity.encoding import canonical_encode
 from serve_journal.integrity.fingerprint import fingerprint
@@ -244,3 +245,40 @@ def test_an_unreadable_journal_never_blocks_the_erasure(world):
     receipt = forget("alice", vault=vault, journal_storage=storage)
     assert receipt.status == "shredded" and receipt.entries_unlinkable is None
     assert vault.get_many(["alice"]) == {} or vault.get_many(["alice"]).get("alice") is None
+
+
+def test_count_subject_entries_refuses_what_is_not_a_token(tmp_path):
+    storage = LocalJournalStorage(str(tmp_path / "journal"))
+    for bad in ("alice", "A" * 32, "0" * 31, None):
+        with pytest.raises(TokenFormatError, match="^subject_token must be a subject token") as info:
+            count_subject_entries(storage, bad)
+        assert "alice" not in str(info.value)
+    assert count_subject_entries(storage, "0" * 32) == (0, [])
+
+
+def test_cli_forget_reads_subject_ids_from_stdin(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from serve_journal import cli
+
+    forgotten: list[str] = []
+
+    def fake_forget(subject_id: str, **options) -> dict:
+        forgotten.append(subject_id)
+        if subject_id == "carol":
+            raise ForgetIncompleteError(type("R", (), {"receipt_id": "r-3",
+                                                       "hooks": {"purge": "failed:OSError"}})())
+        return {"status": "shredded", "n": len(forgotten)}
+
+    monkeypatch.setattr(cli, "forget_subject", fake_forget)
+    runner = CliRunner()
+    journal = str(tmp_path / "journal")
+    result = runner.invoke(cli.main, ["forget", "--journal", journal, "--subject", "-"],
+                           input="alice\nbob\n")
+    assert result.exit_code == 0, result.output
+    assert forgotten == ["alice", "bob"] and "alice" not in result.output
+    result = runner.invoke(cli.main, ["forget", "--journal", journal, "--subject", "-"],
+                           input="carol\ndave\n")
+    assert result.exit_code == 2 and forgotten[2:] == ["carol", "dave"]  # every id is tried
+    assert runner.invoke(cli.main, ["forget", "--journal", journal, "--subject", "-"],
+                         input="").exit_code == 2

@@ -19,7 +19,7 @@ import pytest
 import requests
 from ray import serve
 
-from serve_journal import flush_journal, journaled, producer_reports
+from serve_journal import caller_tokenizer, flush_journal, journaled, producer_reports
 from serve_journal.examples.fraud import MODEL_NAME, FraudModel, build_app, random_features
 from tests.helpers.journal import read_journal
 
@@ -146,6 +146,34 @@ def test_canary_values_never_reach_files_or_logs(ray_cluster, serve_instance, ml
                 for canary in (subject_canary, feature_canary):
                     assert canary.encode() not in data, f"{canary} found in {path}"
     assert scanned > 5
+
+
+def test_caller_tokens_are_the_same_on_every_replica_and_the_caller_never_written(
+        serve_instance, mlflow_registry, journal_root, app_name):
+    tracking_uri, _ = mlflow_registry
+    serve.run(build_app(tracking_uri, str(journal_root), num_replicas=2, caller_privacy="token"),
+              name=app_name, route_prefix=f"/{app_name}")
+    caller = "CANARY-CALLER-end-user-0d9e1b"
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    bodies = [{"subject_id": f"user-{i % 5}", "features": random_features(rng)} for i in range(60)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(
+            lambda i: post(f"{serve_instance}/{app_name}", bodies[i],
+                           caller=caller if i % 2 else "svc-batch"),
+            range(60)))
+    assert all(a.status_code == 200 for a in answers)
+    table = wait_for_rows(journal_root, 60)
+    assert table.num_rows == 60
+    assert len(set(table["replica"].to_pylist())) == 2  # both replicas journaled
+    callers = set(table["caller"].to_pylist())
+    expected = caller_tokenizer(str(journal_root))
+    assert callers == {expected(caller), expected("svc-batch")}
+    assert all(c.startswith("ct-") for c in callers)
+    for path in journal_root.parent.rglob("*"):
+        if path.is_file():
+            assert caller.encode() not in path.read_bytes(), f"raw caller in {path}"
 
 
 def test_failing_inference_is_journaled_as_error_and_still_raises(serve_instance, mlflow_registry,

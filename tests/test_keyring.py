@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from serve_journal.privacy.keyring import (
     KEK_ENV,
+    LEGACY_WRAP_KEY_ID,
     PURPOSE_SAMPLING,
     PURPOSE_SUBJECT_INDEX,
     PURPOSE_SUBJECT_WRAP,
@@ -221,3 +222,54 @@ def test_concurrent_first_use_from_processes_agrees_on_one_keyring(tmp_path, mon
             results = pool.starmap(_open_and_fingerprint, [(str(tmp_path), barrier)] * 4)
     assert len(set(results)) == 1
     assert Keyring.local_default(tmp_path).current_key_id == results[0][0]
+
+
+def test_wrap_key_rotation_and_destruction_across_instances(tmp_path):
+    ring = Keyring(tmp_path / "ring.json", FileKek.create(tmp_path / "kek"))
+    other = Keyring(tmp_path / "ring.json", FileKek(tmp_path / "kek"))  # another process
+    assert ring.current_wrap_key_id == LEGACY_WRAP_KEY_ID == PURPOSE_SUBJECT_WRAP
+    first = ring.wrap_key(LEGACY_WRAP_KEY_ID)
+    assert first == ring.purpose_key(PURPOSE_SUBJECT_WRAP) == other.wrap_key(LEGACY_WRAP_KEY_ID)
+    assert json.loads((tmp_path / "ring.json").read_text())["format"] == 1  # old readers still read it
+    new_id = ring.rotate_wrap_key()
+    assert new_id.startswith("w-") and ring.current_wrap_key_id == new_id
+    assert ring.wrap_key_ids() == [LEGACY_WRAP_KEY_ID, new_id]
+    new_key = ring.wrap_key(new_id)
+    assert len(new_key) == 32 and new_key != first
+    assert other.wrap_key(new_id) == new_key  # resolved on demand, like data keys
+    doc = json.loads((tmp_path / "ring.json").read_text())
+    assert doc["format"] == 2 and doc["current_wrap"] == new_id
+    assert_no_secret_in((tmp_path / "ring.json").read_bytes(), [first, new_key])
+    with pytest.raises(KeyringError, match="current wrap key"):
+        ring.destroy_wrap_key(new_id)
+    with pytest.raises(KeyringError, match="not in keyring"):
+        ring.destroy_wrap_key("w-000000000000")
+    legacy_entry = doc["purposes"][PURPOSE_SUBJECT_WRAP]["wrapped"]
+    ring.destroy_wrap_key(LEGACY_WRAP_KEY_ID)
+    ring.destroy_wrap_key(LEGACY_WRAP_KEY_ID)  # idempotent
+    text = (tmp_path / "ring.json").read_text()
+    assert legacy_entry not in text  # the wrapped old key is gone from the file
+    assert json.loads(text)["destroyed_wrap_keys"] == [LEGACY_WRAP_KEY_ID]
+    for keyring in (ring, Keyring(tmp_path / "ring.json", FileKek(tmp_path / "kek"))):
+        with pytest.raises(KeyringError, match="destroyed"):
+            keyring.wrap_key(LEGACY_WRAP_KEY_ID)
+        with pytest.raises(KeyringError, match="destroyed"):
+            keyring.purpose_key(PURPOSE_SUBJECT_WRAP)  # never silently made again
+        assert keyring.existing_purpose_key(PURPOSE_SUBJECT_WRAP) is None
+        assert keyring.wrap_key_ids() == [new_id]
+    # the other process still has the old key in memory until it reloads; then it is dropped
+    assert "purpose:subject-wrap" in other._clear
+    other.reload()
+    assert "purpose:subject-wrap" not in other._clear
+    with pytest.raises(KeyringError, match="destroyed"):
+        other.wrap_key(LEGACY_WRAP_KEY_ID)
+    # a second rotation retires the first rotated key the same way
+    newer = other.rotate_wrap_key()
+    ring.destroy_wrap_key(new_id)
+    assert ring.wrap_key_ids() == [newer]
+    other.reload()
+    with pytest.raises(KeyringError, match=f"wrap key '{new_id}' was destroyed"):
+        other.wrap_key(new_id)
+    # data and other purpose keys are untouched
+    assert other.purpose_key(PURPOSE_SUBJECT_INDEX) == ring.purpose_key(PURPOSE_SUBJECT_INDEX)
+    assert other.data_key() == ring.data_key()

@@ -6,10 +6,14 @@ import datetime as dt
 import json
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from serve_journal.catalog.layout import DEFAULT_SPEC
+from serve_journal.errors import TokenFormatError
+from serve_journal.fileformat import encode_parquet
+from serve_journal.privacy.forget import count_subject_entries
 from serve_journal.read.query import (
     JournalQuery,
     format_table,
@@ -219,3 +223,90 @@ def test_pruned_point_lookups_equal_a_full_duckdb_scan(tmp_path):
             elif "subject_token" in filters:
                 assert stats.row_groups_read <= 2  # sorted by subject: one group (or two at a border)
         assert found > 25
+
+
+def test_subject_tokens_are_checked_and_never_echoed(journal):
+    storage, *_ = journal
+    with make_query(storage) as q:
+        for bad in ("alice", token("alice").upper(), token("alice")[:-1], token("alice") + "0",
+                    "ct-" + token("alice"), 42):
+            with pytest.raises(TokenFormatError, match="^subject_token must be a subject token") \
+                    as info:
+                q.find(subject_token=bad)
+            assert str(bad) not in str(info.value)
+            with pytest.raises(TokenFormatError):
+                q.explain_analyze(subject_token=bad)
+    assert all("alice" not in json.dumps(r) for r in read_access_log(storage))
+
+
+def _plant(storage, relative: str, table: pa.Table) -> None:
+    storage.put_new(relative, encode_parquet(table))
+
+
+@pytest.mark.parametrize("root_name", ["journal", "jour[n]al*?", "back\\slash[1]"])
+def test_file_names_with_glob_characters_are_read_literally(tmp_path, root_name):
+    # DuckDB expands *, ? and [..] in every path it reads: escaped, each file reads only itself.
+    storage = LocalJournalStorage(str(tmp_path / root_name))
+    entries = make_entries(90, tokens=[token("alice"), token("bob")], spread_s=3000)
+    write_rolled(storage, entries)
+    # What "jour[n]al*?/..." matches as a pattern: the same file names, other entries.
+    write_rolled(LocalJournalStorage(str(tmp_path / "journalX")),
+                 make_entries(90, tokens=[token("alice")], spread_s=3000, producer="decoy"))
+    directory = DEFAULT_SPEC.file_path(DEFAULT_SPEC.key_for("fraud", DAY), "x").rsplit("/", 1)[0]
+    planted = {}
+    for i, name in enumerate(("*", "w-00-00?", "w-00-00[01]", "[[]w]", "**")):
+        row = make_entries(1, tokens=[token("alice")], producer=f"planted-{i}")
+        _plant(storage, f"{directory}/{name}.parquet", row)
+        planted[name] = row
+    expected = pa.concat_tables([entries, *planted.values()])
+    with make_query(storage) as q:
+        q.prune_point_lookups = False  # every lookup through DuckDB's read_parquet
+        assert ids(q.find(model="fraud")) == ids(expected)
+        assert ids(q.find(subject_token=token("alice"))) == ids(
+            expected.filter(pc.equal(expected["subject_token"], token("alice"))))
+        q.prune_point_lookups = True
+        assert ids(q.find(subject_token=token("bob"))) == ids(
+            entries.filter(pc.equal(entries["subject_token"], token("bob"))))
+    alice = [t for t in expected["subject_token"].to_pylist() if t == token("alice")]
+    assert count_subject_entries(storage, token("alice")) == (len(alice), [("fraud", "3")])
+
+
+def test_cli_query_reads_subject_ids_from_stdin_and_checks_tokens(journal, monkeypatch):
+    from click.testing import CliRunner
+
+    from serve_journal import cli
+
+    storage, planted, *_ = journal
+    known = {"alice": token("alice"), "bob": token("bob")}
+    monkeypatch.setattr(cli, "subject_tokenizer", lambda journal_uri: known.get)
+    runner = CliRunner()
+    base = ["query", "--journal", storage.uri, "--as", "tester", "--json"]
+    result = runner.invoke(cli.main, [*base, "--subject", "-"], input="alice\n\nbob\nmallory\n")
+    assert result.exit_code == 0, result.output
+    assert ids(pa.Table.from_pylist([{"producer_id": r["producer_id"], "seq": r["seq"]}
+                                     for r in json.loads(result.output)])) == ids(planted)
+    records = read_access_log(storage)
+    assert [r["filters"].get("subject_token") for r in records] == [token("alice"), token("bob"),
+                                                                    None]
+    assert "alice" not in json.dumps(records) and "mallory" not in json.dumps(records)
+    empty = runner.invoke(cli.main, [*base, "--subject", "-"], input="\n")
+    assert empty.exit_code == 2 and "standard input holds no subject id" in empty.output
+    bad = runner.invoke(cli.main, [*base, "--subject-token", "alice"])
+    assert bad.exit_code == 2 and "--subject-token" in bad.output and "alice" not in bad.output
+    good = runner.invoke(cli.main, [*base, "--subject-token", token("alice")])
+    assert good.exit_code == 0 and len(json.loads(good.output)) == planted.num_rows
+
+
+def test_expand_subjects():
+    import io
+
+    import click
+
+    from serve_journal.cli_input import expand_subjects
+
+    assert expand_subjects(["a", "-", "b"], io.StringIO("x\r\n  \ny z\n")) == ["a", "x", "y z", "b"]
+    assert expand_subjects(["a"], io.StringIO("ignored\n")) == ["a"]
+    with pytest.raises(click.UsageError, match="once"):
+        expand_subjects(["-", "-"], io.StringIO("x\n"))
+    with pytest.raises(click.UsageError, match="no subject id"):
+        expand_subjects(["-"], io.StringIO(""))

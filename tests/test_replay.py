@@ -470,6 +470,24 @@ def test_replay_command_passes_the_feature_order(monkeypatch):
     assert bad.exit_code == 2 and "--feature-names" in bad.output
 
 
+def test_replay_command_reads_subject_ids_from_stdin(monkeypatch):
+    seen: dict = {}
+
+    def fake(**options):
+        seen.update(options)
+        return 0
+
+    monkeypatch.setattr(replay_driver, "run_replay_cli", fake)
+    runner = CliRunner()
+    result = runner.invoke(replay_command, ["--model", MODEL_NAME, "--subject", "user-001",
+                                            "--subject", "-"], input="user-002\n\nuser-003\n")
+    assert result.exit_code == 0, result.output
+    assert seen["subjects"] == ("user-001", "user-002", "user-003")
+    assert "user-00" not in result.output
+    empty = runner.invoke(replay_command, ["--model", MODEL_NAME, "--subject", "-"], input="")
+    assert empty.exit_code == 2 and "standard input holds no subject id" in empty.output
+
+
 @given(st.binary(max_size=64), st.binary(min_size=32, max_size=32),
        st.binary(min_size=32, max_size=32))
 @settings(max_examples=200, deadline=None)

@@ -18,7 +18,7 @@ from serve_journal.privacy.keyring import (
 )
 from serve_journal.privacy.pseudonymizer import Protected, Pseudonymizer
 from serve_journal.privacy.subjects import VaultPseudonymizer, VerifyStatus
-from serve_journal.privacy.vault import SubjectVault
+from serve_journal.privacy.vault import MAX_KEY_AGE_S, SubjectVault
 
 
 def open_replica(directory, **options) -> VaultPseudonymizer:
@@ -209,3 +209,24 @@ def test_pickle_carries_configuration_only(replica):
     assert clone.cached_subjects() == 0
     assert clone.protect(["pickled"], [b"f"]) == [p]
     assert "pickled" not in repr(replica)
+
+
+def test_pickle_carries_the_key_age_bound(tmp_path, monkeypatch):
+    monkeypatch.delenv("SERVE_JOURNAL_KEK", raising=False)
+    replica = open_replica(tmp_path, max_key_age_s=10, sweep_interval_s=2)
+    clone = pickle.loads(pickle.dumps(replica))
+    assert (clone.max_key_age_s, clone.sweep_interval_s) == (10.0, 2.0)
+    assert open_replica(tmp_path).max_key_age_s == MAX_KEY_AGE_S == 60.0
+
+
+def test_tombstones_evict_by_tag_and_the_lru_keeps_its_maps_in_step(tmp_path, monkeypatch):
+    monkeypatch.delenv("SERVE_JOURNAL_KEK", raising=False)
+    replica = open_replica(tmp_path, cache_size=3, invalidation_interval_s=3600)
+    writer = open_replica(tmp_path)
+    replica.protect([f"s{i}" for i in range(5)], [None] * 5)  # s0 and s1 fall out of the LRU
+    assert replica.cached_subjects() == 3
+    assert len(replica._by_tag) == len(replica._loaded) == 3
+    for subject in ("s0", "s3"):
+        forget(subject, vault=writer.vault, receipts_dir=tmp_path / "receipts")
+    assert replica.refresh_invalidations() == 1  # only s3 was still cached
+    assert len(replica._by_tag) == len(replica._loaded) == replica.cached_subjects() == 2

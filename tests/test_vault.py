@@ -8,11 +8,17 @@ import pickle
 import random
 import secrets
 import stat
+import time
 
 import pytest
 
 from serve_journal.privacy.keyring import FileKek, Keyring
-from serve_journal.privacy.vault import SubjectVault, VaultError
+from serve_journal.privacy.vault import (
+    MAX_KEY_AGE_S,
+    MIN_TOMBSTONE_AGE_S,
+    SubjectVault,
+    VaultError,
+)
 
 
 @pytest.fixture
@@ -95,18 +101,35 @@ def test_forget_deletes_key_records_tombstone_and_recreates_fresh(make_vault, ri
     assert vault.forget("b") == keys["b"].key_ref
     assert vault.get_many(["a", "b", "c"]).keys() == {"a", "c"}
     assert vault.get_by_tokens([keys["b"].token]) == {}
-    indexes, new_cursor = vault.changes_since(cursor)
-    assert indexes == [vault.blind_index("b")] and new_cursor > cursor
+    # the tombstone holds a tag derived from the destroyed key, not the blind index
+    tags, new_cursor = vault.changes_since(cursor)
+    assert tags == [keys["b"].tombstone_tag] and new_cursor > cursor
+    assert vault.blind_index("b") not in tags and len(tags[0]) == 16
     assert vault.changes_since(new_cursor) == ([], new_cursor)
-    # forgetting a subject without a key is harmless and still tombstoned
+    # forgetting a subject without a key is harmless; there is nothing to tombstone
     assert vault.forget("never-seen") is None
-    assert vault.changes_since(new_cursor)[0] == [vault.blind_index("never-seen")]
+    assert vault.changes_since(new_cursor) == ([], new_cursor)
     # the subject comes back: a new, different key
     fresh = vault.get_or_create_many(["b"])["b"]
     assert fresh.key != keys["b"].key and fresh.token != keys["b"].token
+    assert fresh.tombstone_tag != keys["b"].tombstone_tag
     assert vault.get_many(["a"])["a"].key == keys["a"].key
     assert vault.prune_tombstones(older_than_s=3600) == 0
-    assert vault.prune_tombstones(older_than_s=-1) == 2
+    assert vault.changes_since(cursor)[0] == tags
+
+
+def test_pruning_keeps_tombstones_younger_than_the_key_age_bound(make_vault, ring):
+    vault = make_vault(ring)
+    vault.get_or_create_many(["p1", "p2"])
+    forgotten_at = time.time()
+    vault.forget("p1")
+    # however short the caller's retention, a tombstone younger than the bound stays
+    assert vault.prune_tombstones(older_than_s=-1) == 0
+    assert vault.prune_tombstones(older_than_s=0, now=forgotten_at + MIN_TOMBSTONE_AGE_S - 5) == 0
+    assert len(vault.changes_since(0)[0]) == 1
+    assert MIN_TOMBSTONE_AGE_S >= MAX_KEY_AGE_S + 30
+    # past the bound plus margin, it goes
+    assert vault.prune_tombstones(older_than_s=0, now=forgotten_at + MIN_TOMBSTONE_AGE_S + 5) == 1
     assert vault.changes_since(0)[0] == []
 
 
@@ -143,6 +166,9 @@ def test_sqlite_file_is_private_and_in_wal_mode(tmp_path, ring):
     path = tmp_path / "privacy" / "vault.sqlite3"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert (tmp_path / "privacy" / "vault.sqlite3-wal").exists()
+    conn = vault._backend._connection()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA secure_delete").fetchone()[0] == 1
     vault.close()
 
 
@@ -206,9 +232,8 @@ def test_concurrent_forgets_destroy_once_and_tombstone_in_order(make_vault, ring
     # the first subject was forgotten three times at once: exactly one call destroyed its key
     assert sorted(r for r in refs if r is not None) == sorted(k.key_ref for k in keys.values())
     assert vault.count() == 0
-    indexes, _ = vault.changes_since(cursor)
-    assert len(indexes) == len(args)
-    assert set(indexes) == {vault.blind_index(s) for s in subjects}
+    tags, _ = vault.changes_since(cursor)
+    assert sorted(tags) == sorted(k.tombstone_tag for k in keys.values())  # one per destroyed key
 
 
 def test_namespace_is_validated(tmp_path, ring):

@@ -345,3 +345,104 @@ def test_s3_shadow_version_and_delete_marker(s3_bucket, signer):
     assert {("extra-object-version", paths[0]), ("file-version-mismatch", paths[0]),
             ("delete-marker", paths[1]), ("file-missing", paths[1])} <= found
     assert ("file-altered", paths[0]) not in found
+
+
+# -- truncation and rollback without a witness: remembered chain heads ---------------------------
+
+
+def _truncate_tail(backend: Backend, path: str, index: int, length: int) -> None:
+    """The attacker cuts the journal back one file: its data, its record and the newest
+    checkpoint go; what remains is an earlier, genuinely signed state."""
+    backend.raw_remove(path)
+    backend.raw_remove(record_path(CHAIN, index))
+    backend.raw_remove(checkpoint_path(CHAIN, length))
+
+
+def test_tail_truncation_without_a_witness_is_caught_by_remembered_heads(backend, signer):
+    writer = Writer(backend, signer)
+    writer.log.witness = None  # the demo's default: no witness
+    writer.write("f1", "p1", range(0, 10))
+    writer.write("f2", "p1", range(10, 20))
+    writer.log.checkpoint()
+    last = writer.write("f3", "p1", range(20, 30))
+    writer.log.checkpoint()
+    clean = verify_journal(backend.storage, public_key=signer.export_public_key())
+    assert clean.ok, format_report(clean)
+    assert clean.heads == {CHAIN: {"length": 3, "head_hash": writer.log.head_hash}}
+    assert not clean.truncation_excluded
+    assert "cannot be excluded" in format_report(clean)
+
+    _truncate_tail(backend, last, 2, 3)
+    if backend.name == "local":  # S3 keeps versions: its delete markers are errors anyway
+        blind = verify_journal(backend.storage, public_key=signer.export_public_key())
+        assert blind.ok, "without remembered heads the cut is invisible (the point of this test)"
+    report = verify_journal(backend.storage, public_key=signer.export_public_key(),
+                            expected_heads=clean.heads)
+    assert ("signed-history-rolled-back", f"_manifest/{CHAIN}/") in errors(report)
+    assert report.truncation_excluded and "cannot be excluded" not in format_report(report)
+
+
+def test_a_removed_chain_and_a_rewritten_head_are_caught_by_remembered_heads(backend, signer):
+    paths = standard_journal(backend, signer)
+    clean = run(backend, signer)
+    heads = clean.heads
+    # A rewritten head: the remembered hash is not the record's any more.
+    forged = {CHAIN: {"length": heads[CHAIN]["length"], "head_hash": "f" * 64}}
+    report = run(backend, signer, expected_heads=forged)
+    assert ("signed-history-rewritten", record_path(CHAIN, 2)) in errors(report)
+    # A chain the auditor saw, deleted whole (records, checkpoints, files).
+    for index in range(3):
+        backend.raw_remove(record_path(CHAIN, index))
+    backend.raw_remove(checkpoint_path(CHAIN, 3))
+    for path in paths:
+        backend.raw_remove(path)
+    report = verify_journal(backend.storage, public_key=signer.export_public_key(),
+                            expected_heads=heads)
+    assert ("chain-removed", f"_manifest/{CHAIN}/") in errors(report)
+    # Heads name a chain the journal never had: removed as well.
+    other = run(backend, signer, expected_heads={"someone-else": heads[CHAIN]})
+    assert ("chain-removed", "_manifest/someone-else/") in errors(other)
+
+
+def test_chains_the_remembered_heads_did_not_know_are_listed(backend, signer):
+    standard_journal(backend, signer)
+    heads = run(backend, signer).heads
+    second = Writer(backend, signer, chain="writer-2")
+    second.write("g1", "p3", range(0, 4))
+    second.log.checkpoint()
+    report = run(backend, signer, expected_heads=heads)
+    assert report.ok, format_report(report)
+    assert report.new_chains == ["writer-2"] and set(report.heads) == {CHAIN, "writer-2"}
+
+
+def test_heads_file_round_trip_and_the_cli_refuses_a_rolled_back_journal(tmp_path, signer):
+    from click.testing import CliRunner
+
+    from serve_journal.cli import main
+    from serve_journal.read.verify import load_heads, save_heads
+
+    backend = _local_backend(tmp_path)
+    writer = Writer(backend, signer)
+    writer.log.witness = None
+    writer.write("f1", "p1", range(0, 10))
+    writer.log.checkpoint()
+    last = writer.write("f2", "p1", range(10, 20))
+    writer.log.checkpoint()
+    key = tmp_path / "auditor.pub.pem"
+    key.write_bytes(signer.export_public_key())
+    heads = tmp_path / "heads.json"
+    args = ["verify", "--journal", backend.storage.root, "--public-key", str(key),
+            "--reports-dir", str(tmp_path / "reports"), "--heads", str(heads)]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert load_heads(heads) == {CHAIN: {"length": 2, "head_hash": writer.log.head_hash}}
+    assert oct(os.stat(heads).st_mode & 0o777) == "0o600"
+    _truncate_tail(backend, last, 1, 2)
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 1 and "signed-history-rolled-back" in second.output
+    assert load_heads(heads)[CHAIN]["length"] == 2  # a failed run never lowers what is kept
+    failed = verify_journal(backend.storage, public_key=signer.export_public_key(),
+                            expected_heads=load_heads(heads))
+    with pytest.raises(ValueError, match="verified"):
+        save_heads(heads, failed)
+    assert load_heads(tmp_path / "absent.json") is None

@@ -3,8 +3,8 @@
 ``CapturedCall`` holds references only (the request's scope and body, the arguments, the
 result); it lives in replica memory until the flusher turns it into one row of
 ``ENTRY_SCHEMA``: parse the JSON body, extract subject, features and outputs, canonical-encode
-and HMAC the features, tokenize the subject, build Arrow columns. Raw values never leave this
-module except as tokens and HMACs.
+and HMAC the features, tokenize the subject (and, with ``caller_privacy="token"``, the caller), build
+Arrow columns. Raw values never leave this module except as tokens and HMACs.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from serve_journal.config import JournalConfig
 from serve_journal.integrity.encoding import CanonicalEncodingError, canonical_encode
 from serve_journal.policy import RiskTier
 from serve_journal.privacy.pseudonymizer import Pseudonymizer
+from serve_journal.privacy.tokens import CallerTokenizer
 from serve_journal.registry import ModelInfo
 from serve_journal.sampling import Sampler
 from serve_journal.schema import ENTRY_SCHEMA, OUTCOME_OK, SCHEMA_VERSION
@@ -167,12 +168,18 @@ class Finalized:
 
 
 class EntryFinalizer:
-    """Turns captured calls into a RecordBatch of ``ENTRY_SCHEMA``, sampled by the risk policy."""
+    """Turns captured calls into a RecordBatch of ``ENTRY_SCHEMA``, sampled by the risk policy.
+
+    With a ``caller_tokenizer`` the ``caller`` column holds caller tokens; risk rules and sampling
+    still see the caller as given (they run first, in memory).
+    """
 
     def __init__(self, config: JournalConfig, pseudonymizer: Pseudonymizer,
-                 identity: ReplicaIdentity, sampler: Sampler) -> None:
+                 identity: ReplicaIdentity, sampler: Sampler,
+                 caller_tokenizer: CallerTokenizer | None = None) -> None:
         self.config = config
         self.pseudonymizer = pseudonymizer
+        self.caller_tokenizer = caller_tokenizer
         self.identity = identity
         self.sampler = sampler
         self.unencodable_features = 0
@@ -302,6 +309,9 @@ class EntryFinalizer:
         rates = assignment.sample_rates
         protected = self.pseudonymizer.protect([subjects[i] for i in kept], [encoded[i] for i in kept])
         k = len(kept)
+        recorded_callers = [callers[i] for i in kept]
+        if self.caller_tokenizer is not None:
+            recorded_callers = self.caller_tokenizer.tokenize_many(recorded_callers)
 
         def col(values: list, typ: pa.DataType) -> pa.Array:
             return pa.array([values[i] for i in kept], typ)
@@ -311,7 +321,7 @@ class EntryFinalizer:
             "request_id": col(request_ids, pa.string()),
             "ts": pa.array([calls[i].ts_us for i in kept], pa.int64()).cast(
                 pa.timestamp("us", tz="UTC")),
-            "caller": col(callers, pa.string()),
+            "caller": pa.array(recorded_callers, pa.string()),
             "subject_token": pa.array([p.subject_token for p in protected], pa.string()),
             "model_name": pa.array([models[i].name for i in kept], pa.string()),
             "model_version": pa.array([models[i].version for i in kept], pa.string()),

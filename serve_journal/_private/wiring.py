@@ -2,8 +2,9 @@
 
 :func:`wire` builds them once, at replica start, in a fixed order: the model (resolved in the
 registry first, so an unknown model fails replica start with a clear message), the replica's
-identity, privacy (keyring, subject-key vault, pseudonymizer, sampling key), the risk policy,
-metrics, storage and exact counters, the transport, the entry finalizer and the caller verifier.
+identity, privacy (keyring, subject-key vault, pseudonymizer, sampling key, caller tokenizer), the
+risk policy, metrics, storage and exact counters, the transport, the entry finalizer and the caller
+verifier.
 Nothing here runs on the request path; :mod:`~serve_journal._private.runtime` assembles the
 parts into a running journal.
 """
@@ -22,6 +23,7 @@ from serve_journal.policy import RiskPolicy, build_policy
 from serve_journal.privacy.identity import JwtVerifier
 from serve_journal.privacy.keyring import PURPOSE_SAMPLING, Keyring
 from serve_journal.privacy.subjects import VaultPseudonymizer
+from serve_journal.privacy.tokens import CallerTokenizer
 from serve_journal.privacy.vault import SubjectVault
 from serve_journal.registry import ModelInfo, resolve_model
 from serve_journal.sampling import Sampler, derive_sampling_key
@@ -108,6 +110,16 @@ def build_privacy(config: JournalConfig) -> tuple[VaultPseudonymizer, bytes]:
             derive_sampling_key(keyring.purpose_key(PURPOSE_SAMPLING)))
 
 
+def build_caller_tokenizer(config: JournalConfig, keyring: Keyring) -> CallerTokenizer | None:
+    """With ``caller_privacy="token"``: the caller tokenizer, its key loaded (or added to the
+    keyring) now, so a keyring problem fails replica start rather than a flush."""
+    if config.caller_privacy != "token":
+        return None
+    tokenizer = CallerTokenizer(keyring)
+    tokenizer.tokenize_many([])
+    return tokenizer
+
+
 def build_jwt(config: JournalConfig) -> JwtVerifier | None:
     """The verifier of callers' bearer tokens, when the config names a public key."""
     if config.caller_jwt_public_key is None:
@@ -130,7 +142,8 @@ def wire(config: JournalConfig) -> ReplicaParts:
     storage = open_storage(config.journal_uri, retention=config.retention)
     counters = ReplicaCounters(identity.producer_id, metrics, policy.default_tier.name, storage)
     transport = build_transport(config, identity.producer_id, counters.transport_drops)
-    finalizer = EntryFinalizer(config, pseudonymizer, identity, Sampler(policy, sampling_key))
+    finalizer = EntryFinalizer(config, pseudonymizer, identity, Sampler(policy, sampling_key),
+                               build_caller_tokenizer(config, pseudonymizer.keyring))
     return ReplicaParts(model=model, identity=identity, policy=policy, metrics=metrics,
                         storage=storage, counters=counters, transport=transport,
                         finalizer=finalizer, jwt=build_jwt(config))

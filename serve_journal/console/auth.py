@@ -17,6 +17,10 @@ loopback); roles are looked up in the users file on every request, so removing a
 role takes effect at once. Every state-changing form carries a CSRF token derived from the session
 id (before sign-in: from a signed pre-session cookie), also signed by ``itsdangerous`` under a salt
 of its own.
+
+Signing out revokes the session on the server (:class:`SessionRevocations`, a folder beside the
+users file shared by every replica), so a copied cookie stops working at once. Failed sign-ins are
+throttled per client address and per account name (:class:`LoginThrottle`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import secrets
@@ -361,31 +366,195 @@ class SessionCodec:
             return None
 
 
-class LoginThrottle:
-    """At most ``limit`` failed sign-ins per client address within ``window_s`` seconds."""
+def _private_dir(directory: str) -> str:
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    return directory
 
-    def __init__(self, limit: int = 10, window_s: float = 300.0) -> None:
+
+def _create_only(path: str, data: bytes) -> bool:
+    """Publish ``data`` at ``path`` (0600) all at once, never replacing a file; ``False`` when
+    ``path`` exists already. Written to a temporary name, then hard-linked into place."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: exclusive create, then write
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+class SessionRevocations:
+    """Signed-out sessions, refused until they would have expired anyway; shared by every console
+    replica that sees ``directory`` (default ``<users file>.revoked``, beside the users file).
+
+    A sign-out creates one create-only file named by a hash of the session id (the id itself is
+    never written) holding the session's expiry time. Checking a session is one ``stat``; files
+    of sessions past their expiry (plus :data:`CLOCK_SKEW_S`) are deleted by :meth:`prune`, which
+    :meth:`revoke` runs at most once a minute.
+    """
+
+    PRUNE_INTERVAL_S = 60.0
+
+    def __init__(self, directory: str) -> None:
+        self.directory = _private_dir(directory)
+        self._last_prune = -math.inf
+
+    def __repr__(self) -> str:
+        return f"SessionRevocations({self.directory!r})"
+
+    def _path(self, sid: str) -> str:
+        digest = hashlib.sha256(b"serve-journal revoked session\0" + sid.encode("utf-8", "surrogatepass"))
+        return os.path.join(self.directory, digest.hexdigest()[:40])
+
+    def revoke(self, sid: str, expires: float, now: float | None = None) -> None:
+        """Refuse session ``sid`` from now on, on every replica (until ``expires``)."""
+        _create_only(self._path(sid), json.dumps({"expires": expires}).encode("ascii"))
+        clock = time.time() if now is None else now
+        if clock - self._last_prune >= self.PRUNE_INTERVAL_S:
+            self.prune(clock)
+
+    def is_revoked(self, sid: str) -> bool:
+        """True when session ``sid`` was signed out (on any replica)."""
+        return os.path.exists(self._path(sid))
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete the records of sessions that have expired anyway; returns how many."""
+        clock = time.time() if now is None else now
+        self._last_prune = clock
+        removed = 0
+        for name in os.listdir(self.directory):
+            if name.startswith("."):
+                continue
+            path = os.path.join(self.directory, name)
+            try:
+                with open(path, encoding="ascii") as handle:
+                    expires = float(json.load(handle)["expires"])
+            except FileNotFoundError:
+                continue  # another replica pruned it
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not ours: left alone
+            if expires + CLOCK_SKEW_S < clock:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    removed += 1
+        return removed
+
+
+class LoginThrottle:
+    """Failed sign-ins: at most ``limit`` per client address and at most ``account_limit`` per
+    account name within ``window_s`` seconds.
+
+    Per address, counts live in this process. Per account, they live in ``directory`` when given
+    (one empty create-only file per failure, named by a hash of the typed name and the time), so
+    every console replica sharing that folder counts the same failures: guessing one account's
+    password from many addresses, through many replicas, is throttled all the same. Typed names
+    that are no account are counted the same way, so throttling does not tell which names exist.
+    Stale records are deleted as they are read.
+    """
+
+    MAX_KEYS = 10_000
+    """In-memory counters kept at most (the oldest are forgotten first)."""
+
+    def __init__(self, limit: int = 10, window_s: float = 300.0, *,
+                 account_limit: int | None = None, directory: str | None = None) -> None:
         self.limit, self.window_s = limit, window_s
+        self.account_limit = limit if account_limit is None else account_limit
+        self.directory = None if directory is None else _private_dir(directory)
         self._failures: dict[str, list[float]] = {}
+        self._accounts: dict[str, list[float]] = {}
         self._lock = threading.Lock()
+
+    def _recent(self, table: dict[str, list[float]], key: str, now: float) -> list[float]:
+        recent = [t for t in table.get(key, []) if now - t < self.window_s]
+        if recent:
+            table[key] = recent
+        else:
+            table.pop(key, None)
+        return recent
+
+    def _remember(self, table: dict[str, list[float]], key: str, now: float) -> None:
+        table.setdefault(key, []).append(now)
+        while len(table) > self.MAX_KEYS:
+            table.pop(next(iter(table)))
 
     def blocked(self, client: str, now: float | None = None) -> bool:
         """True when ``client`` has used up its failed sign-ins in the current window."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            recent = [t for t in self._failures.get(client, []) if now - t < self.window_s]
-            self._failures[client] = recent
-            return len(recent) >= self.limit
+            return len(self._recent(self._failures, client, now)) >= self.limit
 
-    def failed(self, client: str, now: float | None = None) -> None:
-        """Count one failed sign-in from ``client``."""
+    def account_blocked(self, account: str, now: float | None = None) -> bool:
+        """True when the account name ``account`` has used up its failed sign-ins in the window
+        (counted over every replica sharing ``directory``)."""
+        now = time.time() if now is None else now
+        key = _account_key(account)
+        if self.directory is None:
+            with self._lock:
+                return len(self._recent(self._accounts, key, now)) >= self.account_limit
+        return self._shared_count(key, now) >= self.account_limit
+
+    def failed(self, client: str, now: float | None = None, *, account: str | None = None,
+               wall: float | None = None) -> None:
+        """Count one failed sign-in from ``client`` (and for the typed ``account`` name)."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            self._failures.setdefault(client, []).append(now)
+            self._remember(self._failures, client, now)
+        if account is None:
+            return
+        wall = time.time() if wall is None else wall
+        key = _account_key(account)
+        if self.directory is None:
+            with self._lock:
+                self._remember(self._accounts, key, wall)
+            return
+        name = f"{key}.{int(wall * 1e6)}.{secrets.token_hex(4)}"
+        _create_only(os.path.join(self.directory, name), b"")
+
+    def _shared_count(self, key: str, now: float) -> int:
+        count = 0
+        for name in os.listdir(self.directory or "."):
+            parts = name.split(".")
+            if len(parts) != 3 or name.startswith("."):
+                continue
+            try:
+                stamp = int(parts[1]) / 1e6
+            except ValueError:
+                continue
+            if now - stamp >= self.window_s:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.directory or ".", name))
+            elif parts[0] == key:
+                count += 1
+        return count
+
+
+def _account_key(account: str) -> str:
+    """What the throttle keeps of a typed account name: a hash (it may be a mistyped password)."""
+    return hashlib.sha256(b"serve-journal sign-in\0" + account.encode("utf-8", "surrogatepass")
+                          ).hexdigest()[:32]
 
 
 __all__ = [
     "AUDITOR", "CSRF_SALT", "OPERATOR", "PERMISSIONS", "PRESESSION_SALT", "PRIVACY_OFFICER", "ROLES",
-    "SESSION_SALT", "LoginThrottle", "Session", "SessionCodec", "User", "UserStore", "UsersFileError", "add_user", "check_password",
-    "hash_password", "load_or_create_secret", "remove_user",
+    "SESSION_SALT", "LoginThrottle", "Session", "SessionCodec", "SessionRevocations", "User",
+    "UserStore", "UsersFileError", "add_user", "check_password", "hash_password",
+    "load_or_create_secret", "remove_user",
 ]

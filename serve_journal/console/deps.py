@@ -1,8 +1,9 @@
 """Who may do what: the FastAPI dependencies routes declare, and the pages for refusals.
 
 - ``ConsoleDep``: the app's :class:`~serve_journal.console.state.ConsoleState`;
-- ``SignedIn``: any signed-in user, as ``(user, CSRF token)``; without a valid session cookie the
-  browser is sent to the sign-in page (and the cookie deleted);
+- ``SignedIn``: any signed-in user, as ``(user, CSRF token)``; without a valid session cookie (or
+  with one whose session was signed out) the browser is sent to the sign-in page (and the cookie
+  deleted);
 - ``allowed(permission)``: a signed-in user holding ``permission``; anyone else gets the 403 page
   and the refusal is written to the access log;
 - ``posted(permission)``: the same for a state-changing form, as ``(user, CSRF token, fields)``,
@@ -56,9 +57,10 @@ FormAuth = tuple[User, str, dict[str, str]]
 
 
 def signed_in(request: Request, console: ConsoleDep) -> Auth:
-    """The session's user and CSRF token; :class:`SignInRequired` without a valid session."""
+    """The session's user and CSRF token; :class:`SignInRequired` without a valid session (absent,
+    forged, expired, or signed out on any replica)."""
     session = console.codec.parse(request.cookies.get(SESSION_COOKIE))
-    if session is None:
+    if session is None or console.revocations.is_revoked(session.sid):
         raise SignInRequired()
     user = console.users.user(session.username)
     if user is None:

@@ -37,6 +37,10 @@ class ConsoleSettings:
     users_file: str
     secret_file: str | None = None
     """32+ random bytes signing session cookies; default ``<users_file>.secret`` (created 0600)."""
+    state_dir: str | None = None
+    """Where replicas share signed-out sessions (``revoked/``) and failed sign-ins per account
+    (``failures/``); default beside the users file: ``<users_file>.revoked`` and
+    ``<users_file>.failures``. Every replica must see the same folder."""
     session_ttl_s: float = 1800.0
     secure_cookies: bool = True
     tokenizer_factory: Callable[[], Tokenizer | None] | None = None
@@ -51,6 +55,18 @@ class ConsoleSettings:
     def resolved_secret_file(self) -> str:
         """The session signing key file: ``secret_file`` or ``<users_file>.secret``."""
         return self.secret_file or f"{os.path.abspath(self.users_file)}.secret"
+
+    def resolved_revocations_dir(self) -> str:
+        """The folder of signed-out sessions (see ``state_dir``)."""
+        if self.state_dir:
+            return os.path.join(os.path.abspath(self.state_dir), "revoked")
+        return f"{os.path.abspath(self.users_file)}.revoked"
+
+    def resolved_failures_dir(self) -> str:
+        """The folder of failed sign-ins per account (see ``state_dir``)."""
+        if self.state_dir:
+            return os.path.join(os.path.abspath(self.state_dir), "failures")
+        return f"{os.path.abspath(self.users_file)}.failures"
 
     def resolved_public_key(self) -> str | None:
         """The checkpoint public key file: ``public_key`` or the journal's own default."""

@@ -3,8 +3,9 @@
 :func:`~serve_journal.console.app.create_app` builds one ``ConsoleState`` per app (per Serve
 replica) and keeps it in ``app.state.console``; routes receive it through
 :data:`~serve_journal.console.deps.ConsoleDep`. It holds the journal storage, the users file, the
-session codec, the subject tokenizer and forgetter, the Jinja templates, the sign-in throttle and a
-cache of manifest records, and writes every page view to the journal's access log.
+session codec and the revocation list of signed-out sessions, the subject tokenizer and
+forgetter, the Jinja templates, the sign-in throttle and a cache of manifest records, and writes
+every page view to the journal's access log.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from serve_journal.console.auth import (
     ROLES,
     LoginThrottle,
     SessionCodec,
+    SessionRevocations,
     User,
     UserStore,
     load_or_create_secret,
@@ -73,7 +75,8 @@ class ConsoleState:
             undefined=jinja2.StrictUndefined,
         )
         self.env.filters["cell"] = cell
-        self.throttle = LoginThrottle()
+        self.throttle = LoginThrottle(directory=settings.resolved_failures_dir())
+        self.revocations = SessionRevocations(settings.resolved_revocations_dir())
         self._records: dict[str, ManifestRecord] = {}  # manifest object path -> record (immutable)
 
     def query(self, user: User) -> JournalQuery:

@@ -24,11 +24,13 @@ from serve_journal.privacy.keyring import (
 )
 from serve_journal.privacy.pseudonymizer import Protected, Pseudonymizer, StaticKeyPseudonymizer
 from serve_journal.privacy.subjects import VaultPseudonymizer, VerifyStatus, features_hmac
+from serve_journal.privacy.tokens import CallerTokenizer, TokenFormatError, check_subject_token
 from serve_journal.privacy.vault import SubjectKey, SubjectVault, VaultError
 
 __all__ = [
     "KEK_ENV",
     "CallerRejected",
+    "CallerTokenizer",
     "CanonicalEncodingError",
     "EnvKek",
     "FileKek",
@@ -45,10 +47,12 @@ __all__ = [
     "StaticKeyPseudonymizer",
     "SubjectKey",
     "SubjectVault",
+    "TokenFormatError",
     "VaultError",
     "VaultPseudonymizer",
     "VerifyStatus",
     "canonical_encode",
+    "check_subject_token",
     "count_subject_entries",
     "features_hmac",
     "forget",

@@ -24,8 +24,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from serve_journal.catalog import live_files
+from serve_journal.duckdb_paths import UnreadableByDuckDB, duckdb_literal_paths
 from serve_journal.errors import ForgetIncompleteError
 from serve_journal.privacy.keyring import Keyring
+from serve_journal.privacy.tokens import check_subject_token
 from serve_journal.privacy.vault import SubjectVault
 from serve_journal.storage import JournalStorage, open_storage
 
@@ -88,15 +90,25 @@ class ForgetReceipt:
 
 def count_subject_entries(storage: JournalStorage, subject_token: str) -> tuple[int, list[tuple[str, str]]]:
     """Entries carrying ``subject_token`` in the live files of the hot and cold tiers (the
-    catalog's view, so a compacted or moved entry counts once), and their model versions."""
+    catalog's view, so a compacted or moved entry counts once), and their model versions.
+
+    ``subject_token`` must have a subject token's format (``TokenFormatError`` otherwise). File
+    paths reach DuckDB with their glob characters escaped, so each file is read exactly once.
+    """
+    check_subject_token(subject_token, "subject_token")
     files = [f.path for f in live_files(storage, tier="all")]
     if not files:
         return 0, []
     local = storage.local_path()
+    paths: list[str] | None = None
     if local is not None:
+        try:
+            paths = duckdb_literal_paths(os.path.join(local, f) for f in files)
+        except UnreadableByDuckDB:
+            paths = None  # read with pyarrow below, which never globs
+    if paths is not None:
         import duckdb  # inside: 0.2 s to import; the pyarrow path needs none
 
-        paths = [os.path.join(local, f) for f in files]
         with duckdb.connect() as conn:
             rows = conn.execute(
                 "SELECT model_name, model_version, count(*) FROM read_parquet(?, "

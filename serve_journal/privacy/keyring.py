@@ -5,7 +5,10 @@ Key hierarchy (docs/security.md, "Key hierarchy")::
     KEK  (env SERVE_JOURNAL_KEK, a 0600 file, or a KMS hook: never stored by the keyring)
      └─ keyring file (JSON): every key below wrapped with AES-256-GCM under the KEK
          ├─ data keys  "k-<hex>"  features HMAC; one is current, rotate() adds a new current one
-         └─ purpose keys  "subject-index" (vault blind index), "subject-wrap" (wraps subject keys)
+         ├─ purpose keys  "subject-index" (vault blind index), "subject-wrap" (wraps subject keys),
+                          "sampling" (sampling decisions), "caller-token" (caller tokens)
+         └─ wrap keys  wrap subject keys in the vault: "subject-wrap" (the purpose key) first,
+                       then "w-<hex>" from rotate_wrap_key(); destroy_wrap_key() deletes an old one
 
 Key bytes never appear in ``repr``, ``str``, logs or exception messages. Pickling a keyring
 carries its configuration (file path, where the KEK comes from), never key bytes: the receiving
@@ -36,22 +39,34 @@ from serve_journal.errors import KeyringError
 
 __all__ = [
     "KEK_ENV",
+    "LEGACY_WRAP_KEY_ID",
     "EnvKek",
     "FileKek",
     "KeyWrapper",
     "Keyring",
     "KeyringError",
+    "PURPOSE_CALLER_TOKEN",
     "PURPOSE_SUBJECT_INDEX",
     "PURPOSE_SUBJECT_WRAP",
     "StaticKek",
 ]
 
 KEK_ENV = "SERVE_JOURNAL_KEK"
-KEYRING_FORMAT = 1
+KEYRING_FORMAT = 2
+"""Newest keyring file format. Format 1 (no rotated or destroyed wrap key) is still read, and still
+written while the wrap key was never rotated, so older versions keep reading such files; they
+refuse format 2 rather than rewrite it without its wrap keys."""
+_READABLE_FORMATS = (1, 2)
 PURPOSE_SUBJECT_INDEX = "subject-index"
 PURPOSE_SUBJECT_WRAP = "subject-wrap"
 PURPOSE_SAMPLING = "sampling"
-_PURPOSES = (PURPOSE_SUBJECT_INDEX, PURPOSE_SUBJECT_WRAP, PURPOSE_SAMPLING)
+PURPOSE_CALLER_TOKEN = "caller-token"
+_PURPOSES = (PURPOSE_SUBJECT_INDEX, PURPOSE_SUBJECT_WRAP, PURPOSE_SAMPLING, PURPOSE_CALLER_TOKEN)
+_CREATED_WITH_KEYRING = (PURPOSE_SUBJECT_INDEX, PURPOSE_SUBJECT_WRAP, PURPOSE_SAMPLING)
+"""Purpose keys a new keyring starts with; ``caller-token`` is added on first use (only journals
+with ``caller_privacy="token"`` need it)."""
+LEGACY_WRAP_KEY_ID = PURPOSE_SUBJECT_WRAP
+"""Wrap key id of the ``subject-wrap`` purpose key: the wrap key every vault starts with."""
 _NONCE = 12
 _KEY_BYTES = 32
 
@@ -222,6 +237,9 @@ class Keyring:
         self._current: str | None = None
         self._entries: dict[str, _Entry] = {}
         self._purposes: dict[str, _Entry] = {}
+        self._wraps: dict[str, _Entry] = {}
+        self._current_wrap: str | None = None
+        self._destroyed_wraps: set[str] = set()
         self._clear: dict[str, bytes] = {}
         self._load_or_create()
 
@@ -281,11 +299,31 @@ class Keyring:
             return self._unwrapped(f"data:{key_id}", entry)
 
     def purpose_key(self, purpose: str) -> bytes:
-        """Clear bytes of a stable, never-rotated key for ``purpose`` (e.g. the vault index)."""
+        """Clear bytes of a stable, never-rotated key for ``purpose`` (e.g. the vault index).
+
+        A purpose key missing from the file (a keyring made before that purpose existed) is
+        added under the file lock after re-reading the file, so every process ends up with the
+        same one.
+        """
+        key = self._purpose_key(purpose, create=True)
+        assert key is not None
+        return key
+
+    def existing_purpose_key(self, purpose: str) -> bytes | None:
+        """Like :meth:`purpose_key`, but ``None`` instead of adding a missing key (read tools)."""
+        return self._purpose_key(purpose, create=False)
+
+    def _purpose_key(self, purpose: str, *, create: bool) -> bytes | None:
         if purpose not in _PURPOSES:
             raise KeyringError(f"purpose must be one of {_PURPOSES}, got {purpose!r}")
         with self._lock:
             if purpose not in self._purposes:
+                self._read()  # another process may have added it
+            if purpose not in self._purposes:
+                if create and purpose in self._destroyed_wraps:  # the first wrap key: never re-made
+                    raise KeyringError(f"wrap key {purpose!r} was destroyed in keyring {self.path}")
+                if not create:
+                    return None
                 with self._file_lock():
                     self._read()
                     if purpose not in self._purposes:
@@ -304,9 +342,79 @@ class Keyring:
             return key_id
 
     def reload(self) -> None:
-        """Re-read the file (picks up rotations made by other processes)."""
+        """Re-read the file (picks up rotations made by other processes).
+
+        Keys another process destroyed (:meth:`destroy_wrap_key`) are dropped from memory too.
+        """
         with self._lock:
             self._read()
+
+    # -- wrap keys of the subject key vault ----------------------------------------------------
+
+    @property
+    def current_wrap_key_id(self) -> str:
+        """Id of the newest wrap key (what :meth:`SubjectVault.rewrap` re-encrypts under)."""
+        return self._current_wrap or LEGACY_WRAP_KEY_ID
+
+    def wrap_key_ids(self) -> list[str]:
+        """Ids of the wrap keys this keyring still holds, oldest first."""
+        with self._lock:
+            ids = [] if LEGACY_WRAP_KEY_ID in self._destroyed_wraps else [LEGACY_WRAP_KEY_ID]
+            return ids + sorted(self._wraps, key=lambda k: (self._wraps[k].created, k))
+
+    def wrap_key(self, wrap_id: str) -> bytes:
+        """Clear bytes of wrap key ``wrap_id``; :class:`KeyringError` once it was destroyed."""
+        with self._lock:
+            if wrap_id == LEGACY_WRAP_KEY_ID:
+                return self.purpose_key(PURPOSE_SUBJECT_WRAP)
+            if wrap_id not in self._wraps:
+                self.reload()  # another process may have rotated
+            entry = self._wraps.get(wrap_id)
+            if entry is None:
+                state = "was destroyed in" if wrap_id in self._destroyed_wraps else "is not in"
+                raise KeyringError(f"wrap key {wrap_id!r} {state} keyring {self.path}")
+            return self._unwrapped(f"wrap:{wrap_id}", entry)
+
+    def rotate_wrap_key(self) -> str:
+        """Make a new current wrap key and return its id; older ones resolve until destroyed.
+
+        :meth:`SubjectVault.rewrap` calls this, re-encrypts every subject key under the new key
+        and then destroys the old ones (:meth:`destroy_wrap_key`).
+        """
+        with self._lock, self._file_lock():
+            self._read()
+            while True:
+                wrap_id = "w-" + secrets.token_hex(6)
+                if wrap_id not in self._wraps and wrap_id not in self._destroyed_wraps:
+                    break
+            self._wraps[wrap_id] = self._new_entry(f"wrap:{wrap_id}")
+            self._current_wrap = wrap_id
+            self._write()
+            return wrap_id
+
+    def destroy_wrap_key(self, wrap_id: str) -> None:
+        """Delete wrap key ``wrap_id`` from the keyring file and from this process's memory.
+
+        Irreversible: every subject key still wrapped under it becomes unrecoverable. That is
+        the point once the vault was re-encrypted under a newer wrap key
+        (:meth:`SubjectVault.rewrap`): the copies of forgotten subjects' keys left in old
+        database pages, WAL, replicas and backups are wrapped under the old key. Copies of the
+        keyring *file* made before (its backups) still hold it under the KEK. The current wrap
+        key cannot be destroyed; other processes drop the key at their next :meth:`reload`.
+        """
+        with self._lock, self._file_lock():
+            self._read()
+            if wrap_id == self.current_wrap_key_id:
+                raise KeyringError(f"wrap key {wrap_id!r} is the current wrap key; rotate first")
+            if wrap_id in self._destroyed_wraps:
+                return
+            if wrap_id == LEGACY_WRAP_KEY_ID:
+                self._purposes.pop(PURPOSE_SUBJECT_WRAP, None)
+            elif self._wraps.pop(wrap_id, None) is None:
+                raise KeyringError(f"wrap key {wrap_id!r} is not in keyring {self.path}")
+            self._destroyed_wraps.add(wrap_id)
+            self._write()
+            self._forget_cleared()
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -355,7 +463,7 @@ class Keyring:
                 key_id = self._new_key_id()
                 self._entries = {key_id: self._new_entry(f"data:{key_id}")}
                 self._current = key_id
-                self._purposes = {p: self._new_entry(f"purpose:{p}") for p in _PURPOSES}
+                self._purposes = {p: self._new_entry(f"purpose:{p}") for p in _CREATED_WITH_KEYRING}
                 self._write()
 
     def _read(self) -> None:
@@ -368,27 +476,51 @@ class Keyring:
             raise KeyringError(f"keyring file {self.path} is unreadable or not JSON "
                                f"({type(exc).__name__})") from None
         try:
-            if doc["format"] != KEYRING_FORMAT:
+            if doc["format"] not in _READABLE_FORMATS:
                 raise KeyringError(f"keyring file {self.path} has format {doc['format']!r}; "
-                                   f"this version reads format {KEYRING_FORMAT}")
+                                   f"this version reads formats {_READABLE_FORMATS}")
             entries = {k: _entry_from_json(v) for k, v in doc["keys"].items()}
             purposes = {k: _entry_from_json(v) for k, v in doc.get("purposes", {}).items()}
             current = doc["current"]
+            wraps = {k: _entry_from_json(v) for k, v in doc.get("wrap_keys", {}).items()}
+            current_wrap = doc.get("current_wrap")
+            destroyed = {str(k) for k in doc.get("destroyed_wrap_keys", [])}
         except (KeyError, TypeError, ValueError, binascii.Error):
             raise KeyringError(f"keyring file {self.path} is malformed: it needs 'format', "
                                "'current' and 'keys' with base64 'wrapped' and 'created'") from None
         if current not in entries:
             raise KeyringError(f"keyring file {self.path} names current key {current!r} "
                                "that it does not hold")
+        if current_wrap is not None and current_wrap not in wraps:
+            raise KeyringError(f"keyring file {self.path} names current wrap key {current_wrap!r} "
+                               "that it does not hold")
         self._entries, self._purposes, self._current = entries, purposes, current
+        self._wraps, self._current_wrap, self._destroyed_wraps = wraps, current_wrap, destroyed
+        if LEGACY_WRAP_KEY_ID in destroyed:
+            self._purposes.pop(PURPOSE_SUBJECT_WRAP, None)
+        self._forget_cleared()
+
+    def _forget_cleared(self) -> None:
+        """Drop the clear bytes of keys the file no longer holds (destroyed wrap keys)."""
+        held = ({f"data:{k}" for k in self._entries} | {f"purpose:{p}" for p in self._purposes}
+                | {f"wrap:{w}" for w in self._wraps})
+        for context in [c for c in self._clear if c not in held]:
+            del self._clear[context]
 
     def _write(self) -> None:
         doc: dict[str, Any] = {
-            "format": KEYRING_FORMAT,
+            "format": 1,
             "current": self._current,
             "keys": {k: _entry_to_json(e) for k, e in self._entries.items()},
             "purposes": {k: _entry_to_json(e) for k, e in self._purposes.items()},
         }
+        if self._wraps or self._destroyed_wraps:
+            doc.update({
+                "format": KEYRING_FORMAT,
+                "wrap_keys": {k: _entry_to_json(e) for k, e in self._wraps.items()},
+                "current_wrap": self._current_wrap,
+                "destroyed_wrap_keys": sorted(self._destroyed_wraps),
+            })
         tmp = f"{self.path}.tmp-{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:

@@ -13,6 +13,13 @@ Replicas cache subject keys in a bounded LRU. Forgotten subjects are evicted by
 :meth:`VaultPseudonymizer.refresh_invalidations`, which :meth:`protect` also runs itself whenever
 ``invalidation_interval_s`` has passed; so a replica stops using a forgotten key at most
 ``invalidation_interval_s`` plus one ``protect`` batch after the forget committed.
+
+That path needs the tombstone. Independently of it, every cached key has a maximum age
+(``max_key_age_s``, at most :data:`~serve_journal.privacy.vault.MAX_KEY_AGE_S`): an older entry is
+never used but read again from the vault, and a per-process sweeper thread drops expired entries
+from memory even when the replica is idle (:func:`expire_periodically`). So a forgotten key is
+used for at most ``max_key_age_s`` and held for at most ``max_key_age_s + sweep_interval_s`` after
+it was read, even by a replica that never saw the tombstone (idle, or pruned before it looked).
 """
 
 from __future__ import annotations
@@ -20,20 +27,36 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import logging
+import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from serve_journal.privacy.keyring import Keyring, KeyringError
 from serve_journal.privacy.pseudonymizer import Protected
-from serve_journal.privacy.vault import SubjectKey, SubjectVault
+from serve_journal.privacy.vault import MAX_KEY_AGE_S, SubjectKey, SubjectVault
 
-__all__ = ["CacheStats", "VaultPseudonymizer", "VerifyStatus", "features_hmac"]
+__all__ = [
+    "SWEEP_INTERVAL_S",
+    "CacheStats",
+    "VaultPseudonymizer",
+    "VerifyStatus",
+    "expire_periodically",
+    "features_hmac",
+]
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 5.0
+"""How often the sweeper thread drops expired keys from idle caches (default)."""
 
 _FEATURES_PREFIX = b"features\0"
 _HKDF_INFO = b"serve_journal features v1"
@@ -69,6 +92,8 @@ class CacheStats:
     misses: int = 0
     evicted_lru: int = 0
     evicted_forgotten: int = 0
+    expired: int = 0
+    """Keys dropped because they reached ``max_key_age_s`` (then read again when needed)."""
     refreshes: int = 0
 
 
@@ -76,7 +101,86 @@ class CacheStats:
 class _Cached:
     key: SubjectKey
     token: str
+    loaded_at: float
+    tag: bytes
+    """The key's tombstone tag."""
     feature_keys: dict[str, bytes] = field(default_factory=dict)
+
+
+class Expiring(Protocol):
+    """A cache the sweeper thread sweeps (:func:`expire_periodically`)."""
+
+    sweep_interval_s: float
+
+    def sweep(self) -> None:
+        """Drop the entries older than the cache's maximum age (and whatever else is due)."""
+
+
+class _Sweeper:
+    """One daemon thread per process calling ``expire()`` on every registered cache.
+
+    Holds the caches weakly (a cache that is no longer used goes away as usual). The thread is
+    started on first registration in each process, and again after a fork.
+    """
+
+    def __init__(self) -> None:
+        self._caches: weakref.WeakSet[Expiring] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pid = 0
+
+    def watch(self, cache: Expiring) -> None:
+        with self._lock:
+            new = cache not in self._caches
+            if new:
+                self._caches.add(cache)
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="serve-journal-key-sweeper",
+                                 daemon=True).start()
+        if new:
+            self._wake.set()  # it may want a shorter interval than the thread waits now
+
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pid = 0
+
+    def _interval(self) -> float:
+        with self._lock:
+            return min((c.sweep_interval_s for c in self._caches), default=SWEEP_INTERVAL_S)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self._interval())
+            self._wake.clear()
+            with self._lock:
+                caches = list(self._caches)
+            for cache in caches:
+                try:
+                    cache.sweep()
+                except Exception as exc:  # noqa: BLE001 - the sweeper must survive; never the message
+                    log.warning("key cache sweep failed (%s)", type(exc).__name__)
+            del caches
+
+
+_SWEEPER = _Sweeper()
+os.register_at_fork(after_in_child=_SWEEPER.after_fork)
+
+
+def expire_periodically(cache: Expiring) -> None:
+    """Have this process's sweeper thread call ``cache.sweep()`` every
+    ``cache.sweep_interval_s`` seconds (or more often), so expired keys leave memory even when
+    nothing else touches the cache. Idempotent; the cache is held weakly."""
+    _SWEEPER.watch(cache)
+
+
+def _check_seconds(name: str, value: object, maximum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum} s (the documented bound), got {value!r}")
+    return float(value)
 
 
 class VaultPseudonymizer:
@@ -85,32 +189,46 @@ class VaultPseudonymizer:
     Thread-safe; meant to be called in batches from the flusher's background thread. Pickling
     carries configuration only (keyring and vault configuration, cache settings): no key bytes
     and no cache.
+
+    ``max_key_age_s`` (default and maximum :data:`~serve_journal.privacy.vault.MAX_KEY_AGE_S`)
+    bounds how long a cached key is used before it is read from the vault again;
+    ``sweep_interval_s`` how often an idle cache is swept; ``clock`` (monotonic seconds) is
+    injectable for tests.
     """
 
     def __init__(self, keyring: Keyring, vault: SubjectVault, *, cache_size: int = 100_000,
-                 invalidation_interval_s: float = 1.0) -> None:
+                 invalidation_interval_s: float = 1.0, max_key_age_s: float = MAX_KEY_AGE_S,
+                 sweep_interval_s: float = SWEEP_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not isinstance(cache_size, int) or isinstance(cache_size, bool) or cache_size < 1:
             raise ValueError(f"cache_size must be a positive integer, got {cache_size!r}")
-        if not isinstance(invalidation_interval_s, int | float) or not invalidation_interval_s > 0:
-            raise ValueError("invalidation_interval_s must be a positive number of seconds, "
-                             f"got {invalidation_interval_s!r}")
         self.keyring = keyring
         self.vault = vault
         self.cache_size = cache_size
-        self.invalidation_interval_s = float(invalidation_interval_s)
+        self.invalidation_interval_s = _check_seconds("invalidation_interval_s",
+                                                      invalidation_interval_s)
+        self.max_key_age_s = _check_seconds("max_key_age_s", max_key_age_s, MAX_KEY_AGE_S)
+        self.sweep_interval_s = _check_seconds("sweep_interval_s", sweep_interval_s)
+        self.clock = clock
         self.stats = CacheStats()
         self._lock = threading.RLock()
         self._cache: OrderedDict[bytes, _Cached] = OrderedDict()
+        """blind index -> entry, least recently used first."""
+        self._loaded: OrderedDict[bytes, float] = OrderedDict()
+        """blind index -> time read from the vault, oldest first (for expiry)."""
+        self._by_tag: dict[bytes, bytes] = {}
+        """tombstone tag -> blind index of the cached keys."""
         # Taken before any key is cached, so no forget after a cached read can be missed.
         self._cursor = vault.latest_cursor()
-        self._last_refresh = time.monotonic()
+        self._last_refresh = self._last_reload = clock()
 
     def __repr__(self) -> str:
         return (f"VaultPseudonymizer(vault={self.vault!r}, key_id={self.keyring.current_key_id!r}, "
                 f"cache={len(self._cache)}/{self.cache_size})")
 
     def __reduce__(self):
-        return (_rebuild, (self.keyring, self.vault, self.cache_size, self.invalidation_interval_s))
+        return (_rebuild, (self.keyring, self.vault, self.cache_size, self.invalidation_interval_s,
+                           self.max_key_age_s, self.sweep_interval_s))
 
     # -- the Pseudonymizer protocol ------------------------------------------------------------
 
@@ -121,8 +239,9 @@ class VaultPseudonymizer:
             raise ValueError(f"subjects and encoded_features must have the same length, got "
                              f"{len(subjects)} and {len(encoded_features)}")
         with self._lock:
-            if time.monotonic() - self._last_refresh >= self.invalidation_interval_s:
+            if self.clock() - self._last_refresh >= self.invalidation_interval_s:
                 self.refresh_invalidations()
+            self.expire()
             key_id = self.keyring.current_key_id
             data_key = self.keyring.data_key(key_id)
             cached = self._lookup([s for s in subjects if s is not None])
@@ -144,9 +263,14 @@ class VaultPseudonymizer:
     def _lookup(self, subjects: list[str]) -> dict[str, _Cached]:
         found: dict[str, _Cached] = {}
         misses: list[str] = []
+        now = self.clock()
         for subject in dict.fromkeys(subjects):
             index = self.vault.blind_index(subject)
             entry = self._cache.get(index)
+            if entry is not None and now - entry.loaded_at >= self.max_key_age_s:
+                self._drop(index)  # too old to use: read it again, as if never cached
+                self.stats.expired += 1
+                entry = None
             if entry is None:
                 misses.append(subject)
             else:
@@ -155,14 +279,56 @@ class VaultPseudonymizer:
         self.stats.hits += len(found)
         self.stats.misses += len(misses)
         if misses:
+            loaded_at = self.clock()
             for subject, key in self.vault.get_or_create_many(misses).items():
-                entry = _Cached(key, key.token)
+                entry = _Cached(key, key.token, loaded_at, key.tombstone_tag)
+                self._drop(key.blind_index)
                 self._cache[key.blind_index] = entry
+                self._loaded[key.blind_index] = loaded_at
+                self._by_tag[entry.tag] = key.blind_index
                 found[subject] = entry
             while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+                self._drop(next(iter(self._cache)))
                 self.stats.evicted_lru += 1
+            expire_periodically(self)
         return found
+
+    def _drop(self, index: bytes) -> _Cached | None:
+        """Remove one cached key (all three maps); the entry, or ``None`` if not cached."""
+        entry = self._cache.pop(index, None)
+        if entry is not None:
+            self._loaded.pop(index, None)
+            self._by_tag.pop(entry.tag, None)
+        return entry
+
+    def expire(self) -> int:
+        """Drop the cached keys read from the vault ``max_key_age_s`` ago or longer; how many.
+
+        :meth:`protect` runs it, and so does the process's sweeper thread every
+        ``sweep_interval_s`` (:func:`expire_periodically`), so an idle replica holds no key
+        longer than ``max_key_age_s + sweep_interval_s`` either.
+        """
+        with self._lock:
+            limit = self.clock() - self.max_key_age_s
+            expired = 0
+            while self._loaded:
+                index, loaded_at = next(iter(self._loaded.items()))
+                if loaded_at > limit:
+                    break
+                self._drop(index)
+                expired += 1
+            self.stats.expired += expired
+            return expired
+
+    def sweep(self) -> None:
+        """What the sweeper thread runs: :meth:`expire`, and a keyring reload when none
+        happened for ``max_key_age_s``, so that an idle replica also drops wrap keys destroyed
+        by a rewrap (:meth:`Keyring.destroy_wrap_key`) within that bound."""
+        self.expire()
+        with self._lock:
+            if self.clock() - self._last_reload >= self.max_key_age_s:
+                self.keyring.reload()
+                self._last_reload = self.clock()
 
     # -- investigators and replay --------------------------------------------------------------
 
@@ -212,9 +378,10 @@ class VaultPseudonymizer:
         with self._lock:
             evicted = 0
             while True:
-                indexes, cursor = self.vault.changes_since(self._cursor)
-                for index in indexes:
-                    if self._cache.pop(index, None) is not None:
+                tags, cursor = self.vault.changes_since(self._cursor)
+                for tag in tags:
+                    index = self._by_tag.get(tag)
+                    if index is not None and self._drop(index) is not None:
                         evicted += 1
                 if cursor == self._cursor:
                     break
@@ -222,7 +389,7 @@ class VaultPseudonymizer:
             self.keyring.reload()
             self.stats.evicted_forgotten += evicted
             self.stats.refreshes += 1
-            self._last_refresh = time.monotonic()
+            self._last_refresh = self._last_reload = self.clock()
             return evicted
 
     def cached_subjects(self) -> int:
@@ -231,6 +398,8 @@ class VaultPseudonymizer:
 
 
 def _rebuild(keyring: Keyring, vault: SubjectVault, cache_size: int,
-             invalidation_interval_s: float) -> VaultPseudonymizer:
+             invalidation_interval_s: float, max_key_age_s: float = MAX_KEY_AGE_S,
+             sweep_interval_s: float = SWEEP_INTERVAL_S) -> VaultPseudonymizer:
     return VaultPseudonymizer(keyring, vault, cache_size=cache_size,
-                              invalidation_interval_s=invalidation_interval_s)
+                              invalidation_interval_s=invalidation_interval_s,
+                              max_key_age_s=max_key_age_s, sweep_interval_s=sweep_interval_s)

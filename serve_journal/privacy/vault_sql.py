@@ -13,7 +13,20 @@ that holds only what truly differs between the two databases:
 :class:`SqlBackend` holds the logic both share: a connection per process (never one inherited
 through fork), batches of :data:`CHUNK` values, new keys inserted in blind-index order with
 ``ON CONFLICT DO NOTHING``, a forget and its tombstone in one serialised transaction. The two
-subclasses only connect and open transactions.
+subclasses only connect, open transactions and (SQLite) truncate the WAL after a shred.
+
+**Wrap fence.** A row ``wrap_key`` of the ``<namespace>_meta`` table names the wrap key new
+subject keys must be wrapped under. Every insert batch checks it inside its transaction (shared
+with other inserters; exclusive with :meth:`SqlBackend.set_wrap_fence`) and refuses with
+:class:`WrapFenceMoved` when the rows were wrapped under another key. So once
+:meth:`~serve_journal.privacy.vault.SubjectVault.rewrap` has moved the fence, no process,
+however stale its keyring, can add a row under the old wrap key, and a scan after the move
+finds every row still under it.
+
+**No long read transactions.** Every statement runs in autocommit mode and is read to its end
+before the call returns, so a connection of this module never holds a read snapshot between
+calls: a SQLite checkpoint waits at most for statements in flight (see
+:meth:`SqliteBackend.checkpoint`).
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -38,6 +51,16 @@ DEADLOCK_RETRIES = 5
 """Tries of one PostgreSQL insert batch that a foreign writer keeps deadlocking."""
 
 _KEY_COLUMNS = "blind_index, key_ref, token, wrapped"
+_FENCE = "wrap_key"
+"""Name of the meta row holding the wrap key id new rows must be wrapped under."""
+
+
+class WrapFenceMoved(Exception):
+    """An insert batch was wrapped under another wrap key than the vault's fence names."""
+
+    def __init__(self, wrap_id: str) -> None:
+        super().__init__(f"new subject keys must be wrapped under wrap key {wrap_id!r}")
+        self.wrap_id = wrap_id
 
 
 @dataclass(frozen=True)
@@ -56,8 +79,14 @@ class VaultBackend(Protocol):
 
     def select(self, indexes: Sequence[bytes]) -> list[KeyRow]: ...
     def select_tokens(self, tokens: Sequence[str]) -> list[KeyRow]: ...
-    def insert_missing(self, rows: Sequence[KeyRow], created: float) -> None: ...
-    def delete(self, index: bytes, deleted_at: float) -> str | None: ...
+    def insert_missing(self, rows: Sequence[KeyRow], created: float, wrap_id: str) -> None: ...
+    def delete(self, index: bytes, deleted_at: float,
+               tombstone_tag: Callable[[KeyRow], bytes]) -> str | None: ...
+    def checkpoint(self) -> bool | None: ...
+    def set_wrap_fence(self, wrap_id: str) -> None: ...
+    def wrap_fence(self) -> str | None: ...
+    def scan(self, after: bytes, limit: int) -> list[KeyRow]: ...
+    def replace_wrapped(self, pairs: Sequence[tuple[KeyRow, bytes]]) -> int: ...
     def tombstones_since(self, cursor: int, limit: int) -> list[tuple[int, bytes]]: ...
     def latest_cursor(self) -> int: ...
     def count(self) -> int: ...
@@ -92,6 +121,11 @@ def table_names(namespace: str) -> tuple[str, str]:
     return f"{namespace}_subject_keys", f"{namespace}_tombstones"
 
 
+def meta_table(namespace: str) -> str:
+    """The table of a vault namespace's settings (the wrap fence)."""
+    return f"{namespace}_meta"
+
+
 class VaultStatements:
     """Every statement of the vault, rendered once for one dialect and namespace."""
 
@@ -99,14 +133,29 @@ class VaultStatements:
         d, m = dialect, dialect.mark
         self.dialect = d
         self.keys, self.tombs = keys, tombs = table_names(namespace)
+        self.meta = meta = meta_table(namespace)
         self._types = {"blind_index": d.bytes_type, "token": d.text_type}
+        # The tombstones' second column keeps the name it had in earlier versions (existing
+        # vaults), but holds a tombstone tag, HMAC(subject key, "tombstone"), never the blind
+        # index: a forget leaves nothing in the vault that relates to the subject's id.
         self.create_tables = (
             f"CREATE TABLE IF NOT EXISTS {keys} (blind_index {d.bytes_type} PRIMARY KEY, "
             f"key_ref {d.text_type} NOT NULL UNIQUE, token {d.text_type} NOT NULL UNIQUE, "
             f"wrapped {d.bytes_type} NOT NULL, created {d.float_type} NOT NULL)",
             f"CREATE TABLE IF NOT EXISTS {tombs} (seq {d.serial_key}, "
             f"blind_index {d.bytes_type} NOT NULL, deleted_at {d.float_type} NOT NULL)",
+            f"CREATE TABLE IF NOT EXISTS {meta} (name {d.text_type} PRIMARY KEY, "
+            f"value {d.text_type} NOT NULL)",
         )
+        self.select_fence = f"SELECT value FROM {meta} WHERE name = '{_FENCE}'"
+        self.init_fence = (f"INSERT INTO {meta} (name, value) VALUES ('{_FENCE}', {m}) "
+                           "ON CONFLICT DO NOTHING")
+        self.set_fence = (f"INSERT INTO {meta} (name, value) VALUES ('{_FENCE}', {m}) "
+                          "ON CONFLICT (name) DO UPDATE SET value = excluded.value")
+        self.scan = (f"SELECT {_KEY_COLUMNS} FROM {keys} WHERE blind_index > {m} "
+                     f"ORDER BY blind_index LIMIT {m}")
+        self.replace_wrapped = (f"UPDATE {keys} SET wrapped = {m} "
+                                f"WHERE blind_index = {m} AND wrapped = {m}")
         if d.arrays:
             new_rows = (f"SELECT i, r, t, w, {m} FROM unnest({m}::{d.bytes_type}[], "
                         f"{m}::{d.text_type}[], {m}::{d.text_type}[], {m}::{d.bytes_type}[]) "
@@ -115,7 +164,7 @@ class VaultStatements:
             new_rows = f"VALUES ({m}, {m}, {m}, {m}, {m})"
         self.insert_if_absent = (f"INSERT INTO {keys} ({_KEY_COLUMNS}, created) {new_rows} "
                                  "ON CONFLICT DO NOTHING")
-        self.delete_key = f"DELETE FROM {keys} WHERE blind_index = {m} RETURNING key_ref"
+        self.delete_key = f"DELETE FROM {keys} WHERE blind_index = {m} RETURNING {_KEY_COLUMNS}"
         self.insert_tombstone = f"INSERT INTO {tombs} (blind_index, deleted_at) VALUES ({m}, {m})"
         self.tombstones_since = (f"SELECT seq, blind_index FROM {tombs} WHERE seq > {m} "
                                  f"ORDER BY seq LIMIT {m}")
@@ -191,8 +240,22 @@ class SqlBackend:
         raise NotImplementedError
 
     def _batch_transaction(self, conn: Any) -> contextlib.AbstractContextManager[Any]:
-        """The transaction one batch of new keys is inserted in."""
+        """The transaction one batch of new keys is inserted in: it may run alongside other
+        batches, never alongside :meth:`_fence_transaction`."""
         raise NotImplementedError
+
+    def _fence_transaction(self, conn: Any) -> contextlib.AbstractContextManager[Any]:
+        """The transaction that moves the wrap fence: no insert batch runs at the same time."""
+        raise NotImplementedError
+
+    def checkpoint(self) -> bool | None:
+        """Remove what the database keeps of deleted rows outside its live pages, where it can.
+
+        True when done (SQLite: the WAL was checkpointed and truncated), False when it could
+        not be done now, ``None`` when the database offers no such thing (PostgreSQL: dead
+        tuples, WAL, replicas and backups; see docs/security.md).
+        """
+        return None
 
     # -- shared -------------------------------------------------------------------------------
 
@@ -223,7 +286,7 @@ class SqlBackend:
         with self._lock:
             conn = self._connection()
             for chunk in chunks(values):
-                out += [KeyRow(bytes(r[0]), r[1], r[2], bytes(r[3])) for r in conn.execute(
+                out += [_key_row(r) for r in conn.execute(
                     self.sql.select_where(column, len(chunk)), self.sql.list_params(chunk))]
         return out
 
@@ -235,8 +298,13 @@ class SqlBackend:
         """The rows of these subject tokens (those that exist)."""
         return self._select_where("token", tokens)
 
-    def insert_missing(self, rows: Sequence[KeyRow], created: float) -> None:
-        """Insert the rows whose blind index has no row yet; existing rows win."""
+    def insert_missing(self, rows: Sequence[KeyRow], created: float, wrap_id: str) -> None:
+        """Insert the rows whose blind index has no row yet; existing rows win.
+
+        ``wrap_id`` is the wrap key the rows are wrapped under; :class:`WrapFenceMoved` (and
+        nothing inserted by that batch) when the vault's fence names another one. The first
+        insert into a vault without a fence sets it to ``wrap_id``.
+        """
         # Every process inserts in blind-index order, so two batches that overlap wait on each
         # other's rows in the same order and cannot deadlock (in arbitrary order they can on
         # PostgreSQL: each holds a row the other's ON CONFLICT check waits for). A deadlock
@@ -245,26 +313,74 @@ class SqlBackend:
         with self._lock:
             conn = self._connection()
             for chunk in chunks(ordered):
-                retry_call(functools.partial(self._insert_batch, conn, chunk, created),
+                retry_call(functools.partial(self._insert_batch, conn, chunk, created, wrap_id),
                            retry_on=self.retry_on, attempts=DEADLOCK_RETRIES,
                            delay_s=0.0, max_delay_s=0.0)
 
-    def _insert_batch(self, conn: Any, rows: Sequence[KeyRow], created: float) -> None:
+    def _insert_batch(self, conn: Any, rows: Sequence[KeyRow], created: float,
+                      wrap_id: str) -> None:
         params = self.sql.new_row_params(rows, created)
         with self._batch_transaction(conn):
+            fence = conn.execute(self.sql.select_fence).fetchone()
+            if fence is None:
+                conn.execute(self.sql.init_fence, (wrap_id,))
+                fence = conn.execute(self.sql.select_fence).fetchone()
+            if fence[0] != wrap_id:
+                raise WrapFenceMoved(fence[0])
             if self.dialect.arrays:
                 conn.execute(self.sql.insert_if_absent, params)
             else:
                 conn.executemany(self.sql.insert_if_absent, params)
 
-    def delete(self, index: bytes, deleted_at: float) -> str | None:
-        """Delete the row of ``index`` and record a tombstone; the deleted ``key_ref`` or ``None``."""
+    def delete(self, index: bytes, deleted_at: float,
+               tombstone_tag: Callable[[KeyRow], bytes]) -> str | None:
+        """Delete the row of ``index``; the deleted ``key_ref``, or ``None`` when there was none.
+
+        In the same transaction, a tombstone records ``tombstone_tag(row)`` (a value derived
+        from the destroyed key, so that replicas holding it can evict it); nothing is recorded
+        when there was no row. Then :meth:`checkpoint` (SQLite) removes the deleted row's
+        copies from the WAL.
+        """
         with self._lock:
             conn = self._connection()
             with self._serialised(conn):
-                row = conn.execute(self.sql.delete_key, (index,)).fetchone()
-                conn.execute(self.sql.insert_tombstone, (index, deleted_at))
-        return row[0] if row else None
+                found = conn.execute(self.sql.delete_key, (index,)).fetchone()
+                row = _key_row(found) if found is not None else None
+                if row is not None:
+                    conn.execute(self.sql.insert_tombstone, (tombstone_tag(row), deleted_at))
+        return row.key_ref if row is not None else None
+
+    def set_wrap_fence(self, wrap_id: str) -> None:
+        """From the commit on, every new row must be wrapped under ``wrap_id``."""
+        with self._lock:
+            conn = self._connection()
+            with self._fence_transaction(conn):
+                conn.execute(self.sql.set_fence, (wrap_id,))
+
+    def wrap_fence(self) -> str | None:
+        """The wrap key id new rows must be wrapped under (``None``: not set yet)."""
+        with self._lock:
+            row = self._connection().execute(self.sql.select_fence).fetchone()
+        return row[0] if row is not None else None
+
+    def scan(self, after: bytes, limit: int) -> list[KeyRow]:
+        """Up to ``limit`` rows whose blind index sorts after ``after``, in blind-index order."""
+        with self._lock:
+            return [_key_row(r) for r in self._connection().execute(self.sql.scan, (after, limit))]
+
+    def replace_wrapped(self, pairs: Sequence[tuple[KeyRow, bytes]]) -> int:
+        """Set each row's wrapped key to the new bytes, if the row still holds the wrapped bytes
+        it was read with (a row forgotten or re-created meanwhile is left alone); how many were
+        replaced."""
+        replaced = 0
+        with self._lock:
+            conn = self._connection()
+            for chunk in chunks(pairs):
+                with self._serialised(conn):
+                    for row, wrapped in chunk:
+                        replaced += conn.execute(self.sql.replace_wrapped,
+                                                 (wrapped, row.blind_index, row.wrapped)).rowcount
+        return replaced
 
     def tombstones_since(self, cursor: int, limit: int) -> list[tuple[int, bytes]]:
         """(sequence number, blind index) of up to ``limit`` tombstones after ``cursor``."""
@@ -288,8 +404,12 @@ class SqlBackend:
             return self._connection().execute(self.sql.prune_tombstones, (before,)).rowcount
 
 
+def _key_row(r: Sequence[Any]) -> KeyRow:
+    return KeyRow(bytes(r[0]), r[1], r[2], bytes(r[3]))
+
+
 class SqliteBackend(SqlBackend):
-    """A SQLite file (mode 0600; WAL, busy timeout, synchronous=FULL)."""
+    """A SQLite file (mode 0600; WAL, busy timeout, synchronous=FULL, secure_delete=ON)."""
 
     kind = "sqlite"
     dialect = SQLITE
@@ -308,7 +428,25 @@ class SqliteBackend(SqlBackend):
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
+        # Deleted content is overwritten with zeros in the page (and so in the page's next WAL
+        # frame and, after a checkpoint, in the database file), whatever the build's default.
+        conn.execute("PRAGMA secure_delete = ON")
         return conn
+
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the database file and truncate the WAL to zero bytes.
+
+        A WAL frame is a whole page as it was when written: after a delete the older frames
+        still hold the deleted row until the WAL is truncated. A truncating checkpoint waits
+        (the busy timeout) for writers and for readers still using the WAL; connections of this
+        module hold no read transaction between calls, so only a foreign connection (a
+        ``sqlite3`` shell, a backup tool) with a transaction open longer than the busy timeout
+        makes it fail. Then False: the residue stays until the next successful checkpoint (the
+        next forget or rewrap, :meth:`SubjectVault.checkpoint`, or the last connection closing).
+        """
+        with self._lock:
+            busy = self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        return busy == 0
 
     @contextlib.contextmanager
     def _serialised(self, conn: sqlite3.Connection) -> Iterator[None]:
@@ -321,7 +459,9 @@ class SqliteBackend(SqlBackend):
             conn.execute("ROLLBACK")
             raise
 
+    # SQLite has one writer at a time: every write transaction excludes all others.
     _batch_transaction = _serialised
+    _fence_transaction = _serialised
 
 
 class PostgresBackend(SqlBackend):
@@ -339,9 +479,9 @@ class PostgresBackend(SqlBackend):
         self.retry_on = (psycopg.errors.DeadlockDetected,)
         # Forgets serialise on this lock so tombstone sequence numbers commit in order and a
         # reader's cursor never skips a tombstone committed late.
-        tombs = table_names(namespace)[1]
-        self._lock_id = int.from_bytes(hashlib.sha256(tombs.encode()).digest()[:8], "big",
-                                       signed=True)
+        self._lock_id = _advisory_lock_id(table_names(namespace)[1])
+        # Insert batches hold this lock shared, moving the wrap fence holds it exclusively.
+        self._fence_lock_id = _advisory_lock_id(meta_table(namespace))
         super().__init__(dsn, namespace)
 
     def _connect(self) -> Any:
@@ -361,6 +501,18 @@ class PostgresBackend(SqlBackend):
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_id,))
             yield
 
-    def _batch_transaction(self, conn: Any) -> contextlib.AbstractContextManager[Any]:
-        # One statement in autocommit mode is its own transaction.
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _batch_transaction(self, conn: Any) -> Iterator[None]:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (self._fence_lock_id,))
+            yield
+
+    @contextlib.contextmanager
+    def _fence_transaction(self, conn: Any) -> Iterator[None]:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._fence_lock_id,))
+            yield
+
+
+def _advisory_lock_id(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)

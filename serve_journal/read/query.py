@@ -14,7 +14,11 @@ the row groups that may hold the value, and only the row groups that do hold it 
 then runs the very same SQL over those rows. Results are exactly those of a full scan.
 
 Every query writes an access record (who, when, which filter, how many rows) beside the journal;
-a subject appears there only as its token.
+a subject appears there only as its token, and so does a caller looked up through a caller
+tokenizer. A ``subject_token=`` must have a subject token's format
+(:func:`serve_journal.privacy.tokens.check_subject_token`). Local file paths reach DuckDB with
+their glob characters escaped (:mod:`serve_journal.duckdb_paths`), so a file named ``*.parquet``
+reads itself only.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import pyarrow.parquet as pq
 
 from serve_journal.catalog import DataFile, MarkerCache, live_files
 from serve_journal.catalog.layout import TIERS
+from serve_journal.duckdb_paths import UnreadableByDuckDB, duckdb_literal_path
+from serve_journal.privacy.tokens import check_subject_token, is_caller_token
 from serve_journal.read.access_log import read_access_log, record_access
 from serve_journal.read.pruning import FooterCache
 from serve_journal.retry import retry_call
@@ -95,8 +101,11 @@ class JournalQuery:
 
     ``storage_or_uri`` is a :class:`JournalStorage` or a URI/path. ``tokenizer(subject_id)``
     turns a subject id into its token (``None`` when the subject is unknown or was shredded);
-    without one, only ``subject_token=`` lookups are possible. ``actor`` names who queries, for
-    the access log.
+    without one, only ``subject_token=`` lookups are possible. ``caller_tokenizer(caller_id)``
+    turns a caller id into the caller token replicas with ``caller_privacy="token"`` record
+    (:func:`serve_journal.caller_tokenizer`); with it, ``find(caller=...)`` finds the caller's
+    entries whether they were journaled plain or tokenized, and the access log holds the token
+    only. ``actor`` names who queries, for the access log.
     """
 
     def __init__(
@@ -104,6 +113,7 @@ class JournalQuery:
         storage_or_uri: JournalStorage | str,
         *,
         tokenizer: Tokenizer | None = None,
+        caller_tokenizer: Tokenizer | None = None,
         actor: str,
         threads: int | None = None,
     ) -> None:
@@ -115,6 +125,7 @@ class JournalQuery:
             raise ValueError("actor must name who runs the query (used in the access log)")
         self.actor = actor
         self._tokenizer = tokenizer
+        self._caller_tokenizer = caller_tokenizer
         self._markers = MarkerCache()
         self._lock = threading.Lock()
         self._con = None
@@ -194,16 +205,22 @@ class JournalQuery:
         until: dt.datetime | str | None = None,
         limit: int | None = None,
         tier: str = "hot",
+        caller: str | None = None,
     ) -> pa.Table:
         """Entries matching every given filter, oldest first, as a table with the entry schema.
 
         ``subject`` is a raw subject id: it is turned into its token with the tokenizer and never
         stored or logged. An unknown or shredded subject gives an empty result without a scan.
+        ``subject_token`` must have a subject token's format (``TokenFormatError`` names the
+        parameter otherwise). ``caller`` is a caller id (or a ``ct-`` caller token): with a caller
+        tokenizer, entries journaled with its token match too (see the class doc).
         ``since`` is inclusive, ``until`` exclusive (UTC; naive times are taken as UTC).
         """
         started = time.perf_counter()
         if subject is not None and subject_token is not None:
             raise ValueError("give subject or subject_token, not both")
+        if subject_token is not None:
+            check_subject_token(subject_token, "subject_token")
         if outcome is not None and outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
         if limit is not None and (not isinstance(limit, int) or limit < 1):
@@ -219,8 +236,10 @@ class JournalQuery:
                 )
             subject_token = self._tokenizer(subject)
             unresolved = subject_token is None
+        callers, caller_logged = self._callers(caller)
         filters: dict[str, Any] = {
             "subject_token": subject_token,
+            **caller_logged,
             "request_id": request_id,
             "model": model,
             "model_version": model_version,
@@ -241,6 +260,7 @@ class JournalQuery:
             else:
                 table, scanned = self._run(
                     subject_token=subject_token,
+                    callers=callers,
                     request_id=request_id,
                     model=model,
                     model_version=model_version,
@@ -265,6 +285,22 @@ class JournalQuery:
         self.last_stats = QueryStats(scanned, table.num_rows, elapsed_ms, *prune)
         return table
 
+    def _callers(self, caller: str | None) -> tuple[tuple[str, ...] | None, dict[str, Any]]:
+        """The ``caller`` column values a ``caller=`` filter matches, and what the access log
+        records of it (the token only when there is a caller tokenizer)."""
+        if caller is None:
+            return None, {}
+        if not isinstance(caller, str) or not caller:
+            raise ValueError("caller must be a non-empty string (a caller id or a ct- token)")
+        if is_caller_token(caller):
+            return (caller,), {"caller_token": caller}
+        if self._caller_tokenizer is None:
+            return (caller,), {"caller": caller}
+        token = self._caller_tokenizer(caller)
+        if token is None or token == caller:
+            return (caller,), {"caller_token": token or "unresolved"}
+        return (caller, token), {"caller_token": token}
+
     def explain_analyze(self, **filters: Any) -> dict[str, Any]:
         """DuckDB's profile (JSON) of the scan ``find(**filters)`` runs: row groups scanned,
         bytes read. Not recorded in the access log: it returns no entries."""
@@ -286,12 +322,15 @@ class JournalQuery:
         out = {
             "subject_token": None, "request_id": None, "model": None, "model_version": None,
             "decision": None, "outcome": None, "since": None, "until": None, "limit": None,
-            "tier": "hot",
+            "tier": "hot", "caller": None,
         }
         unknown = set(filters) - set(out)
         if unknown:
             raise ValueError(f"unknown filter(s) {sorted(unknown)}; known: {sorted(out)}")
         out.update(filters)
+        if out["subject_token"] is not None:
+            check_subject_token(out["subject_token"], "subject_token")
+        out["callers"] = self._callers(out.pop("caller"))[0]
         out["since"] = as_utc(out["since"], "since")
         out["until"] = as_utc(out["until"], "until")
         return out
@@ -300,6 +339,7 @@ class JournalQuery:
         self,
         *,
         subject_token: str | None,
+        callers: tuple[str, ...] | None,
         request_id: str | None,
         model: str | None,
         model_version: str | None,
@@ -324,6 +364,9 @@ class JournalQuery:
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(value)
+        if callers:
+            where.append(f"caller IN ({', '.join('?' for _ in callers)})")
+            params.extend(callers)
         if since is not None:
             where.append("ts >= ?")
             params.append(since)
@@ -375,9 +418,15 @@ class JournalQuery:
     def _source(self, files: Sequence[DataFile]) -> str:
         root = self.storage.local_path()
         if root is not None:
-            listing = ", ".join(_sql_string(f"{root}/{f.path}") for f in files)
-            return f"read_parquet([{listing}], hive_partitioning=false, union_by_name=true)"
-        # Remote storage: pyarrow's filesystem reads, DuckDB pushes filters into the dataset scan.
+            try:
+                listing = ", ".join(_sql_string(duckdb_literal_path(f"{root}/{f.path}"))
+                                    for f in files)
+            except UnreadableByDuckDB:
+                pass  # such a path goes through pyarrow below, which never globs
+            else:
+                return f"read_parquet([{listing}], hive_partitioning=false, union_by_name=true)"
+        # Remote storage (or a local path DuckDB cannot read literally): pyarrow's filesystem
+        # reads, DuckDB pushes filters into the dataset scan.
         import pyarrow.dataset as ds  # inside: 0.4 s to import, needed by scans only
 
         dataset = ds.dataset(

@@ -21,7 +21,11 @@ Checks, each reported with the file, manifest object or chain it concerns:
 5. per-producer sequence continuity over all records: every gap must be covered by an accounted
    gap (counted drops or sampling), otherwise it is reported as loss;
 6. on versioned object stores (S3): extra object versions and delete markers anywhere in the
-   journal's areas.
+   journal's areas;
+7. with ``expected_heads`` (the ``report.heads`` an earlier run kept): no chain the auditor saw
+   signed is gone, shorter, or different at the remembered head, so tail truncation and rollback
+   to an earlier signed state are caught without a witness. Without a witness and without
+   remembered heads the report says plainly that they cannot be excluded.
 
 ``report.ok`` is true only when there are no errors; warnings (e.g. records newer than the last
 signed checkpoint) do not fail verification.
@@ -32,6 +36,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -89,6 +94,16 @@ class VerifyReport:
     entries: int = 0
     producers: int = 0
     accounted_gaps: int = 0
+    heads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """``{chain_id: {"length": n, "head_hash": h}}``: each chain's signed head as verified. Keep
+    it (``serve-journal verify --heads FILE``) and pass it back as ``expected_heads`` next time,
+    so a journal whose signed history went backwards fails."""
+    new_chains: list[str] = field(default_factory=list)
+    """Chains with a signed head that the remembered heads did not know (new writers, or forged)."""
+    truncation_excluded: bool = True
+    """False when neither a witness nor remembered heads were given: then a journal cut back to
+    an earlier signed state (its newest files, records and checkpoints deleted) cannot be told
+    from one that never grew further."""
 
     @property
     def errors(self) -> list[Problem]:
@@ -127,6 +142,11 @@ def format_report(report: VerifyReport) -> str:
         f"  data files {report.files}, entries {report.entries}, producers {report.producers}, "
         f"accounted gaps {report.accounted_gaps}",
     ]
+    if report.new_chains:
+        lines.append(f"  chains the remembered heads did not know: {', '.join(report.new_chains)}")
+    if not report.truncation_excluded:
+        lines.append("  NOTE truncation or rollback to an earlier signed state cannot be excluded: "
+                     "no witness and no remembered chain heads (verify --heads FILE)")
     for problem in sorted(report.problems, key=lambda p: (p.severity != ERROR, p.path, p.kind)):
         chain = f" [chain {problem.chain_id}]" if problem.chain_id else ""
         lines.append(f"  {problem.severity.upper():7} {problem.kind}: {problem.path}{chain}: {problem.detail}")
@@ -197,6 +217,7 @@ class _Chain:
     chain_id: str
     records: dict[int, ManifestRecord] = field(default_factory=dict)
     signed_length: int = 0
+    signed_head: str = ""
 
 
 def _check_chains(storage: JournalStorage, report: VerifyReport) -> dict[str, _Chain]:
@@ -303,8 +324,9 @@ def _check_checkpoints(
             elif head is None or head.record_hash != checkpoint.head_hash:
                 report._add("manifest-rewritten", record_path(chain_id, checkpoint.length - 1),
                             f"record does not have the head hash {where} {path} signed", chain_id)
-            elif chain is not None:
-                chain.signed_length = max(chain.signed_length, checkpoint.length)
+            elif chain is not None and checkpoint.length > chain.signed_length:
+                chain.signed_length = checkpoint.length
+                chain.signed_head = checkpoint.head_hash
     for chain_id, chain in sorted(chains.items()):
         length = max(chain.records) + 1 if chain.records else 0
         if chain.signed_length == 0:
@@ -318,6 +340,39 @@ def _check_checkpoints(
         if witness is not None and chain_id not in witnessed_chains and chain.records:
             report._add("chain-not-witnessed", f"{MANIFEST_PREFIX}/{chain_id}/",
                         "the witness holds no checkpoint of this chain", chain_id, WARNING)
+
+
+def _check_heads(chains: dict[str, _Chain], expected: Mapping[str, Mapping[str, Any]] | None,
+                 report: VerifyReport) -> None:
+    """Record each chain's signed head; against ``expected`` (an earlier run's heads), refuse a
+    signed history that went backwards or changed."""
+    for chain_id, chain in sorted(chains.items()):
+        if chain.signed_length:
+            report.heads[chain_id] = {"length": chain.signed_length, "head_hash": chain.signed_head}
+    for chain_id, head in sorted((expected or {}).items()):
+        try:
+            length, head_hash = int(head["length"]), str(head["head_hash"])
+        except (KeyError, TypeError, ValueError):
+            report._add("expected-head-unreadable", f"{MANIFEST_PREFIX}/{chain_id}/",
+                        "the remembered head of this chain is not {length, head_hash}", chain_id)
+            continue
+        chain = chains.get(chain_id)
+        if chain is None or not chain.records:
+            report._add("chain-removed", f"{MANIFEST_PREFIX}/{chain_id}/",
+                        f"an earlier verify saw this chain signed to {length} record(s); it is "
+                        "gone", chain_id)
+        elif chain.signed_length < length:
+            report._add("signed-history-rolled-back", f"{MANIFEST_PREFIX}/{chain_id}/",
+                        f"an earlier verify saw {length} signed record(s); now {chain.signed_length}"
+                        " (newest records, files or checkpoints deleted)", chain_id)
+        else:
+            record = chain.records.get(length - 1)
+            if record is None or record.record_hash != head_hash:
+                report._add("signed-history-rewritten", record_path(chain_id, length - 1),
+                            "differs from the head an earlier verify saw signed", chain_id)
+    for chain_id in sorted(set(report.heads) - set(expected or {})):
+        if expected is not None:
+            report.new_chains.append(chain_id)
 
 
 def _check_file(
@@ -436,6 +491,7 @@ def verify_journal(
     model: str | None = None,
     accounted_gaps: AccountedGaps | None = None,
     seq_start: int | None = 0,
+    expected_heads: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> VerifyReport:
     """Verify the journal in ``storage``; see the module docstring for what is checked.
 
@@ -444,6 +500,8 @@ def verify_journal(
     always checked whole). ``accounted_gaps``: ``{producer_id: [(lo, hi, reason), ...]}`` sequence
     ranges known to be dropped or sampled out. ``seq_start``: the first sequence number every
     producer uses (``None`` to skip the leading-gap check); ignored when ``since`` is given.
+    ``expected_heads``: the ``report.heads`` of an earlier run; a chain missing now, signed to a
+    shorter length, or whose record at that length no longer has that hash is an error.
     """
     key = load_public_key(public_key)
     report = VerifyReport(journal=storage.uri)
@@ -451,6 +509,8 @@ def verify_journal(
 
     chains = _check_chains(storage, report)
     _check_checkpoints(storage, witness, key, chains, report)
+    _check_heads(chains, expected_heads, report)
+    report.truncation_excluded = witness is not None or expected_heads is not None
 
     records = []
     seen_files: set[tuple[str, str]] = set()
@@ -535,6 +595,35 @@ def verify_journal(
     if witness is not None:
         _check_versions(witness, "witness", report, lambda _path: True)
     return report
+
+
+def load_heads(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]] | None:
+    """The chain heads an earlier verify kept in ``path``; ``None`` when the file does not exist."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            doc = json.load(handle)
+    except FileNotFoundError:
+        return None
+    heads = doc.get("heads") if isinstance(doc, dict) else None
+    if not isinstance(heads, dict):
+        raise ValueError(f"{path} is not a chain heads file (a JSON object with 'heads')")
+    return heads
+
+
+def save_heads(path: str | os.PathLike[str], report: VerifyReport,
+               previous: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Keep ``report.heads`` in ``path`` for the next verify (atomic replace, mode 0600). Chains
+    the earlier heads knew stay remembered even if this run saw none (then it failed anyway)."""
+    if not report.ok:
+        raise ValueError("only the heads of a journal that verified are worth remembering")
+    heads = {**{k: dict(v) for k, v in (previous or {}).items()}, **report.heads}
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump({"journal": report.journal, "heads": heads}, handle, indent=1, sort_keys=True)
+    os.replace(tmp, path)
 
 
 def verify_file(

@@ -42,6 +42,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from serve_journal.catalog import TIERS, live_files
+from serve_journal.cli_input import expand_subjects
 from serve_journal.replay.featurestore import (
     FeatureStore,
     ParquetFeatureStore,
@@ -380,7 +381,8 @@ def _split_labels(ctx: click.Context, param: click.Parameter, value: str | None
                    "comma-separated, e.g. block,allow (default: positive,negative).")
 @click.option("--output", default=None, help="Per-entry results Parquet file.")
 @click.option("--subject", "subjects", multiple=True,
-              help="Only this subject id (repeatable; never stored or logged).")
+              help="Only this subject id (repeatable; never stored or logged). '-' reads ids "
+                   "from standard input, one per line, keeping them out of shell history.")
 @click.option("--privacy-dir", default=None, help="Keyring folder (default beside a local journal).")
 @click.option("--vault-url", default=None, help="postgresql://... subject key vault.")
 @click.option("--static-key-file", default=None,
@@ -394,4 +396,5 @@ def replay_command(**options: Any) -> None:
     Exit code 0 only when every selected entry verified. Runs on the cluster named by
     RAY_ADDRESS (e.g. under `ray job submit`), else on a local Ray.
     """
+    options["subjects"] = tuple(expand_subjects(options.get("subjects") or ()))
     sys.exit(run_replay_cli(**options, echo=click.echo))

@@ -17,6 +17,12 @@ without a forgotten subject.
 
 Another store (Feast, a warehouse) plugs in by implementing :class:`FeatureStore`; the adapter
 point for Feast's point-in-time retrieval is described in docs/replay.md.
+
+Errors never carry a feature value or an entity id: a row whose JSON does not parse, or a read
+that fails, raises :class:`~serve_journal.errors.ReplayDataError` naming the position and the
+error's type only (a ``json.JSONDecodeError`` holds the whole text it failed on, and a database
+error may quote the value it could not convert). File paths reach DuckDB with their glob
+characters escaped (:mod:`serve_journal.duckdb_paths`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from serve_journal.duckdb_paths import duckdb_literal_paths
+from serve_journal.errors import ReplayDataError
 from serve_journal.storage import local_root
 from serve_journal.times import to_micros
 
@@ -41,6 +49,7 @@ __all__ = [
     "FeatureStore",
     "ParquetFeatureStore",
     "default_feature_store_uri",
+    "parse_features_json",
     "record_features",
 ]
 
@@ -107,6 +116,26 @@ def _features_json(features: Mapping[str, Any]) -> str:
         raise TypeError(f"features must be a mapping of feature name to value, got "
                         f"{type(features).__name__}")
     return json.dumps(features, default=_json_default, separators=(",", ":"), allow_nan=True)
+
+
+def parse_features_json(text: str, position: int) -> Any:
+    """The feature mapping of one stored row, parsed from its JSON text.
+
+    A text that is not JSON raises :class:`ReplayDataError` naming ``position`` (the row's place
+    in the request) and where parsing stopped; never the text, which holds the features.
+    """
+    try:
+        return json.loads(text)
+    except ValueError as exc:  # JSONDecodeError keeps the whole text in .doc: not passed on
+        failure = f"{type(exc).__name__} at character {getattr(exc, 'pos', '?')}"
+    raise ReplayDataError(f"features at position {position} are not valid JSON ({failure})")
+
+
+def _read_failed(what: str, exc: BaseException) -> ReplayDataError:
+    """A read error without its message (a database error may quote the value it choked on)."""
+    return ReplayDataError(f"reading the feature store ({what}) failed with {type(exc).__name__}; "
+                           "its message is withheld because it may quote feature values or "
+                           "entity ids")
 
 
 class ParquetFeatureStore:
@@ -254,6 +283,7 @@ class ParquetFeatureStore:
                               "entity_id": entities, "ts": times})
             con = self._connection()
             con.register("sj_query", query)
+            failed: BaseException | None = None
             try:
                 result = con.sql(
                     """
@@ -266,9 +296,13 @@ class ParquetFeatureStore:
                     FROM sj_query q ASOF LEFT JOIN f
                       ON q.entity_id = f.entity_id AND q.ts >= f.ts
                     ORDER BY q.i
-                    """, params=[files]).to_arrow_table()
+                    """, params=[duckdb_literal_paths(files)]).to_arrow_table()
+            except Exception as exc:  # noqa: BLE001 - re-raised below without its message
+                failed = exc
             finally:
                 con.unregister("sj_query")
+        if failed is not None:
+            raise _read_failed("features as of a time", failed)
         return result.column("features").combine_chunks()
 
     def get_as_of(self, entity_ids: Sequence[str], timestamps: Sequence[Timestamp]
@@ -279,7 +313,7 @@ class ParquetFeatureStore:
                              f"{len(entity_ids)} and {len(timestamps)}")
         micros = [_to_micros(t, f"timestamps[{i}]") for i, t in enumerate(timestamps)]
         texts = self.features_json_as_of(list(entity_ids), micros).to_pylist()
-        return [None if t is None else json.loads(t) for t in texts]
+        return [None if t is None else parse_features_json(t, i) for i, t in enumerate(texts)]
 
     def entity_ids(self) -> list[str]:
         """Every entity id with at least one row, sorted."""
@@ -288,8 +322,15 @@ class ParquetFeatureStore:
             files = self.files()
             if not files:
                 return []
-            rows = self._connection().execute(
-                "SELECT DISTINCT entity_id FROM read_parquet(?) ORDER BY 1", [files]).fetchall()
+            failed: BaseException | None = None
+            try:
+                rows = self._connection().execute(
+                    "SELECT DISTINCT entity_id FROM read_parquet(?) ORDER BY 1",
+                    [duckdb_literal_paths(files)]).fetchall()
+            except Exception as exc:  # noqa: BLE001 - re-raised below without its message
+                failed = exc
+        if failed is not None:
+            raise _read_failed("entity ids", failed)
         return [r[0] for r in rows]
 
     def history(self, entity_id: str) -> pa.Table:
@@ -301,12 +342,14 @@ class ParquetFeatureStore:
                 return FEATURE_FILE_SCHEMA.empty_table()
             return self._connection().sql(
                 "SELECT entity_id, ts, features FROM read_parquet(?) WHERE entity_id = ? ORDER BY ts",
-                params=[files, entity_id]).to_arrow_table()
+                params=[duckdb_literal_paths(files), entity_id]).to_arrow_table()
 
     # -- rewriting -----------------------------------------------------------------------------
 
     def purge(self, subject: str) -> int:
         """Rewrite every file holding ``subject`` without its rows; returns the rows removed."""
+        if not isinstance(subject, str) or not subject:
+            raise TypeError("subject must be a non-empty string (the subject id)")
         removed = 0
         with self._lock:
             self.flush()

@@ -18,6 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from serve_journal.errors import ConfigError, ReplayDataError
+
 __all__ = ["MlflowRescorer", "Rescorer", "threshold_decision"]
 
 
@@ -146,7 +148,7 @@ class MlflowRescorer:
                 _INPUTS_CACHE[key] = names
             names = _INPUTS_CACHE[key]
         if names is None:
-            raise ValueError(
+            raise ConfigError(
                 f"the feature order of models:/{model_name}/{model_version} is unknown: the model "
                 "was logged without a signature naming its inputs. Pass the model's input "
                 "features in order: MlflowRescorer(feature_names=[...]) or "
@@ -174,10 +176,14 @@ class MlflowRescorer:
         try:
             matrix = np.array([[float(f[name]) for name in names] for f in features], dtype=float)
         except KeyError as exc:
-            raise ValueError(f"replayed features lack {exc.args[0]!r}, which the feature order "
-                             f"of models:/{model_name}/{model_version} names ({list(names)}); "
-                             "pass feature_names (--feature-names) matching the model's "
-                             "inputs") from None
+            raise ConfigError(f"replayed features lack {exc.args[0]!r}, which the feature order "
+                              f"of models:/{model_name}/{model_version} names ({list(names)}); "
+                              "pass feature_names (--feature-names) matching the model's "
+                              "inputs") from None
+        except (TypeError, ValueError):
+            matrix = None  # float()'s message quotes the value: raised below, without it
+        if matrix is None:
+            raise _not_a_number(features, names)
         if hasattr(model, "predict_proba"):
             return [float(v) for v in model.predict_proba(matrix)[:, 1]]
         return [float(v) for v in np.asarray(model.predict(matrix)).reshape(len(features), -1)[:, -1]]
@@ -185,3 +191,16 @@ class MlflowRescorer:
     def decide(self, score: float | None, threshold: float | None) -> str | None:
         """:func:`threshold_decision` with this rescorer's labels."""
         return threshold_decision(score, threshold, self.positive, self.negative)
+
+
+def _not_a_number(features: Sequence[dict], names: Sequence[str]) -> ReplayDataError:
+    """Which feature (position and name) is not a number, and its type; never its value."""
+    for row, mapping in enumerate(features):
+        for name in names:
+            try:
+                float(mapping[name])
+            except (TypeError, ValueError):
+                return ReplayDataError(
+                    f"feature {name!r} of replayed row {row} is a {type(mapping[name]).__name__} "
+                    "that is not a number; the model takes numbers")
+    return ReplayDataError("a replayed feature is not a number; the model takes numbers")

@@ -7,22 +7,36 @@ the HMAC with the :class:`~serve_journal.replay.verifiers.Verifier` and, with a 
 re-runs the journaled model version. Raw subject ids and features exist only inside the task:
 its output (:data:`RESULT_SCHEMA`) carries tokens, statuses and scores. The driver
 (:mod:`serve_journal.replay.driver`) builds the :class:`TaskSpec` and runs the pipeline.
+
+Nor do they leave it inside an error: a Ray task's exception travels to the driver, its logs and
+the job's output. Every call into a part that sees subject ids or features (the feature store,
+the verifier, the rescorer's ``score``) goes through :func:`_guarded`: an exception of a type
+whose messages are known to name paths, types and options only (:data:`SAFE_ERRORS`) passes
+through; any other is replaced by a :class:`~serve_journal.errors.ReplayDataError` naming the
+stage and the exception's type, its message withheld (``float("<value>")`` quotes the value).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
-import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from serve_journal.errors import (
+    ConfigError,
+    KeyringError,
+    ReplayDataError,
+    TokenFormatError,
+    VaultError,
+)
 from serve_journal.integrity.encoding import CanonicalEncodingError, canonical_encode_fast
-from serve_journal.replay.featurestore import FeatureStore
+from serve_journal.replay.featurestore import FeatureStore, parse_features_json
 from serve_journal.replay.rescore import Rescorer
 from serve_journal.replay.statuses import (
     DECISION_MISMATCH,
@@ -34,7 +48,30 @@ from serve_journal.replay.statuses import (
 )
 from serve_journal.replay.verifiers import Verifier
 
-__all__ = ["JOURNAL_COLUMNS", "RESULT_SCHEMA", "TaskSpec", "replay_batch"]
+__all__ = ["JOURNAL_COLUMNS", "RESULT_SCHEMA", "SAFE_ERRORS", "TaskSpec", "replay_batch"]
+
+SAFE_ERRORS: tuple[type[BaseException], ...] = (
+    ReplayDataError, ConfigError, CanonicalEncodingError, KeyringError, VaultError,
+    TokenFormatError,
+)
+"""Exception types whose messages never hold a feature value or a subject id (each one's
+docstring in :mod:`serve_journal.errors` says so): they pass through replay unchanged."""
+
+_T = TypeVar("_T")
+
+
+def _guarded(stage: str, call: Callable[..., _T], *args: Any) -> _T:
+    """``call(*args)``; an exception not in :data:`SAFE_ERRORS` becomes a
+    :class:`ReplayDataError` naming ``stage`` and its type only. It is raised outside the
+    ``except`` block, so the original is not even its ``__context__``."""
+    try:
+        return call(*args)
+    except SAFE_ERRORS:
+        raise
+    except Exception as exc:  # noqa: BLE001 - re-raised below without its message
+        failure = type(exc).__name__
+    raise ReplayDataError(f"replay: {stage} failed with {failure}; its message is withheld "
+                          "because it may quote feature values or subject ids")
 
 RESULT_SCHEMA = pa.schema([
     pa.field("request_id", pa.string()),
@@ -77,8 +114,9 @@ class _WorkerState:
     """Per worker process and run: the token -> entity index and the rescorer's model checks."""
 
     def __init__(self, spec: TaskSpec) -> None:
-        entities = spec.feature_store.entity_ids()
-        tokens = spec.verifier.tokens_for(entities) if entities else []
+        entities = _guarded("listing the feature store's entities", spec.feature_store.entity_ids)
+        tokens = _guarded("tokenizing entity ids", spec.verifier.tokens_for, entities) \
+            if entities else []
         self.index: dict[str, str] = {}
         for entity, token in zip(entities, tokens, strict=True):
             if token is not None and (spec.tokens is None or token in spec.tokens):
@@ -124,11 +162,11 @@ def _select(batch: pa.Table, spec: TaskSpec) -> pa.Table:
 def _features_for(store: Any, entities: list[str], ts_us: list[int]) -> list[Any]:
     """Per position: (canonical encoding, parsed mapping) of the features as of ``ts_us``, or None."""
     if hasattr(store, "features_json_as_of"):
-        texts = store.features_json_as_of(entities, ts_us).to_pylist()
-        values = [None if t is None else json.loads(t) for t in texts]
+        texts = _guarded("reading features", store.features_json_as_of, entities, ts_us).to_pylist()
+        values = [None if t is None else parse_features_json(t, i) for i, t in enumerate(texts)]
     else:
         stamps = [dt.datetime.fromtimestamp(t / 1e6, tz=dt.UTC) for t in ts_us]
-        values = store.get_as_of(entities, stamps)
+        values = _guarded("reading features", store.get_as_of, entities, stamps)
     out: list[Any] = []
     for value in values:
         if value is None:
@@ -172,8 +210,9 @@ def replay_batch(batch: pa.Table, spec: TaskSpec) -> pa.Table:
                 entities[i] = entity
                 linked.append(i)
     if unlinked:
-        for i, status in zip(unlinked, spec.verifier.unlinked_status([tokens[i] for i in unlinked]),
-                             strict=True):
+        statuses = _guarded("classifying unlinked tokens", spec.verifier.unlinked_status,
+                            [tokens[i] for i in unlinked])
+        for i, status in zip(unlinked, statuses, strict=True):
             hmac_status[i] = status
     features: list[Any] = [None] * n
     if linked:
@@ -187,7 +226,8 @@ def replay_batch(batch: pa.Table, spec: TaskSpec) -> pa.Table:
                 features[i] = item
                 check.append(i)
         if check:
-            results = spec.verifier.verify_batch(
+            results = _guarded(
+                "verifying feature HMACs", spec.verifier.verify_batch,
                 [entities[i] for i in check], [features[i][0] for i in check],
                 [key_ids[i] for i in check], [hmacs[i] for i in check], [tokens[i] for i in check])
             for i, status in zip(check, results, strict=True):
@@ -243,7 +283,8 @@ def _rescore(batch: pa.Table, spec: TaskSpec, state: _WorkerState, hmac_status: 
             for i in rows:
                 rescore_status[i] = MODEL_MISSING
             continue
-        got = rescorer.score(name, version, [features[i][1] for i in rows])
+        got = _guarded("re-scoring", rescorer.score, name, version,
+                       [features[i][1] for i in rows])
         for i, score in zip(rows, got, strict=True):
             replayed_score[i] = score
             decision = rescorer.decide(score, thresholds[i])

@@ -10,6 +10,11 @@ features_hmac`), never with their own copy of the key hierarchy:
 
 Verifiers travel into Ray tasks: they pickle as key *locations* (a key file, an environment
 variable, a keyring folder and vault URL), never as key bytes.
+
+Subject keys are read from the vault for every batch; the only thing kept across batches is the
+per-process cache of derived feature keys (:class:`DerivedKeyCache`), whose entries expire after
+:data:`~serve_journal.privacy.vault.MAX_KEY_AGE_S` and are swept from memory even while replay is
+idle, so a forgotten subject's key material leaves a replay process within that bound too.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Sequence
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from serve_journal.config import JournalConfig
@@ -27,12 +35,18 @@ from serve_journal.privacy.pseudonymizer import StaticKeyPseudonymizer
 
 # _features_key is the HKDF step of features_hmac; it is not public API of privacy.subjects yet
 # (docs/replay.md, "Keys"), and replay needs it to cache derived keys across entries.
-from serve_journal.privacy.subjects import VaultPseudonymizer, _features_key, features_hmac
-from serve_journal.privacy.vault import SubjectVault
+from serve_journal.privacy.subjects import (
+    SWEEP_INTERVAL_S,
+    VaultPseudonymizer,
+    _features_key,
+    expire_periodically,
+    features_hmac,
+)
+from serve_journal.privacy.vault import MAX_KEY_AGE_S, SubjectVault
 from serve_journal.replay.statuses import MISMATCH, MISSING, SHREDDED, UNKNOWN_KEY, VERIFIED
 from serve_journal.storage import local_root
 
-__all__ = ["StaticKeyVerifier", "VaultVerifier", "Verifier"]
+__all__ = ["DerivedKeyCache", "StaticKeyVerifier", "VaultVerifier", "Verifier"]
 
 
 @runtime_checkable
@@ -152,32 +166,85 @@ def _static_from_env(variable: str, id_variable: str) -> StaticKeyVerifier:
 # -- per-subject keys from the vault -------------------------------------------------------------
 
 
-_FEATURE_KEYS: dict[tuple[bytes, bytes], bytes] = {}
-_FEATURE_KEYS_MAX = 200_000
+class DerivedKeyCache:
+    """HKDF(data key || subject key) by (data key, subject key): HKDF costs more than the HMAC.
 
-
-def _derived_feature_key(data_key: bytes, subject_key: bytes) -> bytes:
-    """HKDF(data key || subject key), cached per process: HKDF costs more than the HMAC itself.
-
-    Only keys the vault returned for this batch are looked up here, so a forgotten subject
-    (no key in the vault) never reaches the cache; entries are dropped oldest first.
+    Only keys the vault returned for the current batch are looked up, so a forgotten subject
+    (no key in the vault) is never *used* from here; and no entry is *kept* longer than
+    ``max_age_s`` after it was derived (dropped on the next use, or by the process's sweeper
+    thread every ``sweep_interval_s`` while nothing uses it), nor beyond ``max_entries``
+    (oldest first). ``clock`` (monotonic seconds) is injectable for tests.
     """
-    cache_key = (data_key, subject_key)
-    derived = _FEATURE_KEYS.get(cache_key)
-    if derived is None:
-        derived = _FEATURE_KEYS[cache_key] = _features_key(data_key, subject_key)
-        if len(_FEATURE_KEYS) > _FEATURE_KEYS_MAX:
-            _FEATURE_KEYS.pop(next(iter(_FEATURE_KEYS)))
-    return derived
+
+    def __init__(self, max_entries: int = 200_000, *, max_age_s: float = MAX_KEY_AGE_S,
+                 sweep_interval_s: float = SWEEP_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not 0 < max_age_s <= MAX_KEY_AGE_S:
+            raise ValueError(f"max_age_s must be in (0, {MAX_KEY_AGE_S}], got {max_age_s!r}")
+        self.max_entries = max_entries
+        self.max_age_s = float(max_age_s)
+        self.sweep_interval_s = float(sweep_interval_s)
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[bytes, bytes], tuple[bytes, float]] = OrderedDict()
+        """(data key, subject key) -> (derived key, time derived), oldest first."""
+
+    def __repr__(self) -> str:
+        return f"DerivedKeyCache({len(self)}/{self.max_entries}, max_age_s={self.max_age_s})"
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, data_key: bytes, subject_key: bytes) -> bytes:
+        """The derived feature key, from the cache when it is young enough."""
+        cache_key = (data_key, subject_key)
+        with self._lock:
+            now = self.clock()
+            self._expire(now)
+            found = self._entries.get(cache_key)
+            if found is not None:
+                return found[0]
+            derived = _features_key(data_key, subject_key)
+            self._entries[cache_key] = (derived, now)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        expire_periodically(self)
+        return derived
+
+    def expire(self) -> int:
+        """Drop the entries derived ``max_age_s`` ago or longer; how many were dropped."""
+        with self._lock:
+            return self._expire(self.clock())
+
+    def sweep(self) -> None:
+        """What the process's sweeper thread runs: :meth:`expire`."""
+        self.expire()
+
+    def _expire(self, now: float) -> int:
+        limit = now - self.max_age_s
+        dropped = 0
+        while self._entries:
+            _, derived_at = next(iter(self._entries.values()))
+            if derived_at > limit:
+                break
+            self._entries.popitem(last=False)
+            dropped += 1
+        return dropped
 
 
-def _subject_features_hmac(encoded: bytes, data_key: bytes, subject_key: bytes) -> str:
+_FEATURE_KEYS = DerivedKeyCache()
+"""The process's cache, shared by every :class:`VaultVerifier` (Ray tasks reuse workers)."""
+
+
+def _subject_features_hmac(encoded: bytes, data_key: bytes, subject_key: bytes,
+                           cache: DerivedKeyCache | None = None) -> str:
     """``features_hmac(encoded, data_key, subject_key)`` with the derived key cached.
 
     :func:`~serve_journal.privacy.subjects.features_hmac` with a subject key is the HMAC keyed
     by the derived key, which is what it computes when given that key and no subject key.
     """
-    return features_hmac(encoded, _derived_feature_key(data_key, subject_key))
+    cache = cache if cache is not None else _FEATURE_KEYS
+    return features_hmac(encoded, cache.get(data_key, subject_key))
 
 
 class VaultVerifier:
@@ -186,11 +253,15 @@ class VaultVerifier:
     Looks subject keys up in batches (one vault query per batch, not per entry). A subject whose
     key was destroyed, or whose current key made a different token than the entry carries (the
     subject was forgotten and came back), is ``shredded``. Pickles as configuration (keyring and
-    vault locations), like the pseudonymizer.
+    vault locations), like the pseudonymizer. Derived feature keys are cached in
+    ``derived_keys`` (default: the process's :class:`DerivedKeyCache`); no subject key is kept
+    across batches.
     """
 
-    def __init__(self, pseudonymizer: VaultPseudonymizer) -> None:
+    def __init__(self, pseudonymizer: VaultPseudonymizer, *,
+                 derived_keys: DerivedKeyCache | None = None) -> None:
         self.pseudonymizer = pseudonymizer
+        self.derived_keys = derived_keys if derived_keys is not None else _FEATURE_KEYS
 
     def __repr__(self) -> str:
         return f"VaultVerifier({self.pseudonymizer!r})"
@@ -253,7 +324,7 @@ class VaultVerifier:
                 if key is None or (token is not None and key.token != token):
                     out.append(SHREDDED)
                     continue
-                actual = _subject_features_hmac(enc, data_key, key.key)
+                actual = _subject_features_hmac(enc, data_key, key.key, self.derived_keys)
             out.append(VERIFIED if hmac.compare_digest(actual, want) else MISMATCH)
         return out
 

@@ -1,7 +1,9 @@
 """Investigation pages: home, search, one entry with its verify status, a subject's timeline.
 
 A subject id is only ever typed into the search form (a POST): it is turned into a token at once
-and the pages, links and access-log records carry the token only.
+and the pages, links and access-log records carry the token only. A subject token (search field
+or ``/subject/<token>``) must have a token's format; another value is refused without being
+echoed (it may be a subject id pasted into the wrong field).
 """
 
 import dataclasses
@@ -17,6 +19,7 @@ from serve_journal.catalog import DataFile
 from serve_journal.console.charts import subject_timeline
 from serve_journal.console.deps import ConsoleDep, SignedIn, allowed, posted
 from serve_journal.console.state import ConsoleState
+from serve_journal.privacy.tokens import is_subject_token
 from serve_journal.read.verify import verify_file
 from serve_journal.schema import COLUMNS
 from serve_journal.times import as_utc
@@ -81,6 +84,8 @@ def search(request: Request, console: ConsoleDep, auth: posted("query")) -> HTML
     user, csrf, data = auth
     values = {k: data.get(k, "").strip() for k in SEARCH_FIELDS}
     echo = {k: v for k, v in values.items() if k != "subject"}  # never echo a subject id
+    if values["subject_token"] and not is_subject_token(values["subject_token"]):
+        echo["subject_token"] = ""  # nor what may be one, pasted into the token field
     try:
         filters, limit, tier = _filters(values, console)
         with console.query(user) as q:
@@ -156,6 +161,10 @@ def entry(request: Request, console: ConsoleDep, model: str, request_id: str, pr
 def timeline(request: Request, console: ConsoleDep, token: str, auth: Reader) -> HTMLResponse:
     """One subject's decisions over time (chart and table, hot and cold tiers)."""
     user, csrf = auth
+    if not is_subject_token(token):
+        console.log_view(user.name, "subject_timeline_rejected")
+        return console.render(request, "error.html", status=404, user=user, csrf=csrf,
+                              message="Not a subject token (32 lowercase hexadecimal characters).")
     with console.query(user) as q:
         table = q.find(subject_token=token, tier="all", limit=console.settings.max_rows)
     console.log_view(user.name, "subject_timeline", rows=table.num_rows, subject_token=token)
@@ -167,6 +176,8 @@ def timeline(request: Request, console: ConsoleDep, token: str, auth: Reader) ->
 def timeline_chart(console: ConsoleDep, token: str, auth: Reader) -> Response:
     """The subject timeline chart (PNG)."""
     user, _ = auth
+    if not is_subject_token(token):
+        return Response(status_code=404)
     with console.query(user) as q:
         table = q.find(subject_token=token, tier="all", limit=console.settings.max_rows)
     png = subject_timeline(table["ts"].to_pylist(), table["score"].to_pylist(),

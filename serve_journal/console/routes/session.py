@@ -2,8 +2,12 @@
 
 The sign-in form's CSRF token comes from a signed pre-session cookie (``sj_pre``); a successful
 sign-in sets the session cookie (``sj_session``, lifetime ``session_ttl_s``) and deletes the
-pre-session cookie; failures are throttled per client address and logged without the typed name.
+pre-session cookie; failures are throttled per client address and per account name (shared by
+every replica) and logged without the typed name. Sign-out revokes the session on the server, so
+a copy of the cookie is refused from then on, on every replica.
 """
+
+import functools
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -50,14 +54,21 @@ async def login(request: Request, console: ConsoleDep) -> Response:
     if nonce is None or not console.codec.check_csrf(nonce, data.get("csrf")):
         raise BadForm()
     client = request.client.host if request.client else "unknown"
+    username = data.get("username", "")
     if console.throttle.blocked(client):
         return console.render(request, "login.html", status=429, csrf=data.get("csrf"),
                               error="Too many failed sign-ins from this address; "
                                     "wait a few minutes.")
-    user = await run_in_threadpool(console.users.authenticate, data.get("username", ""),
+    if await run_in_threadpool(console.throttle.account_blocked, username):
+        await run_in_threadpool(console.log_view, "anonymous", "sign_in_throttled")
+        return console.render(request, "login.html", status=429, csrf=data.get("csrf"),
+                              error="Too many failed sign-ins for this account; "
+                                    "wait a few minutes.")
+    user = await run_in_threadpool(console.users.authenticate, username,
                                    data.get("password", ""))
     if user is None:
-        console.throttle.failed(client)
+        await run_in_threadpool(functools.partial(console.throttle.failed, client,
+                                                  account=username))
         # The typed name is not logged: it is sometimes a password typed in the wrong field.
         await run_in_threadpool(console.log_view, "anonymous", "sign_in_failed")
         return console.render(request, "login.html", status=401, csrf=data.get("csrf"),
@@ -72,8 +83,12 @@ async def login(request: Request, console: ConsoleDep) -> Response:
 
 @router.post("/logout")
 def logout(request: Request, console: ConsoleDep, auth: posted()) -> Response:
-    """Delete the session cookie (a CSRF-checked form) and go to the sign-in page."""
+    """Revoke the session on the server and delete its cookie (a CSRF-checked form); go to the
+    sign-in page."""
     user, _, _ = auth
+    session = console.codec.parse(request.cookies.get(SESSION_COOKIE))
+    if session is not None:
+        console.revocations.revoke(session.sid, session.expires)
     console.log_view(user.name, "sign_out")
     response = RedirectResponse(f"{base_path(request)}/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
