@@ -4,6 +4,7 @@ serve_journal.examples.demo`` (``scripts/demo.sh``) runs it, so library code nev
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import getpass
 import json
@@ -26,6 +27,8 @@ from serve_journal.maintain.lifecycle import (
     s3_lifecycle_configuration,
 )
 from serve_journal.privacy.forget import ForgetIncompleteError, forget_subject
+from serve_journal.privacy.keyring import Keyring
+from serve_journal.privacy.vault import SubjectVault
 from serve_journal.read.query import JournalQuery, format_table, to_json, write_parquet
 from serve_journal.read.stats import accounted_gaps
 from serve_journal.read.stats import stats as journal_stats
@@ -223,6 +226,25 @@ def forget(journal_uri: str, subject: str, privacy_dir: str | None, vault_url: s
         click.echo(receipt.to_json() if hasattr(receipt, "to_json") else str(receipt))
     if incomplete:
         sys.exit(2)
+
+
+@main.command("vault-rewrap")
+@click.option("--journal", "journal_uri", default="./journal", show_default=True)
+@click.option("--privacy-dir", default=None, help="Keyring folder (default next to a local journal).")
+@click.option("--vault-url", default=None, help="postgresql://... (default: SQLite in privacy dir).")
+def vault_rewrap(journal_uri: str, privacy_dir: str | None, vault_url: str | None) -> None:
+    """Re-encrypt every subject key under a fresh wrap key and destroy the old one, so copies of
+    the vault taken earlier (PostgreSQL dead tuples, WAL archives, replicas, backups) can no longer
+    yield a forgotten subject's key. Run it once per deletion deadline; see docs/security.md."""
+    folder = _default_privacy_dir(journal_uri, privacy_dir)
+    keyring = Keyring.local_default(folder)
+    vault = (SubjectVault.local_default(folder, keyring) if vault_url is None
+             else SubjectVault.open(vault_url, keyring))
+    try:
+        report = vault.rewrap()
+    finally:
+        vault.close()
+    click.echo(json.dumps(dataclasses.asdict(report), indent=1, sort_keys=True, default=str))
 
 
 @main.command()

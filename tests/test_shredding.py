@@ -520,3 +520,25 @@ def test_shredding_paths_log_and_raise_without_identifiers(tmp_path, ring, caplo
         assert secret not in text
     replica.vault.close()
     vault.close()
+
+
+def test_vault_rewrap_command_rewraps_and_destroys_the_old_wrap_key(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from serve_journal.cli import main
+
+    monkeypatch.delenv("SERVE_JOURNAL_KEK", raising=False)
+    privacy = tmp_path / "privacy"
+    ring = Keyring.local_default(privacy)
+    vault = SubjectVault.local_default(privacy, ring)
+    vault.get_or_create_many(["alice", "bob"])
+    vault.close()
+    result = CliRunner().invoke(main, ["vault-rewrap", "--journal", str(tmp_path / "journal"),
+                                       "--privacy-dir", str(privacy)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["rewrapped"] == 2 and len(report["destroyed"]) >= 1
+    assert "alice" not in result.output and "bob" not in result.output
+    reopened = SubjectVault.local_default(privacy, Keyring.local_default(privacy))
+    assert set(reopened.get_many(["alice", "bob"])) == {"alice", "bob"}  # still readable
+    reopened.close()
