@@ -446,3 +446,41 @@ def test_heads_file_round_trip_and_the_cli_refuses_a_rolled_back_journal(tmp_pat
     with pytest.raises(ValueError, match="verified"):
         save_heads(heads, failed)
     assert load_heads(tmp_path / "absent.json") is None
+
+
+# -- one file, one content; one entry, one live file ----------------------------------------------
+
+
+def test_file_edited_and_recorded_again_in_a_chain_of_the_attackers_own(backend, signer):
+    """The attacker edits a data file and records the new bytes in a new chain (no key needed to
+    write a record): verify used to pick whichever record matched."""
+    paths = standard_journal(backend, signer)
+    rows = decode_parquet(backend.storage.read(paths[0])).to_pylist()
+    rows[0]["decision"] = "allow" if rows[0]["decision"] != "allow" else "block"
+    edited = pa.Table.from_pylist(rows, schema=make_table("p1", []).schema)
+    data = encode_parquet(edited)
+    backend.overwrite(paths[0], data)
+    forged_log = ManifestLog(backend.storage, "attacker-1")  # no signer: the attacker has none
+    stored = StoredObject(paths[0], len(data), hashlib.sha256(data).hexdigest())
+    forged_log.append(build_file_record(stored, edited, "hot", "attacker-1"))
+    report = run(backend, signer)
+    assert ("conflicting-records", paths[0]) in errors(report), format_report(report)
+
+
+def test_two_records_claiming_the_same_entries_are_caught(backend, signer):
+    """A second file carrying copies of entries another live file holds (forged, or written
+    twice), recorded in the writer's own chain so every record is signed."""
+    writer = Writer(backend, signer)
+    writer.write("f1", "p1", range(0, 10))
+    copy = writer.write("f1-copy", "p1", range(5, 12))
+    writer.log.checkpoint()
+    report = run(backend, signer)
+    assert ("sequence-claimed-twice", copy) in errors(report), format_report(report)
+    # A rewrite that replaces its inputs is not a double claim.
+    clean = Writer(backend, signer, chain="writer-2")
+    merged = clean.write("c-merged", "p2", range(0, 20))
+    clean.log.checkpoint()
+    rewrite = Writer(backend, signer, chain="compactor-1")
+    rewrite.write("c-merged-2", "p2", range(0, 20), replaces=[merged])
+    rewrite.log.checkpoint()
+    assert not {k for k, p in errors(run(backend, signer)) if p.endswith("c-merged-2.parquet")}

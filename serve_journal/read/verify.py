@@ -19,7 +19,8 @@ Checks, each reported with the file, manifest object or chain it concerns:
    as a forged file; the same record appended twice (same path and SHA-256: a rewrite re-run
    after a crash between recording and committing) counts as one;
 5. per-producer sequence continuity over all records: every gap must be covered by an accounted
-   gap (counted drops or sampling), otherwise it is reported as loss;
+   gap (counted drops or sampling), otherwise it is reported as loss; two records of one path
+   with different contents, or two live files claiming one ``(producer, seq)``, are errors;
 6. on versioned object stores (S3): extra object versions and delete markers anywhere in the
    journal's areas;
 7. with ``expected_heads`` (the ``report.heads`` an earlier run kept): no chain the auditor saw
@@ -424,6 +425,39 @@ def _check_file(
     return ok
 
 
+def _check_claims(records: list[ManifestRecord], by_path: Mapping[str, list[ManifestRecord]],
+                  replaced_by: Mapping[str, set[str]], report: VerifyReport) -> None:
+    """One file, one content; one entry, one live file.
+
+    A path is written once, so two records of one path with different SHA-256 mean one of them
+    is forged (an attacker edits a file and records the new bytes in a chain of their own). And
+    among the records no rewrite replaced, no two may claim the same ``(producer, seq)``: an
+    entry is in one live file (a rewrite's inputs are replaced, so they do not count twice)."""
+    for path, candidates in sorted(by_path.items()):
+        if len({r.sha256 for r in candidates}) > 1:
+            chains = ", ".join(sorted({r.chain_id for r in candidates}))
+            report._add("conflicting-records", path,
+                        f"{len(candidates)} records with different contents claim this file "
+                        f"(chains {chains}): a file is written once, so one of them is forged")
+    claims: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
+    for record in records:
+        if record.path in replaced_by:
+            continue
+        for producer, ranges in record.seq_ranges.items():
+            for lo, hi in ranges:
+                claims[producer].append((int(lo), int(hi), record.path))
+    for producer, items in sorted(claims.items()):
+        items.sort()
+        end, end_path = items[0][1], items[0][2]
+        for lo, hi, path in items[1:]:
+            if lo <= end and path != end_path:
+                report._add("sequence-claimed-twice", path, (
+                    f"producer {producer}: sequence {lo}..{min(hi, end)} is also claimed by "
+                    f"{end_path}, and neither replaces the other (an entry forged or written twice)"))
+            if hi > end:
+                end, end_path = hi, path
+
+
 def _check_sequences(
     records: list[ManifestRecord], accounted: AccountedGaps, seq_start: int | None,
     report: VerifyReport,
@@ -584,6 +618,7 @@ def verify_journal(
             detail += f"; its replacement {replacements[-1]} does not verify"
         report._add("file-missing", record.path, detail, record.chain_id)
 
+    _check_claims(records, by_path, replaced_by, report)
     _check_sequences(scoped, accounted_gaps or {}, seq_start if since is None else None, report)
 
     def in_scope(path: str) -> bool:
