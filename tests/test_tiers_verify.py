@@ -10,9 +10,11 @@ import os
 import pyarrow as pa
 import pytest
 
-from serve_journal.catalog import COMMITS_PREFIX, live_files
-from serve_journal.catalog.layout import COLD, HOT, split_by_partition
+from serve_journal.catalog import COMMITS_PREFIX, commit, live_files, marker_path
+from serve_journal.catalog.layout import COLD, DEFAULT_SPEC, HOT, split_by_partition
 from serve_journal.fileformat import decode_parquet, encode_parquet
+from serve_journal.integrity.fingerprint import fingerprint
+from serve_journal.integrity.manifest import ManifestLog, build_file_record
 from serve_journal.maintain import lifecycle
 from serve_journal.maintain.compaction import (
     CompactionOptions,
@@ -212,3 +214,95 @@ def test_uncommitted_unrecorded_rewrite_is_a_warning_not_a_forgery(journal):
     path = live_files(j.storage)[0].path.rsplit("/", 1)[0] + "/w99-forged-000000.parquet"
     j.storage.put_new(path, encode_parquet(forged))
     assert ("file-without-record", path) in {(p.kind, p.path) for p in j.verify().errors}
+
+
+# -- replaces count only from signed records; forged commit markers --------------------------------
+
+
+def test_forged_commit_marker_hiding_a_genuine_file_fails_verify(journal):
+    """The attacker writes a cold "copy" holding fewer entries and a commit marker saying it
+    replaces a genuine hot file: readers would follow the marker and lose entries."""
+    j, written = journal
+    victim = live_files(j.storage)[0]
+    table = decode_parquet(j.storage.read(victim.path)).slice(1)  # one entry fewer
+    key = victim.key
+    forged = DEFAULT_SPEC.file_path(key, "forged-copy", COLD)
+    j.storage.put_new(forged, encode_parquet(table))
+    marker = marker_path(key, COLD, "forged-copy")
+    commit(j.storage, kind="lifecycle", path=marker, new_files=[forged], replaces=[victim.path],
+           expected=fingerprint(table))
+    report = j.verify()
+    assert ("commit-marker-unsigned", marker) in {(p.kind, p.path) for p in report.errors}, \
+        format_report(report)
+
+
+def test_unsigned_record_whose_replaces_names_a_deleted_genuine_file_fails_verify(journal):
+    """A record in a chain of the attacker's own (no key: never signed) says it replaces a
+    genuine file, which the attacker then deletes."""
+    j, written = journal
+    victim = live_files(j.storage)[0].path
+    table = decode_parquet(j.storage.read(victim))
+    decoy = victim.rsplit("/", 1)[0] + "/w77-decoy-000000.parquet"
+    stored = j.storage.put_new(decoy, encode_parquet(table))
+    forged = ManifestLog(j.storage, "attacker-2")  # no signer
+    forged.append(build_file_record(stored, table, "hot", "attacker-2", replaces=[victim]))
+    os.chmod(j.storage.full_path(victim), 0o644)
+    os.unlink(j.storage.full_path(victim))
+    report = j.verify()
+    assert ("file-missing", victim) in {(p.kind, p.path) for p in report.errors}, format_report(report)
+
+
+def test_rerun_after_crash_between_commit_and_signature_keeps_verify_green(journal):
+    """The compactor commits its marker and dies before signing its records: nothing was
+    deleted (deletes wait for the signature), so verify passes with a warning, and readers see
+    each entry once."""
+    j, written = journal
+    log = j.settings.manifest(j.storage, "compactor-died")
+
+    class Died(Exception):
+        pass
+
+    def die(point):
+        if point == "committed":
+            raise Died
+
+    with pytest.raises(Died):
+        compact(j.storage, now=COMPACT_AT, on_file_written=manifest_recorder(log), _crash=die,
+                before_delete=log.checkpoint)
+    report = j.verify()
+    assert report.ok, format_report(report)
+    assert "commit-marker-unsigned" in {p.kind for p in report.warnings}
+    assert j.ids() == ids(written)
+    run_compaction(j.uri, apply=True, now=COMPACT_AT)
+    final = j.verify()
+    assert final.ok, format_report(final)
+    assert j.ids() == ids(written)
+
+
+def test_lifecycle_rerun_after_crash_between_commit_and_signature_keeps_verify_green(journal):
+    """A lifecycle run commits its cold copy and dies before signing: the hot copies stay, verify
+    passes with a warning; the next run adopts the move, signs it, then expires the hot copies."""
+    j, written = journal
+    log = j.settings.manifest(j.storage, "lifecycle-died")
+
+    class Died(Exception):
+        pass
+
+    def die(point):
+        if point == "committed":
+            raise Died
+
+    the_plan = lifecycle.plan(j.storage, LIFECYCLE_AT, 30)
+    with pytest.raises(Died):
+        lifecycle.apply(j.storage, the_plan, dry_run=False, on_file_written=manifest_recorder(log),
+                        before_delete=log.checkpoint, _crash=die)
+    report = j.verify()
+    assert report.ok, format_report(report)
+    assert "commit-marker-unsigned" in {p.kind for p in report.warnings}
+    assert j.ids() == ids(written)
+    lifecycle.run_lifecycle(j.uri, apply=True, hot_days=30, now=LIFECYCLE_AT)
+    final = j.verify()
+    assert final.ok, format_report(final)
+    assert not [p for p in final.warnings if p.kind == "commit-marker-unsigned"]
+    assert not j.storage.list_files("hot/", ".parquet")  # the hot copies expired
+    assert j.ids() == ids(written)

@@ -342,10 +342,18 @@ def collect_replaced(
     kind: str | None = None,
     retention_allows: RetentionCheck | None = None,
     report: CompactionReport | None = None,
+    on_file_written: FileWrittenHook | None = None,
+    before_delete: Callable[[], None] | None = None,
     _crash: CrashHook | None = None,
 ) -> CompactionReport:
-    """Delete files that committed rewrites replaced, once their new files check again."""
+    """Delete files that committed rewrites replaced, once their new files check again.
+
+    With ``on_file_written`` (the run's manifest recorder), a rewrite an earlier run committed
+    but may not have signed (it died in between) is adopted first (:func:`adopt_marker`), and
+    ``before_delete`` (the run's checkpoint) signs those records before anything is deleted:
+    verify honours ``replaces`` from signed records only."""
     report = report or CompactionReport()
+    due = []
     for marker in load_markers(storage):
         if kind is not None and marker.kind != kind:
             continue
@@ -355,10 +363,39 @@ def collect_replaced(
         if not marker_checks(storage, marker):
             report.skipped_unverified.append(marker.path)
             continue
+        # All inputs still here: nothing was deleted yet, so the run that committed may have died
+        # before signing. (Deletes wait for the signature, so a partly deleted set was signed.)
+        if on_file_written is not None and marker.path not in report.compacted \
+                and len(pending) == len(marker.replaces) \
+                and not adopt_marker(storage, marker, on_file_written):
+            report.skipped_unverified.append(marker.path)
+            continue
+        due.append(marker)
+    if due and before_delete is not None:
+        before_delete()
+    for marker in due:
         deleted, kept = delete_replaced(storage, marker, retention_allows, _crash)
         report.deleted.extend(deleted)
         report.kept_for_retention.extend(kept)
     return report
+
+
+def adopt_marker(storage: JournalStorage, marker: CommitMarker,
+                 on_file_written: FileWrittenHook) -> bool:
+    """Record ``marker``'s new files again (with what they replace) in this run's chain, when
+    every file it replaces is still here and the new files hold exactly their entries. So a
+    rewrite whose run died between its commit and its signature is signed by the next run, and
+    nothing is signed that a reader would see differently. ``False`` when it cannot be adopted."""
+    if not all(storage.exists(p) for p in marker.replaces):
+        return False
+    if fingerprint_files(storage, list(marker.replaces)) != fingerprint_files(
+            storage, list(marker.new_files)):
+        return False
+    for path in marker.new_files:
+        data = storage.read(path)
+        stored = StoredObject(path, len(data), hashlib.sha256(data).hexdigest())
+        on_file_written(stored, decode_parquet(data), tuple(marker.replaces))
+    return True
 
 
 def compact(
@@ -371,11 +408,14 @@ def compact(
     retention_allows: RetentionCheck | None = None,
     delete: bool = True,
     recorded: RecordedHashes | None = None,
+    before_delete: Callable[[], None] | None = None,
     _crash: CrashHook | None = None,
 ) -> CompactionReport:
     """Compact every settled partition of ``tier`` with several live files, then delete what the
-    rewrites replaced (when ``delete`` and ``retention_allows``). Safe to run again after a crash
-    and safe beside running queries; run one compactor per journal at a time."""
+    rewrites replaced (when ``delete`` and ``retention_allows``). ``before_delete`` runs first
+    (``run_compaction`` signs the records that name what is replaced: verify honours ``replaces``
+    from signed records only). Safe to run again after a crash and safe beside running queries;
+    run one compactor per journal at a time."""
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
     options = options or CompactionOptions()
@@ -407,6 +447,8 @@ def compact(
             kind="compaction",
             retention_allows=retention_allows,
             report=report,
+            on_file_written=on_file_written,
+            before_delete=before_delete,
             _crash=_crash,
         )
     return report
@@ -439,7 +481,7 @@ def run_compaction(
     A dry run (``apply=False``) only plans. With ``apply``, every new file gets a manifest record
     naming the files it replaces in a chain of its own (``compactor-<id>``, signed with the
     journal's signing key, copied to the witness when one is configured) which is checkpointed
-    at the end, so ``serve-journal verify`` keeps passing. A partition with an input whose bytes
+    before anything is deleted and at the end, so ``serve-journal verify`` keeps passing. A partition with an input whose bytes
     match no manifest record is refused (``report.refused``), so a rewrite never launders an
     altered file; replaced files are then deleted when
     the storage allows (an Object Lock refusal keeps them, reported as kept for retention).
@@ -457,7 +499,7 @@ def run_compaction(
     try:
         report = compact(storage, now=now, options=options,
                          on_file_written=manifest_recorder(manifest),
-                         recorded=recorded_hashes(storage))
+                         recorded=recorded_hashes(storage), before_delete=manifest.checkpoint)
     finally:
         manifest.checkpoint()
     report.manifest_chain = manifest.chain_id if manifest.length else None

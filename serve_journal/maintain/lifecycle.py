@@ -48,6 +48,7 @@ from serve_journal.maintain.compaction import (
     RecordedHashes,
     RetentionCheck,
     UnrecordedInputError,
+    adopt_marker,
     delete_replaced,
     manifest_recorder,
     read_files,
@@ -168,6 +169,7 @@ def apply(
     lock: LockHook | None = None,
     on_file_written: FileWrittenHook | None = None,
     recorded: RecordedHashes | None = None,
+    before_delete: Callable[[], None] | None = None,
     _crash: CrashHook | None = None,
 ) -> LifecycleReport:
     """Carry out ``lifecycle_plan``; a dry run (the default) only reports.
@@ -227,11 +229,24 @@ def apply(
     if dry_run:
         return report
     by_path = {m.path: m for m in load_markers(storage, prefix=COLD)}
+    earlier = set(lifecycle_plan.pending_expiry)
+    due = []
     for path in markers:
         marker = by_path[path]
         if not marker_checks(storage, marker):
             report.refused.append((path, "cold copy no longer checks; hot copies kept"))
             continue
+        # A move an earlier run committed and may not have signed (it died in between): this
+        # run records it again, if the cold copy holds exactly the hot entries still here.
+        if on_file_written is not None and path in earlier \
+                and all(storage.exists(p) for p in marker.replaces) \
+                and not adopt_marker(storage, marker, on_file_written):
+            report.refused.append((path, "cold copy does not hold the hot entries"))
+            continue
+        due.append(marker)
+    if before_delete is not None and due:
+        before_delete()  # the records that replace the hot files are signed before any goes
+    for marker in due:
         deleted, kept = delete_replaced(storage, marker, retention_allows, _crash)
         report.expired.extend(deleted)
         report.kept_for_retention.extend(kept)
@@ -251,7 +266,8 @@ def run_lifecycle(
 
     A dry run (``apply=False``) only plans. With ``apply``, every cold file gets a manifest record
     naming the hot files it replaces in a chain of its own (``lifecycle-<id>``, signed with the
-    journal's signing key, witnessed when configured), checkpointed at the end, so
+    journal's signing key, witnessed when configured), checkpointed before any hot copy is deleted
+    (verify honours ``replaces`` from signed records only) and at the end, so
     ``serve-journal verify`` keeps passing after the hot copies expire. A partition with a hot
     file whose bytes match no manifest record is refused: its change is not laundered into cold.
     """
@@ -266,7 +282,7 @@ def run_lifecycle(
     try:
         report = apply_plan(storage, the_plan, dry_run=False, options=options,
                             on_file_written=manifest_recorder(manifest),
-                            recorded=recorded_hashes(storage))
+                            recorded=recorded_hashes(storage), before_delete=manifest.checkpoint)
     finally:
         manifest.checkpoint()
     report.plan = the_plan

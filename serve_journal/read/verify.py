@@ -10,9 +10,9 @@ Checks, each reported with the file, manifest object or chain it concerns:
 3. every data file (``hot/**.parquet``, ``cold/**.parquet``) against its manifest record: bytes
    (SHA-256, size), object version, row count, time range, producer sequence ranges and the RFC 6962
    Merkle root recomputed over its entries; files with no record are reported as added/forged;
-4. every record's file exists, unless a later record ``replaces`` it (compaction, lifecycle) or
-   a commit marker (``_commits/``) names it among the files a rewrite replaced, and that
-   replacement verifies; replacements chain (a writer's hot file -> the compacted day file ->
+4. every record's file exists, unless a later *signed* record ``replaces`` it (compaction,
+   lifecycle) and that replacement verifies; a commit marker (``_commits/``) whose ``replaces``
+   no signed record of its new files backs is an error (readers follow markers); replacements chain (a writer's hot file -> the compacted day file ->
    its cold copy): a replacement that is gone itself is fine when its own replacement verifies;
    a derived file (``c-*`` compacted or any cold file) that no commit marker names is not part
    of the journal (a rewrite that stopped before its commit): it is reported as a warning, not
@@ -49,6 +49,7 @@ import pyarrow.compute as pc
 from serve_journal.catalog import MarkerCache, is_derived, load_markers
 from serve_journal.catalog.layout import DEFAULT_SPEC, PARQUET_SUFFIX, TIERS
 from serve_journal.fileformat import decode_parquet
+from serve_journal.integrity.fingerprint import fingerprint_files
 from serve_journal.integrity.manifest import (
     CHECKPOINT_PREFIX,
     MANIFEST_PREFIX,
@@ -425,8 +426,33 @@ def _check_file(
     return ok
 
 
+def _is_signed(record: ManifestRecord, chains: Mapping[str, _Chain]) -> bool:
+    """Covered by a checkpoint whose signature verified."""
+    chain = chains.get(record.chain_id)
+    return chain is not None and record.index < chain.signed_length
+
+
+def _same_entries(storage: JournalStorage, marker: Any, present: set[str],
+                  by_path: Mapping[str, list[ManifestRecord]], verified: dict[str, bool],
+                  report: VerifyReport) -> bool:
+    """Every file ``marker`` replaces is present and verifies, and its new files hold exactly
+    their entries (so following the marker changes nothing a reader sees)."""
+    for path in marker.replaces:
+        if path not in present or path not in by_path:
+            return False
+        if path not in verified:
+            verified[path] = _check_file(storage, path, by_path[path], report)
+        if not verified[path]:
+            return False
+    try:
+        return (fingerprint_files(storage, list(marker.replaces))
+                == fingerprint_files(storage, list(marker.new_files)))
+    except Exception:  # noqa: BLE001 - unreadable new files: not the same entries
+        return False
+
+
 def _check_claims(records: list[ManifestRecord], by_path: Mapping[str, list[ManifestRecord]],
-                  replaced_by: Mapping[str, set[str]], report: VerifyReport) -> None:
+                  replaced: set[str], report: VerifyReport) -> None:
     """One file, one content; one entry, one live file.
 
     A path is written once, so two records of one path with different SHA-256 mean one of them
@@ -441,7 +467,7 @@ def _check_claims(records: list[ManifestRecord], by_path: Mapping[str, list[Mani
                         f"(chains {chains}): a file is written once, so one of them is forged")
     claims: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
     for record in records:
-        if record.path in replaced_by:
+        if record.path in replaced:
             continue
         for producer, ranges in record.seq_ranges.items():
             for lo, hi in ranges:
@@ -546,14 +572,16 @@ def verify_journal(
     _check_heads(chains, expected_heads, report)
     report.truncation_excluded = witness is not None or expected_heads is not None
 
-    records = []
-    seen_files: set[tuple[str, str]] = set()
+    # The same file recorded twice (same path and SHA-256: a rewrite re-run, or adopted by the
+    # next run, after a crash) counts once; a signed record wins over an unsigned one.
+    chosen: dict[tuple[str, str], ManifestRecord] = {}
     for chain in chains.values():
         for _, record in sorted(chain.records.items()):
-            if (record.path, record.sha256) in seen_files:
-                continue  # re-recorded after a crash between the record and the commit marker
-            seen_files.add((record.path, record.sha256))
-            records.append(record)
+            key = (record.path, record.sha256)
+            if key not in chosen or (_is_signed(record, chains)
+                                     and not _is_signed(chosen[key], chains)):
+                chosen[key] = record
+    records = list(chosen.values())
     scoped = [r for r in records if _in_scope_record(r, since_us, model)]
     try:
         markers = load_markers(storage, cache=MarkerCache())
@@ -584,15 +612,32 @@ def verify_journal(
             continue
         verified[path] = _check_file(storage, path, by_path[path], report)
 
-    # Records whose file is gone: fine only when a verified replacement supersedes them.
+    # Records whose file is gone: fine only when a verified replacement supersedes them. Only a
+    # signed record can say what it replaces (anyone who can write the bucket can write a
+    # record); a commit marker's claim counts only as far as signed records back it.
     replaced_by: dict[str, set[str]] = defaultdict(set)
     for record in records:
-        for old in record.replaces:
-            replaced_by[old].add(record.path)
-    for marker in markers:
-        for old in marker.replaces:
-            replaced_by[old].update(marker.new_files)
+        if _is_signed(record, chains):
+            for old in record.replaces:
+                replaced_by[old].add(record.path)
     present = set(storage.list_files("", PARQUET_SUFFIX))
+    tolerated: set[str] = set()  # inputs of unsigned rewrites that hold exactly their entries
+    for marker in markers:
+        unbacked = [old for old in marker.replaces
+                    if not replaced_by.get(old, set()) & set(marker.new_files)]
+        if not unbacked:
+            continue
+        if _same_entries(storage, marker, present, by_path, verified, report):
+            # A rewrite that died between its commit and its signature: readers see exactly the
+            # entries of the files it replaces, which are all still here and verify.
+            tolerated.update(marker.replaces)
+            report._add("commit-marker-unsigned", marker.path, (
+                f"no signed record backs its replacement of {len(unbacked)} file(s), but its "
+                "files hold exactly their entries and they are all still here"), severity=WARNING)
+        else:
+            report._add("commit-marker-unsigned", marker.path, (
+                f"claims {len(unbacked)} file(s) replaced (e.g. {unbacked[0]}) that no signed "
+                "record of its new files replaces: readers would stop seeing them"))
 
     def _replacement_ok(path: str, seen: frozenset[str]) -> bool:
         """A replacement holds: it is present and verifies, or it is gone and replaced in turn
@@ -618,7 +663,7 @@ def verify_journal(
             detail += f"; its replacement {replacements[-1]} does not verify"
         report._add("file-missing", record.path, detail, record.chain_id)
 
-    _check_claims(records, by_path, replaced_by, report)
+    _check_claims(records, by_path, set(replaced_by) | tolerated, report)
     _check_sequences(scoped, accounted_gaps or {}, seq_start if since is None else None, report)
 
     def in_scope(path: str) -> bool:
