@@ -5,6 +5,7 @@ verify passes after each step, and fails naming the compacted or cold file once 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 
 import pyarrow as pa
@@ -26,6 +27,7 @@ from serve_journal.read.query import JournalQuery
 from serve_journal.read.verify import format_report, verify_journal
 from serve_journal.sink.settings import SinkSettings, manifest_hook
 from serve_journal.sink.writer import PartitionFileWriter
+from serve_journal.storage import StoredObject
 from tests.helpers.entries import DAY, ids, make_entries, token
 
 COMPACT_AT = DAY + dt.timedelta(days=2)
@@ -306,3 +308,21 @@ def test_lifecycle_rerun_after_crash_between_commit_and_signature_keeps_verify_g
     assert not [p for p in final.warnings if p.kind == "commit-marker-unsigned"]
     assert not j.storage.list_files("hot/", ".parquet")  # the hot copies expired
     assert j.ids() == ids(written)
+
+
+def test_compaction_never_signs_what_only_an_unsigned_record_vouches_for(journal):
+    """The attacker alters a genuine hot file and records the new bytes in a chain of their own
+    (no key). Compaction used to accept any record and re-sign the altered entries into its
+    compactor chain; it now trusts only signed records and refuses the partition."""
+    j, written = journal
+    victim = live_files(j.storage)[0].path
+    _alter(j.storage, victim)
+    data = j.storage.read(victim)
+    stored = StoredObject(victim, len(data), hashlib.sha256(data).hexdigest())
+    forged = ManifestLog(j.storage, "attacker-3")  # no signer
+    forged.append(build_file_record(stored, decode_parquet(data), "hot", "attacker-3"))
+    report = run_compaction(j.uri, apply=True, now=COMPACT_AT)
+    assert report.refused and not report.compacted, report.describe()
+    assert j.storage.exists(victim)  # nothing deleted, nothing laundered
+    after = j.verify()
+    assert ("conflicting-records", victim) in {(p.kind, p.path) for p in after.errors}

@@ -29,6 +29,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 
@@ -52,6 +53,7 @@ from serve_journal.errors import CompactionError, UnrecordedInputError
 from serve_journal.fileformat import ParquetOptions, decode_parquet, encode_parquet, sort_for_lookup
 from serve_journal.integrity.fingerprint import Fingerprint, fingerprint, fingerprint_files
 from serve_journal.integrity.manifest import MANIFEST_PREFIX, build_file_record
+from serve_journal.read.verify import signed_records
 from serve_journal.schema import ENTRY_SCHEMA
 from serve_journal.sink.settings import SinkSettings
 from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
@@ -77,9 +79,15 @@ RecordedHashes = Mapping[str, Set[str]]
 """``{path: {sha256, ...}}`` of the data files the manifest chains record."""
 
 
-def recorded_hashes(storage: JournalStorage) -> dict[str, set[str]]:
-    """Every manifest record's ``path -> sha256`` (read from ``_manifest/``)."""
+def recorded_hashes(storage: JournalStorage, public_key: Any = None) -> dict[str, set[str]]:
+    """``path -> {sha256, ...}`` of the data files the manifest records: with ``public_key``, only
+    records covered by a valid signed checkpoint (see
+    :func:`serve_journal.read.verify.signed_records`); without, every record."""
     out: dict[str, set[str]] = {}
+    if public_key is not None:
+        for record in signed_records(storage, public_key):
+            out.setdefault(record.path, set()).add(record.sha256)
+        return out
     for path in storage.list_files(f"{MANIFEST_PREFIX}/", ".json"):
         doc = json.loads(storage.read(path))
         out.setdefault(doc["path"], set()).add(doc["sha256"])
@@ -499,7 +507,8 @@ def run_compaction(
     try:
         report = compact(storage, now=now, options=options,
                          on_file_written=manifest_recorder(manifest),
-                         recorded=recorded_hashes(storage), before_delete=manifest.checkpoint)
+                         recorded=recorded_hashes(storage, manifest.signer.export_public_key()),
+                         before_delete=manifest.checkpoint)
     finally:
         manifest.checkpoint()
     report.manifest_chain = manifest.chain_id if manifest.length else None

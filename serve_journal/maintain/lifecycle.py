@@ -282,7 +282,8 @@ def run_lifecycle(
     try:
         report = apply_plan(storage, the_plan, dry_run=False, options=options,
                             on_file_written=manifest_recorder(manifest),
-                            recorded=recorded_hashes(storage), before_delete=manifest.checkpoint)
+                            recorded=recorded_hashes(storage, manifest.signer.export_public_key()),
+                            before_delete=manifest.checkpoint)
     finally:
         manifest.checkpoint()
     report.plan = the_plan

@@ -677,6 +677,20 @@ def verify_journal(
     return report
 
 
+def signed_records(storage: JournalStorage, public_key: Any,
+                   witness: JournalStorage | None = None) -> list[ManifestRecord]:
+    """The manifest records covered by a valid signed checkpoint under ``public_key``, from
+    chains with no error: what compaction and lifecycle may trust as the record of a file.
+    Anything else (unsigned tails, chains of unknown writers, altered chains) is left out, so
+    nothing unsigned is ever rewritten into a signed chain."""
+    report = VerifyReport(journal=storage.uri)
+    chains = _check_chains(storage, report)
+    _check_checkpoints(storage, witness, load_public_key(public_key), chains, report)
+    damaged = {p.chain_id for p in report.errors if p.chain_id}
+    return [record for chain_id, chain in sorted(chains.items()) if chain_id not in damaged
+            for index, record in sorted(chain.records.items()) if index < chain.signed_length]
+
+
 def load_heads(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]] | None:
     """The chain heads an earlier verify kept in ``path``; ``None`` when the file does not exist."""
     try:
