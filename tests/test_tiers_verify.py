@@ -234,8 +234,11 @@ def test_forged_commit_marker_hiding_a_genuine_file_fails_verify(journal):
     commit(j.storage, kind="lifecycle", path=marker, new_files=[forged], replaces=[victim.path],
            expected=fingerprint(table))
     report = j.verify()
-    assert ("commit-marker-unsigned", marker) in {(p.kind, p.path) for p in report.errors}, \
-        format_report(report)
+    found = {(p.kind, p.path) for p in report.errors}
+    assert ("commit-marker-unsigned", marker) in found, format_report(report)
+    # ... and verify names what readers now see wrongly: the genuine file hidden, the copy shown.
+    assert ("reader-misses-verified", victim.path) in found
+    assert ("reader-sees-unverified", forged) in found
 
 
 def test_unsigned_record_whose_replaces_names_a_deleted_genuine_file_fails_verify(journal):

@@ -23,7 +23,10 @@ Checks, each reported with the file, manifest object or chain it concerns:
    with different contents, or two live files claiming one ``(producer, seq)``, are errors;
 6. on versioned object stores (S3): extra object versions and delete markers anywhere in the
    journal's areas;
-7. with ``expected_heads`` (the ``report.heads`` an earlier run kept): no chain the auditor saw
+7. (whole-journal runs) the files readers see (the catalog's live files) are exactly the files
+   that verified, that no committed signed rewrite replaced, and that are not the output of a
+   rewrite that never committed: ``reader-sees-unverified`` / ``reader-misses-verified``;
+8. with ``expected_heads`` (the ``report.heads`` an earlier run kept): no chain the auditor saw
    signed is gone, shorter, or different at the remembered head, so tail truncation and rollback
    to an earlier signed state are caught without a witness. Without a witness and without
    remembered heads the report says plainly that they cannot be excluded.
@@ -46,7 +49,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from serve_journal.catalog import MarkerCache, is_derived, load_markers
+from serve_journal.catalog import MarkerCache, is_derived, live_files, load_markers
 from serve_journal.catalog.layout import DEFAULT_SPEC, PARQUET_SUFFIX, TIERS
 from serve_journal.fileformat import decode_parquet
 from serve_journal.integrity.fingerprint import fingerprint_files
@@ -451,6 +454,30 @@ def _same_entries(storage: JournalStorage, marker: Any, present: set[str],
         return False
 
 
+def _check_reader_view(storage: JournalStorage, verified: Mapping[str, bool], replaced: set[str],
+                       committed: set[str], report: VerifyReport) -> None:
+    """Readers (query, console, replay, forget) see the catalog's live files; that set must be
+    exactly the files that verified, that no committed signed rewrite replaced, and that are not
+    the output of a rewrite that never committed."""
+    try:
+        seen = {f.path for f in live_files(storage, tier="all", cache=MarkerCache())}
+    except Exception as exc:  # noqa: BLE001 - a catalog readers cannot list is a finding
+        report._add("reader-view-unreadable", "_commits/",
+                    f"the catalog cannot list the live files ({type(exc).__name__})")
+        return
+    accepted = {path for path, ok in verified.items() if ok and path not in replaced
+                and (not is_derived(path) or path in committed)}
+    for path in sorted(seen - accepted):
+        detail = ("readers see this file, but it did not verify" if verified.get(path) is False
+                  else "readers see this file, but signed history says it was replaced"
+                  if path in replaced else "readers see this file, but verify did not accept it")
+        report._add("reader-sees-unverified", path, detail)
+    for path in sorted(accepted - seen):
+        report._add("reader-misses-verified", path,
+                    "this file verified and nothing signed replaced it, but readers do not see it "
+                    "(a commit marker hides it)")
+
+
 def _check_claims(records: list[ManifestRecord], by_path: Mapping[str, list[ManifestRecord]],
                   replaced: set[str], report: VerifyReport) -> None:
     """One file, one content; one entry, one live file.
@@ -664,6 +691,10 @@ def verify_journal(
         report._add("file-missing", record.path, detail, record.chain_id)
 
     _check_claims(records, by_path, set(replaced_by) | tolerated, report)
+    if since is None and model is None:
+        # A replacement takes effect for readers at its commit marker (the commit point).
+        committed_replaced = {old for m in markers for old in m.replaces} & set(replaced_by)
+        _check_reader_view(storage, verified, committed_replaced | tolerated, committed, report)
     _check_sequences(scoped, accounted_gaps or {}, seq_start if since is None else None, report)
 
     def in_scope(path: str) -> bool:
