@@ -136,7 +136,8 @@ def test_clean_journal_verifies(backend, signer):
     report = run(backend, signer)
     assert report.ok, format_report(report)
     assert (report.files, report.entries, report.records, report.chains) == (3, 25, 3, 1)
-    assert (report.checkpoints, report.witness_checkpoints, report.producers) == (1, 1, 2)
+    # genesis (the chain announced when the writer opened it) and the head after three files
+    assert (report.checkpoints, report.witness_checkpoints, report.producers) == (2, 2, 2)
     text = format_report(report)
     assert text.splitlines()[0].endswith(": OK")
     parsed = json.loads(report.to_json())
@@ -460,11 +461,24 @@ def test_file_edited_and_recorded_again_in_a_chain_of_the_attackers_own(backend,
     edited = pa.Table.from_pylist(rows, schema=make_table("p1", []).schema)
     data = encode_parquet(edited)
     backend.overwrite(paths[0], data)
-    forged_log = ManifestLog(backend.storage, "attacker-1")  # no signer: the attacker has none
     stored = StoredObject(paths[0], len(data), hashlib.sha256(data).hexdigest())
+    forged_log = ManifestLog(backend.storage, "attacker-1")  # no signer: the attacker has none
     forged_log.append(build_file_record(stored, edited, "hot", "attacker-1"))
     report = run(backend, signer)
+    found = errors(report)
+    # A chain no signature ever announced vouches for nothing: the edit is named as such.
+    assert ("chain-unknown", "_manifest/attacker-1/") in found, format_report(report)
+    assert ("file-altered", paths[0]) in found
+    # Appended to the tail of the writer's own chain instead (no key needed to link a record),
+    # within the grace period an unsigned tail gets: two contents for one file.
+    tail = ManifestLog(backend.storage, CHAIN)  # recovers the head; no signer
+    tail.append(build_file_record(stored, edited, "hot", CHAIN))
+    report = run(backend, signer)
     assert ("conflicting-records", paths[0]) in errors(report), format_report(report)
+    # Past the grace period the unsigned tail vouches for nothing at all.
+    later = run(backend, signer, now=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
+    assert ("chain-tail-unsigned", record_path(CHAIN, 3)) in errors(later)
+    assert ("file-altered", paths[0]) in errors(later)
 
 
 def test_two_records_claiming_the_same_entries_are_caught(backend, signer):

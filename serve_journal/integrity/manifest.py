@@ -351,7 +351,8 @@ class ManifestLog:
     ``append`` links each record to the previous one and stores it create-only; on construction the
     head is recovered by listing the chain, so a restarted writer continues where it stopped.
     ``checkpoint`` signs the head and copies the checkpoint to the ``witness`` storage if given.
-    Thread-safe; one ``ManifestLog`` per chain id at a time.
+    A new chain opened with a signer is announced at once by a signed checkpoint of length 0, so
+    ``verify`` can tell a writer's chain from one an attacker made up. Thread-safe; one ``ManifestLog`` per chain id at a time.
     """
 
     def __init__(
@@ -366,7 +367,10 @@ class ManifestLog:
         self._length = 0
         self._head_hash = GENESIS_HASH
         self._checkpointed = 0
+        self._announced = False
         self._recover()
+        if signer is not None and not self._announced and self._length == 0:
+            self._sign(genesis=True)  # announce the chain: signed history knows it from now on
 
     def __repr__(self) -> str:
         return f"ManifestLog(chain_id={self.chain_id!r}, length={self._length})"
@@ -396,6 +400,7 @@ class ManifestLog:
         checkpoints = [parse_object_index(p) for p in
                        self.storage.list_files(f"{CHECKPOINT_PREFIX}/{self.chain_id}/", ".json")]
         self._checkpointed = max((i for i in checkpoints if i is not None), default=0)
+        self._announced = any(i is not None for i in checkpoints)
 
     def append(self, record: ManifestRecord) -> ManifestRecord:
         """Link ``record`` after the head, store it create-only and return the stored record."""
@@ -419,10 +424,15 @@ class ManifestLog:
 
     def checkpoint(self) -> Checkpoint | None:
         """Sign the current head and store it (and its witness copy); ``None`` when nothing is new."""
+        return self._sign(genesis=False)
+
+    def _sign(self, *, genesis: bool) -> Checkpoint | None:
+        """Sign the head; ``genesis`` signs the empty chain (length 0) when a writer first opens
+        it, so verify knows the chain from signed history before its first file."""
         if self.signer is None:
             raise ManifestError(f"manifest chain {self.chain_id} has no signer to checkpoint with")
         with self._lock:
-            if self._length == 0 or self._length == self._checkpointed:
+            if not genesis and (self._length == 0 or self._length == self._checkpointed):
                 return None
             unsigned = Checkpoint(
                 chain_id=self.chain_id, length=self._length, head_hash=self._head_hash,
@@ -439,4 +449,5 @@ class ManifestLog:
                 with contextlib.suppress(ObjectExistsError):
                     target.put_new(path, data)
             self._checkpointed = checkpoint.length
+            self._announced = True
             return checkpoint

@@ -6,7 +6,10 @@ Checks, each reported with the file, manifest object or chain it concerns:
    content, each ``prev_hash`` equal to the previous record's hash;
 2. every checkpoint (in the journal and in the witness): Ed25519 signature under the auditor's
    public key, the two copies identical, and the chain still holding, at ``length - 1``, the head
-   hash the checkpoint signed; a chain truncated or rewritten after a checkpoint fails here;
+   hash the checkpoint signed; a chain truncated or rewritten after a checkpoint fails here. Only
+   signed records vouch for files: a chain no valid checkpoint announced (writers sign a genesis
+   checkpoint of length 0 when they open a chain) is an error, and an unsigned tail counts only
+   within ``unsigned_grace_s`` of the chain's last signed checkpoint;
 3. every data file (``hot/**.parquet``, ``cold/**.parquet``) against its manifest record: bytes
    (SHA-256, size), object version, row count, time range, producer sequence ranges and the RFC 6962
    Merkle root recomputed over its entries; files with no record are reported as added/forged;
@@ -31,8 +34,8 @@ Checks, each reported with the file, manifest object or chain it concerns:
    to an earlier signed state are caught without a witness. Without a witness and without
    remembered heads the report says plainly that they cannot be excluded.
 
-``report.ok`` is true only when there are no errors; warnings (e.g. records newer than the last
-signed checkpoint) do not fail verification.
+``report.ok`` is true only when there are no errors; warnings (e.g. an unsigned tail still
+within its grace period) do not fail verification.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from serve_journal.fileformat import decode_parquet
 from serve_journal.integrity.fingerprint import fingerprint_files
 from serve_journal.integrity.manifest import (
     CHECKPOINT_PREFIX,
+    GENESIS_HASH,
     MANIFEST_PREFIX,
     Checkpoint,
     ManifestError,
@@ -66,10 +70,14 @@ from serve_journal.integrity.manifest import (
 )
 from serve_journal.integrity.merkle import table_merkle_root
 from serve_journal.storage import JournalStorage
-from serve_journal.times import to_micros
+from serve_journal.times import as_utc, to_micros
 
 ERROR = "error"
 WARNING = "warning"
+
+UNSIGNED_GRACE_S = 300.0
+"""How long after a chain's last signed checkpoint its unsigned tail still vouches for files
+(writers sign every ``checkpoint_interval_s``, 5 s by default); later it vouches for nothing."""
 
 AccountedGaps = Mapping[str, Iterable[tuple[int, int, str]]]
 
@@ -223,6 +231,13 @@ class _Chain:
     records: dict[int, ManifestRecord] = field(default_factory=dict)
     signed_length: int = 0
     signed_head: str = ""
+    known: bool = False
+    """A valid signed checkpoint of this chain exists (the genesis one of length 0 counts)."""
+    last_signed: dt.datetime | None = None
+    """Signed time of its newest valid checkpoint."""
+    trusted: int = 0
+    """Records ``0..trusted-1`` may vouch for files: the signed ones, plus an unsigned tail still
+    within the grace period after the last checkpoint."""
 
 
 def _check_chains(storage: JournalStorage, report: VerifyReport) -> dict[str, _Chain]:
@@ -274,8 +289,10 @@ def _check_chains(storage: JournalStorage, report: VerifyReport) -> dict[str, _C
 
 def _check_checkpoints(
     storage: JournalStorage, witness: JournalStorage | None, public_key: Any,
-    chains: dict[str, _Chain], report: VerifyReport,
+    chains: dict[str, _Chain], report: VerifyReport, *, now: dt.datetime | None = None,
+    grace_s: float = 300.0,
 ) -> None:
+    now = now or dt.datetime.now(dt.UTC)
     sources: list[tuple[str, JournalStorage]] = [("journal", storage)]
     if witness is not None:
         sources.append(("witness", witness))
@@ -326,25 +343,57 @@ def _check_checkpoints(
                 report._add("manifest-truncated", f"{MANIFEST_PREFIX}/{chain_id}/", (
                     f"chain has {length} record(s) but {where} {path} signed {checkpoint.length}"),
                     chain_id)
+            elif checkpoint.length == 0:
+                if checkpoint.head_hash != GENESIS_HASH:
+                    report._add("checkpoint-misplaced", path,
+                                f"{where}: a length-0 checkpoint must sign the genesis hash",
+                                chain_id)
+                elif chain is not None:
+                    chain.known = True
             elif head is None or head.record_hash != checkpoint.head_hash:
                 report._add("manifest-rewritten", record_path(chain_id, checkpoint.length - 1),
                             f"record does not have the head hash {where} {path} signed", chain_id)
-            elif chain is not None and checkpoint.length > chain.signed_length:
-                chain.signed_length = checkpoint.length
-                chain.signed_head = checkpoint.head_hash
+            elif chain is not None:
+                chain.known = True
+                if checkpoint.length > chain.signed_length:
+                    chain.signed_length = checkpoint.length
+                    chain.signed_head = checkpoint.head_hash
+            if chain is not None:
+                signed_at = _parse_signed_time(checkpoint.time)
+                if signed_at is not None and (chain.last_signed is None or signed_at > chain.last_signed):
+                    chain.last_signed = signed_at
     for chain_id, chain in sorted(chains.items()):
         length = max(chain.records) + 1 if chain.records else 0
-        if chain.signed_length == 0:
-            report._add("chain-unsigned", f"{MANIFEST_PREFIX}/{chain_id}/",
-                        f"no valid signed checkpoint covers this chain's {length} record(s)",
-                        chain_id, WARNING)
+        chain.trusted = chain.signed_length
+        if not chain.known:
+            report._add("chain-unknown", f"{MANIFEST_PREFIX}/{chain_id}/", (
+                f"no valid signed checkpoint of this chain exists: its {length} record(s) vouch "
+                "for nothing (a writer announces its chain with a signed checkpoint before its "
+                "first file)"), chain_id)
         elif chain.signed_length < length:
-            report._add("chain-tail-unsigned", record_path(chain_id, chain.signed_length),
-                        f"{length - chain.signed_length} record(s) after the last signed checkpoint",
-                        chain_id, WARNING)
+            unsigned = length - chain.signed_length
+            age = None if chain.last_signed is None else (now - chain.last_signed).total_seconds()
+            if age is not None and age <= grace_s:
+                chain.trusted = length
+                report._add("chain-tail-unsigned", record_path(chain_id, chain.signed_length),
+                            f"{unsigned} record(s) after the last signed checkpoint, signed "
+                            f"{age:.0f} s ago (within the {grace_s:.0f} s grace period)",
+                            chain_id, WARNING)
+            else:
+                report._add("chain-tail-unsigned", record_path(chain_id, chain.signed_length), (
+                    f"{unsigned} record(s) after the last signed checkpoint, past the "
+                    f"{grace_s:.0f} s grace period: they vouch for nothing (a writer that died "
+                    "before signing, or records appended by someone without the key)"), chain_id)
         if witness is not None and chain_id not in witnessed_chains and chain.records:
             report._add("chain-not-witnessed", f"{MANIFEST_PREFIX}/{chain_id}/",
                         "the witness holds no checkpoint of this chain", chain_id, WARNING)
+
+
+def _parse_signed_time(value: Any) -> dt.datetime | None:
+    try:
+        return as_utc(value, "checkpoint time") if isinstance(value, str) else None
+    except (ValueError, TypeError):
+        return None
 
 
 def _check_heads(chains: dict[str, _Chain], expected: Mapping[str, Mapping[str, Any]] | None,
@@ -579,6 +628,8 @@ def verify_journal(
     accounted_gaps: AccountedGaps | None = None,
     seq_start: int | None = 0,
     expected_heads: Mapping[str, Mapping[str, Any]] | None = None,
+    unsigned_grace_s: float = UNSIGNED_GRACE_S,
+    now: dt.datetime | None = None,
 ) -> VerifyReport:
     """Verify the journal in ``storage``; see the module docstring for what is checked.
 
@@ -589,13 +640,16 @@ def verify_journal(
     producer uses (``None`` to skip the leading-gap check); ignored when ``since`` is given.
     ``expected_heads``: the ``report.heads`` of an earlier run; a chain missing now, signed to a
     shorter length, or whose record at that length no longer has that hash is an error.
+    Only records covered by a valid signature vouch for files, and an unsigned tail within
+    ``unsigned_grace_s`` of its chain's last signed checkpoint (writers sign every few seconds);
+    ``now`` is the clock for that (default: the current time).
     """
     key = load_public_key(public_key)
     report = VerifyReport(journal=storage.uri)
     since_us = to_micros(since) if since is not None else None
 
     chains = _check_chains(storage, report)
-    _check_checkpoints(storage, witness, key, chains, report)
+    _check_checkpoints(storage, witness, key, chains, report, now=now, grace_s=unsigned_grace_s)
     _check_heads(chains, expected_heads, report)
     report.truncation_excluded = witness is not None or expected_heads is not None
 
@@ -603,7 +657,9 @@ def verify_journal(
     # next run, after a crash) counts once; a signed record wins over an unsigned one.
     chosen: dict[tuple[str, str], ManifestRecord] = {}
     for chain in chains.values():
-        for _, record in sorted(chain.records.items()):
+        for index, record in sorted(chain.records.items()):
+            if index >= chain.trusted:
+                continue  # unknown chain, or unsigned past the grace period: vouches for nothing
             key = (record.path, record.sha256)
             if key not in chosen or (_is_signed(record, chains)
                                      and not _is_signed(chosen[key], chains)):
