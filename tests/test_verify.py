@@ -17,7 +17,10 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from serve_journal.catalog import commit, marker_path
+from serve_journal.catalog.layout import DEFAULT_SPEC
 from serve_journal.fileformat import decode_parquet, encode_parquet
+from serve_journal.integrity.fingerprint import fingerprint
 from serve_journal.integrity.manifest import (
     Checkpoint,
     ManifestLog,
@@ -307,11 +310,20 @@ def test_compaction_replaces_files(backend, signer):
     compacted = writer.write("compacted", "p1", None, tier="cold", table=merged,
                              replaces=[first, second])
     writer.log.checkpoint()
+    key = DEFAULT_SPEC.parse(compacted)[1]
+    marker = marker_path(key, "cold", "compacted")
+    commit(backend.storage, kind="lifecycle", path=marker, new_files=[compacted],
+           replaces=[first, second], expected=fingerprint(merged))
+    commit_json = backend.storage.read(marker)
     for path in (first, second):
         backend.raw_remove(path)
     if backend.name == "local":  # on S3 a delete leaves markers, which verify reports
         report = run(backend, signer)
         assert report.ok, format_report(report)
+        # The commit marker deleted too: readers would lose the entries. Named.
+        backend.raw_remove(marker)
+        assert ("commit-marker-missing", compacted) in errors(run(backend, signer))
+        backend.raw_put(marker, commit_json)
     data = bytearray(backend.storage.read(compacted))
     data[-100] ^= 0xFF
     backend.overwrite(compacted, bytes(data))

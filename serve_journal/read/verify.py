@@ -52,7 +52,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from serve_journal.catalog import MarkerCache, is_derived, live_files, load_markers
+from serve_journal.catalog import MarkerCache, is_derived, live_files, load_markers, marker_path
 from serve_journal.catalog.layout import DEFAULT_SPEC, PARQUET_SUFFIX, TIERS
 from serve_journal.fileformat import decode_parquet
 from serve_journal.integrity.fingerprint import fingerprint_files
@@ -255,11 +255,15 @@ def _check_chains(storage: JournalStorage, report: VerifyReport) -> dict[str, _C
         chain = chains[chain_id] = _Chain(chain_id)
         for index, path in sorted(by_index.items()):
             try:
-                record = ManifestRecord.from_json(storage.read(path))
+                data = storage.read(path)
+                record = ManifestRecord.from_json(data)
             except (ManifestError, TypeError) as exc:
                 report._add("manifest-record-unreadable", path, str(exc), chain_id)
                 continue
             report.records += 1
+            if data != record.to_json():
+                report._add("manifest-record-altered", path,
+                            "not the bytes its writer stored (records are canonical JSON)", chain_id)
             if record.record_hash != record.compute_hash():
                 report._add("manifest-record-altered", path,
                             "record content does not match its record_hash (edited after writing)",
@@ -322,6 +326,10 @@ def _check_checkpoints(
                 checkpoint = Checkpoint.from_json(data)
             except ManifestError as exc:
                 report._add("checkpoint-unreadable", path, f"{where}: {exc}", chain_id)
+                continue
+            if data != checkpoint.to_json():
+                report._add("checkpoint-altered", path, f"{where}: not the bytes its writer "
+                            "stored (checkpoints are canonical JSON)", chain_id)
                 continue
             if not checkpoint.verify(public_key):
                 report._add("checkpoint-bad-signature", path,
@@ -476,6 +484,21 @@ def _check_file(
                         "time range or sequence ranges in the record do not match the entries", chain)
             ok = False
     return ok
+
+
+def _marker_home(marker: Any) -> str | None:
+    """Where the marker committing ``marker.new_files`` is written: beside the set's partition,
+    named after the set (its files are ``<name>.parquet`` or ``<name>-<i>.parquet``)."""
+    if not marker.new_files:
+        return None
+    try:
+        tier, key = DEFAULT_SPEC.parse(marker.new_files[0])
+    except ValueError:
+        return None
+    stem = marker.new_files[0].rsplit("/", 1)[-1].removesuffix(PARQUET_SUFFIX)
+    if len(marker.new_files) > 1:
+        stem = stem.rsplit("-", 1)[0]
+    return marker_path(key, tier, stem)
 
 
 def _is_signed(record: ManifestRecord, chains: Mapping[str, _Chain]) -> bool:
@@ -703,6 +726,19 @@ def verify_journal(
         if _is_signed(record, chains):
             for old in record.replaces:
                 replaced_by[old].add(record.path)
+    for marker in markers:
+        try:
+            canonical = storage.read(marker.path) == marker.to_json()
+        except OSError:
+            canonical = False
+        if not canonical:
+            report._add("commit-marker-altered", marker.path,
+                        "not the bytes its writer stored (markers are canonical JSON)")
+        expected = _marker_home(marker)
+        if expected != marker.path:
+            report._add("commit-marker-misplaced", marker.path, (
+                f"a commit marker of {', '.join(marker.new_files[:1]) or 'no file'} belongs at "
+                f"{expected} (markers are named after the file set they commit)"))
     present = set(storage.list_files("", PARQUET_SUFFIX))
     tolerated: set[str] = set()  # inputs of unsigned rewrites that hold exactly their entries
     for marker in markers:
@@ -747,6 +783,15 @@ def verify_journal(
         report._add("file-missing", record.path, detail, record.chain_id)
 
     _check_claims(records, by_path, set(replaced_by) | tolerated, report)
+    # A rewrite deletes what it replaces only after its commit marker exists: a signed rewrite
+    # whose inputs are gone but whose marker is not (deleted) leaves readers without its entries.
+    for record in records:
+        if record.replaces and is_derived(record.path) and record.path not in committed \
+                and _is_signed(record, chains) and record.path in present \
+                and any(old not in present for old in record.replaces):
+            report._add("commit-marker-missing", record.path, (
+                "a signed rewrite whose replaced files are gone, but no commit marker names it: "
+                "readers do not see its entries (the marker was deleted)"), record.chain_id)
     if since is None and model is None:
         # A replacement takes effect for readers at its commit marker (the commit point).
         committed_replaced = {old for m in markers for old in m.replaces} & set(replaced_by)

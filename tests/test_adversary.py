@@ -1,0 +1,178 @@
+"""A randomized attacker against verify: someone who can create, overwrite, delete and rename any
+object in the journal's storage, but holds no key.
+
+Each example builds a real journal (two writer chains written through the writer path, signed,
+a finished day compacted by `run_compaction`, so there are data files, manifest records,
+checkpoints and a commit marker), applies one random mutation to one object, and checks:
+verify fails and names the object (or the file or chain it concerns), unless the mutation means
+nothing (the same bytes, or deleting a checkpoint a later one of the same chain supersedes);
+and when verify passes, readers see exactly the entries that were written. Records, checkpoints
+and markers are canonical JSON, so any byte changed in one is a finding, not a no-op.
+
+Counter files (`_counters/`) are left out: forged counters are not caught yet (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+
+import pyarrow as pa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from serve_journal.catalog.layout import split_by_partition
+from serve_journal.maintain.compaction import run_compaction
+from serve_journal.read.query import JournalQuery
+from serve_journal.read.verify import format_report, verify_journal
+from serve_journal.sink.settings import SinkSettings, manifest_hook
+from serve_journal.sink.writer import PartitionFileWriter
+from tests.helpers.entries import DAY, ids, make_entries
+
+COMPACT_AT = DAY + dt.timedelta(days=2)
+AREAS = ("hot/", "cold/", "_manifest/", "_checkpoints/", "_commits/")
+
+
+def _build(root: str) -> tuple[SinkSettings, pa.Table]:
+    settings = SinkSettings(journal_uri=root)
+    storage = settings.storage()
+    tables = []
+    for n, producer in enumerate(("p-1", "p-2")):
+        log = settings.manifest(storage, f"w{n:02d}-adv")
+        writer = PartitionFileWriter(storage, f"w{n:02d}-adv", roll_seconds=3600.0,
+                                     roll_bytes=1 << 40, on_file_written=[manifest_hook(log)])
+        for k in range(3):
+            table = make_entries(20, producer=producer, seq_start=20 * k,
+                                 start=DAY + dt.timedelta(minutes=70 * k), spread_s=600)
+            tables.append(table)
+            for batch in table.to_batches():
+                for key, part in split_by_partition(batch):
+                    writer.add(key, part)
+            writer.roll_all()
+        log.checkpoint()
+    # A later day, left uncompacted, so hot writer files remain beside the compacted day.
+    late = make_entries(10, producer="p-3", start=COMPACT_AT - dt.timedelta(hours=3), spread_s=60)
+    log = settings.manifest(storage, "w02-adv")
+    writer = PartitionFileWriter(storage, "w02-adv", roll_seconds=3600.0, roll_bytes=1 << 40,
+                                 on_file_written=[manifest_hook(log)])
+    for batch in late.to_batches():
+        for key, part in split_by_partition(batch):
+            writer.add(key, part)
+    writer.roll_all()
+    log.checkpoint()
+    tables.append(late)
+    report = run_compaction(root, apply=True, now=COMPACT_AT)
+    assert report.compacted, report.describe()
+    return settings, pa.concat_tables(tables)
+
+
+def _objects(root: str) -> list[str]:
+    out = []
+    for area in AREAS:
+        base = os.path.join(root, area)
+        for dirpath, _, files in os.walk(base):
+            for name in files:
+                if not name.startswith("."):
+                    out.append(os.path.relpath(os.path.join(dirpath, name), root))
+    return sorted(out)
+
+
+def _write(root: str, relative: str, data: bytes) -> None:
+    full = os.path.join(root, relative)
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    if os.path.exists(full):
+        os.chmod(full, 0o644)
+    with open(full, "wb") as handle:
+        handle.write(data)
+
+
+def _renamed(path: str, salt: int) -> str:
+    folder, name = path.rsplit("/", 1)
+    stem, dot, ext = name.rpartition(".")
+    if stem.isdigit():  # manifest records and checkpoints are numbered
+        return f"{folder}/{int(stem) + 1 + salt % 50:012d}.{ext}"
+    return f"{folder}/{stem}-x{salt % 97}.{ext}"
+
+
+def _superseded_checkpoint(path: str, objects: list[str]) -> bool:
+    """A checkpoint a later checkpoint of the same chain supersedes: the later one signs
+    everything it signed, so removing it takes no evidence away."""
+    parts = path.split("/")
+    if parts[0] != "_checkpoints" or len(parts) != 3:
+        return False
+    length = int(parts[2].split(".")[0])
+    return any(o.startswith(f"_checkpoints/{parts[1]}/") and int(o.rsplit("/", 1)[1].split(".")[0])
+               > length for o in objects)
+
+
+def _names_it(text: str, *paths: str) -> bool:
+    """The report names the object, its file stem (a marker and its file share one), or its
+    chain's folder (records and checkpoints)."""
+    for path in paths:
+        if path in text:
+            return True
+        parts = path.split("/")
+        if parts[0] in ("_manifest", "_checkpoints") and len(parts) >= 2 and parts[1] in text:
+            return True
+        stem = parts[-1].rsplit(".", 1)[0]
+        if not stem.isdigit() and stem in text:
+            return True
+    return False
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(op=st.sampled_from(["delete", "flip", "rename", "copy", "truncate"]),
+       pick=st.integers(min_value=0, max_value=10_000), where=st.floats(0.0, 1.0),
+       salt=st.integers(min_value=0, max_value=10_000))
+def test_every_mutation_of_any_object_fails_verify_and_names_it(op, pick, where, salt):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.path.join(tmp, "journal")
+        settings_, written = _build(root)
+        storage = settings_.storage()
+        key = settings_.public_key_path()
+        objects = _objects(root)
+        target = objects[pick % len(objects)]
+        full = os.path.join(root, target)
+        with open(full, "rb") as handle:
+            before = handle.read()
+        named = [target]
+        if op == "delete":
+            os.unlink(full)
+            meaningless = _superseded_checkpoint(target, objects)
+        elif op == "flip":
+            data = bytearray(before)
+            position = min(int(where * len(data)), len(data) - 1)
+            data[position] ^= 0x01 << (salt % 8)
+            _write(root, target, bytes(data))
+            meaningless = bytes(data) == before  # evidence objects are canonical bytes
+        elif op == "truncate":
+            _write(root, target, before[: int(where * len(before))])
+            meaningless = False
+        elif op == "rename":
+            new = _renamed(target, salt)
+            os.unlink(full)
+            _write(root, new, before)
+            named.append(new)
+            meaningless = False
+        else:  # copy: a second object with the same bytes under a new name
+            new = _renamed(target, salt)
+            if os.path.exists(os.path.join(root, new)):
+                return
+            _write(root, new, before)
+            named.append(new)
+            meaningless = False
+        # The auditor checks later than the unsigned grace period (writers have long signed
+        # everything by then), so a deleted newest checkpoint leaves a tail that vouches for
+        # nothing rather than a tail still in its grace period.
+        report = verify_journal(storage, public_key=key,
+                                now=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
+        text = format_report(report)
+        if meaningless:
+            assert report.ok, text
+        else:
+            assert not report.ok, f"{op} {named} went unnoticed:\n{text}"
+            assert _names_it(text, *named), f"{op} {named} not named:\n{text}"
+        if report.ok:  # readers never show what verify would reject
+            with JournalQuery(storage, actor="adversary-test") as query:
+                assert ids(query.find(tier="all")) == ids(written)
