@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import getpass
+import hashlib
 import json
 import logging
 import os
@@ -14,12 +15,14 @@ import sys
 
 import click
 import pyarrow as pa
+from cryptography.hazmat.primitives import serialization
 
 from serve_journal.api import caller_tokenizer, subject_tokenizer
 from serve_journal.cli_input import expand_subjects, subject_token_option
 from serve_journal.config import JournalConfig
 from serve_journal.console import write_report
 from serve_journal.console.commands import console_command, console_user
+from serve_journal.integrity.manifest import load_public_key
 from serve_journal.maintain.compaction import run_compaction
 from serve_journal.maintain.lifecycle import (
     bytes_per_entry,
@@ -155,7 +158,12 @@ def _default_privacy_dir(journal_uri: str, privacy_dir: str | None) -> str:
 @click.option("--since", default=None, help="Only files and records from this ISO time on.")
 @click.option("--model", default=None)
 @click.option("--public-key", default=None,
-              help="Auditor's Ed25519 public key (PEM); default the one exported next to a local journal.")
+              help="The auditor's own copy of the Ed25519 public key (PEM).")
+@click.option("--key-fingerprint", default=None,
+              help="Instead of --public-key: use the key exported beside a local journal, pinned "
+                   "to this SHA-256 fingerprint (hex, at least 16 digits).")
+@click.option("--dev", is_flag=True,
+              help="Development mode: trust the key beside the journal unpinned.")
 @click.option("--witness", "witness_uri", default=None, help="Witness copy of the checkpoints.")
 @click.option("--privacy-dir", default=None)
 @click.option("--reports-dir", default=None,
@@ -168,7 +176,8 @@ def _default_privacy_dir(journal_uri: str, privacy_dir: str | None) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def verify(journal_uri: str, since: str | None, model: str | None, public_key: str | None,
            witness_uri: str | None, privacy_dir: str | None, reports_dir: str | None,
-           heads_file: str | None, expect_heads_file: str | None, as_json: bool) -> None:
+           heads_file: str | None, expect_heads_file: str | None, key_fingerprint: str | None,
+           dev: bool, as_json: bool) -> None:
     """Prove the journal complete and unaltered; exit code 0 only when everything checks.
 
     The signed chain heads of a clean run are kept (--heads), and the next run refuses a journal
@@ -178,10 +187,25 @@ def verify(journal_uri: str, since: str | None, model: str | None, public_key: s
 
     storage = open_storage(journal_uri)
     if public_key is None:
+        # The PEM exported beside a local journal sits with the keys an attacker of that folder
+        # could replace: trusted only when pinned by a fingerprint, or in development mode.
+        if key_fingerprint is None and not dev:
+            raise click.UsageError(
+                "give the auditor's public key (--public-key PEM), or pin the key exported beside "
+                "the journal with --key-fingerprint HEX; --dev trusts it unpinned (development)")
         public_key = os.path.join(_default_privacy_dir(journal_uri, privacy_dir),
                                   "manifest-signing.pub.pem")
         if not os.path.exists(public_key):
             raise click.UsageError(f"no public key at {public_key}; pass --public-key")
+        if key_fingerprint is not None:
+            actual = hashlib.sha256(load_public_key(public_key).public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw)).hexdigest()
+            if not (len(key_fingerprint) >= 16 and actual.startswith(key_fingerprint.lower())):
+                raise click.UsageError(f"the public key at {public_key} is not the pinned one "
+                                       f"(its fingerprint is {actual[:16]}...)")
+        elif dev:
+            click.echo("development mode: trusting the unpinned public key beside the journal",
+                       err=True)
     witness = open_storage(witness_uri) if witness_uri else None
     if heads_file is None and expect_heads_file is None:
         folder = _reports_dir(journal_uri, reports_dir)

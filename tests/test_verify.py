@@ -510,3 +510,40 @@ def test_two_records_claiming_the_same_entries_are_caught(backend, signer):
     rewrite.write("c-merged-2", "p2", range(0, 20), replaces=[merged])
     rewrite.log.checkpoint()
     assert not {k for k, p in errors(run(backend, signer)) if p.endswith("c-merged-2.parquet")}
+
+
+def test_cli_verify_never_trusts_the_key_beside_the_journal_unpinned(tmp_path, signer):
+    """Whoever can write the key folder beside the journal can swap the public key there for
+    their own and re-sign forged checkpoints: verify needs the auditor's key, or a pin."""
+    from click.testing import CliRunner
+
+    from serve_journal.cli import main
+
+    backend = _local_backend(tmp_path)
+    Writer(backend, signer).write("f1", "p1", range(0, 10))
+    keys = tmp_path / "journal-keys"
+    keys.mkdir()
+    beside = keys / "manifest-signing.pub.pem"
+    beside.write_bytes(signer.export_public_key())
+    base = ["verify", "--journal", backend.storage.root, "--reports-dir", str(tmp_path / "r")]
+    unpinned = CliRunner().invoke(main, base)
+    assert unpinned.exit_code == 2 and "--public-key" in unpinned.output
+    fingerprint = hashlib.sha256(_raw(signer)).hexdigest()
+    ok = CliRunner().invoke(main, [*base, "--key-fingerprint", fingerprint[:16]])
+    assert "not the pinned one" not in ok.output
+    # The attacker replaces the PEM beside the journal with their own key: the pin refuses it.
+    beside.chmod(0o644)
+    beside.write_bytes(ManifestSigner.generate().export_public_key())
+    swapped = CliRunner().invoke(main, [*base, "--key-fingerprint", fingerprint])
+    assert swapped.exit_code == 2 and "not the pinned one" in swapped.output
+    dev = CliRunner().invoke(main, [*base, "--dev"])
+    assert "development mode" in dev.output
+
+
+def _raw(signer: ManifestSigner) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    from serve_journal.integrity.manifest import load_public_key
+
+    return load_public_key(signer.export_public_key()).public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
