@@ -22,7 +22,7 @@ from serve_journal.cli_input import expand_subjects, subject_token_option
 from serve_journal.config import JournalConfig
 from serve_journal.console import write_report
 from serve_journal.console.commands import console_command, console_user
-from serve_journal.integrity.manifest import load_public_key
+from serve_journal.integrity.manifest import ManifestSigner, load_public_key
 from serve_journal.maintain.compaction import run_compaction
 from serve_journal.maintain.lifecycle import (
     bytes_per_entry,
@@ -39,6 +39,7 @@ from serve_journal.read.verify import format_report, load_heads, save_heads, ver
 from serve_journal.registry import dataset_manifest, register_dataset_manifest
 from serve_journal.replay.driver import replay_command
 from serve_journal.sink.kafka_app import run_journal_sink
+from serve_journal.sink.settings import signing_dir
 from serve_journal.storage import local_root, open_storage
 from serve_journal.times import as_utc
 
@@ -193,8 +194,10 @@ def verify(journal_uri: str, since: str | None, model: str | None, public_key: s
             raise click.UsageError(
                 "give the auditor's public key (--public-key PEM), or pin the key exported beside "
                 "the journal with --key-fingerprint HEX; --dev trusts it unpinned (development)")
-        public_key = os.path.join(_default_privacy_dir(journal_uri, privacy_dir),
-                                  "manifest-signing.pub.pem")
+        folder = signing_dir(journal_uri)
+        if folder is None:
+            raise click.UsageError("a remote journal needs --public-key (the auditor's copy)")
+        public_key = os.path.join(folder, "manifest-signing.pub.pem")
         if not os.path.exists(public_key):
             raise click.UsageError(f"no public key at {public_key}; pass --public-key")
         if key_fingerprint is not None:
@@ -250,6 +253,41 @@ def forget(journal_uri: str, subject: str, privacy_dir: str | None, vault_url: s
         click.echo(receipt.to_json() if hasattr(receipt, "to_json") else str(receipt))
     if incomplete:
         sys.exit(2)
+
+
+@main.command("init-keys")
+@click.option("--journal", "journal_uri", default="./journal", show_default=True)
+@click.option("--privacy-dir", default=None,
+              help="Keyring folder (default journal-keys beside a local journal).")
+@click.option("--signing-key-file", default=None,
+              help="Where to create the manifest signing key (default journal-signing/ beside "
+                   "a local journal).")
+def init_keys(journal_uri: str, privacy_dir: str | None, signing_key_file: str | None) -> None:
+    """Provision the key material replicas and writers need outside development mode: the KEK
+    (unless SERVE_JOURNAL_KEK is set), the keyring, and the manifest signing key, kept apart.
+    Prints the public key's fingerprint for auditors to pin. Existing keys are kept."""
+    folder = _default_privacy_dir(journal_uri, privacy_dir)
+    Keyring.local_default(folder)
+    if signing_key_file is None:
+        signing = signing_dir(journal_uri)
+        if signing is None:
+            raise click.UsageError("a remote journal needs --signing-key-file")
+        signer = ManifestSigner.load_or_generate(signing)
+        public = os.path.join(signing, "manifest-signing.pub.pem")
+    else:
+        if os.path.exists(signing_key_file):
+            signer = ManifestSigner.from_pem_file(signing_key_file)
+        else:
+            signer = ManifestSigner.generate()
+            signer.save(signing_key_file)
+        public = f"{signing_key_file}.pub.pem"
+    with open(public, "wb") as handle:
+        handle.write(signer.export_public_key())
+    raw = load_public_key(signer.export_public_key()).public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    click.echo(f"keyring: {os.path.join(folder, 'keys')}")
+    click.echo(f"public key: {public}")
+    click.echo(f"fingerprint (pin with verify --key-fingerprint): {hashlib.sha256(raw).hexdigest()}")
 
 
 @main.command("vault-rewrap")

@@ -100,6 +100,10 @@ class JournalConfig:
     ``SERVE_JOURNAL_KEK`` or ``<privacy_dir>/keys/kek`` (0600)."""
     vault_url: str | None = None
     """Subject key vault: ``postgresql://...`` in production; default SQLite in ``privacy_dir``."""
+    dev_mode: bool = False
+    """Development mode: a replica or writer that finds no key material generates it (a KEK
+    file, a keyring, a manifest signing key). Off, they refuse to start instead: provision keys
+    with ``serve-journal init-keys`` or ``SERVE_JOURNAL_KEK`` and ``signing_key_file``."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Settings for pluggable parts (e.g. ``{"kafka": {...}}``), validated where they are used."""
 
@@ -119,6 +123,8 @@ class JournalConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.risk_policy is not None:
             build_policy(self.risk_policy)  # raises ConfigError naming the wrong field
+        if not isinstance(self.dev_mode, bool):
+            raise ConfigError(f"dev_mode must be True or False, got {self.dev_mode!r}")
         if self.on_invalid_caller not in ("refuse", "anonymous"):
             raise ConfigError(
                 f"on_invalid_caller must be 'refuse' or 'anonymous', got {self.on_invalid_caller!r}")
@@ -193,6 +199,13 @@ class JournalConfig:
         return dataclasses.replace(self, **changes)
 
 
+def dev_mode_from_env() -> bool:
+    """``SERVE_JOURNAL_DEV_MODE`` as a bool (false when unset), for tools built without a
+    :class:`JournalConfig` (sinks, compaction, lifecycle)."""
+    raw = os.environ.get(_env_name("dev_mode"), "")
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
 def _positive(name: str, value: Any) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
         raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
@@ -200,6 +213,12 @@ def _positive(name: str, value: Any) -> None:
 
 def _parse_env(name: str, spec: dataclasses.Field, raw: str) -> Any:
     typ = spec.type if isinstance(spec.type, str) else getattr(spec.type, "__name__", str(spec.type))
+    if typ.startswith("bool"):
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{_env_name(name)} must be true or false (1/0), got {raw!r}")
     try:
         if typ.startswith("int"):
             return int(raw)

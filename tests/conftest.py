@@ -2,8 +2,15 @@
 
 # CPython 3.11.7 can raise "AST constructor recursion depth mismatch" when two threads parse
 # source at once (numpy.ma does, lazily); import it up front, before any test starts threads.
+import os
+
 import numpy.ma  # noqa: F401
 import pytest
+
+# Replicas and writers generate missing keys only in development mode; the suite runs in it
+# (before any Ray process starts, so every worker inherits it). Tests of the strict default set
+# SERVE_JOURNAL_DEV_MODE=0 themselves.
+os.environ.setdefault("SERVE_JOURNAL_DEV_MODE", "1")
 
 pytest_plugins = [
     "tests.fixtures.ray_cluster",

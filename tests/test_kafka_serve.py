@@ -94,6 +94,6 @@ def test_serve_to_kafka_to_parquet_loses_nothing_and_verifies(serve_instance, ml
     reports = producer_reports(str(root))
     assert sum(r["captured"] for r in reports.values()) == len(ids)
     storage = open_storage(str(root))
-    public_key = str(root.parent / "journal-keys" / "manifest-signing.pub.pem")
+    public_key = str(root.parent / "journal-signing" / "manifest-signing.pub.pem")
     report = verify_journal(storage, public_key=public_key, accounted_gaps=accounted_gaps(storage))
     assert report.ok, report.to_json()

@@ -192,7 +192,7 @@ def test_half_written_chunk_is_rebuilt_with_the_same_names(kafka_broker, tmp_pat
     assert rebuilt.stats["existing_parts_recorded"] == len(second_parts)
     report = check_delivery(journal_table(storage), sent)
     assert report.exactly_once, report.summary()
-    verified = verify_journal(storage, public_key=str(tmp_path / "journal-keys" / "manifest-signing.pub.pem"))
+    verified = verify_journal(storage, public_key=str(tmp_path / "journal-signing" / "manifest-signing.pub.pem"))
     assert verified.files == len(files)
     assert not [p for p in verified.errors if p.kind == "file-without-record"], format_report(verified)
 
@@ -221,7 +221,7 @@ def test_sink_actor_records_every_file_in_its_manifest(kafka_broker, tmp_path):
     report = check_delivery(journal_table(storage), sent)
     assert report.exactly_once, report.summary()
     files = storage.list_files(suffix=".parquet")
-    verified = verify_journal(storage, public_key=str(tmp_path / "journal-keys" / "manifest-signing.pub.pem"))
+    verified = verify_journal(storage, public_key=str(tmp_path / "journal-signing" / "manifest-signing.pub.pem"))
     assert verified.files == len(files) >= 2
     assert verified.ok, format_report(verified)
 
@@ -486,7 +486,7 @@ def test_sink_replica_killed_by_sigkill_is_restarted_by_serve(serve_instance, ka
         transport.close(10)
     report = check_delivery(journal_table(storage), sent)
     assert report.exactly_once, report.summary()
-    verified = verify_journal(storage, public_key=str(tmp_path / "journal-keys" / "manifest-signing.pub.pem"))
+    verified = verify_journal(storage, public_key=str(tmp_path / "journal-signing" / "manifest-signing.pub.pem"))
     assert verified.files == _file_count(root)
     assert not [p for p in verified.errors if p.kind in ("file-without-record", "file-missing")], \
         format_report(verified)

@@ -94,7 +94,7 @@ def test_full_buffer_keeps_every_high_risk_decision_and_counts_every_low_risk_dr
     assert by_disposition["dropped"] > 0
     assert by_disposition["sampled_out"] > 0
     # ... and verify explains every sequence gap with the counted drops and samples.
-    public_key = root.parent / "journal-keys" / "manifest-signing.pub.pem"
+    public_key = root.parent / "journal-signing" / "manifest-signing.pub.pem"
     report = verify_journal(storage, public_key=str(public_key), accounted_gaps=accounted_gaps(storage))
     assert report.ok, report.to_json()
 
@@ -130,7 +130,7 @@ def test_errors_meeting_a_full_buffer_in_a_refusing_tier_are_journaled_or_counte
     dropped = sum(c["count"] for c in counted if c["disposition"] == "dropped")
     assert dropped > 0, "the buffer never filled: the test did not exercise the full buffer"
     assert len(rows) + dropped == len(statuses)
-    public_key = root.parent / "journal-keys" / "manifest-signing.pub.pem"
+    public_key = root.parent / "journal-signing" / "manifest-signing.pub.pem"
     report = verify_journal(storage, public_key=str(public_key), accounted_gaps=accounted_gaps(storage))
     assert report.ok, report.to_json()
 
@@ -149,7 +149,7 @@ def test_verify_catches_an_unaccounted_gap_in_a_served_journal(serve_instance, m
             assert flush_journal(str(root), timeout=60)  # two files at least
     assert flush_journal(str(root), timeout=60)
     storage = open_storage(str(root))
-    public_key = str(root.parent / "journal-keys" / "manifest-signing.pub.pem")
+    public_key = str(root.parent / "journal-signing" / "manifest-signing.pub.pem")
     assert verify_journal(storage, public_key=public_key, accounted_gaps=accounted_gaps(storage)).ok
     # Delete one data file: its records' entries are now a loss verify must name.
     victim = sorted(storage.list_files("hot/", ".parquet"))[0]

@@ -521,7 +521,7 @@ def test_cli_verify_never_trusts_the_key_beside_the_journal_unpinned(tmp_path, s
 
     backend = _local_backend(tmp_path)
     Writer(backend, signer).write("f1", "p1", range(0, 10))
-    keys = tmp_path / "journal-keys"
+    keys = tmp_path / "journal-signing"
     keys.mkdir()
     beside = keys / "manifest-signing.pub.pem"
     beside.write_bytes(signer.export_public_key())

@@ -21,7 +21,7 @@ from serve_journal.config import ConfigError, JournalConfig
 from serve_journal.metrics import JournalMetrics
 from serve_journal.policy import RiskPolicy, build_policy
 from serve_journal.privacy.identity import JwtVerifier
-from serve_journal.privacy.keyring import PURPOSE_SAMPLING, Keyring
+from serve_journal.privacy.keyring import KEK_ENV, PURPOSE_SAMPLING, Keyring
 from serve_journal.privacy.subjects import VaultPseudonymizer
 from serve_journal.privacy.tokens import CallerTokenizer
 from serve_journal.privacy.vault import SubjectVault
@@ -98,9 +98,28 @@ def build_transport(config: JournalConfig, producer_id: str,
     raise ConfigError(f"unknown transport {config.transport!r}")
 
 
+def require_key_material(directory: str) -> None:
+    """Outside development mode a replica never makes its own keys (each node would make
+    different ones, and tokens would differ between nodes): the KEK (``SERVE_JOURNAL_KEK`` or
+    ``<dir>/keys/kek``) and the keyring must be provisioned (``serve-journal init-keys``)."""
+    keys = os.path.join(directory, "keys")
+    missing = []
+    if not os.environ.get(KEK_ENV) and not os.path.exists(os.path.join(keys, "kek")):
+        missing.append(f"a KEK ({KEK_ENV} or {os.path.join(keys, 'kek')})")
+    if not os.path.exists(os.path.join(keys, "keyring.json")):
+        missing.append(f"a keyring ({os.path.join(keys, 'keyring.json')})")
+    if missing:
+        raise ConfigError(
+            f"no key material: missing {' and '.join(missing)}; provision it with "
+            "`serve-journal init-keys` and ship it to every node, or set dev_mode=True "
+            "(SERVE_JOURNAL_DEV_MODE=1) to generate it (development only)")
+
+
 def build_privacy(config: JournalConfig) -> tuple[VaultPseudonymizer, bytes]:
     """(pseudonymizer, sampling key) of a replica: the keyring and the per-subject key vault."""
     directory = config.resolved_privacy_dir()
+    if not config.dev_mode:
+        require_key_material(directory)
     keyring = Keyring.local_default(directory)
     if config.vault_url:
         vault = SubjectVault.open(config.vault_url, keyring)

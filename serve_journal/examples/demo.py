@@ -85,6 +85,9 @@ def run_demo(workdir: str = "./demo-output", requests_count: int = 3000, users: 
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     print(f"demo folder: {root}")
+    print("development mode: the journal's keys (KEK, keyring, signing key) are generated beside "
+          "it; in production provision them with `serve-journal init-keys` and give auditors "
+          "the public key")
 
     version = train_and_register(root, tracking_uri)
     print(f"registered model fraud version {version} (alias champion) with its dataset manifest")
@@ -94,7 +97,8 @@ def run_demo(workdir: str = "./demo-output", requests_count: int = 3000, users: 
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(tracking_uri, journal_uri), name="fraud", route_prefix="/fraud")
+        serve.run(build_app(tracking_uri, journal_uri, dev_mode=True), name="fraud",
+                  route_prefix="/fraud")
         user_ids = [f"user-{i:04d}" for i in range(users)]
         store = ParquetFeatureStore(root / "features")
         t0 = time.monotonic()

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 from serve_journal.catalog.layout import HOT, PartitionKey
-from serve_journal.config import JournalConfig
-from serve_journal.integrity.manifest import ManifestLog, ManifestSigner, build_file_record
+from serve_journal.config import JournalConfig, dev_mode_from_env
+from serve_journal.integrity.manifest import (
+    SIGNING_KEY_FILE,
+    ManifestLog,
+    ManifestSigner,
+    build_file_record,
+)
 from serve_journal.retry import retry_call
 from serve_journal.storage import JournalStorage, StoredObject, local_root, open_storage
 
@@ -33,6 +38,9 @@ class SinkSettings:
     witness_uri: str | None = None
     signing_key_file: str | None = None
     checkpoint_interval_s: float = 5.0
+    dev_mode: bool = field(default_factory=dev_mode_from_env)
+    """Generate a missing signing key beside a local journal (development only); otherwise a
+    missing key is an error (``serve-journal init-keys`` provisions it)."""
 
     @classmethod
     def from_config(cls, config: JournalConfig) -> SinkSettings:
@@ -42,7 +50,7 @@ class SinkSettings:
             roll_bytes=config.roll_bytes,
             retention=config.extra.get("retention", config.retention),
             witness_uri=config.witness_uri, signing_key_file=config.signing_key_file,
-            checkpoint_interval_s=config.checkpoint_interval_s,
+            checkpoint_interval_s=config.checkpoint_interval_s, dev_mode=config.dev_mode,
         )
 
     def storage(self) -> JournalStorage:
@@ -54,12 +62,13 @@ class SinkSettings:
         return None if not self.witness_uri else open_storage(self.witness_uri)
 
     def keys_dir(self) -> str | None:
-        """``journal-keys`` beside a local journal root; ``None`` for a remote one."""
-        root = local_root(self.journal_uri)
-        return None if root is None else os.path.join(os.path.dirname(root), "journal-keys")
+        """``journal-signing`` beside a local journal root (apart from ``journal-keys``, the
+        privacy folder with the KEK and the vault); ``None`` for a remote one."""
+        return signing_dir(self.journal_uri)
 
     def signer(self) -> ManifestSigner:
-        """The checkpoint signer: the configured key file, else one generated next to the journal."""
+        """The checkpoint signer: the configured key file, else the one beside a local journal
+        (generated there only in development mode)."""
         if self.signing_key_file:
             return ManifestSigner.from_pem_file(self.signing_key_file)
         keys = self.keys_dir()
@@ -68,6 +77,11 @@ class SinkSettings:
                 "a remote journal needs signing_key_file (an Ed25519 PEM key, mode 0600) to sign "
                 "manifest checkpoints"
             )
+        if not self.dev_mode and not os.path.exists(os.path.join(keys, SIGNING_KEY_FILE)):
+            raise ValueError(
+                f"no manifest signing key in {keys}: provision one with `serve-journal init-keys "
+                f"--journal {self.journal_uri}` (or pass signing_key_file); dev_mode=True "
+                "generates it (development only)")
         # Several writers may start at once; the loser of the create race may read the key file
         # while the winner is still writing it.
         return retry_call(lambda: ManifestSigner.load_or_generate(keys), retry_on=(ValueError, OSError),
@@ -89,6 +103,13 @@ class SinkSettings:
                 handle.write(signer.export_public_key())
             os.replace(tmp, public)
         return ManifestLog(storage, chain_id, signer, self.witness())
+
+
+def signing_dir(journal_uri: str) -> str | None:
+    """Where the manifest signing key (and its exported public key) of a local journal live:
+    ``journal-signing`` beside the journal root; ``None`` for a remote journal."""
+    root = local_root(journal_uri)
+    return None if root is None else os.path.join(os.path.dirname(root), "journal-signing")
 
 
 ManifestHook = Callable[..., None]
