@@ -16,6 +16,10 @@ from typing import Any
 
 import numpy as np
 
+# Benchmarks journal into throwaway folders: development mode generates their keys (a real
+# deployment provisions them with `serve-journal init-keys`). Set before any Ray worker starts.
+os.environ.setdefault("SERVE_JOURNAL_DEV_MODE", "1")
+
 SIZES = ("tiny", "quick", "full")
 
 
