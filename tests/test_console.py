@@ -309,7 +309,9 @@ def test_sign_in_is_required_and_wrong_password_is_refused(console, browser):
     browser.find_element(By.ID, "username").send_keys("ana")
     browser.find_element(By.ID, "password").send_keys("not-the-password")
     browser.find_element(By.ID, "sign-in").click()
-    assert "Wrong user name or password" in browser.find_element(By.ID, "error").text
+    # The click returns before the POST's answer is rendered: wait for it (seen flaky once).
+    error = _wait(lambda: browser.find_elements(By.ID, "error"), "no sign-in error shown")[0]
+    assert "Wrong user name or password" in error.text
     failed = [r for r in read_access_log(storage) if r["filters"].get("view") == "sign_in_failed"]
     assert len(failed) == failed_before + 1
     assert all(r["actor"] == "anonymous" for r in failed)
