@@ -734,6 +734,12 @@ def verify_journal(
         if not canonical:
             report._add("commit-marker-altered", marker.path,
                         "not the bytes its writer stored (markers are canonical JSON)")
+        elif marker.file_sha256 and (
+                {p for p, _ in marker.file_sha256} != set(marker.new_files)
+                or any(h not in {r.sha256 for r in by_path.get(p, [])}
+                       for p, h in marker.file_sha256)):
+            report._add("commit-marker-altered", marker.path,
+                        "its file hashes are not those of its files' manifest records")
         expected = _marker_home(marker)
         if expected != marker.path:
             report._add("commit-marker-misplaced", marker.path, (
