@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import getpass
-import hashlib
 import json
 import logging
 import os
@@ -15,14 +14,15 @@ import sys
 
 import click
 import pyarrow as pa
-from cryptography.hazmat.primitives import serialization
 
 from serve_journal.api import caller_tokenizer, subject_tokenizer
 from serve_journal.cli_input import expand_subjects, subject_token_option
 from serve_journal.config import JournalConfig
 from serve_journal.console import write_report
 from serve_journal.console.commands import console_command, console_user
-from serve_journal.integrity.manifest import ManifestSigner, load_public_key
+from serve_journal.integrity.certificates import COUNTERS_KEY_FILE, provision_key
+from serve_journal.integrity.manifest import ManifestSigner
+from serve_journal.integrity.trust import TrustError, key_fingerprint, resolve_trust, signing_dir
 from serve_journal.maintain.compaction import run_compaction
 from serve_journal.maintain.lifecycle import (
     bytes_per_entry,
@@ -33,13 +33,11 @@ from serve_journal.privacy.forget import ForgetIncompleteError, forget_subject
 from serve_journal.privacy.keyring import Keyring
 from serve_journal.privacy.vault import SubjectVault
 from serve_journal.read.query import JournalQuery, format_table, to_json, write_parquet
-from serve_journal.read.stats import accounted_gaps
 from serve_journal.read.stats import stats as journal_stats
 from serve_journal.read.verify import format_report, load_heads, save_heads, verify_journal
 from serve_journal.registry import dataset_manifest, register_dataset_manifest
 from serve_journal.replay.driver import replay_command
 from serve_journal.sink.kafka_app import run_journal_sink
-from serve_journal.sink.settings import signing_dir
 from serve_journal.storage import local_root, open_storage
 from serve_journal.times import as_utc
 
@@ -187,28 +185,13 @@ def verify(journal_uri: str, since: str | None, model: str | None, public_key: s
 
 
     storage = open_storage(journal_uri)
-    if public_key is None:
-        # The PEM exported beside a local journal sits with the keys an attacker of that folder
-        # could replace: trusted only when pinned by a fingerprint, or in development mode.
-        if key_fingerprint is None and not dev:
-            raise click.UsageError(
-                "give the auditor's public key (--public-key PEM), or pin the key exported beside "
-                "the journal with --key-fingerprint HEX; --dev trusts it unpinned (development)")
-        folder = signing_dir(journal_uri)
-        if folder is None:
-            raise click.UsageError("a remote journal needs --public-key (the auditor's copy)")
-        public_key = os.path.join(folder, "manifest-signing.pub.pem")
-        if not os.path.exists(public_key):
-            raise click.UsageError(f"no public key at {public_key}; pass --public-key")
-        if key_fingerprint is not None:
-            actual = hashlib.sha256(load_public_key(public_key).public_bytes(
-                serialization.Encoding.Raw, serialization.PublicFormat.Raw)).hexdigest()
-            if not (len(key_fingerprint) >= 16 and actual.startswith(key_fingerprint.lower())):
-                raise click.UsageError(f"the public key at {public_key} is not the pinned one "
-                                       f"(its fingerprint is {actual[:16]}...)")
-        elif dev:
-            click.echo("development mode: trusting the unpinned public key beside the journal",
-                       err=True)
+    try:
+        anchor = resolve_trust(journal_uri, public_key=public_key, fingerprint=key_fingerprint,
+                               dev=dev)
+    except (TrustError, OSError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+    if public_key is None and key_fingerprint is None:
+        click.echo(f"{anchor.source}", err=True)
     witness = open_storage(witness_uri) if witness_uri else None
     if heads_file is None and expect_heads_file is None:
         folder = _reports_dir(journal_uri, reports_dir)
@@ -220,9 +203,9 @@ def verify(journal_uri: str, since: str | None, model: str | None, public_key: s
         raise click.UsageError(f"cannot read the chain heads: {exc}") from None
     if expect_heads_file and expected is None:
         raise click.UsageError(f"--expect-heads {expect_heads_file}: no such file")
-    report = verify_journal(storage, public_key=public_key, witness=witness,
+    report = verify_journal(storage, public_key=anchor.public_key, witness=witness,
                             since=_parse_time(since, "--since"), model=model,
-                            accounted_gaps=accounted_gaps(storage, model), expected_heads=expected)
+                            expected_heads=expected)
     click.echo(report.to_json() if as_json else format_report(report))
     _save_report(journal_uri, reports_dir, "verify-", report.to_dict())
     if report.ok and heads_file and not expect_heads_file and since is None and model is None:
@@ -262,10 +245,15 @@ def forget(journal_uri: str, subject: str, privacy_dir: str | None, vault_url: s
 @click.option("--signing-key-file", default=None,
               help="Where to create the manifest signing key (default journal-signing/ beside "
                    "a local journal).")
-def init_keys(journal_uri: str, privacy_dir: str | None, signing_key_file: str | None) -> None:
+@click.option("--counters-key-file", default=None,
+              help="Where to create the replicas' counters key (default "
+                   "<privacy-dir>/keys/counters-signing.pem).")
+def init_keys(journal_uri: str, privacy_dir: str | None, signing_key_file: str | None,
+              counters_key_file: str | None) -> None:
     """Provision the key material replicas and writers need outside development mode: the KEK
-    (unless SERVE_JOURNAL_KEK is set), the keyring, and the manifest signing key, kept apart.
-    Prints the public key's fingerprint for auditors to pin. Existing keys are kept."""
+    (unless SERVE_JOURNAL_KEK is set), the keyring, the replicas' counters key (certified by the
+    manifest key; the certificate goes into the journal), and the manifest signing key, kept
+    apart. Prints the public key's fingerprint for auditors to pin. Existing keys are kept."""
     folder = _default_privacy_dir(journal_uri, privacy_dir)
     Keyring.local_default(folder)
     if signing_key_file is None:
@@ -283,11 +271,12 @@ def init_keys(journal_uri: str, privacy_dir: str | None, signing_key_file: str |
         public = f"{signing_key_file}.pub.pem"
     with open(public, "wb") as handle:
         handle.write(signer.export_public_key())
-    raw = load_public_key(signer.export_public_key()).public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    counters_key = counters_key_file or os.path.join(folder, "keys", COUNTERS_KEY_FILE)
+    provision_key(counters_key, signer, open_storage(journal_uri))
     click.echo(f"keyring: {os.path.join(folder, 'keys')}")
+    click.echo(f"counters key (ship with the keyring): {counters_key}")
     click.echo(f"public key: {public}")
-    click.echo(f"fingerprint (pin with verify --key-fingerprint): {hashlib.sha256(raw).hexdigest()}")
+    click.echo(f"fingerprint (pin with verify --key-fingerprint): {key_fingerprint(signer.public_key)}")
 
 
 @main.command("vault-rewrap")

@@ -94,6 +94,9 @@ class JournalConfig:
     signing_key_file: str | None = None
     """Ed25519 PEM key (0600) that signs manifest checkpoints; default next to a local journal."""
     checkpoint_interval_s: float = 5.0
+    counters_key_file: str | None = None
+    """Ed25519 PEM key (0600) replicas sign their exact counters with: a narrow key the manifest
+    key certifies (``serve-journal init-keys``); default ``<privacy_dir>/keys/counters-signing.pem``."""
     privacy_dir: str | None = None
     """Folder of the keyring (data keys wrapped under the KEK) and of the SQLite subject vault;
     default ``<journal>/../journal-keys`` for a local journal. The KEK comes from

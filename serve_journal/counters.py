@@ -14,22 +14,33 @@ Each file holds two kinds of rows (column ``kind``): ``"count"`` rows with the c
 count, and ``"gap"`` rows with a sequence range ``[seq_lo, seq_hi]`` of entries that are not in the
 journal and why (``disposition`` and ``reason``).
 
+Each file is signed by the replica's *counters key* (a narrow key the journal's manifest key
+certifies, see :mod:`serve_journal.integrity.certificates`) and chained to the producer's previous
+counters file: the Parquet schema metadata holds the key id, the signature and the digest of the
+previous file's signed message. The signature covers the file's path and every row, so a forged,
+edited, renamed or copied counters file explains nothing (:func:`read_counters_file`).
+
 Read them with :mod:`serve_journal.read.stats`.
 """
 
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from serve_journal.catalog.layout import PARQUET_SUFFIX, escape_value
+from serve_journal.integrity.manifest import GENESIS_HASH, canonical_json
 from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
 
 COUNTERS_DIR = "_counters"
@@ -72,6 +83,80 @@ COUNT_DIMENSIONS = (
     "model_name", "model_version", "minute", "decision", "risk_tier", "sample_rate", "outcome",
 )
 """Columns the exact counters are grouped by (besides disposition and reason)."""
+
+META_KEY_ID = b"serve_journal.counters_key_id"
+META_SIGNATURE = b"serve_journal.counters_signature"
+META_PREV = b"serve_journal.counters_prev"
+META_PREV_PATH = b"serve_journal.counters_prev_path"
+
+
+class CountersSigner(Protocol):
+    """What signs counters files: an Ed25519 signer (:class:`ManifestSigner` holding the
+    replica's counters key)."""
+
+    key_id: str
+
+    def sign(self, message: bytes) -> bytes: ...
+
+
+def signed_message(path: str, table: pa.Table, key_id: str, prev: str, prev_path: str) -> bytes:
+    """The bytes a counters file's signature covers: its path, key id, the previous file's
+    digest and path, and every row."""
+    rows = table.cast(COUNTER_SCHEMA).set_column(
+        COUNTER_SCHEMA.get_field_index("minute"), "minute",
+        table.column("minute").cast(pa.int64())).to_pylist()
+    return canonical_json({"path": path, "key_id": key_id, "prev": prev, "prev_path": prev_path,
+                           "rows": rows})
+
+
+@dataclass(frozen=True)
+class CountersFile:
+    """One counters file as read back: its rows and its signature fields."""
+
+    path: str
+    table: pa.Table
+    key_id: str
+    signature: str
+    prev: str
+    prev_path: str = ""
+
+    @property
+    def producer_id(self) -> str | None:
+        ids = set(self.table.column("producer_id").to_pylist())
+        return ids.pop() if len(ids) == 1 else None
+
+    def message(self) -> bytes:
+        return signed_message(self.path, self.table, self.key_id, self.prev, self.prev_path)
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the signed message: what the producer's next file names as ``prev``."""
+        return hashlib.sha256(self.message()).hexdigest()
+
+    def verify(self, keys: Mapping[str, Ed25519PublicKey]) -> bool:
+        """Signed by the certified key it names, for exactly one producer."""
+        key = keys.get(self.key_id)
+        if key is None or not self.signature or self.producer_id is None:
+            return False
+        try:
+            key.verify(base64.b64decode(self.signature, validate=True), self.message())
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+
+def read_counters_file(path: str, data: bytes) -> CountersFile:
+    """Parse a counters file (raises ``ValueError`` for one that is not a counters file)."""
+    try:
+        handle = pq.ParquetFile(pa.BufferReader(data))
+        meta = handle.schema_arrow.metadata or {}
+        table = handle.read().cast(COUNTER_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
+        raise ValueError(f"counters file {path} is not a valid counters Parquet file") from exc
+    return CountersFile(path, table, meta.get(META_KEY_ID, b"").decode("ascii", "replace"),
+                        meta.get(META_SIGNATURE, b"").decode("ascii", "replace"),
+                        meta.get(META_PREV, b"").decode("ascii", "replace"),
+                        meta.get(META_PREV_PATH, b"").decode("utf-8", "replace"))
 
 
 def gap_reason(disposition: str, reason: str | None) -> str:
@@ -154,10 +239,13 @@ class CounterSet:
     :meth:`record_batch` once per finalized batch and :meth:`flush_to` every few seconds.
     """
 
-    def __init__(self, producer_id: str) -> None:
+    def __init__(self, producer_id: str, signer: CountersSigner | None = None) -> None:
         if not isinstance(producer_id, str) or not producer_id:
             raise ValueError("producer_id must be a non-empty string")
         self.producer_id = producer_id
+        self._signer = signer
+        self._prev = GENESIS_HASH
+        self._prev_path = ""
         self._lock = threading.Lock()
         self._counts: dict[_CountKey, int] = {}
         self._ranges: dict[_RangeKey, list[list[int]]] = {}
@@ -271,14 +359,16 @@ class CounterSet:
         try:
             while pending:
                 (model, date), part = pending[0]
-                data = encode_counters(part.to_table())
+                table = part.to_table()
                 for _ in range(max_attempts):
                     with self._lock:
                         number = self._file_no
                         self._file_no += 1
                     path = counters_path(model, date, self.producer_id, number)
+                    data, digest = self._encode(path, table)
                     try:
                         written.append(storage.put_new(path, data))
+                        self._prev, self._prev_path = digest, path
                         break
                     except ObjectExistsError:
                         continue
@@ -294,6 +384,18 @@ class CounterSet:
         return written
 
 
+    def _encode(self, path: str, table: pa.Table) -> tuple[bytes, str]:
+        """The file's bytes (signed and chained when there is a signer), and its digest."""
+        if self._signer is None:
+            return encode_counters(table), self._prev
+        key_id = self._signer.key_id
+        message = signed_message(path, table, key_id, self._prev, self._prev_path)
+        signature = base64.b64encode(self._signer.sign(message)).decode("ascii")
+        meta = {META_KEY_ID: key_id.encode(), META_SIGNATURE: signature.encode(),
+                META_PREV: self._prev.encode(), META_PREV_PATH: self._prev_path.encode()}
+        return encode_counters(table, meta), hashlib.sha256(message).hexdigest()
+
+
 def counters_path(model: str, date: str, producer_id: str, number: int) -> str:
     """Relative path of counters file ``number`` of ``producer_id`` for ``model`` on ``date``."""
     return (
@@ -302,10 +404,14 @@ def counters_path(model: str, date: str, producer_id: str, number: int) -> str:
     )
 
 
-def encode_counters(table: pa.Table) -> bytes:
-    """A counters table as Parquet bytes (zstd; dictionary encoding does the rest)."""
+def encode_counters(table: pa.Table, metadata: Mapping[bytes, bytes] | None = None) -> bytes:
+    """A counters table as Parquet bytes (zstd; dictionary encoding does the rest), with
+    ``metadata`` (the signature fields) added to the schema metadata."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table.cast(COUNTER_SCHEMA), sink, compression="zstd")
+    table = table.cast(COUNTER_SCHEMA)
+    if metadata:
+        table = table.replace_schema_metadata({**COUNTER_SCHEMA.metadata, **metadata})
+    pq.write_table(table, sink, compression="zstd")
     return sink.getvalue().to_pybytes()
 
 

@@ -3,23 +3,22 @@ object in the journal's storage, but holds no key.
 
 Each example builds a real journal (two writer chains written through the writer path, signed,
 a finished day compacted by `run_compaction`, so there are data files, manifest records,
-checkpoints and a commit marker), applies one random mutation to one object, and checks:
-verify fails and names the object (or the file or chain it concerns; an added compacted or cold
-file that readers ignore, what a rewrite that died before recording leaves, is named as a
-warning), unless the mutation means
-nothing (the same bytes, or deleting a checkpoint a later one of the same chain supersedes);
-and when verify passes, readers see exactly the entries that were written. Records, checkpoints
-and markers are canonical JSON, so any byte changed in one is a finding, not a no-op.
-
-Not covered yet (docs/security.md, the trust-model issue): counter files (`_counters/`), and a
-commit marker changed only in its time, kind or fingerprint (markers are not signed themselves;
-what they commit, their files and what those replace, is checked against signed records).
+checkpoints and a signed commit marker; exact counters signed by a replica's certified counters
+key, one of them explaining a gap), runs verify once as the auditor did before (keeping the chain
+heads), applies one random mutation to one object of any area (data, records, checkpoints,
+markers, counters, key certificates), and checks: verify (with the remembered heads) fails and
+names the object (or the file or chain it concerns; an added compacted or cold file that readers
+ignore, what a rewrite that died before recording leaves, is named as a warning), unless the
+mutation means nothing (the same bytes or the same signed content, or deleting a checkpoint a
+later one of the same chain supersedes); and when verify passes, readers see exactly the entries
+that were written. Records, checkpoints and markers are canonical JSON, so any byte changed in one
+is a finding, not a no-op. The S3 variant (versioned bucket with Object Lock) is
+`tests/test_adversary_s3.py`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import tempfile
 
@@ -28,15 +27,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serve_journal.catalog.layout import split_by_partition
+from serve_journal.counters import KEPT, SAMPLED_OUT, CounterSet, read_counters_file
 from serve_journal.maintain.compaction import run_compaction
 from serve_journal.read.query import JournalQuery
 from serve_journal.read.verify import format_report, verify_journal
 from serve_journal.sink.settings import SinkSettings, manifest_hook
 from serve_journal.sink.writer import PartitionFileWriter
 from tests.helpers.entries import DAY, ids, make_entries
+from tests.helpers.journal import counters_signer
 
 COMPACT_AT = DAY + dt.timedelta(days=2)
-AREAS = ("hot/", "cold/", "_manifest/", "_checkpoints/", "_commits/")
+AREAS = ("hot/", "cold/", "_manifest/", "_checkpoints/", "_commits/", "_counters/", "_keys/")
+LATE_SEQ = 5  # the late producer's seq 0..4 were sampled out: signed counters explain the gap
 
 
 def _build(root: str) -> tuple[SinkSettings, pa.Table]:
@@ -57,7 +59,8 @@ def _build(root: str) -> tuple[SinkSettings, pa.Table]:
             writer.roll_all()
         log.checkpoint()
     # A later day, left uncompacted, so hot writer files remain beside the compacted day.
-    late = make_entries(10, producer="p-3", start=COMPACT_AT - dt.timedelta(hours=3), spread_s=60)
+    late = make_entries(10, producer="p-3", start=COMPACT_AT - dt.timedelta(hours=3), spread_s=60,
+                        seq_start=LATE_SEQ)
     log = settings.manifest(storage, "w02-adv")
     writer = PartitionFileWriter(storage, "w02-adv", roll_seconds=3600.0, roll_bytes=1 << 40,
                                  on_file_written=[manifest_hook(log)])
@@ -67,6 +70,16 @@ def _build(root: str) -> tuple[SinkSettings, pa.Table]:
     writer.roll_all()
     log.checkpoint()
     tables.append(late)
+    # Exact counters, signed by a replica's counters key: counts of p-1 in two chained files, and
+    # the late producer's sampled-out seq 0..4.
+    signer = counters_signer(root)
+    ts_us = int(DAY.timestamp() * 1_000_000)
+    p1, p3 = CounterSet("p-1", signer), CounterSet("p-3", signer)
+    for counters, seqs, disposition in ((p1, range(0, 30), KEPT), (p1, range(30, 60), KEPT),
+                                        (p3, range(0, LATE_SEQ), SAMPLED_OUT)):
+        for seq in seqs:
+            counters.record("fraud", "3", ts_us, "allow", "low", 0.1, "ok", seq, disposition)
+        counters.flush_to(storage)
     report = run_compaction(root, apply=True, now=COMPACT_AT)
     assert report.compacted, report.describe()
     return settings, pa.concat_tables(tables)
@@ -100,14 +113,14 @@ def _renamed(path: str, salt: int) -> str:
     return f"{folder}/{stem}-x{salt % 97}.{ext}"
 
 
-def _same_commit(old: bytes, new: bytes) -> bool:
-    """The flipped marker still parses and commits the same files over the same inputs (only
-    its time, kind or fingerprint changed)."""
-    try:
-        a, b = json.loads(old), json.loads(new)
-    except ValueError:
+def _same_counters(path: str, old: bytes, new: bytes) -> bool:
+    if not path.startswith("_counters/"):
         return False
-    return all(a.get(k) == b.get(k) for k in ("new_files", "replaces", "file_sha256"))
+    try:
+        a, b = read_counters_file(path, old), read_counters_file(path, new)
+    except Exception:  # noqa: BLE001 - unreadable now: a finding, not a no-op
+        return False
+    return a.message() == b.message() and a.signature == b.signature
 
 
 def _superseded_checkpoint(path: str, objects: list[str]) -> bool:
@@ -147,6 +160,7 @@ def test_every_mutation_of_any_object_fails_verify_and_names_it(op, pick, where,
         settings_, written = _build(root)
         storage = settings_.storage()
         key = settings_.public_key_path()
+        heads = verify_journal(storage, public_key=key).heads  # what the auditor saw last time
         objects = _objects(root)
         target = objects[pick % len(objects)]
         full = os.path.join(root, target)
@@ -161,9 +175,9 @@ def test_every_mutation_of_any_object_fails_verify_and_names_it(op, pick, where,
             position = min(int(where * len(data)), len(data) - 1)
             data[position] ^= 0x01 << (salt % 8)
             _write(root, target, bytes(data))
-            meaningless = bytes(data) == before  # evidence objects are canonical bytes
-            if target.startswith("_commits/") and _same_commit(before, bytes(data)):
-                return  # not covered yet: a marker's time and fingerprint are not signed
+            # Evidence objects are canonical bytes; a counters file is signed over its content
+            # (path, rows, key id, chain link), so a flip that changes no content means nothing.
+            meaningless = bytes(data) == before or _same_counters(target, before, bytes(data))
         elif op == "truncate":
             cut = before[: int(where * len(before))]
             _write(root, target, cut)
@@ -184,7 +198,7 @@ def test_every_mutation_of_any_object_fails_verify_and_names_it(op, pick, where,
         # The auditor checks later than the unsigned grace period (writers have long signed
         # everything by then), so a deleted newest checkpoint leaves a tail that vouches for
         # nothing rather than a tail still in its grace period.
-        report = verify_journal(storage, public_key=key,
+        report = verify_journal(storage, public_key=key, expected_heads=heads,
                                 now=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
         text = format_report(report)
         if meaningless:

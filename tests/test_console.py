@@ -53,6 +53,7 @@ from serve_journal.sink.settings import SinkSettings, manifest_hook
 from serve_journal.sink.writer import PartitionFileWriter
 from serve_journal.storage import LocalJournalStorage
 from tests.fixtures.ray_cluster import free_port
+from tests.helpers.journal import counters_signer
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -70,9 +71,10 @@ ROLES = {"ana": ["auditor"], "oscar": ["operator"], "pia": ["privacy_officer"]}
 # ------------------------------------------------------------------------------------------------
 
 
-def _entries(tokens: dict[str, str], n: int, producer: str) -> tuple[pa.Table, CounterSet, dict]:
+def _entries(tokens: dict[str, str], n: int, producer: str, signer) -> tuple[pa.Table, CounterSet,
+                                                                            dict]:
     """``n`` captured decisions; every 10th is sampled out and every 50th dropped (counted only)."""
-    counters = CounterSet(producer)
+    counters = CounterSet(producer, signer)
     rows, per_subject = [], {s: 0 for s in tokens}
     for seq in range(n):
         subject = SUBJECTS[seq % len(SUBJECTS)]
@@ -120,7 +122,7 @@ def world(tmp_path_factory):
     tokens = {s: p.subject_token for s, p in zip(SUBJECTS, protected, strict=True)}
     pseudonymizer.vault.close()
 
-    table, counters, per_subject = _entries(tokens, 600, "replica-a")
+    table, counters, per_subject = _entries(tokens, 600, "replica-a", counters_signer(journal_uri))
     settings = SinkSettings(journal_uri)
     log = settings.manifest(storage, "console-writer-0")
     writer = PartitionFileWriter(storage, "console-writer-0", roll_seconds=3600,

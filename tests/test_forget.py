@@ -59,7 +59,7 @@ def write_journal(storage: LocalJournalStorage, table: pa.Table, tier: str, name
     storage.put_new(path, encode_parquet(table))
     if is_derived(path):
         commit(storage, kind="lifecycle", path=marker_path(key, tier, name), new_files=[path],
-               replaces=[], expected=fingerprint(table))
+               replaces=[], expected=fingerprint(table), signer=None)
 
 
 @pytest.fixture
@@ -230,7 +230,7 @@ def test_forget_counts_through_the_catalog_so_a_compacted_entry_counts_once(worl
     compacted = DEFAULT_SPEC.file_path(key, "c-merged", HOT)
     storage.put_new(compacted, encode_parquet(merged))
     commit(storage, kind="compaction", path=marker_path(key, HOT, "c-merged"),
-           new_files=[compacted], replaces=inputs, expected=fingerprint(merged))
+           new_files=[compacted], replaces=inputs, expected=fingerprint(merged), signer=None)
     assert all(storage.exists(p) for p in inputs)  # still there, as retention would keep them
     assert count_subject_entries(storage, pseudonymizer.token_for("alice")) == (2, [("fraud", "3")])
 

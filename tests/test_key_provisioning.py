@@ -11,11 +11,13 @@ import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
-from serve_journal._private.wiring import build_privacy
+from serve_journal._private.wiring import build_counters_signer, build_privacy
 from serve_journal.cli import main
 from serve_journal.config import ConfigError, JournalConfig
+from serve_journal.integrity.certificates import PURPOSE_COUNTERS, certified_keys
 from serve_journal.integrity.manifest import load_public_key
 from serve_journal.sink.settings import SinkSettings
+from serve_journal.storage import open_storage
 
 
 @pytest.fixture
@@ -31,6 +33,20 @@ def test_a_replica_without_key_material_refuses_to_start(strict):
     with pytest.raises(ConfigError, match="SERVE_JOURNAL_KEK.*init-keys"):
         build_privacy(config)
     assert not os.path.exists(os.path.join(os.path.dirname(strict), "journal-keys", "keys", "kek"))
+
+
+def test_a_replica_without_a_certified_counters_key_refuses_to_start(strict, tmp_path):
+    config = JournalConfig.resolve(model="m", journal_uri=strict)
+    with pytest.raises(ConfigError, match="counters signing key.*init-keys"):
+        build_counters_signer(config, open_storage(strict))
+    # A key someone put there by hand, with no certificate in the journal: refused too.
+    from serve_journal.integrity.manifest import ManifestSigner
+
+    path = tmp_path / "counters.pem"
+    ManifestSigner.generate().save(path)
+    with pytest.raises(ConfigError, match="no certificate"):
+        build_counters_signer(config.with_overrides(counters_key_file=str(path)),
+                              open_storage(strict))
 
 
 def test_a_writer_without_a_signing_key_refuses_to_start(strict):
@@ -56,6 +72,11 @@ def test_init_keys_provisions_keys_apart_and_prints_the_fingerprint(strict):
     config = JournalConfig.resolve(model="m", journal_uri=strict)
     pseudonymizer, _ = build_privacy(config)
     assert SinkSettings(journal_uri=strict).signer() is not None
+    # The replicas' counters key sits with the keyring, certified by the manifest key.
+    counters = build_counters_signer(config, open_storage(strict))
+    assert os.path.exists(os.path.join(base, "journal-keys", "keys", "counters-signing.pem"))
+    keys, bad = certified_keys(open_storage(strict), load_public_key(public), PURPOSE_COUNTERS)
+    assert list(keys) == [counters.key_id] and not bad
     again = CliRunner().invoke(main, ["init-keys", "--journal", strict])
     assert hashlib.sha256(raw).hexdigest() in again.output
 

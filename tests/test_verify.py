@@ -313,7 +313,7 @@ def test_compaction_replaces_files(backend, signer):
     key = DEFAULT_SPEC.parse(compacted)[1]
     marker = marker_path(key, "cold", "compacted")
     commit(backend.storage, kind="lifecycle", path=marker, new_files=[compacted],
-           replaces=[first, second], expected=fingerprint(merged))
+           replaces=[first, second], expected=fingerprint(merged), signer=signer)
     commit_json = backend.storage.read(marker)
     for path in (first, second):
         backend.raw_remove(path)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 from pyarrow.compute import equal as pc_equal
 
-from serve_journal.counters import DROPPED, CounterSet
+from serve_journal.counters import DROPPED, CounterSet, CountersSigner
 from serve_journal.metrics import JournalMetrics
 from serve_journal.storage import JournalStorage
 
@@ -99,8 +99,8 @@ class ReplicaCounters:
     """The exact counters of one producer, its drop counters, and their flush to storage."""
 
     def __init__(self, producer_id: str, metrics: JournalMetrics, default_tier: str,
-                 storage: JournalStorage) -> None:
-        self.exact = CounterSet(producer_id)
+                 storage: JournalStorage, signer: CountersSigner | None = None) -> None:
+        self.exact = CounterSet(producer_id, signer)
         self.drops = DropCounter(self.exact, metrics, default_tier)
         self.transport_drops = TransportDropCounter(self.exact, metrics, producer_id)
         self._metrics = metrics

@@ -18,6 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from serve_journal.config import ConfigError, JournalConfig
+from serve_journal.integrity.certificates import (
+    COUNTERS_KEY_FILE,
+    PURPOSE_COUNTERS,
+    is_published,
+    provision_key,
+)
+from serve_journal.integrity.manifest import ManifestSigner
 from serve_journal.metrics import JournalMetrics
 from serve_journal.policy import RiskPolicy, build_policy
 from serve_journal.privacy.identity import JwtVerifier
@@ -115,6 +122,34 @@ def require_key_material(directory: str) -> None:
             "(SERVE_JOURNAL_DEV_MODE=1) to generate it (development only)")
 
 
+def counters_key_path(config: JournalConfig) -> str:
+    """Where the replicas' counters key is: ``counters_key_file`` or
+    ``<privacy_dir>/keys/counters-signing.pem``."""
+    return config.counters_key_file or os.path.join(config.resolved_privacy_dir(), "keys",
+                                                    COUNTERS_KEY_FILE)
+
+
+def build_counters_signer(config: JournalConfig, storage: JournalStorage) -> ManifestSigner:
+    """The key a replica signs its exact counters with, certified by the journal's manifest key.
+
+    Outside development mode it must be provisioned (``serve-journal init-keys``) and its
+    certificate be in the journal; in development mode a missing one is made and certified with
+    the journal's signing key. A replica never holds the manifest key itself otherwise."""
+    path = counters_key_path(config)
+    if config.dev_mode:
+        return provision_key(path, SinkSettings.from_config(config).signer(), storage)
+    if not os.path.exists(path):
+        raise ConfigError(
+            f"no counters signing key at {path}: provision it with `serve-journal init-keys` "
+            "and ship it with the keyring, or set dev_mode=True (development only)")
+    signer = ManifestSigner.from_pem_file(path)
+    if not is_published(storage, PURPOSE_COUNTERS, signer.public_key):
+        raise ConfigError(
+            f"the counters key at {path} has no certificate in the journal: run "
+            "`serve-journal init-keys` against this journal (verify would reject its counters)")
+    return signer
+
+
 def build_privacy(config: JournalConfig) -> tuple[VaultPseudonymizer, bytes]:
     """(pseudonymizer, sampling key) of a replica: the keyring and the per-subject key vault."""
     directory = config.resolved_privacy_dir()
@@ -159,7 +194,8 @@ def wire(config: JournalConfig) -> ReplicaParts:
     policy = build_policy(config.risk_policy)
     metrics = JournalMetrics(model.name, deployment, replica)
     storage = open_storage(config.journal_uri, retention=config.retention)
-    counters = ReplicaCounters(identity.producer_id, metrics, policy.default_tier.name, storage)
+    counters = ReplicaCounters(identity.producer_id, metrics, policy.default_tier.name, storage,
+                               build_counters_signer(config, storage))
     transport = build_transport(config, identity.producer_id, counters.transport_drops)
     finalizer = EntryFinalizer(config, pseudonymizer, identity, Sampler(policy, sampling_key),
                                build_caller_tokenizer(config, pseudonymizer.keyring))

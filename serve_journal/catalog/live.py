@@ -12,12 +12,18 @@ files only.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from serve_journal.catalog.layout import (
     COLD,
@@ -29,6 +35,7 @@ from serve_journal.catalog.layout import (
 )
 from serve_journal.errors import CompactionError, ObjectExistsError
 from serve_journal.integrity.fingerprint import Fingerprint, fingerprint_files
+from serve_journal.integrity.trust import reader_trust
 from serve_journal.storage import JournalStorage
 
 log = logging.getLogger(__name__)
@@ -38,9 +45,22 @@ COMPACTED_PREFIX = "c-"
 MARKER_VERSION = 1
 
 
+class MarkerSigner(Protocol):
+    """What signs a commit marker: the journal's manifest signer."""
+
+    key_id: str
+    public_key: Ed25519PublicKey
+
+    def sign(self, message: bytes) -> bytes: ...
+
+
 @dataclass(frozen=True)
 class CommitMarker:
-    """A committed rewrite: ``new_files`` now hold exactly the entries of ``replaces``."""
+    """A committed rewrite: ``new_files`` now hold exactly the entries of ``replaces``.
+
+    Markers are part of signed history: the rewrite signs every field, its own path included,
+    with the journal's manifest key (``key_id``, ``signature``), so a marker forged, edited,
+    or copied to another name does not verify and readers holding the key ignore it."""
 
     kind: str  # "compaction" or "lifecycle"
     path: str
@@ -51,8 +71,11 @@ class CommitMarker:
     file_sha256: tuple[tuple[str, str], ...] = ()
     """``(new file, SHA-256 of its bytes)`` as verified before the commit (empty in markers
     written before this field existed: those are checked by fingerprint)."""
+    key_id: str = ""
+    signature: str = ""
+    """Base64 Ed25519 signature over :meth:`signed_bytes` (empty: unsigned)."""
 
-    def to_json(self) -> bytes:
+    def _doc(self) -> dict:
         doc = {
             "marker_version": MARKER_VERSION,
             "kind": self.kind,
@@ -63,6 +86,36 @@ class CommitMarker:
         }
         if self.file_sha256:
             doc["file_sha256"] = dict(self.file_sha256)
+        if self.key_id:
+            doc["key_id"] = self.key_id
+        return doc
+
+    def signed_bytes(self) -> bytes:
+        """What the signature covers: every field but the signature, and the marker's path."""
+        doc = {**self._doc(), "path": self.path}
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+    def signed_by(self, signer: MarkerSigner) -> CommitMarker:
+        """This marker signed by ``signer``."""
+        unsigned = replace(self, key_id=signer.key_id, signature="")
+        signature = base64.b64encode(signer.sign(unsigned.signed_bytes())).decode("ascii")
+        return replace(unsigned, signature=signature)
+
+    def verify(self, public_key: Ed25519PublicKey) -> bool:
+        """True when the signature is valid for ``public_key``."""
+        if not self.signature:
+            return False
+        try:
+            public_key.verify(base64.b64decode(self.signature, validate=True),
+                              self.signed_bytes())
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+    def to_json(self) -> bytes:
+        doc = self._doc()
+        if self.signature:
+            doc["signature"] = self.signature
         return json.dumps(doc, sort_keys=True, indent=1).encode()
 
     @classmethod
@@ -77,6 +130,8 @@ class CommitMarker:
             fingerprint=Fingerprint(fp["rows"], fp["entry_ids"], fp["entries"]),
             created_at=doc["created_at"],
             file_sha256=tuple(sorted(doc.get("file_sha256", {}).items())),
+            key_id=doc.get("key_id", ""),
+            signature=doc.get("signature", ""),
         )
 
 
@@ -87,32 +142,55 @@ def marker_path(key: PartitionKey, tier: str, name: str) -> str:
 
 class MarkerCache:
     """Markers are create-only and never change: read each once per process (per journal root:
-    marker names are deterministic, two journals can hold the same name)."""
+    marker names are deterministic, two journals can hold the same name).
 
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, str], CommitMarker] = {}
+    With ``public_key``, :meth:`load` returns only the markers signed by it: a forged or altered
+    marker neither hides nor commits anything for a reader holding the journal's key."""
+
+    def __init__(self, public_key: Ed25519PublicKey | None = None) -> None:
+        self.public_key = public_key
+        self._cache: dict[tuple[str, str], tuple[CommitMarker, bool]] = {}
 
     def load(self, storage: JournalStorage, paths: Sequence[str]) -> list[CommitMarker]:
         out = []
         for path in paths:
-            marker = self._cache.get((storage.full_path(path), path))
-            if marker is None:
+            hit = self._cache.get((storage.full_path(path), path))
+            if hit is None:
                 marker = CommitMarker.from_json(path, storage.read(path))
-                self._cache[(storage.full_path(path), path)] = marker
-            out.append(marker)
+                valid = self.public_key is None or marker.verify(self.public_key)
+                if not valid:
+                    log.warning("ignoring commit marker %s: not signed by the journal's key", path)
+                hit = self._cache[(storage.full_path(path), path)] = (marker, valid)
+            if hit[1]:
+                out.append(hit[0])
         return out
 
 
-_DEFAULT_CACHE = MarkerCache()
+_READER_CACHES: dict[str, MarkerCache] = {}
+_READER_LOCK = threading.Lock()
+
+
+def reader_cache(storage: JournalStorage) -> MarkerCache:
+    """The marker cache readers of ``storage`` share: checked against the readers' trust anchor
+    (:func:`serve_journal.integrity.trust.reader_trust`) when there is one."""
+    with _READER_LOCK:
+        cache = _READER_CACHES.get(storage.uri)
+        if cache is None or cache.public_key is None:  # a key may have been provisioned since
+            anchor = reader_trust(storage.uri)
+            if cache is None or anchor is not None:
+                cache = _READER_CACHES[storage.uri] = MarkerCache(
+                    anchor.public_key if anchor is not None else None)
+        return cache
 
 
 def load_markers(
     storage: JournalStorage, prefix: str = "", cache: MarkerCache | None = None
 ) -> list[CommitMarker]:
-    """Every commit marker below ``_commits/<prefix>``."""
+    """Every commit marker below ``_commits/<prefix>`` that ``cache`` accepts (default: the
+    readers' cache of ``storage``, see :func:`reader_cache`)."""
     base = f"{COMMITS_PREFIX}/{prefix}".rstrip("/")
     paths = storage.list_files(base, suffix=".json")
-    return (cache or _DEFAULT_CACHE).load(storage, paths)
+    return (cache or reader_cache(storage)).load(storage, paths)
 
 
 def is_derived(path: str) -> bool:
@@ -194,10 +272,13 @@ def commit(
     new_files: Sequence[str] | Sequence[tuple[str, str]],
     replaces: Sequence[str],
     expected: Fingerprint,
+    signer: MarkerSigner | None,
     now: dt.datetime | None = None,
 ) -> CommitMarker:
-    """Write the commit marker (create-only); an existing marker from an earlier run is kept.
-    ``new_files`` are paths or ``(path, sha256)`` pairs (as :func:`write_verified` returns)."""
+    """Write the commit marker (create-only), signed by ``signer`` (the run's manifest signer;
+    ``None`` writes an unsigned marker, which verify rejects and keyed readers ignore); an
+    existing marker from an earlier run is kept. ``new_files`` are paths or ``(path, sha256)``
+    pairs (as :func:`write_verified` returns)."""
     pairs = [f if isinstance(f, tuple) else (f, "") for f in new_files]
     new_files = [p for p, _ in pairs]
     marker = CommitMarker(
@@ -209,12 +290,17 @@ def commit(
         created_at=(now or dt.datetime.now(dt.UTC)).isoformat(),
         file_sha256=tuple(sorted((p, h) for p, h in pairs if h)),
     )
+    if signer is not None:
+        marker = marker.signed_by(signer)
     try:
         storage.put_new(path, marker.to_json())
     except ObjectExistsError:
         marker = CommitMarker.from_json(path, storage.read(path))
         if set(marker.new_files) != set(new_files) or marker.fingerprint != expected:
             raise CompactionError(f"commit marker {path} exists with other content") from None
+        if signer is not None and not marker.verify(signer.public_key):
+            raise CompactionError(f"commit marker {path} exists but is not signed by this "
+                                  "journal's key (forged?); run verify") from None
     return marker
 
 

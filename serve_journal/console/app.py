@@ -129,6 +129,7 @@ def run_console(
     secret_file: str | None = None,
     reports_dir: str | None = None,
     public_key: str | None = None,
+    key_fingerprint: str | None = None,
     session_ttl_s: float = 1800.0,
     tokenizer_factory: Callable[[], Tokenizer | None] | None = None,
     forgetter_factory: Callable[[], Callable[[str], Any]] | None = None,
@@ -154,7 +155,7 @@ def run_console(
         session_ttl_s=session_ttl_s, secure_cookies=not loopback,
         tokenizer_factory=tokenizer_factory or functools.partial(journal_tokenizer, journal_uri),
         forgetter_factory=forgetter_factory or functools.partial(journal_forgetter, journal_uri),
-        public_key=public_key, reports_dir=reports_dir,
+        public_key=public_key, key_fingerprint=key_fingerprint, reports_dir=reports_dir,
     )
     if not loopback:
         echo("note: session cookies are Secure; put the console behind TLS (a reverse proxy)")

@@ -23,18 +23,23 @@ from serve_journal.console.auth import ROLES, add_user, remove_user
 @click.option("--secret-file", default=None,
               help="Session signing key (default <users-file>.secret, created 0600).")
 @click.option("--reports-dir", default=None, help="Where verify-*.json / replay-*.json live.")
-@click.option("--public-key", default=None, help="Checkpoint public key (PEM) for verify.")
+@click.option("--public-key", default=None,
+              help="The auditor's public key (PEM) \"run verify now\" checks with.")
+@click.option("--key-fingerprint", default=None,
+              help="Instead of --public-key: pin the key exported beside a local journal.")
 @click.option("--session-minutes", default=30, show_default=True, type=int)
 @click.option("--dev", is_flag=True,
               help="Without --users-file: a throw-away account 'dev' with a one-time password.")
 @click.option("--serve", "use_serve", is_flag=True, help="Run as a Ray Serve application.")
 def console_command(journal_uri: str, host: str, port: int, users_file: str | None,
                     secret_file: str | None, reports_dir: str | None, public_key: str | None,
-                    session_minutes: int, dev: bool, use_serve: bool) -> None:
+                    key_fingerprint: str | None, session_minutes: int, dev: bool,
+                    use_serve: bool) -> None:
     """Serve the investigation console (sign-in required; see docs/console.md)."""
     try:
         run_console(journal_uri, host, port, users_file, dev=dev, use_serve=use_serve,
                     secret_file=secret_file, reports_dir=reports_dir, public_key=public_key,
+                    key_fingerprint=key_fingerprint,
                     session_ttl_s=session_minutes * 60.0, echo=click.echo)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc

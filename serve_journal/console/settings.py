@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from serve_journal.api import subject_tokenizer
-from serve_journal.config import JournalConfig
+from serve_journal.config import JournalConfig, dev_mode_from_env
+from serve_journal.integrity.trust import TrustAnchor, resolve_trust
 from serve_journal.privacy.forget import forget_subject
-from serve_journal.sink.settings import SinkSettings
 from serve_journal.storage import local_root
 
 #: ``subject id -> token`` (``None`` when the subject has no key, e.g. after a forget).
@@ -46,7 +46,10 @@ class ConsoleSettings:
     tokenizer_factory: Callable[[], Tokenizer | None] | None = None
     forgetter_factory: Callable[[], Callable[[str], Any]] | None = None
     public_key: str | None = None
-    """Ed25519 public key (PEM file) checkpoints are verified with; default next to the journal."""
+    """The auditor's Ed25519 public key (PEM file) "run verify now" checks with."""
+    key_fingerprint: str | None = None
+    """Instead of ``public_key``: the key exported beside a local journal, pinned by this
+    SHA-256 fingerprint (see :mod:`serve_journal.integrity.trust`)."""
     reports_dir: str | None = None
     hot_days: int | None = None
     max_rows: int = 500
@@ -68,11 +71,12 @@ class ConsoleSettings:
             return os.path.join(os.path.abspath(self.state_dir), "failures")
         return f"{os.path.abspath(self.users_file)}.failures"
 
-    def resolved_public_key(self) -> str | None:
-        """The checkpoint public key file: ``public_key`` or the journal's own default."""
-        if self.public_key:
-            return self.public_key
-        return SinkSettings(self.journal_uri).public_key_path()
+    def resolved_trust(self) -> TrustAnchor:
+        """The key "run verify now" checks signatures with: ``public_key``, the pinned key
+        beside the journal, or (development mode only) that key unpinned; raises
+        :class:`~serve_journal.integrity.trust.TrustError` otherwise."""
+        return resolve_trust(self.journal_uri, public_key=self.public_key,
+                             fingerprint=self.key_fingerprint, dev=dev_mode_from_env())
 
     def resolved_reports_dir(self) -> str | None:
         """``reports_dir``, else ``<journal parent>/journal-reports`` for a local journal."""

@@ -263,11 +263,13 @@ class ManifestSigner:
         return cls(key, source=path)
 
     @classmethod
-    def load_or_generate(cls, keys_dir: str | os.PathLike[str]) -> ManifestSigner:
-        """The embedded default: ``<keys_dir>/manifest-signing.pem``, created 0600 when absent."""
+    def load_or_generate(cls, keys_dir: str | os.PathLike[str],
+                         filename: str = SIGNING_KEY_FILE) -> ManifestSigner:
+        """The embedded default: ``<keys_dir>/<filename>`` (``manifest-signing.pem``), created
+        0600 when absent."""
         keys_dir = os.fspath(keys_dir)
         os.makedirs(keys_dir, mode=0o700, exist_ok=True)
-        path = os.path.join(keys_dir, SIGNING_KEY_FILE)
+        path = os.path.join(keys_dir, filename)
         if os.path.exists(path):
             return cls.from_pem_file(path)
         signer = cls.generate()

@@ -36,6 +36,8 @@ import pyarrow as pa
 from serve_journal.catalog import (
     CommitMarker,
     DataFile,
+    MarkerCache,
+    MarkerSigner,
     commit,
     live_files,
     load_markers,
@@ -274,12 +276,13 @@ class CompactionReport:
 
 
 def _plan_partitions(
-    storage: JournalStorage, tier: str, now: dt.datetime, options: CompactionOptions
+    storage: JournalStorage, tier: str, now: dt.datetime, options: CompactionOptions,
+    cache: MarkerCache | None = None,
 ) -> list[tuple[PartitionKey, list[str]]]:
     """``(target partition, inputs)``: finished days into their day partition, settled hours of
     the current day into themselves."""
     by_day: dict[PartitionKey, list[DataFile]] = {}
-    for f in live_files(storage, tier=tier):
+    for f in live_files(storage, tier=tier, cache=cache):
         by_day.setdefault(f.key.day(), []).append(f)
     cutoff = now - options.settle
     out: list[tuple[PartitionKey, list[str]]] = []
@@ -308,10 +311,12 @@ def compact_partition(
     on_file_written: FileWrittenHook | None = None,
     now: dt.datetime | None = None,
     recorded: RecordedHashes | None = None,
+    signer: MarkerSigner | None = None,
     _crash: CrashHook | None = None,
 ) -> CommitMarker:
     """Rewrite ``inputs`` (live files of one partition) into compacted files and commit them.
-    With ``recorded`` (see :func:`recorded_hashes`), inputs must match their manifest records."""
+    With ``recorded`` (see :func:`recorded_hashes`), inputs must match their manifest records;
+    ``signer`` (the journal's manifest signer) signs the commit marker."""
     options = options or CompactionOptions()
     inputs = tuple(sorted(inputs))
     name = set_name(COMPACTED_PREFIX, inputs)
@@ -337,6 +342,7 @@ def compact_partition(
         new_files=new_files,
         replaces=inputs,
         expected=expected,
+        signer=signer,
         now=now,
     )
     if _crash:
@@ -352,9 +358,11 @@ def collect_replaced(
     report: CompactionReport | None = None,
     on_file_written: FileWrittenHook | None = None,
     before_delete: Callable[[], None] | None = None,
+    cache: MarkerCache | None = None,
     _crash: CrashHook | None = None,
 ) -> CompactionReport:
     """Delete files that committed rewrites replaced, once their new files check again.
+    ``cache``: which markers count (with the journal's key: only markers it signed).
 
     With ``on_file_written`` (the run's manifest recorder), a rewrite an earlier run committed
     but may not have signed (it died in between) is adopted first (:func:`adopt_marker`), and
@@ -362,7 +370,7 @@ def collect_replaced(
     verify honours ``replaces`` from signed records only."""
     report = report or CompactionReport()
     due = []
-    for marker in load_markers(storage):
+    for marker in load_markers(storage, cache=cache):
         if kind is not None and marker.kind != kind:
             continue
         pending = [p for p in marker.replaces if storage.exists(p)]
@@ -417,19 +425,22 @@ def compact(
     delete: bool = True,
     recorded: RecordedHashes | None = None,
     before_delete: Callable[[], None] | None = None,
+    signer: MarkerSigner | None = None,
     _crash: CrashHook | None = None,
 ) -> CompactionReport:
     """Compact every settled partition of ``tier`` with several live files, then delete what the
     rewrites replaced (when ``delete`` and ``retention_allows``). ``before_delete`` runs first
     (``run_compaction`` signs the records that name what is replaced: verify honours ``replaces``
     from signed records only). Safe to run again after a crash and safe beside running queries;
-    run one compactor per journal at a time."""
+    run one compactor per journal at a time. ``signer`` signs the commit markers; then only
+    markers it signed are followed."""
     if tier not in TIERS:
         raise ValueError(f"tier must be one of {TIERS}, got {tier!r}")
     options = options or CompactionOptions()
     now = now or dt.datetime.now(dt.UTC)
     report = CompactionReport()
-    for key, inputs in _plan_partitions(storage, tier, now, options):
+    cache = MarkerCache(signer.public_key) if signer is not None else None
+    for key, inputs in _plan_partitions(storage, tier, now, options, cache):
         report.planned[key.path(tier)] = list(inputs)
         try:
             marker = compact_partition(
@@ -441,6 +452,7 @@ def compact(
                 on_file_written=on_file_written,
                 now=now,
                 recorded=recorded,
+                signer=signer,
                 _crash=_crash,
             )
         except UnrecordedInputError as exc:
@@ -457,6 +469,7 @@ def compact(
             report=report,
             on_file_written=on_file_written,
             before_delete=before_delete,
+            cache=cache,
             _crash=_crash,
         )
     return report
@@ -508,7 +521,7 @@ def run_compaction(
         report = compact(storage, now=now, options=options,
                          on_file_written=manifest_recorder(manifest),
                          recorded=recorded_hashes(storage, manifest.signer.export_public_key()),
-                         before_delete=manifest.checkpoint)
+                         before_delete=manifest.checkpoint, signer=manifest.signer)
     finally:
         manifest.checkpoint()
     report.manifest_chain = manifest.chain_id if manifest.length else None

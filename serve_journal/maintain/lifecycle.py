@@ -31,6 +31,8 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from serve_journal.catalog import (
+    MarkerCache,
+    MarkerSigner,
     commit,
     live_files,
     load_markers,
@@ -137,22 +139,24 @@ class LifecycleReport:
 
 
 def plan(
-    storage: JournalStorage, now: dt.datetime | None = None, hot_days: int = DEFAULT_HOT_DAYS
+    storage: JournalStorage, now: dt.datetime | None = None, hot_days: int = DEFAULT_HOT_DAYS,
+    cache: MarkerCache | None = None,
 ) -> LifecyclePlan:
-    """Partitions whose hour ended more than ``hot_days`` before ``now``."""
+    """Partitions whose hour ended more than ``hot_days`` before ``now``; ``cache`` says which
+    commit markers count (default: the readers', see :func:`serve_journal.catalog.reader_cache`)."""
     if not isinstance(hot_days, int) or hot_days < 0:
         raise ValueError(f"hot_days must be a non-negative integer, got {hot_days!r}")
     now = (now or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
     cutoff = now - dt.timedelta(days=hot_days)
     groups: dict[PartitionKey, list[str]] = {}
-    for f in live_files(storage, tier=HOT):
+    for f in live_files(storage, tier=HOT, cache=cache):
         if f.key.end <= cutoff:
             groups.setdefault(f.key, []).append(f.path)
     moves = tuple(PartitionMove(k, tuple(sorted(v)))
                   for k, v in sorted(groups.items(), key=lambda kv: kv[0].sort_key()))
     pending = tuple(
         m.path
-        for m in load_markers(storage, prefix=COLD)
+        for m in load_markers(storage, prefix=COLD, cache=cache)
         if m.kind == "lifecycle" and any(storage.exists(p) for p in m.replaces)
     )
     return LifecyclePlan(now=now, hot_days=hot_days, moves=moves, pending_expiry=pending)
@@ -170,14 +174,17 @@ def apply(
     on_file_written: FileWrittenHook | None = None,
     recorded: RecordedHashes | None = None,
     before_delete: Callable[[], None] | None = None,
+    signer: MarkerSigner | None = None,
     _crash: CrashHook | None = None,
 ) -> LifecycleReport:
-    """Carry out ``lifecycle_plan``; a dry run (the default) only reports.
+    """Carry out ``lifecycle_plan``; a dry run (the default) only reports. ``signer`` (the
+    journal's manifest signer) signs the commit markers; then only markers it signed count.
 
     ``on_file_written(stored, table, replaces)`` records each cold file (see
     :func:`serve_journal.maintain.compaction.manifest_recorder`); without it ``serve-journal verify``
     reports the cold files as unrecorded."""
     report = LifecycleReport(dry_run=dry_run)
+    cache = MarkerCache(signer.public_key) if signer is not None else None
     markers = list(lifecycle_plan.pending_expiry)
     for move in lifecycle_plan.moves:
         partition = move.key.path(HOT)
@@ -219,6 +226,7 @@ def apply(
             new_files=cold_files,
             replaces=move.hot_files,
             expected=expected,
+            signer=signer,
             now=lifecycle_plan.now,
         )
         if _crash:
@@ -228,11 +236,14 @@ def apply(
         markers.append(marker.path)
     if dry_run:
         return report
-    by_path = {m.path: m for m in load_markers(storage, prefix=COLD)}
+    by_path = {m.path: m for m in load_markers(storage, prefix=COLD, cache=cache)}
     earlier = set(lifecycle_plan.pending_expiry)
     due = []
     for path in markers:
-        marker = by_path[path]
+        marker = by_path.get(path)
+        if marker is None:
+            report.refused.append((path, "commit marker not signed by this journal's key"))
+            continue
         if not marker_checks(storage, marker):
             report.refused.append((path, "cold copy no longer checks; hot copies kept"))
             continue
@@ -250,7 +261,7 @@ def apply(
         deleted, kept = delete_replaced(storage, marker, retention_allows, _crash)
         report.expired.extend(deleted)
         report.kept_for_retention.extend(kept)
-        _expire_superseded(storage, marker, retention_allows, report)
+        _expire_superseded(storage, marker, retention_allows, report, cache)
     return report
 
 
@@ -273,17 +284,18 @@ def run_lifecycle(
     """
     settings = SinkSettings(journal_uri=journal_uri)
     storage = settings.storage()
-    the_plan = plan(storage, now, hot_days)
     if not apply:
+        the_plan = plan(storage, now, hot_days)
         report = apply_plan(storage, the_plan, dry_run=True, options=options)
         report.plan = the_plan
         return report
     manifest = settings.manifest(storage, f"lifecycle-{uuid.uuid4().hex[:8]}")
+    the_plan = plan(storage, now, hot_days, MarkerCache(manifest.signer.public_key))
     try:
         report = apply_plan(storage, the_plan, dry_run=False, options=options,
                             on_file_written=manifest_recorder(manifest),
                             recorded=recorded_hashes(storage, manifest.signer.export_public_key()),
-                            before_delete=manifest.checkpoint)
+                            before_delete=manifest.checkpoint, signer=manifest.signer)
     finally:
         manifest.checkpoint()
     report.plan = the_plan
@@ -296,13 +308,14 @@ def _expire_superseded(
     marker: Any,
     retention_allows: RetentionCheck | None,
     report: LifecycleReport,
+    cache: MarkerCache | None = None,
 ) -> None:
     """Delete hot files of the moved partition that earlier compactions replaced (no longer read)."""
     _, key = DEFAULT_SPEC.parse(marker.new_files[0])
     # a day partition replaced the files of its hour partitions too
     hot_dir = (key.path(HOT).rsplit("/", 1)[0] if key.is_day else key.path(HOT)) + "/"
     replaced = set()
-    for m in load_markers(storage, prefix=HOT):
+    for m in load_markers(storage, prefix=HOT, cache=cache):
         replaced.update(p for p in m.replaces if p.startswith(hot_dir))
     for path in sorted(replaced):
         if not storage.exists(path):

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from serve_journal.catalog import DataFile, MarkerCache, live_files
+from serve_journal.catalog import DataFile, live_files, reader_cache
 from serve_journal.catalog.layout import TIERS
 from serve_journal.duckdb_paths import UnreadableByDuckDB, duckdb_literal_path
 from serve_journal.privacy.tokens import check_subject_token, is_caller_token
@@ -126,7 +126,7 @@ class JournalQuery:
         self.actor = actor
         self._tokenizer = tokenizer
         self._caller_tokenizer = caller_tokenizer
-        self._markers = MarkerCache()
+        self._markers = reader_cache(self.storage)
         self._lock = threading.Lock()
         self._con = None
         self._threads = threads

@@ -10,14 +10,16 @@ which sequence ranges the producers declared not kept, and why.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from serve_journal.catalog import live_files
 from serve_journal.catalog.layout import COLD, HOT, PARQUET_SUFFIX, escape_value
@@ -39,12 +41,32 @@ from serve_journal.counters import (
     encode_counters,
     gap_reason,
     merge_runs,
+    read_counters_file,
 )
+from serve_journal.integrity.certificates import PURPOSE_COUNTERS, certified_keys
+from serve_journal.integrity.trust import reader_trust
 from serve_journal.schema import ENTRY_SCHEMA
 from serve_journal.storage import JournalStorage
 from serve_journal.times import as_utc
 
+log = logging.getLogger(__name__)
+
+CounterKeys = Mapping[str, Ed25519PublicKey]
+"""``{key id: public key}`` of the certified counters keys (see :func:`counter_keys`)."""
+
 # --------------------------------------------------------------------------- readers
+
+
+def counter_keys(storage: JournalStorage, public_key: Ed25519PublicKey) -> dict[str, Ed25519PublicKey]:
+    """The counters keys the journal's key ``public_key`` certified."""
+    return certified_keys(storage, public_key, PURPOSE_COUNTERS)[0]
+
+
+def reader_counter_keys(storage: JournalStorage) -> dict[str, Ed25519PublicKey] | None:
+    """The counters keys readers accept: certified by the readers' trust anchor, or ``None``
+    (every file) when readers have none (see :func:`serve_journal.integrity.trust.reader_trust`)."""
+    anchor = reader_trust(storage.uri)
+    return None if anchor is None else counter_keys(storage, anchor.public_key)
 
 
 def _floor_minute(value: dt.datetime | None) -> dt.datetime | None:
@@ -71,14 +93,16 @@ def _counter_files(
 
 
 def _read_counter_rows(
-    storage: JournalStorage, since: dt.datetime | None, until: dt.datetime | None, model: str | None
+    storage: JournalStorage, since: dt.datetime | None, until: dt.datetime | None,
+    model: str | None, keys: CounterKeys | None,
 ) -> pa.Table:
     tables = []
     for path in _counter_files(storage, since, until, model):
-        try:
-            tables.append(decode_counters(storage.read(path)))
-        except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
-            raise ValueError(f"counters file {path} is not a valid counters Parquet file") from exc
+        counters = read_counters_file(path, storage.read(path))
+        if keys is not None and not counters.verify(keys):
+            log.warning("ignoring counters file %s: not signed by a certified counters key", path)
+            continue
+        tables.append(counters.table)
     if not tables:
         return COUNTER_SCHEMA.empty_table()
     return pa.concat_tables(tables)
@@ -90,12 +114,13 @@ def load_counters(
     until: dt.datetime | None = None,
     model: str | None = None,
 ) -> pa.Table:
-    """Every ``count`` row of minutes in ``[since, until)`` (rounded down to the minute).
+    """Every ``count`` row of minutes in ``[since, until)`` (rounded down to the minute), from
+    counters files signed by a key the readers' trust anchor certified (all files without one).
 
     Columns: :data:`COUNT_DIMENSIONS`, ``producer_id``, ``disposition``, ``reason``, ``count``.
     """
     since, until = _floor_minute(since), _floor_minute(until)
-    table = _read_counter_rows(storage, since, until, model)
+    table = _read_counter_rows(storage, since, until, model, reader_counter_keys(storage))
     mask = pc.equal(table["kind"], KIND_COUNT)
     if since is not None:
         mask = pc.and_(mask, pc.greater_equal(table["minute"], pa.scalar(since, table["minute"].type)))
@@ -107,15 +132,16 @@ def load_counters(
 
 
 def accounted_gaps(
-    storage: JournalStorage, model: str | None = None
+    storage: JournalStorage, model: str | None = None, keys: CounterKeys | None = None,
 ) -> dict[str, list[tuple[int, int, str]]]:
-    """Sequence ranges of entries that are not in the journal, and why, per producer.
+    """Sequence ranges of entries that are not in the journal, and why, per producer; with
+    ``keys`` (see :func:`counter_keys`), only from counters files one of them signed.
 
     The shape ``verify`` takes as ``accounted_gaps``: ``{producer_id: [(lo, hi, reason)]}``, ranges
     inclusive, sorted, adjacent ranges with the same reason merged; reasons are ``sampled_out``
     and ``dropped:<reason>``.
     """
-    table = _read_counter_rows(storage, None, None, model)
+    table = _read_counter_rows(storage, None, None, model, keys)
     table = table.filter(pc.equal(table["kind"], KIND_GAP))
     grouped: dict[str, dict[str, list[tuple[int, int]]]] = {}
     for producer, disposition, reason, lo, hi in zip(
@@ -363,6 +389,7 @@ def _normalise(value: Any) -> Any:
 __all__ = [
     "COUNTERS_DIR", "COUNTER_SCHEMA", "COUNT_DIMENSIONS", "DISPOSITIONS", "DROPPED", "KEPT",
     "SAMPLED_OUT", "CounterSet", "CounterSnapshot", "GroupStats", "StatsReport", "accounted_gaps",
+    "counter_keys", "reader_counter_keys",
     "counters_path", "decode_counters", "encode_counters", "estimate_groups", "gap_reason",
     "load_counters", "merge_runs", "stats",
 ]

@@ -14,8 +14,11 @@ Checks, each reported with the file, manifest object or chain it concerns:
    (SHA-256, size), object version, row count, time range, producer sequence ranges and the RFC 6962
    Merkle root recomputed over its entries; files with no record are reported as added/forged;
 4. every record's file exists, unless a later *signed* record ``replaces`` it (compaction,
-   lifecycle) and that replacement verifies; a commit marker (``_commits/``) whose ``replaces``
-   no signed record of its new files backs is an error (readers follow markers); replacements chain (a writer's hot file -> the compacted day file ->
+   lifecycle) and that replacement verifies; a commit marker (``_commits/``) not signed by the
+   auditor's key is an error (``commit-marker-unsigned``: readers holding the key ignore it), and
+   so is a signed one whose ``replaces`` no signed record of its new files backs
+   (``commit-marker-unbacked``; a warning when its inputs are all here and hold exactly the
+   entries of its new files: a rewrite that died before its checkpoint); replacements chain (a writer's hot file -> the compacted day file ->
    its cold copy): a replacement that is gone itself is fine when its own replacement verifies;
    a derived file (``c-*`` compacted or any cold file) that no commit marker names is not part
    of the journal (a rewrite that stopped before its commit): it is reported as a warning, not
@@ -32,7 +35,10 @@ Checks, each reported with the file, manifest object or chain it concerns:
 8. with ``expected_heads`` (the ``report.heads`` an earlier run kept): no chain the auditor saw
    signed is gone, shorter, or different at the remembered head, so tail truncation and rollback
    to an earlier signed state are caught without a witness. Without a witness and without
-   remembered heads the report says plainly that they cannot be excluded.
+   remembered heads the report says plainly that they cannot be excluded;
+9. the exact counters (``_counters/``): only files signed by a counters key the auditor's key
+   certified, chained per producer, explain sequence gaps (see
+   :mod:`serve_journal.read.verify_counters`).
 
 ``report.ok`` is true only when there are no errors; warnings (e.g. an unsigned tail still
 within its grace period) do not fail verification.
@@ -45,16 +51,25 @@ import hashlib
 import json
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from serve_journal.catalog import MarkerCache, is_derived, live_files, load_markers, marker_path
+from serve_journal.catalog import (
+    COMMITS_PREFIX,
+    CommitMarker,
+    MarkerCache,
+    is_derived,
+    live_files,
+    marker_path,
+)
 from serve_journal.catalog.layout import DEFAULT_SPEC, PARQUET_SUFFIX, TIERS
+from serve_journal.counters import COUNTERS_DIR
 from serve_journal.fileformat import decode_parquet
+from serve_journal.integrity.certificates import KEYS_PREFIX
 from serve_journal.integrity.fingerprint import fingerprint_files
 from serve_journal.integrity.manifest import (
     CHECKPOINT_PREFIX,
@@ -69,6 +84,8 @@ from serve_journal.integrity.manifest import (
     sequence_ranges,
 )
 from serve_journal.integrity.merkle import table_merkle_root
+from serve_journal.read.verify_counters import HEADS_PREFIX as COUNTERS_HEADS
+from serve_journal.read.verify_counters import check_counters
 from serve_journal.storage import JournalStorage
 from serve_journal.times import as_utc, to_micros
 
@@ -412,6 +429,8 @@ def _check_heads(chains: dict[str, _Chain], expected: Mapping[str, Mapping[str, 
         if chain.signed_length:
             report.heads[chain_id] = {"length": chain.signed_length, "head_hash": chain.signed_head}
     for chain_id, head in sorted((expected or {}).items()):
+        if chain_id.startswith(COUNTERS_HEADS):
+            continue  # counters chains: serve_journal.read.verify_counters
         try:
             length, head_hash = int(head["length"]), str(head["head_hash"])
         except (KeyError, TypeError, ValueError):
@@ -486,6 +505,27 @@ def _check_file(
     return ok
 
 
+def _signed_markers(storage: JournalStorage, key: Any, report: VerifyReport) -> list[Any]:
+    """The commit markers signed by ``key``; every other marker is an error (a reader holding
+    the key ignores it, a reader without one would follow it)."""
+    paths = storage.list_files(COMMITS_PREFIX, suffix=".json")
+    out = []
+    for path in paths:
+        try:
+            marker = CommitMarker.from_json(path, storage.read(path))
+        except Exception as exc:  # noqa: BLE001 - an unreadable marker is a finding
+            report._add("commit-marker-unreadable", path, f"cannot read this commit marker "
+                        f"({type(exc).__name__})")
+            continue
+        if marker.verify(key):
+            out.append(marker)
+        else:
+            report._add("commit-marker-unsigned", path, (
+                "not signed by the journal's key (forged, altered or copied): readers holding "
+                "the key ignore it, readers without one would follow it"))
+    return out
+
+
 def _marker_home(marker: Any) -> str | None:
     """Where the marker committing ``marker.new_files`` is written: beside the set's partition,
     named after the set (its files are ``<name>.parquet`` or ``<name>-<i>.parquet``)."""
@@ -526,13 +566,14 @@ def _same_entries(storage: JournalStorage, marker: Any, present: set[str],
         return False
 
 
-def _check_reader_view(storage: JournalStorage, verified: Mapping[str, bool], replaced: set[str],
+def _check_reader_view(storage: JournalStorage, key: Any, verified: Mapping[str, bool],
+                       replaced: set[str],
                        committed: set[str], report: VerifyReport) -> None:
     """Readers (query, console, replay, forget) see the catalog's live files; that set must be
     exactly the files that verified, that no committed signed rewrite replaced, and that are not
     the output of a rewrite that never committed."""
     try:
-        seen = {f.path for f in live_files(storage, tier="all", cache=MarkerCache())}
+        seen = {f.path for f in live_files(storage, tier="all", cache=MarkerCache(key))}
     except Exception as exc:  # noqa: BLE001 - a catalog readers cannot list is a finding
         report._add("reader-view-unreadable", "_commits/",
                     f"the catalog cannot list the live files ({type(exc).__name__})")
@@ -619,11 +660,15 @@ def _check_sequences(
 
 
 def _check_versions(storage: JournalStorage, name: str, report: VerifyReport,
-                    in_scope: Any) -> None:
+                    in_scope: Any, superseded: Set[str] = frozenset()) -> None:
+    """Every area of a versioned store: no object with a second version, and no delete marker
+    except on a data file a verified signed rewrite replaced (compaction, lifecycle delete
+    those; on a versioned bucket that leaves a marker over the locked version)."""
     lister = getattr(storage, "list_versions", None)
     if lister is None:
         return
-    for prefix in (*(f"{tier}/" for tier in TIERS), f"{MANIFEST_PREFIX}/", f"{CHECKPOINT_PREFIX}/"):
+    for prefix in (*(f"{tier}/" for tier in TIERS), f"{MANIFEST_PREFIX}/", f"{CHECKPOINT_PREFIX}/",
+                   f"{COMMITS_PREFIX}/", f"{COUNTERS_DIR}/", f"{KEYS_PREFIX}/"):
         by_path: dict[str, list[Any]] = defaultdict(list)
         for version in lister(prefix):
             by_path[version.path].append(version)
@@ -632,7 +677,7 @@ def _check_versions(storage: JournalStorage, name: str, report: VerifyReport,
                 continue
             markers = [v for v in versions if v.is_delete_marker]
             objects = [v for v in versions if not v.is_delete_marker]
-            if markers:
+            if markers and path not in superseded:
                 report._add("delete-marker", path,
                             f"{name}: {len(markers)} delete marker(s) hide this object")
             if len(objects) > 1:
@@ -659,7 +704,9 @@ def verify_journal(
     ``public_key``: the auditor's Ed25519 public key (key object, PEM bytes or PEM file path).
     ``since`` / ``model`` restrict the data files and records checked (chains and checkpoints are
     always checked whole). ``accounted_gaps``: ``{producer_id: [(lo, hi, reason), ...]}`` sequence
-    ranges known to be dropped or sampled out. ``seq_start``: the first sequence number every
+    ranges known to be dropped or sampled out; default (``None``): those the signed counters
+    explain (:mod:`serve_journal.read.verify_counters`, which also checks the counters files and
+    remembers their chain heads). ``seq_start``: the first sequence number every
     producer uses (``None`` to skip the leading-gap check); ignored when ``since`` is given.
     ``expected_heads``: the ``report.heads`` of an earlier run; a chain missing now, signed to a
     shorter length, or whose record at that length no longer has that hash is an error.
@@ -683,18 +730,13 @@ def verify_journal(
         for index, record in sorted(chain.records.items()):
             if index >= chain.trusted:
                 continue  # unknown chain, or unsigned past the grace period: vouches for nothing
-            key = (record.path, record.sha256)
-            if key not in chosen or (_is_signed(record, chains)
-                                     and not _is_signed(chosen[key], chains)):
-                chosen[key] = record
+            ident = (record.path, record.sha256)
+            if ident not in chosen or (_is_signed(record, chains)
+                                       and not _is_signed(chosen[ident], chains)):
+                chosen[ident] = record
     records = list(chosen.values())
     scoped = [r for r in records if _in_scope_record(r, since_us, model)]
-    try:
-        markers = load_markers(storage, cache=MarkerCache())
-    except Exception as exc:  # noqa: BLE001 - an unreadable marker is a finding
-        report._add("commit-marker-unreadable", "_commits/", f"cannot read commit markers "
-                    f"({type(exc).__name__})")
-        markers = []
+    markers = _signed_markers(storage, key, report)
     committed = {p for m in markers for p in m.new_files}
     by_path: dict[str, list[ManifestRecord]] = defaultdict(list)
     for record in records:
@@ -726,7 +768,7 @@ def verify_journal(
         if _is_signed(record, chains):
             for old in record.replaces:
                 replaced_by[old].add(record.path)
-    for marker in markers:
+    for marker in markers:  # signed; still canonical bytes, right hashes, right place
         try:
             canonical = storage.read(marker.path) == marker.to_json()
         except OSError:
@@ -756,11 +798,11 @@ def verify_journal(
             # A rewrite that died between its commit and its signature: readers see exactly the
             # entries of the files it replaces, which are all still here and verify.
             tolerated.update(marker.replaces)
-            report._add("commit-marker-unsigned", marker.path, (
+            report._add("commit-marker-unbacked", marker.path, (
                 f"no signed record backs its replacement of {len(unbacked)} file(s), but its "
                 "files hold exactly their entries and they are all still here"), severity=WARNING)
         else:
-            report._add("commit-marker-unsigned", marker.path, (
+            report._add("commit-marker-unbacked", marker.path, (
                 f"claims {len(unbacked)} file(s) replaced (e.g. {unbacked[0]}) that no signed "
                 "record of its new files replaces: readers would stop seeing them"))
 
@@ -801,15 +843,24 @@ def verify_journal(
     if since is None and model is None:
         # A replacement takes effect for readers at its commit marker (the commit point).
         committed_replaced = {old for m in markers for old in m.replaces} & set(replaced_by)
-        _check_reader_view(storage, verified, committed_replaced | tolerated, committed, report)
-    _check_sequences(scoped, accounted_gaps or {}, seq_start if since is None else None, report)
+        _check_reader_view(storage, key, verified, committed_replaced | tolerated, committed,
+                           report)
+    if accounted_gaps is None:
+        counted = check_counters(storage, key, model, expected_heads)
+        for kind, path, detail in counted.problems:
+            report._add(kind, path, detail)
+        report.heads.update(counted.heads)
+        accounted_gaps = counted.gaps
+    _check_sequences(scoped, accounted_gaps, seq_start if since is None else None, report)
 
     def in_scope(path: str) -> bool:
         if path.endswith(PARQUET_SUFFIX):
             return _in_scope_path(path, since_us, model)
         return True
 
-    _check_versions(storage, "journal", report, in_scope)
+    superseded = {path for path, news in replaced_by.items()
+                  if any(_replacement_ok(new, frozenset({path})) for new in sorted(news))}
+    _check_versions(storage, "journal", report, in_scope, superseded)
     if witness is not None:
         _check_versions(witness, "witness", report, lambda _path: True)
     return report

@@ -22,8 +22,9 @@ from serve_journal.integrity.manifest import (
     ManifestSigner,
     build_file_record,
 )
+from serve_journal.integrity.trust import exported_public_key_path, signing_dir
 from serve_journal.retry import retry_call
-from serve_journal.storage import JournalStorage, StoredObject, local_root, open_storage
+from serve_journal.storage import JournalStorage, StoredObject, open_storage
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,7 @@ class SinkSettings:
 
     def public_key_path(self) -> str | None:
         """The public key file verify checks checkpoints with (local journals only)."""
-        keys = self.keys_dir()
-        return None if keys is None else os.path.join(keys, "manifest-signing.pub.pem")
+        return exported_public_key_path(self.journal_uri)
 
     def manifest(self, storage: JournalStorage, chain_id: str) -> ManifestLog:
         """A manifest chain ``chain_id`` in ``storage``, signed by :meth:`signer`; writes the
@@ -103,13 +103,6 @@ class SinkSettings:
                 handle.write(signer.export_public_key())
             os.replace(tmp, public)
         return ManifestLog(storage, chain_id, signer, self.witness())
-
-
-def signing_dir(journal_uri: str) -> str | None:
-    """Where the manifest signing key (and its exported public key) of a local journal live:
-    ``journal-signing`` beside the journal root; ``None`` for a remote journal."""
-    root = local_root(journal_uri)
-    return None if root is None else os.path.join(os.path.dirname(root), "journal-signing")
 
 
 ManifestHook = Callable[..., None]

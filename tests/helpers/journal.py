@@ -1,14 +1,20 @@
-"""Reading a local journal folder the blunt way: every hot Parquet file, for end-to-end tests."""
+"""Local test journals: reading every hot Parquet file the blunt way (end-to-end tests compare
+against it), and the counters key a replica would hold."""
 
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from serve_journal.integrity.certificates import COUNTERS_KEY_FILE, provision_key
+from serve_journal.integrity.manifest import ManifestSigner
 from serve_journal.schema import ENTRY_SCHEMA
+from serve_journal.sink.settings import SinkSettings
+from serve_journal.storage import local_root
 
 
 def read_journal(root: Path) -> pa.Table:
@@ -16,3 +22,13 @@ def read_journal(root: Path) -> pa.Table:
     files = sorted(glob.glob(str(root / "hot" / "**" / "*.parquet"), recursive=True))
     tables = [pq.ParquetFile(f).read() for f in files]
     return pa.concat_tables(tables) if tables else ENTRY_SCHEMA.empty_table()
+
+
+def counters_signer(journal_uri: str) -> ManifestSigner:
+    """The replicas' counters key for a local test journal, certified by the journal's signing
+    key and published in the journal, as ``serve-journal init-keys`` does."""
+    settings = SinkSettings(journal_uri=journal_uri)
+    root = local_root(journal_uri)
+    assert root is not None, "a local journal"
+    path = os.path.join(os.path.dirname(root), "journal-keys", "keys", COUNTERS_KEY_FILE)
+    return provision_key(path, settings.signer(), settings.storage())

@@ -6,7 +6,6 @@ with the checkpoint public key and the counted gaps, and writes a new ``verify-*
 """
 
 import datetime as dt
-import os
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
@@ -20,7 +19,7 @@ from serve_journal.console.reports import (
     write_report,
 )
 from serve_journal.console.state import ConsoleState
-from serve_journal.read.stats import accounted_gaps
+from serve_journal.integrity.trust import TrustError
 from serve_journal.read.verify import verify_journal
 
 router = APIRouter()
@@ -49,13 +48,16 @@ def run_verify(request: Request, console: ConsoleDep,
     """Verify the journal now and write the summary (needs the public key and a reports dir)."""
     user, csrf, _ = auth
     directory = console.settings.resolved_reports_dir()
-    key = console.settings.resolved_public_key()
-    if not key or not os.path.exists(key) or directory is None:
-        message = ("cannot verify here: configure the checkpoint public key (public_key) "
-                   "and a reports directory (reports_dir)")
+    try:
+        anchor = console.settings.resolved_trust()
+    except (TrustError, OSError, ValueError) as exc:
+        anchor, problem = None, str(exc)
+    if anchor is None or directory is None:
+        message = ("cannot verify here: configure the auditor's public key (public_key, or "
+                   "key_fingerprint to pin the key beside the journal) and a reports directory "
+                   f"(reports_dir): {problem if anchor is None else 'no reports directory'}")
     else:
-        report = verify_journal(console.storage, public_key=key,
-                                accounted_gaps=accounted_gaps(console.storage))
+        report = verify_journal(console.storage, public_key=anchor.public_key)
         document = report.to_dict()
         document["run_by"] = user.name
         document["run_at"] = dt.datetime.now(dt.UTC).isoformat()
