@@ -40,7 +40,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from serve_journal.catalog.layout import PARQUET_SUFFIX, escape_value
-from serve_journal.integrity.manifest import GENESIS_HASH, canonical_json
+from serve_journal.integrity.manifest import GENESIS_HASH, canonical_json, decode_b64
 from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
 
 COUNTERS_DIR = "_counters"
@@ -139,7 +139,7 @@ class CountersFile:
         if key is None or not self.signature or self.producer_id is None:
             return False
         try:
-            key.verify(base64.b64decode(self.signature, validate=True), self.message())
+            key.verify(decode_b64(self.signature), self.message())
         except (InvalidSignature, ValueError):
             return False
         return True

@@ -79,6 +79,31 @@ def test_record_hash_covers_every_field():
     assert len(hashes) == len(changed) + 1
 
 
+def test_checked_parse_agrees_with_the_record_methods():
+    """Verify parses each record once (``from_json_checked``); it must judge exactly as
+    ``to_json`` (canonical bytes) and ``compute_hash`` do."""
+    import dataclasses
+    import json
+
+    from serve_journal.integrity.manifest import canonical_json
+
+    record = _record("a")
+    record = dataclasses.replace(record, record_hash=record.compute_hash())
+    doc = record.to_dict()
+    variants = {
+        "genuine": record.to_json(),
+        "pretty": json.dumps(doc, indent=1).encode(),
+        "extra-field": canonical_json({**doc, "note": "x"}),
+        "missing-default": canonical_json({k: v for k, v in doc.items() if k != "format"}),
+        "edited": canonical_json({**doc, "row_count": doc["row_count"] + 1}),
+    }
+    for name, data in variants.items():
+        parsed, canonical, hash_ok = ManifestRecord.from_json_checked(data)
+        assert canonical == (data == parsed.to_json()), name
+        assert hash_ok == (parsed.record_hash == parsed.compute_hash()), name
+    assert ManifestRecord.from_json_checked(variants["genuine"])[1:] == (True, True)
+
+
 def test_chain_id_must_be_one_path_segment(storage):
     for bad in ("../x", "a/b", "", "."):
         with pytest.raises(ValueError, match="chain_id"):

@@ -245,3 +245,16 @@ def test_columnwise_leaves_on_journal_entries_and_chunked_tables():
     table = pa.concat_tables([make_table("p1", range(0, 5)), make_table("p2", range(3, 9))])
     assert table.column("seq").num_chunks == 2
     assert table_leaves(table) == [entry_leaf(row) for row in table.to_pylist()]
+
+
+def test_leaves_are_encoded_in_row_chunks_with_the_same_root(monkeypatch):
+    """A compacted file holds millions of ~1 KB entries, more than one Arrow binary array can
+    (2 GiB): leaves are encoded a chunk of rows at a time, and the chunking changes nothing."""
+    from serve_journal.integrity import merkle
+    from tests.helpers.manifest_tables import make_table
+
+    table = pa.concat_tables([make_table("p1", range(0, 23)), make_table("p2", range(0, 4))])
+    whole = table_merkle_root(table)
+    monkeypatch.setattr(merkle, "LEAF_CHUNK_ROWS", 5)
+    assert table_merkle_root(table) == whole
+    assert table_leaves(table) == [entry_leaf(row) for row in table.to_pylist()]

@@ -262,6 +262,26 @@ def test_signed_commit_marker_copied_or_edited_does_not_count(journal):
     assert j.ids() == ids(written)
 
 
+def test_a_marker_whose_signature_is_spelled_differently_is_altered(journal):
+    """The same signature bytes in another base64 spelling (unused low bits of the last digit),
+    written over the genuine marker: it means the same, but its bytes are not what the writer
+    stored, and only the canonical spelling verifies."""
+    j, written = journal
+    run_compaction(j.uri, apply=True, now=COMPACT_AT)
+    (genuine,) = j.storage.list_files("_commits/", ".json")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    doc = json.loads(j.storage.read(genuine))
+    sig = doc["signature"]
+    doc["signature"] = sig[:-3] + alphabet[alphabet.index(sig[-3]) ^ 1] + sig[-2:]
+    full = j.storage.full_path(genuine)
+    os.chmod(full, 0o644)
+    with open(full, "wb") as handle:
+        handle.write(json.dumps(doc, sort_keys=True, indent=1).encode())
+    report = j.verify()
+    assert ("commit-marker-unsigned", genuine) in {(p.kind, p.path) for p in report.errors}, \
+        format_report(report)
+
+
 def test_unsigned_record_whose_replaces_names_a_deleted_genuine_file_fails_verify(journal):
     """A record in a chain of the attacker's own (no key: never signed) says it replaces a
     genuine file, which the attacker then deletes."""

@@ -35,6 +35,7 @@ from serve_journal.catalog.layout import (
 )
 from serve_journal.errors import CompactionError, ObjectExistsError
 from serve_journal.integrity.fingerprint import Fingerprint, fingerprint_files
+from serve_journal.integrity.manifest import decode_b64
 from serve_journal.integrity.trust import reader_trust
 from serve_journal.storage import JournalStorage
 
@@ -106,7 +107,7 @@ class CommitMarker:
         if not self.signature:
             return False
         try:
-            public_key.verify(base64.b64decode(self.signature, validate=True),
+            public_key.verify(decode_b64(self.signature),
                               self.signed_bytes())
         except (InvalidSignature, ValueError):
             return False

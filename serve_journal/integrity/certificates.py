@@ -27,7 +27,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from serve_journal.errors import ObjectExistsError
-from serve_journal.integrity.manifest import ManifestSigner, canonical_json, public_key_id
+from serve_journal.integrity.manifest import (
+    ManifestSigner,
+    canonical_json,
+    decode_b64,
+    public_key_id,
+)
 from serve_journal.storage import JournalStorage
 
 log = logging.getLogger(__name__)
@@ -51,7 +56,7 @@ class KeyCertificate:
 
     @property
     def key(self) -> Ed25519PublicKey:
-        return Ed25519PublicKey.from_public_bytes(base64.b64decode(self.public_key, validate=True))
+        return Ed25519PublicKey.from_public_bytes(decode_b64(self.public_key))
 
     @property
     def key_id(self) -> str:
@@ -73,7 +78,7 @@ class KeyCertificate:
     def verify(self, issuer: Ed25519PublicKey) -> bool:
         """True when ``issuer`` signed this certificate."""
         try:
-            issuer.verify(base64.b64decode(self.signature, validate=True), self.signed_bytes())
+            issuer.verify(decode_b64(self.signature), self.signed_bytes())
             self.key  # noqa: B018 - a certificate for a malformed key is not valid
         except (InvalidSignature, ValueError):
             return False

@@ -82,6 +82,15 @@ def parse_object_index(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def decode_b64(text: str) -> bytes:
+    """Strict base64: the one encoding of the bytes, so an object holding a signature or a key
+    has one byte form (another spelling of the same bytes is an alteration, not a no-op)."""
+    raw = base64.b64decode(text, validate=True)
+    if base64.b64encode(raw).decode("ascii") != text:
+        raise ValueError("not the canonical base64 encoding")
+    return raw
+
+
 def _utc_now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
 
@@ -141,13 +150,28 @@ class ManifestRecord:
 
     @classmethod
     def from_json(cls, data: bytes) -> ManifestRecord:
+        return cls.from_json_checked(data)[0]
+
+    @classmethod
+    def from_json_checked(cls, data: bytes) -> tuple[ManifestRecord, bool, bool]:
+        """``(record, canonical, hash_ok)``: the record in ``data``; whether ``data`` is exactly
+        the bytes its writer stored (canonical JSON of every field, no other); whether its
+        ``record_hash`` is the hash of its content. One parse, no copy of the record (a
+        compacted file's record holds a million sequence runs: verify reads every record)."""
         try:
             parsed = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ManifestError("manifest record is not valid JSON") from exc
         if not isinstance(parsed, dict):
             raise ManifestError("manifest record must be a JSON object")
-        return cls.from_dict(parsed)
+        record = cls.from_dict(parsed)
+        canonical = parsed.keys() == _RECORD_FIELDS and canonical_json(parsed) == data
+        if canonical:  # then the parsed fields are exactly the record's: hash them as they are
+            body = {k: v for k, v in parsed.items() if k != "record_hash"}
+            hash_ok = record.record_hash == hashlib.sha256(canonical_json(body)).hexdigest()
+        else:
+            hash_ok = record.record_hash == record.compute_hash()
+        return record, canonical, hash_ok
 
     @property
     def model(self) -> str | None:
@@ -156,6 +180,9 @@ class ManifestRecord:
             return DEFAULT_SPEC.parse(self.path)[1].model
         except ValueError:
             return None
+
+
+_RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(ManifestRecord))
 
 
 def sequence_ranges(producers: pa.Array | pa.ChunkedArray, seqs: pa.Array | pa.ChunkedArray
@@ -337,7 +364,7 @@ class Checkpoint:
     def verify(self, public_key: Ed25519PublicKey) -> bool:
         """True when the signature is valid for ``public_key``."""
         try:
-            signature = base64.b64decode(self.signature, validate=True)
+            signature = decode_b64(self.signature)
             public_key.verify(signature, self.signed_bytes())
         except (InvalidSignature, ValueError, TypeError):
             return False

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -222,23 +222,35 @@ def entry_leaf(row: Mapping[str, Any]) -> bytes:
     return canonical_encode(values)
 
 
+LEAF_CHUNK_ROWS = 100_000
+"""Rows encoded at a time: one Arrow binary array holds at most 2 GiB (a compacted file of
+millions of ~1 KB entries does not fit in one), and hashing a chunk at a time keeps only 32
+bytes per row, not the whole encoding, in memory."""
+
+
+def _leaf_chunks(table: pa.Table) -> Iterator[list[bytes]]:
+    if "ts" in table.column_names:
+        # Integer microseconds straight from Arrow: exact, and no datetime round trip per row.
+        index = table.column_names.index("ts")
+        table = table.set_column(index, "ts", table.column("ts").cast(pa.int64()))
+    for start in range(0, table.num_rows, LEAF_CHUNK_ROWS):
+        yield encode_arrow_rows(table.slice(start, LEAF_CHUNK_ROWS))
+
+
 def table_leaves(table: pa.Table) -> list[bytes]:
     """Leaf data of every row of ``table``, in table (file) order.
 
     Byte-for-byte ``entry_leaf(row)`` for each row of ``table.to_pylist()``, built column-wise
     with Arrow kernels by :func:`~serve_journal.integrity.encoding.encode_arrow_rows` (which
-    falls back to encoding row by row for a column type it does not vectorise).
+    falls back to encoding row by row for a column type it does not vectorise), in chunks of
+    :data:`LEAF_CHUNK_ROWS` rows.
     """
-    if "ts" in table.column_names:
-        # Integer microseconds straight from Arrow: exact, and no datetime round trip per row.
-        index = table.column_names.index("ts")
-        table = table.set_column(index, "ts", table.column("ts").cast(pa.int64()))
-    return encode_arrow_rows(table)
+    return [leaf for chunk in _leaf_chunks(table) for leaf in chunk]
 
 
 def table_leaf_hashes(table: pa.Table) -> list[bytes]:
     """RFC 6962 leaf hashes of every row of ``table``, in table order."""
-    return [leaf_hash(leaf) for leaf in table_leaves(table)]
+    return [leaf_hash(leaf) for chunk in _leaf_chunks(table) for leaf in chunk]
 
 
 def table_merkle_root(table: pa.Table) -> str:
