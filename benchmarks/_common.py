@@ -215,3 +215,18 @@ def parquet_rows(root: str | os.PathLike[str]) -> int:
 
 def json_dump(obj: Any) -> str:
     return json.dumps(obj, indent=1, default=str)
+
+
+def write_docs_section(path: Path, start: str, end: str, section: str) -> None:
+    """Put ``section`` between the ``start`` and ``end`` markers of ``path`` (appended, with the
+    markers, when they are not there yet); the rest of the file is left as it is."""
+    if path.exists():
+        text = path.read_text()
+    else:
+        text = "# Benchmarks\n\nFigures measured on the machine named in each section.\n"
+    block = f"{start}\n{section.rstrip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)

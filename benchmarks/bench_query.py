@@ -8,8 +8,8 @@ probed and read, the row groups DuckDB alone would scan (EXPLAIN ANALYZE), and b
 and cold. The cold tier (zstd 19 is slow to write: ~4 min per million entries here) is measured
 on a separate day of ``--cold-rows`` entries.
 
-    .venv/bin/python benchmarks/bench_query.py --rows 10000000
-    .venv/bin/python benchmarks/bench_query.py --quick        # 200k rows, no docs update
+    .venv/bin/python -m benchmarks.bench_query --rows 10000000
+    .venv/bin/python -m benchmarks.bench_query --quick        # 200k rows, no docs update
 
 Results go to stdout and, unless ``--no-docs``, into docs/benchmarks.md between
 ``<!-- bench_query:start -->`` and ``<!-- bench_query:end -->``.
@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from benchmarks._common import write_docs_section
 from serve_journal.catalog import live_files
 from serve_journal.catalog.layout import DEFAULT_SPEC
 from serve_journal.fileformat import HOT_OPTIONS, encode_parquet
@@ -188,16 +189,7 @@ def machine() -> str:
 
 
 def write_docs(section: str, path: Path) -> None:
-    if path.exists():
-        text = path.read_text()
-    else:
-        text = "# Benchmarks\n\nFigures measured on the machine named in each section.\n"
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_docs_section(path, START, END, section)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,8 @@ and after every earlier decision). Then times :func:`serve_journal.replay.replay
 per-entry results written to Parquet) on a local Ray with the machine's cores, and checks every
 entry verified.
 
-    .venv/bin/python benchmarks/bench_replay.py --entries 1000000
-    .venv/bin/python benchmarks/bench_replay.py --entries 100000 --no-docs
+    .venv/bin/python -m benchmarks.bench_replay --entries 1000000
+    .venv/bin/python -m benchmarks.bench_replay --entries 100000 --no-docs
 
 Results go to stdout and, unless ``--no-docs``, into docs/benchmarks.md between
 ``<!-- bench_replay:start -->`` and ``<!-- bench_replay:end -->``.
@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from benchmarks._common import write_docs_section
 from serve_journal.catalog.layout import DEFAULT_SPEC
 from serve_journal.fileformat import encode_parquet
 from serve_journal.integrity.encoding import canonical_encode
@@ -194,16 +195,7 @@ def section(figures: dict, note: str) -> str:
 
 
 def write_docs(text: str, path: Path) -> None:
-    if path.exists():
-        doc = path.read_text()
-    else:
-        doc = "# Benchmarks\n\nFigures measured on the machine named in each section.\n"
-    block = f"{START}\n{text.rstrip()}\n{END}"
-    if START in doc and END in doc:
-        doc = doc[: doc.index(START)] + block + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    path.write_text(doc)
+    write_docs_section(path, START, END, text)
 
 
 def main(argv: list[str] | None = None) -> int:

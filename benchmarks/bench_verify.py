@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._common import write_docs_section
 from benchmarks.bench_query import DAY, hex_strings, hour_of_entries, machine
 from benchmarks.machine import machine_info
 from serve_journal.maintain.compaction import CompactionOptions
@@ -218,13 +219,7 @@ def spread(values: list[float]) -> str:
 
 
 def write_docs(section: str, path: Path) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_docs_section(path, START, END, section)
 
 
 def main(argv: list[str] | None = None) -> int:

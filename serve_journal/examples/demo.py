@@ -85,9 +85,12 @@ def run_demo(workdir: str = "./demo-output", requests_count: int = 3000, users: 
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     print(f"demo folder: {root}")
-    print("development mode: the journal's keys (KEK, keyring, signing key) are generated beside "
-          "it; in production provision them with `serve-journal init-keys` and give auditors "
-          "the public key")
+    # Development mode for this process too: its readers (query, replay) check commit markers
+    # and counters against the key generated beside the journal.
+    os.environ["SERVE_JOURNAL_DEV_MODE"] = "1"
+    print("development mode: the journal's keys (KEK, keyring, counters key, signing key) are "
+          "generated beside it; in production provision them with `serve-journal init-keys` and "
+          "give auditors the public key")
 
     version = train_and_register(root, tracking_uri)
     print(f"registered model fraud version {version} (alias champion) with its dataset manifest")
