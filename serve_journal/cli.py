@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
 import click
 import pyarrow as pa
@@ -38,8 +39,32 @@ from serve_journal.read.verify import format_report, load_heads, save_heads, ver
 from serve_journal.registry import dataset_manifest, register_dataset_manifest
 from serve_journal.replay.driver import replay_command
 from serve_journal.sink.kafka_app import run_journal_sink
+from serve_journal.sink.settings import SinkSettings
 from serve_journal.storage import local_root, open_storage
 from serve_journal.times import as_utc
+
+
+def writer_options(command: Any) -> Any:
+    """The options of every command that writes journal files: signing key, witness, retention."""
+    command = click.option(
+        "--retention", default=None,
+        help="Write-once retention on s3:// (Object Lock): a policy name (e.g. 'SEC 17a-4') or "
+             'JSON, e.g. \'{"hot": {"days": 35}, "cold": {"years": 7, "mode": "COMPLIANCE"}}\'.'
+    )(command)
+    command = click.option("--signing-key-file", default=None,
+                           help="Ed25519 PEM key signing the manifests (required for s3://).")(command)
+    return click.option("--witness", "witness_uri", default=None,
+                        help="Witness copy of the checkpoints (a second folder or bucket).")(command)
+
+
+def _retention(value: str | None) -> Any:
+    """``--retention``: a policy name, or a JSON mapping (validated where it is used)."""
+    if value is None or not value.lstrip().startswith("{"):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--retention") from None
 
 
 @click.group()
@@ -324,22 +349,26 @@ def stats(journal_uri: str, since: str | None, until: str | None, model: str | N
 @click.option("--partitions", required=True, help="Partitions this sink consumes, e.g. 0-3,7.")
 @click.option("--journal", "journal_uri", required=True, help="Journal root: path or pyarrow.fs URI.")
 @click.option("--roll-seconds", default=0.4, show_default=True, type=float)
-@click.option("--witness", "witness_uri", default=None, help="Witness copy of the checkpoints.")
-@click.option("--signing-key-file", default=None, help="Ed25519 PEM key signing the checkpoints.")
+@writer_options
 def sink(bootstrap: str, topic: str, partitions: str, journal_uri: str, roll_seconds: float,
-         witness_uri: str | None, signing_key_file: str | None) -> None:
+         witness_uri: str | None, signing_key_file: str | None, retention: str | None) -> None:
     """Consume journal entries from Kafka into Parquet, exactly once, until SIGINT/SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_journal_sink(bootstrap, topic, partitions, journal_uri, roll_seconds=roll_seconds,
-                     witness_uri=witness_uri, signing_key_file=signing_key_file)
+                     witness_uri=witness_uri, signing_key_file=signing_key_file,
+                     retention=_retention(retention))
 
 
 @main.command()
 @click.option("--journal", "journal_uri", default="./journal", show_default=True)
 @click.option("--apply", "do_apply", is_flag=True, help="Act; without it, only report the plan.")
-def compact(journal_uri: str, do_apply: bool) -> None:
+@writer_options
+def compact(journal_uri: str, do_apply: bool, witness_uri: str | None,
+            signing_key_file: str | None, retention: str | None) -> None:
     """Merge the many small files of finished days into few sorted day files (verify-safe)."""
-    click.echo(run_compaction(journal_uri, apply=do_apply).describe())
+    settings = SinkSettings(journal_uri, witness_uri=witness_uri,
+                            signing_key_file=signing_key_file, retention=_retention(retention))
+    click.echo(run_compaction(journal_uri, apply=do_apply, settings=settings).describe())
 
 
 @main.group()
@@ -351,9 +380,14 @@ def lifecycle() -> None:
 @click.option("--journal", "journal_uri", default="./journal", show_default=True)
 @click.option("--hot-days", default=30, show_default=True, type=int)
 @click.option("--apply", "do_apply", is_flag=True, help="Act; without it (default) a dry run.")
-def lifecycle_run(journal_uri: str, hot_days: int, do_apply: bool) -> None:
+@writer_options
+def lifecycle_run(journal_uri: str, hot_days: int, do_apply: bool, witness_uri: str | None,
+                  signing_key_file: str | None, retention: str | None) -> None:
     """Rewrite partitions older than the hot window into the cold tier, check, then expire."""
-    click.echo(run_lifecycle(journal_uri, apply=do_apply, hot_days=hot_days).describe())
+    settings = SinkSettings(journal_uri, witness_uri=witness_uri,
+                            signing_key_file=signing_key_file, retention=_retention(retention))
+    click.echo(run_lifecycle(journal_uri, apply=do_apply, hot_days=hot_days,
+                             settings=settings).describe())
 
 
 @lifecycle.command("s3-config")

@@ -57,7 +57,7 @@ from serve_journal.integrity.fingerprint import Fingerprint, fingerprint, finger
 from serve_journal.integrity.manifest import MANIFEST_PREFIX, build_file_record
 from serve_journal.read.verify import signed_records
 from serve_journal.schema import ENTRY_SCHEMA
-from serve_journal.sink.settings import SinkSettings
+from serve_journal.sink.settings import SinkSettings, settings_for
 from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
 
 log = logging.getLogger(__name__)
@@ -496,8 +496,12 @@ def run_compaction(
     apply: bool,
     now: dt.datetime | None = None,
     options: CompactionOptions | None = None,
+    settings: SinkSettings | None = None,
 ) -> CompactionReport:
     """``serve-journal compact [--apply]``: compact the hot tier of the journal at ``journal_uri``.
+
+    ``settings`` says how it writes, as for a sink: the signing key (required for ``s3://``),
+    the witness its checkpoints are copied to, and the write-once retention of new files.
 
     A dry run (``apply=False``) only plans. With ``apply``, every new file gets a manifest record
     naming the files it replaces in a chain of its own (``compactor-<id>``, signed with the
@@ -507,7 +511,7 @@ def run_compaction(
     altered file; replaced files are then deleted when
     the storage allows (an Object Lock refusal keeps them, reported as kept for retention).
     """
-    settings = SinkSettings(journal_uri=journal_uri)
+    settings = settings_for(journal_uri, settings)
     storage = settings.storage()
     now = now or dt.datetime.now(dt.UTC)
     options = options or CompactionOptions()

@@ -57,7 +57,7 @@ from serve_journal.maintain.compaction import (
     recorded_hashes,
     write_verified,
 )
-from serve_journal.sink.settings import SinkSettings
+from serve_journal.sink.settings import SinkSettings, settings_for
 from serve_journal.storage import JournalStorage
 
 log = logging.getLogger(__name__)
@@ -272,8 +272,12 @@ def run_lifecycle(
     hot_days: int = DEFAULT_HOT_DAYS,
     now: dt.datetime | None = None,
     options: ParquetOptions = COLD_OPTIONS,
+    settings: SinkSettings | None = None,
 ) -> LifecycleReport:
     """``serve-journal lifecycle run [--hot-days N] [--apply]`` for the journal at ``journal_uri``.
+
+    ``settings`` says how it writes, as for a sink: the signing key (required for ``s3://``),
+    the witness, and the write-once retention (its ``cold`` policy locks the cold files).
 
     A dry run (``apply=False``) only plans. With ``apply``, every cold file gets a manifest record
     naming the hot files it replaces in a chain of its own (``lifecycle-<id>``, signed with the
@@ -282,7 +286,7 @@ def run_lifecycle(
     ``serve-journal verify`` keeps passing after the hot copies expire. A partition with a hot
     file whose bytes match no manifest record is refused: its change is not laundered into cold.
     """
-    settings = SinkSettings(journal_uri=journal_uri)
+    settings = settings_for(journal_uri, settings)
     storage = settings.storage()
     if not apply:
         the_plan = plan(storage, now, hot_days)

@@ -119,12 +119,15 @@ class KafkaSinkRunner:
 
 def run_journal_sink(bootstrap_servers: str, topic: str, partitions: str, journal_uri: str,
                      *, roll_seconds: float = DEFAULT_ROLL_SECONDS, witness_uri: str | None = None,
-                     signing_key_file: str | None = None) -> None:
-    """The ``serve-journal sink`` command: consume until SIGINT/SIGTERM, recording manifests."""
+                     signing_key_file: str | None = None, retention: Any = None) -> None:
+    """The ``serve-journal sink`` command: consume until SIGINT/SIGTERM, recording manifests
+    (signed with ``signing_key_file``, copied to ``witness_uri``, files written under the
+    write-once ``retention`` on ``s3://``)."""
     settings = KafkaSinkSettings(bootstrap_servers=bootstrap_servers, topic=topic,
                                  partitions=parse_partitions(partitions), roll_seconds=roll_seconds)
     runner = KafkaSinkRunner(settings, SinkSettings(journal_uri, witness_uri=witness_uri,
-                                                    signing_key_file=signing_key_file))
+                                                    signing_key_file=signing_key_file,
+                                                    retention=retention))
 
     async def main() -> None:
         stop = asyncio.Event()

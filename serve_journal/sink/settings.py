@@ -105,6 +105,15 @@ class SinkSettings:
         return ManifestLog(storage, chain_id, signer, self.witness())
 
 
+def settings_for(journal_uri: str, settings: SinkSettings | None = None) -> SinkSettings:
+    """``settings`` (checked to be for ``journal_uri``), or the defaults for it."""
+    if settings is None:
+        return SinkSettings(journal_uri=journal_uri)
+    if settings.journal_uri != journal_uri:
+        raise ValueError(f"settings are for {settings.journal_uri!r}, not {journal_uri!r}")
+    return settings
+
+
 ManifestHook = Callable[..., None]
 """``hook(stored, table, key=None)``: fits both the writer's and the Kafka sink's hooks."""
 

@@ -103,7 +103,21 @@ class S3WormStorage(JournalStorage):
                               session_token=session_token)
         root = f"{bucket}/{self.prefix}" if self.prefix else bucket
         uri = f"s3://{root}"
-        super().__init__(_LazyS3FileSystem(fs_options), root, uri)
+        self._fs_options = fs_options
+        super().__init__(None, root, uri)  # type: ignore[arg-type] - built on first use
+
+    @property
+    def filesystem(self) -> pafs.FileSystem:  # type: ignore[override]
+        """A pyarrow ``S3FileSystem`` on the same endpoint, for readers (DuckDB, datasets), built
+        on first use (its AWS SDK start is not free). A real ``FileSystem``: pyarrow's dataset
+        API refuses wrappers."""
+        if self._filesystem is None:
+            self._filesystem = pafs.S3FileSystem(**self._fs_options)
+        return self._filesystem
+
+    @filesystem.setter
+    def filesystem(self, value: pafs.FileSystem | None) -> None:
+        self._filesystem = value
 
     @classmethod
     def from_uri(
@@ -240,21 +254,3 @@ class S3WormStorage(JournalStorage):
             for item in page.get("DeleteMarkers", []):
                 yield ObjectVersion(self._relative(item["Key"]), item["VersionId"],
                                     bool(item.get("IsLatest")), True, None, item.get("LastModified"))
-
-
-class _LazyS3FileSystem:
-    """Builds the pyarrow ``S3FileSystem`` on first use: its AWS SDK start is not free."""
-
-    def __init__(self, options: dict[str, Any]) -> None:
-        self._options = options
-        self._fs: pafs.FileSystem | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        if self._fs is None:
-            self._fs = pafs.S3FileSystem(**self._options)
-        return getattr(self._fs, name)
-
-    def __repr__(self) -> str:
-        return "LazyS3FileSystem()"
