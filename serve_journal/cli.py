@@ -42,6 +42,7 @@ from serve_journal.sink.kafka_app import run_journal_sink
 from serve_journal.sink.settings import SinkSettings
 from serve_journal.storage import local_root, open_storage
 from serve_journal.times import as_utc
+from serve_journal.transport.kafka_security import SASL_MECHANISMS, SECURITY_PROTOCOLS
 
 
 def writer_options(command: Any) -> Any:
@@ -349,14 +350,29 @@ def stats(journal_uri: str, since: str | None, until: str | None, model: str | N
 @click.option("--partitions", required=True, help="Partitions this sink consumes, e.g. 0-3,7.")
 @click.option("--journal", "journal_uri", required=True, help="Journal root: path or pyarrow.fs URI.")
 @click.option("--roll-seconds", default=0.4, show_default=True, type=float)
+@click.option("--security-protocol", default="PLAINTEXT", show_default=True,
+              type=click.Choice(SECURITY_PROTOCOLS))
+@click.option("--sasl-mechanism", default=None, type=click.Choice(SASL_MECHANISMS))
+@click.option("--sasl-username", default=None,
+              help="SASL user; the password comes from SERVE_JOURNAL_KAFKA_SASL_PASSWORD.")
+@click.option("--ssl-cafile", default=None)
+@click.option("--ssl-certfile", default=None)
+@click.option("--ssl-keyfile", default=None,
+              help="Client key; its password comes from SERVE_JOURNAL_KAFKA_SSL_PASSWORD.")
 @writer_options
 def sink(bootstrap: str, topic: str, partitions: str, journal_uri: str, roll_seconds: float,
+         security_protocol: str, sasl_mechanism: str | None, sasl_username: str | None,
+         ssl_cafile: str | None, ssl_certfile: str | None, ssl_keyfile: str | None,
          witness_uri: str | None, signing_key_file: str | None, retention: str | None) -> None:
     """Consume journal entries from Kafka into Parquet, exactly once, until SIGINT/SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    kafka = {"security_protocol": security_protocol, "sasl_mechanism": sasl_mechanism,
+             "sasl_plain_username": sasl_username, "ssl_cafile": ssl_cafile,
+             "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile}
+    journal = {"witness_uri": witness_uri, "signing_key_file": signing_key_file,
+               "retention": _retention(retention)}
     run_journal_sink(bootstrap, topic, partitions, journal_uri, roll_seconds=roll_seconds,
-                     witness_uri=witness_uri, signing_key_file=signing_key_file,
-                     retention=_retention(retention))
+                     kafka=kafka, journal=journal)
 
 
 @main.command()

@@ -5,7 +5,6 @@ are locked under the cold policy; the rewrites' chains are witnessed. (Moto S3 s
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import uuid
 from urllib.parse import urlparse

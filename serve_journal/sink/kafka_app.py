@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from serve_journal.integrity.manifest import ManifestLog
@@ -117,17 +118,42 @@ class KafkaSinkRunner:
         return self.sink.lag_state()
 
 
+KAFKA_PASSWORD_ENV = {"sasl_plain_password": "SERVE_JOURNAL_KAFKA_SASL_PASSWORD",
+                      "ssl_password": "SERVE_JOURNAL_KAFKA_SSL_PASSWORD"}
+"""Where a sink takes Kafka secrets from when its settings do not hold them (never a YAML file)."""
+
+
+def sink_settings(bootstrap_servers: str, topic: str, partitions: str, journal_uri: str, *,
+                  roll_seconds: float = DEFAULT_ROLL_SECONDS,
+                  checkpoint_interval_s: float = 5.0,
+                  kafka: Mapping[str, Any] | None = None,
+                  journal: Mapping[str, Any] | None = None,
+                  ) -> tuple[KafkaSinkSettings, SinkSettings]:
+    """The consumer's and the writer's settings of one sink, from flat options: ``kafka`` holds
+    :class:`~serve_journal.transport.kafka_security.KafkaSecurity` fields (TLS, SASL; passwords
+    from :data:`KAFKA_PASSWORD_ENV` when not given), ``journal`` :class:`SinkSettings` fields
+    (``signing_key_file``, ``witness_uri``, ``retention``: needed for ``s3://``)."""
+    security = dict(kafka or {})
+    for name, env in KAFKA_PASSWORD_ENV.items():
+        if security.get(name) is None and os.environ.get(env):
+            security[name] = os.environ[env]
+    consumer = KafkaSinkSettings(bootstrap_servers=bootstrap_servers, topic=topic,
+                                 partitions=parse_partitions(partitions),
+                                 roll_seconds=roll_seconds, **security)
+    writer = SinkSettings(journal_uri, checkpoint_interval_s=checkpoint_interval_s,
+                          **dict(journal or {}))
+    return consumer, writer
+
+
 def run_journal_sink(bootstrap_servers: str, topic: str, partitions: str, journal_uri: str,
-                     *, roll_seconds: float = DEFAULT_ROLL_SECONDS, witness_uri: str | None = None,
-                     signing_key_file: str | None = None, retention: Any = None) -> None:
+                     *, roll_seconds: float = DEFAULT_ROLL_SECONDS,
+                     kafka: Mapping[str, Any] | None = None,
+                     journal: Mapping[str, Any] | None = None) -> None:
     """The ``serve-journal sink`` command: consume until SIGINT/SIGTERM, recording manifests
-    (signed with ``signing_key_file``, copied to ``witness_uri``, files written under the
-    write-once ``retention`` on ``s3://``)."""
-    settings = KafkaSinkSettings(bootstrap_servers=bootstrap_servers, topic=topic,
-                                 partitions=parse_partitions(partitions), roll_seconds=roll_seconds)
-    runner = KafkaSinkRunner(settings, SinkSettings(journal_uri, witness_uri=witness_uri,
-                                                    signing_key_file=signing_key_file,
-                                                    retention=retention))
+    (see :func:`sink_settings` for ``kafka`` and ``journal``)."""
+    runner = KafkaSinkRunner(*sink_settings(bootstrap_servers, topic, partitions, journal_uri,
+                                            roll_seconds=roll_seconds, kafka=kafka,
+                                            journal=journal))
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -184,11 +210,12 @@ class KafkaSinkReplica:
     """A Serve replica that runs one sink over its partitions in a background thread."""
 
     def __init__(self, bootstrap_servers: str, topic: str, partitions: str, journal_uri: str,
-                 roll_seconds: float = DEFAULT_ROLL_SECONDS, checkpoint_interval_s: float = 5.0) -> None:
-        settings = KafkaSinkSettings(bootstrap_servers=bootstrap_servers, topic=topic,
-                                     partitions=parse_partitions(partitions), roll_seconds=roll_seconds)
-        self.runner = KafkaSinkRunner(settings, SinkSettings(
-            journal_uri, checkpoint_interval_s=checkpoint_interval_s))
+                 roll_seconds: float = DEFAULT_ROLL_SECONDS, checkpoint_interval_s: float = 5.0,
+                 kafka: Mapping[str, Any] | None = None,
+                 journal: Mapping[str, Any] | None = None) -> None:
+        self.runner = KafkaSinkRunner(*sink_settings(
+            bootstrap_servers, topic, partitions, journal_uri, roll_seconds=roll_seconds,
+            checkpoint_interval_s=checkpoint_interval_s, kafka=kafka, journal=journal))
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = threading.Event()
@@ -228,9 +255,11 @@ class SinkStatus:
         return {"sinks": states}
 
 
-def app_builder(args: dict[str, str]) -> Any:
+def app_builder(args: dict[str, Any]) -> Any:
     """Serve config entry point: ``bootstrap``, ``topic``, ``journal_uri`` and ``partitions``
-    (groups separated by ``;``, e.g. ``"0-3;4-7"``: one sink deployment per group)."""
+    (groups separated by ``;``, e.g. ``"0-3;4-7"``: one sink deployment per group); optional
+    ``kafka`` (TLS/SASL fields, passwords from the environment, see :data:`KAFKA_PASSWORD_ENV`)
+    and ``journal`` (``signing_key_file``, ``witness_uri``, ``retention``), mappings or JSON."""
     from ray import serve  # inside: ray.serve takes seconds to import; the CLI imports this module
 
     groups = [g.strip() for g in args["partitions"].split(";") if g.strip()]
@@ -239,8 +268,20 @@ def app_builder(args: dict[str, str]) -> Any:
         deployment = serve.deployment(KafkaSinkReplica, name=f"KafkaSink{i}", num_replicas=1,
                                       ray_actor_options={"num_cpus": float(args.get("num_cpus", 0.5))})
         sinks.append(deployment.bind(args["bootstrap"], args["topic"], group, args["journal_uri"],
-                                     float(args.get("roll_seconds", DEFAULT_ROLL_SECONDS))))
+                                     float(args.get("roll_seconds", DEFAULT_ROLL_SECONDS)),
+                                     kafka=_mapping(args, "kafka"),
+                                     journal=_mapping(args, "journal")))
     return serve.deployment(SinkStatus, name="SinkStatus").bind(*sinks)
+
+
+def _mapping(args: Mapping[str, Any], name: str) -> dict[str, Any] | None:
+    value = args.get(name)
+    if value is None or isinstance(value, Mapping):
+        return None if value is None else dict(value)
+    parsed = json.loads(value)
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{name} must be a mapping (or its JSON), got {value!r}")
+    return parsed
 
 
 __all__ = [
@@ -249,6 +290,8 @@ __all__ = [
     "KafkaSinkRunner",
     "SinkStatus",
     "app_builder",
+    "KAFKA_PASSWORD_ENV",
     "run_journal_sink",
     "sink_manifest_hook",
+    "sink_settings",
 ]
