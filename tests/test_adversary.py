@@ -26,63 +26,26 @@ import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serve_journal.catalog.layout import split_by_partition
-from serve_journal.counters import KEPT, SAMPLED_OUT, CounterSet, read_counters_file
+from serve_journal.counters import read_counters_file
 from serve_journal.maintain.compaction import run_compaction
 from serve_journal.read.query import JournalQuery
 from serve_journal.read.verify import format_report, verify_journal
-from serve_journal.sink.settings import SinkSettings, manifest_hook
-from serve_journal.sink.writer import PartitionFileWriter
-from tests.helpers.entries import DAY, ids, make_entries
+from serve_journal.sink.settings import SinkSettings
+from tests.helpers.attack import COMPACT_AT, write_journal_to_attack
+from tests.helpers.entries import ids
 from tests.helpers.journal import counters_signer
 
-COMPACT_AT = DAY + dt.timedelta(days=2)
 AREAS = ("hot/", "cold/", "_manifest/", "_checkpoints/", "_commits/", "_counters/", "_keys/")
-LATE_SEQ = 5  # the late producer's seq 0..4 were sampled out: signed counters explain the gap
 
 
 def _build(root: str) -> tuple[SinkSettings, pa.Table]:
     settings = SinkSettings(journal_uri=root)
     storage = settings.storage()
-    tables = []
-    for n, producer in enumerate(("p-1", "p-2")):
-        log = settings.manifest(storage, f"w{n:02d}-adv")
-        writer = PartitionFileWriter(storage, f"w{n:02d}-adv", roll_seconds=3600.0,
-                                     roll_bytes=1 << 40, on_file_written=[manifest_hook(log)])
-        for k in range(3):
-            table = make_entries(20, producer=producer, seq_start=20 * k,
-                                 start=DAY + dt.timedelta(minutes=70 * k), spread_s=600)
-            tables.append(table)
-            for batch in table.to_batches():
-                for key, part in split_by_partition(batch):
-                    writer.add(key, part)
-            writer.roll_all()
-        log.checkpoint()
-    # A later day, left uncompacted, so hot writer files remain beside the compacted day.
-    late = make_entries(10, producer="p-3", start=COMPACT_AT - dt.timedelta(hours=3), spread_s=60,
-                        seq_start=LATE_SEQ)
-    log = settings.manifest(storage, "w02-adv")
-    writer = PartitionFileWriter(storage, "w02-adv", roll_seconds=3600.0, roll_bytes=1 << 40,
-                                 on_file_written=[manifest_hook(log)])
-    for batch in late.to_batches():
-        for key, part in split_by_partition(batch):
-            writer.add(key, part)
-    writer.roll_all()
-    log.checkpoint()
-    tables.append(late)
-    # Exact counters, signed by a replica's counters key: counts of p-1 in two chained files, and
-    # the late producer's sampled-out seq 0..4.
-    signer = counters_signer(root)
-    ts_us = int(DAY.timestamp() * 1_000_000)
-    p1, p3 = CounterSet("p-1", signer), CounterSet("p-3", signer)
-    for counters, seqs, disposition in ((p1, range(0, 30), KEPT), (p1, range(30, 60), KEPT),
-                                        (p3, range(0, LATE_SEQ), SAMPLED_OUT)):
-        for seq in seqs:
-            counters.record("fraud", "3", ts_us, "allow", "low", 0.1, "ok", seq, disposition)
-        counters.flush_to(storage)
+    written = write_journal_to_attack(storage, lambda c: settings.manifest(storage, f"{c}-adv"),
+                                      counters_signer(root))
     report = run_compaction(root, apply=True, now=COMPACT_AT)
     assert report.compacted, report.describe()
-    return settings, pa.concat_tables(tables)
+    return settings, written
 
 
 def _objects(root: str) -> list[str]:

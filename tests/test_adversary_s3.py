@@ -14,30 +14,24 @@ verify rejects when verify passes. The randomized suite over every object is
 
 from __future__ import annotations
 
-import datetime as dt
 import uuid
 
 import pyarrow as pa
 import pytest
 
-from serve_journal.catalog.layout import split_by_partition
-from serve_journal.counters import KEPT, SAMPLED_OUT, CounterSet
 from serve_journal.integrity.certificates import PURPOSE_COUNTERS, certify, publish
 from serve_journal.integrity.manifest import ManifestLog, ManifestSigner
 from serve_journal.maintain.compaction import compact, manifest_recorder, recorded_hashes
 from serve_journal.read.query import JournalQuery
 from serve_journal.read.verify import format_report, verify_journal
-from serve_journal.sink.settings import manifest_hook
-from serve_journal.sink.writer import PartitionFileWriter
 from serve_journal.storage.retention import RetentionPolicy, TieredRetention
 from serve_journal.storage.s3 import S3WormStorage
-from tests.helpers.entries import DAY, ids, make_entries
+from tests.helpers.attack import COMPACT_AT, write_journal_to_attack
+from tests.helpers.entries import ids
 
 pytestmark = pytest.mark.slow
 
-COMPACT_AT = DAY + dt.timedelta(days=2)
 AREAS = ("hot/", "_manifest/", "_checkpoints/", "_commits/", "_counters/", "_keys/")
-LATE_SEQ = 5
 
 
 def _journal(s3_bucket) -> tuple[S3WormStorage, ManifestSigner, pa.Table]:
@@ -48,38 +42,17 @@ def _journal(s3_bucket) -> tuple[S3WormStorage, ManifestSigner, pa.Table]:
                             endpoint_url=server.endpoint_url, region=server.region,
                             access_key=server.access_key, secret_key=server.secret_key)
     signer = ManifestSigner.generate()
-    tables = []
-    plan = (("w00", "p-1", DAY, 0, 3), ("w01", "p-2", DAY, 0, 3),
-            ("w02", "p-3", COMPACT_AT - dt.timedelta(hours=3), LATE_SEQ, 1))
-    for chain, producer, start, seq_start, rolls in plan:
-        log = ManifestLog(storage, chain, signer)
-        writer = PartitionFileWriter(storage, chain, roll_seconds=3600.0, roll_bytes=1 << 40,
-                                     on_file_written=[manifest_hook(log)])
-        for k in range(rolls):
-            table = make_entries(20, producer=producer, seq_start=seq_start + 20 * k,
-                                 start=start + dt.timedelta(minutes=70 * k), spread_s=600)
-            tables.append(table)
-            for batch in table.to_batches():
-                for key, part in split_by_partition(batch):
-                    writer.add(key, part)
-            writer.roll_all()
-        log.checkpoint()
     counters_key = ManifestSigner.generate()
     publish(storage, certify(signer, counters_key.public_key, PURPOSE_COUNTERS))
-    ts_us = int(DAY.timestamp() * 1_000_000)
-    p1, p3 = CounterSet("p-1", counters_key), CounterSet("p-3", counters_key)
-    for counters, seqs, disposition in ((p1, range(0, 30), KEPT), (p1, range(30, 60), KEPT),
-                                        (p3, range(0, LATE_SEQ), SAMPLED_OUT)):
-        for seq in seqs:
-            counters.record("fraud", "3", ts_us, "allow", "low", 0.1, "ok", seq, disposition)
-        counters.flush_to(storage)
+    written = write_journal_to_attack(storage, lambda c: ManifestLog(storage, c, signer),
+                                      counters_key)
     log = ManifestLog(storage, "compactor-s3", signer)
     report = compact(storage, now=COMPACT_AT, on_file_written=manifest_recorder(log),
                      recorded=recorded_hashes(storage, signer.public_key),
                      before_delete=log.checkpoint, signer=signer)
     log.checkpoint()
     assert report.compacted, report.describe()
-    return storage, signer, pa.concat_tables(tables)
+    return storage, signer, written
 
 
 @pytest.mark.parametrize("area", AREAS)

@@ -67,7 +67,7 @@ def test_compact_and_lifecycle_on_s3_sign_witness_and_lock(s3_bucket, tmp_path, 
     assert "manifest chain: compactor-" in compacted.output
     moved = runner.invoke(main, ["lifecycle", "run", "--apply", "--hot-days", "30", *options])
     assert moved.exit_code == 0, moved.output
-    assert "manifest chain: lifecycle-" in moved.output or "lifecycle-" in moved.output
+    assert "manifest chain: lifecycle-" in moved.output
 
     report = verify_journal(storage, public_key=str(public), witness=open_storage(witness))
     assert report.ok, format_report(report)
@@ -94,4 +94,4 @@ def test_compact_on_s3_without_a_signing_key_says_so(s3_bucket, monkeypatch):
                f"&scheme={endpoint.scheme}")
     result = CliRunner().invoke(main, ["compact", "--apply", "--journal", journal])
     assert result.exit_code != 0
-    assert "signing_key_file" in str(result.exception) or "signing" in result.output
+    assert "signing_key_file" in str(result.exception)

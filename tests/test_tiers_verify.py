@@ -298,6 +298,16 @@ def test_unsigned_record_whose_replaces_names_a_deleted_genuine_file_fails_verif
     assert ("file-missing", victim) in {(p.kind, p.path) for p in report.errors}, format_report(report)
 
 
+class Died(Exception):
+    """The rewrite's process died (a crash hook raised it)."""
+
+
+def die_when_committed(point: str) -> None:
+    """Crash hook: die right after the commit marker is written, before the signature."""
+    if point == "committed":
+        raise Died
+
+
 def test_rerun_after_crash_between_commit_and_signature_keeps_verify_green(journal):
     """The compactor commits its marker and dies before signing its records: nothing was
     deleted (deletes wait for the signature), so verify passes with a warning, and readers see
@@ -305,15 +315,9 @@ def test_rerun_after_crash_between_commit_and_signature_keeps_verify_green(journ
     j, written = journal
     log = j.settings.manifest(j.storage, "compactor-died")
 
-    class Died(Exception):
-        pass
-
-    def die(point):
-        if point == "committed":
-            raise Died
-
     with pytest.raises(Died):
-        compact(j.storage, now=COMPACT_AT, on_file_written=manifest_recorder(log), _crash=die,
+        compact(j.storage, now=COMPACT_AT, on_file_written=manifest_recorder(log),
+                _crash=die_when_committed,
                 before_delete=log.checkpoint, signer=log.signer)
     report = j.verify()
     assert report.ok, format_report(report)
@@ -331,17 +335,10 @@ def test_lifecycle_rerun_after_crash_between_commit_and_signature_keeps_verify_g
     j, written = journal
     log = j.settings.manifest(j.storage, "lifecycle-died")
 
-    class Died(Exception):
-        pass
-
-    def die(point):
-        if point == "committed":
-            raise Died
-
     the_plan = lifecycle.plan(j.storage, LIFECYCLE_AT, 30)
     with pytest.raises(Died):
         lifecycle.apply(j.storage, the_plan, dry_run=False, on_file_written=manifest_recorder(log),
-                        before_delete=log.checkpoint, signer=log.signer, _crash=die)
+                        before_delete=log.checkpoint, signer=log.signer, _crash=die_when_committed)
     report = j.verify()
     assert report.ok, format_report(report)
     assert "commit-marker-unbacked" in {p.kind for p in report.warnings}

@@ -22,7 +22,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from serve_journal.catalog.layout import (
@@ -35,7 +34,7 @@ from serve_journal.catalog.layout import (
 )
 from serve_journal.errors import CompactionError, ObjectExistsError
 from serve_journal.integrity.fingerprint import Fingerprint, fingerprint_files
-from serve_journal.integrity.manifest import decode_b64
+from serve_journal.integrity.manifest import SignedDocument
 from serve_journal.integrity.trust import reader_trust
 from serve_journal.storage import JournalStorage
 
@@ -56,7 +55,7 @@ class MarkerSigner(Protocol):
 
 
 @dataclass(frozen=True)
-class CommitMarker:
+class CommitMarker(SignedDocument):
     """A committed rewrite: ``new_files`` now hold exactly the entries of ``replaces``.
 
     Markers are part of signed history: the rewrite signs every field, its own path included,
@@ -101,17 +100,6 @@ class CommitMarker:
         unsigned = replace(self, key_id=signer.key_id, signature="")
         signature = base64.b64encode(signer.sign(unsigned.signed_bytes())).decode("ascii")
         return replace(unsigned, signature=signature)
-
-    def verify(self, public_key: Ed25519PublicKey) -> bool:
-        """True when the signature is valid for ``public_key``."""
-        if not self.signature:
-            return False
-        try:
-            public_key.verify(decode_b64(self.signature),
-                              self.signed_bytes())
-        except (InvalidSignature, ValueError):
-            return False
-        return True
 
     def to_json(self) -> bytes:
         doc = self._doc()

@@ -331,8 +331,31 @@ class ManifestSigner:
 # -- checkpoints ---------------------------------------------------------------------------------
 
 
+class SignedDocument:
+    """A frozen dataclass with a ``signature`` field: Ed25519 over the canonical JSON of every
+    other field (checkpoints, key certificates)."""
+
+    signature: str
+
+    def signed_bytes(self) -> bytes:
+        body = dataclasses.asdict(self)  # type: ignore[call-overload]
+        body.pop("signature")
+        return canonical_json(body)
+
+    def to_json(self) -> bytes:
+        return canonical_json(dataclasses.asdict(self))  # type: ignore[call-overload]
+
+    def verify(self, public_key: Ed25519PublicKey) -> bool:
+        """True when the signature (canonical base64) is valid for ``public_key``."""
+        try:
+            public_key.verify(decode_b64(self.signature), self.signed_bytes())
+        except (InvalidSignature, ValueError, TypeError):
+            return False
+        return True
+
+
 @dataclass(frozen=True)
-class Checkpoint:
+class Checkpoint(SignedDocument):
     """A signed statement: chain ``chain_id`` had ``length`` records, the last with ``head_hash``."""
 
     chain_id: str
@@ -344,14 +367,6 @@ class Checkpoint:
     """Base64 Ed25519 signature over :meth:`signed_bytes`."""
     format: int = MANIFEST_FORMAT
 
-    def signed_bytes(self) -> bytes:
-        body = dataclasses.asdict(self)
-        body.pop("signature")
-        return canonical_json(body)
-
-    def to_json(self) -> bytes:
-        return canonical_json(dataclasses.asdict(self))
-
     @classmethod
     def from_json(cls, data: bytes) -> Checkpoint:
         try:
@@ -360,15 +375,6 @@ class Checkpoint:
             return cls(**{k: v for k, v in parsed.items() if k in known})
         except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
             raise ManifestError("checkpoint is not a valid checkpoint JSON object") from exc
-
-    def verify(self, public_key: Ed25519PublicKey) -> bool:
-        """True when the signature is valid for ``public_key``."""
-        try:
-            signature = decode_b64(self.signature)
-            public_key.verify(signature, self.signed_bytes())
-        except (InvalidSignature, ValueError, TypeError):
-            return False
-        return True
 
 
 # -- the log -------------------------------------------------------------------------------------
