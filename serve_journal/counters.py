@@ -10,9 +10,20 @@ The flusher persists a :class:`CounterSet` every few seconds as small create-onl
 
     <root>/_counters/model=<model>/date=<YYYY-MM-DD>/<producer_id>-<n>.parquet
 
-Each file holds two kinds of rows (column ``kind``): ``"count"`` rows with the counter key and a
-count, and ``"gap"`` rows with a sequence range ``[seq_lo, seq_hi]`` of entries that are not in the
-journal and why (``disposition`` and ``reason``).
+Each file holds up to four kinds of rows (column ``kind``): ``"count"`` rows with the counter key
+and a count, ``"gap"`` rows with a sequence range ``[seq_lo, seq_hi]`` of entries that are not in
+the journal and why (``disposition`` and ``reason``), a ``"lease"`` row and, in a producer's last
+file, a ``"closed"`` row.
+
+The sequence lease makes a dead replica's loss visible. A replica answers a call only when the
+call's sequence number is within a lease that is already durable in its signed chain (the lease
+row's ``seq_hi``); the lease is extended in the background before it runs out. Every file a
+leasing producer writes carries its current lease row, stamped with the time it was written
+(``minute``, not rounded), and an idle producer writes a lease-only file every
+:data:`LEASE_KEEPALIVE_S`. So a producer whose newest file is older than a staleness bound and
+that never wrote a ``"closed"`` row died, and every sequence number up to its lease that the
+journal's rows and the signed gaps do not account for is an entry that may have been answered
+and lost (:func:`lease_shortfall`; shown by verify and stats).
 
 Each file is signed by the replica's *counters key* (a narrow key the journal's manifest key
 certifies, see :mod:`serve_journal.integrity.certificates`) and chained to the producer's previous
@@ -30,11 +41,13 @@ import base64
 import datetime as dt
 import hashlib
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -52,6 +65,18 @@ DISPOSITIONS = (KEPT, SAMPLED_OUT, DROPPED)
 
 KIND_COUNT = "count"
 KIND_GAP = "gap"
+KIND_LEASE = "lease"
+"""A sequence lease: the producer may answer calls with ``seq <= seq_hi`` (``minute`` holds the
+time the row was written, to the microsecond, not rounded)."""
+KIND_CLOSED = "closed"
+"""The producer shut down cleanly; ``seq_hi`` is the last sequence number it used (-1: none)."""
+
+LEASE_KEEPALIVE_S = 60.0
+"""An idle leasing producer still writes its lease row this often, so it never looks dead."""
+PRODUCER_STALE_S = 300.0
+"""A producer that is not closed and wrote nothing for this long is presumed dead (readers'
+default bound: several keep-alive intervals, so a slow store or a clock a little off does not
+make a live replica look dead)."""
 
 _MINUTE_US = 60_000_000
 _DAY_US = 86_400 * 1_000_000
@@ -133,6 +158,12 @@ class CountersFile:
         """SHA-256 of the signed message: what the producer's next file names as ``prev``."""
         return hashlib.sha256(self.message()).hexdigest()
 
+    def lease_rows(self) -> list[dict[str, Any]]:
+        """This file's ``lease`` and ``closed`` rows."""
+        mask = pc.is_in(self.table.column("kind"),
+                                value_set=pa.array([KIND_LEASE, KIND_CLOSED]))
+        return self.table.filter(mask).to_pylist()
+
     def verify(self, keys: Mapping[str, Ed25519PublicKey]) -> bool:
         """Signed by the certified key it names, for exactly one producer."""
         key = keys.get(self.key_id)
@@ -177,13 +208,19 @@ class CounterSnapshot:
     producer_id: str
     counts: dict[_CountKey, int] = field(default_factory=dict)
     ranges: dict[_RangeKey, list[list[int]]] = field(default_factory=dict)
+    lease: LeaseRow | None = None
+    """The lease (and, at shutdown, the closed mark) this snapshot's first file carries."""
 
     def __bool__(self) -> bool:
-        return bool(self.counts) or bool(self.ranges)
+        return bool(self.counts) or bool(self.ranges) or self.lease is not None
 
     def parts(self) -> dict[tuple[str, str], CounterSnapshot]:
-        """This snapshot split by (model, date), one part per counters file."""
+        """This snapshot split by (model, date), one part per counters file; the part with the
+        lease row comes first (the lease is durable once that file is)."""
         out: dict[tuple[str, str], CounterSnapshot] = {}
+        if self.lease is not None:
+            part = (self.lease.model, _date_of_day(self.lease.written_us // _DAY_US))
+            out[part] = CounterSnapshot(self.producer_id, lease=self.lease)
         for key, n in self.counts.items():
             part = (key[0], _date_of_day(key[2] // _DAY_US))
             out.setdefault(part, CounterSnapshot(self.producer_id)).counts[key] = n
@@ -210,7 +247,27 @@ class CounterSnapshot:
             for lo, hi in merge_runs(self.ranges[key]):
                 row(kind=KIND_GAP, producer_id=self.producer_id, model_name=model,
                     disposition=disposition, reason=reason, count=hi - lo + 1, seq_lo=lo, seq_hi=hi)
+        lease = self.lease
+        if lease is not None:
+            row(kind=KIND_LEASE, producer_id=self.producer_id, model_name=lease.model,
+                minute=lease.written_us, disposition=KIND_LEASE, count=lease.through + 1,
+                seq_lo=0, seq_hi=lease.through)
+            if lease.closed_seq is not None:
+                row(kind=KIND_CLOSED, producer_id=self.producer_id, model_name=lease.model,
+                    minute=lease.written_us, disposition=KIND_CLOSED, count=lease.closed_seq + 1,
+                    seq_lo=0, seq_hi=lease.closed_seq)
         return pa.table(cols, schema=COUNTER_SCHEMA)
+
+
+@dataclass(frozen=True)
+class LeaseRow:
+    """The lease a counters file carries: calls up to ``through`` may be answered; written at
+    ``written_us``; ``closed_seq`` is the last sequence number used, in a clean shutdown's file."""
+
+    model: str
+    through: int
+    written_us: int
+    closed_seq: int | None = None
 
 
 def counter_sort_key(key: tuple) -> tuple:
@@ -250,6 +307,13 @@ class CounterSet:
         self._counts: dict[_CountKey, int] = {}
         self._ranges: dict[_RangeKey, list[list[int]]] = {}
         self._file_no = 0
+        self._lease: tuple[str, int] | None = None  # (model, through) to carry in every file
+        self._closed_seq: int | None = None
+        self.durable_lease = -1
+        """The highest ``through`` of a lease row already written (calls up to it may be
+        answered); -1 before the first."""
+        self.last_written = 0.0
+        """``time.time()`` of the last counters file written (0: none yet)."""
 
     def __repr__(self) -> str:
         return f"CounterSet({self.producer_id!r}, keys={len(self._counts)})"
@@ -340,6 +404,37 @@ class CounterSet:
                 self._ranges.setdefault(key, []).extend([list(r) for r in runs])
                 self._ranges[key].sort()
 
+    def carry_lease(self, model: str, through: int) -> None:
+        """From now on, every counters file carries the lease ``through`` (for ``model``'s
+        calls); it is durable once :meth:`flush_to` wrote it (see :attr:`durable_lease`)."""
+        with self._lock:
+            if self._lease is None or through > self._lease[1]:
+                self._lease = (model, through)
+
+    def mark_closed(self, last_seq: int) -> None:
+        """The producer shuts down; the next :meth:`flush_to` writes the closed mark."""
+        with self._lock:
+            self._closed_seq = last_seq
+
+    def _take_lease(self, snapshot: CounterSnapshot, keepalive: bool) -> None:
+        """Attach the lease row to ``snapshot`` when there is a file to write anyway, the lease
+        grew, the producer closes, or ``keepalive`` asks for a file."""
+        with self._lock:
+            lease, closed = self._lease, self._closed_seq
+        if lease is None and closed is None:
+            return
+        model, through = lease if lease is not None else (self._any_model(snapshot), -1)
+        if model is None:
+            return
+        if snapshot or through > self.durable_lease or closed is not None or keepalive:
+            snapshot.lease = LeaseRow(model, through, int(time.time() * 1_000_000), closed)
+
+    @staticmethod
+    def _any_model(snapshot: CounterSnapshot) -> str | None:
+        for key in (*snapshot.counts, *snapshot.ranges):
+            return key[0]
+        return None
+
     def totals(self) -> dict[str, int]:
         """Current (unflushed) counts by disposition."""
         out = dict.fromkeys(DISPOSITIONS, 0)
@@ -348,12 +443,17 @@ class CounterSet:
                 out[key[7]] = out.get(key[7], 0) + n
         return out
 
-    def flush_to(self, storage: JournalStorage, max_attempts: int = 1000) -> list[StoredObject]:
+    def flush_to(self, storage: JournalStorage, max_attempts: int = 1000, *,
+                 keepalive: bool = False) -> list[StoredObject]:
         """Persist everything counted so far as counters files; what fails is restored.
 
-        A file name that exists already (a producer id reused) moves on to the next number.
+        With a lease (:meth:`carry_lease`), the first file carries it, and then
+        :attr:`durable_lease` moves up; ``keepalive`` writes a lease-only file when there is
+        nothing else. A file name that exists already (a producer id reused) moves on to the
+        next number.
         """
         snapshot = self.snapshot_and_reset()
+        self._take_lease(snapshot, keepalive)
         written: list[StoredObject] = []
         pending = list(snapshot.parts().items())
         try:
@@ -369,6 +469,9 @@ class CounterSet:
                     try:
                         written.append(storage.put_new(path, data))
                         self._prev, self._prev_path = digest, path
+                        self.last_written = time.time()
+                        if part.lease is not None:
+                            self.durable_lease = max(self.durable_lease, part.lease.through)
                         break
                     except ObjectExistsError:
                         continue
@@ -419,3 +522,92 @@ def decode_counters(data: bytes) -> pa.Table:
     """Parquet bytes of a counters file as a table with :data:`COUNTER_SCHEMA`."""
     # ParquetFile, not read_table: see sink.parquet.decode_parquet.
     return pq.ParquetFile(pa.BufferReader(data)).read().cast(COUNTER_SCHEMA)
+
+
+# --------------------------------------------------------------------------- leases, read back
+
+LIVE = "live"
+DEAD = "dead"
+CLOSED = "closed"
+
+
+@dataclass(frozen=True)
+class ProducerLease:
+    """A producer's sequence lease as its signed counters files state it."""
+
+    producer_id: str
+    leased_through: int
+    """Highest sequence number the producer was allowed to answer (-1: none)."""
+    written_us: int
+    """When its newest lease row was written (epoch microseconds, the replica's clock)."""
+    closed_seq: int | None
+    """Last sequence number used, when the producer shut down cleanly; else ``None``."""
+
+    def state(self, now_us: int, stale_s: float = PRODUCER_STALE_S) -> str:
+        """``closed``; ``dead`` (not closed and silent for more than ``stale_s``); or ``live``."""
+        if self.closed_seq is not None:
+            return CLOSED
+        return DEAD if now_us - self.written_us > stale_s * 1_000_000 else LIVE
+
+
+def producer_leases(table: pa.Table) -> dict[str, ProducerLease]:
+    """The lease of every producer with ``lease``/``closed`` rows in ``table`` (counters rows
+    from files that verified)."""
+    rows = table.filter(pc.is_in(table.column("kind"),
+                                 value_set=pa.array([KIND_LEASE, KIND_CLOSED])))
+    through: dict[str, int] = {}
+    written: dict[str, int] = {}
+    closed: dict[str, int] = {}
+    minutes = rows.column("minute").cast(pa.int64()).to_pylist()
+    for kind, producer, minute, hi in zip(rows.column("kind").to_pylist(),
+                                          rows.column("producer_id").to_pylist(), minutes,
+                                          rows.column("seq_hi").to_pylist(), strict=True):
+        written[producer] = max(written.get(producer, 0), minute or 0)
+        if kind == KIND_LEASE:
+            through[producer] = max(through.get(producer, -1), hi)
+        else:
+            closed[producer] = max(closed.get(producer, -1), hi)
+    return {p: ProducerLease(p, through.get(p, -1), written[p], closed.get(p)) for p in written}
+
+
+@dataclass(frozen=True)
+class LeaseShortfall:
+    """Sequence numbers of a producer up to its bound that nothing accounts for."""
+
+    producer_id: str
+    state: str
+    bound: int
+    """The lease (dead producer) or the last sequence number used (closed producer)."""
+    missing: list[tuple[int, int]]
+
+    @property
+    def count(self) -> int:
+        """How many sequence numbers are missing: an upper bound on the entries lost (some may
+        never have been used, or never answered)."""
+        return sum(hi - lo + 1 for lo, hi in self.missing)
+
+
+def lease_shortfall(lease: ProducerLease, accounted: Iterable[Sequence[int]], start: int,
+                    now_us: int, stale_s: float = PRODUCER_STALE_S) -> LeaseShortfall | None:
+    """Sequence numbers in ``[start, bound]`` that ``accounted`` (ranges of rows in the journal
+    and of signed gaps) does not cover, for a dead producer (bound: its lease) or a closed one
+    (bound: its last sequence number). ``None`` for a live producer: its in-flight range is no
+    loss yet."""
+    state = lease.state(now_us, stale_s)
+    if state == LIVE:
+        return None
+    bound = lease.closed_seq if state == CLOSED else lease.leased_through
+    assert bound is not None
+    missing: list[tuple[int, int]] = []
+    cursor = start
+    for lo, hi in merge_runs(accounted):
+        if hi < cursor:
+            continue
+        if lo > bound:
+            break
+        if lo > cursor:
+            missing.append((cursor, min(lo - 1, bound)))
+        cursor = max(cursor, hi + 1)
+    if cursor <= bound:
+        missing.append((cursor, bound))
+    return LeaseShortfall(lease.producer_id, state, bound, missing)

@@ -5,8 +5,12 @@ A captured call is kept, sampled out or dropped; the exact counters
 drop reason, so verify can explain every gap in a producer's sequence numbers. This module holds
 the replica's side of that bookkeeping: :class:`DropCounter` (drops the replica itself decides:
 buffer full, wait timeout, ...), :class:`TransportDropCounter` (entries a transport accepted and
-then dropped) and :class:`ReplicaCounters`, which owns both and flushes the counters to storage.
-The counter data structures themselves live in :mod:`serve_journal.counters`.
+then dropped) and :class:`ReplicaCounters`, which owns both, flushes the counters to storage and
+keeps the producer's *sequence lease*: the replica answers a call only when its sequence number
+is within a lease already durable in the signed counters chain (:class:`LeasedBuffer` is that
+one integer compare on the request path), so a replica killed at any moment leaves a signed
+bound on what it may have answered and lost. The counter data structures themselves live in
+:mod:`serve_journal.counters`.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pyarrow as pa
 from pyarrow.compute import equal as pc_equal
 
-from serve_journal.counters import DROPPED, CounterSet, CountersSigner
+from serve_journal.counters import DROPPED, LEASE_KEEPALIVE_S, CounterSet, CountersSigner
 from serve_journal.metrics import JournalMetrics
 from serve_journal.storage import JournalStorage
 
@@ -27,8 +32,15 @@ from .entries import CapturedCall, Finalized
 
 logger = logging.getLogger("serve_journal")
 
+REASON_LEASE_PENDING = "lease_pending"
 WARN_EVERY_S = 10.0
 """At most one "dropped journal entries" warning per this many seconds."""
+LEASE_S = 1.0
+"""A lease extension covers about this many seconds of the replica's recent traffic..."""
+LEASE_MIN = 256
+"""...and at least this many sequence numbers (the first lease, quiet replicas)."""
+LEASE_MAX = 100_000
+"""...and at most this many (a burst does not make the bound on a death's loss huge)."""
 
 
 class DropCounter:
@@ -96,7 +108,8 @@ class TransportDropCounter:
 
 
 class ReplicaCounters:
-    """The exact counters of one producer, its drop counters, and their flush to storage."""
+    """The exact counters of one producer, its drop counters, its sequence lease, and their
+    flush to storage."""
 
     def __init__(self, producer_id: str, metrics: JournalMetrics, default_tier: str,
                  storage: JournalStorage, signer: CountersSigner | None = None) -> None:
@@ -105,6 +118,29 @@ class ReplicaCounters:
         self.transport_drops = TransportDropCounter(self.exact, metrics, producer_id)
         self._metrics = metrics
         self._storage = storage
+        self.lease_through = -1
+        """Calls with ``seq <= lease_through`` may be answered: the lease is durable. Read on
+        the request path; only :meth:`extend_lease` and :meth:`flush` raise it."""
+        self._lease_size = LEASE_MIN
+        self._lease_mark: tuple[float, int] | None = None  # (monotonic time, next seq) at last extension
+
+    def extend_lease(self, next_seq: int, model: str) -> None:
+        """Write a longer lease when less than half of the current one is left (flusher thread,
+        and once before the replica serves). ``next_seq``: the next sequence number to be used.
+        The new lease covers about :data:`LEASE_S` of recent traffic beyond ``next_seq``; it
+        counts only once its counters file is written."""
+        if self.lease_through - next_seq + 1 >= self._lease_size // 2:
+            return
+        now = time.monotonic()
+        if self._lease_mark is not None and now > self._lease_mark[0]:
+            rate = (next_seq - self._lease_mark[1]) / (now - self._lease_mark[0])
+            self._lease_size = max(LEASE_MIN, min(LEASE_MAX, int(rate * LEASE_S)))
+        self._lease_mark = (now, next_seq)
+        self.exact.carry_lease(model, max(self.lease_through, next_seq - 1) + self._lease_size)
+        try:
+            self.exact.flush_to(self._storage)
+        finally:
+            self.lease_through = self.exact.durable_lease
 
     def record_finalized(self, calls: Sequence[CapturedCall], fin: Finalized) -> None:
         """Count a finalized batch: each call kept or sampled out, per tier."""
@@ -120,5 +156,44 @@ class ReplicaCounters:
         return {**self.drops.by_reason, **self.transport_drops.by_reason}
 
     def flush(self) -> None:
-        """Write the counters gathered since the last flush to storage."""
+        """Write the counters gathered since the last flush to storage (with the lease; a
+        lease-only file when idle for :data:`LEASE_KEEPALIVE_S`, so a live replica never looks
+        dead)."""
+        idle = time.time() - self.exact.last_written >= LEASE_KEEPALIVE_S
+        try:
+            self.exact.flush_to(self._storage, keepalive=idle)
+        finally:
+            self.lease_through = self.exact.durable_lease
+
+    def close(self, last_seq: int) -> None:
+        """Write the final counters file: everything counted and the closed mark with
+        ``last_seq``, the last sequence number used (-1: none). No call is admitted after."""
+        self.lease_through = -1
+        self.exact.mark_closed(last_seq)
         self.exact.flush_to(self._storage)
+
+
+class LeasedBuffer:
+    """The replica's buffer as the request path sees it: a call beyond the durable lease finds
+    no room, so its risk tier decides (drop counted, wait, or refuse), as for a full buffer."""
+
+    __slots__ = ("_counters", "_offer", "_on_drop")
+
+    def __init__(self, offer: Callable[..., bool], counters: ReplicaCounters,
+                 on_drop: Callable[[Sequence[Any], str], None]) -> None:
+        self._offer = offer
+        self._counters = counters
+        self._on_drop = on_drop
+
+    def offer(self, item: CapturedCall, *, report_drop: bool = True,
+              reserved: bool = False) -> bool:
+        """Buffer ``item`` if its sequence number is within the lease; see
+        :meth:`serve_journal._private.batching.BatchWorker.offer`. Never raises."""
+        if item.seq > self._counters.lease_through:
+            if report_drop:
+                try:
+                    self._on_drop((item,), REASON_LEASE_PENDING)
+                except Exception:  # noqa: BLE001 - the request path never raises
+                    pass
+            return False
+        return self._offer(item, report_drop=report_drop, reserved=reserved)

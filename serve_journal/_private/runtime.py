@@ -4,8 +4,13 @@ The runtime owns the parts :func:`~serve_journal._private.wiring.wire` built fro
 the request path (:class:`~serve_journal._private.capture.CallCapture`), the buffer and its
 flusher thread (:class:`~serve_journal._private.batching.BatchWorker`, exporting through
 :class:`~serve_journal._private.export.BatchExporter`), and the flusher's periodic tasks: model
-alias refresh, counters flush, metrics report and the heartbeat to the journal's coordinator.
-It also reports this producer's counters and flushes and closes the whole.
+alias refresh, sequence lease, counters flush, metrics report and the heartbeat to the
+journal's coordinator. It also reports this producer's counters and flushes and closes the whole.
+
+The request path offers calls through :class:`~serve_journal._private.counters.LeasedBuffer`:
+a call is answered only within a sequence lease already durable in the signed counters chain
+(the first lease is written before the replica serves; the flusher extends it in the background),
+and a clean close writes the closed mark. So a killed replica's loss is bounded and shown.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from serve_journal.registry import ModelInfo, resolve_model
 
 from .batching import BatchWorker, PeriodicTask
 from .capture import CallCapture
+from .counters import LeasedBuffer
 from .export import BatchExporter
 from .wiring import wire
 
@@ -57,6 +63,8 @@ class JournalRuntime:
         periodic = [
             PeriodicTask("registry-refresh", min(config.registry_refresh_s, MAX_REFRESH_CHECK_S),
                          self._maybe_refresh),
+            # Interval 0: checked on every flusher wake-up (an integer compare unless due).
+            PeriodicTask("lease", 0.0, self._extend_lease),
             PeriodicTask("counters", COUNTERS_INTERVAL_S, self._flush_counters),
             PeriodicTask("metrics", METRICS_INTERVAL_S, self._report_metrics),
         ]
@@ -74,7 +82,14 @@ class JournalRuntime:
             periodic=periodic,
             start=False,
         )
-        self.capturer = CallCapture(parts.model, self.worker, parts.finalizer, self.drops,
+        self._lease_model = parts.model.name
+        try:  # the first lease, durable before the first answer
+            self._accounting.extend_lease(0, self._lease_model)
+        except Exception:  # noqa: BLE001 - calls wait, drop (counted) or are refused until it is
+            logger.warning("serve_journal: writing the first sequence lease failed; the flusher "
+                           "retries", exc_info=True)
+        buffer = LeasedBuffer(self.worker.offer, parts.counters, self.drops)
+        self.capturer = CallCapture(parts.model, buffer, parts.finalizer, self.drops,
                                     parts.metrics, parts.jwt, config.on_invalid_caller)
         # Everything the flusher's tasks reach exists now: start it.
         self.worker.start()
@@ -119,6 +134,9 @@ class JournalRuntime:
 
     def _flush_counters(self) -> None:
         self._accounting.flush()
+
+    def _extend_lease(self) -> None:
+        self._accounting.extend_lease(self.capturer.captured, self._lease_model)
 
     def _report_metrics(self) -> None:
         self.metrics.set_buffer_depth(len(self.worker), self.config.buffer_capacity)
@@ -196,7 +214,7 @@ class JournalRuntime:
         try:
             self.worker.close(timeout)
             self.transport.close(timeout)
-            self._flush_counters()
+            self._accounting.close(self.captured - 1)
         finally:
             self._closed = True
             if self._reports_heartbeats:

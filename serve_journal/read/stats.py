@@ -4,6 +4,11 @@
 sample (each kept entry weighs ``1 / sample_rate``), with a standard error and a 95 % interval, for
 groupings the counters do not have (a caller, a score band). :func:`accounted_gaps` tells verify
 which sequence ranges the producers declared not kept, and why.
+
+A count is labelled exact only when it is: every producer that touched it closed cleanly with
+nothing unaccounted, and no producer has more rows in the journal than its counters kept. A
+producer still open (its latest counters not yet written) makes its groups "at least"; one that
+died (see :func:`serve_journal.counters.lease_shortfall`) adds "up to N lost with its death".
 """
 
 
@@ -13,9 +18,10 @@ import datetime as dt
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -24,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from serve_journal.catalog import live_files
 from serve_journal.catalog.layout import COLD, HOT, PARQUET_SUFFIX, escape_value
 from serve_journal.counters import (
+    CLOSED,
     COUNT_DIMENSIONS,
     COUNTER_SCHEMA,
     COUNTERS_DIR,
@@ -32,6 +39,8 @@ from serve_journal.counters import (
     KEPT,
     KIND_COUNT,
     KIND_GAP,
+    LIVE,
+    PRODUCER_STALE_S,
     SAMPLED_OUT,
     CounterSet,
     CounterSnapshot,
@@ -40,7 +49,9 @@ from serve_journal.counters import (
     decode_counters,
     encode_counters,
     gap_reason,
+    lease_shortfall,
     merge_runs,
+    producer_leases,
     read_counters_file,
 )
 from serve_journal.integrity.certificates import PURPOSE_COUNTERS, certified_keys
@@ -121,6 +132,11 @@ def load_counters(
     """
     since, until = _floor_minute(since), _floor_minute(until)
     table = _read_counter_rows(storage, since, until, model, reader_counter_keys(storage))
+    return _count_rows(table, since, until, model)
+
+
+def _count_rows(table: pa.Table, since: dt.datetime | None, until: dt.datetime | None,
+                model: str | None) -> pa.Table:
     mask = pc.equal(table["kind"], KIND_COUNT)
     if since is not None:
         mask = pc.and_(mask, pc.greater_equal(table["minute"], pa.scalar(since, table["minute"].type)))
@@ -183,6 +199,9 @@ class GroupStats:
     rate: float | None
     """``estimate`` as a share of the sampled population (exact count of kept + sampled out)."""
     rate_ci95: tuple[float, float] | None
+    complete: bool = True
+    """``exact`` is the group's exact count; false: a lower bound (a producer of the group is
+    still open, died, or has more rows in the journal than its counters kept)."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +217,16 @@ class StatsReport:
     dropped_by_reason: dict[str, int]
     journal_rows: int
     groups: list[GroupStats]
+    not_exact: dict[str, str] = field(default_factory=dict)
+    """``{producer_id: why}`` for every producer whose counts are not (yet) exact."""
+    lost_up_to: dict[str, int] = field(default_factory=dict)
+    """``{producer_id: n}``: up to ``n`` entries lost with that producer's death (or unaccounted
+    after its clean close)."""
+
+    @property
+    def exact(self) -> bool:
+        """Whether :attr:`captured` and every group's ``exact`` are exact."""
+        return not self.not_exact
 
     @property
     def population(self) -> int:
@@ -206,8 +235,18 @@ class StatsReport:
 
     def format_text(self) -> str:
         """A plain-text table for the CLI."""
+        if self.exact:
+            label = f"captured {self.captured} (exact)"
+        else:
+            lost = sum(self.lost_up_to.values())
+            label = (f"captured at least {self.captured} (not exact: "
+                     + "; ".join(f"{p} {why}" for p, why in sorted(self.not_exact.items())) + ")"
+                     + (f"; up to {lost} entries lost with "
+                        + ", ".join(f"replica {p}'s death" if "died" in self.not_exact.get(p, "")
+                                    else f"replica {p}" for p in sorted(self.lost_up_to))
+                        if lost else ""))
         lines = [
-            f"captured {self.captured} (exact): kept {self.kept}, sampled out {self.sampled_out}, "
+            f"{label}: kept {self.kept}, sampled out {self.sampled_out}, "
             f"dropped {self.dropped}"
             + (f" {self.dropped_by_reason}" if self.dropped_by_reason else "")
             + f"; journal rows {self.journal_rows}",
@@ -220,7 +259,7 @@ class StatsReport:
             rate_ci = "-" if g.rate_ci95 is None else f"[{g.rate_ci95[0]:.4f}, {g.rate_ci95[1]:.4f}]"
             lines.append("  ".join([
                 *(str(g.group[c]) for c in self.group_by),
-                "-" if g.exact is None else str(g.exact),
+                "-" if g.exact is None else (str(g.exact) if g.complete else f">={g.exact}"),
                 "-" if g.dropped is None else str(g.dropped),
                 str(g.kept), f"{g.estimate:.1f}", f"{half:.1f}", rate, rate_ci,
             ]))
@@ -307,18 +346,25 @@ def stats(
     group_by: Sequence[str] = ("model_name", "decision", "risk_tier"),
     tiers: Sequence[str] = (HOT, COLD),
     z: float = Z95,
+    now: dt.datetime | None = None,
+    stale_s: float = PRODUCER_STALE_S,
 ) -> StatsReport:
     """Exact counts from the counters and weighted estimates from the kept sample.
 
     ``group_by`` may name any journal column. Where every grouping column is one the counters
-    have (:data:`COUNT_DIMENSIONS`), each group also shows its exact count. Times are rounded down
-    to the minute (the counters' resolution).
+    have (:data:`COUNT_DIMENSIONS`), each group also shows its exact count, labelled exact only
+    when it is (:attr:`GroupStats.complete`, :attr:`StatsReport.not_exact`). Times are rounded
+    down to the minute (the counters' resolution). ``now`` and ``stale_s``: the clock and the
+    silence after which an unclosed producer is presumed dead.
     """
     group_by = tuple(group_by)
     if not group_by:
         raise ValueError("group_by must name at least one column")
     since, until = _floor_minute(since), _floor_minute(until)
-    counters = load_counters(storage, since, until, model)
+    # Files from the window's first day on, with no upper bound: a producer's newest lease row
+    # (or its closed mark) may be in a later file than its counts.
+    every_row = _read_counter_rows(storage, since, None, model, reader_counter_keys(storage))
+    counters = _count_rows(every_row, since, until, model)
     by_disposition = dict.fromkeys(DISPOSITIONS, 0)
     dropped_by_reason: dict[str, int] = {}
     for disposition, reason, n in zip(
@@ -345,6 +391,18 @@ def stats(
                 dropped[key] = dropped.get(key, 0) + n
     estimates = {tuple(_normalise(v) for v in k): e for k, e in estimates.items()}
 
+    now_us = int((now or dt.datetime.now(dt.UTC)).timestamp() * 1_000_000)
+    not_exact, lost = _not_exact(every_row, counters, sample, since is not None, now_us, stale_s)
+    incomplete: set[tuple] = set()
+    if not_exact:
+        bad = pa.array(sorted(not_exact))
+        for table in (counters, sample):
+            touched = table.filter(pc.is_in(table["producer_id"], value_set=bad))
+            if touched.num_rows and set(group_by) <= set(touched.column_names):
+                cols = [touched[c].to_pylist() for c in group_by]
+                incomplete.update(tuple(_normalise(c[i]) for c in cols)
+                                  for i in range(touched.num_rows))
+
     population = by_disposition[KEPT] + by_disposition[SAMPLED_OUT]
     has_exact = set(group_by) <= set(COUNT_DIMENSIONS)
     groups = []
@@ -364,6 +422,7 @@ def stats(
             ci95=(max(0.0, estimate - z * se), estimate + z * se),
             rate=rate,
             rate_ci95=rate_ci,
+            complete=key not in incomplete,
         ))
     return StatsReport(
         group_by=group_by,
@@ -374,7 +433,73 @@ def stats(
         dropped_by_reason=dropped_by_reason,
         journal_rows=sample.num_rows,
         groups=groups,
+        not_exact=not_exact,
+        lost_up_to=lost,
     )
+
+
+def _seq_runs(seqs: pa.Array | pa.ChunkedArray) -> list[tuple[int, int]]:
+    """Sorted, merged inclusive runs of the sequence numbers ``seqs``."""
+    values = np.unique(np.asarray(seqs, dtype=np.int64))
+    if not len(values):
+        return []
+    breaks = np.nonzero(np.diff(values) != 1)[0]
+    starts = values[np.r_[0, breaks + 1]]
+    ends = values[np.r_[breaks, len(values) - 1]]
+    return list(zip(starts.tolist(), ends.tolist(), strict=True))
+
+
+def _not_exact(every_row: pa.Table, counts: pa.Table, sample: pa.Table, windowed: bool,
+               now_us: int, stale_s: float) -> tuple[dict[str, str], dict[str, int]]:
+    """``({producer: why its counts are not exact}, {producer: up to n entries lost})``.
+
+    A leasing producer is exact only once closed with every sequence number up to its last one
+    accounted for; a dead one's unaccounted range up to its lease is "lost"; any producer with
+    more rows in the journal than its counters kept is not exact (its last counters are
+    missing)."""
+    leases = producer_leases(every_row)
+    gap_rows = every_row.filter(pc.equal(every_row["kind"], KIND_GAP))
+    gaps: dict[str, list[tuple[int, int]]] = {}
+    for producer, lo, hi in zip(gap_rows["producer_id"].to_pylist(),
+                                gap_rows["seq_lo"].to_pylist(), gap_rows["seq_hi"].to_pylist(),
+                                strict=True):
+        gaps.setdefault(producer, []).append((lo, hi))
+    kept_rows = counts.filter(pc.equal(counts["disposition"], KEPT))
+    kept: dict[str, int] = {}
+    for producer, n in zip(kept_rows["producer_id"].to_pylist(), kept_rows["count"].to_pylist(),
+                           strict=True):
+        kept[producer] = kept.get(producer, 0) + n
+    rows: dict[str, int] = {}
+    if sample.num_rows:
+        agg = sample.group_by("producer_id", use_threads=False).aggregate([("seq", "count")])
+        rows = dict(zip(agg["producer_id"].to_pylist(), agg["seq_count"].to_pylist(), strict=True))
+    not_exact: dict[str, str] = {}
+    lost: dict[str, int] = {}
+    for producer in sorted(set(leases) | set(rows) | set(kept)):
+        lease = leases.get(producer)
+        if lease is not None:
+            state = lease.state(now_us, stale_s)
+            if state == LIVE:
+                not_exact[producer] = "still open (its latest counts may not be written yet)"
+                continue
+            seqs = sample.filter(pc.equal(sample["producer_id"], producer))["seq"]
+            if windowed and not len(seqs):
+                start = lease.leased_through + 1  # nothing of it in the window
+            else:
+                start = int(pc.min(seqs).as_py()) if windowed else 0
+            short = lease_shortfall(lease, _seq_runs(seqs) + gaps.get(producer, []), start,
+                                    now_us, stale_s)
+            if short is not None and short.count:
+                lost[producer] = short.count
+                not_exact[producer] = (f"died (silent for over {stale_s:g} s, never closed)"
+                                       if state != CLOSED else
+                                       "closed with sequence numbers unaccounted for")
+                continue
+        if rows.get(producer, 0) > kept.get(producer, 0):
+            not_exact[producer] = (f"has {rows[producer]} rows in the journal but its counters "
+                                   f"kept {kept.get(producer, 0)} (its latest counters are "
+                                   "missing)")
+    return not_exact, lost
 
 
 def _normalise(value: Any) -> Any:

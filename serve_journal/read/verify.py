@@ -85,7 +85,7 @@ from serve_journal.integrity.manifest import (
 )
 from serve_journal.integrity.merkle import table_merkle_root
 from serve_journal.read.verify_counters import HEADS_PREFIX as COUNTERS_HEADS
-from serve_journal.read.verify_counters import check_counters
+from serve_journal.read.verify_counters import check_counters, lease_findings
 from serve_journal.storage import JournalStorage
 from serve_journal.times import as_utc, to_micros
 
@@ -851,6 +851,9 @@ def verify_journal(
             report._add(kind, path, detail)
         report.heads.update(counted.heads)
         accounted_gaps = counted.gaps
+        # A dead replica's unaccounted tail, up to its signed lease (verify_counters).
+        for kind, path, detail in lease_findings(counted, (r.seq_ranges for r in scoped), now):
+            report._add(kind, path, detail)
     _check_sequences(scoped, accounted_gaps, seq_start if since is None else None, report)
 
     def in_scope(path: str) -> bool:

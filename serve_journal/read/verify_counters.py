@@ -12,24 +12,41 @@ producer (:mod:`serve_journal.counters`); the journal's manifest key certifies t
   errors;
 - each producer's chain head is remembered with the manifest chains' heads
   (``counters/<producer>``); a head an earlier run saw that is gone now is an error
-  (``counters-rolled-back``: the newest counters file deleted).
+  (``counters-rolled-back``: the newest counters file deleted);
+- each producer's signed sequence lease (:func:`serve_journal.counters.producer_leases`) bounds
+  what it may have answered. :func:`lease_findings`: a producer that never closed and wrote no
+  counters file for :data:`~serve_journal.counters.PRODUCER_STALE_S` died; the sequence numbers
+  past everything the journal's rows and signed gaps account for, up to its lease, are an error
+  (``producer-died``, "up to N entries lost"). An error, not a warning: those calls may have been
+  answered, and verify OK must mean every answered call's entry is in the journal or its absence
+  is a counted drop the tier allowed; a death is neither (it is also no tampering, and the
+  finding says so). A closed producer's sequence numbers up to its last one must all be
+  accounted for (``sequence-gap``). A live producer's in-flight range is no finding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from serve_journal.catalog.layout import PARQUET_SUFFIX, escape_value
 from serve_journal.counters import (
+    CLOSED,
     COUNTERS_DIR,
+    DEAD,
     KIND_GAP,
+    PRODUCER_STALE_S,
     CountersFile,
+    ProducerLease,
     gap_reason,
+    lease_shortfall,
     merge_runs,
+    producer_leases,
     read_counters_file,
 )
 from serve_journal.integrity.certificates import (
@@ -54,6 +71,10 @@ class CountersCheck:
     problems: list[tuple[str, str, str]] = field(default_factory=list)
     """``(kind, path, detail)``, all errors."""
     heads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    leases: dict[str, ProducerLease] = field(default_factory=dict)
+    """Every leasing producer's signed lease (see :func:`lease_findings`)."""
+    lease_paths: dict[str, str] = field(default_factory=dict)
+    """The newest counters file of each leasing producer (where a finding points)."""
 
 
 def check_counters(storage: JournalStorage, public_key: Ed25519PublicKey, model: str | None = None,
@@ -87,6 +108,16 @@ def check_counters(storage: JournalStorage, public_key: Ed25519PublicKey, model:
             f"copied, or its key's certificate is gone); {why}")))
     if model is None:
         _check_chains(valid, expected_heads or {}, out)
+    if valid:
+        out.leases = producer_leases(pa.concat_tables([f.table for f in valid]))
+        newest: dict[str, tuple[int, str]] = {}
+        for counters in valid:
+            for row in counters.lease_rows():
+                at = row["minute"]
+                at_us = int(at.timestamp() * 1_000_000) if at is not None else 0
+                if at_us >= newest.get(row["producer_id"], (-1, ""))[0]:
+                    newest[row["producer_id"]] = (at_us, counters.path)
+        out.lease_paths = {p: path for p, (_, path) in newest.items()}
     grouped: dict[str, dict[str, list[tuple[int, int]]]] = {}
     for counters in valid:
         table = counters.table
@@ -139,3 +170,40 @@ def _check_chains(valid: list[CountersFile], expected: Mapping[str, Mapping[str,
             out.problems.append(("counters-rolled-back", path, (
                 f"producer {producer}: an earlier verify saw this counters file signed at the "
                 "head of the producer's chain; it is gone or no longer verifies")))
+
+
+def lease_findings(check: CountersCheck, seq_ranges: Iterable[Mapping[str, Sequence[Sequence[int]]]],
+                   now: dt.datetime | None = None, stale_s: float = PRODUCER_STALE_S,
+                   ) -> list[tuple[str, str, str]]:
+    """``(kind, path, detail)`` errors for producers whose lease outruns what is accounted for:
+    a dead producer's unaccounted tail up to its lease (``producer-died``), a closed producer's
+    unaccounted tail up to its last sequence number (``sequence-gap``). ``seq_ranges``: the
+    per-producer sequence ranges of the data files' records; gaps inside those ranges are
+    :func:`serve_journal.read.verify` ``sequence-gap`` findings already."""
+    now_us = int((now or dt.datetime.now(dt.UTC)).timestamp() * 1_000_000)
+    rows: dict[str, list[tuple[int, int]]] = {}
+    for ranges in seq_ranges:
+        for producer, runs in ranges.items():
+            rows.setdefault(producer, []).extend((int(lo), int(hi)) for lo, hi in runs)
+    out = []
+    for producer, lease in sorted(check.leases.items()):
+        accounted = rows.get(producer, []) + [(lo, hi) for lo, hi, _ in check.gaps.get(producer, [])]
+        start = max((hi for _, hi in accounted), default=-1) + 1
+        short = lease_shortfall(lease, accounted, start, now_us, stale_s)
+        if short is None or not short.count:
+            continue
+        path = check.lease_paths.get(producer, f"{COUNTERS_DIR}/")
+        lo, hi = short.missing[0][0], short.missing[-1][1]
+        if short.state == DEAD:
+            silent = dt.datetime.fromtimestamp(lease.written_us / 1e6, dt.UTC).isoformat(
+                timespec="seconds")
+            out.append(("producer-died", path, (
+                f"producer {producer}: never closed and silent since {silent} (over {stale_s:g} "
+                f"s): presumed dead; sequence {lo}..{hi} is within its signed lease but neither "
+                f"in the journal nor counted: up to {short.count} entries lost with its death "
+                "(calls it may have answered; not a sign of tampering)")))
+        elif short.state == CLOSED:
+            out.append(("sequence-gap", path, (
+                f"producer {producer}: closed cleanly at sequence {short.bound}, but {lo}..{hi} "
+                f"({short.count} entries) is neither in the journal nor counted: loss")))
+    return out
