@@ -105,3 +105,17 @@ class WireFormatError(ValueError):
 
 class SpoolInUseError(ValueError):
     """The spool directory is locked by another live spool (process or object)."""
+
+
+class ArchivedObjectError(RuntimeError):
+    """Journal files sit in an archive storage class (S3 GLACIER / DEEP_ARCHIVE, not restored):
+    they cannot be read until restored. ``paths`` are relative to the journal root and
+    ``restore_command`` is the command that restores them (S3 RestoreObject)."""
+
+    def __init__(self, paths: Any, restore_command: str) -> None:
+        self.paths = tuple(sorted(paths))
+        self.restore_command = restore_command
+        shown = ", ".join(self.paths[:3]) + (f" and {len(self.paths) - 3} more"
+                                             if len(self.paths) > 3 else "")
+        super().__init__(f"restore needed: {len(self.paths)} archived journal file(s) cannot be "
+                         f"read until restored ({shown}); run: {restore_command}")

@@ -12,6 +12,12 @@ listings go through boto3:
 * the returned ``VersionId`` goes into :class:`~serve_journal.storage.base.StoredObject` and from there
   into the manifest record, so verify can tell the recorded version from a shadow version.
 
+Objects a bucket lifecycle rule moved to an archive class (``GLACIER``, ``DEEP_ARCHIVE``; see
+``maintain/lifecycle.s3_lifecycle_configuration``) cannot be read until restored: a read raises
+:class:`~serve_journal.errors.ArchivedObjectError` naming the file and the restore command, and
+:meth:`S3WormStorage.archive_states` / :meth:`S3WormStorage.restore` find and restore them
+(:mod:`serve_journal.storage.archive` is the tier-independent front).
+
 ``filesystem`` is still a pyarrow ``S3FileSystem`` on the same endpoint, for readers (DuckDB,
 pyarrow.dataset) that want one.
 """
@@ -28,6 +34,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from serve_journal.errors import ArchivedObjectError
 from serve_journal.storage.base import JournalStorage, ObjectExistsError, StoredObject
 from serve_journal.storage.retention import RetentionPolicy, TieredRetention
 
@@ -42,6 +49,38 @@ class ObjectVersion:
     is_delete_marker: bool
     size: int | None
     last_modified: dt.datetime | None
+
+
+ARCHIVE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
+"""Storage classes whose objects must be restored (S3 RestoreObject) before a GET. Glacier
+Instant Retrieval (``GLACIER_IR``) reads like any other class."""
+
+RESTORE_TIERS = ("Standard", "Bulk", "Expedited")
+
+
+@dataclass(frozen=True)
+class ArchiveState:
+    """An object in an archive storage class and how far its restore is."""
+
+    path: str
+    storage_class: str
+    restore: str
+    """``none`` (not requested or expired), ``in-progress`` or ``restored`` (readable now)."""
+    restored_until: str | None = None
+
+    @property
+    def readable(self) -> bool:
+        return self.restore == "restored"
+
+
+def _restore_state(header: str | None) -> tuple[str, str | None]:
+    """``(state, expiry)`` from a HEAD ``x-amz-restore`` header."""
+    if not header:
+        return "none", None
+    if 'ongoing-request="true"' in header:
+        return "in-progress", None
+    expiry = header.split('expiry-date="', 1)[1].split('"', 1)[0] if "expiry-date" in header else None
+    return "restored", expiry
 
 
 def _boto3() -> Any:
@@ -200,6 +239,8 @@ class S3WormStorage(JournalStorage):
             code, status = _error_code(exc)
             if status == 404 or code in ("NoSuchKey", "NoSuchVersion", "404"):
                 raise FileNotFoundError(f"journal object not found: {relative}") from exc
+            if code == "InvalidObjectState":
+                raise ArchivedObjectError([relative], self.restore_command()) from None
             raise
         with response["Body"] as body:
             return body.read(), response.get("VersionId")
@@ -254,3 +295,64 @@ class S3WormStorage(JournalStorage):
             for item in page.get("DeleteMarkers", []):
                 yield ObjectVersion(self._relative(item["Key"]), item["VersionId"],
                                     bool(item.get("IsLatest")), True, None, item.get("LastModified"))
+
+    # -- archive classes ---------------------------------------------------------------------
+
+    def restore_command(self) -> str:
+        """The command that restores this journal's archived files."""
+        return f"serve-journal restore --journal {self.uri}"
+
+    def archive_states(self, prefix: str = "") -> dict[str, ArchiveState]:
+        """Objects below ``prefix`` in an archive class, with their restore state: one listing,
+        then one HEAD per archived object (the listing does not say whether it is restored)."""
+        out: dict[str, ArchiveState] = {}
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._full_prefix(prefix)):
+            for item in page.get("Contents", []):
+                storage_class = item.get("StorageClass") or "STANDARD"
+                if storage_class in ARCHIVE_CLASSES:
+                    out[self._relative(item["Key"])] = self.archive_state(
+                        self._relative(item["Key"]), storage_class)
+        return out
+
+    def archive_state(self, relative: str, storage_class: str | None = None) -> ArchiveState | None:
+        """The archive state of ``relative``; ``None`` when it is not in an archive class."""
+        head = self.client.head_object(Bucket=self.bucket, Key=self.key(relative))
+        storage_class = head.get("StorageClass") or storage_class or "STANDARD"
+        if storage_class not in ARCHIVE_CLASSES:
+            return None
+        state, expiry = _restore_state(head.get("Restore"))
+        return ArchiveState(relative, storage_class, state, expiry)
+
+    def head_record(self, relative: str) -> dict[str, Any]:
+        """What S3 keeps about the current version without reading it: ``version_id``, ``size``
+        and ``sha256`` (hex, the checksum S3 checked the body against on upload; ``None`` when
+        the object was stored without one)."""
+        head = self.client.head_object(Bucket=self.bucket, Key=self.key(relative),
+                                       ChecksumMode="ENABLED")
+        checksum = head.get("ChecksumSHA256")
+        sha = None
+        if checksum and "-" not in checksum:  # "...-N" is a multipart checksum of checksums
+            sha = base64.b64decode(checksum).hex()
+        return {"version_id": head.get("VersionId"), "size": head.get("ContentLength"),
+                "sha256": sha}
+
+    def restore(self, relative: str, *, days: int = 7, tier: str = "Standard") -> str:
+        """Ask S3 to restore ``relative`` for ``days`` (RestoreObject). Idempotent; returns
+        ``started``, ``in-progress`` or ``restored`` (already readable; the copy's expiry is
+        extended to ``days``)."""
+        if tier not in RESTORE_TIERS:
+            raise ValueError(f"tier must be one of {', '.join(RESTORE_TIERS)}, got {tier!r}")
+        if not isinstance(days, int) or isinstance(days, bool) or days < 1:
+            raise ValueError(f"days must be a positive number of days, got {days!r}")
+        try:
+            response = self.client.restore_object(
+                Bucket=self.bucket, Key=self.key(relative),
+                RestoreRequest={"Days": days, "GlacierJobParameters": {"Tier": tier}})
+        except Exception as exc:
+            code, _ = _error_code(exc)
+            if code == "RestoreAlreadyInProgress":
+                return "in-progress"
+            raise
+        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        return "restored" if status == 200 else "started"
