@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -19,6 +20,7 @@ from serve_journal.integrity.fingerprint import fingerprint
 from serve_journal.privacy.forget import (
     ForgetEvent,
     ForgetIncompleteError,
+    ForgetReceipt,
     count_subject_entries,
     forget,
     forget_subject,
@@ -263,12 +265,14 @@ def test_cli_forget_reads_subject_ids_from_stdin(tmp_path, monkeypatch):
 
     forgotten: list[str] = []
 
-    def fake_forget(subject_id: str, **options) -> dict:
+    def fake_forget(subject_id: str, **options) -> ForgetReceipt:
         forgotten.append(subject_id)
+        receipt = ForgetReceipt(f"r-{len(forgotten)}", "2025-03-04T00:00:00", "k", "shredded", 0,
+                                [], hooks={"purge": "ok", "forget": "not_configured"})
         if subject_id == "carol":
-            raise ForgetIncompleteError(type("R", (), {"receipt_id": "r-3",
-                                                       "hooks": {"purge": "failed:OSError"}})())
-        return {"status": "shredded", "n": len(forgotten)}
+            raise ForgetIncompleteError(dataclasses.replace(
+                receipt, hooks={"purge": "failed:OSError", "forget": "not_configured"}))
+        return receipt
 
     monkeypatch.setattr(cli, "forget_subject", fake_forget)
     runner = CliRunner()

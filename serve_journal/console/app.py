@@ -40,6 +40,7 @@ from serve_journal.console.settings import (
     journal_tokenizer,
 )
 from serve_journal.console.state import ConsoleState
+from serve_journal.privacy.forget import ForgetHooks
 
 STATIC_DIR = os.path.join(os.path.dirname(__file__), "static")
 ROUTERS = (session_router, investigate_router, models_router, reports_router, admin_router)
@@ -133,6 +134,7 @@ def run_console(
     session_ttl_s: float = 1800.0,
     tokenizer_factory: Callable[[], Tokenizer | None] | None = None,
     forgetter_factory: Callable[[], Callable[[str], Any]] | None = None,
+    forget_hooks: ForgetHooks | None = None,
     echo: Callable[[str], None] = print,
 ) -> None:
     """Serve the console until interrupted (what ``serve-journal console`` calls).
@@ -140,6 +142,8 @@ def run_console(
     Production mode needs ``users_file`` with at least one account. ``dev=True`` without a users
     file creates a one-time account ``dev`` and shows its random password once through ``echo``.
     ``use_serve=True`` deploys it as a Ray Serve app on ``host:port`` instead of plain uvicorn.
+    ``forget_hooks``: the purge and retraining hooks of the default forgetter (by name; default
+    from ``SERVE_JOURNAL_PURGE_HOOK`` / ``SERVE_JOURNAL_RETRAINING_HOOK``).
     """
     if users_file is None:
         if not dev:
@@ -154,7 +158,9 @@ def run_console(
         journal_uri=journal_uri, users_file=users_file, secret_file=secret_file,
         session_ttl_s=session_ttl_s, secure_cookies=not loopback,
         tokenizer_factory=tokenizer_factory or functools.partial(journal_tokenizer, journal_uri),
-        forgetter_factory=forgetter_factory or functools.partial(journal_forgetter, journal_uri),
+        forgetter_factory=forgetter_factory or functools.partial(journal_forgetter, journal_uri,
+                                                                 hooks=forget_hooks),
+        forget_hooks=forget_hooks,
         public_key=public_key, key_fingerprint=key_fingerprint, reports_dir=reports_dir,
     )
     if not loopback:

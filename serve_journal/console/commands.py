@@ -12,6 +12,7 @@ import click
 
 from serve_journal.console.app import run_console
 from serve_journal.console.auth import ROLES, add_user, remove_user
+from serve_journal.privacy.forget import ForgetHooks
 
 
 @click.command("console")
@@ -31,16 +32,24 @@ from serve_journal.console.auth import ROLES, add_user, remove_user
 @click.option("--dev", is_flag=True,
               help="Without --users-file: a throw-away account 'dev' with a one-time password.")
 @click.option("--serve", "use_serve", is_flag=True, help="Run as a Ray Serve application.")
+@click.option("--purge-hook", default=None,
+              help="Forget's feature-store purge: 'module:function' or 'features:PATH' "
+                   "(default SERVE_JOURNAL_PURGE_HOOK).")
+@click.option("--retraining-hook", default=None,
+              help="Forget's retraining hook: 'module:function' (default "
+                   "SERVE_JOURNAL_RETRAINING_HOOK).")
 def console_command(journal_uri: str, host: str, port: int, users_file: str | None,
                     secret_file: str | None, reports_dir: str | None, public_key: str | None,
                     key_fingerprint: str | None, session_minutes: int, dev: bool,
-                    use_serve: bool) -> None:
+                    use_serve: bool, purge_hook: str | None, retraining_hook: str | None) -> None:
     """Serve the investigation console (sign-in required; see docs/console.md)."""
     try:
         run_console(journal_uri, host, port, users_file, dev=dev, use_serve=use_serve,
                     secret_file=secret_file, reports_dir=reports_dir, public_key=public_key,
                     key_fingerprint=key_fingerprint,
-                    session_ttl_s=session_minutes * 60.0, echo=click.echo)
+                    session_ttl_s=session_minutes * 60.0,
+                    forget_hooks=ForgetHooks.resolve(purge_hook, retraining_hook),
+                    echo=click.echo)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
 

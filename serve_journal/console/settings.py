@@ -16,7 +16,7 @@ from typing import Any
 from serve_journal.api import subject_tokenizer
 from serve_journal.config import JournalConfig, dev_mode_from_env
 from serve_journal.integrity.trust import TrustAnchor, resolve_trust
-from serve_journal.privacy.forget import forget_subject
+from serve_journal.privacy.forget import ForgetHooks, forget_subject
 from serve_journal.storage import local_root
 
 #: ``subject id -> token`` (``None`` when the subject has no key, e.g. after a forget).
@@ -51,6 +51,10 @@ class ConsoleSettings:
     """Instead of ``public_key``: the key exported beside a local journal, pinned by this
     SHA-256 fingerprint (see :mod:`serve_journal.integrity.trust`)."""
     reports_dir: str | None = None
+    forget_hooks: ForgetHooks | None = None
+    """The purge and retraining hooks the default forgetter calls, by name (shown on the forget
+    page); ``None``: ``SERVE_JOURNAL_PURGE_HOOK`` / ``SERVE_JOURNAL_RETRAINING_HOOK`` of the
+    process that serves."""
     hot_days: int | None = None
     max_rows: int = 500
     title: str = "serve-journal console"
@@ -94,13 +98,20 @@ def journal_tokenizer(journal_uri: str, **options: Any) -> Tokenizer:
 
 
 def journal_forgetter(journal_uri: str, privacy_dir: str | None = None,
-                      vault_url: str | None = None) -> Callable[[str], Any]:
-    """``subject id -> ForgetReceipt`` over the journal's keyring and vault."""
+                      vault_url: str | None = None,
+                      hooks: ForgetHooks | None = None) -> Callable[[str], Any]:
+    """``subject id -> ForgetReceipt`` over the journal's keyring and vault, calling the purge
+    and retraining ``hooks`` (default: from ``SERVE_JOURNAL_PURGE_HOOK`` /
+    ``SERVE_JOURNAL_RETRAINING_HOOK``; a hook that cannot be loaded fails here, at start)."""
     if privacy_dir is None:
         privacy_dir = JournalConfig.resolve(model="unused", journal_uri=journal_uri) \
             .resolved_privacy_dir()
+    if hooks is None:
+        hooks = ForgetHooks.resolve()
+    else:
+        hooks.callables()  # load them now: a wrong name fails at start, not at the first forget
     return functools.partial(forget_subject, journal_uri=journal_uri, privacy_dir=privacy_dir,
-                             vault_url=vault_url)
+                             vault_url=vault_url, hooks=hooks)
 
 
 __all__ = ["ConsoleSettings", "Tokenizer", "journal_forgetter", "journal_tokenizer"]

@@ -5,13 +5,18 @@ A file's footer is read once (files are write-once, so it never goes stale) into
 filters of ``subject_token`` and ``request_id`` are. :meth:`FileIndex.candidates` tests the
 statistics and one 32-byte bloom block per row group (Parquet's split-block bloom filter over
 XXH64, implemented here from the format specification) and returns the row groups that may hold
-a value; :class:`FooterCache` keeps the indexes of recently used files.
+a value; :meth:`FileIndex.read_matching` reads only those row groups (the query's point lookups
+and forget's count of a subject's entries); :class:`FooterCache` keeps the indexes of recently
+used files.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from serve_journal.storage import JournalStorage
@@ -150,6 +155,30 @@ class FileIndex:
         return out
 
 
+    def read_matching(self, column: str, value: str, columns: Sequence[str],
+                      groups: Sequence[int] | None = None) -> pa.Table | None:
+        """The ``columns`` of the rows with ``column == value``, read from the candidate row groups
+        only (``groups``: :meth:`candidates` already asked); ``None`` when statistics and bloom
+        filters rule every row group out."""
+        groups = self.candidates(column, value) if groups is None else list(groups)
+        if not groups:
+            return None
+        wanted = list(dict.fromkeys([column, *columns]))
+        table = self.parquet.read_row_groups(groups, columns=wanted, use_threads=False)
+        return table.filter(pc.equal(table[column], value)).select(list(columns))
+
+
+def open_index(storage: JournalStorage, path: str) -> FileIndex:
+    """The :class:`FileIndex` of the data file ``path`` (relative to the root); the caller closes
+    ``index.handle``."""
+    handle = storage.filesystem.open_input_file(storage.full_path(path))
+    try:
+        return FileIndex(handle)
+    except BaseException:
+        handle.close()
+        raise
+
+
 class FooterCache:
     """``FileIndex`` per file path, least recently used first out."""
 
@@ -161,8 +190,7 @@ class FooterCache:
     def get(self, path: str) -> FileIndex:
         item = self._items.pop(path, None)
         if item is None:
-            handle = self.storage.filesystem.open_input_file(self.storage.full_path(path))
-            item = FileIndex(handle)
+            item = open_index(self.storage, path)
             while len(self._items) >= self.capacity:
                 oldest = next(iter(self._items))
                 self._items.pop(oldest).handle.close()

@@ -47,6 +47,7 @@ from serve_journal.times import to_micros
 __all__ = [
     "FEATURE_FILE_SCHEMA",
     "FeatureStore",
+    "FeatureStorePurge",
     "ParquetFeatureStore",
     "default_feature_store_uri",
     "parse_features_json",
@@ -391,6 +392,30 @@ class ParquetFeatureStore:
                                          column)
                 self._publish(table.cast(FEATURE_FILE_SCHEMA), os.path.basename(path))
         return changed
+
+
+class FeatureStorePurge:
+    """The built-in forget purge hook (``features:PATH``): delete a subject's whole feature
+    history from the :class:`ParquetFeatureStore` in ``root``; returns the rows removed.
+
+    Picklable (the folder only). A folder that does not exist is an error, not "nothing to
+    purge": a mistyped path must not pass for a purge."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self.hook_name = f"features:{self.root}"
+
+    def __repr__(self) -> str:
+        return f"FeatureStorePurge({self.root!r})"
+
+    def __call__(self, subject: str) -> int:
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"feature store folder {self.root} does not exist")
+        store = ParquetFeatureStore(self.root)
+        try:
+            return store.purge(subject)
+        finally:
+            store.close()
 
 
 def record_features(store: FeatureStore | ParquetFeatureStore, entity_id: str,

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from serve_journal.console.deps import ConsoleDep, allowed, posted
+from serve_journal.errors import ForgetIncompleteError
 from serve_journal.maintain.lifecycle import plan
 from serve_journal.read.access_log import read_access_log
 
@@ -44,10 +45,22 @@ def forget(request: Request, console: ConsoleDep, auth: posted("forget")) -> HTM
         return console.render(request, "forget.html", status=400, user=user, csrf=csrf,
                               receipt=None,
                               error="This console has no forget configured (forgetter_factory).")
-    receipt = console.forgetter(subject)
+    error = None
+    try:
+        receipt = console.forgetter(subject)
+    except ForgetIncompleteError as exc:  # the key is destroyed; a hook failed
+        receipt = exc.receipt
+        failed = ", ".join(k for k, v in sorted(receipt.hooks.items()) if v.startswith("failed"))
+        error = (f"The key is destroyed, but hook(s) failed: {failed}. Run them again; the "
+                 "receipt below records it.")
+    if receipt.uncounted_files:
+        error = ((error + " ") if error else "") + (
+            f"Restore needed: {len(receipt.uncounted_files)} archived file(s) were not counted "
+            f"(their entries are unlinkable all the same); run {receipt.restore_command}")
     console.log_view(user.name, "forget", receipt_id=receipt.receipt_id,
-                     status=receipt.status, entries_unlinkable=receipt.entries_unlinkable)
-    return console.render(request, "forget.html", user=user, csrf=csrf, error=None,
+                     status=receipt.status, entries_unlinkable=receipt.entries_unlinkable,
+                     hooks=dict(receipt.hooks))
+    return console.render(request, "forget.html", user=user, csrf=csrf, error=error,
                           receipt=dataclasses.asdict(receipt))
 
 
