@@ -93,35 +93,24 @@ def test_broker_down_spools_then_drains_in_order(tmp_path):
         broker.stop()
 
 
-def test_spool_full_and_queue_full_are_counted_drops(tmp_path):
-    drops: list[tuple[str, int]] = []
+def test_a_batch_larger_than_the_spool_is_held_until_close_then_counted(tmp_path):
+    """Nowhere to keep it (broker dead, spool too small): held, not dropped, until close; then the
+    drop is counted with the entries' sequence numbers (fail-closed: see test_fail_closed_kafka)."""
+    drops: list[tuple[str, int, list]] = []
     dead = f"127.0.0.1:{free_port()}"
-    transport = KafkaTransport(_settings(dead, tmp_path, num_partitions=2, spool_max_bytes=4096),
-                               on_drop=lambda reason, n, entries: drops.append((reason, n)))
+    transport = KafkaTransport(
+        _settings(dead, tmp_path, num_partitions=2, spool_max_bytes=4096),
+        on_drop=lambda reason, n, entries: drops.append((reason, n, entries.column("seq").to_pylist())))
     transport.send(make_entries(100))  # ~50 KB wire-encoded: larger than the spool
-    assert transport.flush(30)
-    assert transport.counters()["dropped"] == {"spool_full": 100}
-    assert drops == [("spool_full", 100)]
+    wait_for(lambda: transport.counters()["held_entries"] == 100, 30, message="batch held")
+    assert not transport.flush(0.5)
+    assert transport.counters()["dropped"] == {}
     transport.close(5)
+    assert transport.counters()["dropped"] == {"spool_full": 100}
+    assert drops == [("spool_full", 100, list(range(100)))]
     with pytest.raises(TransportError, match="closed"):
         transport.send(make_entries(1))
     transport.close(5)  # twice is harmless
-
-
-def test_queue_full_drops_instead_of_blocking(tmp_path):
-    dead = f"127.0.0.1:{free_port()}"
-    transport = KafkaTransport(_settings(dead, tmp_path, num_partitions=2, queue_max_batches=2))
-    big = make_entries(60_000)  # keeps the loop busy encoding
-    small = make_entries(10, start_seq=60_000)
-    transport.send(big)
-    for _ in range(20):
-        transport.send(small)
-    assert transport.flush(120)
-    counters = transport.counters()
-    dropped = counters["dropped"].get("transport_queue_full", 0)
-    assert dropped > 0 and dropped % 10 == 0
-    assert counters["spooled"] + dropped == 60_000 + 200
-    transport.close(10)
 
 
 def test_settings_validate_and_hide_secrets():

@@ -6,6 +6,12 @@ callable (finalize + send); periodic tasks (metrics, heartbeats, registry refres
 same thread so a replica owns exactly one journal thread. Unlike OpenTelemetry's
 BatchSpanProcessor, nothing is dropped silently: every refused item is reported to ``on_drop``
 with a reason.
+
+Backpressure: an optional ``ready()`` gate (a transport's ``has_room``) is asked before each
+batch; while it says no, the items stay in the buffer and the thread keeps running its periodic
+tasks. The buffer then fills and ``offer`` returns ``False``, which is where the caller's overflow
+policy applies (drop counted, wait, or refuse): a stalled sink reaches the request path instead of
+making the background drop what was already accepted.
 """
 
 from __future__ import annotations
@@ -51,12 +57,15 @@ class BatchWorker:
         on_drop: Callable[[Sequence[Any], str], None],
         reserve: int = 0,
         periodic: Sequence[PeriodicTask] = (),
+        ready: Callable[[], bool] | None = None,
         name: str = "serve-journal-flusher",
         start: bool = True,
     ) -> None:
         """``start=False`` leaves the thread to :meth:`start`, once whatever ``export``,
-        ``on_drop`` and the periodic tasks reach exists."""
+        ``on_drop`` and the periodic tasks reach exists. ``ready()`` (optional) gates each export:
+        while it returns false, items wait in the buffer (see the module docstring)."""
         self._export = export
+        self._ready = ready
         self._capacity = capacity
         self._reserve = reserve
         self._batch_size = batch_size
@@ -164,8 +173,20 @@ class BatchWorker:
                 break
         return out
 
-    def _export_all(self) -> None:
+    def _downstream_ready(self) -> bool:
+        if self._ready is None:
+            return True
+        try:
+            return bool(self._ready())
+        except Exception:  # noqa: BLE001 - a broken gate must not stop exports; send reports errors
+            logger.warning("serve_journal: the export gate raised; exporting anyway", exc_info=True)
+            return True
+
+    def _export_all(self) -> bool:
+        """Export what is buffered; ``False`` when the gate held items back."""
         while self._items:
+            if not self._downstream_ready():
+                return False
             batch = self._drain(self._batch_size)
             if not batch:
                 break
@@ -174,6 +195,7 @@ class BatchWorker:
             except Exception:  # noqa: BLE001 - counted below; the message never carries entry data
                 logger.exception("serve_journal: exporting a batch of %d entries failed", len(batch))
                 self._on_drop(batch, REASON_EXPORT_FAILED)
+        return True
 
     def _run_periodic(self) -> None:
         now = time.monotonic()
@@ -192,10 +214,10 @@ class BatchWorker:
                 self._wake.clear()
                 with self._done:
                     generation = self._requested_generation
-                self._export_all()
-                with self._done:
-                    self._exported_generation = max(self._exported_generation, generation)
-                    self._done.notify_all()
+                if self._export_all():
+                    with self._done:
+                        self._exported_generation = max(self._exported_generation, generation)
+                        self._done.notify_all()
                 if self._closing:
                     return
                 self._run_periodic()

@@ -80,6 +80,8 @@ class JournalRuntime:
             on_drop=self.drops,
             reserve=config.reserve_capacity,
             periodic=periodic,
+            # Backpressure: a transport that cannot take more holds the flusher, not the entries.
+            ready=getattr(parts.transport, "has_room", None),
             start=False,
         )
         self._lease_model = parts.model.name

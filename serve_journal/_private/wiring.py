@@ -75,10 +75,12 @@ def replica_names() -> tuple[str | None, str, str]:
 
 
 def build_transport(config: JournalConfig, producer_id: str,
-                    on_drop: TransportDropHook | None = None) -> Transport:
+                    on_drop: TransportDropHook | None = None,
+                    metrics: JournalMetrics | None = None) -> Transport:
     """The transport the config names, built inside the replica.
 
-    ``on_drop(reason, count, entries)`` hears of entries a transport accepted and then dropped.
+    ``on_drop(reason, count, entries)`` hears of entries a transport accepted and then dropped;
+    ``metrics`` receives the transport's own gauges (the Kafka spool's depth and bytes).
     """
     if config.transport == "actors":
         from serve_journal.transport.actors import RayActorTransport  # inside: imports Ray (~2 s)
@@ -101,7 +103,8 @@ def build_transport(config: JournalConfig, producer_id: str,
             os.path.expanduser("~"), ".serve_journal", "spool")
         settings["spool_dir"] = os.path.join(base, producer_id)
         settings.setdefault("client_id", producer_id)
-        return kafka.KafkaTransport(kafka.KafkaSettings.from_mapping(settings), on_drop=on_drop)
+        return kafka.KafkaTransport(kafka.KafkaSettings.from_mapping(settings), on_drop=on_drop,
+                                    metrics=metrics)
     raise ConfigError(f"unknown transport {config.transport!r}")
 
 
@@ -196,7 +199,7 @@ def wire(config: JournalConfig) -> ReplicaParts:
     storage = open_storage(config.journal_uri, retention=config.retention)
     counters = ReplicaCounters(identity.producer_id, metrics, policy.default_tier.name, storage,
                                build_counters_signer(config, storage))
-    transport = build_transport(config, identity.producer_id, counters.transport_drops)
+    transport = build_transport(config, identity.producer_id, counters.transport_drops, metrics)
     finalizer = EntryFinalizer(config, pseudonymizer, identity, Sampler(policy, sampling_key),
                                build_caller_tokenizer(config, pseudonymizer.keyring))
     return ReplicaParts(model=model, identity=identity, policy=policy, metrics=metrics,

@@ -5,11 +5,19 @@ producer to one writer of the pool (``serve_journal.sink.actor.JournalWriter``),
 Parquet files. Writers are detached, named actors, one pool per journal root: :func:`pool_id`
 and :func:`writer_name` name them, so that replicas and the driver-side tools
 (``serve_journal.api``) find the same writers.
+
+Fail-closed as the Kafka transport: a write a writer failed (the actor died, or raised) is not
+given up: the part is kept and sent again with back-off, to a replacement writer when the actor
+is gone (``get_writer_pool`` creates the named actor anew). While parts are unacknowledged beyond
+:data:`MAX_IN_FLIGHT`, :meth:`RayActorTransport.has_room` is false and the replica's flusher holds
+its buffer, so the request path's risk tiers decide (drop counted, wait, or refuse with 503).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import threading
 import time
 import zlib
 
@@ -17,12 +25,18 @@ import pyarrow as pa
 import ray
 
 from serve_journal.catalog.layout import PartitionKey, split_by_partition
+from serve_journal.retry import Backoff
 from serve_journal.sink.actor import get_writer_pool
 from serve_journal.sink.settings import SinkSettings
 from serve_journal.transport import TransportError
 
+logger = logging.getLogger(__name__)
+
 MAX_IN_FLIGHT = 64
 """Unacknowledged writes a transport allows before ``send`` waits for half of them."""
+RESEND_DELAY_S = 0.2
+"""First wait before a failed write is sent again; doubles up to :data:`RESEND_MAX_DELAY_S`."""
+RESEND_MAX_DELAY_S = 5.0
 
 
 def pool_id(journal_uri: str) -> str:
@@ -40,10 +54,19 @@ class RayActorTransport:
 
     def __init__(self, settings: SinkSettings, *, pool_size: int = 2,
                  namespace: str = "serve_journal", producer_id: str = "") -> None:
-        names = [writer_name(settings.journal_uri, i) for i in range(pool_size)]
-        self._writers = get_writer_pool(settings, names, namespace)
+        self._settings = settings
+        self._names = [writer_name(settings.journal_uri, i) for i in range(pool_size)]
+        self._namespace = namespace
+        self._writers = get_writer_pool(settings, self._names, namespace)
         self._shard = zlib.crc32(producer_id.encode())
         self._in_flight: list[ray.ObjectRef] = []
+        self._parts: dict[ray.ObjectRef, tuple[PartitionKey, pa.RecordBatch]] = {}
+        self._failed: list[tuple[PartitionKey, pa.RecordBatch]] = []  # to send again
+        self._resend_at = 0.0
+        self._backoff = Backoff(RESEND_DELAY_S, RESEND_MAX_DELAY_S)
+        self._lock = threading.RLock()  # the flusher sends while a driver-side flush may wait
+        self.resent = 0
+        """Parts sent again after a failed write."""
         self._closed = False
 
     def __repr__(self) -> str:
@@ -53,42 +76,98 @@ class RayActorTransport:
         h = zlib.crc32(f"{key.model}|{key.date}|{key.hour}".encode()) ^ self._shard
         return self._writers[h % len(self._writers)]
 
+    def _write(self, key: PartitionKey, part: pa.RecordBatch) -> None:
+        ref = self._route(key).write.remote(key, part)
+        with self._lock:
+            self._in_flight.append(ref)
+            self._parts[ref] = (key, part)
+
     def send(self, batch: pa.RecordBatch) -> None:
         """Split ``batch`` by partition and send each part to its writer; waits only when
-        more than ``MAX_IN_FLIGHT`` writes are unacknowledged."""
+        more than ``MAX_IN_FLIGHT`` writes are unacknowledged (see :meth:`has_room`)."""
         if self._closed:
             raise TransportError("transport is closed")
         for key, part in split_by_partition(batch):
-            self._in_flight.append(self._route(key).write.remote(key, part))
+            self._write(key, part)
         if len(self._in_flight) > MAX_IN_FLIGHT:
             self._settle(timeout=None, keep=MAX_IN_FLIGHT // 2)
 
-    def _settle(self, timeout: float | None, keep: int = 0) -> bool:
-        """Wait until at most ``keep`` sends are unacknowledged; raise if a write failed."""
-        pending = self._in_flight
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while len(pending) > keep:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, pending = ray.wait(pending, num_returns=len(pending) - keep, timeout=remaining)
-            self._in_flight = pending
+    def has_room(self) -> bool:
+        """Whether :meth:`send` would not wait (the flusher's backpressure gate); never raises."""
+        if self._closed:
+            return False
+        try:
+            return self.in_flight() < MAX_IN_FLIGHT
+        except Exception:  # noqa: BLE001 - Ray unreachable: hold the buffer, try again later
+            logger.warning("checking the writer actors failed", exc_info=True)
+            return False
+
+    def _collect(self, ready: list[ray.ObjectRef]) -> None:
+        """Take the results of finished writes; keep the parts of failed ones to send again."""
+        for ref in ready:
+            key, part = self._parts.pop(ref)
             try:
-                ray.get(ready)
-            except Exception as exc:
-                raise TransportError(f"a writer actor failed: {type(exc).__name__}") from exc
-            if deadline is not None and time.monotonic() >= deadline and len(pending) > keep:
+                ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - the part is kept and sent again
+                logger.warning("a writer actor failed a write of %d entries (%s); sending it again",
+                               part.num_rows, type(exc).__name__)
+                self._failed.append((key, part))
+        if not self._failed:
+            self._backoff.reset()
+
+    def _resend_due(self) -> None:
+        """Send failed parts again, once their back-off passed, to a fresh pool handle (a dead
+        named writer is created anew)."""
+        if not self._failed or time.monotonic() < self._resend_at:
+            return
+        with self._lock:
+            self._resend_locked()
+
+    def _resend_locked(self) -> None:
+        if not self._failed:
+            return
+        self._resend_at = time.monotonic() + self._backoff.next_delay()
+        try:
+            self._writers = get_writer_pool(self._settings, self._names, self._namespace)
+        except Exception:  # noqa: BLE001 - keep the parts; try again after the back-off
+            logger.warning("getting the writer actors failed", exc_info=True)
+            return
+        failed, self._failed = self._failed, []
+        for key, part in failed:
+            self._write(key, part)
+            self.resent += 1
+
+    def _settle(self, timeout: float | None, keep: int = 0) -> bool:
+        """Wait until at most ``keep`` sends are unacknowledged (failed ones are sent again)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._resend_due()
+            pending = self._in_flight
+            if len(pending) <= keep and not self._failed:
+                return True
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if remaining == 0.0:
                 return False
-        return True
+            wait_s = RESEND_DELAY_S if remaining is None else min(remaining, RESEND_DELAY_S)
+            if len(pending) > keep:
+                with self._lock:
+                    pending = self._in_flight  # another thread may have collected meanwhile
+                    if len(pending) > keep:
+                        ready, self._in_flight = ray.wait(pending, num_returns=len(pending) - keep,
+                                                          timeout=wait_s)
+                        self._collect(ready)
+            else:
+                time.sleep(wait_s)  # only failed parts left: their back-off, bounded by timeout
 
     def in_flight(self) -> int:
-        """Sends not yet acknowledged by a writer (raises TransportError if one failed)."""
-        if self._in_flight:
-            ready, self._in_flight = ray.wait(self._in_flight, num_returns=len(self._in_flight),
-                                              timeout=0)
-            try:
-                ray.get(ready)
-            except Exception as exc:
-                raise TransportError(f"a writer actor failed: {type(exc).__name__}") from exc
-        return len(self._in_flight)
+        """Writes not yet acknowledged by a writer, including failed ones waiting to be resent."""
+        self._resend_due()
+        with self._lock:
+            if self._in_flight:
+                ready, self._in_flight = ray.wait(self._in_flight,
+                                                  num_returns=len(self._in_flight), timeout=0)
+                self._collect(ready)
+            return len(self._in_flight) + len(self._failed)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for every send, then make the writers write their open files; ``True`` when done

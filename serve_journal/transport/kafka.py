@@ -13,9 +13,24 @@ the spool. The Kafka sink deduplicates by ``(producer_id, seq)``. With a real Ka
 ``enable_idempotence=True`` (the default) so that producer retries do not duplicate either; the
 tansu broker used in tests does not implement ``InitProducerId``, so tests turn it off.
 
-Drops are never silent: a full in-memory queue counts ``transport_queue_full``, a full spool
-``spool_full``, a batch the loop could not take after close or a crash ``transport_closed`` /
-``transport_failed``; each is also reported to the optional ``on_drop(reason, entries)`` hook.
+**Fail-closed: backpressure, never a drop.** An entry the transport accepted was already served,
+so dropping it would serve a decision without its entry. A full queue or a full spool therefore
+never drops: :meth:`KafkaTransport.has_room` turns false while ``queue_max_batches`` batches wait,
+and the replica's flusher stops handing over batches while it is false (``send`` itself waits for
+room if called anyway). A batch the spool cannot take is held by the loop, which retries as the
+drainer frees space (``held_entries`` in :meth:`~KafkaTransport.counters`); the queue behind it
+fills, the replica's buffer fills, and the request path applies each risk tier's overflow policy
+(drop counted, wait, or refuse with 503). Memory stays bounded by ``queue_max_batches``.
+
+Drops happen only where nothing else is possible, and are never silent: entries still held when
+the transport closes and the spool cannot take them (``spool_full``), a batch the loop could not
+take after close or a crash (``transport_closed`` / ``transport_failed``), a spool record of an
+unknown frame version (``spool_unreadable``); each is also reported to the optional
+``on_drop(reason, count, entries)`` hook.
+
+With ``metrics`` (a :class:`~serve_journal.metrics.JournalMetrics`) the spool gauges
+``serve_journal_spool_depth`` (entries) and ``serve_journal_spool_bytes`` follow every append and
+acknowledgement of this producer's spool.
 
 A producer that dies (a replica killed, a node rebooted) leaves its spool on disk. Every live
 transport looks for such spools beside its own (same parent directory, marked with the same
@@ -42,6 +57,7 @@ from typing import Any
 import pyarrow as pa
 from aiokafka import AIOKafkaProducer
 
+from serve_journal.metrics import JournalMetrics
 from serve_journal.retry import Backoff
 from serve_journal.transport import TransportError, wire
 from serve_journal.transport.kafka_security import KafkaSecurity
@@ -77,7 +93,7 @@ class KafkaSettings(KafkaSecurity):
     send_timeout_s: float = 10.0
     """Unacknowledged after this long: the entries go to the spool."""
     queue_max_batches: int = 256
-    """Batches waiting for the background loop; beyond it ``send`` drops and counts."""
+    """Batches waiting for the background loop; at it ``has_room()`` is false (backpressure)."""
     spool_dir: str | None = None
     """One directory per producer process (a lock enforces it); default below the temp dir."""
     spool_max_bytes: int = 256 * 1024 * 1024
@@ -188,8 +204,10 @@ _STOP = object()
 class KafkaTransport:
     """A :class:`~serve_journal.transport.Transport` to Kafka; see the module docstring."""
 
-    def __init__(self, settings: KafkaSettings, *, on_drop: DropHook | None = None) -> None:
+    def __init__(self, settings: KafkaSettings, *, on_drop: DropHook | None = None,
+                 metrics: JournalMetrics | None = None) -> None:
         self.settings = settings
+        self._metrics = metrics
         self.partitioner = ModelBucketShardPartitioner(settings.shards_per_model, settings.bucket_seconds)
         self._on_drop = on_drop
         self._spool = DiskSpool(settings.resolved_spool_dir(), settings.spool_max_bytes,
@@ -199,6 +217,8 @@ class KafkaTransport:
         self._settled = 0  # batches acked, spooled or dropped
         self._pending = 0
         self._counts = {"sent": 0, "spooled": 0, "drained": 0, "adopted_spools": 0, "adopted_drained": 0}
+        self._spool_entries = 0  # entries in our own spool (the depth gauge)
+        self._held = 0  # entries the loop holds because the spool is full
         self._dropped: collections.Counter[str] = collections.Counter()
         self._closed = False
         self._closing = False
@@ -218,17 +238,30 @@ class KafkaTransport:
 
     # -- Transport protocol (called from the flusher thread) -----------------------------------
 
+    def has_room(self) -> bool:
+        """Whether :meth:`send` would enqueue at once (the flusher's backpressure gate).
+
+        False while ``queue_max_batches`` batches wait for the loop (the broker and the spool
+        cannot keep up), after close and after the loop died: the replica then keeps its entries
+        in its buffer, and its risk tiers decide what a request does when that is full."""
+        with self._cond:
+            return (self._pending < self.settings.queue_max_batches and not self._closed
+                    and self._failed is None)
+
     def send(self, batch: pa.RecordBatch) -> None:
-        """Enqueue ``batch``; never waits on the network. Full queue: counted drop."""
-        if self._closed:
-            raise TransportError("KafkaTransport is closed; create a new one to send")
-        if self._failed is not None:
-            raise TransportError(f"KafkaTransport's background loop died ({type(self._failed).__name__})")
+        """Enqueue ``batch``; never waits on the network and never drops it.
+
+        When the queue is full (:meth:`has_room` is false) this waits for room: backpressure.
+        Raises ``TransportError`` when the transport is closed or its loop died."""
         rows = batch.num_rows
         with self._cond:
-            if self._pending >= self.settings.queue_max_batches:
-                self._drop("transport_queue_full", rows, locked=True, entries=batch)
-                return
+            self._cond.wait_for(lambda: self._pending < self.settings.queue_max_batches
+                                or self._closed or self._failed is not None)
+            if self._closed:
+                raise TransportError("KafkaTransport is closed; create a new one to send")
+            if self._failed is not None:
+                raise TransportError(
+                    f"KafkaTransport's background loop died ({type(self._failed).__name__})")
             self._pending += 1
             self._handed += 1
         try:
@@ -251,14 +284,20 @@ class KafkaTransport:
             return bool(done) and self._failed is None
 
     def close(self, timeout: float | None = None) -> None:
-        """Flush within ``timeout``, spool what is left, stop the producer. Harmless twice."""
+        """Flush within ``timeout``, spool what is left, stop the producer. Harmless twice.
+
+        A fifth of ``timeout`` is kept for stopping the loop: entries it still holds (the spool
+        full) are then dropped and counted (``spool_full``), never left unaccounted."""
         if self._closed:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
-        self.flush(timeout)
-        self._closed = True
+        self.flush(None if timeout is None else timeout * 0.8)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()  # a send() waiting for room raises instead
         self._closing = True  # the loop spools whatever is still queued instead of sending it
         with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._space.set)  # a held batch stops waiting
             self._loop.call_soon_threadsafe(self._queue.put_nowait, _STOP)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         self._thread.join(remaining)
@@ -269,10 +308,13 @@ class KafkaTransport:
     # -- observation ---------------------------------------------------------------------------
 
     def counters(self) -> dict[str, Any]:
-        """Entries ``sent``, ``spooled``, ``drained`` and ``dropped`` (by reason), spool health."""
+        """Entries ``sent``, ``spooled``, ``drained`` and ``dropped`` (by reason), entries the
+        loop ``held_entries`` (spool full), spool health."""
         with self._cond:
             out: dict[str, Any] = dict(self._counts)
             out["dropped"] = dict(self._dropped)
+            out["held_entries"] = self._held
+            out["spool_entries"] = self._spool_entries
         out["spool_records"] = len(self._spool)
         out["spool_bytes"] = self._spool.bytes_used
         out["spool_corrupt_records"] = self._spool.stats["corrupt_records"]
@@ -294,6 +336,7 @@ class KafkaTransport:
         asyncio.set_event_loop(self._loop)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._spool_event = asyncio.Event()
+        self._space = asyncio.Event()  # the drainer freed spool space (or we are closing)
         self._producer_lock = asyncio.Lock()
         self._ready.set()
         try:
@@ -312,6 +355,8 @@ class KafkaTransport:
     async def _main(self) -> None:
         if len(self._spool):
             self._spool_event.set()
+            self._spool_entries = await asyncio.to_thread(_entries_in, self._spool)
+        self._update_spool_gauges()
         # Connect now, not on the first batch: the first entries would wait for it otherwise.
         helpers = [asyncio.create_task(self._producer_or_none()), asyncio.create_task(self._drainer())]
         if self.settings.adopt_orphan_spools:
@@ -360,30 +405,58 @@ class KafkaTransport:
                 logger.exception("on_drop hook raised")
 
     async def _handle(self, batch: pa.RecordBatch) -> None:
+        """Send ``batch``, or spool it; while the spool is full, hold it (see the module doc)."""
         messages = wire.encode_batch(batch)
         key = self.partitioner.key
         pairs = [(key(m.model_name, m.ts_us, m.request_id), m.value) for m in messages]
-        if self._closing or len(self._spool):
-            await self._spool_pairs(pairs)
-            return
-        unacked = await self._produce(pairs)
-        with self._cond:
-            self._counts["sent"] += len(pairs) - len(unacked)
-        if unacked:
-            await self._spool_pairs(unacked)
+        backoff = self._backoff()
+        try:
+            while True:
+                self._space.clear()
+                if not self._closing and not len(self._spool):
+                    unacked = await self._produce(pairs)
+                    with self._cond:
+                        self._counts["sent"] += len(pairs) - len(unacked)
+                    pairs = unacked
+                    if not pairs:
+                        return
+                if await self._spool_pairs(pairs):
+                    return
+                if self._closing:  # nowhere left to keep them: counted, with their seqs
+                    self._drop_pairs("spool_full", pairs)
+                    return
+                self._set_held(len(pairs))
+                # Hold the batch: the queue behind it fills and the replica pushes back.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._space.wait(), backoff.next_delay())
+        finally:
+            self._set_held(0)
 
-    async def _spool_pairs(self, pairs: list[tuple[bytes, bytes]]) -> None:
-        ok = await asyncio.to_thread(self._spool.append, wire.pack_frame(pairs))
-        if ok:
-            with self._cond:
-                self._counts["spooled"] += len(pairs)
-            self._spool_event.set()
-        else:
-            try:
-                lost = wire.decode_values([value for _, value in pairs])
-            except Exception:  # noqa: BLE001 - count them even if they cannot be decoded
-                lost = None
-            self._drop("spool_full", len(pairs), entries=lost)
+    def _set_held(self, entries: int) -> None:
+        with self._cond:
+            self._held = entries
+
+    async def _spool_pairs(self, pairs: list[tuple[bytes, bytes]]) -> bool:
+        """Append ``pairs`` to our spool durably; ``False`` when it is full."""
+        if not await asyncio.to_thread(self._spool.append, wire.pack_frame(pairs)):
+            return False
+        with self._cond:
+            self._counts["spooled"] += len(pairs)
+            self._spool_entries += len(pairs)
+        self._update_spool_gauges()
+        self._spool_event.set()
+        return True
+
+    def _drop_pairs(self, reason: str, pairs: list[tuple[bytes, bytes]]) -> None:
+        try:
+            lost = wire.decode_values([value for _, value in pairs])
+        except Exception:  # noqa: BLE001 - count them even if they cannot be decoded
+            lost = None
+        self._drop(reason, len(pairs), entries=lost)
+
+    def _update_spool_gauges(self) -> None:
+        if self._metrics is not None:
+            self._metrics.set_spool_depth(self._spool_entries, self._spool.bytes_used)
 
     async def _producer_or_none(self) -> AIOKafkaProducer | None:
         if self._producer is not None:
@@ -478,6 +551,11 @@ class KafkaTransport:
         if await self._produce(pairs):
             return None
         await asyncio.to_thread(_ack_all, spool, readable)
+        self._space.set()
+        if spool is self._spool:
+            with self._cond:
+                self._spool_entries = max(0, self._spool_entries - len(pairs))
+            self._update_spool_gauges()
         return len(pairs)
 
     def _backoff(self) -> Backoff:
@@ -535,6 +613,11 @@ class KafkaTransport:
                     self._cond.notify_all()
         finally:
             spool.close()  # anything left stays on disk for the next adopter
+
+
+def _entries_in(spool: DiskSpool) -> int:
+    """Entries in the frames ``spool`` holds (read once, when a transport opens a spool)."""
+    return sum(wire.frame_length(record.payload) for record in spool.peek_many(len(spool), spool.max_bytes))
 
 
 def _ack_all(spool: DiskSpool, records: list) -> None:

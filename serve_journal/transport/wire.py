@@ -261,6 +261,13 @@ def pack_frame(messages: Sequence[tuple[bytes, bytes]]) -> bytes:
     return b"".join(parts)
 
 
+def frame_length(frame: bytes) -> int:
+    """Messages a frame holds, from its header alone (0 for a malformed frame)."""
+    if len(frame) < 12 or frame[:4] != _FRAME_MAGIC:
+        return 0
+    return _U32.unpack_from(frame, 8)[0]
+
+
 def unpack_frame(frame: bytes) -> list[tuple[bytes, bytes]]:
     """Inverse of :func:`pack_frame`; :class:`WireFormatError` when the frame is malformed."""
     view = memoryview(frame)
@@ -302,6 +309,7 @@ __all__ = [
     "decode_value",
     "decode_values",
     "encode_batch",
+    "frame_length",
     "pack_frame",
     "rows_to_table",
     "unpack_frame",
