@@ -21,7 +21,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -42,7 +42,8 @@ from .entries import CapturedCall, EntryFinalizer
 logger = logging.getLogger("serve_journal")
 
 ANNOTATION_KEYS = frozenset(
-    {"subject", "features", "caller", "score", "decision", "threshold", "outputs", "explanation_ref"}
+    {"subject", "features", "caller", "score", "decision", "threshold", "outputs", "explanation_ref",
+     "attributes"}
 )
 ROOM_POLL_S = 0.002
 """Poll interval while a call waits for buffer room (a deadline-bounded wait, not a retry)."""
@@ -61,15 +62,31 @@ def annotate(**values: Any) -> None:
     """Record facts about the current call from inside a journaled method.
 
     Keys: ``subject``, ``features``, ``caller``, ``score``, ``decision``, ``threshold``,
-    ``outputs``, ``explanation_ref``. They override what the extractors would find. Outside a
-    journaled call this does nothing.
+    ``outputs``, ``explanation_ref``. They override what the extractors would find.
+
+    ``attributes`` is a mapping of request attribute names to string values (``{"region": "eu"}``)
+    that risk rules with an ``attributes`` condition match; several calls add up. Attributes
+    only choose the risk tier: they are never written to the journal. Outside a journaled call
+    this does nothing.
     """
     unknown = set(values) - ANNOTATION_KEYS
     if unknown:
         raise TypeError(f"annotate() got unknown keys {sorted(unknown)}; known: {sorted(ANNOTATION_KEYS)}")
+    attributes = values.pop("attributes", None)
+    if attributes is not None:
+        _check_attributes(attributes)
     current = _ANNOTATIONS.get()
     if current is not None:
         current.update(values)
+        if attributes:
+            current["attributes"] = {**current.get("attributes", {}), **attributes}
+
+
+def _check_attributes(attributes: Any) -> None:
+    if not isinstance(attributes, Mapping) or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in attributes.items()):
+        raise TypeError("annotate(attributes=...) must be a mapping of attribute names to string "
+                        "values, e.g. {'region': 'eu'}")
 
 
 def serve_request_context() -> Callable[[], Any] | None:

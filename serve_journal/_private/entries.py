@@ -97,6 +97,11 @@ def _headers(scope: Mapping[str, Any] | None) -> dict[str, str]:
     return out
 
 
+def _attributes(call: CapturedCall) -> Mapping[str, Any] | None:
+    """The request attributes risk rules match (``annotate(attributes=...)``); never journaled."""
+    return call.annotations.get("attributes") if call.annotations else None
+
+
 def _json_or_none(data: Any) -> Any:
     if isinstance(data, bytes | bytearray | memoryview):
         if not data:
@@ -248,14 +253,18 @@ class EntryFinalizer:
         return outs, score, decision, threshold
 
     def classify_now(self, call: CapturedCall) -> RiskTier:
-        """The call's risk tier, decided on the request path (only when the buffer is full)."""
+        """The call's risk tier, decided on the request path (only when the buffer is full).
+
+        It sees what :meth:`finalize` would: outputs, the caller (annotation, JWT, hook or
+        header) and the request attributes, so every rule applies on this path too."""
         try:
-            result = _result_value(call.result) if call.outcome == OUTCOME_OK else None
-            _, score, decision, threshold = self.outputs(call, result)
+            view = self._view(call)
+            _, score, decision, threshold = self.outputs(call, view.result)
+            caller = self._caller(call, view)
         except Exception:  # noqa: BLE001 - classify as strictly as possible instead
             return self.sampler.policy.strictest_tier
-        return self.sampler.policy.classify(decision, score, threshold, call.model.name, None,
-                                            call.outcome)
+        return self.sampler.policy.classify(decision, score, threshold, call.model.name, caller,
+                                            call.outcome, _attributes(call))
 
     def finalize(self, calls: Sequence[CapturedCall]) -> Finalized:
         """Classify and sample the calls; build one RecordBatch of the kept ones, in capture order."""
@@ -301,7 +310,7 @@ class EntryFinalizer:
         outcomes = [c.outcome for c in calls]
         assignment = self.sampler.assign(
             request_ids, decisions, scores, thresholds, [m.name for m in models], callers, outcomes,
-            tiers=[c.tier for c in calls],
+            attributes=[_attributes(c) for c in calls], tiers=[c.tier for c in calls],
         )
         keep = assignment.keep
         kept = [i for i in range(n) if keep[i]]
