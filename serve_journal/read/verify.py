@@ -67,7 +67,7 @@ from serve_journal.catalog import (
     marker_path,
 )
 from serve_journal.catalog.layout import DEFAULT_SPEC, PARQUET_SUFFIX, TIERS
-from serve_journal.counters import COUNTERS_DIR
+from serve_journal.counters import COUNTERS_DIR, PRODUCER_STALE_S
 from serve_journal.fileformat import decode_parquet
 from serve_journal.integrity.certificates import KEYS_PREFIX
 from serve_journal.integrity.fingerprint import fingerprint_files
@@ -697,6 +697,7 @@ def verify_journal(
     seq_start: int | None = 0,
     expected_heads: Mapping[str, Mapping[str, Any]] | None = None,
     unsigned_grace_s: float = UNSIGNED_GRACE_S,
+    producer_stale_s: float = PRODUCER_STALE_S,
     now: dt.datetime | None = None,
 ) -> VerifyReport:
     """Verify the journal in ``storage``; see the module docstring for what is checked.
@@ -706,7 +707,9 @@ def verify_journal(
     always checked whole). ``accounted_gaps``: ``{producer_id: [(lo, hi, reason), ...]}`` sequence
     ranges known to be dropped or sampled out; default (``None``): those the signed counters
     explain (:mod:`serve_journal.read.verify_counters`, which also checks the counters files and
-    remembers their chain heads). ``seq_start``: the first sequence number every
+    remembers their chain heads; a producer that never closed and wrote no counters for
+    ``producer_stale_s`` is dead, and its lease's unaccounted range a ``producer-died`` error).
+    ``seq_start``: the first sequence number every
     producer uses (``None`` to skip the leading-gap check); ignored when ``since`` is given.
     ``expected_heads``: the ``report.heads`` of an earlier run; a chain missing now, signed to a
     shorter length, or whose record at that length no longer has that hash is an error.
@@ -852,7 +855,8 @@ def verify_journal(
         report.heads.update(counted.heads)
         accounted_gaps = counted.gaps
         # A dead replica's unaccounted tail, up to its signed lease (verify_counters).
-        for kind, path, detail in lease_findings(counted, (r.seq_ranges for r in scoped), now):
+        for kind, path, detail in lease_findings(counted, (r.seq_ranges for r in scoped), now,
+                                                 producer_stale_s):
             report._add(kind, path, detail)
     _check_sequences(scoped, accounted_gaps, seq_start if since is None else None, report)
 
