@@ -35,11 +35,14 @@ logger = logging.getLogger("serve_journal")
 REASON_LEASE_PENDING = "lease_pending"
 WARN_EVERY_S = 10.0
 """At most one "dropped journal entries" warning per this many seconds."""
-LEASE_S = 1.0
+LEASE_S = 2.0
 """A lease extension covers about this many seconds of the replica's recent traffic..."""
 LEASE_MIN = 256
 """...and at least this many sequence numbers (the first lease, quiet replicas)."""
 LEASE_MAX = 100_000
+LEASE_RETRY_S = 1.0
+"""After a failed lease write, the next attempt waits this long (the counters flush may still
+write the lease sooner)."""
 """...and at most this many (a burst does not make the bound on a death's loss huge)."""
 
 
@@ -123,6 +126,7 @@ class ReplicaCounters:
         the request path; only :meth:`extend_lease` and :meth:`flush` raise it."""
         self._lease_size = LEASE_MIN
         self._lease_mark: tuple[float, int] | None = None  # (monotonic time, next seq) at last extension
+        self._lease_retry_at = 0.0
 
     def extend_lease(self, next_seq: int, model: str) -> None:
         """Write a longer lease when less than half of the current one is left (flusher thread,
@@ -132,6 +136,8 @@ class ReplicaCounters:
         if self.lease_through - next_seq + 1 >= self._lease_size // 2:
             return
         now = time.monotonic()
+        if now < self._lease_retry_at:
+            return  # the last write failed: the flusher's every wake-up would only log it again
         if self._lease_mark is not None and now > self._lease_mark[0]:
             rate = (next_seq - self._lease_mark[1]) / (now - self._lease_mark[0])
             self._lease_size = max(LEASE_MIN, min(LEASE_MAX, int(rate * LEASE_S)))
@@ -139,6 +145,9 @@ class ReplicaCounters:
         self.exact.carry_lease(model, max(self.lease_through, next_seq - 1) + self._lease_size)
         try:
             self.exact.flush_to(self._storage)
+        except BaseException:
+            self._lease_retry_at = now + LEASE_RETRY_S
+            raise
         finally:
             self.lease_through = self.exact.durable_lease
 
@@ -162,6 +171,7 @@ class ReplicaCounters:
         idle = time.time() - self.exact.last_written >= LEASE_KEEPALIVE_S
         try:
             self.exact.flush_to(self._storage, keepalive=idle)
+            self._lease_retry_at = 0.0  # the store takes writes again
         finally:
             self.lease_through = self.exact.durable_lease
 
