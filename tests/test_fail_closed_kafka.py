@@ -5,6 +5,7 @@ tests/test_fail_closed_serve.py."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import pytest
@@ -105,3 +106,27 @@ def test_gauges_count_a_reopened_spools_entries(tmp_path):
         assert second.counters()["spool_entries"] == 3 * BATCH and _gauges(metrics)[1] > 0
     finally:
         second.close(10)
+
+
+@pytest.mark.parametrize("disk_returns", [True, False])
+def test_a_failing_spool_disk_holds_entries_instead_of_killing_the_transport(tmp_path, disk_returns):
+    dead = f"127.0.0.1:{free_port()}"
+    drops: list[tuple[str, list]] = []
+    transport = KafkaTransport(  # one segment per record: every append opens a file
+        _settings(dead, tmp_path, spool_segment_bytes=1),
+        on_drop=lambda reason, n, entries: drops.append((reason, entries.column("seq").to_pylist())))
+    try:
+        transport.send(make_entries(BATCH))
+        assert transport.flush(30)
+        shutil.rmtree(tmp_path / "spool")  # the disk under the spool fails
+        transport.send(make_entries(BATCH, start_seq=BATCH))
+        wait_for(lambda: transport.counters()["held_entries"] == BATCH, 30, message="batch held")
+        assert transport.has_room() and transport.counters()["dropped"] == {}  # the loop lives
+        if disk_returns:
+            (tmp_path / "spool").mkdir()
+            assert transport.flush(30)
+            assert transport.counters()["spooled"] == 2 * BATCH and drops == []
+    finally:
+        transport.close(10)
+    if not disk_returns:  # closed while the disk was still gone: counted, with the seqs
+        assert drops == [("spool_error", list(range(BATCH, 2 * BATCH)))]

@@ -23,7 +23,8 @@ fills, the replica's buffer fills, and the request path applies each risk tier's
 (drop counted, wait, or refuse with 503). Memory stays bounded by ``queue_max_batches``.
 
 Drops happen only where nothing else is possible, and are never silent: entries still held when
-the transport closes and the spool cannot take them (``spool_full``), a batch the loop could not
+the transport closes and the spool cannot take them (``spool_full``, or ``spool_error`` when its
+disk failed: a failing disk is held and retried like a full spool), a batch the loop could not
 take after close or a crash (``transport_closed`` / ``transport_failed``), a spool record of an
 unknown frame version (``spool_unreadable``); each is also reported to the optional
 ``on_drop(reason, count, entries)`` hook.
@@ -219,6 +220,7 @@ class KafkaTransport:
         self._counts = {"sent": 0, "spooled": 0, "drained": 0, "adopted_spools": 0, "adopted_drained": 0}
         self._spool_entries = 0  # entries in our own spool (the depth gauge)
         self._held = 0  # entries the loop holds because the spool is full
+        self._current: pa.RecordBatch | None = None  # the batch the loop is handling
         self._dropped: collections.Counter[str] = collections.Counter()
         self._closed = False
         self._closing = False
@@ -343,12 +345,16 @@ class KafkaTransport:
             self._loop.run_until_complete(self._main())
         except BaseException as exc:  # noqa: BLE001 - fail loudly, never hang callers
             logger.exception("Kafka transport loop died")
+            lost = [] if self._current is None else [self._current]
+            while not self._queue.empty():  # the loop is dead: nobody else takes from it now
+                item = self._queue.get_nowait()
+                if item is not _STOP:
+                    lost.append(item)
             with self._cond:
                 self._failed = exc
-                lost = self._pending
                 self._cond.notify_all()
-            if lost:
-                self._drop("transport_failed", lost)
+            for batch in lost:  # counted with their sequence numbers, so verify names them
+                self._drop("transport_failed", batch.num_rows, entries=batch)
         finally:
             self._loop.close()
 
@@ -366,8 +372,10 @@ class KafkaTransport:
                 batch = await self._queue.get()
                 if batch is _STOP:
                     break
+                self._current = batch
                 try:
                     await self._handle(batch)
+                    self._current = None
                 finally:
                     self._settle()
                 for helper in helpers[1:]:
@@ -420,10 +428,11 @@ class KafkaTransport:
                     pairs = unacked
                     if not pairs:
                         return
-                if await self._spool_pairs(pairs):
+                spooled = await self._spool_pairs(pairs)
+                if spooled is True:
                     return
                 if self._closing:  # nowhere left to keep them: counted, with their seqs
-                    self._drop_pairs("spool_full", pairs)
+                    self._drop_pairs(spooled, pairs)
                     return
                 self._set_held(len(pairs))
                 # Hold the batch: the queue behind it fills and the replica pushes back.
@@ -436,10 +445,16 @@ class KafkaTransport:
         with self._cond:
             self._held = entries
 
-    async def _spool_pairs(self, pairs: list[tuple[bytes, bytes]]) -> bool:
-        """Append ``pairs`` to our spool durably; ``False`` when it is full."""
-        if not await asyncio.to_thread(self._spool.append, wire.pack_frame(pairs)):
-            return False
+    async def _spool_pairs(self, pairs: list[tuple[bytes, bytes]]) -> bool | str:
+        """Append ``pairs`` to our spool durably: ``True``, or why not (``"spool_full"``, or
+        ``"spool_error"`` when the disk failed: held and retried like a full spool)."""
+        try:
+            if not await asyncio.to_thread(self._spool.append, wire.pack_frame(pairs)):
+                return "spool_full"
+        except OSError as exc:
+            logger.warning("spool append failed (%s); holding %d entries", type(exc).__name__,
+                           len(pairs))
+            return "spool_error"
         with self._cond:
             self._counts["spooled"] += len(pairs)
             self._spool_entries += len(pairs)

@@ -171,7 +171,9 @@ class DiskSpool:
     # -- writing -------------------------------------------------------------------------------
 
     def append(self, payload: bytes) -> bool:
-        """Append ``payload`` durably (fsync); ``False`` when the spool is full or closed."""
+        """Append ``payload`` durably (fsync); ``False`` when the spool is full or closed.
+
+        Raises ``OSError`` when the disk fails; the spool stays usable (a fresh segment next)."""
         record = _HEADER.pack(MAGIC, len(payload), hashlib.sha256(payload).digest()) + payload
         with self._lock:
             if self._closed:
@@ -183,9 +185,19 @@ class DiskSpool:
                 self._open_new_segment()
             assert self._active is not None and self._active_file is not None
             offset = self._segment_sizes[self._active]
-            self._active_file.write(record)
-            self._active_file.flush()
-            os.fsync(self._active_file.fileno())
+            try:
+                self._active_file.write(record)
+                self._active_file.flush()
+                os.fsync(self._active_file.fileno())
+            except OSError:
+                # Part of the record may be on disk: never append after it (the next append
+                # opens a fresh segment); recovery skips the torn bytes.
+                self._segment_sizes[self._active] = offset + len(record)
+                with contextlib.suppress(OSError):
+                    self._active_file.close()
+                self._active_file = None
+                self._active = None
+                raise
             self._segment_sizes[self._active] = offset + len(record)
             self._index.append((self._active, offset, len(payload)))
             self.stats["appended"] += 1
@@ -194,6 +206,8 @@ class DiskSpool:
     def _open_new_segment(self) -> None:
         if self._active_file is not None:
             self._active_file.close()
+            self._active_file = None
+            self._active = None  # stays so if opening the next one fails
         number = self._next_number
         self._next_number += 1
         path = self._segment_path(number)
