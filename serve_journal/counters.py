@@ -309,6 +309,7 @@ class CounterSet:
         self._file_no = 0
         self._lease: tuple[str, int] | None = None  # (model, through) to carry in every file
         self._closed_seq: int | None = None
+        self._write_lock = threading.Lock()  # one writer of the chain at a time (flusher, lease)
         self.durable_lease = -1
         """The highest ``through`` of a lease row already written (calls up to it may be
         answered); -1 before the first."""
@@ -452,6 +453,11 @@ class CounterSet:
         nothing else. A file name that exists already (a producer id reused) moves on to the
         next number.
         """
+        with self._write_lock:
+            return self._flush_to(storage, max_attempts, keepalive)
+
+    def _flush_to(self, storage: JournalStorage, max_attempts: int, keepalive: bool
+                  ) -> list[StoredObject]:
         snapshot = self.snapshot_and_reset()
         self._take_lease(snapshot, keepalive)
         written: list[StoredObject] = []

@@ -10,6 +10,7 @@ attacker can write the storage but holds no key (see tests/test_counters_trust.p
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -121,6 +122,30 @@ def test_the_lease_is_durable_before_a_call_within_it_is_admitted(tmp_path):
     assert counters.lease_through > LEASE_MIN and counters.lease_through == leases(storage)["p-9"]
     assert buffer.offer(call(LEASE_MIN))
     assert admitted == [0, LEASE_MIN - 1, LEASE_MIN]
+
+
+def test_the_lease_keeper_keeps_ahead_of_traffic_on_its_own_thread(tmp_path):
+    """No flusher runs here at all: the keeper alone extends the lease as numbers are used, and
+    close stops it and writes the closed mark."""
+    storage = LocalJournalStorage(str(tmp_path / "journal"))
+    counters = ReplicaCounters("p-8", JournalMetrics("fraud", "d", "r"), "low", storage,
+                               counters_signer(storage.uri))
+    counters.extend_lease(0, "fraud")
+    used = [0]
+    counters.start_lease_keeper(lambda: used[0], "fraud")
+    try:
+        for target in (200, 1_000, 5_000):
+            used[0] = target
+            deadline = time.monotonic() + 30
+            while counters.lease_through < target and time.monotonic() < deadline:
+                time.sleep(0.01)  # a deadline-bounded wait for the keeper thread
+            assert counters.lease_through >= target
+    finally:
+        counters.close(used[0] - 1, timeout=10)
+    assert counters.lease_through == -1
+    check = check_counters(storage, SinkSettings(journal_uri=storage.uri).signer().public_key)
+    assert check.leases["p-8"].closed_seq == used[0] - 1
+    assert check.leases["p-8"].leased_through >= used[0]
 
 
 def test_a_live_replicas_in_flight_range_is_no_finding_and_not_exact(journal):

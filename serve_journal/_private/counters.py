@@ -8,7 +8,7 @@ buffer full, wait timeout, ...), :class:`TransportDropCounter` (entries a transp
 then dropped) and :class:`ReplicaCounters`, which owns both, flushes the counters to storage and
 keeps the producer's *sequence lease*: the replica answers a call only when its sequence number
 is within a lease already durable in the signed counters chain (:class:`LeasedBuffer` is that
-one integer compare on the request path), so a replica killed at any moment leaves a signed
+one integer compare on the request path; a small thread keeps the lease ahead), so a replica killed at any moment leaves a signed
 bound on what it may have answered and lost. The counter data structures themselves live in
 :mod:`serve_journal.counters`.
 """
@@ -40,6 +40,8 @@ LEASE_S = 2.0
 LEASE_MIN = 256
 """...and at least this many sequence numbers (the first lease, quiet replicas)."""
 LEASE_MAX = 100_000
+LEASE_POLL_S = 0.02
+"""How often the lease keeper compares the next sequence number with the lease."""
 LEASE_RETRY_S = 1.0
 """After a failed lease write, the next attempt waits this long (the counters flush may still
 write the lease sooner)."""
@@ -127,6 +129,8 @@ class ReplicaCounters:
         self._lease_size = LEASE_MIN
         self._lease_mark: tuple[float, int] | None = None  # (monotonic time, next seq) at last extension
         self._lease_retry_at = 0.0
+        self._keeper: threading.Thread | None = None
+        self._keeper_stop = threading.Event()
 
     def extend_lease(self, next_seq: int, model: str) -> None:
         """Write a longer lease when less than half of the current one is left (flusher thread,
@@ -175,9 +179,36 @@ class ReplicaCounters:
         finally:
             self.lease_through = self.exact.durable_lease
 
-    def close(self, last_seq: int) -> None:
-        """Write the final counters file: everything counted and the closed mark with
-        ``last_seq``, the last sequence number used (-1: none). No call is admitted after."""
+    def start_lease_keeper(self, next_seq: Callable[[], int], model: str) -> None:
+        """Keep the lease ahead of ``next_seq()`` on a small thread of its own: a flusher held
+        up by a slow transport must not hold up the lease (calls beyond it would wait, drop or
+        be refused long before the buffer is full)."""
+        if self._keeper is not None:
+            return
+
+        def keep() -> None:
+            last_warning = 0.0
+            while not self._keeper_stop.wait(LEASE_POLL_S):
+                try:
+                    self.extend_lease(next_seq(), model)
+                except Exception:  # noqa: BLE001 - retried; calls beyond the lease are handled per tier
+                    now = time.monotonic()
+                    if now - last_warning >= WARN_EVERY_S:
+                        last_warning = now
+                        logger.warning("serve_journal: extending the sequence lease failed; calls "
+                                       "beyond it wait, drop (counted) or are refused per tier",
+                                       exc_info=True)
+
+        self._keeper = threading.Thread(target=keep, name="serve-journal-lease", daemon=True)
+        self._keeper.start()
+
+    def close(self, last_seq: int, timeout: float | None = None) -> None:
+        """Stop the lease keeper and write the final counters file: everything counted and the
+        closed mark with ``last_seq``, the last sequence number used (-1: none). No call is
+        admitted after."""
+        self._keeper_stop.set()
+        if self._keeper is not None:
+            self._keeper.join(timeout)
         self.lease_through = -1
         self.exact.mark_closed(last_seq)
         self.exact.flush_to(self._storage)

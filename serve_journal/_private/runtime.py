@@ -9,7 +9,8 @@ journal's coordinator. It also reports this producer's counters and flushes and 
 
 The request path offers calls through :class:`~serve_journal._private.counters.LeasedBuffer`:
 a call is answered only within a sequence lease already durable in the signed counters chain
-(the first lease is written before the replica serves; the flusher extends it in the background),
+(the first lease is written before the replica serves; a small thread extends it in the
+background, apart from the flusher, so a slow transport never holds it up),
 and a clean close writes the closed mark. So a killed replica's loss is bounded and shown.
 """
 
@@ -63,8 +64,6 @@ class JournalRuntime:
         periodic = [
             PeriodicTask("registry-refresh", min(config.registry_refresh_s, MAX_REFRESH_CHECK_S),
                          self._maybe_refresh),
-            # Interval 0: checked on every flusher wake-up (an integer compare unless due).
-            PeriodicTask("lease", 0.0, self._extend_lease),
             PeriodicTask("counters", COUNTERS_INTERVAL_S, self._flush_counters),
             PeriodicTask("metrics", METRICS_INTERVAL_S, self._report_metrics),
         ]
@@ -93,8 +92,9 @@ class JournalRuntime:
         buffer = LeasedBuffer(self.worker.offer, parts.counters, self.drops)
         self.capturer = CallCapture(parts.model, buffer, parts.finalizer, self.drops,
                                     parts.metrics, parts.jwt, config.on_invalid_caller)
-        # Everything the flusher's tasks reach exists now: start it.
+        # Everything the flusher's tasks reach exists now: start it, and the lease keeper.
         self.worker.start()
+        self._accounting.start_lease_keeper(lambda: self.capturer.captured, self._lease_model)
         # The request-path entry points, bound once (no extra call per request).
         self.capture = self.capturer.capture
         self.check_caller = self.capturer.check_caller
@@ -137,8 +137,6 @@ class JournalRuntime:
     def _flush_counters(self) -> None:
         self._accounting.flush()
 
-    def _extend_lease(self) -> None:
-        self._accounting.extend_lease(self.capturer.captured, self._lease_model)
 
     def _report_metrics(self) -> None:
         self.metrics.set_buffer_depth(len(self.worker), self.config.buffer_capacity)
@@ -216,7 +214,7 @@ class JournalRuntime:
         try:
             self.worker.close(timeout)
             self.transport.close(timeout)
-            self._accounting.close(self.captured - 1)
+            self._accounting.close(self.captured - 1, timeout)
         finally:
             self._closed = True
             if self._reports_heartbeats:
