@@ -17,10 +17,12 @@ import click
 import pyarrow as pa
 
 from serve_journal.api import caller_tokenizer, subject_tokenizer
+from serve_journal.catalog.layout import DEFAULT_SPEC
 from serve_journal.cli_input import expand_subjects, subject_token_option
 from serve_journal.config import JournalConfig
 from serve_journal.console import write_report
 from serve_journal.console.commands import console_command, console_user
+from serve_journal.errors import ConfigError
 from serve_journal.integrity.certificates import COUNTERS_KEY_FILE, provision_key
 from serve_journal.integrity.manifest import ManifestSigner
 from serve_journal.integrity.trust import TrustError, key_fingerprint, resolve_trust, signing_dir
@@ -30,17 +32,19 @@ from serve_journal.maintain.lifecycle import (
     run_lifecycle,
     s3_lifecycle_configuration,
 )
-from serve_journal.privacy.forget import ForgetIncompleteError, forget_subject
+from serve_journal.privacy.forget import ForgetHooks, ForgetIncompleteError, forget_subject
 from serve_journal.privacy.keyring import Keyring
 from serve_journal.privacy.vault import SubjectVault
 from serve_journal.read.query import JournalQuery, format_table, to_json, write_parquet
 from serve_journal.read.stats import stats as journal_stats
 from serve_journal.read.verify import format_report, load_heads, save_heads, verify_journal
+from serve_journal.read.verify_archived import ARCHIVED_MODES
 from serve_journal.registry import dataset_manifest, register_dataset_manifest
 from serve_journal.replay.driver import replay_command
 from serve_journal.sink.kafka_app import run_journal_sink
 from serve_journal.sink.settings import SinkSettings
 from serve_journal.storage import local_root, open_storage
+from serve_journal.storage.archive import RESTORE_TIERS, restore_archived, restore_command
 from serve_journal.times import as_utc
 from serve_journal.transport.kafka_security import SASL_MECHANISMS, SECURITY_PROTOCOLS
 
@@ -198,11 +202,14 @@ def _default_privacy_dir(journal_uri: str, privacy_dir: str | None) -> str:
                    "verify-heads.json in the reports folder of a local journal).")
 @click.option("--expect-heads", "expect_heads_file", default=None,
               help="Chain heads file to check against, left unchanged.")
+@click.option("--archived", default="report", show_default=True, type=click.Choice(ARCHIVED_MODES),
+              help="Archived (S3 Glacier, not restored) files: 'report' them as restore needed, "
+                   "or check them from their signed manifest 'records' (content not re-hashed).")
 @click.option("--json", "as_json", is_flag=True)
 def verify(journal_uri: str, since: str | None, model: str | None, public_key: str | None,
            witness_uri: str | None, privacy_dir: str | None, reports_dir: str | None,
            heads_file: str | None, expect_heads_file: str | None, key_fingerprint: str | None,
-           dev: bool, as_json: bool) -> None:
+           dev: bool, archived: str, as_json: bool) -> None:
     """Prove the journal complete and unaltered; exit code 0 only when everything checks.
 
     The signed chain heads of a clean run are kept (--heads), and the next run refuses a journal
@@ -231,7 +238,7 @@ def verify(journal_uri: str, since: str | None, model: str | None, public_key: s
         raise click.UsageError(f"--expect-heads {expect_heads_file}: no such file")
     report = verify_journal(storage, public_key=anchor.public_key, witness=witness,
                             since=_parse_time(since, "--since"), model=model,
-                            expected_heads=expected)
+                            expected_heads=expected, archived=archived)
     click.echo(report.to_json() if as_json else format_report(report))
     _save_report(journal_uri, reports_dir, "verify-", report.to_dict())
     if report.ok and heads_file and not expect_heads_file and since is None and model is None:
@@ -246,22 +253,92 @@ def verify(journal_uri: str, since: str | None, model: str | None, public_key: s
                    "input, one per line, keeping them out of shell history.")
 @click.option("--privacy-dir", default=None, help="Keyring folder (default next to a local journal).")
 @click.option("--vault-url", default=None, help="postgresql://... (default: SQLite in privacy dir).")
-def forget(journal_uri: str, subject: str, privacy_dir: str | None, vault_url: str | None) -> None:
-    """Right to be forgotten: destroy the subject's key; their entries become unlinkable."""
+@click.option("--purge-hook", default=None,
+              help="Deletes the subject's feature history: 'module:function' (called with the "
+                   "subject id) or 'features:PATH' (the built-in Parquet feature store purge). "
+                   "Default: SERVE_JOURNAL_PURGE_HOOK.")
+@click.option("--retraining-hook", default=None,
+              help="'module:function' called with the forget event (token, model versions; no "
+                   "id), e.g. to schedule retraining. Default: SERVE_JOURNAL_RETRAINING_HOOK.")
+def forget(journal_uri: str, subject: str, privacy_dir: str | None, vault_url: str | None,
+           purge_hook: str | None, retraining_hook: str | None) -> None:
+    """Right to be forgotten: destroy the subject's key; their entries become unlinkable.
+
+    Exit code 2 when a hook failed, 3 when archived files kept the entry count from being
+    complete (the key is destroyed either way; the receipt says which)."""
+    try:
+        hooks = ForgetHooks.resolve(purge_hook, retraining_hook)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
     subjects = expand_subjects([subject])
     privacy_dir = _default_privacy_dir(journal_uri, privacy_dir)
-    incomplete = False
+    incomplete = uncounted = False
     for one in subjects:
         try:
             receipt = forget_subject(one, journal_uri=journal_uri, privacy_dir=privacy_dir,
-                                     vault_url=vault_url)
+                                     vault_url=vault_url, hooks=hooks)
         except ForgetIncompleteError as exc:
             click.echo(f"error: {exc}", err=True)
             incomplete = True
-            continue
-        click.echo(receipt.to_json() if hasattr(receipt, "to_json") else str(receipt))
+            receipt = exc.receipt
+        else:
+            click.echo(receipt.to_json())
+        if receipt.uncounted_files:
+            uncounted = True
+            click.echo(f"restore needed: {len(receipt.uncounted_files)} archived file(s) were not "
+                       f"counted (the key is destroyed; their entries are unlinkable too); to "
+                       f"count them run: {receipt.restore_command}", err=True)
     if incomplete:
         sys.exit(2)
+    if uncounted:
+        sys.exit(3)
+
+
+@main.command()
+@click.option("--journal", "journal_uri", required=True, help="s3://bucket/prefix?... journal.")
+@click.option("--days", default=7, show_default=True, type=click.IntRange(min=1),
+              help="How long the restored copies stay readable.")
+@click.option("--tier", default="Standard", show_default=True, type=click.Choice(RESTORE_TIERS),
+              help="Retrieval tier (Expedited is not available for DEEP_ARCHIVE).")
+@click.option("--since", default=None, help="Only partitions from this ISO date/time on.")
+@click.option("--until", default=None, help="Only partitions before this ISO date/time.")
+def restore(journal_uri: str, days: int, tier: str, since: str | None, until: str | None) -> None:
+    """Restore archived journal files (S3 Glacier / Deep Archive) so verify, forget and replay
+    can read them (S3 RestoreObject). Safe to run again: it reports restores in progress and
+    done; exit code 0 once every selected file is readable, 75 while restores are in progress."""
+    storage = open_storage(journal_uri)
+    lo, hi = _parse_time(since, "--since"), _parse_time(until, "--until")
+    states = restore_archived(storage, _archived_in_range(storage, lo, hi), days=days, tier=tier)
+    if not states:
+        click.echo(f"no archived files in {storage.uri}" + (" in that range" if lo or hi else ""))
+        return
+    tally: dict[str, int] = {}
+    for state in states.values():
+        tally[state] = tally.get(state, 0) + 1
+    click.echo(f"archived files: {len(states)}; " + ", ".join(
+        f"{label} {tally.get(key, 0)}" for key, label in (
+            ("started", "restore started"), ("in-progress", "restore in progress"),
+            ("restored", "restored (readable)"))))
+    pending = sorted(p for p, s in states.items() if s != "restored")
+    if pending:
+        click.echo(f"run again later to check: {restore_command(storage)}")
+        sys.exit(75)
+
+
+def _archived_in_range(storage: Any, since: dt.datetime | None,
+                       until: dt.datetime | None) -> list[str] | None:
+    """The data files whose partition overlaps ``[since, until)``; ``None`` for all."""
+    if since is None and until is None:
+        return None
+    out = []
+    for path in storage.list_files("", ".parquet"):
+        try:
+            _, key = DEFAULT_SPEC.parse(path)
+        except ValueError:
+            continue
+        if (since is None or key.end > since) and (until is None or key.start < until):
+            out.append(path)
+    return out
 
 
 @main.command("init-keys")

@@ -164,6 +164,7 @@ def test_console_forget_runs_the_configured_hooks(world):
                                            "password": "pia-password-123"},
                            follow_redirects=False).status_code == 303
         form = client.get("/forget")
+        assert f"purge hook <code>features:{world['features']}</code>" in form.text
         csrf = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
         done = client.post("/forget", data={"csrf": csrf, "subject": "alice", "confirm": "yes"})
     assert done.status_code == 200, done.text
@@ -188,6 +189,8 @@ def test_console_shows_a_failed_hook_with_the_receipt(world):
                                     "password": "pia-password-123"})
         form = client.get("/forget")
         csrf = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+        unconfirmed = client.post("/forget", data={"csrf": csrf, "subject": "bob"})
+        assert unconfirmed.status_code == 400 and "confirmation box" in unconfirmed.text
         done = client.post("/forget", data={"csrf": csrf, "subject": "bob", "confirm": "yes"})
     assert done.status_code == 200
     assert "hook(s) failed: forget" in done.text and "failed:RuntimeError" in done.text

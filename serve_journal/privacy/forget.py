@@ -39,6 +39,7 @@ from serve_journal.privacy.keyring import Keyring
 from serve_journal.privacy.tokens import check_subject_token
 from serve_journal.privacy.vault import SubjectVault
 from serve_journal.read.pruning import open_index
+from serve_journal.retry import retry_call
 from serve_journal.storage import JournalStorage, open_storage
 from serve_journal.storage.archive import archive_states, archived_error, restore_command
 
@@ -156,9 +157,16 @@ def count_subject_index(storage: JournalStorage, subject_token: str) -> SubjectC
     (:mod:`serve_journal.read.pruning`) rule out row groups, and only the candidates' token and
     model columns are read. Archived files are skipped and named in ``archived``.
 
-    ``subject_token`` must have a subject token's format (``TokenFormatError`` otherwise).
+    ``subject_token`` must have a subject token's format (``TokenFormatError`` otherwise). A
+    compaction or lifecycle run may delete a replaced file after the listing; the next listing
+    sees the committed rewrite instead, so the whole count is retried.
     """
     check_subject_token(subject_token, "subject_token")
+    return retry_call(lambda: _count_once(storage, subject_token), attempts=3, delay_s=0.01,
+                      max_delay_s=0.05, retry_on=FileNotFoundError)
+
+
+def _count_once(storage: JournalStorage, subject_token: str) -> SubjectCount:
     files = [f.path for f in live_files(storage, tier="all")]
     blocked = {p for p, s in archive_states(storage).items() if not s.readable} if files else set()
     counts: dict[tuple[str, str], int] = {}

@@ -84,6 +84,7 @@ from serve_journal.integrity.manifest import (
     sequence_ranges,
 )
 from serve_journal.integrity.merkle import table_merkle_root
+from serve_journal.read.verify_archived import ArchivedFiles, summary_lines
 from serve_journal.read.verify_counters import HEADS_PREFIX as COUNTERS_HEADS
 from serve_journal.read.verify_counters import check_counters, lease_findings
 from serve_journal.storage import JournalStorage
@@ -134,6 +135,12 @@ class VerifyReport:
     """False when neither a witness nor remembered heads were given: then a journal cut back to
     an earlier signed state (its newest files, records and checkpoints deleted) cannot be told
     from one that never grew further."""
+    archived_mode: str = "report"
+    """How archived (S3 Glacier, not restored) files were treated (``verify --archived``)."""
+    archived_unchecked: int = 0
+    """Archived files not checked: restore needed (a ``restore-needed`` warning)."""
+    archived_from_records: int = 0
+    """Archived files checked from their signed manifest records only (content not re-hashed)."""
 
     @property
     def errors(self) -> list[Problem]:
@@ -172,6 +179,7 @@ def format_report(report: VerifyReport) -> str:
         f"  data files {report.files}, entries {report.entries}, producers {report.producers}, "
         f"accounted gaps {report.accounted_gaps}",
     ]
+    lines.extend(summary_lines(report))
     if report.new_chains:
         lines.append(f"  chains the remembered heads did not know: {', '.join(report.new_chains)}")
     if not report.truncation_excluded:
@@ -699,6 +707,7 @@ def verify_journal(
     unsigned_grace_s: float = UNSIGNED_GRACE_S,
     producer_stale_s: float = PRODUCER_STALE_S,
     now: dt.datetime | None = None,
+    archived: str = "report",
 ) -> VerifyReport:
     """Verify the journal in ``storage``; see the module docstring for what is checked.
 
@@ -715,7 +724,10 @@ def verify_journal(
     shorter length, or whose record at that length no longer has that hash is an error.
     Only records covered by a valid signature vouch for files, and an unsigned tail within
     ``unsigned_grace_s`` of its chain's last signed checkpoint (writers sign every few seconds);
-    ``now`` is the clock for that (default: the current time).
+    ``now`` is the clock for that (default: the current time). ``archived``: how files in an
+    archive storage class that are not restored are treated, ``report`` (a ``restore-needed``
+    warning) or ``records`` (checked from their signed records; see
+    :mod:`serve_journal.read.verify_archived`).
     """
     key = load_public_key(public_key)
     report = VerifyReport(journal=storage.uri)
@@ -749,6 +761,7 @@ def verify_journal(
     files = [p for p in files if _in_scope_path(p, since_us, model)
              or any(_in_scope_record(r, since_us, model) for r in by_path.get(p, []))]
     verified: dict[str, bool] = {}
+    archive = ArchivedFiles(storage, report, archived, lambda r: _is_signed(r, chains))
     for path in files:
         if path not in by_path and is_derived(path) and path not in committed:
             report._add("uncommitted-derived-file", path,
@@ -761,7 +774,7 @@ def verify_journal(
                         "data file has no manifest record (added or forged after the fact)")
             verified[path] = False
             continue
-        verified[path] = _check_file(storage, path, by_path[path], report)
+        verified[path] = archive.check(path, by_path[path], _check_file)
 
     # Records whose file is gone: fine only when a verified replacement supersedes them. Only a
     # signed record can say what it replaces (anyone who can write the bucket can write a
@@ -818,7 +831,7 @@ def verify_journal(
             if path not in by_path:
                 return False
             if path not in verified:
-                verified[path] = _check_file(storage, path, by_path[path], report)
+                verified[path] = archive.check(path, by_path[path], _check_file)
             return verified[path]
         return any(_replacement_ok(r, seen | {path}) for r in sorted(replaced_by.get(path, ())))
 
@@ -859,6 +872,7 @@ def verify_journal(
                                                  producer_stale_s):
             report._add(kind, path, detail)
     _check_sequences(scoped, accounted_gaps, seq_start if since is None else None, report)
+    archive.finish()
 
     def in_scope(path: str) -> bool:
         if path.endswith(PARQUET_SUFFIX) and not path.startswith(f"{COUNTERS_DIR}/"):

@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 
 from serve_journal.catalog import TIERS, live_files
 from serve_journal.cli_input import expand_subjects
+from serve_journal.errors import ArchivedObjectError
 from serve_journal.replay.featurestore import (
     FeatureStore,
     ParquetFeatureStore,
@@ -53,6 +54,7 @@ from serve_journal.replay.statuses import STATUSES, VERIFIED
 from serve_journal.replay.tasks import JOURNAL_COLUMNS, RESULT_SCHEMA, TaskSpec, replay_batch
 from serve_journal.replay.verifiers import StaticKeyVerifier, VaultVerifier, Verifier
 from serve_journal.storage import JournalStorage, local_root, open_storage
+from serve_journal.storage.archive import raise_if_archived
 from serve_journal.times import as_utc, to_micros
 
 __all__ = [
@@ -140,8 +142,11 @@ def ensure_ray() -> None:
 
 def _journal_files(storage: JournalStorage, model: str, since: dt.datetime | None,
                    until: dt.datetime | None, tier: str) -> list[str]:
-    """Full paths of the live files of ``model`` whose hours overlap ``[since, until)``."""
+    """Full paths of the live files of ``model`` whose hours overlap ``[since, until)``;
+    :class:`~serve_journal.errors.ArchivedObjectError` (restore needed, with the command) when
+    some of them are archived and not restored, before any task starts."""
     out = []
+    relative = []
     for f in live_files(storage, tier=tier, model=model):
         start = f.key.start
         if until is not None and start >= until:
@@ -149,6 +154,9 @@ def _journal_files(storage: JournalStorage, model: str, since: dt.datetime | Non
         if since is not None and f.key.end <= since:
             continue
         out.append(storage.full_path(f.path))
+        relative.append(f.path)
+    if relative:
+        raise_if_archived(storage, relative)
     return out
 
 
@@ -393,8 +401,14 @@ def _split_labels(ctx: click.Context, param: click.Parameter, value: str | None
 def replay_command(**options: Any) -> None:
     """Reproduce decisions: features as of each entry, HMAC check, optional re-scoring.
 
-    Exit code 0 only when every selected entry verified. Runs on the cluster named by
-    RAY_ADDRESS (e.g. under `ray job submit`), else on a local Ray.
+    Exit code 0 only when every selected entry verified; 3 when archived journal files must be
+    restored first (`serve-journal restore`). Runs on the cluster named by RAY_ADDRESS (e.g.
+    under `ray job submit`), else on a local Ray.
     """
     options["subjects"] = tuple(expand_subjects(options.get("subjects") or ()))
-    sys.exit(run_replay_cli(**options, echo=click.echo))
+    try:
+        code = run_replay_cli(**options, echo=click.echo)
+    except ArchivedObjectError as exc:
+        click.echo(f"error: {exc}", err=True)
+        code = 3
+    sys.exit(code)

@@ -29,11 +29,33 @@ __all__ = [
     "raise_if_archived",
     "restore_archived",
     "restore_command",
+    "s3_view",
     "unreadable_archived",
 ]
 
 DATA_PREFIXES = ("hot/", "cold/")
 """Where journal data files live (``catalog.layout.TIERS``; storage imports no catalog)."""
+
+
+def _s3(storage: JournalStorage) -> S3WormStorage | None:
+    """The boto3 view of an ``s3://`` journal (archive classes and RestoreObject are S3 API
+    calls pyarrow's filesystem does not make); ``None`` for other backends. A journal opened as
+    a plain pyarrow ``s3://`` root gets one, built once, from its URI (same endpoint and
+    credentials chain)."""
+    if isinstance(storage, S3WormStorage):
+        return storage
+    if not storage.uri.startswith("s3://"):
+        return None
+    view = storage.__dict__.get("_archive_view")
+    if view is None:
+        view = S3WormStorage.from_uri(storage.uri)
+        storage.__dict__["_archive_view"] = view
+    return view
+
+
+def s3_view(storage: JournalStorage) -> S3WormStorage | None:
+    """The S3 API view of ``storage`` (see :func:`_s3`); ``None`` when it is not on S3."""
+    return _s3(storage)
 
 
 def restore_command(storage: JournalStorage) -> str:
@@ -45,11 +67,12 @@ def archive_states(storage: JournalStorage,
                    prefixes: Sequence[str] = DATA_PREFIXES) -> dict[str, ArchiveState]:
     """Every object below ``prefixes`` in an archive storage class, restored or not (one listing
     per prefix, one HEAD per archived object); empty for backends without archive classes."""
-    if not isinstance(storage, S3WormStorage):
+    s3 = _s3(storage)
+    if s3 is None:
         return {}
     out: dict[str, ArchiveState] = {}
     for prefix in prefixes:
-        out.update(storage.archive_states(prefix))
+        out.update(s3.archive_states(prefix))
     return out
 
 
@@ -78,10 +101,11 @@ def archived_error(storage: JournalStorage, path: str,
     HEAD tells that apart from a real I/O failure."""
     if isinstance(exc, ArchivedObjectError):
         return exc
-    if not isinstance(storage, S3WormStorage):
+    s3 = _s3(storage)
+    if s3 is None:
         return None
     try:
-        state = storage.archive_state(path)
+        state = s3.archive_state(path)
     except Exception:  # noqa: BLE001 - the original failure is the one to report
         return None
     if state is None or state.readable:
@@ -105,8 +129,9 @@ def restore_archived(storage: JournalStorage, paths: Iterable[str] | None = None
         if wanted is not None and path not in wanted:
             continue
         if state.restore == "none":
-            assert isinstance(storage, S3WormStorage)  # only S3 reports archived objects
-            out[path] = storage.restore(path, days=days, tier=tier)
+            s3 = _s3(storage)
+            assert s3 is not None  # only S3 reports archived objects
+            out[path] = s3.restore(path, days=days, tier=tier)
         else:
             out[path] = state.restore
     return out

@@ -29,7 +29,7 @@ def forget_page(request: Request, console: ConsoleDep,
     user, csrf = auth
     console.log_view(user.name, "forget_form")
     return console.render(request, "forget.html", user=user, csrf=csrf, receipt=None,
-                          error=None)
+                          error=None, hooks=console.settings.forget_hooks)
 
 
 @router.post("/forget", response_class=HTMLResponse)
@@ -61,7 +61,7 @@ def forget(request: Request, console: ConsoleDep, auth: posted("forget")) -> HTM
                      status=receipt.status, entries_unlinkable=receipt.entries_unlinkable,
                      hooks=dict(receipt.hooks))
     return console.render(request, "forget.html", user=user, csrf=csrf, error=error,
-                          receipt=dataclasses.asdict(receipt))
+                          receipt=dataclasses.asdict(receipt), hooks=console.settings.forget_hooks)
 
 
 @router.get("/access", response_class=HTMLResponse)
