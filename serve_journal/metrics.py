@@ -209,6 +209,12 @@ class JournalMetrics:
         self._add(SINK_ROWS, rows)
         self._add(SINK_BYTES, nbytes)
 
+    def observe_sink_file(self, ts_us: Sequence[int], nbytes: int, now_us: int) -> None:
+        """A file a sink made durable at ``now_us``: its rows and bytes, and the persistence lag
+        (entry time to durable) of each of its entries (``ts_us``: their times, microseconds)."""
+        self.add_sink(len(ts_us), nbytes)
+        self._lag_ms.extend((now_us - ts) / 1000.0 for ts in ts_us)
+
     def add_registry_refresh_error(self, n: int = 1) -> None:
         """A failed refresh of the model's registry metadata."""
         self._add(REGISTRY_ERRORS, n)

@@ -10,16 +10,21 @@ as one Parquet file per journal partition (model, hour) it touches, named determ
 and stored create-only (``JournalStorage.put_new``: exclusive create locally, If-None-Match on
 S3). Why this is exactly once:
 
-* **No loss.** The next offset of a partition is recovered from the files in storage, not from
-  Kafka: it is ``E + 1`` of the newest chunk whose ``n`` parts all exist. Kafka commits happen
-  after the durable write and serve lag monitoring only.
-* **No duplicate.** A chunk that was only partly written when the sink died (parts missing) is
-  rebuilt on restart from the same offsets ``S..E``: the same messages give the same parts with the
-  same names, existing parts are kept (create-only refuses to overwrite them) and recorded again
-  in the new run's manifest chain (the dead run may not have recorded them), missing ones are
-  written. Every offset thus lands in exactly one file. Duplicate *messages* (the transport is
-  at-least-once: a batch that timed out may be resent from its spool) are dropped by
-  ``(producer_id, seq)`` within a chunk and against a window of recently written entries.
+* **No loss.** The next offset of a partition is recovered from the journal, not from Kafka:
+  from the sink's *signed* manifest records (:mod:`serve_journal.sink.offsets`), which
+  compaction never deletes; it is ``E + 1`` of the newest chunk whose ``n`` parts are all
+  recorded under a valid signature. Kafka commits happen after the durable write and serve lag
+  monitoring only. Nothing written by someone without the signing key moves a sink forward.
+* **No duplicate.** A chunk written (wholly or partly) by a run that died before its records
+  were signed is rebuilt on restart from the same offsets ``S..E``, cut where the file names in
+  storage say that run cut it: the same messages give the same parts with the same names.
+  Create-only refuses to overwrite an existing part; the sink *adopts* it (records it in its own
+  chain) when it holds exactly the entries Kafka has at those offsets, so a killed run's orphan
+  file gets its signed record. An existing file that holds anything else (altered or planted) is
+  not adopted: the part is written beside it as ``...-<i>of<n>-r1`` and verify reports the
+  stranger. Duplicate *messages* (the transport is at-least-once: a batch that timed out may be
+  resent from its spool) are dropped by ``(producer_id, seq)`` within a chunk and against a
+  window of recently written entries.
 
 Rows are split by journal partition with :func:`serve_journal.catalog.layout.split_by_partition`
 and every part is encoded and stored create-only by the shared
@@ -33,11 +38,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,8 +56,11 @@ from serve_journal.catalog.layout import (
     split_by_partition,
 )
 from serve_journal.fileformat import HOT_OPTIONS, ParquetOptions, decode_parquet
+from serve_journal.integrity.fingerprint import fingerprint
+from serve_journal.integrity.merkle import table_leaf_hashes
 from serve_journal.retry import Backoff
 from serve_journal.schema import ENTRY_SCHEMA
+from serve_journal.sink.offsets import ChunkFileName, RecoveredOffsets, recover_offsets
 from serve_journal.sink.writer import PartitionFileWriter
 from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
 from serve_journal.transport import wire
@@ -60,8 +69,16 @@ from serve_journal.transport.kafka_security import KafkaSecurity
 logger = logging.getLogger(__name__)
 
 SinkFileHook = Callable[[StoredObject, pa.Table], None]
+RowsHook = Callable[[StoredObject, pa.Table], None]
 """``on_file_written(stored, table)`` of a sink: each file it wrote, or found written by a run
 that died before recording it (for manifest records)."""
+
+MAX_RETRY_NAMES = 8
+"""How many ``-r<n>`` names a part may try before the sink gives up on it (retried, loudly)."""
+
+REBUILD_SLACK = 4
+"""A chunk being rebuilt to a cut found in storage is given up (cut normally) past this many
+times ``roll_bytes``: a planted name must not make a sink hold the whole topic in memory."""
 
 OFFSET_SOURCES = ("storage", "kafka")
 
@@ -135,69 +152,6 @@ class KafkaSinkSettings(KafkaSecurity):
 
 
 # ---------------------------------------------------------------------------------------------
-# File names: the sink's durable record of what it consumed.
-
-@dataclass(frozen=True, order=True)
-class ChunkFileName:
-    """``k-<topic>-p<partition>-o<start>-<end>-<part>of<parts>``."""
-
-    topic: str
-    partition: int
-    start: int
-    end: int
-    part: int
-    parts: int
-
-    def __str__(self) -> str:
-        return f"k-{self.topic}-p{self.partition}-o{self.start}-{self.end}-{self.part}of{self.parts}"
-
-    @classmethod
-    def parse(cls, topic: str, file_name: str) -> ChunkFileName | None:
-        """The name's fields if ``file_name`` (base name, suffix optional) is a chunk of ``topic``."""
-        stem = file_name.removesuffix(".parquet")
-        prefix = f"k-{topic}-p"
-        if not stem.startswith(prefix):
-            return None
-        match = re.fullmatch(r"(\d+)-o(\d+)-(\d+)-(\d+)of(\d+)", stem[len(prefix):])
-        if match is None:
-            return None
-        p, s, e, i, n = (int(g) for g in match.groups())
-        return cls(topic, p, s, e, i, n)
-
-
-@dataclass(frozen=True)
-class RecoveredOffsets:
-    """Per partition: where to resume, and the end of a chunk to rebuild first (if any)."""
-
-    next_offset: dict[int, int]
-    rebuild_until: dict[int, int]
-
-
-def recover_offsets(storage: JournalStorage, topic: str, partitions: Iterable[int]) -> RecoveredOffsets:
-    """Read the sink's progress back from the file names in ``storage``."""
-    wanted = set(partitions)
-    chunks: dict[tuple[int, int, int], set[int]] = collections.defaultdict(set)
-    totals: dict[tuple[int, int, int], int] = {}
-    for path in storage.list_files(suffix=".parquet"):
-        name = ChunkFileName.parse(topic, path.rsplit("/", 1)[-1])
-        if name is None or name.partition not in wanted:
-            continue
-        key = (name.partition, name.start, name.end)
-        chunks[key].add(name.part)
-        totals[key] = name.parts
-    next_offset: dict[int, int] = {}
-    rebuild: dict[int, int] = {}
-    for (partition, start, end), parts in chunks.items():
-        if len(parts) == totals[(partition, start, end)]:
-            next_offset[partition] = max(next_offset.get(partition, 0), end + 1)
-    for (partition, start, end), parts in chunks.items():
-        if len(parts) < totals[(partition, start, end)] and start >= next_offset.get(partition, 0):
-            next_offset[partition] = start
-            rebuild[partition] = end
-    return RecoveredOffsets(next_offset, rebuild)
-
-
-# ---------------------------------------------------------------------------------------------
 # Chunks: what one write covers.
 
 @dataclass
@@ -208,6 +162,8 @@ class _Chunk:
     first_sent: float | None = None
     """Wall-clock time the first message was produced (its Kafka timestamp), when known."""
     closed: bool = False
+    rebuild_end: int | None = None
+    """The offset this chunk must end at: a chunk an earlier run wrote, rebuilt with its cut."""
 
     @property
     def start(self) -> int:
@@ -276,6 +232,26 @@ def _first_occurrences(table: pa.Table, stats: dict[str, int]) -> pa.Table:
     return table.filter(pa.array(keep, type=pa.bool_()))
 
 
+def _rows_missing(found: pa.Table, rebuilt: pa.Table) -> pa.Table | None:
+    """The rows of ``rebuilt`` (a part as Kafka's messages give it) that ``found`` (the file an
+    earlier run wrote under its name) lacks, when every entry of ``found`` is one of
+    ``rebuilt``'s (that run dropped the others as duplicates of earlier files); ``None`` when
+    ``found`` holds any entry Kafka does not have there."""
+    if found.schema != ENTRY_SCHEMA:
+        found = found.cast(ENTRY_SCHEMA)
+    if rebuilt.schema != ENTRY_SCHEMA:
+        rebuilt = rebuilt.cast(ENTRY_SCHEMA)
+    available = collections.Counter(table_leaf_hashes(rebuilt))
+    have = collections.Counter(table_leaf_hashes(found))
+    if have - available:
+        return None
+    keep, used = [], collections.Counter()
+    for leaf in table_leaf_hashes(rebuilt):
+        used[leaf] += 1
+        keep.append(used[leaf] > have[leaf])
+    return rebuilt.filter(pa.array(keep, type=pa.bool_()))
+
+
 def _decode_one_by_one(topic: str, partition: int, messages: Sequence[tuple[int, bytes]],
                        stats: dict[str, int]) -> pa.Table:
     """The slow path: decode message by message, skipping (and counting) each unreadable one."""
@@ -307,16 +283,24 @@ class KafkaSink:
     """Consumes assigned partitions of a topic into the journal; see the module docstring."""
 
     def __init__(self, settings: KafkaSinkSettings, storage: JournalStorage, *,
-                 on_file_written: SinkFileHook | None = None, spec: PartitionSpec = DEFAULT_SPEC) -> None:
+                 on_file_written: SinkFileHook | None = None, spec: PartitionSpec = DEFAULT_SPEC,
+                 public_key: Any = None, on_rows_durable: RowsHook | None = None) -> None:
+        """``public_key``: the journal's manifest key; offsets are then recovered from signed
+        records only (the runner always passes it; without, from file names, for tests of the
+        consumer alone). ``on_rows_durable(stored, table)``: every file this sink wrote or
+        adopted, after its record (metrics)."""
         self.settings = settings
         self.storage = storage
         self.spec = spec
         self.on_file_written = on_file_written
+        self.public_key = public_key
+        self.on_rows_durable = on_rows_durable
         # Count and remember a file before the caller's hook runs: when that hook (the manifest
         # record) fails, the file is written all the same and the retry finds it present.
         hooks = [self._count_written]
         if on_file_written is not None:
             hooks.append(lambda stored, table, key: on_file_written(stored, table))
+        hooks.append(self._durable)
         self._files = PartitionFileWriter(
             storage, f"k-{settings.topic}", roll_seconds=settings.roll_seconds,
             roll_bytes=settings.roll_bytes, on_file_written=hooks, parquet=settings.parquet, spec=spec)
@@ -324,7 +308,7 @@ class KafkaSink:
         self._tps: dict[int, Any] = {}
         self._chunks: dict[int, _Chunk] = {}
         self._ready: dict[int, collections.deque[_Chunk]] = collections.defaultdict(collections.deque)
-        self._rebuild_until: dict[int, int] = {}
+        self._rebuild: dict[int, collections.deque[tuple[int, int]]] = {}
         self._retry_at: dict[int, float] = {}
         self._backoff = {p: Backoff(settings.write_retry_backoff_s, settings.write_retry_backoff_max_s)
                          for p in settings.partitions}
@@ -344,10 +328,13 @@ class KafkaSink:
         await self._consumer.start()
         self._tps = {p: TopicPartition(self.settings.topic, p) for p in self.settings.partitions}
         self._consumer.assign(list(self._tps.values()))
+        beginnings = await self._consumer.beginning_offsets(list(self._tps.values()))
+        first = {p: beginnings[tp] for p, tp in self._tps.items()}
         if self.settings.offset_source == "storage":
             recovered = await asyncio.to_thread(
-                recover_offsets, self.storage, self.settings.topic, self.settings.partitions)
-            self._rebuild_until = dict(recovered.rebuild_until)
+                recover_offsets, self.storage, self.settings.topic, self.settings.partitions,
+                self.public_key, first)
+            self._rebuild = {p: collections.deque(c) for p, c in recovered.rebuild.items()}
             starts = recovered.next_offset
         else:
             starts = {}
@@ -355,13 +342,12 @@ class KafkaSink:
                 committed = await self._consumer.committed(tp)
                 if committed is not None:
                     starts[p] = committed
-        beginnings = await self._consumer.beginning_offsets(list(self._tps.values()))
         for p, tp in self._tps.items():
-            offset = starts.get(p, beginnings[tp])
+            offset = starts.get(p, first[p])
             self._consumer.seek(tp, offset)
             self.next_offsets[p] = offset
         logger.info("kafka sink %s resumes at %s (rebuilding %s)", self.settings.topic,
-                    self.next_offsets, self._rebuild_until)
+                    self.next_offsets, {p: len(c) for p, c in self._rebuild.items()})
 
     async def stop(self) -> None:
         """Stop consuming. Chunks not yet written are simply consumed again next time."""
@@ -391,6 +377,15 @@ class KafkaSink:
                           record.timestamp)
         now, wall = time.monotonic(), time.time()
         for p, chunk in self._chunks.items():
+            if chunk.rebuild_end is not None:
+                if chunk.nbytes < REBUILD_SLACK * self.settings.roll_bytes:
+                    continue  # cut where the earlier run cut it, not by time
+                logger.warning("kafka sink %s[%d]: chunk from %d grew past %d bytes before the "
+                               "cut at %d found in storage; cutting it here", self.settings.topic,
+                               p, chunk.start, chunk.nbytes, chunk.rebuild_end)
+                self.stats["rebuild_cuts_abandoned"] += 1
+                self._rebuild.pop(p, None)
+                chunk.rebuild_end = None
             if chunk.messages and not chunk.closed and self.chunk_due(chunk, now, wall):
                 chunk.closed = True
                 self._ready[p].append(chunk)
@@ -404,6 +399,12 @@ class KafkaSink:
                 self._ready[p].popleft()
                 written += rows
         return written
+
+    @property
+    def rebuilt(self) -> bool:
+        """No chunk an earlier run wrote is waiting to be rebuilt or written."""
+        return not (any(self._rebuild.values()) or any(self._ready.values())
+                    or any(c.rebuild_end is not None for c in self._chunks.values()))
 
     def chunk_due(self, chunk: _Chunk, now: float, wall: float) -> bool:
         """Whether ``chunk`` is to be written now (``now``: monotonic, ``wall``: epoch seconds).
@@ -429,12 +430,15 @@ class KafkaSink:
             chunk = self._chunks[partition] = _Chunk()
             if timestamp_ms is not None and timestamp_ms >= 0:
                 chunk.first_sent = timestamp_ms / 1000
+            plan = self._rebuild.get(partition)
+            while plan and plan[0][1] < offset:
+                plan.popleft()  # a cut that ends before this chunk starts: not this run's history
+            if plan and plan[0][0] <= offset:
+                chunk.rebuild_end = plan.popleft()[1]
         chunk.messages.append((offset, value, tuple(headers)))
         chunk.nbytes += len(value)
-        until = self._rebuild_until.get(partition)
-        if until is not None and offset >= until:
-            # Rebuilding a chunk left half written: cut exactly where it was cut before.
-            del self._rebuild_until[partition]
+        if chunk.rebuild_end is not None and offset >= chunk.rebuild_end:
+            # Rebuilding a chunk an earlier run wrote: cut exactly where it was cut before.
             chunk.closed = True
             self._ready[partition].append(chunk)
             del self._chunks[partition]
@@ -464,42 +468,76 @@ class KafkaSink:
     def _write_parts(self, partition: int, chunk: _Chunk) -> int:
         parts, stats = build_chunk_parts(self.settings.topic, partition, chunk.messages, self.spec)
         self.stats.update(stats)
-        rows = 0
-        for part in parts:
-            table = self._drop_recent(part.table)
-            try:
-                self._files.write_file(part.key, table, str(part.name))
-            except ObjectExistsError:
-                # Written by an earlier run that died before finishing this chunk: keep it, and
-                # record it in this run's manifest chain, since the dead run may have died between
-                # the write and its record (verify counts a file recorded twice once).
+        return sum(self._place(part, self._drop_recent(part.table)) for part in parts)
+
+    def _place(self, part: ChunkPart, table: pa.Table) -> int:
+        """Write ``table`` (``part``'s rows less recent duplicates) under ``part``'s name, or
+        settle with the file already there; returns the rows written now."""
+        try:
+            self._files.write_file(part.key, table, str(part.name))
+        except ObjectExistsError:
+            return self._settle_existing(part, table)
+        return table.num_rows
+
+    def _settle_existing(self, part: ChunkPart, table: pa.Table) -> int:
+        """A part whose name exists: written by an earlier run that may have died before its
+        record was signed. Adopt it (record it in this run's chain) when it holds exactly
+        ``table``, or only entries of ``part`` (Kafka's messages at those offsets: that run
+        dropped the others as duplicates of earlier files), then write what it lacks; when it
+        holds anything else, write ``table`` beside it. Extra rows go to ``<name>-r<n>``.
+        Returns the rows written now."""
+        path = self.spec.file_path(part.key, str(part.name))
+        existing = self._read_existing(path)
+        if existing is None:
+            rest: pa.Table | None = table
+        else:
+            data, version, found = existing
+            exact = fingerprint(found) == fingerprint(table)
+            lacking = None if exact else _rows_missing(found, part.table)
+            if exact or lacking is not None:
+                logger.info("journal file %s was written by an earlier run: adopted (%s)", path,
+                            "exact" if exact else f"{lacking.num_rows} row(s) it lacks follow")
                 self.stats["parts_already_present"] += 1
-                self._remember(part.table)
+                self._remember(found)
                 if self.on_file_written is not None:
-                    self._record_existing(self.spec.file_path(part.key, str(part.name)))
-                continue
-            rows += table.num_rows
-        return rows
+                    stored = StoredObject(path, len(data), hashlib.sha256(data).hexdigest(), version)
+                    self.on_file_written(stored, found)
+                    self.stats["existing_parts_recorded"] += 1
+                rest = None if lacking is None else self._drop_recent(lacking)
+                if rest is None or not rest.num_rows:
+                    return 0
+                self.stats["existing_parts_completed"] += 1
+            else:
+                rest = table
+                self.stats["existing_parts_foreign"] += 1
+                logger.warning("journal file %s holds entries Kafka does not have at its offsets "
+                               "(altered or planted); not adopted, writing the part beside it", path)
+        if part.name.retry >= MAX_RETRY_NAMES:
+            raise RuntimeError(f"{path}: {MAX_RETRY_NAMES} files of this part's names exist "
+                               "already and none holds its entries; run `serve-journal verify`")
+        retry = dataclasses.replace(part.name, retry=part.name.retry + 1)
+        return self._place(ChunkPart(retry, part.key, rest), rest)
+
+    def _read_existing(self, path: str) -> tuple[bytes, str | None, pa.Table] | None:
+        """An existing file's bytes, version and entries; ``None`` when it is unreadable."""
+        read_versioned = getattr(self.storage, "read_versioned", None)
+        data, version = read_versioned(path) if read_versioned else (self.storage.read(path), None)
+        try:
+            return data, version, decode_parquet(data)
+        except Exception as exc:  # noqa: BLE001 - not a journal file: not adopted, verify reports it
+            self.stats["existing_parts_unreadable"] += 1
+            logger.warning("existing journal file %s is unreadable (%s); not adopted", path,
+                           type(exc).__name__)
+            return None
 
     def _count_written(self, stored: StoredObject, table: pa.Table, key: PartitionKey) -> None:
         self.stats["files_written"] += 1
         self.stats["rows_written"] += table.num_rows
         self._remember(table)
 
-    def _record_existing(self, path: str) -> None:
-        """Pass a file already in storage to ``on_file_written`` as it is stored (bytes, version)."""
-        read_versioned = getattr(self.storage, "read_versioned", None)
-        data, version = read_versioned(path) if read_versioned else (self.storage.read(path), None)
-        try:
-            table = decode_parquet(data)
-        except Exception as exc:  # noqa: BLE001 - left unrecorded, so verify reports the file
-            self.stats["existing_parts_unreadable"] += 1
-            logger.warning("existing journal file %s is unreadable (%s); not recorded", path,
-                           type(exc).__name__)
-            return
-        stored = StoredObject(path, len(data), hashlib.sha256(data).hexdigest(), version)
-        self.on_file_written(stored, table)
-        self.stats["existing_parts_recorded"] += 1
+    def _durable(self, stored: StoredObject, table: pa.Table, key: PartitionKey) -> None:
+        if self.on_rows_durable is not None:
+            self.on_rows_durable(stored, table)
 
     def _drop_recent(self, table: pa.Table) -> pa.Table:
         if not self._recent:

@@ -27,19 +27,31 @@ import logging
 import os
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from serve_journal.integrity.manifest import ManifestLog
+import pyarrow as pa
+
+from serve_journal.catalog.layout import HOT
+from serve_journal.errors import ManifestError
+from serve_journal.integrity.manifest import (
+    ManifestLog,
+    ManifestRecord,
+    build_file_record,
+    record_path,
+)
+from serve_journal.metrics import JournalMetrics
 from serve_journal.sink.kafka import (
     DEFAULT_ROLL_SECONDS,
     KafkaSink,
     KafkaSinkSettings,
     parse_partitions,
 )
+from serve_journal.sink.offsets import unsigned_tails
 from serve_journal.sink.settings import ManifestHook, SinkSettings, manifest_hook
-from serve_journal.storage import JournalStorage
+from serve_journal.storage import JournalStorage, StoredObject
 
 logger = logging.getLogger(__name__)
 
@@ -62,51 +74,128 @@ def sink_manifest_hook(journal_uri: str, topic: str, partitions: tuple[int, ...]
     return log, manifest_hook(log)
 
 
+METRICS_DEPLOYMENT = "kafka-sink"
+"""The ``deployment`` label of a Kafka sink's metrics (``replica``: its chain id, ``model``: ``*``)."""
+
+METRICS_REPORT_S = 5.0
+"""How often a running sink hands its metrics to Ray."""
+
+SEAL_ATTEMPTS = 12
+"""Checkpoints (after its rebuilds) at which a run tries to sign a dead run's unsigned tail."""
+
+_CHAIN_FIELDS = ("created", "chain_id", "index", "prev_hash", "record_hash")
+
+
 class KafkaSinkRunner:
     """One sink with its manifest chain: the one way to run a Kafka sink (module docstring).
 
     Call :meth:`start`, then :meth:`run` until a stop event; :meth:`close` (also at the end of
     :meth:`run`) stops consuming and checkpoints. A new runner after a crash or a restart
-    recovers its offsets from storage and starts a new chain.
+    recovers its offsets from the signed records in storage and starts a new chain.
+    :attr:`metrics` counts the rows it writes and their persistence lag (entry time to durable),
+    reported to Ray every :data:`METRICS_REPORT_S` when the process is connected to Ray.
     """
 
     def __init__(self, settings: KafkaSinkSettings, journal: SinkSettings) -> None:
         storage = journal.storage()
+        self.journal = journal
         self.log = _sink_chain(journal, storage, settings.topic, settings.partitions)
-        self.sink = KafkaSink(settings, storage, on_file_written=manifest_hook(self.log))
+        self.metrics = JournalMetrics("*", METRICS_DEPLOYMENT, self.log.chain_id)
+        self.sink = KafkaSink(settings, storage, on_file_written=self._record,
+                              public_key=self.log.signer.public_key,
+                              on_rows_durable=self._observe_file)
         self.checkpoint_interval_s = journal.checkpoint_interval_s
+        self._tails: dict[str, int] = {}
+        self._recorded: dict[str, ManifestRecord] = {}
+        self._seal_attempts = 0
+
+    def _record(self, stored: StoredObject, table: pa.Table) -> None:
+        record = self.log.append(build_file_record(stored, table, HOT, self.log.chain_id))
+        if self._tails:  # kept only while a dead run's tail may still be signed
+            self._recorded[record.path] = record
 
     def __repr__(self) -> str:
         return f"KafkaSinkRunner({self.sink!r}, chain={self.log.chain_id!r})"
 
     async def start(self) -> dict[int, int]:
         """Recover the offsets from storage and connect; returns where each partition resumes."""
+        settings = self.sink.settings
+        self._tails = await asyncio.to_thread(
+            unsigned_tails, self.sink.storage, settings.topic, settings.partitions,
+            self.log.signer.public_key, self.log.chain_id)
         await self.sink.start()
         return dict(self.sink.next_offsets)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume until ``stop`` is set, checkpointing every ``checkpoint_interval_s``; then
-        :meth:`close`, also when consuming failed."""
-        checkpoints = asyncio.create_task(self._checkpoints())
+        """Consume until ``stop`` is set, checkpointing every ``checkpoint_interval_s`` and
+        reporting metrics; then :meth:`close`, also when consuming failed."""
+        background = [asyncio.create_task(self._checkpoints()), asyncio.create_task(self._reports())]
         try:
             await self.sink.run(stop)
         finally:
-            checkpoints.cancel()
+            for task in background:
+                task.cancel()
             await self.close()
 
     async def close(self) -> None:
-        """Stop consuming and checkpoint the chain; closing twice is harmless. Chunks not yet
-        written are consumed again by the next run."""
+        """Stop consuming, checkpoint the chain and report metrics; closing twice is harmless.
+        Chunks not yet written are consumed again by the next run."""
         await self.sink.stop()
         await asyncio.to_thread(self.checkpoint)
+        await asyncio.to_thread(self.metrics.report)
+
+    def _observe_file(self, stored: StoredObject, table: pa.Table) -> None:
+        """Rows, bytes and per-entry persistence lag of a file this sink made durable."""
+        self.metrics.observe_sink_file(table.column("ts").cast(pa.int64()).to_pylist(),
+                                       stored.size, time.time_ns() // 1000)
+
+    async def _reports(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_REPORT_S)  # a period, not a wait for state
+            await asyncio.to_thread(self.metrics.report)
 
     def checkpoint(self) -> None:
-        """Sign the chain's head if it grew; a failure is logged and retried next time."""
+        """Sign the chain's head if it grew, then (once the rebuilds are done) the tails of dead
+        runs this run re-derived; a failure is logged and retried next time."""
         try:
+            signed = self.log.length
             self.log.checkpoint()
+            if self._tails and self.sink.rebuilt:
+                self._seal_dead_tails(signed)
         except Exception:  # noqa: BLE001 - retried at the next interval; verify shows the lag
             logger.warning("kafka sink: manifest checkpoint of %s failed", self.log.chain_id,
                            exc_info=True)
+
+    def _seal_dead_tails(self, signed_length: int) -> None:
+        """Sign the unsigned tail of a dead run's chain when each of its records describes,
+        field for field, a file this run recorded (and so checked against Kafka) under a
+        signature of its own: then the dead chain vouches for nothing new, and verify no longer
+        reports its tail once the grace period is over. Tried :data:`SEAL_ATTEMPTS` times."""
+        self._seal_attempts += 1
+        storage = self.sink.storage
+        for chain_id, signed in sorted(self._tails.items()):
+            try:
+                dead = self.journal.manifest(storage, chain_id)
+                tail = [ManifestRecord.from_json(storage.read(record_path(chain_id, i)))
+                        for i in range(signed, dead.length)]
+            except (ManifestError, OSError):
+                continue
+            if all(self._matches_recorded(record, signed_length) for record in tail):
+                dead.checkpoint()
+                logger.info("kafka sink: signed the %d-record tail of dead run %s (every file "
+                            "re-derived from Kafka)", len(tail), chain_id)
+                del self._tails[chain_id]
+        if not self._tails or self._seal_attempts >= SEAL_ATTEMPTS:
+            self._tails.clear()
+            self._recorded.clear()
+
+    def _matches_recorded(self, record: ManifestRecord, signed_length: int) -> bool:
+        ours = self._recorded.get(record.path)
+        if ours is None or ours.index >= signed_length:
+            return False
+        theirs = record.to_dict()
+        mine = ours.to_dict()
+        return all(theirs[k] == mine[k] for k in theirs if k not in _CHAIN_FIELDS)
 
     async def _checkpoints(self) -> None:
         while True:
@@ -116,6 +205,24 @@ class KafkaSinkRunner:
     def lag_state(self) -> dict[str, Any]:
         """The sink's next offsets and counters."""
         return self.sink.lag_state()
+
+
+def connect_ray_for_metrics() -> bool:
+    """Connect to the Ray cluster this process runs under (``RAY_ADDRESS``: set for a
+    ``ray job submit`` entrypoint), so the sink's metrics reach Ray's Prometheus endpoint.
+    ``False`` (metrics kept locally only) outside a Ray job or when connecting fails."""
+    if not os.environ.get("RAY_ADDRESS"):
+        return False
+    try:
+        import ray  # inside: imports Ray (~2 s), only for a sink started as a Ray job
+
+        if not ray.is_initialized():
+            ray.init(log_to_driver=False)
+    except Exception:  # noqa: BLE001 - metrics are best effort; the sink runs all the same
+        logger.warning("kafka sink: could not connect to Ray at RAY_ADDRESS; metrics stay local",
+                       exc_info=True)
+        return False
+    return True
 
 
 KAFKA_PASSWORD_ENV = {"sasl_plain_password": "SERVE_JOURNAL_KAFKA_SASL_PASSWORD",
@@ -150,7 +257,9 @@ def run_journal_sink(bootstrap_servers: str, topic: str, partitions: str, journa
                      kafka: Mapping[str, Any] | None = None,
                      journal: Mapping[str, Any] | None = None) -> None:
     """The ``serve-journal sink`` command: consume until SIGINT/SIGTERM, recording manifests
-    (see :func:`sink_settings` for ``kafka`` and ``journal``)."""
+    (see :func:`sink_settings` for ``kafka`` and ``journal``). Run as a Ray job, it reports its
+    metrics to the cluster (:func:`connect_ray_for_metrics`)."""
+    connect_ray_for_metrics()
     runner = KafkaSinkRunner(*sink_settings(bootstrap_servers, topic, partitions, journal_uri,
                                             roll_seconds=roll_seconds, kafka=kafka,
                                             journal=journal))
@@ -290,7 +399,9 @@ __all__ = [
     "KafkaSinkRunner",
     "SinkStatus",
     "app_builder",
+    "connect_ray_for_metrics",
     "KAFKA_PASSWORD_ENV",
+    "METRICS_DEPLOYMENT",
     "run_journal_sink",
     "sink_manifest_hook",
     "sink_settings",
