@@ -155,6 +155,11 @@ def query(journal_uri: str, subject: str | None, subject_token: str | None, call
         click.echo(format_table(table))
 
 
+AS_OF_HELP = ("ISO time the run treats as now (default: now, UTC). A day counts as finished once "
+              "it is over at this time: pass tomorrow to close today early, after its writers "
+              "stopped (e.g. a region's end of business).")
+
+
 def _parse_time(value: str | None, name: str) -> dt.datetime | None:
     try:
         return as_utc(value, name)
@@ -455,13 +460,15 @@ def sink(bootstrap: str, topic: str, partitions: str, journal_uri: str, roll_sec
 @main.command()
 @click.option("--journal", "journal_uri", default="./journal", show_default=True)
 @click.option("--apply", "do_apply", is_flag=True, help="Act; without it, only report the plan.")
+@click.option("--as-of", "as_of", default=None, help=AS_OF_HELP)
 @writer_options
-def compact(journal_uri: str, do_apply: bool, witness_uri: str | None,
+def compact(journal_uri: str, do_apply: bool, as_of: str | None, witness_uri: str | None,
             signing_key_file: str | None, retention: str | None) -> None:
     """Merge the many small files of finished days into few sorted day files (verify-safe)."""
     settings = SinkSettings(journal_uri, witness_uri=witness_uri,
                             signing_key_file=signing_key_file, retention=_retention(retention))
-    click.echo(run_compaction(journal_uri, apply=do_apply, settings=settings).describe())
+    click.echo(run_compaction(journal_uri, apply=do_apply, now=_parse_time(as_of, "--as-of"),
+                              settings=settings).describe())
 
 
 @main.group()
@@ -473,14 +480,16 @@ def lifecycle() -> None:
 @click.option("--journal", "journal_uri", default="./journal", show_default=True)
 @click.option("--hot-days", default=30, show_default=True, type=int)
 @click.option("--apply", "do_apply", is_flag=True, help="Act; without it (default) a dry run.")
+@click.option("--as-of", "as_of", default=None, help=AS_OF_HELP)
 @writer_options
-def lifecycle_run(journal_uri: str, hot_days: int, do_apply: bool, witness_uri: str | None,
-                  signing_key_file: str | None, retention: str | None) -> None:
+def lifecycle_run(journal_uri: str, hot_days: int, do_apply: bool, as_of: str | None,
+                  witness_uri: str | None, signing_key_file: str | None,
+                  retention: str | None) -> None:
     """Rewrite partitions older than the hot window into the cold tier, check, then expire."""
     settings = SinkSettings(journal_uri, witness_uri=witness_uri,
                             signing_key_file=signing_key_file, retention=_retention(retention))
     click.echo(run_lifecycle(journal_uri, apply=do_apply, hot_days=hot_days,
-                             settings=settings).describe())
+                             now=_parse_time(as_of, "--as-of"), settings=settings).describe())
 
 
 @lifecycle.command("s3-config")

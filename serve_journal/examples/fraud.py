@@ -11,6 +11,7 @@ common one the journal understands with no extra code::
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,23 @@ def build_app(tracking_uri: str | None = None, journal_uri: str | None = None, *
     return deployment.bind(tracking_uri=tracking_uri, model_name=model_name)
 
 
-def app_builder(args: dict[str, str]):
-    """Serve config entry point (``deployments/fraud.yaml``): args come from the YAML."""
+def app_builder(args: dict[str, Any]):
+    """Serve config entry point (``deployments/fraud.yaml``, ``deployments/production.yaml``).
+
+    ``tracking_uri``, ``journal_uri`` and ``num_replicas`` as for :func:`build_app`; ``journal``
+    (a mapping, or its JSON) holds any other ``@journaled`` option, e.g. ``transport: kafka`` with
+    a ``kafka`` mapping (bootstrap servers, topic, partitions, spool folder), ``privacy_dir`` and
+    ``counters_key_file``. Secrets never go in the YAML: the KEK, the vault URL and storage
+    credentials come from each node's environment (``SERVE_JOURNAL_KEK``,
+    ``SERVE_JOURNAL_VAULT_URL``, ``AWS_*``).
+    """
+    journal = args.get("journal") or {}
+    if isinstance(journal, str):
+        journal = json.loads(journal)
+    options = dict(journal)
+    kafka = options.pop("kafka", None)
+    if kafka is not None:
+        options.setdefault("transport", "kafka")
+        options["extra"] = {**options.get("extra", {}), "kafka": dict(kafka)}
     return build_app(args.get("tracking_uri"), args.get("journal_uri"),
-                     num_replicas=int(args.get("num_replicas", 1)))
+                     num_replicas=int(args.get("num_replicas", 1)), **options)
