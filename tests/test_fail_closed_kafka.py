@@ -5,7 +5,6 @@ tests/test_fail_closed_serve.py."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 
 import pytest
@@ -118,14 +117,16 @@ def test_a_failing_spool_disk_holds_entries_instead_of_killing_the_transport(tmp
     try:
         transport.send(make_entries(BATCH))
         assert transport.flush(30)
-        shutil.rmtree(tmp_path / "spool")  # the disk under the spool fails
+        (tmp_path / "spool").rename(tmp_path / "gone")  # the disk under the spool goes away
         transport.send(make_entries(BATCH, start_seq=BATCH))
         wait_for(lambda: transport.counters()["held_entries"] == BATCH, 30, message="batch held")
         assert transport.has_room() and transport.counters()["dropped"] == {}  # the loop lives
         if disk_returns:
-            (tmp_path / "spool").mkdir()
+            (tmp_path / "gone").rename(tmp_path / "spool")
             assert transport.flush(30)
-            assert transport.counters()["spooled"] == 2 * BATCH and drops == []
+            counters = transport.counters()
+            assert counters["spooled"] == 2 * BATCH and counters["spool_entries"] == 2 * BATCH
+            assert counters["spool_corrupt_records"] == 0 and drops == []
     finally:
         transport.close(10)
     if not disk_returns:  # closed while the disk was still gone: counted, with the seqs

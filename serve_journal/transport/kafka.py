@@ -421,6 +421,13 @@ class KafkaTransport:
         skipped), or ``None`` when the broker did not take them all: the records stay and are
         resent whole later; the sink drops the part that did arrive by ``(producer_id, seq)``.
         """
+        try:
+            return await self._drain_records(spool)
+        except OSError as exc:  # the spool's disk failed: retried with back-off, nothing skipped
+            logger.warning("draining the spool failed (%s); retrying", type(exc).__name__)
+            return None
+
+    async def _drain_records(self, spool: DiskSpool) -> int | None:
         records = await asyncio.to_thread(spool.peek_many, 64)
         pairs: list[tuple[bytes, bytes]] = []
         readable = []

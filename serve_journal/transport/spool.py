@@ -286,6 +286,8 @@ class DiskSpool:
                 handle.seek(offset)
                 data = handle.read(HEADER_SIZE + length)
         except OSError:
+            if not os.path.isdir(self.directory):
+                raise  # the whole spool is unreachable (disk gone): retry later, skip nothing
             logger.warning("spool segment %s unreadable; skipping its record at offset %d",
                            self._segment_name(segment), offset)
             self.stats["corrupt_records"] += 1
