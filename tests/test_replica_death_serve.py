@@ -134,7 +134,9 @@ def test_sigkill_under_traffic_loses_nothing_silently(serve_instance, mlflow_reg
 
     later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
     summary = stats(settings.storage(), now=later, group_by=("model_name", "decision"))
+    counter_files = len(list((root / "_counters").rglob("*.parquet")))
     print(f"\nanswered {len(answered)}, without entry {len(missing)}, verify bound {bound}, "
+          f"counters files {counter_files}, "
           f"stats: {summary.format_text().splitlines()[0]}")
     assert sum(summary.lost_up_to.values()) >= len(missing)
     assert summary.lost_up_to.get(dead[0], 0) == bound
