@@ -64,7 +64,8 @@ class CapturedCall:
 
 @dataclass
 class CallView:
-    """What an extractor hook sees of a call (built in the background, never on the request path)."""
+    """What an extractor hook sees of a call: built in the background, and on the request path
+    only when the buffer is full and the caller hook must help pick the call's risk tier."""
 
     args: tuple
     kwargs: dict
