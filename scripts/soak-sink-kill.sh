@@ -2,9 +2,10 @@
 # Soak the Kafka sink's crash safety: run the sink SIGKILL scenario (tests/test_kafka_sink.py::
 # test_sink_killed_mid_batch_and_restarted: `serve-journal sink` under load, killed with SIGKILL
 # twice at whatever point of a chunk, restarted; then exactly once and `verify` clean) RUNS times
-# (default 20), with BUSY processes spinning on the CPUs (default: one per core) so the kills
-# land at the worst moments more often. Prints "N/RUNS verify-clean" and exits non-zero unless
-# every run was clean. Each failing run's log is kept in $LOGS (default: a temporary folder).
+# (default 20, one pytest process, a fresh broker and journal per run), with BUSY processes
+# spinning on the CPUs (default: one per core) so the kills land at the worst moments more
+# often. Prints each run's outcome and "N/RUNS verify-clean"; exits non-zero unless every run
+# was clean. The full pytest output is kept in $LOGS (default: a temporary folder).
 #
 #   bash scripts/soak-sink-kill.sh            # 20 runs, CPUs busy
 #   RUNS=5 BUSY=0 bash scripts/soak-sink-kill.sh
@@ -28,19 +29,13 @@ for _ in $(seq 1 "$BUSY"); do
   busy_pids+=("$!")
 done
 
-clean=0
 started=$(date +%s)
-for run in $(seq 1 "$RUNS"); do
-  log="$LOGS/run-$run.log"
-  t0=$(date +%s)
-  if timeout 900 "$PY" -m pytest -q -p no:cacheprovider \
-      "tests/test_kafka_sink.py::test_sink_killed_mid_batch_and_restarted" >"$log" 2>&1; then
-    clean=$((clean + 1))
-    rm -f "$log"
-    echo "run $run/$RUNS: verify-clean ($(( $(date +%s) - t0 )) s)"
-  else
-    echo "run $run/$RUNS: FAILED ($(( $(date +%s) - t0 )) s), log: $log"
-  fi
-done
-echo "$clean/$RUNS verify-clean (busy processes: $BUSY, $(( $(date +%s) - started )) s)"
+log="$LOGS/soak.log"
+SERVE_JOURNAL_SOAK_RUNS="$RUNS" timeout $((RUNS * 600)) "$PY" -m pytest -v -p no:cacheprovider \
+    -o log_cli=false "tests/test_kafka_sink.py::test_sink_killed_mid_batch_and_restarted" \
+    >"$log" 2>&1 || true
+grep -E "test_sink_killed_mid_batch_and_restarted\[[0-9]+\] (PASSED|FAILED|ERROR)" "$log" \
+  | sed -E 's/.*\[([0-9]+)\] (PASSED|FAILED|ERROR).*/run \1: \2/; s/PASSED/verify-clean/' || true
+clean=$(grep -cE "test_sink_killed_mid_batch_and_restarted\[[0-9]+\] PASSED" "$log" || true)
+echo "$clean/$RUNS verify-clean (busy processes: $BUSY, $(( $(date +%s) - started )) s; log: $log)"
 [ "$clean" -eq "$RUNS" ]

@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from serve_journal.catalog.layout import DEFAULT_SPEC
@@ -54,6 +56,22 @@ def _sink_settings(bootstrap: str, **overrides) -> KafkaSinkSettings:
 
 def _rows(storage) -> int:
     return journal_table(storage).num_rows
+
+
+class RowCounter:
+    """Rows in a journal's files, from their Parquet footers, each file read once (files are
+    create-only): a wait that polls it every half second does not starve the sink it waits on."""
+
+    def __init__(self, storage) -> None:
+        self.storage = storage
+        self._rows: dict[str, int] = {}
+
+    def __call__(self) -> int:
+        for path in self.storage.list_files(suffix=".parquet"):
+            if path not in self._rows:
+                data = self.storage.read(path)
+                self._rows[path] = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+        return sum(self._rows.values())
 
 
 async def _drive(sink: KafkaSink, until, timeout: float, start: bool = True) -> None:
@@ -401,8 +419,8 @@ def run_sink_kill_scenario(bootstrap: str, tmp_path: Path, kills: int = 2) -> tu
         sent = load.stop()
         assert transport.flush(60)
         total = sum(b.num_rows for b in sent)
-        storage = LocalJournalStorage(str(root))
-        wait_for(lambda: _rows(storage) >= total, 90, interval=0.5, message="every entry written")
+        rows = RowCounter(LocalJournalStorage(str(root)))
+        wait_for(lambda: rows() >= total, 90, interval=0.5, message="every entry written")
     finally:
         load.stop()
         sink.terminate()  # SIGTERM: the last run checkpoints its chain
@@ -423,9 +441,11 @@ def check_sink_kill_outcome(sent: list, root: Path) -> tuple[bool, str]:
     return delivery.exactly_once and verified.ok, summary
 
 
-def test_sink_killed_mid_batch_and_restarted(kafka_broker, tmp_path):
+@pytest.mark.parametrize("run", range(int(os.environ.get("SERVE_JOURNAL_SOAK_RUNS", "1"))))
+def test_sink_killed_mid_batch_and_restarted(kafka_broker, tmp_path, run):
     """SIGKILL twice under load: nothing lost or doubled, and verify clean: a file the killed
-    run wrote but never recorded (or never signed) is adopted by the next run."""
+    run wrote but never recorded (or never signed) is adopted by the next run.
+    ``SERVE_JOURNAL_SOAK_RUNS=20`` runs it 20 times (``scripts/soak-sink-kill.sh``)."""
     kafka_broker.create_topic(TOPIC, PARTITIONS)
     sent, root = run_sink_kill_scenario(kafka_broker.bootstrap, tmp_path)
     ok, summary = check_sink_kill_outcome(sent, root)
