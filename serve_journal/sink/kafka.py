@@ -403,8 +403,9 @@ class KafkaSink:
     @property
     def rebuilt(self) -> bool:
         """No chunk an earlier run wrote is waiting to be rebuilt or written."""
-        return not (any(self._rebuild.values()) or any(self._ready.values())
-                    or any(c.rebuild_end is not None for c in self._chunks.values()))
+        # Read from the checkpoint thread while the loop runs: iterate over snapshots.
+        return not (any(tuple(self._rebuild.values())) or any(tuple(self._ready.values()))
+                    or any(c.rebuild_end is not None for c in tuple(self._chunks.values())))
 
     def chunk_due(self, chunk: _Chunk, now: float, wall: float) -> bool:
         """Whether ``chunk`` is to be written now (``now``: monotonic, ``wall``: epoch seconds).
