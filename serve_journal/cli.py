@@ -199,7 +199,7 @@ def _default_privacy_dir(journal_uri: str, privacy_dir: str | None) -> str:
 @click.option("--dev", is_flag=True,
               help="Development mode: trust the key beside the journal unpinned.")
 @click.option("--witness", "witness_uri", default=None, help="Witness copy of the checkpoints.")
-@click.option("--privacy-dir", default=None)
+@click.option("--privacy-dir", default=None, envvar="SERVE_JOURNAL_PRIVACY_DIR")
 @click.option("--reports-dir", default=None,
               help="Where to keep the summary (default: journal-reports next to a local journal).")
 @click.option("--heads", "heads_file", default=None,
@@ -256,8 +256,8 @@ def verify(journal_uri: str, since: str | None, model: str | None, public_key: s
 @click.option("--subject", required=True,
               help="The data subject's id (never stored or logged). '-' reads ids from standard "
                    "input, one per line, keeping them out of shell history.")
-@click.option("--privacy-dir", default=None, help="Keyring folder (default next to a local journal).")
-@click.option("--vault-url", default=None, help="postgresql://... (default: SQLite in privacy dir).")
+@click.option("--privacy-dir", default=None, envvar="SERVE_JOURNAL_PRIVACY_DIR", help="Keyring folder (default next to a local journal).")
+@click.option("--vault-url", default=None, envvar="SERVE_JOURNAL_VAULT_URL", help="postgresql://... (default: SQLite in privacy dir; env SERVE_JOURNAL_VAULT_URL keeps its password off the command line).")
 @click.option("--purge-hook", default=None,
               help="Deletes the subject's feature history: 'module:function' (called with the "
                    "subject id) or 'features:PATH' (the built-in Parquet feature store purge). "
@@ -348,7 +348,7 @@ def _archived_in_range(storage: Any, since: dt.datetime | None,
 
 @main.command("init-keys")
 @click.option("--journal", "journal_uri", default="./journal", show_default=True)
-@click.option("--privacy-dir", default=None,
+@click.option("--privacy-dir", default=None, envvar="SERVE_JOURNAL_PRIVACY_DIR",
               help="Keyring folder (default journal-keys beside a local journal).")
 @click.option("--signing-key-file", default=None,
               help="Where to create the manifest signing key (default journal-signing/ beside "
@@ -389,8 +389,8 @@ def init_keys(journal_uri: str, privacy_dir: str | None, signing_key_file: str |
 
 @main.command("vault-rewrap")
 @click.option("--journal", "journal_uri", default="./journal", show_default=True)
-@click.option("--privacy-dir", default=None, help="Keyring folder (default next to a local journal).")
-@click.option("--vault-url", default=None, help="postgresql://... (default: SQLite in privacy dir).")
+@click.option("--privacy-dir", default=None, envvar="SERVE_JOURNAL_PRIVACY_DIR", help="Keyring folder (default next to a local journal).")
+@click.option("--vault-url", default=None, envvar="SERVE_JOURNAL_VAULT_URL", help="postgresql://... (default: SQLite in privacy dir; env SERVE_JOURNAL_VAULT_URL keeps its password off the command line).")
 def vault_rewrap(journal_uri: str, privacy_dir: str | None, vault_url: str | None) -> None:
     """Re-encrypt every subject key under a fresh wrap key and destroy the old one, so copies of
     the vault taken earlier (PostgreSQL dead tuples, WAL archives, replicas, backups) can no longer

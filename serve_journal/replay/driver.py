@@ -391,8 +391,8 @@ def _split_labels(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--subject", "subjects", multiple=True,
               help="Only this subject id (repeatable; never stored or logged). '-' reads ids "
                    "from standard input, one per line, keeping them out of shell history.")
-@click.option("--privacy-dir", default=None, help="Keyring folder (default beside a local journal).")
-@click.option("--vault-url", default=None, help="postgresql://... subject key vault.")
+@click.option("--privacy-dir", default=None, envvar="SERVE_JOURNAL_PRIVACY_DIR", help="Keyring folder (default beside a local journal).")
+@click.option("--vault-url", default=None, envvar="SERVE_JOURNAL_VAULT_URL", help="postgresql://... subject key vault (or env SERVE_JOURNAL_VAULT_URL).")
 @click.option("--static-key-file", default=None,
               help="Verify a journal written with one static HMAC key (hex file).")
 @click.option("--tolerance", default=1e-6, show_default=True, type=float)

@@ -347,9 +347,14 @@ class KafkaSinkReplica:
         return {"pid": os.getpid(), **self.runner.lag_state()}
 
     def __del__(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=30)
+        # getattr: __init__ may have failed before these existed (bad settings), and Serve
+        # still runs the graceful shutdown of such a replica.
+        loop, stop = getattr(self, "_loop", None), getattr(self, "_stop", None)
+        if loop is not None and stop is not None:
+            loop.call_soon_threadsafe(stop.set)
+        thread = getattr(self, "_thread", None)
+        if thread is not None:
+            thread.join(timeout=30)
 
 
 class SinkStatus:
