@@ -419,7 +419,7 @@ def _exit_on_signal(signum: int, _frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="./cluster-demo-output")
-    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--requests", type=int, default=600)
     parser.add_argument("--users", type=int, default=25)
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args(argv)
