@@ -51,6 +51,7 @@ TOPIC_PARTITIONS = 8
 DEPLOYMENTS = Path(__file__).resolve().parents[2] / "deployments" / "production.yaml"
 WORKER = {"num_cpus": 3, "resources": {"serving": 1, "journal": 2}}
 MARKER = ".serve-journal-cluster-demo"
+JOB_SUBMIT_ATTEMPTS = 6
 
 
 class Demo:
@@ -322,10 +323,16 @@ class Demo:
         if stdin is not None:
             entry += f" < {_quote(str(stdin))}"
         started = time.monotonic()
-        proc = subprocess.run(["ray", "job", "submit", "--address", self.stack.dashboard_url,
-                               "--submission-id", f"{name}-{uuid.uuid4().hex[:8]}", "--",
-                               "sh", "-c", entry],
-                              capture_output=True, text=True, timeout=1800)
+        for attempt in range(JOB_SUBMIT_ATTEMPTS):
+            proc = subprocess.run(["ray", "job", "submit", "--address", self.stack.dashboard_url,
+                                   "--submission-id", f"{name}-{uuid.uuid4().hex[:8]}", "--",
+                                   "sh", "-c", entry],
+                                  capture_output=True, text=True, timeout=1800)
+            # Ray's own transient answer while the head's job agent (re)registers, e.g. just
+            # after a node left: "No available agent to submit job, please try again later".
+            if "No available agent" not in proc.stdout + proc.stderr:
+                break
+            time.sleep(min(2.0 * 2 ** attempt, 15.0))  # backoff between submission attempts
         log = self.stack.logs / f"job-{name}.log"
         with open(log, "a") as handle:
             handle.write(proc.stdout + proc.stderr)
