@@ -258,7 +258,11 @@ class LocalStack:
             initialize_head=True, shutdown_at_exit=False,
             head_node_args={"num_cpus": head_cpus, "include_dashboard": True,
                             "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
-                            "temp_dir": str(self._ray_temp)},
+                            "temp_dir": str(self._ray_temp),
+                            # Not Ray's default 52365: another Ray on this host (a test session,
+                            # a developer's cluster) holds it, and job submission then finds
+                            # "no available agent".
+                            "dashboard_agent_listen_port": free_port()},
         )
         for node_args in workers:
             self.cluster.add_node(**node_args)
