@@ -20,7 +20,6 @@ from click.testing import CliRunner
 from serve_journal.catalog.layout import split_by_partition
 from serve_journal.cli import main
 from serve_journal.errors import ArchivedObjectError
-from serve_journal.integrity.manifest import ManifestSigner
 from serve_journal.privacy.forget import count_subject_entries, count_subject_index
 from serve_journal.privacy.keyring import Keyring
 from serve_journal.privacy.subjects import VaultPseudonymizer
@@ -33,6 +32,7 @@ from serve_journal.sink.settings import SinkSettings, manifest_hook
 from serve_journal.sink.writer import PartitionFileWriter
 from serve_journal.storage.archive import archive_states, unreadable_archived
 from tests.helpers.entries import DAY, make_entries, token
+from tests.helpers.journal import signing_key_files
 
 pytestmark = pytest.mark.slow
 
@@ -69,12 +69,7 @@ def archived_journal(s3_bucket, tmp_path, monkeypatch):
     monkeypatch.setenv("SERVE_JOURNAL_DEV_MODE", "0")
     endpoint = urlparse(server.endpoint_url)
     journal = f"s3://{s3_bucket.name}/journal?endpoint_override={endpoint.netloc}&scheme={endpoint.scheme}"
-    key_file = tmp_path / "keys" / "signing.pem"
-    key_file.parent.mkdir()
-    signer = ManifestSigner.generate()
-    signer.save(key_file)
-    public = tmp_path / "auditor.pub.pem"
-    public.write_bytes(signer.export_public_key())
+    key_file, public = signing_key_files(tmp_path)
     settings = SinkSettings(journal, signing_key_file=str(key_file), retention=RETENTION)
     storage = settings.storage()
     log = settings.manifest(storage, "w00-s3")

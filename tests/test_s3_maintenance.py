@@ -14,12 +14,12 @@ from click.testing import CliRunner
 
 from serve_journal.catalog.layout import split_by_partition
 from serve_journal.cli import main
-from serve_journal.integrity.manifest import ManifestSigner
 from serve_journal.read.verify import format_report, verify_journal
 from serve_journal.sink.settings import SinkSettings, manifest_hook
 from serve_journal.sink.writer import PartitionFileWriter
 from serve_journal.storage import open_storage
 from tests.helpers.entries import DAY, ids, make_entries
+from tests.helpers.journal import signing_key_files
 
 pytestmark = pytest.mark.slow
 
@@ -38,12 +38,7 @@ def test_compact_and_lifecycle_on_s3_sign_witness_and_lock(s3_bucket, tmp_path, 
     witness_bucket = f"witness-{uuid.uuid4().hex[:12]}"
     server.client().create_bucket(Bucket=witness_bucket, ObjectLockEnabledForBucket=True)
     witness = f"s3://{witness_bucket}/w{query}"
-    key_file = tmp_path / "keys" / "signing.pem"
-    key_file.parent.mkdir()
-    signer = ManifestSigner.generate()
-    signer.save(key_file)
-    public = tmp_path / "auditor.pub.pem"
-    public.write_bytes(signer.export_public_key())
+    key_file, public = signing_key_files(tmp_path)
 
     settings = SinkSettings(journal, witness_uri=witness, signing_key_file=str(key_file),
                             retention=RETENTION)

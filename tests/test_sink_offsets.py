@@ -42,6 +42,7 @@ from serve_journal.storage import LocalJournalStorage, open_storage
 from serve_journal.transport import wire
 from serve_journal.transport.kafka import KafkaSettings, KafkaTransport
 from tests.fixtures.kafka import check_delivery, journal_table, make_entries
+from tests.helpers.journal import signing_key_files
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -277,12 +278,7 @@ def test_restart_after_compaction_on_s3(kafka_broker, s3_bucket, tmp_path, monke
         monkeypatch.setenv(name, value)
     endpoint = urlparse(server.endpoint_url)
     query = f"?endpoint_override={endpoint.netloc}&scheme={endpoint.scheme}"
-    key_file = tmp_path / "keys" / "signing.pem"
-    key_file.parent.mkdir()
-    signer = ManifestSigner.generate()
-    signer.save(key_file)
-    public = tmp_path / "auditor.pub.pem"
-    public.write_bytes(signer.export_public_key())
+    key_file, public = signing_key_files(tmp_path)
     kafka_broker.create_topic(TOPIC, PARTITIONS)
     journal = SinkSettings(f"s3://{s3_bucket.name}/journal{query}", signing_key_file=str(key_file),
                            checkpoint_interval_s=1.0, dev_mode=False)

@@ -32,3 +32,15 @@ def counters_signer(journal_uri: str) -> ManifestSigner:
     assert root is not None, "a local journal"
     path = os.path.join(os.path.dirname(root), "journal-keys", "keys", COUNTERS_KEY_FILE)
     return provision_key(path, settings.signer(), settings.storage())
+
+
+def signing_key_files(folder: Path) -> tuple[Path, Path]:
+    """A fresh manifest signing key in ``folder/keys/signing.pem`` and the auditor's copy of its
+    public key in ``folder/auditor.pub.pem``: ``(key file, public key file)``."""
+    key_file = folder / "keys" / "signing.pem"
+    key_file.parent.mkdir()
+    signer = ManifestSigner.generate()
+    signer.save(key_file)
+    public = folder / "auditor.pub.pem"
+    public.write_bytes(signer.export_public_key())
+    return key_file, public
