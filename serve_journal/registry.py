@@ -1,7 +1,15 @@
-"""Model metadata from the MLflow registry, and dataset manifests.
+"""Model metadata from the MLflow registry, model artifact identities, and dataset manifests.
 
-A replica resolves its model once at start (and again on reconfigure or after the refresh
-interval), never per request. The dataset manifest hash ties a model version to the exact files it
+A replica resolves its model once at start, never per request; a deployment that loads its model
+through :func:`serve_journal.load_model` pins what it loaded instead (``_private/models.py``).
+A model's identity is its registered name and version, the run id of that version (immutable:
+a registry admin can delete a version and recreate its number for other weights, never a run id)
+and a digest of its artifact: ``sha256:<hex>`` over the manifest (path, size, SHA-256) of every
+file of the artifact as downloaded (:func:`artifact_digest`), or, for a deployment that loads
+the model itself, ``mlmodel-sha256:<hex>`` of the ``MLmodel`` file alone
+(:func:`mlmodel_digest`: it names the logged model's uuid and run, not the weights).
+:func:`fetch_model` downloads an exact version and digests what it downloaded;
+:func:`check_artifact` tells replay whether the registry still holds the journaled artifact. The dataset manifest hash ties a model version to the exact files it
 was trained on: a SHA-256 over a manifest listing every file's path, size and SHA-256. It is
 logged as an artifact of the version's run and set as a tag on the model version; when a version
 has no such tag, a hash over the run's MLflow dataset-input digests is used, and the entry records
@@ -13,7 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +34,12 @@ MANIFEST_ARTIFACT = "serve_journal/dataset_manifest.json"
 SOURCE_TAG = "tag"
 SOURCE_MLFLOW_INPUTS = "mlflow_inputs"
 SOURCE_NONE = "none"
+
+ARTIFACT_DIGEST_PREFIX = "sha256:"
+MLMODEL_DIGEST_PREFIX = "mlmodel-sha256:"
+REGISTRY_META_FILE = "registered_model_meta"
+"""Written into a download by MLflow's registry (the name and version it was fetched as): not
+part of the artifact, so left out of its digest."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,14 @@ class ModelInfo:
     run_id: str | None = None
     source: str | None = None
     """The artifact URI of the version (replay loads the model from it)."""
+    digest: str | None = None
+    """Identity of the artifact (:func:`artifact_digest` or :func:`mlmodel_digest`); ``None``
+    when it could not be read."""
+
+    @property
+    def uri(self) -> str:
+        """``models:/<name>/<version>``: this exact version, never an alias."""
+        return f"models:/{self.name}/{self.version}"
 
 
 def _client(tracking_uri: str | None):
@@ -81,10 +104,7 @@ def _client(tracking_uri: str | None):
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def resolve_model(model: str, version: str | None = None, tracking_uri: str | None = None) -> ModelInfo:
-    """Resolve a model reference to a version and its dataset hash; one registry round trip set."""
-    ref = ModelRef.parse(model, version)
-    client = _client(tracking_uri)
+def _model_version(client: Any, ref: ModelRef, tracking_uri: str | None) -> Any:
     try:
         if ref.alias:
             mv = client.get_model_version_by_alias(ref.name, ref.alias)
@@ -103,15 +123,109 @@ def resolve_model(model: str, version: str | None = None, tracking_uri: str | No
             f"{tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or 'the default tracking URI'}: "
             f"register it (mlflow.register_model) or fix the name/alias/version"
         ) from exc
+    return mv
+
+
+def _info(client: Any, mv: Any, digest: str | None = None) -> ModelInfo:
     dataset_hash, source = _dataset_hash(client, mv)
     return ModelInfo(
         name=mv.name,
         version=str(mv.version),
         dataset_hash=dataset_hash,
         dataset_hash_source=source,
-        run_id=mv.run_id,
+        run_id=mv.run_id or None,
         source=mv.source,
+        digest=digest,
     )
+
+
+def resolve_model(model: str, version: str | None = None, tracking_uri: str | None = None, *,
+                  with_digest: bool = False) -> ModelInfo:
+    """Resolve a model reference to a version, its run id and dataset hash.
+
+    With ``with_digest`` also the :func:`mlmodel_digest` of the version (one small download);
+    ``digest`` stays ``None`` when that download fails (the version is still resolved).
+    """
+    ref = ModelRef.parse(model, version)
+    client = _client(tracking_uri)
+    info = _info(client, _model_version(client, ref, tracking_uri))
+    if with_digest:
+        try:
+            with tempfile.TemporaryDirectory(prefix="serve-journal-mlmodel-") as tmp:
+                path = _download(f"{info.uri}/MLmodel", tracking_uri, tmp)
+                info = replace(info, digest=mlmodel_digest(path))
+        except Exception:  # noqa: BLE001 - an unreadable artifact leaves the digest unknown
+            pass
+    return info
+
+
+def _download(artifact_uri: str, tracking_uri: str | None, dst: str) -> str:
+    import mlflow.artifacts  # inside: MLflow takes 1.4 s to import
+
+    return mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=dst,
+                                               tracking_uri=tracking_uri)
+
+
+def artifact_digest(directory: str | os.PathLike[str]) -> str:
+    """``sha256:<hex>`` over the manifest of every file of a downloaded model artifact (its
+    registry metadata file left out): the same files give the same digest wherever they sit."""
+    manifest = dataset_manifest(directory)
+    files = tuple(row for row in manifest.files if row[0] != REGISTRY_META_FILE)
+    return DatasetManifest(files).digest
+
+
+def mlmodel_digest(path: str | os.PathLike[str]) -> str:
+    """``mlmodel-sha256:<hex>`` of a model's ``MLmodel`` file (names its uuid, run and flavors)."""
+    with open(path, "rb") as handle:
+        return MLMODEL_DIGEST_PREFIX + hashlib.sha256(handle.read()).hexdigest()
+
+
+def fetch_model(model: str, dst: str | os.PathLike[str], version: str | None = None,
+                tracking_uri: str | None = None) -> tuple[ModelInfo, str]:
+    """Resolve ``model`` (an alias is resolved once, here), download that exact version into
+    ``dst`` and digest the files downloaded: ``(info with digest, local artifact directory)``.
+
+    Load the model from the returned directory, so the digest is of the bytes that serve.
+    """
+    ref = ModelRef.parse(model, version)
+    client = _client(tracking_uri)
+    info = _info(client, _model_version(client, ref, tracking_uri))
+    local = _download(info.uri, tracking_uri, str(dst))
+    return replace(info, digest=artifact_digest(local)), local
+
+
+@dataclass(frozen=True)
+class ArtifactCheck:
+    """Whether the registry still holds the artifact an entry names (:func:`check_artifact`)."""
+
+    ok: bool
+    reason: str | None = None
+    """Why not, naming what differs (never a feature value)."""
+    path: str | None = None
+    """The downloaded artifact directory (``ok`` and a full digest), to load the model from."""
+
+
+def check_artifact(name: str, version: str, run_id: str | None, digest: str | None, dst: str,
+                   tracking_uri: str | None = None) -> ArtifactCheck:
+    """Download ``models:/<name>/<version>`` into ``dst`` and compare it with the identity an
+    entry recorded: the version's run id, then the digest of the same kind. A field the entry
+    does not carry (schema version 1, or unknown when journaled) is not compared."""
+    client = _client(tracking_uri)
+    mv = _model_version(client, ModelRef(name=name, version=str(version)), tracking_uri)
+    if run_id and mv.run_id != run_id:
+        return ArtifactCheck(False, f"models:/{name}/{version} now belongs to run "
+                                    f"{mv.run_id!r}, the entry names run {run_id!r}")
+    uri = f"models:/{name}/{version}"
+    if digest and digest.startswith(MLMODEL_DIGEST_PREFIX):
+        found = mlmodel_digest(_download(f"{uri}/MLmodel", tracking_uri, dst))
+        path = None
+    else:
+        path = _download(uri, tracking_uri, dst)
+        found = artifact_digest(path)
+    if digest and found != digest:
+        return ArtifactCheck(False, f"the artifact of {uri} has digest {found}, the entry "
+                                    f"names {digest}")
+    return ArtifactCheck(True, None, path)
 
 
 def _dataset_hash(client: Any, mv: Any) -> tuple[str | None, str]:

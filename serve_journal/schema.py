@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2})
 
 OUTCOME_OK = "ok"
 OUTCOME_ERROR = "error"
@@ -21,10 +21,13 @@ OUTCOME_REJECTED = "rejected"
 OUTCOMES = (OUTCOME_OK, OUTCOME_ERROR, OUTCOME_REJECTED)
 
 OUTPUT_TYPE = pa.struct([("label", pa.string()), ("score", pa.float64())])
+MODEL_TYPE = pa.struct([("name", pa.string()), ("version", pa.string()), ("run_id", pa.string()),
+                        ("digest", pa.string()), ("role", pa.string())])
+"""One model that took part in a call (the ``models`` column)."""
 
 #: Column name -> (Arrow type, nullable, description). Docs and the Arrow schema are built from it.
 COLUMNS: tuple[tuple[str, pa.DataType, bool, str], ...] = (
-    ("schema_version", pa.int16(), False, "Entry schema version (1)."),
+    ("schema_version", pa.int16(), False, "Entry schema version (1 or 2)."),
     ("request_id", pa.string(), False,
      "Stable request id: Serve's request id (X-Request-ID when the caller sent one), shared by every "
      "journaled deployment of one composed request."),
@@ -32,8 +35,11 @@ COLUMNS: tuple[tuple[str, pa.DataType, bool, str], ...] = (
     ("caller", pa.string(), False, "Caller identity from the configured extractor (its keyed ct- token with caller_privacy=token), or 'anonymous'."),
     ("subject_token", pa.string(), True,
      "Keyed token of the data subject (never the raw id); null when the request names no subject."),
-    ("model_name", pa.string(), False, "Registered model name."),
-    ("model_version", pa.string(), False, "Registered model version resolved at replica start."),
+    ("model_name", pa.string(), False, "Registered name of the model that decided."),
+    ("model_version", pa.string(), False,
+     "Registered version of the model that decided: the version the deployment loaded through "
+     "serve_journal.load_model (pinned per replica, moved only when it reloads), or one named per "
+     "call with annotate(model_version=...); without either, the version resolved at replica start."),
     ("dataset_hash", pa.string(), True, "'sha256:<hex>' manifest hash of the training data."),
     ("dataset_hash_source", pa.string(), False,
      "Where dataset_hash came from: 'tag', 'mlflow_inputs' or 'none'."),
@@ -56,7 +62,24 @@ COLUMNS: tuple[tuple[str, pa.DataType, bool, str], ...] = (
     ("app_name", pa.string(), True, "Serve application name."),
     ("deployment", pa.string(), False, "Serve deployment name."),
     ("replica", pa.string(), False, "Serve replica id."),
+    ("model_run_id", pa.string(), True,
+     "(v2) MLflow run id of the deciding model version: immutable, unlike a version number a "
+     "registry admin can delete and recreate. Null when unknown."),
+    ("model_digest", pa.string(), True,
+     "(v2) Identity of the deciding model's artifact: 'sha256:<hex>' over the manifest (path, "
+     "size, SHA-256) of every file load_model read, or 'mlmodel-sha256:<hex>' of the MLmodel file "
+     "alone for a deployment that loads its model itself. Null when unknown."),
+    ("models", pa.list_(MODEL_TYPE), True,
+     "(v2) Every model that took part in the call when more than one did (ensemble members, "
+     "shadow challengers), in the order they were called, each with its name, version, run id, "
+     "digest and role ('decision' or 'shadow'); null when only the deciding model did."),
 )
+
+ADDED_COLUMNS: dict[str, int] = {"model_run_id": 2, "model_digest": 2, "models": 2}
+"""Columns added after version 1, with the schema version that added them. They are nullable;
+files of an earlier version lack them, and readers see nulls. Hashes over entries (Merkle
+leaves, fingerprints) leave a null added column out, so an entry of an earlier version hashes
+the same before and after it is read under the current schema."""
 
 ENTRY_SCHEMA: pa.Schema = pa.schema(
     [pa.field(name, typ, nullable=nullable) for name, typ, nullable, _ in COLUMNS],
@@ -64,6 +87,29 @@ ENTRY_SCHEMA: pa.Schema = pa.schema(
 )
 
 COLUMN_NAMES: tuple[str, ...] = tuple(name for name, *_ in COLUMNS)
+
+
+def conform_entries(table: pa.Table) -> pa.Table:
+    """``table`` (any supported schema version) in the current entry schema, column order and
+    types: the columns a file of an earlier version lacks are added as nulls.
+
+    Raises ``ValueError`` naming the columns when ``table`` lacks a column that is not one of
+    :data:`ADDED_COLUMNS`, or has one the schema does not know.
+    """
+    if table.schema == ENTRY_SCHEMA:
+        return table
+    names = set(table.column_names)
+    unknown = sorted(names - set(COLUMN_NAMES))
+    missing = [name for name in COLUMN_NAMES if name not in names]
+    required = [name for name in missing if name not in ADDED_COLUMNS]
+    if unknown or required:
+        raise ValueError(f"not a journal entry table: unknown columns {unknown}, missing columns "
+                         f"{required} (entry schema version {SCHEMA_VERSION} reads versions "
+                         f"{sorted(SUPPORTED_SCHEMA_VERSIONS)})")
+    for name in missing:
+        table = table.append_column(ENTRY_SCHEMA.field(name),
+                                    pa.nulls(table.num_rows, ENTRY_SCHEMA.field(name).type))
+    return table.select(list(COLUMN_NAMES)).cast(ENTRY_SCHEMA)
 
 
 def empty_table() -> pa.Table:
