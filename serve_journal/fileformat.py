@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from serve_journal.schema import ENTRY_SCHEMA
+from serve_journal.schema import ENTRY_SCHEMA, conform_entries
 
 SORT_KEYS = [("subject_token", "ascending", "at_end"), ("ts", "ascending", "at_end")]
 BLOOM_COLUMNS = ("subject_token", "request_id")
@@ -81,9 +81,7 @@ def sort_for_lookup(table: pa.Table) -> pa.Table:
 
 def encode_parquet(table: pa.Table, options: ParquetOptions = HOT_OPTIONS) -> bytes:
     """Sort ``table`` for lookups and encode it as one Parquet file in memory."""
-    if table.schema != ENTRY_SCHEMA:
-        table = table.cast(ENTRY_SCHEMA)
-    table = sort_for_lookup(table)
+    table = sort_for_lookup(conform_entries(table))
     sink = pa.BufferOutputStream()
     extra: dict = {}
     if options.bloom_filters and table.num_rows and options.bloom_columns:
@@ -123,6 +121,7 @@ def _ndv(table: pa.Table, column: str, row_group_size: int) -> int:
 
 
 def decode_parquet(data: bytes) -> pa.Table:
-    """Read a journal file's bytes back as a table with the entry schema."""
+    """Read a journal file's bytes (any supported schema version) back as a table with the
+    current entry schema (columns an earlier version lacks are null)."""
     # ParquetFile, not read_table: the dataset path's thread pool aborts some interpreters at exit.
-    return pq.ParquetFile(pa.BufferReader(data)).read().cast(ENTRY_SCHEMA)
+    return conform_entries(pq.ParquetFile(pa.BufferReader(data)).read())

@@ -87,6 +87,7 @@ ENTRY_SCHEMA: pa.Schema = pa.schema(
 )
 
 COLUMN_NAMES: tuple[str, ...] = tuple(name for name, *_ in COLUMNS)
+_TYPE_NAMES = tuple(map(str, ENTRY_SCHEMA.types))
 
 
 def conform_entries(table: pa.Table) -> pa.Table:
@@ -96,7 +97,9 @@ def conform_entries(table: pa.Table) -> pa.Table:
     Raises ``ValueError`` naming the columns when ``table`` lacks a column that is not one of
     :data:`ADDED_COLUMNS`, or has one the schema does not know.
     """
-    if table.schema == ENTRY_SCHEMA:
+    # Arrow's == ignores a list's element name; Parquet reads ``element`` where the schema says
+    # ``item``, and hashes over types (fingerprints) see the difference: compare type strings too.
+    if table.schema == ENTRY_SCHEMA and tuple(map(str, table.schema.types)) == _TYPE_NAMES:
         return table
     names = set(table.column_names)
     unknown = sorted(names - set(COLUMN_NAMES))

@@ -2,6 +2,11 @@
 
 A rewrite (compaction, lifecycle) must hold exactly the entries it replaces; commit markers carry
 the fingerprint of those entries, and the catalog checks a marker's files against it.
+
+A column added by a later schema version (``serve_journal.schema.ADDED_COLUMNS``) that is null in
+every entry of the set is left out, so a set of entries written under an earlier version has the
+same fingerprint before and after it is read (or rewritten) under the current schema; a non-null
+value anywhere makes the column take part.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from serve_journal.schema import ENTRY_SCHEMA
+from serve_journal.schema import ADDED_COLUMNS, ENTRY_SCHEMA, conform_entries
 from serve_journal.storage import JournalStorage
 
 
@@ -82,26 +87,33 @@ def _fingerprint_columns(rows: int, column: Callable[[str], pa.ChunkedArray]) ->
     del ids
     entries = hashlib.sha256()
     for name in ENTRY_SCHEMA.names:
+        values = column(name)
+        if name in ADDED_COLUMNS and values.null_count == len(values):
+            continue  # absent from an earlier version's entries: they fingerprint as they did
         entries.update(name.encode() + b"\0")
-        _feed(entries, column(name).take(order).combine_chunks())
+        _feed(entries, values.take(order).combine_chunks())
     return Fingerprint(rows=rows, entry_ids=id_digest.hexdigest(), entries=entries.hexdigest())
 
 
 def fingerprint(table: pa.Table) -> Fingerprint:
     """Fingerprint the entries of ``table`` (any row order, any chunking)."""
-    if table.schema != ENTRY_SCHEMA:
-        table = table.cast(ENTRY_SCHEMA)
+    table = conform_entries(table)
     return _fingerprint_columns(table.num_rows, table.column)
 
 
 def fingerprint_files(storage: JournalStorage, paths: Sequence[str]) -> Fingerprint:
-    """Fingerprint the entries of journal files, reading one column at a time."""
+    """Fingerprint the entries of journal files (any supported schema version, mixed), reading
+    one column at a time; a file of an earlier version has nulls in the columns it lacks."""
     files = [pq.ParquetFile(pa.BufferReader(storage.read(p))) for p in paths]
     rows = sum(f.metadata.num_rows for f in files)
 
+    def one(file: pq.ParquetFile, name: str, typ: pa.DataType) -> list[pa.Array]:
+        if name not in file.schema_arrow.names and name in ADDED_COLUMNS:
+            return [pa.nulls(file.metadata.num_rows, typ)]
+        return file.read(columns=[name]).column(0).cast(typ).chunks
+
     def column(name: str) -> pa.ChunkedArray:
         typ = ENTRY_SCHEMA.field(name).type
-        chunks = [c for f in files for c in f.read(columns=[name]).column(0).cast(typ).chunks]
-        return pa.chunked_array(chunks, type=typ)
+        return pa.chunked_array([c for f in files for c in one(f, name, typ)], type=typ)
 
     return _fingerprint_columns(rows, column)

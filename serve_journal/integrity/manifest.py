@@ -42,7 +42,7 @@ from serve_journal.catalog.layout import DEFAULT_SPEC
 from serve_journal.errors import ChainConflictError, ManifestError
 from serve_journal.fileformat import sort_for_lookup
 from serve_journal.integrity.merkle import table_merkle_root
-from serve_journal.schema import ENTRY_SCHEMA
+from serve_journal.schema import conform_entries
 from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
 
 MANIFEST_PREFIX = "_manifest"
@@ -211,9 +211,7 @@ def build_file_record(
     (``sort_for_lookup`` is stable, so an already sorted table is unchanged) so the Merkle root is
     over the file's rows in file order.
     """
-    if table.schema != ENTRY_SCHEMA:
-        table = table.cast(ENTRY_SCHEMA)
-    table = sort_for_lookup(table)
+    table = sort_for_lookup(conform_entries(table))
     if table.num_rows:
         ts = table.column("ts").cast(pa.int64())
         bounds = pc.min_max(ts)

@@ -18,9 +18,14 @@ only proof a verifier accepts for a given (index, size, root) is the genuine one
 The leaf data of a journal entry is :func:`entry_leaf`: the canonical encoding
 (:func:`serve_journal.integrity.encoding.canonical_encode`) of the row as a mapping of column name
 to value, with the timestamp ``ts`` as an integer number of microseconds since the Unix epoch
-(UTC). Every column of the file's schema takes part, so any edited value changes the leaf. The
-value encodings all come from :mod:`serve_journal.integrity.encoding`; :func:`table_leaves` builds
-the leaves of a whole file column-wise with its Arrow form.
+(UTC). Every column of the file's schema takes part, so any edited value changes the leaf, with
+one exception that keeps hashes valid across schema versions: a column added by a later version
+(``serve_journal.schema.ADDED_COLUMNS``) whose value is null is left out of that row's mapping
+(the mapping header counts one entry fewer). So an entry written under schema v1 has the same
+leaf before and after it is read under v2 (where it has nulls in the added columns), while a
+non-null value in an added column always takes part: setting or clearing one changes the leaf.
+The value encodings all come from :mod:`serve_journal.integrity.encoding`; :func:`table_leaves`
+builds the leaves of a whole file column-wise with its Arrow form.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any
 import pyarrow as pa
 
 from serve_journal.integrity.encoding import canonical_encode, encode_arrow_rows
+from serve_journal.schema import ADDED_COLUMNS
 from serve_journal.times import to_micros
 
 _LEAF_PREFIX = b"\x00"
@@ -213,9 +219,10 @@ def entry_leaf(row: Mapping[str, Any]) -> bytes:
     """Leaf data of one journal entry: ``canonical_encode`` of the row with ``ts`` as int µs.
 
     ``row`` maps column names to Python values as ``pyarrow.Table.to_pylist`` yields them;
-    ``ts`` may be an aware or UTC-naive ``datetime`` or already an integer of microseconds.
+    ``ts`` may be an aware or UTC-naive ``datetime`` or already an integer of microseconds. A
+    column of ``ADDED_COLUMNS`` that is null (or absent) is left out (see the module docstring).
     """
-    values = dict(row)
+    values = {k: v for k, v in row.items() if not (v is None and k in ADDED_COLUMNS)}
     ts = values.get("ts")
     if isinstance(ts, dt.datetime):
         values["ts"] = to_micros(ts, "ts")
@@ -234,7 +241,7 @@ def _leaf_chunks(table: pa.Table) -> Iterator[list[bytes]]:
         index = table.column_names.index("ts")
         table = table.set_column(index, "ts", table.column("ts").cast(pa.int64()))
     for start in range(0, table.num_rows, LEAF_CHUNK_ROWS):
-        yield encode_arrow_rows(table.slice(start, LEAF_CHUNK_ROWS))
+        yield encode_arrow_rows(table.slice(start, LEAF_CHUNK_ROWS), omit_null=ADDED_COLUMNS)
 
 
 def table_leaves(table: pa.Table) -> list[bytes]:

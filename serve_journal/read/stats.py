@@ -312,7 +312,13 @@ def _journal_sample(
         if (first and key.end <= first) or (until and key.start >= until):
             continue
         parquet = pq.ParquetFile(pa.BufferReader(storage.read(path)))
-        tables.append(parquet.read(columns=wanted))
+        present = set(parquet.schema_arrow.names)
+        part = parquet.read(columns=[c for c in wanted if c in present])
+        for name in wanted:  # a column added after this file's schema version: nulls
+            if name not in present:
+                part = part.append_column(ENTRY_SCHEMA.field(name),
+                                          pa.nulls(part.num_rows, ENTRY_SCHEMA.field(name).type))
+        tables.append(part.select(wanted))
     if not tables:
         table = ENTRY_SCHEMA.empty_table().select(wanted)
     else:

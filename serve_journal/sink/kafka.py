@@ -59,7 +59,7 @@ from serve_journal.fileformat import HOT_OPTIONS, ParquetOptions, decode_parquet
 from serve_journal.integrity.fingerprint import fingerprint
 from serve_journal.integrity.merkle import table_leaf_hashes
 from serve_journal.retry import Backoff
-from serve_journal.schema import ENTRY_SCHEMA
+from serve_journal.schema import ENTRY_SCHEMA, conform_entries
 from serve_journal.sink.offsets import ChunkFileName, RecoveredOffsets, recover_offsets
 from serve_journal.sink.writer import PartitionFileWriter
 from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
@@ -237,10 +237,7 @@ def _rows_missing(found: pa.Table, rebuilt: pa.Table) -> pa.Table | None:
     earlier run wrote under its name) lacks, when every entry of ``found`` is one of
     ``rebuilt``'s (that run dropped the others as duplicates of earlier files); ``None`` when
     ``found`` holds any entry Kafka does not have there."""
-    if found.schema != ENTRY_SCHEMA:
-        found = found.cast(ENTRY_SCHEMA)
-    if rebuilt.schema != ENTRY_SCHEMA:
-        rebuilt = rebuilt.cast(ENTRY_SCHEMA)
+    found, rebuilt = conform_entries(found), conform_entries(rebuilt)
     available = collections.Counter(table_leaf_hashes(rebuilt))
     have = collections.Counter(table_leaf_hashes(found))
     if have - available:

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import pyarrow as pa
 
-from serve_journal.schema import ENTRY_SCHEMA
+from serve_journal.schema import ENTRY_SCHEMA, conform_entries
 
 
 class InMemoryTransport:
@@ -48,9 +48,13 @@ class InMemoryTransport:
         self.closed = True
 
     def table(self) -> pa.Table:
-        """Every entry sent so far."""
+        """Every entry sent so far, in the current entry schema (a batch of an earlier schema
+        version has nulls in the columns it lacks)."""
         with self._lock:
-            return pa.Table.from_batches(list(self._batches), schema=ENTRY_SCHEMA)
+            batches = list(self._batches)
+        if not batches:
+            return ENTRY_SCHEMA.empty_table()
+        return pa.concat_tables([conform_entries(pa.Table.from_batches([b])) for b in batches])
 
     def clear(self) -> None:
         """Forget every batch sent so far."""

@@ -9,6 +9,11 @@ Version 1 of the wire format:
   message without a required (non-nullable) column is not a journal entry.
   Non-finite floats, which JSON cannot carry, are the strings ``"NaN"``, ``"Infinity"`` and
   ``"-Infinity"``.
+  ``models`` (schema v2) is a list of ``{"name", "version", "run_id", "digest", "role"}`` objects.
+* **schema versions**: a message carries every column of the entry schema version its header
+  names. A version 1 message (written by the previous release) has no ``model_run_id``,
+  ``model_digest`` or ``models``; it decodes to a current-schema table with those columns null
+  (they are nullable, and absent nullable columns read as null), as does a Parquet file of v1.
 * **headers**: ``serve_journal.schema_version`` (the entry schema version, ASCII digits),
   ``serve_journal.wire_version`` (this format's version) and ``content-type``
   (``application/json``).
@@ -39,6 +44,7 @@ from serve_journal.schema import (
     ENTRY_SCHEMA,
     SCHEMA_VERSION,
     SUPPORTED_SCHEMA_VERSIONS,
+    conform_entries,
 )
 
 WIRE_VERSION = 1
@@ -93,11 +99,16 @@ def _float_from_json(value: object, column: str) -> float | None:
 
 
 def encode_batch(batch: pa.RecordBatch | pa.Table) -> list[WireMessage]:
-    """Encode every row of ``batch`` (entry schema) as one message value."""
+    """Encode every row of ``batch`` (entry schema, any supported version) as one message value,
+    in the current schema version."""
     if batch.schema.names != list(COLUMN_NAMES):
-        raise WireFormatError(
-            f"batch columns must be the entry schema's {list(COLUMN_NAMES)}, got {batch.schema.names}"
-        )
+        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+        try:
+            batch = conform_entries(table)
+        except ValueError:
+            raise WireFormatError(
+                f"batch columns must be the entry schema's {list(COLUMN_NAMES)}, got {batch.schema.names}"
+            ) from None
     columns: dict[str, list] = {}
     for name in COLUMN_NAMES:
         column = batch.column(name)
