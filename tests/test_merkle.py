@@ -258,3 +258,46 @@ def test_leaves_are_encoded_in_row_chunks_with_the_same_root(monkeypatch):
     monkeypatch.setattr(merkle, "LEAF_CHUNK_ROWS", 5)
     assert table_merkle_root(table) == whole
     assert table_leaves(table) == [entry_leaf(row) for row in table.to_pylist()]
+
+
+# -- schema versions: columns added after v1 ---------------------------------------------------
+
+_MODEL = pa.struct([("name", pa.string()), ("version", pa.string()), ("run_id", pa.string()),
+                    ("digest", pa.string()), ("role", pa.string())])
+_V2_FUZZ_SCHEMA = pa.schema([*_FUZZ_SCHEMA, ("model_run_id", pa.string()),
+                             ("model_digest", pa.string()), ("models", pa.list_(_MODEL))])
+_models = st.one_of(st.none(), st.lists(st.one_of(st.none(), st.fixed_dictionaries(
+    {k: st.one_of(st.none(), st.text(max_size=3))
+     for k in ("name", "version", "run_id", "digest", "role")})), max_size=2))
+_v2_rows = _rows.flatmap(lambda row: st.fixed_dictionaries({
+    "model_run_id": st.one_of(st.none(), st.text(max_size=4)),
+    "model_digest": st.one_of(st.none(), st.text(max_size=4)),
+    "models": _models,
+}).map(lambda added: {**row, **added}))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_v2_rows, max_size=12), st.data())
+def test_columnwise_leaves_with_added_columns_null_and_set_mixed(rows, data):
+    """Per row, a null added column is left out of the leaf and a set one takes part; the
+    column-wise leaves equal entry_leaf row by row, and a row whose added columns are all null
+    has exactly the leaf of the same row without those columns (its v1 form)."""
+    table = pa.Table.from_pylist(rows, schema=_V2_FUZZ_SCHEMA)
+    table = table.slice(data.draw(st.integers(0, len(rows))))
+    pylist = table.to_pylist()
+    leaves = table_leaves(table)
+    assert leaves == [entry_leaf(row) for row in pylist]
+    v1 = table_leaves(table.select(_FUZZ_SCHEMA.names))
+    for row, leaf, old in zip(pylist, leaves, v1, strict=True):
+        added = [row[k] for k in ("model_run_id", "model_digest", "models")]
+        assert (leaf == old) == all(v is None for v in added)
+
+
+def test_setting_or_clearing_an_added_column_changes_the_leaf():
+    row = _row()
+    base = entry_leaf(row)
+    assert entry_leaf(dict(row, model_digest=None, models=None)) == base
+    assert entry_leaf(dict(row, model_digest="sha256:" + "00" * 32)) != base
+    assert entry_leaf(dict(row, model_digest="")) != base  # empty is a value, not null
+    assert entry_leaf(dict(row, models=[])) != base
+    assert entry_leaf(dict(row, score=None)) != entry_leaf(row)  # a v1 column's null takes part
