@@ -5,7 +5,8 @@ Every call of a ``@journaled`` deployment leaves one minimal, privacy-safe entry
 
 What users call:
 
-- on the deployment: :func:`journaled`, :func:`annotate`;
+- on the deployment: :func:`journaled`, :func:`annotate`, :func:`load_model` (load a registered
+  model so entries name exactly the version, run and artifact that serve);
 - from the driver: :func:`flush_journal`, :func:`producer_reports`, :func:`shutdown_journal`,
   :func:`subject_tokenizer` (subject id -> the token entries carry), :func:`caller_tokenizer`
   (caller id -> the caller token entries carry with ``caller_privacy="token"``);
@@ -19,10 +20,12 @@ Everything else lives in subpackages (``read``, ``replay``, ``maintain``, ``priv
 """
 
 from serve_journal.api import (
+    JournaledModel,
     annotate,
     caller_tokenizer,
     flush_journal,
     journaled,
+    load_model,
     producer_reports,
     shutdown_journal,
     subject_tokenizer,
@@ -51,6 +54,7 @@ __all__ = [
     "JournalConfig",
     "JournalQuery",
     "JournalUnavailableError",
+    "JournaledModel",
     "ModelInfo",
     "ModelNotFoundError",
     "annotate",
@@ -60,6 +64,7 @@ __all__ = [
     "forget_subject",
     "journal_stats",
     "journaled",
+    "load_model",
     "producer_reports",
     "register_dataset_manifest",
     "replay",

@@ -1,7 +1,8 @@
 """The public API: the ``@journaled`` decorator and driver-side journal controls.
 
 ``journaled`` wraps a deployment class (:mod:`serve_journal._private.wrapper`); ``annotate`` adds
-facts to the current call from inside it. On the driver, ``producer_reports``, ``flush_journal``
+facts to the current call from inside it; ``load_model`` loads a registered model so entries name
+exactly the version that serves (:mod:`serve_journal._private.models`). On the driver, ``producer_reports``, ``flush_journal``
 and ``shutdown_journal`` talk to a journal root's coordinator and writer actors;
 ``subject_tokenizer`` and ``caller_tokenizer`` compute subject and caller tokens as the replicas do.
 """
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from serve_journal._private.capture import annotate
+from serve_journal._private.models import JournaledModel, load_model
 from serve_journal._private.wiring import build_privacy
 from serve_journal._private.wrapper import wrap_class
 from serve_journal.config import JournalConfig
@@ -157,6 +159,7 @@ def shutdown_journal(journal_uri: str = "./journal", *, namespace: str = "serve_
 
 
 __all__ = [
-    "annotate", "caller_tokenizer", "flush_journal", "journaled", "producer_reports", "shutdown_journal",
+    "JournaledModel", "annotate", "caller_tokenizer", "flush_journal", "journaled", "load_model",
+    "producer_reports", "shutdown_journal",
     "subject_tokenizer",
 ]

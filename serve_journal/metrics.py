@@ -80,10 +80,15 @@ SPOOL_BYTES = MetricSpec("serve_journal_spool_bytes", "gauge", BASE_TAGS,
                          "Bytes held in the local disk spool.")
 REGISTRY_ERRORS = MetricSpec("serve_journal_registry_refresh_errors", "counter", BASE_TAGS,
                              "Failed refreshes of the model's registry metadata (alias resolution).")
+MODEL_STALE = MetricSpec("serve_journal_model_stale", "gauge", BASE_TAGS,
+                         "1 while the registry alias the replica's model was loaded from points at "
+                         "another version than the one serving (entries keep naming the version "
+                         "that serves; reload the model to follow the alias), else 0.")
 
 METRICS: tuple[MetricSpec, ...] = (
     CAPTURED, KEPT, SAMPLED_OUT, DROPPED, REFUSED, BUFFER_DEPTH, BUFFER_CAPACITY, ENQUEUE_LATENCY,
     FLUSH_LATENCY, PERSISTENCE_LAG, SINK_ROWS, SINK_BYTES, SPOOL_DEPTH, SPOOL_BYTES, REGISTRY_ERRORS,
+    MODEL_STALE,
 )
 
 # Ray metric objects, one per name per process (Ray registers a name once per process).
@@ -220,6 +225,10 @@ class JournalMetrics:
         self._add(REGISTRY_ERRORS, n)
 
     # -- gauges ----------------------------------------------------------
+
+    def set_model_stale(self, stale: bool) -> None:
+        """Whether the registry alias now names another version than the one serving."""
+        self._gauges[MODEL_STALE.name] = 1 if stale else 0
 
     def set_buffer_depth(self, depth: int, capacity: int | None = None) -> None:
         """Entries in the replica's buffer now (and its capacity)."""

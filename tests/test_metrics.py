@@ -100,6 +100,7 @@ class _Recorder:
         m.add_sink(10, 4096)
         m.set_spool_depth(0, 0)
         m.add_registry_refresh_error()
+        m.set_model_stale(False)
         start = time.perf_counter_ns()
         exported = m.report()
         report_ns = time.perf_counter_ns() - start

@@ -16,7 +16,6 @@ method and wait for room.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import itertools
 import logging
 import time
@@ -35,15 +34,17 @@ from serve_journal.privacy.identity import CallerRejected, JwtVerifier
 from serve_journal.registry import ModelInfo
 from serve_journal.schema import OUTCOME_ERROR, OUTCOME_OK, OUTCOME_REJECTED
 
+from .annotations import ANNOTATIONS as _ANNOTATIONS
 from .batching import REASON_BUFFER_FULL, BatchWorker
 from .counters import DropCounter
 from .entries import CapturedCall, EntryFinalizer
+from .models import check_models_annotation
 
 logger = logging.getLogger("serve_journal")
 
 ANNOTATION_KEYS = frozenset(
     {"subject", "features", "caller", "score", "decision", "threshold", "outputs", "explanation_ref",
-     "attributes"}
+     "attributes", "model_name", "model_version", "models"}
 )
 ROOM_POLL_S = 0.002
 """Poll interval while a call waits for buffer room (a deadline-bounded wait, not a retry)."""
@@ -53,16 +54,18 @@ REFUSAL_REASON = "journal_full"
 REFUSAL_MESSAGE = ("journal unavailable: this decision is high-risk and is not served "
                    "unjournaled; retry later")
 
-_ANNOTATIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
-    "serve_journal_annotations", default=None
-)
-
 
 def annotate(**values: Any) -> None:
     """Record facts about the current call from inside a journaled method.
 
     Keys: ``subject``, ``features``, ``caller``, ``score``, ``decision``, ``threshold``,
     ``outputs``, ``explanation_ref``. They override what the extractors would find.
+
+    ``model_name`` and ``model_version`` name the model that decided this call, for deployments
+    that route between models (the full identity is recorded when that version was loaded with
+    :func:`serve_journal.load_model`); ``models`` lists further models that took part (loaded
+    models, or ``{"name", "version", "role"}`` mappings with role ``decision`` or ``shadow``).
+    Models loaded with ``load_model`` record themselves when called; these keys are for the rest.
 
     ``attributes`` is a mapping of request attribute names to string values (``{"region": "eu"}``)
     that risk rules with an ``attributes`` condition match; several calls add up. Attributes
@@ -75,8 +78,16 @@ def annotate(**values: Any) -> None:
     attributes = values.pop("attributes", None)
     if attributes is not None:
         _check_attributes(attributes)
+    if values.get("models") is not None:
+        check_models_annotation(values["models"])
+        values["models"] = list(values["models"])
+    for key in ("model_name", "model_version"):
+        if values.get(key) is not None and not isinstance(values[key], str | int):
+            raise TypeError(f"annotate({key}=...) must be a string, got {type(values[key]).__name__}")
     current = _ANNOTATIONS.get()
     if current is not None:
+        if values.get("models") and current.get("models"):
+            values["models"] = current["models"] + values["models"]
         current.update(values)
         if attributes:
             current["attributes"] = {**current.get("attributes", {}), **attributes}

@@ -27,6 +27,8 @@ from serve_journal.registry import ModelInfo
 from serve_journal.sampling import Sampler
 from serve_journal.schema import ENTRY_SCHEMA, OUTCOME_OK, SCHEMA_VERSION
 
+from .models import call_models
+
 logger = logging.getLogger("serve_journal")
 
 
@@ -160,6 +162,14 @@ def _outputs(value: Any, top_k: int) -> tuple[list[dict] | None, float | None, s
     return outputs, score, decision
 
 
+def _models_cell(used: list[tuple[ModelInfo, str]] | None) -> list[dict] | None:
+    """The ``models`` column of one entry: every model the call used, or null when one did."""
+    if used is None:
+        return None
+    return [{"name": m.name, "version": m.version, "run_id": m.run_id, "digest": m.digest,
+             "role": role} for m, role in used]
+
+
 @dataclass
 class Finalized:
     """A finalized batch: the kept entries, and what the counters need about every call."""
@@ -264,7 +274,8 @@ class EntryFinalizer:
             caller = self._caller(call, view)
         except Exception:  # noqa: BLE001 - classify as strictly as possible instead
             return self.sampler.policy.strictest_tier
-        return self.sampler.policy.classify(decision, score, threshold, call.model.name, caller,
+        model = call_models(call.annotations, call.model)[0]
+        return self.sampler.policy.classify(decision, score, threshold, model.name, caller,
                                             call.outcome, _attributes(call))
 
     def finalize(self, calls: Sequence[CapturedCall]) -> Finalized:
@@ -306,7 +317,8 @@ class EntryFinalizer:
             ref = ann.get("explanation_ref")
             explanations.append(None if ref is None else str(ref))
 
-        models: list[ModelInfo] = [c.model for c in calls]
+        chosen = [call_models(c.annotations, c.model) for c in calls]
+        models: list[ModelInfo] = [deciding for deciding, _ in chosen]
         request_ids = [c.request_id for c in calls]
         outcomes = [c.outcome for c in calls]
         assignment = self.sampler.assign(
@@ -355,6 +367,10 @@ class EntryFinalizer:
             "app_name": pa.array([ident.app_name] * k, pa.string()),
             "deployment": pa.array([ident.deployment] * k, pa.string()),
             "replica": pa.array([ident.replica] * k, pa.string()),
+            "model_run_id": pa.array([models[i].run_id for i in kept], pa.string()),
+            "model_digest": pa.array([models[i].digest for i in kept], pa.string()),
+            "models": pa.array([_models_cell(chosen[i][1]) for i in kept],
+                               ENTRY_SCHEMA.field("models").type),
         }
         batch = pa.RecordBatch.from_arrays([columns[f.name] for f in ENTRY_SCHEMA], schema=ENTRY_SCHEMA)
         return Finalized(batch=batch, models=models, decisions=decisions, tiers=tier_names,

@@ -22,12 +22,13 @@ import time
 from typing import Any
 
 from serve_journal.config import JournalConfig
-from serve_journal.registry import ModelInfo, resolve_model
+from serve_journal.registry import ModelInfo, ModelRef, resolve_model
 
 from .batching import BatchWorker, PeriodicTask
 from .capture import CallCapture
 from .counters import LeasedBuffer
 from .export import BatchExporter
+from .models import register_runtime, remember, unregister_runtime
 from .wiring import wire
 
 logger = logging.getLogger("serve_journal")
@@ -36,6 +37,8 @@ COUNTERS_INTERVAL_S = 2.0
 METRICS_INTERVAL_S = 5.0
 MAX_REFRESH_CHECK_S = 60.0
 """The registry refresh task checks at least this often whether ``registry_refresh_s`` passed."""
+STALE_WARNING_INTERVAL_S = 600.0
+"""At most one warning per replica this often while the alias names another version."""
 
 
 class JournalRuntime:
@@ -55,7 +58,13 @@ class JournalRuntime:
         self.drops = parts.counters.drops
         self.transport_drops: dict[str, int] = parts.counters.transport_drops.by_reason
         self.registry_errors = 0
+        self.model_stale = False
+        """The alias the serving model was loaded from now names another version."""
         self._model_lock = threading.Lock()
+        self._model_ref = config.model
+        self._model_ref_version = config.model_version
+        self._pinned_by_load = False
+        self._last_stale_warning = -STALE_WARNING_INTERVAL_S
         self._last_refresh = time.monotonic()
         self._coordinator: Any = None
         self._closed = False
@@ -101,6 +110,7 @@ class JournalRuntime:
         self.wait_for_room = self.capturer.wait_for_room
         self.wait_for_room_blocking = self.capturer.wait_for_room_blocking
         self.refuse = self.capturer.refuse
+        register_runtime(self)
         if self._reports_heartbeats:
             # Register before serving, so a driver-side flush never overlooks this producer.
             self.heartbeat()
@@ -116,6 +126,11 @@ class JournalRuntime:
     def model(self) -> ModelInfo:
         """The model version calls are attributed to now."""
         return self.capturer.model
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran."""
+        return self._closed
 
     @property
     def captured(self) -> int:
@@ -146,23 +161,65 @@ class JournalRuntime:
         if time.monotonic() - self._last_refresh >= self.config.registry_refresh_s:
             self.refresh_model()
 
+    def pin_model(self, model: ModelInfo, loaded_from: str | None = None) -> None:
+        """Attribute this replica's calls to ``model`` from now on: the deployment loaded it
+        (:func:`serve_journal.load_model`). ``loaded_from`` is the reference it was loaded by
+        (an alias is then watched for moving away from it)."""
+        with self._model_lock:
+            previous = self.capturer.model
+            remember(model)
+            self.capturer.model = model
+            self._pinned_by_load = True
+            if loaded_from is not None:
+                self._model_ref, self._model_ref_version = loaded_from, None
+            self.model_stale = False
+            self.metrics.set_model_stale(False)
+        if previous != model:
+            logger.info("serve_journal: %s: calls are now attributed to version %s (loaded by "
+                        "the deployment)", model.name, model.version)
+
     def refresh_model(self) -> None:
-        """Re-resolve the model alias (on reconfigure and every ``registry_refresh_s``)."""
+        """Check the registry for the reference the serving model was loaded by (every
+        ``registry_refresh_s`` and on reconfigure).
+
+        It never changes the version calls are attributed to: that follows what the deployment
+        loaded. When an alias now names another version than the one serving, the
+        ``serve_journal_model_stale`` gauge is 1 and a warning is logged (at most every
+        :data:`STALE_WARNING_INTERVAL_S`).
+        """
         with self._model_lock:
             self._last_refresh = time.monotonic()
-            try:
-                model = resolve_model(self.config.model, self.config.model_version,
-                                      self.config.tracking_uri)
-            except Exception:  # noqa: BLE001 - keep serving with the version we know
-                self.registry_errors += 1
-                self.metrics.add_registry_refresh_error()
-                logger.warning("serve_journal: refreshing model %s from the registry failed",
-                               self.config.model, exc_info=True)
-                return
-            if model != self.model:
-                logger.info("serve_journal: model %s now resolves to version %s",
-                            model.name, model.version)
-            self.capturer.model = model
+            ref, ref_version = self._model_ref, self._model_ref_version
+            serving = self.capturer.model
+        parsed = ModelRef.parse(ref, ref_version)
+        if parsed.version is not None:
+            return  # a fixed version cannot move
+        try:
+            found = resolve_model(ref, ref_version, self.config.tracking_uri)
+        except Exception:  # noqa: BLE001 - keep serving with the version we know
+            self.registry_errors += 1
+            self.metrics.add_registry_refresh_error()
+            logger.warning("serve_journal: checking model %s in the registry failed", ref,
+                           exc_info=True)
+            return
+        with self._model_lock:
+            if self.capturer.model is not serving:
+                return  # the deployment loaded another model meanwhile
+            stale = (found.name, found.version) != (serving.name, serving.version)
+            self.model_stale = stale
+            self.metrics.set_model_stale(stale)
+            now = time.monotonic()
+            warn = stale and now - self._last_stale_warning >= STALE_WARNING_INTERVAL_S
+            if warn:
+                self._last_stale_warning = now
+        if warn:
+            how = ("reload it with serve_journal.load_model (e.g. in reconfigure)"
+                   if self._pinned_by_load else
+                   "load the model with serve_journal.load_model so the journal follows what "
+                   "serves; entries keep the version resolved at replica start")
+            logger.warning("serve_journal: %s now points at version %s, but this replica serves "
+                           "version %s and its entries say so; %s", ref, found.version,
+                           serving.version, how)
 
     # -- reporting and lifecycle ---------------------------------------------------------------
 
@@ -217,6 +274,7 @@ class JournalRuntime:
             self._accounting.close(self.captured - 1, timeout)
         finally:
             self._closed = True
+            unregister_runtime(self)
             if self._reports_heartbeats:
                 try:
                     self.heartbeat()

@@ -187,7 +187,10 @@ def build_jwt(config: JournalConfig) -> JwtVerifier | None:
 
 def wire(config: JournalConfig) -> ReplicaParts:
     """Build every part of one replica's journal from its config (see the module docstring)."""
-    model = resolve_model(config.model, config.model_version, config.tracking_uri)
+    # With the MLmodel digest: a deployment that loads its model itself still records which
+    # logged model the version named at replica start (load_model pins the full digest).
+    model = resolve_model(config.model, config.model_version, config.tracking_uri,
+                          with_digest=True)
     app, deployment, replica = replica_names()
     identity = ReplicaIdentity(
         producer_id=f"{deployment}-{replica}-{uuid.uuid4().hex[:8]}",

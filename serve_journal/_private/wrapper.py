@@ -4,7 +4,10 @@ Its ``__init__`` starts a :class:`~serve_journal._private.runtime.JournalRuntime
 resolution, buffer, flusher thread, transport) before the user's own ``__init__``; each journaled
 method is wrapped so that, after the user's method returns or raises, one captured call is offered
 to the buffer (:class:`~serve_journal._private.capture.JournaledCall`, the same steps for sync and
-async methods). ``reconfigure`` re-resolves the model alias and ``__del__`` closes the runtime.
+async methods). ``__init__`` and ``reconfigure`` run the user's code in a scope where
+:func:`serve_journal.load_model` pins the replica's model; ``reconfigure`` then checks whether the
+alias moved away from what serves (it never changes what entries record); ``__del__`` closes the
+runtime.
 The wrapper never changes the method's result or exception.
 
 ``JournalRuntime``, ``annotate``, ``build_privacy`` and ``build_transport`` are re-exported here
@@ -21,6 +24,7 @@ from typing import Any
 from serve_journal.config import ConfigError, JournalConfig
 
 from .capture import JournaledCall, annotate
+from .models import loading_for
 from .runtime import JournalRuntime
 from .wiring import build_privacy, build_transport
 
@@ -92,20 +96,25 @@ def wrap_class(user_cls: type, config: JournalConfig) -> type:
     user_init = user_cls.__init__
 
     def __init__(self, *args, **kwargs):
-        self._serve_journal_runtime = JournalRuntime(config)
-        user_init(self, *args, **kwargs)
+        runtime = self._serve_journal_runtime = JournalRuntime(config)
+        with loading_for(runtime):  # load_model in __init__ pins this replica's model
+            user_init(self, *args, **kwargs)
 
     user_reconfigure = getattr(user_cls, "reconfigure", None)
 
     if user_reconfigure is not None and inspect.iscoroutinefunction(user_reconfigure):
         async def reconfigure(self, user_config):
-            await user_reconfigure(self, user_config)
-            self._serve_journal_runtime.refresh_model()
+            runtime = self._serve_journal_runtime
+            with loading_for(runtime):  # a reload here moves the pin, exactly then
+                await user_reconfigure(self, user_config)
+            runtime.refresh_model()
     else:
         def reconfigure(self, user_config):
+            runtime = self._serve_journal_runtime
             if user_reconfigure is not None:
-                user_reconfigure(self, user_config)
-            self._serve_journal_runtime.refresh_model()
+                with loading_for(runtime):
+                    user_reconfigure(self, user_config)
+            runtime.refresh_model()
 
     user_del = getattr(user_cls, "__del__", None)
 
