@@ -1,7 +1,9 @@
 """The fraud example, as a user would write it.
 
 The deployment class, training and registration live in ``serve_journal.examples.fraud`` so
-Ray workers can import them on every node; this file shows the user-facing part: one decorator.
+Ray workers can import them on every node; this file shows the user-facing part: one decorator,
+and ``FraudModel`` loading its model with ``serve_journal.load_model`` (so each entry names the
+version, run and artifact that scored it).
 
     python examples/fraud.py            # after `bash scripts/demo.sh` created ./demo-output
 """
@@ -18,7 +20,7 @@ from serve_journal.examples.fraud import FraudModel
 TRACKING_URI = "sqlite:///demo-output/mlflow.db"
 
 FraudDeployment = journaled(
-    model="models:/fraud@champion",  # resolved at replica start, recorded in every entry
+    model="models:/fraud@champion",  # entries name the version FraudModel loaded with load_model
     threshold=0.75,
     tracking_uri=TRACKING_URI,
     journal_uri="./demo-output/journal",

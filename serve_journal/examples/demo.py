@@ -1,8 +1,12 @@
 """The end-to-end demo on embedded defaults: local Ray, sqlite MLflow, local Parquet journal.
 
 Trains and registers the fraud model, serves it journaled, sends a few thousand HTTP requests
-from synthetic users, flushes, then prints how many entries were journaled and what one user
-received today. Everything it writes stays under one folder.
+from synthetic users; halfway through it trains version 2, moves the ``champion`` alias and gives
+the app a new ``user_config``, so the replicas reload the model (``serve_journal.load_model``) and
+the entries switch versions exactly when the model does. Then it flushes, prints how many entries
+each model version decided and what one user received today, and replays every entry (features
+recomputed, HMAC checked, each version's exact artifact re-run). Everything it writes stays under
+one folder.
 """
 
 from __future__ import annotations
@@ -100,15 +104,27 @@ def run_demo(workdir: str = "./demo-output", requests_count: int = 3000, users: 
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(tracking_uri, journal_uri, dev_mode=True), name="fraud",
-                  route_prefix="/fraud")
+        serve.run(build_app(tracking_uri, journal_uri, dev_mode=True, user_config={"reload": 0}),
+                  name="fraud", route_prefix="/fraud")
         user_ids = [f"user-{i:04d}" for i in range(users)]
         store = ParquetFeatureStore(root / "features")
+        url = f"http://127.0.0.1:{port}/fraud"
+        first = requests_count // 2
         t0 = time.monotonic()
-        results = send_traffic(f"http://127.0.0.1:{port}/fraud", requests_count, user_ids,
-                               feature_store=store)
-        store.close()
+        results = send_traffic(url, first, user_ids, feature_store=store)
         elapsed = time.monotonic() - t0
+        # A new version is promoted: the alias moves, and a new user_config makes the replicas
+        # reload it in place (reconfigure -> serve_journal.load_model). Until then they serve,
+        # and their entries name, version 1; the journal never relabels behind their back.
+        version2 = train_and_register(root, tracking_uri, seed=8)
+        print(f"registered fraud version {version2} and moved the alias champion to it; "
+              "reloading the replicas with a new user_config")
+        serve.run(build_app(tracking_uri, journal_uri, dev_mode=True, user_config={"reload": 1}),
+                  name="fraud", route_prefix="/fraud")
+        t0 = time.monotonic()
+        results += send_traffic(url, requests_count - first, user_ids, seed=2, feature_store=store)
+        store.close()
+        elapsed += time.monotonic() - t0
         ok = sum(1 for r in results if r["status"] == 200)
         print(f"sent {len(results)} requests from {users} users in {elapsed:.1f} s "
               f"({len(results) / elapsed:.0f} req/s), {ok} answered 200")
@@ -120,8 +136,19 @@ def run_demo(workdir: str = "./demo-output", requests_count: int = 3000, users: 
         serve.delete("fraud")
 
         query = JournalQuery(journal_uri, tokenizer=subject_tokenizer(journal_uri), actor="demo")
-        journaled = query.find().num_rows
+        entries = query.find()
+        journaled = entries.num_rows
         print(f"journal entries: {journaled} (captured {captured}, dropped {dropped})")
+        by_version: dict[str, list] = {}
+        for version, digest in zip(entries.column("model_version").to_pylist(),
+                                   entries.column("model_digest").to_pylist(), strict=True):
+            by_version.setdefault(version, [0, set()])
+            by_version[version][0] += 1
+            by_version[version][1].add(digest)
+        print("entries by the model version that decided them, with its artifact digest:")
+        for version in sorted(by_version, key=int):
+            count, digests = by_version[version]
+            print(f"  version {version}: {count} entries, {', '.join(sorted(map(str, digests)))}")
         subject = user_ids[0]
         today = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         table = query.find(subject=subject, since=today)
@@ -136,7 +163,8 @@ def run_demo(workdir: str = "./demo-output", requests_count: int = 3000, users: 
         print(report.format_summary())
         print(f"\nfinished in {time.monotonic() - started:.0f} s; files under {root}")
         return {"requests": len(results), "ok": ok, "journaled": journaled, "captured": captured,
-                "dropped": dropped, "subject_rows": table.num_rows, "replay_ok": report.ok}
+                "dropped": dropped, "subject_rows": table.num_rows, "replay_ok": report.ok,
+                "by_version": {v: c for v, (c, _) in by_version.items()}}
     finally:
         serve.shutdown()
         ray.shutdown()

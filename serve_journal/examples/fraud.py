@@ -2,7 +2,8 @@
 
 ``train_and_register`` makes a synthetic transactions dataset, trains a logistic regression,
 registers it as ``fraud`` with the alias ``champion`` and tags it with the dataset manifest hash.
-``FraudModel`` is the Serve deployment; ``build_app`` journals it. The request shape is the
+``FraudModel`` is the Serve deployment (it loads the model with ``serve_journal.load_model``, so
+entries name the exact version that scored them); ``build_app`` journals it. The request shape is the
 common one the journal understands with no extra code::
 
     {"subject_id": "user-0042", "features": {"amount": 120.5, "hour": 23, ...}}
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from serve_journal import journaled
+from serve_journal import journaled, load_model
 from serve_journal.registry import register_dataset_manifest
 
 MODEL_NAME = "fraud"
@@ -85,30 +86,31 @@ def train_and_register(workdir: str | os.PathLike[str], tracking_uri: str, *, ro
     return str(mv.version)
 
 
-def load_model(tracking_uri: str | None, version: str | None = None, model_name: str = MODEL_NAME):
-    """Load the registered model (the alias, or a pinned version)."""
-    import mlflow  # inside: MLflow takes 1.4 s to import
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    uri = f"models:/{model_name}/{version}" if version else f"models:/{model_name}@{ALIAS}"
-    return mlflow.sklearn.load_model(uri)
-
-
 def score_features(model: Any, features: dict[str, Any]) -> float:
     row = np.array([[float(features[name]) for name in FEATURES]])
     return float(model.predict_proba(row)[0, 1])
 
 
 class FraudModel:
-    """Scores a transaction; the journal needs nothing from this class."""
+    """Scores a transaction with the model the ``champion`` alias names.
+
+    It loads the model through :func:`serve_journal.load_model`, so every entry names the exact
+    version, run and artifact digest that scored it, and a moved alias never relabels entries
+    behind its back. To follow the alias, give the deployment a new ``user_config`` (for example
+    ``{"reload": 2}``): ``reconfigure`` loads the alias again, and entries switch with the model.
+    Outside a journaled deployment ``load_model`` just loads the model.
+    """
 
     def __init__(self, tracking_uri: str | None = None, threshold: float = THRESHOLD,
                  model_name: str = MODEL_NAME) -> None:
-        self.model = load_model(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-                                model_name=model_name)
+        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        self.model_uri = f"models:/{model_name}@{ALIAS}"
+        self.model = load_model(self.model_uri, flavor="sklearn", tracking_uri=self.tracking_uri)
         self.threshold = threshold
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """A new ``user_config``: load the alias again (the journal follows the new model)."""
+        self.model = load_model(self.model_uri, flavor="sklearn", tracking_uri=self.tracking_uri)
 
     async def __call__(self, request) -> dict[str, Any]:
         body = await request.json()
@@ -117,15 +119,18 @@ class FraudModel:
 
 
 def build_app(tracking_uri: str | None = None, journal_uri: str | None = None, *,
-              num_replicas: int = 1, model_name: str = MODEL_NAME, **journal_options: Any):
-    """The journaled fraud application, ready for ``serve.run``."""
+              num_replicas: int = 1, model_name: str = MODEL_NAME,
+              user_config: dict[str, Any] | None = None, **journal_options: Any):
+    """The journaled fraud application, ready for ``serve.run``; a new ``user_config`` on a
+    running app makes its replicas load the alias again (:meth:`FraudModel.reconfigure`)."""
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     options = dict(journal_options)
     if journal_uri:
         options["journal_uri"] = journal_uri
     deployment = journaled(model=f"models:/{model_name}@{ALIAS}", threshold=THRESHOLD,
                            tracking_uri=tracking_uri, **options)(
-        serve.deployment(FraudModel, num_replicas=num_replicas, ray_actor_options={"num_cpus": 0.5})
+        serve.deployment(FraudModel, num_replicas=num_replicas, ray_actor_options={"num_cpus": 0.5},
+                         user_config=user_config)
     )
     return deployment.bind(tracking_uri=tracking_uri, model_name=model_name)
 
