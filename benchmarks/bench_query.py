@@ -39,7 +39,7 @@ from serve_journal.fileformat import HOT_OPTIONS, encode_parquet
 from serve_journal.maintain import lifecycle
 from serve_journal.maintain.compaction import CompactionOptions, compact
 from serve_journal.read.query import JournalQuery
-from serve_journal.schema import ENTRY_SCHEMA, OUTPUT_TYPE
+from serve_journal.schema import ENTRY_SCHEMA, OUTPUT_TYPE, SCHEMA_VERSION, conform_entries
 from serve_journal.storage import LocalJournalStorage
 
 DAY = dt.datetime(2025, 6, 1, tzinfo=dt.UTC)
@@ -84,7 +84,7 @@ def hour_of_entries(rng, hour: int, n: int, subjects: np.ndarray, seq_base: np.n
     )
     outputs = pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)), interleaved)
     columns = {
-        "schema_version": pa.array(np.ones(n, dtype=np.int16)),
+        "schema_version": pa.array(np.full(n, SCHEMA_VERSION, dtype=np.int16)),
         "request_id": strings(hex_strings(rng, n, 16)),
         "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
         "caller": pa.array(np.array(["payments-api", "checkout", "mobile"])[rng.integers(0, 3, n)]),
@@ -110,8 +110,12 @@ def hour_of_entries(rng, hour: int, n: int, subjects: np.ndarray, seq_base: np.n
         "app_name": pa.array(["fraud-app"] * n),
         "deployment": pa.array(["FraudModel"] * n),
         "replica": pa.array(np.array([f"FraudModel#{p}" for p in range(8)])[producers]),
+        # Schema v2: the serving model's identity, constant per replica (one model here).
+        "model_run_id": pa.array(["8f2c1e4b7a9d4c0e9b1f3a6d2e5c7b80"] * n),
+        "model_digest": pa.array(["sha256:" + "3c" * 32] * n),
+        "models": pa.nulls(n, ENTRY_SCHEMA.field("models").type),
     }
-    return pa.table(columns).cast(ENTRY_SCHEMA)
+    return conform_entries(pa.table(columns))
 
 
 def build(storage, rows: int, files_per_hour: int, seed: int):

@@ -41,7 +41,7 @@ from serve_journal.privacy.keyring import Keyring
 from serve_journal.privacy.subjects import VaultPseudonymizer
 from serve_journal.privacy.vault import SubjectVault
 from serve_journal.replay import ParquetFeatureStore, VaultVerifier, replay
-from serve_journal.schema import ENTRY_SCHEMA
+from serve_journal.schema import ENTRY_SCHEMA, conform_entries
 from serve_journal.storage import LocalJournalStorage
 
 START, END = "<!-- bench_replay:start -->", "<!-- bench_replay:end -->"
@@ -88,7 +88,8 @@ def build(workdir: Path, n: int, subjects: int, seed: int) -> dict:
         store.write_many(users, feats, [int(t) for t in feature_ts])
         protected = pseudonymizer.protect(users, [canonical_encode(f) for f in feats])
         scores = rng.random(m)
-        table = pa.table({
+        # Entries of schema v1 (no model identity columns), conformed as a reader does.
+        table = conform_entries(pa.table({
             "schema_version": pa.array([1] * m, pa.int16()),
             "request_id": pa.array([f"req-{begin + i:09d}" for i in range(m)], pa.string()),
             "ts": pa.array(ts, pa.int64()).cast(pa.timestamp("us", tz="UTC")),
@@ -116,7 +117,7 @@ def build(workdir: Path, n: int, subjects: int, seed: int) -> dict:
             "app_name": pa.array(["fraud"] * m, pa.string()),
             "deployment": pa.array(["FraudModel"] * m, pa.string()),
             "replica": pa.array(["r1"] * m, pa.string()),
-        }, schema=ENTRY_SCHEMA)
+        }))
         storage.put_new(DEFAULT_SPEC.file_path(key, f"bench-{chunk:05d}"), encode_parquet(table))
     store.close()
     vault.close()
