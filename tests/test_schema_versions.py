@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -275,3 +276,54 @@ def test_reencoding_a_v1_file_as_v2_keeps_its_merkle_root(v1):
     kinds = {(p.kind, p.path) for p in v1.verify().errors}
     assert ("file-altered", path) in kinds
     assert ("file-entries-altered", path) not in kinds
+
+
+def test_kafka_sink_writes_v2_files_from_v1_and_v2_messages(kafka_broker, tmp_path):
+    """A topic holding messages of the previous release (schema version header 1) and of this one:
+    the sink writes current-schema files, v1 entries with null new columns."""
+    import asyncio
+
+    from aiokafka import AIOKafkaProducer
+
+    from serve_journal.sink.kafka import KafkaSink, KafkaSinkSettings
+
+    old = json.loads((DATA / "kafka_v1_messages.json").read_text())
+    new = make_entries(6, producer_id="replica-c", nulls=False)
+    messages = [([(k, v.encode()) for k, v in m["headers"].items()], m["value"].encode()) for m in old]
+    messages += [(list(wire.HEADERS), m.value) for m in wire.encode_batch(new)]
+    kafka_broker.create_topic("journal-v1v2", 1)
+    storage = LocalJournalStorage(str(tmp_path / "journal"))
+
+    async def scenario() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
+        await producer.start()
+        try:
+            for headers, value in messages:
+                await producer.send_and_wait("journal-v1v2", value, key=b"fraud|0|0", partition=0,
+                                             headers=headers)
+        finally:
+            await producer.stop()
+        sink = KafkaSink(KafkaSinkSettings(bootstrap_servers=kafka_broker.bootstrap,
+                                           topic="journal-v1v2", partitions=(0,), roll_seconds=0.2),
+                         storage)
+        await sink.start()
+        try:
+            deadline = time.monotonic() + 90
+            while sum(pq.ParquetFile(storage.full_path(p)).metadata.num_rows
+                      for p in storage.list_files(suffix=".parquet")) < len(messages):
+                assert time.monotonic() < deadline, sink.lag_state()
+                await sink.poll_once()
+        finally:
+            await sink.stop()
+
+    asyncio.run(scenario())
+    files = storage.list_files(suffix=".parquet")
+    assert files
+    for path in files:
+        assert set(ADDED_COLUMNS) <= set(pq.read_schema(storage.full_path(path)).names)
+    table = pa.concat_tables([decode_parquet(storage.read(p)) for p in files])
+    assert table.num_rows == len(messages)
+    by_version = {v: table.filter(pa.compute.equal(table["schema_version"], v)) for v in (1, 2)}
+    assert by_version[1].num_rows == len(old) and by_version[2].num_rows == new.num_rows
+    assert all(by_version[1][name].null_count == len(old) for name in ADDED_COLUMNS)
+    assert by_version[2]["model_digest"].to_pylist() == new.column("model_digest").to_pylist()
