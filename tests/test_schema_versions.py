@@ -327,3 +327,17 @@ def test_kafka_sink_writes_v2_files_from_v1_and_v2_messages(kafka_broker, tmp_pa
     assert by_version[1].num_rows == len(old) and by_version[2].num_rows == new.num_rows
     assert all(by_version[1][name].null_count == len(old) for name in ADDED_COLUMNS)
     assert by_version[2]["model_digest"].to_pylist() == new.column("model_digest").to_pylist()
+
+
+def test_point_reads_of_new_columns_from_v1_files_give_nulls(v1):
+    from serve_journal.read.pruning import open_index
+
+    path = next(p for p in _hot_files(v1) if "hour=10" in p)
+    token = next(t for t in decode_parquet(v1.storage.read(path))["subject_token"].to_pylist() if t)
+    index = open_index(v1.storage, path)
+    try:
+        rows = index.read_matching("subject_token", token, ["model_name", "model_digest", "models"])
+    finally:
+        index.handle.close()
+    assert rows is not None and rows.num_rows >= 1
+    assert rows["model_digest"].null_count == rows["models"].null_count == rows.num_rows

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from serve_journal.schema import ADDED_COLUMNS, ENTRY_SCHEMA
 from serve_journal.storage import JournalStorage
 
 _P1, _P2, _P3 = 0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9
@@ -159,13 +160,20 @@ class FileIndex:
                       groups: Sequence[int] | None = None) -> pa.Table | None:
         """The ``columns`` of the rows with ``column == value``, read from the candidate row groups
         only (``groups``: :meth:`candidates` already asked); ``None`` when statistics and bloom
-        filters rule every row group out."""
+        filters rule every row group out. A column added by a later schema version than the
+        file's (``schema.ADDED_COLUMNS``) reads as nulls."""
         groups = self.candidates(column, value) if groups is None else list(groups)
         if not groups:
             return None
-        wanted = list(dict.fromkeys([column, *columns]))
+        present = set(self.parquet.schema_arrow.names)
+        wanted = [c for c in dict.fromkeys([column, *columns]) if c in present or c not in ADDED_COLUMNS]
         table = self.parquet.read_row_groups(groups, columns=wanted, use_threads=False)
-        return table.filter(pc.equal(table[column], value)).select(list(columns))
+        table = table.filter(pc.equal(table[column], value))
+        for name in columns:
+            if name not in table.column_names:
+                field = ENTRY_SCHEMA.field(name)
+                table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+        return table.select(list(columns))
 
 
 def open_index(storage: JournalStorage, path: str) -> FileIndex:
