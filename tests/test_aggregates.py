@@ -94,6 +94,9 @@ def _entry_table(rows: list[dict], tiers: list[str], rates: list[float]) -> pa.T
         "app_name": ["app"] * n,
         "deployment": ["Fraud"] * n,
         "replica": [r["producer_id"] for r in rows],
+        "model_run_id": [None] * n,
+        "model_digest": [None] * n,
+        "models": [None] * n,
     }
     assert list(cols) == list(COLUMN_NAMES)
     return pa.table(cols, schema=ENTRY_SCHEMA)
