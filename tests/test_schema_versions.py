@@ -341,3 +341,16 @@ def test_point_reads_of_new_columns_from_v1_files_give_nulls(v1):
         index.handle.close()
     assert rows is not None and rows.num_rows >= 1
     assert rows["model_digest"].null_count == rows["models"].null_count == rows.num_rows
+
+
+@pytest.mark.parametrize("tier", ["hot", "cold"])
+def test_v2_columns_are_dictionary_encoded(tier):
+    from serve_journal.fileformat import COLD_OPTIONS, HOT_OPTIONS
+
+    options = HOT_OPTIONS if tier == "hot" else COLD_OPTIONS
+    data = encode_parquet(pa.Table.from_batches([make_entries(500)]), options)
+    meta = pq.ParquetFile(pa.BufferReader(data)).metadata.row_group(0)
+    for i in range(meta.num_columns):
+        column = meta.column(i)
+        if column.path_in_schema.split(".")[0] in ADDED_COLUMNS:
+            assert "RLE_DICTIONARY" in column.encodings, column.path_in_schema
