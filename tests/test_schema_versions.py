@@ -354,3 +354,23 @@ def test_v2_columns_are_dictionary_encoded(tier):
         column = meta.column(i)
         if column.path_in_schema.split(".")[0] in ADDED_COLUMNS:
             assert "RLE_DICTIONARY" in column.encodings, column.path_in_schema
+
+
+def test_query_on_s3_reads_mixed_v1_and_v2_files_through_pyarrow(s3_bucket, v1):
+    """Remote storage goes through pyarrow's dataset scan (not DuckDB's union_by_name)."""
+    from serve_journal.storage.s3 import S3WormStorage
+
+    v1.add_v2_file()
+    server = s3_bucket.server
+    remote = S3WormStorage(s3_bucket.name, "journal", endpoint_url=server.endpoint_url,
+                           region=server.region, access_key=server.access_key,
+                           secret_key=server.secret_key)
+    for path in v1.storage.list_files():
+        remote.put_new(path, v1.storage.read(path))
+    table = JournalQuery(remote, actor="test-schema-versions").find(model="fraud", tier="all")
+    assert table.schema == ENTRY_SCHEMA and table.num_rows == V1_ENTRIES + 40
+    old = table.filter(pa.compute.equal(table["schema_version"], 1))
+    assert old.num_rows == V1_ENTRIES and old["model_digest"].null_count == V1_ENTRIES
+    new = table.filter(pa.compute.equal(table["schema_version"], 2))
+    assert new["model_digest"].null_count < new.num_rows
+    _assert_clean(verify_journal(remote, public_key=v1.public_key))
