@@ -148,11 +148,12 @@ def resolve_model(model: str, version: str | None = None, tracking_uri: str | No
     """
     ref = ModelRef.parse(model, version)
     client = _client(tracking_uri)
-    info = _info(client, _model_version(client, ref, tracking_uri))
+    mv = _model_version(client, ref, tracking_uri)
+    info = _info(client, mv)
     if with_digest:
         try:
             with tempfile.TemporaryDirectory(prefix="serve-journal-mlmodel-") as tmp:
-                path = _download(f"{info.uri}/MLmodel", tracking_uri, tmp)
+                path = _download_version(client, mv, tracking_uri, tmp, "MLmodel")
                 info = replace(info, digest=mlmodel_digest(path))
         except Exception:  # noqa: BLE001 - an unreadable artifact leaves the digest unknown
             pass
@@ -162,8 +163,23 @@ def resolve_model(model: str, version: str | None = None, tracking_uri: str | No
 def _download(artifact_uri: str, tracking_uri: str | None, dst: str) -> str:
     import mlflow.artifacts  # inside: MLflow takes 1.4 s to import
 
+    # The registry URI too: models:/ URIs resolve through the registry, which otherwise is the
+    # process-global one (whatever mlflow.set_registry_uri last named), not ``tracking_uri``.
     return mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=dst,
-                                               tracking_uri=tracking_uri)
+                                               tracking_uri=tracking_uri,
+                                               registry_uri=tracking_uri)
+
+
+def _download_version(client: Any, mv: Any, tracking_uri: str | None, dst: str,
+                      path: str = "") -> str:
+    """Download the artifact (or the file ``path`` in it) of exactly the model version ``mv``.
+
+    Through the version's download URI, not ``models:/<name>/<version>``: MLflow resolves a
+    models:/ URI with the process-global registry URI (whatever ``mlflow.set_registry_uri`` last
+    named, in a Ray worker the default), and by name again, so a version recreated between the
+    lookup and the download would be fetched instead of the one looked up."""
+    uri = client.get_model_version_download_uri(mv.name, str(mv.version))
+    return _download(f"{uri.rstrip('/')}/{path}" if path else uri, tracking_uri, dst)
 
 
 def artifact_digest(directory: str | os.PathLike[str]) -> str:
@@ -189,8 +205,9 @@ def fetch_model(model: str, dst: str | os.PathLike[str], version: str | None = N
     """
     ref = ModelRef.parse(model, version)
     client = _client(tracking_uri)
-    info = _info(client, _model_version(client, ref, tracking_uri))
-    local = _download(info.uri, tracking_uri, str(dst))
+    mv = _model_version(client, ref, tracking_uri)
+    info = _info(client, mv)
+    local = _download_version(client, mv, tracking_uri, str(dst))
     return replace(info, digest=artifact_digest(local)), local
 
 
@@ -203,6 +220,8 @@ class ArtifactCheck:
     """Why not, naming what differs (never a feature value)."""
     path: str | None = None
     """The downloaded artifact directory (``ok`` and a full digest), to load the model from."""
+    differs: str | None = None
+    """What differs when not ``ok``: ``"run_id"`` or ``"digest"``."""
 
 
 def check_artifact(name: str, version: str, run_id: str | None, digest: str | None, dst: str,
@@ -214,17 +233,19 @@ def check_artifact(name: str, version: str, run_id: str | None, digest: str | No
     mv = _model_version(client, ModelRef(name=name, version=str(version)), tracking_uri)
     if run_id and mv.run_id != run_id:
         return ArtifactCheck(False, f"models:/{name}/{version} now belongs to run "
-                                    f"{mv.run_id!r}, the entry names run {run_id!r}")
+                                    f"{mv.run_id!r}, the entry names run {run_id!r}",
+                             differs="run_id")
     uri = f"models:/{name}/{version}"
+    # The files of the version whose run id was just compared (not the name looked up again).
     if digest and digest.startswith(MLMODEL_DIGEST_PREFIX):
-        found = mlmodel_digest(_download(f"{uri}/MLmodel", tracking_uri, dst))
+        found = mlmodel_digest(_download_version(client, mv, tracking_uri, dst, "MLmodel"))
         path = None
     else:
-        path = _download(uri, tracking_uri, dst)
+        path = _download_version(client, mv, tracking_uri, dst)
         found = artifact_digest(path)
     if digest and found != digest:
         return ArtifactCheck(False, f"the artifact of {uri} has digest {found}, the entry "
-                                    f"names {digest}")
+                                    f"names {digest}", differs="digest")
     return ArtifactCheck(True, None, path)
 
 

@@ -1,10 +1,13 @@
 """Replay: reproduce journaled decisions from a feature store, the HMAC keys and the registry.
 
-- ``driver.py``: :func:`replay`, :class:`ReplayReport` and the ``serve-journal replay`` command;
-  it runs the Ray Data pipeline.
+- ``driver.py``: :func:`replay` and the ``serve-journal replay`` command; it runs the Ray Data
+  pipeline.
+- ``report.py``: :class:`ReplayReport` (counts, artifact checks, summary) and
+  :class:`ArtifactMismatch`.
 - ``tasks.py``: what each Ray task does with a batch of journal entries.
 - ``verifiers.py``: :class:`Verifier`, :class:`StaticKeyVerifier`, :class:`VaultVerifier`.
-- ``rescore.py``: :class:`Rescorer`, :class:`MlflowRescorer`, :func:`threshold_decision`.
+- ``rescore.py``: :class:`Rescorer`, :class:`ArtifactRescorer`, :class:`MlflowRescorer`,
+  :func:`threshold_decision`.
 - ``featurestore.py``: :class:`FeatureStore` and the built-in :class:`ParquetFeatureStore`.
 - ``statuses.py``: the per-entry statuses.
 
@@ -13,7 +16,6 @@ See docs/replay.md.
 
 from serve_journal.replay.driver import (
     RESULT_SCHEMA,
-    ReplayReport,
     ensure_ray,
     replay,
     replay_command,
@@ -25,8 +27,17 @@ from serve_journal.replay.featurestore import (
     default_feature_store_uri,
     record_features,
 )
-from serve_journal.replay.rescore import MlflowRescorer, Rescorer, threshold_decision
+from serve_journal.replay.report import ArtifactMismatch, ReplayReport
+from serve_journal.replay.rescore import (
+    ArtifactRescorer,
+    MlflowRescorer,
+    Rescorer,
+    checks_artifacts,
+    threshold_decision,
+)
 from serve_journal.replay.statuses import (
+    ARTIFACT_MISMATCH,
+    ARTIFACT_STATUSES,
     DECISION_MISMATCH,
     MISMATCH,
     MISSING,
@@ -41,6 +52,8 @@ from serve_journal.replay.statuses import (
 from serve_journal.replay.verifiers import StaticKeyVerifier, VaultVerifier, Verifier
 
 __all__ = [
+    "ARTIFACT_MISMATCH",
+    "ARTIFACT_STATUSES",
     "DECISION_MISMATCH",
     "MISMATCH",
     "MISSING",
@@ -52,6 +65,8 @@ __all__ = [
     "STATUSES",
     "UNKNOWN_KEY",
     "VERIFIED",
+    "ArtifactMismatch",
+    "ArtifactRescorer",
     "FeatureStore",
     "MlflowRescorer",
     "ParquetFeatureStore",
@@ -60,6 +75,7 @@ __all__ = [
     "StaticKeyVerifier",
     "VaultVerifier",
     "Verifier",
+    "checks_artifacts",
     "default_feature_store_uri",
     "ensure_ray",
     "record_features",

@@ -22,17 +22,15 @@ This module also holds the ``serve-journal replay`` command (:data:`replay_comma
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import functools
+import json
 import logging
-import math
 import os
 import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -49,16 +47,18 @@ from serve_journal.replay.featurestore import (
     ParquetFeatureStore,
     default_feature_store_uri,
 )
+from serve_journal.replay.report import ArtifactMismatch, ArtifactTally, ReplayReport
 from serve_journal.replay.rescore import NEGATIVE, POSITIVE, MlflowRescorer, Rescorer
-from serve_journal.replay.statuses import STATUSES, VERIFIED
 from serve_journal.replay.tasks import JOURNAL_COLUMNS, RESULT_SCHEMA, TaskSpec, replay_batch
 from serve_journal.replay.verifiers import StaticKeyVerifier, VaultVerifier, Verifier
+from serve_journal.schema import ENTRY_SCHEMA
 from serve_journal.storage import JournalStorage, local_root, open_storage
 from serve_journal.storage.archive import raise_if_archived
 from serve_journal.times import as_utc, to_micros
 
 __all__ = [
     "RESULT_SCHEMA",
+    "ArtifactMismatch",
     "ReplayReport",
     "ensure_ray",
     "replay",
@@ -68,64 +68,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ReplayReport:
-    """What a replay found."""
-
-    journal_uri: str
-    model: str
-    total: int
-    counts: dict[str, int]
-    rescored: bool
-    files: int
-    elapsed_s: float
-    output: str | None = None
-    subjects_requested: int | None = None
-    """How many subject ids were given (``None``: every entity of the feature store)."""
-    subjects_without_key: int = 0
-    """Given subjects with no live key (never seen, or forgotten): their entries cannot be found."""
-    results: pa.Table | None = dataclasses.field(default=None, repr=False, compare=False)
-    """Per-entry results (:data:`RESULT_SCHEMA`) when kept in memory."""
-
-    @property
-    def ok(self) -> bool:
-        """True when every selected entry verified."""
-        return self.counts.get(VERIFIED, 0) == self.total
-
-    @property
-    def exit_code(self) -> int:
-        """0 when everything verified, 1 otherwise (the CLI's exit code)."""
-        return 0 if self.ok else 1
-
-    @property
-    def entries_per_s(self) -> float:
-        """Throughput of the whole run (entries per wall-clock second)."""
-        return self.total / self.elapsed_s if self.elapsed_s > 0 else math.inf
-
-    def format_summary(self) -> str:
-        """The summary table the CLI prints."""
-        lines = [f"replay of model {self.model!r} in {self.journal_uri}"
-                 f"{' (with rescore)' if self.rescored else ''}",
-                 f"{self.total} entries from {self.files} files in {self.elapsed_s:.1f} s "
-                 f"({self.entries_per_s:,.0f} entries/s)", "",
-                 f"{'status':<20}{'entries':>12}{'share':>9}", "-" * 41]
-        for status in (*STATUSES, *sorted(set(self.counts) - set(STATUSES))):
-            count = self.counts.get(status, 0)
-            if count or status == VERIFIED:
-                share = count / self.total if self.total else 0.0
-                lines.append(f"{status:<20}{count:>12,}{share:>9.1%}")
-        lines.append("-" * 41)
-        if self.subjects_without_key:
-            lines.append(f"{self.subjects_without_key} of {self.subjects_requested} given subjects "
-                         "have no live key (never seen or forgotten)")
-        if self.total == 0:
-            lines.append("no journal entries matched the selection")
-        lines.append("result: " + ("all entries verified" if self.ok else "NOT everything verified"))
-        if self.output:
-            lines.append(f"per-entry results: {self.output}")
-        return "\n".join(lines)
-
+_READ_SCHEMA = pa.schema([ENTRY_SCHEMA.field(name) for name in JOURNAL_COLUMNS])
+"""What replay reads of every file: columns a file of an earlier schema version lacks are null."""
 
 
 def ensure_ray() -> None:
@@ -242,6 +186,7 @@ def replay(
     spec = TaskSpec(uuid.uuid4().hex, feature_store, verifier, rescorer if rescore else None,
                     tokens, to_micros(since_utc), to_micros(until_utc), decision, float(tolerance))
     counts: dict[str, int] = {}
+    artifacts = ArtifactTally()
     total = 0
     kept: list[pa.Table] = []
     writer = None
@@ -254,7 +199,7 @@ def replay(
         bar = _progress_bar(None) if progress else None
         context.enable_progress_bars = bool(progress and bar is None)
         ds = ray.data.read_parquet(files, filesystem=storage.filesystem, columns=JOURNAL_COLUMNS,
-                                   partitioning=None)
+                                   schema=_READ_SCHEMA, partitioning=None)
         ds = ds.map_batches(functools.partial(replay_batch, spec=spec), batch_format="pyarrow",
                             batch_size=batch_size, zero_copy_batch=True)
         try:
@@ -265,6 +210,7 @@ def replay(
                 total += out.num_rows
                 for item in pc.value_counts(out["status"]).to_pylist():
                     counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+                artifacts.add(out)
                 if output_path is not None:
                     if writer is None:
                         writer = _open_writer(output_path)
@@ -287,8 +233,11 @@ def replay(
                           rescored=bool(rescore), files=len(files),
                           elapsed_s=time.monotonic() - started, output=output_path,
                           subjects_requested=None if subjects is None else len(subjects),
-                          subjects_without_key=without_key, results=results)
-    logger.info("replay of %s: %d entries, %s", model, total, counts)
+                          subjects_without_key=without_key, results=results,
+                          artifacts=artifacts.counts, several_models=artifacts.several,
+                          artifact_mismatches=artifacts.mismatches())
+    logger.info("replay of %s: %d entries, %s, artifacts %s", model, total, counts,
+                artifacts.counts)
     return report
 
 
@@ -325,9 +274,11 @@ def run_replay_cli(
     static_key_file: str | None = None,
     tolerance: float = 1e-6,
     tier: str = "all",
+    as_json: bool = False,
     echo: Callable[[str], Any] = print,
 ) -> int:
-    """What ``serve-journal replay`` runs: prints the summary, returns the exit code (0 = all verified)."""
+    """What ``serve-journal replay`` runs: prints the summary (``as_json``: :meth:`ReplayReport.
+    to_dict` as JSON), returns the exit code (0 = all verified)."""
     store = ParquetFeatureStore(features_uri or default_feature_store_uri(journal_uri))
     if static_key_file:
         verifier: Verifier = StaticKeyVerifier.from_key_file(static_key_file)
@@ -343,7 +294,7 @@ def run_replay_cli(
                     decision_labels=decision_labels or (POSITIVE, NEGATIVE), output=output,
                     tolerance=tolerance, subjects=list(subjects) or None, tier=tier,
                     keep_results=False)
-    echo(report.format_summary())
+    echo(json.dumps(report.to_dict(), sort_keys=True) if as_json else report.format_summary())
     return report.exit_code
 
 
@@ -398,12 +349,17 @@ def _split_labels(ctx: click.Context, param: click.Parameter, value: str | None
 @click.option("--tolerance", default=1e-6, show_default=True, type=float)
 @click.option("--tier", default="all", show_default=True,
               type=click.Choice(["hot", "cold", "all"]))
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report (counts, artifact checks, mismatches) as one JSON object.")
 def replay_command(**options: Any) -> None:
     """Reproduce decisions: features as of each entry, HMAC check, optional re-scoring.
 
-    Exit code 0 only when every selected entry verified; 3 when archived journal files must be
-    restored first (`serve-journal restore`). Runs on the cluster named by RAY_ADDRESS (e.g.
-    under `ray job submit`), else on a local Ray.
+    With --rescore, entries that name their model artifact (run id, digest) are re-scored only
+    with exactly that artifact; a mismatch is `artifact_mismatch`, named in the summary.
+    Exit code 0 only when every selected entry verified (1 otherwise, e.g. any
+    `artifact_mismatch`); 3 when archived journal files must be restored first
+    (`serve-journal restore`). Runs on the cluster named by RAY_ADDRESS (e.g. under
+    `ray job submit`), else on a local Ray.
     """
     options["subjects"] = tuple(expand_subjects(options.get("subjects") or ()))
     try:

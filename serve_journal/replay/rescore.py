@@ -6,21 +6,32 @@ scores feature mappings with it and applies the served application's decision ru
 feature order, given explicitly (``feature_names``; ``--feature-names`` on the command line) or
 read from the model version's MLflow signature. :func:`threshold_decision` is the usual
 "positive at or above the threshold" rule.
+
+Entries of schema version 2 also name the artifact (run id and digest). A rescorer that can
+check it implements :class:`ArtifactRescorer` (``check``, and ``score`` taking ``run_id`` and
+``digest``); replay detects it with :func:`checks_artifacts`, so a rescorer written for the
+three-method protocol keeps working (its pinned entries are re-scored by version and counted
+``not_checked``). :class:`MlflowRescorer` checks through
+:func:`serve_journal.registry.check_artifact` and loads the model from the very files it checked.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from serve_journal.errors import ConfigError, ReplayDataError
+from serve_journal.registry import MLMODEL_DIGEST_PREFIX, ArtifactCheck, check_artifact
 
-__all__ = ["MlflowRescorer", "Rescorer", "threshold_decision"]
+__all__ = ["ArtifactRescorer", "MlflowRescorer", "Rescorer", "checks_artifacts",
+           "threshold_decision"]
 
 
 POSITIVE = "positive"
@@ -53,8 +64,38 @@ class Rescorer(Protocol):
         """The decision the served application takes for ``score`` at ``threshold``."""
 
 
-_MODEL_CACHE: dict[tuple[str | None, str, str], Any] = {}
-_INPUTS_CACHE: dict[tuple[str | None, str, str], tuple[str, ...] | None] = {}
+@runtime_checkable
+class ArtifactRescorer(Rescorer, Protocol):
+    """A :class:`Rescorer` that checks the journaled artifact before scoring with it."""
+
+    def check(self, model_name: str, model_version: str, run_id: str | None,
+              digest: str | None) -> ArtifactCheck:
+        """Whether ``models:/<name>/<version>`` still is the artifact of run ``run_id`` with
+        ``digest`` (either may be ``None``: not compared). ``reason`` names what differs (run id
+        or digest, never a feature value), ``differs`` says which. Raises
+        :class:`~serve_journal.errors.ModelNotFoundError` when the version is gone."""
+
+    def score(self, model_name: str, model_version: str, features: Sequence[dict], *,
+              run_id: str | None = None, digest: str | None = None) -> list[float]:
+        """One score per feature mapping, from the artifact ``check`` accepted for this
+        identity (by version when ``run_id`` and ``digest`` are both ``None``)."""
+
+
+def checks_artifacts(rescorer: Rescorer) -> bool:
+    """True when ``rescorer`` has ``check`` (:class:`ArtifactRescorer`): replay then checks every
+    pinned entry's artifact and passes ``run_id`` and ``digest`` to its ``score``."""
+    return callable(getattr(rescorer, "check", None))
+
+
+_Identity = tuple[str | None, str, str, str | None, str | None]
+"""(tracking URI, name, version, run id, digest): one artifact; both ``None``: by version."""
+
+_MODEL_CACHE: dict[_Identity, Any] = {}
+_INPUTS_CACHE: dict[_Identity, tuple[str, ...] | None] = {}
+_CHECKS: dict[_Identity, ArtifactCheck] = {}
+_CHECKED_DIRS: dict[_Identity, tempfile.TemporaryDirectory] = {}
+"""The checked artifact directories of loaded models, kept for the process's life: a flavor
+that reads files after ``load_model`` reads the checked copy, never the store again."""
 _MODEL_LOCK = threading.Lock()
 
 
@@ -129,23 +170,62 @@ class MlflowRescorer:
             raise
         return True
 
-    def feature_order(self, model_name: str, model_version: str) -> tuple[str, ...]:
+    def check(self, model_name: str, model_version: str, run_id: str | None,
+              digest: str | None) -> ArtifactCheck:
+        """Download the version and compare it with the journaled identity
+        (:func:`~serve_journal.registry.check_artifact`); every call asks the registry again
+        (replay calls it once per run and worker). When it matches a ``sha256:`` digest (or a
+        run id alone), the model is loaded here from the files just checked, so a swap in the
+        store after the check cannot reach the scores (a model already loaded for the same
+        ``sha256:`` digest is the same bytes and is kept); an ``mlmodel-sha256:`` digest checks
+        the ``MLmodel`` file only, and :meth:`score` loads the weights by version. The returned
+        check's ``path`` is ``None``: the directory belongs to this rescorer."""
+        key = self._identity(model_name, model_version, run_id, digest)
+        content_addressed = bool(digest) and not str(digest).startswith(MLMODEL_DIGEST_PREFIX)
+        with _MODEL_LOCK:
+            folder = tempfile.TemporaryDirectory(prefix="serve-journal-artifact-")
+            try:
+                result = check_artifact(model_name, str(model_version), run_id, digest,
+                                        folder.name, self.tracking_uri)
+                keep = content_addressed and key in _MODEL_CACHE
+                if result.ok and result.path is not None and not keep:
+                    _MODEL_CACHE[key] = _load_local(result.path)
+                    _INPUTS_CACHE[key] = _signature_inputs(result.path)
+                    _CHECKED_DIRS[key] = folder
+                else:
+                    folder.cleanup()
+                    if not result.ok:  # never score this identity from an earlier check
+                        _MODEL_CACHE.pop(key, None)
+                        _CHECKED_DIRS.pop(key, None)
+            except BaseException:
+                folder.cleanup()
+                raise
+            result = _CHECKS[key] = replace(result, path=None)
+            return result
+
+    @staticmethod
+    def _pinned(run_id: str | None, digest: str | None) -> bool:
+        return bool(run_id or digest)
+
+    def _identity(self, model_name: str, model_version: str, run_id: str | None,
+                  digest: str | None) -> _Identity:
+        return (self.tracking_uri, model_name, str(model_version), run_id or None, digest or None)
+
+    def feature_order(self, model_name: str, model_version: str, *, run_id: str | None = None,
+                      digest: str | None = None) -> tuple[str, ...]:
         """The input feature order of ``models:/<name>/<version>``: ``feature_names``, else its
-        MLflow signature's input names; ``ValueError`` naming the option when neither exists."""
+        MLflow signature's input names (of the checked files when ``run_id``/``digest`` pin a
+        checked artifact); ``ValueError`` naming the option when neither exists."""
         if self.feature_names is not None:
             return self.feature_names
-        key = (self.tracking_uri, model_name, str(model_version))
+        key = self._identity(model_name, model_version, run_id, digest)
         with _MODEL_LOCK:
+            if key not in _INPUTS_CACHE:
+                key = self._identity(model_name, model_version, None, None)
             if key not in _INPUTS_CACHE:
                 with _registry(self.tracking_uri) as mlflow:
                     info = mlflow.models.get_model_info(f"models:/{model_name}/{model_version}")
-                schema = info.signature.inputs if info.signature is not None else None
-                names = None
-                if schema is not None and schema.has_input_names():
-                    found = schema.input_names()
-                    if found and all(isinstance(n, str) for n in found):
-                        names = tuple(found)
-                _INPUTS_CACHE[key] = names
+                _INPUTS_CACHE[key] = _input_names(info.signature)
             names = _INPUTS_CACHE[key]
         if names is None:
             raise ConfigError(
@@ -156,7 +236,8 @@ class MlflowRescorer:
         return names
 
     def _model(self, model_name: str, model_version: str) -> Any:
-        key = (self.tracking_uri, model_name, str(model_version))
+        """The model loaded by version (``models:/<name>/<version>``), cached per process."""
+        key = self._identity(model_name, model_version, None, None)
         with _MODEL_LOCK:
             model = _MODEL_CACHE.get(key)
             if model is None:
@@ -169,10 +250,25 @@ class MlflowRescorer:
                 _MODEL_CACHE[key] = model
             return model
 
-    def score(self, model_name: str, model_version: str, features: Sequence[dict]) -> list[float]:
-        """One score per feature mapping, from the exact version ``model_version``."""
-        names = self.feature_order(model_name, model_version)
-        model = self._model(model_name, model_version)
+    def score(self, model_name: str, model_version: str, features: Sequence[dict], *,
+              run_id: str | None = None, digest: str | None = None) -> list[float]:
+        """One score per feature mapping, from the exact version ``model_version``; with
+        ``run_id`` or ``digest``, from the artifact :meth:`check` accepted for them (checked
+        first if it was not yet: a mismatch raises :class:`ReplayDataError` naming what
+        differs, a version that is gone :class:`~serve_journal.errors.ModelNotFoundError`)."""
+        model = None
+        if self._pinned(run_id, digest):
+            with _MODEL_LOCK:
+                checked = _CHECKS.get(self._identity(model_name, model_version, run_id, digest))
+            if checked is None:
+                checked = self.check(model_name, model_version, run_id, digest)
+            if not checked.ok:
+                raise ReplayDataError(f"refusing to re-score with models:/{model_name}/"
+                                      f"{model_version}: {checked.reason}")
+            model = _MODEL_CACHE.get(self._identity(model_name, model_version, run_id, digest))
+        names = self.feature_order(model_name, model_version, run_id=run_id, digest=digest)
+        if model is None:  # not pinned, or an MLmodel-only digest: the weights load by version
+            model = self._model(model_name, model_version)
         try:
             matrix = np.array([[float(f[name]) for name in names] for f in features], dtype=float)
         except KeyError as exc:
@@ -191,6 +287,33 @@ class MlflowRescorer:
     def decide(self, score: float | None, threshold: float | None) -> str | None:
         """:func:`threshold_decision` with this rescorer's labels."""
         return threshold_decision(score, threshold, self.positive, self.negative)
+
+
+def _load_local(path: str) -> Any:
+    """The model in a downloaded artifact directory: the sklearn flavor, else pyfunc."""
+    import mlflow  # inside: MLflow takes over a second to import (see _registry)
+
+    try:
+        return mlflow.sklearn.load_model(path)
+    except Exception:  # noqa: BLE001 - not a sklearn flavour: use the generic one
+        return mlflow.pyfunc.load_model(path)
+
+
+def _input_names(signature: Any) -> tuple[str, ...] | None:
+    """The input column names of an MLflow signature, or ``None`` when it names none."""
+    schema = signature.inputs if signature is not None else None
+    if schema is not None and schema.has_input_names():
+        found = schema.input_names()
+        if found and all(isinstance(n, str) for n in found):
+            return tuple(found)
+    return None
+
+
+def _signature_inputs(path: str) -> tuple[str, ...] | None:
+    """The input names of the signature in a downloaded artifact's own ``MLmodel`` file."""
+    from mlflow.models import Model  # inside: MLflow takes over a second to import
+
+    return _input_names(Model.load(path).signature)
 
 
 def _not_a_number(features: Sequence[dict], names: Sequence[str]) -> ReplayDataError:

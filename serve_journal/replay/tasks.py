@@ -4,7 +4,8 @@
 feature-store entities, fetches each entry's features as of its timestamp, re-encodes them with
 the canonical encoder (:func:`~serve_journal.integrity.encoding.canonical_encode_fast`), checks
 the HMAC with the :class:`~serve_journal.replay.verifiers.Verifier` and, with a rescorer,
-re-runs the journaled model version. Raw subject ids and features exist only inside the task:
+re-runs the journaled model version: for an entry that names its artifact (run id, digest), only
+after the rescorer's ``check`` found exactly that artifact (else ``artifact_mismatch``). Raw subject ids and features exist only inside the task:
 its output (:data:`RESULT_SCHEMA`) carries tokens, statuses and scores. The driver
 (:mod:`serve_journal.replay.driver`) builds the :class:`TaskSpec` and runs the pipeline.
 
@@ -31,14 +32,25 @@ import pyarrow.compute as pc
 from serve_journal.errors import (
     ConfigError,
     KeyringError,
+    ModelNotFoundError,
     ReplayDataError,
     TokenFormatError,
     VaultError,
 )
 from serve_journal.integrity.encoding import CanonicalEncodingError, canonical_encode_fast
+from serve_journal.registry import MLMODEL_DIGEST_PREFIX
 from serve_journal.replay.featurestore import FeatureStore, parse_features_json
-from serve_journal.replay.rescore import Rescorer
+from serve_journal.replay.rescore import Rescorer, checks_artifacts
 from serve_journal.replay.statuses import (
+    ARTIFACT_DIFFERS,
+    ARTIFACT_DIGEST_DIFFERS,
+    ARTIFACT_MISMATCH,
+    ARTIFACT_MLMODEL_ONLY,
+    ARTIFACT_NOT_CHECKED,
+    ARTIFACT_NOT_PINNED,
+    ARTIFACT_PINNED,
+    ARTIFACT_RUN_ID_DIFFERS,
+    ARTIFACT_RUN_ID_ONLY,
     DECISION_MISMATCH,
     MISSING,
     MODEL_MISSING,
@@ -87,12 +99,22 @@ RESULT_SCHEMA = pa.schema([
     pa.field("replayed_score", pa.float64()),
     pa.field("journaled_decision", pa.string()),
     pa.field("replayed_decision", pa.string()),
+    pa.field("model_run_id", pa.string()),
+    pa.field("model_digest", pa.string()),
+    pa.field("artifact_status", pa.string()),
+    pa.field("artifact_reason", pa.string()),
+    pa.field("several_models", pa.bool_()),
 ])
-"""Per-entry result rows: tokens, statuses and scores; never a raw feature or subject id."""
+"""Per-entry result rows: tokens, statuses and scores; never a raw feature or subject id.
+``artifact_status`` (:data:`~serve_journal.replay.statuses.ARTIFACT_STATUSES`) says which
+artifact a re-scored entry was scored with, or what differed (``artifact_reason``, naming run
+ids or digests); null when the entry was not re-scored. ``several_models``: the entry lists
+several models (``models``) and was re-scored with the deciding one only."""
 
 JOURNAL_COLUMNS = ["request_id", "ts", "subject_token", "model_name", "model_version",
-                   "features_hmac", "key_id", "score", "threshold", "decision", "outcome"]
-"""The journal columns a replay reads."""
+                   "features_hmac", "key_id", "score", "threshold", "decision", "outcome",
+                   "model_run_id", "model_digest", "models"]
+"""The journal columns a replay reads (the last three are null in files of schema version 1)."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +144,7 @@ class _WorkerState:
             if token is not None and (spec.tokens is None or token in spec.tokens):
                 self.index[token] = entity
         self.available: dict[tuple[str, str], bool] = {}
+        self.checks: dict[tuple[str, str, str | None, str | None], Any] = {}
 
 
 _STATES: dict[str, _WorkerState] = {}
@@ -238,9 +261,10 @@ def replay_batch(batch: pa.Table, spec: TaskSpec) -> pa.Table:
     rescore_status: list[str | None] = [None] * n
     replayed_score: list[float | None] = [None] * n
     replayed_decision: list[str | None] = [None] * n
+    artifact = _Artifacts(n)
     if spec.rescorer is not None:
         _rescore(batch, spec, state, hmac_status, features, scores, decisions, rescore_status,
-                 replayed_score, replayed_decision)
+                 replayed_score, replayed_decision, artifact)
     status = [h if h != VERIFIED or r is None or r == VERIFIED else r
               for h, r in zip(hmac_status, rescore_status, strict=True)]
     return pa.table({
@@ -257,35 +281,116 @@ def replay_batch(batch: pa.Table, spec: TaskSpec) -> pa.Table:
         "replayed_score": pa.array(replayed_score, pa.float64()),
         "journaled_decision": batch["decision"],
         "replayed_decision": pa.array(replayed_decision, pa.string()),
+        "model_run_id": _column(batch, "model_run_id", pa.string()),
+        "model_digest": _column(batch, "model_digest", pa.string()),
+        "artifact_status": pa.array(artifact.status, pa.string()),
+        "artifact_reason": pa.array(artifact.reason, pa.string()),
+        "several_models": pa.array(artifact.several, pa.bool_()),
     }, schema=RESULT_SCHEMA)
+
+
+def _column(batch: pa.Table, name: str, typ: pa.DataType) -> pa.ChunkedArray | pa.Array:
+    """``batch[name]``, or nulls when the batch comes from a file of an earlier schema version."""
+    if name in batch.column_names:
+        return batch[name]
+    return pa.nulls(batch.num_rows, typ)
+
+
+class _Artifacts:
+    """Per entry of a batch: the artifact status, what differed, and whether several models
+    took part in the call."""
+
+    def __init__(self, n: int) -> None:
+        self.status: list[str | None] = [None] * n
+        self.reason: list[str | None] = [None] * n
+        self.several: list[bool | None] = [None] * n
+
+
+def _pinned_status(run_id: str | None, digest: str | None) -> str:
+    """What a passed check of (run id, digest) pins."""
+    if digest and digest.startswith(MLMODEL_DIGEST_PREFIX):
+        return ARTIFACT_MLMODEL_ONLY
+    return ARTIFACT_PINNED if digest else ARTIFACT_RUN_ID_ONLY
+
+
+def _differs_status(check: Any) -> str:
+    """The artifact status of a failed check, by what it says differs."""
+    differs = getattr(check, "differs", None)
+    if differs == "run_id":
+        return ARTIFACT_RUN_ID_DIFFERS
+    if differs == "digest":
+        return ARTIFACT_DIGEST_DIFFERS
+    return ARTIFACT_DIFFERS
 
 
 def _rescore(batch: pa.Table, spec: TaskSpec, state: _WorkerState, hmac_status: list[str | None],
              features: list[Any], scores: list[float | None], decisions: list[str | None],
              rescore_status: list[str | None], replayed_score: list[float | None],
-             replayed_decision: list[str | None]) -> None:
-    """Re-run the journaled model version on the entries whose features verified."""
+             replayed_decision: list[str | None], artifact: _Artifacts) -> None:
+    """Re-run the journaled model version on the entries whose features verified.
+
+    Entries are grouped by the artifact they name (name, version, run id, digest). A group with
+    a run id or digest is checked once per worker with the rescorer's ``check``; on a mismatch
+    every entry of it is ``artifact_mismatch`` and none is scored. Entries listing several
+    models are scored with the deciding one (the top-level columns)."""
     names = batch["model_name"].to_pylist()
     versions = batch["model_version"].to_pylist()
     outcomes = batch["outcome"].to_pylist()
     thresholds = batch["threshold"].to_pylist()
-    groups: dict[tuple[str, str], list[int]] = {}
+    run_ids = _column(batch, "model_run_id", pa.string()).to_pylist()
+    digests = _column(batch, "model_digest", pa.string()).to_pylist()
+    several = pc.is_valid(_column(batch, "models", pa.null())).to_pylist()
+    groups: dict[tuple[str, str, str | None, str | None], list[int]] = {}
     for i in range(len(names)):
         # Only entries whose features verified are re-run: other features are not what was used.
         if hmac_status[i] == VERIFIED and outcomes[i] == "ok":
-            groups.setdefault((names[i], versions[i]), []).append(i)
+            key = (names[i], versions[i], run_ids[i] or None, digests[i] or None)
+            groups.setdefault(key, []).append(i)
     rescorer = spec.rescorer
-    for (name, version), rows in groups.items():
+    checking = checks_artifacts(rescorer)
+    for (name, version, run_id, digest), rows in groups.items():
         available = state.available.get((name, version))
         if available is None:
             available = state.available[(name, version)] = rescorer.available(name, version)
+        pinned = bool(run_id or digest)
+        check = None
+        if available and pinned and checking:
+            check = state.checks.get((name, version, run_id, digest))
+            if check is None:
+                try:
+                    check = rescorer.check(name, version, run_id, digest)
+                except ModelNotFoundError:
+                    # Deleted since ``available`` answered? Ask again: an outage is raised.
+                    if rescorer.available(name, version):
+                        raise
+                    available = state.available[(name, version)] = False
+                else:
+                    state.checks[(name, version, run_id, digest)] = check
         if not available:
             for i in rows:
                 rescore_status[i] = MODEL_MISSING
             continue
-        got = _guarded("re-scoring", rescorer.score, name, version,
-                       [features[i][1] for i in rows])
+        if check is not None and not check.ok:
+            status = _differs_status(check)
+            for i in rows:
+                rescore_status[i] = ARTIFACT_MISMATCH
+                artifact.status[i] = status
+                artifact.reason[i] = check.reason
+            continue
+        if not pinned:
+            kind = ARTIFACT_NOT_PINNED
+        else:
+            kind = _pinned_status(run_id, digest) if checking else ARTIFACT_NOT_CHECKED
+        if pinned and checking:
+            got = _guarded("re-scoring", functools.partial(rescorer.score, run_id=run_id,
+                                                           digest=digest),
+                           name, version, [features[i][1] for i in rows])
+        else:
+            got = _guarded("re-scoring", rescorer.score, name, version,
+                           [features[i][1] for i in rows])
         for i, score in zip(rows, got, strict=True):
+            artifact.status[i] = kind
+            artifact.several[i] = bool(several[i])
             replayed_score[i] = score
             decision = rescorer.decide(score, thresholds[i])
             replayed_decision[i] = decision
