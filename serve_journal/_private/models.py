@@ -161,9 +161,16 @@ def remember(info: ModelInfo) -> None:
 
 
 def register_runtime(runtime: JournalRuntime) -> None:
-    """A runtime started in this process (the one :func:`load_model` pins outside a scope)."""
+    """A runtime started in this process (the one :func:`load_model` pins outside a scope).
+
+    Its start-time model (resolved, not loaded: an ``MLmodel`` digest) becomes known only if
+    that version is not known yet: it never replaces the identity of a version this process
+    loaded (its full artifact digest)."""
     _RUNTIMES.add(runtime)
-    remember(runtime.model)
+    info = runtime.model
+    with _LOCK:
+        _KNOWN.setdefault((info.name, info.version), info)
+        _LATEST.setdefault(info.name, info)
 
 
 def unregister_runtime(runtime: JournalRuntime) -> None:
