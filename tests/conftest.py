@@ -15,6 +15,7 @@ os.environ.setdefault("SERVE_JOURNAL_DEV_MODE", "1")
 pytest_plugins = [
     "tests.fixtures.ray_cluster",
     "tests.fixtures.mlflow_registry",
+    "tests.fixtures.model_versions",
     "tests.fixtures.postgres",
     "tests.fixtures.s3",
     "tests.fixtures.kafka",

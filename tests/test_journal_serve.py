@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import glob
-import os
 import threading
 import time
 import uuid
@@ -351,27 +350,3 @@ def test_unknown_model_fails_replica_start_with_a_clear_message(serve_instance, 
         message = status.message + " ".join(d.message for d in status.deployments.values())
     assert "models:/no-such-model@champion was not found in the MLflow registry" in message
 
-
-def test_reconfigure_resolves_the_alias_again(serve_instance, tmp_path, journal_root, app_name):
-    from mlflow.tracking import MlflowClient
-
-    from serve_journal.examples.fraud import train_and_register
-
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    v1 = train_and_register(tmp_path, tracking_uri, rows=500, seed=1, model_name="fraud-reconf")
-    v2 = train_and_register(tmp_path, tracking_uri, rows=500, seed=2, model_name="fraud-reconf")
-    MlflowClient(tracking_uri, registry_uri=tracking_uri).set_registered_model_alias("fraud-reconf", "champion", v1)
-
-    def app(user_config: dict):
-        return journaled(model="models:/fraud-reconf@champion", tracking_uri=tracking_uri,
-                         journal_uri=str(journal_root))(
-            Scorer.options(name="Reconf", user_config=user_config)).bind(1.0)
-
-    handle = serve.run(app({"round": 1}), name=app_name, route_prefix=None)
-    handle.remote({"features": {"amount": 1.0}}).result()
-    MlflowClient(tracking_uri, registry_uri=tracking_uri).set_registered_model_alias("fraud-reconf", "champion", v2)
-    handle = serve.run(app({"round": 2}), name=app_name, route_prefix=None)
-    handle.remote({"features": {"amount": 2.0}}).result()
-    rows = sorted(wait_for_rows(journal_root, 2).to_pylist(), key=lambda r: r["ts"])
-    assert [r["model_version"] for r in rows] == [v1, v2]
-    assert os.path.exists(journal_root)
