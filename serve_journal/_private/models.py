@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from serve_journal.errors import ConfigError
-from serve_journal.registry import SOURCE_NONE, ModelInfo, fetch_model
+from serve_journal.registry import SOURCE_NONE, ModelInfo, ModelRef, fetch_model
 
 from .annotations import current_annotations
 
@@ -264,7 +264,9 @@ def load_model(uri: str, *, flavor: str | Callable[[str], Any] = "pyfunc", role:
     remember(info)
     chosen = frozenset(methods) if methods is not None else DEFAULT_METHODS
     if runtime is not None and role == ROLE_DECISION:
-        runtime.pin_model(info, uri)
+        # The reference as loaded, a ``version=`` given apart included: a fixed version is
+        # never watched for moving (a bare name would be checked against the latest version).
+        runtime.pin_model(info, str(ModelRef.parse(uri, version)))
     elif pin and runtime is None:
         logger.warning("serve_journal: load_model(pin=True) found no journaled deployment to pin")
     return JournaledModel(model, info, role, chosen)
