@@ -1,13 +1,22 @@
-"""Serving overhead: the same Serve app with and without an audit trail, A/B alternated.
+"""Serving overhead: the same Serve app with and without an audit trail, measured so the
+answer is not noise.
 
-One real Serve app (the fraud logistic regression from the MLflow registry, callable over HTTP
-and through a ``DeploymentHandle``) is deployed once per variant, all side by side, one replica
-each. A load generator in a separate process (``python -m benchmarks.bench_serving --loadgen``,
-asyncio + aiohttp for HTTP, a Ray driver with ``serve.get_app_handle`` for handles) sends a fixed
-number of requests at a fixed concurrency, one variant at a time, in a new shuffled order every
-round. Variants: no journal; serve_journal (actor path); serve_journal (Kafka path, tansu broker on
-loopback, Kafka sink actors writing Parquet); JSON line per request with flush + fsync; stdlib
-logging ``QueueHandler`` JSON; MLflow tracing into a local sqlite store.
+One real Serve app (the fraud logistic regression from the MLflow registry) is deployed once per
+variant, all side by side, one replica each. An external load generator - ``clients`` separate
+processes (``python -m benchmarks.bench_serving --loadgen``), each an aiohttp client with
+keep-alive connections running a closed loop at ``concurrency`` requests in flight over HTTP
+through Serve's proxy - drives one variant at a time for a short round of fixed duration; all
+client processes start a round at the same monotonic instant and each request completed inside
+the round counts. Rounds interleave the variants, in order in even rounds and reversed in odd
+ones (ABAB / BABA), with a short pause between rounds so one variant's background work (the
+journal's flusher and writers) settles before the next is measured.
+
+The answer is the ratio of throughputs journaled / plain, **per round** (each round's variant
+against the plain run of the same round, measured seconds apart), summarised as the mean of
+those paired ratios with a 95% Student-t confidence interval over rounds (and the range). Variants:
+no journal; serve_journal (actor path); serve_journal (Kafka path, tansu broker on loopback, Kafka
+sink actors writing Parquet); JSON line per request with flush + fsync; stdlib logging
+``QueueHandler`` JSON; MLflow tracing into a local sqlite store.
 """
 
 from __future__ import annotations
@@ -16,8 +25,8 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -31,19 +40,21 @@ import numpy as np
 from benchmarks._common import fraud_registry, free_port, percentiles_ms, ship_by_value, wait_until
 
 SIZES = {
-    "tiny": {"rounds": 1, "requests": 60, "concurrency": 4, "warmup": 10,
+    "tiny": {"rounds": 2, "seconds": 1.0, "clients": 1, "concurrency": 4, "warmup_s": 1.0, "pause_s": 0.2,
              "variants": ("no_journal", "serve_journal_actors", "json_fsync")},
-    "quick": {"rounds": 3, "requests": 500, "concurrency": 8, "warmup": 50, "variants": None},
-    "full": {"rounds": 6, "requests": 4000, "concurrency": 16, "warmup": 200, "variants": None},
+    "quick": {"rounds": 10, "seconds": 1.5, "clients": 2, "concurrency": 12, "warmup_s": 2.0, "pause_s": 0.5,
+              "variants": ("no_journal", "serve_journal_actors", "queue_handler", "json_fsync",
+                           "mlflow_tracing")},
+    "full": {"rounds": 20, "seconds": 5.0, "clients": 2, "concurrency": 16, "warmup_s": 5.0, "pause_s": 1.0,
+             "variants": None},
 }
 ALL_VARIANTS = ("no_journal", "serve_journal_actors", "serve_journal_kafka", "json_fsync",
                 "queue_handler", "mlflow_tracing")
 BASE = "no_journal"
 TARGET_RATIO = 0.97
-TARGET_ADDED_P99_MS = 0.3
 NAMESPACE = "serve_journal_bench"
 
-# -- load generator (separate process) --------------------------------------------------------
+# -- load generator (separate processes) ------------------------------------------------------
 
 
 def _bodies(n: int, seed: int) -> list[dict]:
@@ -54,34 +65,45 @@ def _bodies(n: int, seed: int) -> list[dict]:
             for _ in range(n)]
 
 
-async def _drive(call, n: int, concurrency: int, bodies: list[dict]) -> dict[str, Any]:
+async def _closed_loop(session, url: str, start_at: float, seconds: float, concurrency: int,
+                       bodies: list[bytes]) -> dict[str, Any]:
+    """``concurrency`` workers sending back to back from ``start_at`` (monotonic) for ``seconds``."""
     latencies: list[float] = []
     errors = 0
-    counter = iter(range(n))
+    end_at = start_at + seconds
+    headers = {"x-caller-id": "svc-bench", "content-type": "application/json"}
 
-    async def worker() -> None:
+    async def worker(k: int) -> None:
         nonlocal errors
-        for i in counter:
-            t0 = time.perf_counter()
+        i = k
+        while True:
+            t0 = time.monotonic()
+            if t0 >= end_at:
+                return
             try:
-                await call(bodies[i % len(bodies)])
+                async with session.post(url, data=bodies[i % len(bodies)], headers=headers) as resp:
+                    await resp.read()
+                    ok = resp.status == 200
             except Exception:  # noqa: BLE001 - counted; the load goes on
-                errors += 1
-                continue
-            latencies.append(time.perf_counter() - t0)
+                ok = False
+            t1 = time.monotonic()
+            if t1 <= end_at:  # completed inside the round: counts
+                if ok:
+                    latencies.append(t1 - t0)
+                else:
+                    errors += 1
+            i += concurrency
 
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - start
-    return {"latencies": latencies, "wall_s": wall, "errors": errors}
+    await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    return {"latencies": latencies, "errors": errors}
 
 
-async def _loadgen_main(address: str) -> None:
+async def _loadgen_main(seed: int) -> None:
     import aiohttp
 
-    bodies = _bodies(2048, 5)
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
-    handles: dict[str, Any] = {}
+    bodies = [json.dumps(b).encode() for b in _bodies(2048, seed)]
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256, force_close=False))
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -93,27 +115,8 @@ async def _loadgen_main(address: str) -> None:
             cmd = json.loads(line)
             if cmd["op"] == "quit":
                 return
-            if cmd["mode"] == "http":
-                url = cmd["url"]
-
-                async def call(body, url=url):
-                    async with session.post(url, json=body, headers={"x-caller-id": "svc-bench"}) as resp:
-                        resp.raise_for_status()
-                        await resp.read()
-            else:
-                import ray
-                from ray import serve
-
-                if not ray.is_initialized():
-                    ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
-                if cmd["app"] not in handles:
-                    handles[cmd["app"]] = serve.get_app_handle(cmd["app"])
-                handle = handles[cmd["app"]]
-
-                async def call(body, handle=handle):
-                    await handle.remote(body)
-
-            out = await _drive(call, cmd["n"], cmd["concurrency"], bodies)
+            out = await _closed_loop(session, cmd["url"], cmd["start_at"], cmd["seconds"], cmd["concurrency"],
+                                     bodies)
             sys.stdout.write(json.dumps(out) + "\n")
             sys.stdout.flush()
     finally:
@@ -121,34 +124,55 @@ async def _loadgen_main(address: str) -> None:
 
 
 class LoadGenerator:
-    """The load generator subprocess; stopped by its own pid."""
+    """``clients`` load generator processes driven together; each stopped by its own pid."""
 
-    def __init__(self, address: str, log_dir: Path) -> None:
+    def __init__(self, clients: int, log_dir: Path) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                                            os.environ.get("PYTHONPATH", "")])}
         self._log = open(log_dir / "loadgen.log", "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_serving", "--loadgen",
-                                      "--address", address], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._log, env=env, text=True, start_new_session=True)
+        self.procs: list[subprocess.Popen] = []
+        try:
+            for k in range(clients):
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "benchmarks.bench_serving", "--loadgen", "--seed", str(k + 5)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, env=env, text=True,
+                    start_new_session=True))
+        except BaseException:
+            self.stop()
+            raise
 
-    def run(self, **cmd: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"op": "run", **cmd}) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"load generator exited ({self.proc.poll()}); see loadgen.log")
-        return json.loads(line)
+    def run(self, url: str, seconds: float, concurrency: int) -> dict[str, Any]:
+        """One round: every client from the same instant; completions, latencies and errors pooled."""
+        start_at = time.monotonic() + 0.3
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps({"op": "run", "url": url, "start_at": start_at, "seconds": seconds,
+                                         "concurrency": concurrency}) + "\n")
+            proc.stdin.flush()
+        latencies: list[float] = []
+        errors = 0
+        for proc in self.procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"load generator exited ({proc.poll()}); see loadgen.log")
+            out = json.loads(line)
+            latencies += out["latencies"]
+            errors += out["errors"]
+        return {"completed": len(latencies), "seconds": seconds, "rps": len(latencies) / seconds,
+                "latencies": latencies, "errors": errors}
 
     def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-            self.proc.stdin.flush()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()  # our own child, by its pid
-            self.proc.wait(timeout=10)
+        for proc in self.procs:
+            with contextlib.suppress(Exception):
+                proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                proc.stdin.flush()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # our own child, by its pid
+                proc.wait(timeout=10)
         self._log.close()
 
 
@@ -252,28 +276,43 @@ def _deploy(apps: dict[str, Any], timeout: float = 300.0) -> dict[str, str]:
     return names
 
 
-def _summarise(results: dict[tuple[str, str], list[dict]], variants: list[str]) -> list[dict[str, Any]]:
+def paired_ratio_ci(ratios: list[float], confidence: float = 0.95) -> dict[str, float]:
+    """Mean of paired per-round ratios with a Student-t confidence interval over the rounds."""
+    arr = np.asarray(ratios, dtype=np.float64)
+    n = arr.size
+    if n == 0:
+        return {"ratio": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0}
+    mean = float(arr.mean())
+    if n < 2:
+        return {"ratio": mean, "ci_low": math.nan, "ci_high": math.nan, "n": 1}
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * arr.std(ddof=1) / math.sqrt(n))
+    return {"ratio": mean, "ci_low": mean - half, "ci_high": mean + half, "n": int(n)}
+
+
+def _summarise(rounds: list[dict[str, dict]], variants: list[str]) -> list[dict[str, Any]]:
     rows = []
-    for path in ("http", "handle"):
-        base = results.get((BASE, path))
-        base_lat = np.concatenate([r["latencies"] for r in base]) if base else None
-        base_tput = (sum(len(r["latencies"]) for r in base) / sum(r["wall_s"] for r in base)) if base else None
-        for variant in variants:
-            runs = results.get((variant, path))
-            if not runs:
-                continue
-            lat = np.concatenate([r["latencies"] for r in runs])
-            tput = len(lat) / sum(r["wall_s"] for r in runs)
-            row = {"variant": variant, "path": path, "rounds": len(runs), "throughput_rps": tput,
-                   "errors": sum(r["errors"] for r in runs), **percentiles_ms(lat)}
-            per_round = [len(r["latencies"]) / r["wall_s"] for r in runs]
-            row["throughput_min_rps"], row["throughput_max_rps"] = min(per_round), max(per_round)
-            if base_tput:
-                bp = percentiles_ms(base_lat)
-                row["throughput_ratio"] = tput / base_tput
-                row["added_p50_ms"] = row["p50_ms"] - bp["p50_ms"]
-                row["added_p99_ms"] = row["p99_ms"] - bp["p99_ms"]
-            rows.append(row)
+    base_lat = np.concatenate([r[BASE]["latencies"] for r in rounds if BASE in r] or [np.array([])])
+    base_p = percentiles_ms(base_lat)
+    for variant in variants:
+        runs = [r[variant] for r in rounds if variant in r]
+        if not runs:
+            continue
+        lat = np.concatenate([x["latencies"] for x in runs] or [np.array([])])
+        per_round = [x["rps"] for x in runs]
+        row = {"variant": variant, "path": "http", "rounds": len(runs),
+               "throughput_rps": float(np.mean(per_round)), "throughput_min_rps": min(per_round),
+               "throughput_max_rps": max(per_round), "errors": sum(x["errors"] for x in runs),
+               "completed": sum(x["completed"] for x in runs), **percentiles_ms(lat)}
+        if variant != BASE:
+            ratios = [r[variant]["rps"] / r[BASE]["rps"] for r in rounds
+                      if variant in r and BASE in r and r[BASE]["rps"] > 0]
+            ci = paired_ratio_ci(ratios)
+            row.update(throughput_ratio=ci["ratio"], ratio_ci_low=ci["ci_low"], ratio_ci_high=ci["ci_high"],
+                       ratio_min=min(ratios, default=math.nan), ratio_max=max(ratios, default=math.nan),
+                       added_p50_ms=row["p50_ms"] - base_p["p50_ms"], added_p99_ms=row["p99_ms"] - base_p["p99_ms"])
+        rows.append(row)
     return rows
 
 
@@ -293,6 +332,8 @@ def run(size: str = "quick", workdir: str | os.PathLike[str] | None = None,
     ship_by_value()
     params = dict(SIZES[size])
     names = list(variants or params["variants"] or ALL_VARIANTS)
+    if BASE not in names:
+        names.insert(0, BASE)
     notes: list[str] = []
     started_serve = False
     if http_url is None:
@@ -300,7 +341,7 @@ def run(size: str = "quick", workdir: str | os.PathLike[str] | None = None,
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         http_url = f"http://127.0.0.1:{port}"
         started_serve = True
-    results: dict[tuple[str, str], list[dict]] = {}
+    rounds: list[dict[str, dict]] = []
     with tempfile.TemporaryDirectory(prefix="sj-bench-serving-", dir=workdir) as tmp, \
             contextlib.ExitStack() as stack:
         root = Path(tmp)
@@ -309,21 +350,18 @@ def run(size: str = "quick", workdir: str | os.PathLike[str] | None = None,
         deployed = _deploy(apps)
         for app_name in deployed.values():
             stack.callback(lambda n=app_name: serve.delete(n))
-        gen = LoadGenerator(ray.get_runtime_context().gcs_address, root)
+        gen = LoadGenerator(params["clients"], root)
         stack.callback(gen.stop)
-        order = list(deployed)
-        for variant in order:  # warm every variant and path once (connections, handles, JIT caches)
-            for mode in ("http", "handle"):
-                gen.run(mode=mode, url=f"{http_url}/{deployed[variant]}", app=deployed[variant],
-                        n=params["warmup"], concurrency=params["concurrency"])
-        rng = random.Random(1234)
-        for _ in range(params["rounds"]):
-            rng.shuffle(order)
-            for variant in order:
-                for mode in ("http", "handle"):
-                    out = gen.run(mode=mode, url=f"{http_url}/{deployed[variant]}", app=deployed[variant],
-                                  n=params["requests"], concurrency=params["concurrency"])
-                    results.setdefault((variant, mode), []).append(out)
+        order = [v for v in ALL_VARIANTS if v in deployed]
+        for variant in order:  # warm every variant once (connections, caches, the writers' start)
+            gen.run(f"{http_url}/{deployed[variant]}", params["warmup_s"], params["concurrency"])
+        for k in range(params["rounds"]):
+            this_round: dict[str, dict] = {}
+            for variant in (order if k % 2 == 0 else order[::-1]):
+                time.sleep(params["pause_s"])  # the previous variant's background work settles
+                this_round[variant] = gen.run(f"{http_url}/{deployed[variant]}", params["seconds"],
+                                              params["concurrency"])
+            rounds.append(this_round)
         if "serve_journal_actors" in deployed:
             from serve_journal.api import flush_journal
 
@@ -335,11 +373,11 @@ def run(size: str = "quick", workdir: str | os.PathLike[str] | None = None,
     if started_serve:
         with contextlib.suppress(Exception):
             serve.shutdown()
-    missing = [v for v in names if v not in {k[0] for k in results}]
+    missing = [v for v in names if not any(v in r for r in rounds)]
     for v in missing:
         if not any(v in n for n in notes):
             notes.append(f"{v}: not measured")
-    return {"rows": _summarise(results, [v for v in ALL_VARIANTS if v in names]), "notes": notes,
+    return {"rows": _summarise(rounds, [v for v in ALL_VARIANTS if v in names]), "notes": notes,
             "params": {"size": size, **{k: v for k, v in params.items() if k != "variants"},
                        "variants": names}}
 
@@ -347,11 +385,11 @@ def run(size: str = "quick", workdir: str | os.PathLike[str] | None = None,
 def _main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--loadgen", action="store_true")
-    parser.add_argument("--address")
+    parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--size", default="tiny")
     args = parser.parse_args()
     if args.loadgen:
-        asyncio.run(_loadgen_main(args.address))
+        asyncio.run(_loadgen_main(args.seed))
         return
     from benchmarks._common import json_dump, ray_session
 

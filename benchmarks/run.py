@@ -1,42 +1,118 @@
 """Run every benchmark and write docs/benchmarks.md.
 
-    python -m benchmarks.run [--size quick|full] [--only enqueue,storage,pipeline,serving]
+    python -m benchmarks.run [--size tiny|quick|full] [--only enqueue,storage,...]
 
-Enqueue and storage run in this process without Ray; then Ray is started here
-(``ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")``) for the
-pipeline and serving benchmarks and shut down at the end. A benchmark that breaks is reported in
-the document; nothing here fails because a machine is slow.
+Enqueue and storage run in this process without Ray. The query, verify and replay benchmarks and
+the profiles run as their own commands in child processes (their memory is gone when they end;
+replay starts its own Ray), at the size that matches ``--size``; their sections are written
+between their own markers. Then Ray is started here (``ray.init(num_cpus=2,
+include_dashboard=False, _node_ip_address="127.0.0.1")``) for the pipeline and serving
+benchmarks and shut down at the end. A benchmark that breaks is reported in the document;
+nothing here fails because a machine is slow. The report names the size that made each table
+and how long each benchmark took.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 from benchmarks import bench_enqueue, bench_pipeline, bench_serving, bench_storage, report
-from benchmarks._common import SIZES, fraud_registry, ray_session
+from benchmarks._common import SIZES, fraud_registry, ray_session, write_docs_section
 from benchmarks.machine import machine_info, versions
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-ALL = ("enqueue", "storage", "pipeline", "serving")
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs" / "benchmarks.md"
+ALL = ("enqueue", "storage", "query", "verify", "replay", "profile", "pipeline", "serving")
+IN_PROCESS = ("enqueue", "storage", "pipeline", "serving")
+
+# The separately runnable benchmarks, per size: their command-line arguments (always --no-docs:
+# this runner writes the section), and the words that say which size made the table.
+COMMANDS: dict[str, dict[str, tuple[list[str], str]]] = {
+    "query": {
+        "tiny": (["--rows", "20000", "--lookups", "10", "--rounds", "1", "--no-cold"], "20,000 rows, no cold tier"),
+        "quick": (["--rows", "200000", "--lookups", "30", "--rounds", "2", "--cold-rows", "100000"],
+                  "200,000 rows; cold tier 100,000"),
+        "full": (["--rows", "10000000"], "10,000,000 rows; cold tier 500,000"),
+    },
+    "verify": {
+        "tiny": (["--rows", "20000", "--rounds", "1", "--no-base"], "20,000 rows, 1 round"),
+        "quick": (["--rows", "200000", "--rounds", "2", "--no-base"], "200,000 rows, 2 rounds"),
+        "full": (["--rows", "10000000", "--rounds", "3"], "10,000,000 rows, 3 rounds"),
+    },
+    "replay": {
+        "tiny": (["--entries", "5000", "--subjects", "500"], "5,000 entries"),
+        "quick": (["--entries", "100000"], "100,000 entries"),
+        "full": (["--entries", "1000000"], "1,000,000 entries"),
+    },
+}
+MARKERS = {"query": "bench_query", "verify": "bench_verify", "replay": "bench_replay"}
+HEADINGS = {"query": "## Investigation queries", "verify": "## Verify cost", "replay": "## Replay"}
+PROFILE_SIZE = {"tiny": "tiny", "quick": "tiny", "full": "quick"}
+# The actor transport's send needs a Ray of its own (~30 s to start here): only in the full run.
+PROFILE_PATHS = {"tiny": ("finalize", "wire_encode"), "quick": ("finalize", "wire_encode", "kafka_sink", "actor_writer")}
 
 
-def _guarded(name: str, fn, results: dict[str, Any], **kwargs: Any) -> None:
-    print(f"[benchmarks] {name} ...", flush=True)
+def _guarded(key: str, fn, results: dict[str, Any], **kwargs: Any) -> None:
+    print(f"[benchmarks] {key} ...", flush=True)
+    started = time.monotonic()
     try:
-        results[name] = fn(**kwargs)
+        results[key] = fn(**kwargs)
     except Exception as exc:  # noqa: BLE001 - reported in the document, never fatal
         traceback.print_exc()
-        results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        results[key] = {"error": f"{type(exc).__name__}: {exc}"}
+    results.setdefault("durations_s", {})[key] = round(time.monotonic() - started, 1)
+
+
+def _command(name: str, size: str, workdir: str) -> dict[str, Any]:
+    """Run ``benchmarks.bench_<name>`` as a child; its Markdown section and the size it ran at."""
+    args, said = COMMANDS[name][size]
+    module = f"benchmarks.bench_{name}"
+    cmd = [sys.executable, "-m", module, *args, "--no-docs", "--dir", str(Path(workdir) / name)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=6 * 3600)
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        raise RuntimeError(f"{module} exited {proc.returncode}: {tail}")
+    shown = f"`.venv/bin/python -m {module} {' '.join(args)}`"
+    if name == "replay":
+        from benchmarks import bench_replay
+
+        at = ("\n" + proc.stdout).rfind("\n{\n")  # the figures: the last top-level JSON object
+        figures = json.loads(proc.stdout[max(at, 0):])
+        section = bench_replay.section(figures, "")
+    else:
+        section = proc.stdout[proc.stdout.index(HEADINGS[name]):]
+    lines = section.rstrip().split("\n")
+    lines[1:1] = ["", f"*Regenerated by `python -m benchmarks.run --size {size}`: {said} ({shown}); "
+                  "earlier full-size figures and their discussion are in the git history of this file.*"]
+    return {"section": "\n".join(lines), "size": said}
+
+
+def _profile(size: str, workdir: str, tracking_uri: str) -> dict[str, Any]:
+    from benchmarks import profile
+
+    at = PROFILE_SIZE[size]
+    out = profile.run(at, label=f"run-{size}", paths=PROFILE_PATHS.get(size, profile.PATHS), docs=None,
+                      workdir=workdir, tracking_uri=tracking_uri,
+                      command=f".venv/bin/python -m benchmarks.profile --size {at} --label run-{size}")
+    return {"markdown": out["markdown"], "label": out["label"], "size": f"profile size {at}",
+            "errors": [r["error"] for r in out["rows"] if "error" in r]}
 
 
 def run_all(size: str = "quick", only: tuple[str, ...] = ALL, out: Path | None = DOCS,
             workdir: str | None = None) -> dict[str, Any]:
     """Run the selected benchmarks; write the report to ``out`` unless ``None``."""
+    started = time.monotonic()
     results: dict[str, Any] = {"size": size, "machine": machine_info(), "versions": versions()}
     with tempfile.TemporaryDirectory(prefix="sj-bench-", dir=workdir) as tmp:
         tracking_uri = fraud_registry(Path(tmp) / "mlflow")
@@ -45,15 +121,36 @@ def run_all(size: str = "quick", only: tuple[str, ...] = ALL, out: Path | None =
             _guarded("enqueue", bench_enqueue.run, results, **common)
         if "storage" in only:
             _guarded("storage", bench_storage.run, results, **common)
+        for name in ("query", "verify", "replay"):
+            if name in only:
+                _guarded(name, _command, results, name=name, size=size, workdir=tmp)
+        if "profile" in only:
+            _guarded("profile", _profile, results, size=size, workdir=tmp, tracking_uri=tracking_uri)
         if {"pipeline", "serving"} & set(only):
             with ray_session(num_cpus=2):
                 if "pipeline" in only:
                     _guarded("pipeline", bench_pipeline.run, results, **common)
                 if "serving" in only:
                     _guarded("serving", bench_serving.run, results, **common)
+    results["wall_s"] = round(time.monotonic() - started, 1)
     if out is not None:
-        report.write(results, out)
+        write(results, out, only)
     return results
+
+
+def write(results: dict[str, Any], out: Path, only: tuple[str, ...] = ALL) -> None:
+    """The main section, then the separately runnable benchmarks' sections this run measured."""
+    report.write(results, out)
+    for name in ("query", "verify", "replay"):
+        res = results.get(name)
+        if name in only and res is not None and "section" in res:
+            marker = MARKERS[name]
+            write_docs_section(out, f"<!-- {marker}:start -->", f"<!-- {marker}:end -->", res["section"])
+    res = results.get("profile")
+    if "profile" in only and res is not None and "markdown" in res:
+        from benchmarks import profile
+
+        profile.write_profiles(out, res["label"], res["markdown"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,16 +172,17 @@ def main(argv: list[str] | None = None) -> None:
         earlier = json.loads(Path(args.merge).read_text(encoding="utf-8"))
         fresh = results
         results = {**earlier, **{k: v for k, v in fresh.items() if k in only}}
+        results["durations_s"] = {**earlier.get("durations_s", {}), **fresh.get("durations_s", {})}
         m = fresh["machine"]
         results.setdefault("notes", []).append(
             f"{', '.join(only)} re-measured at {m['date']} (load avg at start "
             f"{' / '.join(str(x) for x in m.get('load_avg_at_start') or [])}); the rest is from the run above.")
         if out is not None:
-            report.write(results, out)
+            write(results, out, only)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     if out is not None:
-        print(f"[benchmarks] wrote {out}")
+        print(f"[benchmarks] wrote {out} in {results.get('wall_s', '?')} s")
 
 
 if __name__ == "__main__":

@@ -9,10 +9,11 @@ already-initialised Ray.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
-from benchmarks import bench_enqueue, bench_pipeline, bench_serving, bench_storage, report
+from benchmarks import bench_enqueue, bench_pipeline, bench_serving, bench_storage, profile, report
 from benchmarks.machine import machine_info, versions
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
@@ -31,18 +32,34 @@ def results():
 
 def test_enqueue_tiny(mlflow_registry, tmp_path, results):
     tracking_uri, _ = mlflow_registry
-    res = bench_enqueue.run("tiny", workdir=tmp_path, tracking_uri=tracking_uri)
-    names = [r["name"] for r in res["rows"]]
-    assert any(n.startswith("serve_journal runtime.capture") for n in names)
-    assert any("QueueHandler" in n for n in names) and any("fsync" in n for n in names)
-    capture = next(r for r in res["rows"] if r["name"].startswith("serve_journal runtime.capture"))
-    assert capture["n"] == bench_enqueue.SIZES["tiny"]["calls"]
-    assert capture["journaled"] + capture["dropped"] == capture["n"]
+    res = bench_enqueue.run("tiny", workdir=tmp_path, tracking_uri=tracking_uri, busy=True)
+    names = {(r["name"], r["condition"]) for r in res["rows"]}
+    for condition in ("idle", "busy"):
+        assert ("serve_journal runtime.capture()", condition) in names
+        assert ("bare loop (call does nothing)", condition) in names
+        assert ("baseline: logging QueueHandler JSON line", condition) in names
+    assert any("fsync" in n for n, _ in names)
+    assert res["params"]["spinners"] == bench_enqueue.SPINNERS
+    for capture in (r for r in res["rows"] if r["name"] == "serve_journal runtime.capture()"):
+        assert capture["n"] == bench_enqueue.SIZES["tiny"]["calls"]
+        assert capture["journaled"] + capture["dropped"] == capture["n"]  # every call accounted for
     for row in res["rows"]:
         if row.get("n"):
             _positive(row, "p50_us", "p99_us", "p999_us", "max_us")
             assert row["p50_us"] <= row["p99_us"] <= row["p999_us"] <= row["max_us"]
+        if "loop_late_p99_us" in row:
+            _positive(row, "achieved_rate", "loop_late_max_us", "thread_late_max_us")
     results["enqueue"] = res
+
+
+def test_busy_cores_are_killed():
+    with bench_enqueue.busy_cores(2) as pids:
+        assert len(pids) == 2
+        for pid in pids:
+            os.kill(pid, 0)  # running
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_storage_tiny(mlflow_registry, tmp_path, results):
@@ -74,12 +91,38 @@ def test_serving_tiny(serve_instance, mlflow_registry, tmp_path, results):
     res = bench_serving.run("tiny", workdir=tmp_path, tracking_uri=tracking_uri, http_url=serve_instance,
                             variants=("no_journal", "serve_journal_actors"))
     got = {(r["variant"], r["path"]) for r in res["rows"]}
-    assert got == {(v, p) for v in ("no_journal", "serve_journal_actors") for p in ("http", "handle")}
+    assert got == {("no_journal", "http"), ("serve_journal_actors", "http")}
     for row in res["rows"]:
         assert row["errors"] == 0
-        assert row["n"] == bench_serving.SIZES["tiny"]["requests"]
-        _positive(row, "throughput_rps", "throughput_ratio", "p50_ms", "p99_ms")
+        assert row["rounds"] == bench_serving.SIZES["tiny"]["rounds"]
+        _positive(row, "throughput_rps", "completed", "p50_ms", "p99_ms")
+    journaled = next(r for r in res["rows"] if r["variant"] == "serve_journal_actors")
+    _positive(journaled, "throughput_ratio")
+    assert journaled["ratio_ci_low"] <= journaled["throughput_ratio"] <= journaled["ratio_ci_high"]
     results["serving"] = res
+
+
+def test_paired_ratio_interval():
+    ci = bench_serving.paired_ratio_ci([0.9, 1.0, 1.1])
+    assert ci["ratio"] == pytest.approx(1.0)
+    # t(0.975, 2) = 4.303; sd = 0.1; half width = 4.303 * 0.1 / sqrt(3)
+    assert ci["ci_high"] - ci["ratio"] == pytest.approx(4.303 * 0.1 / math.sqrt(3), rel=1e-3)
+    assert math.isnan(bench_serving.paired_ratio_ci([1.0])["ci_low"])
+
+
+def test_profile_frames_and_labels():
+    raw = ["main (a.py:1);profiled_region (benchmarks/profile.py:70);f (x.py:3);g (x.py:9) 3",
+           "main (a.py:1);profiled_region (benchmarks/profile.py:70);f (x.py:3) 1",
+           "main (a.py:1);setup (a.py:5) 50"]
+    top = profile.top_frames(raw)
+    assert top["samples"] == 4  # set-up outside the region is left out
+    assert top["own"][0] == ("g (x.py:9)", 0.75)
+    assert dict(top["inclusive"])["f (x.py:3)"] == 1.0
+    section = profile.merge_section(None, "before", "### before\n\nold figures")
+    section = profile.merge_section(section, "after", "### after\n\nnew figures")
+    section = profile.merge_section(section, "after", "### after\n\nnewer figures")
+    assert "old figures" in section and "newer figures" in section and "new figures\n" not in section
+    assert section.index("### before") < section.index("### after")
 
 
 def test_report_keeps_other_sections(tmp_path, results):
@@ -97,3 +140,19 @@ def test_report_keeps_other_sections(tmp_path, results):
         if key in results:
             assert title in text
     assert report.write(results, doc) == text  # stable when rewritten
+
+
+def test_run_writes_each_benchmarks_section(tmp_path, results):
+    from benchmarks import run
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("<!-- bench_query:start -->\nold query\n<!-- bench_query:end -->\n"
+                   "<!-- findings:start -->\nhand-written\n<!-- findings:end -->\n")
+    fresh = {**results, "query": {"section": "## Investigation queries\n\nnew query", "size": "tiny rows"},
+             "profile": {"markdown": "### run-tiny\n\nprofiled", "label": "run-tiny", "size": "profile size tiny"},
+             "durations_s": {"query": 1.5, "profile": 2.0}, "wall_s": 4.0}
+    run.write(fresh, doc, only=("query", "profile"))
+    text = doc.read_text()
+    assert "new query" in text and "old query" not in text
+    assert "hand-written" in text and "profiled" in text
+    assert "| Investigation queries | tiny: tiny rows | 1.5 |" in text  # which size made the table
