@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from serve_journal.integrity.certificates import COUNTERS_KEY_FILE, provision_key
 from serve_journal.integrity.manifest import ManifestSigner
-from serve_journal.schema import ENTRY_SCHEMA
+from serve_journal.schema import ENTRY_SCHEMA, conform_entries
 from serve_journal.sink.settings import SinkSettings
 from serve_journal.storage import local_root
 
@@ -20,7 +20,7 @@ from serve_journal.storage import local_root
 def read_journal(root: Path) -> pa.Table:
     """Every row of every hot data file below ``root`` (no catalog: tests compare against it)."""
     files = sorted(glob.glob(str(root / "hot" / "**" / "*.parquet"), recursive=True))
-    tables = [pq.ParquetFile(f).read() for f in files]
+    tables = [conform_entries(pq.ParquetFile(f).read()) for f in files]  # v1 and v2 files
     return pa.concat_tables(tables) if tables else ENTRY_SCHEMA.empty_table()
 
 
