@@ -290,7 +290,10 @@ def test_kafka_sink_writes_v2_files_from_v1_and_v2_messages(kafka_broker, tmp_pa
     old = json.loads((DATA / "kafka_v1_messages.json").read_text())
     new = make_entries(6, producer_id="replica-c", nulls=False)
     messages = [([(k, v.encode()) for k, v in m["headers"].items()], m["value"].encode()) for m in old]
-    messages += [(list(wire.HEADERS), m.value) for m in wire.encode_batch(new)]
+    messages += [(list(wire.JSON_HEADERS), m.value) for m in wire.encode_batch(new.slice(0, 3))]
+    messages += [(list(wire.HEADERS), m.value)  # wire v2: this release's Arrow IPC messages
+                 for m in wire.encode_messages(new.slice(3), [b"fraud|0|0"] * 3)]
+    entries = len(old) + new.num_rows
     kafka_broker.create_topic("journal-v1v2", 1)
     storage = LocalJournalStorage(str(tmp_path / "journal"))
 
@@ -310,7 +313,7 @@ def test_kafka_sink_writes_v2_files_from_v1_and_v2_messages(kafka_broker, tmp_pa
         try:
             deadline = time.monotonic() + 90
             while sum(pq.ParquetFile(storage.full_path(p)).metadata.num_rows
-                      for p in storage.list_files(suffix=".parquet")) < len(messages):
+                      for p in storage.list_files(suffix=".parquet")) < entries:
                 assert time.monotonic() < deadline, sink.lag_state()
                 await sink.poll_once()
         finally:
@@ -322,7 +325,7 @@ def test_kafka_sink_writes_v2_files_from_v1_and_v2_messages(kafka_broker, tmp_pa
     for path in files:
         assert set(ADDED_COLUMNS) <= set(pq.read_schema(storage.full_path(path)).names)
     table = pa.concat_tables([decode_parquet(storage.read(p)) for p in files])
-    assert table.num_rows == len(messages)
+    assert table.num_rows == entries
     by_version = {v: table.filter(pa.compute.equal(table["schema_version"], v)) for v in (1, 2)}
     assert by_version[1].num_rows == len(old) and by_version[2].num_rows == new.num_rows
     assert all(by_version[1][name].null_count == len(old) for name in ADDED_COLUMNS)

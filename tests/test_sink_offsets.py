@@ -53,11 +53,14 @@ PARTITIONS = 2
 # -- a sink's journal, built without a broker ------------------------------------------------
 
 
-def _messages(n: int, start_offset: int = 0, start_seq: int = 0):
-    """``(offset, value, headers)`` of ``n`` entries as the transport puts them on the wire."""
-    batch = make_entries(n, start_seq=start_seq)
-    return [(start_offset + i, m.value, tuple(wire.HEADERS))
-            for i, m in enumerate(wire.encode_batch(batch))]
+def _messages(n: int, start_offset: int = 0, start_seq: int = 0, per_message: int = 1):
+    """``(offset, value, headers)`` of ``n`` messages as the transport puts them on the wire
+    (wire v2), each carrying ``per_message`` entries, seqs from ``start_seq``."""
+    batch = make_entries(n * per_message, start_seq=start_seq)
+    keys = [str(i // per_message).encode() for i in range(n * per_message)]
+    messages = wire.encode_messages(batch, keys)
+    assert len(messages) == n
+    return [(start_offset + i, m.value, tuple(wire.HEADERS)) for i, m in enumerate(messages)]
 
 
 def _sink(root: Path, signer: ManifestSigner | None = None, chain: str = "k-journal-p0-1-aaaa"):
@@ -308,18 +311,19 @@ def _runner(root: Path) -> KafkaSinkRunner:
     return KafkaSinkRunner(settings, SinkSettings(str(root), dev_mode=True))
 
 
-@pytest.mark.parametrize("forged_tail", [False, True])
+@pytest.mark.parametrize(("forged_tail", "per"), [(False, 1), (True, 1), (False, 7), (True, 7)])
 def test_the_next_run_signs_a_dead_runs_tail_only_when_it_re_derived_every_record(
-        tmp_path, forged_tail):
+        tmp_path, forged_tail, per):
     """A run killed after recording files but before signing them leaves an unsigned tail,
     which verify accepts only for 300 s. The next run rebuilds those chunks, adopts the files
     and, once each tail record matches a record of its own (signed), signs the dead tail. A
-    record someone without the key appended to that tail keeps it unsigned (and reported)."""
+    record someone without the key appended to that tail keeps it unsigned (and reported).
+    ``per``: entries a message carries (wire v2 carries many; offsets count messages)."""
     root = tmp_path / "journal"
     dead = _runner(root)
-    _write_chunk(dead.sink, 0, _messages(10, 0, 0))
+    _write_chunk(dead.sink, 0, _messages(10, 0, 0, per))
     dead.checkpoint()
-    _write_chunk(dead.sink, 0, _messages(10, 10, 10))  # recorded, then SIGKILL: never signed
+    _write_chunk(dead.sink, 0, _messages(10, 10, 10 * per, per))  # recorded, then SIGKILL: never signed
     storage = dead.sink.storage
     if forged_tail:
         far = pa.Table.from_batches([make_entries(5, start_seq=500)])
@@ -335,11 +339,14 @@ def test_the_next_run_signs_a_dead_runs_tail_only_when_it_re_derived_every_recor
     restarted._tails = unsigned_tails(storage, TOPIC, range(PARTITIONS),
                                       restarted.log.signer.public_key, restarted.log.chain_id)
     assert restarted._tails == {dead.log.chain_id: 1}
-    _write_chunk(restarted.sink, 0, _messages(10, 10, 10))  # the rebuild: adopted
+    recovered = recover_offsets(storage, TOPIC, range(PARTITIONS), restarted.log.signer.public_key)
+    assert recovered.next_offset[0] == 10 and recovered.rebuild[0][0] == (10, 19)
+    _write_chunk(restarted.sink, 0, _messages(10, 10, 10 * per, per))  # the rebuild: adopted
     if forged_tail:
-        _write_chunk(restarted.sink, 0, _messages(5, 20, 600))  # Kafka's 20..24: other entries
+        _write_chunk(restarted.sink, 0, _messages(5, 20, 6000, per))  # Kafka's 20..24: other entries
     restarted.checkpoint()
     assert restarted.sink.stats["existing_parts_recorded"] == 1
+    assert restarted.sink.stats["rows_written"] == (5 * per if forged_tail else 0)  # none twice
     after = verify_journal(storage, public_key=_public_key(root), now=later)
     if forged_tail:
         assert restarted._tails  # not signed: its record 2 is no file this run re-derived

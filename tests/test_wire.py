@@ -21,6 +21,14 @@ def _round_trip(batch: pa.RecordBatch) -> pa.Table:
     return wire.decode_values(m.value for m in messages)
 
 
+def _round_trip_v2(batch: pa.RecordBatch, keys: list[bytes], **kwargs) -> pa.Table:
+    messages = wire.encode_messages(batch, keys, **kwargs)
+    assert sum(m.entries for m in messages) == batch.num_rows
+    tables = [wire.decode_message(m.value) for m in messages]
+    assert [t.num_rows for t in tables] == [m.entries for m in messages]
+    return pa.concat_tables(tables)
+
+
 def test_round_trip_is_exact_with_nulls_and_lists():
     batch = make_entries(50, nulls=True)
     table = _round_trip(batch)
@@ -40,8 +48,9 @@ def test_value_is_plain_json_readable_by_any_consumer():
     assert record["outputs"][0] == {"label": "fraud", "score": 0.0}
     assert b" " not in message.value.split(b'"caller"')[0]  # compact separators
     assert message.model_name == "fraud" and message.request_id == "replica-a-0"
-    headers = dict(wire.HEADERS)
+    headers = dict(wire.JSON_HEADERS)
     assert headers[wire.SCHEMA_VERSION_HEADER] == b"2"
+    assert headers[wire.WIRE_VERSION_HEADER] == b"1"
     assert headers["content-type"] == b"application/json"
 
 
@@ -82,6 +91,7 @@ def test_round_trip_property(subject, caller, model, score, latency, outputs, ts
     batch = pa.RecordBatch.from_pydict(data, schema=ENTRY_SCHEMA)
     expected = pa.Table.from_batches([batch])
     assert _round_trip(batch).equals(expected)
+    assert _round_trip_v2(batch, [b"k"]).equals(expected)
     # The bulk decoder gives the same table, or declines (never a different table).
     fast = wire.decode_values_fast([m.value for m in wire.encode_batch(batch)])
     floats = [score, *(o["score"] for o in outputs or [])]
@@ -133,10 +143,134 @@ def test_a_chunk_with_one_bad_message_keeps_the_others(bad, readable):
     elif bad == "pretty":
         bad = json.dumps(record, indent=2).encode()
     values[5] = bad
-    messages = [(offset, value, wire.HEADERS) for offset, value in enumerate(values)]
+    messages = [(offset, value, wire.JSON_HEADERS) for offset, value in enumerate(values)]
     parts, stats = build_chunk_parts("journal", 0, messages)
     seqs = sorted(seq for part in parts for seq in part.table.column("seq").to_pylist())
     if readable:
         assert stats["undecodable"] == 0 and seqs == list(range(20))
     else:  # skipped and counted; the 19 others are written, not held back by the bad one
         assert stats["undecodable"] == 1 and seqs == [s for s in range(20) if s != 5]
+
+
+# -- wire version 2: Arrow IPC, several entries a message -------------------------------------
+
+
+def test_v2_round_trip_is_exact_with_nulls_and_non_finite_floats():
+    data = make_entries(300, nulls=True).to_pydict()
+    data["score"][1:4] = [math.nan, math.inf, -math.inf]
+    batch = pa.RecordBatch.from_pydict(data, schema=ENTRY_SCHEMA)
+    table = _round_trip_v2(batch, [b"k"] * 300)
+    assert table.schema == ENTRY_SCHEMA
+    expected = pa.Table.from_batches([batch])
+    assert table.drop_columns(["score"]).equals(expected.drop_columns(["score"]))
+    scores = table.column("score").to_pylist()
+    assert [repr(v) for v in scores] == [repr(v) for v in expected.column("score").to_pylist()]
+    assert math.isnan(scores[1]) and scores[2] == math.inf and scores[3] == -math.inf
+    headers = dict(wire.HEADERS)
+    assert headers[wire.WIRE_VERSION_HEADER] == b"2"
+    assert headers["content-type"] == b"application/vnd.apache.arrow.stream"
+    assert wire.check_headers(wire.HEADERS) == 2 and wire.check_headers(wire.JSON_HEADERS) == 1
+
+
+def test_v2_groups_rows_by_key_in_order_and_is_deterministic():
+    batch = make_entries(1_000, nulls=True)
+    keys = [f"fraud|0|{i % 3}".encode() for i in range(1_000)]
+    messages = wire.encode_messages(batch, keys)
+    assert [m.key for m in messages] == [b"fraud|0|0", b"fraud|0|1", b"fraud|0|2"]
+    for shard, message in enumerate(messages):
+        seqs = wire.decode_message(message.value).column("seq").to_pylist()
+        assert seqs == [s for s in range(1_000) if s % 3 == shard]  # row order kept within a key
+    again = wire.encode_messages(batch, keys)
+    assert [m.value for m in again] == [m.value for m in messages]  # same rows, same bytes
+    with pytest.raises(ValueError, match="one key per row"):
+        wire.encode_messages(batch, keys[:-1])
+
+
+def test_v2_messages_are_bounded():
+    batch = make_entries(5_000, nulls=False)
+    messages = wire.encode_messages(batch, [b"k"] * 5_000, max_bytes=16 * 1024)
+    assert len(messages) > 4
+    assert all(len(m.value) <= 16 * 1024 for m in messages)
+    table = pa.concat_tables(wire.decode_message(m.value) for m in messages)
+    assert table.equals(pa.Table.from_batches([batch]))
+    (alone,) = wire.encode_messages(make_entries(1), [b"k"], max_bytes=10)
+    assert alone.entries == 1  # one entry larger than the bound is a message of its own
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def _v2_bad(kind: str, good: bytes) -> bytes:
+    table = pa.Table.from_batches([make_entries(3, start_seq=900)])
+    if kind == "truncated":
+        return good[: len(good) // 2]
+    if kind == "random":
+        return bytes(range(256)) * 4
+    if kind == "json":
+        return wire.encode_batch(make_entries(1))[0].value
+    if kind == "other schema":
+        return _ipc(pa.table({"seq": [1, 2]}))
+    if kind == "null required":
+        seq = table.column("seq").to_pylist()
+        return _ipc(table.set_column(table.schema.get_field_index("seq"), "seq",
+                                     pa.array([None] + seq[1:], type=pa.int64())))
+    if kind == "empty":
+        return b""
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random", "json", "other schema", "null required", "empty"])
+def test_a_bad_v2_message_is_refused_whole_and_the_chunk_keeps_the_others(kind):
+    from serve_journal.sink.kafka import build_chunk_parts
+
+    batch = make_entries(40, nulls=True)
+    values = [m.value for m in wire.encode_messages(batch, [str(i // 10).encode() for i in range(40)])]
+    assert len(values) == 4
+    bad = _v2_bad(kind, values[1])
+    with pytest.raises(wire.WireFormatError) as info:
+        wire.decode_message(bad)
+    assert "replica" not in str(info.value)  # names the failure, never a value
+    values[1] = bad
+    messages = [(offset, value, wire.HEADERS) for offset, value in enumerate(values)]
+    parts, stats = build_chunk_parts("journal", 0, messages)
+    seqs = sorted(seq for part in parts for seq in part.table.column("seq").to_pylist())
+    assert stats["undecodable"] == 1 and seqs == [s for s in range(40) if not 10 <= s < 20]
+
+
+def test_a_chunk_of_v1_and_v2_messages_decodes_in_offset_order():
+    from serve_journal.sink.kafka import build_chunk_parts
+
+    old = [(m.value, wire.JSON_HEADERS) for m in wire.encode_batch(make_entries(5, start_seq=0))]
+    new = [(m.value, wire.HEADERS) for m in wire.encode_messages(make_entries(5, start_seq=5), [b"k"] * 5)]
+    older = [(m.value, wire.JSON_HEADERS) for m in wire.encode_batch(make_entries(5, start_seq=10))]
+    messages = [(offset, v, h) for offset, (v, h) in enumerate(old + new + older)]
+    parts, stats = build_chunk_parts("journal", 0, messages)
+    assert stats == {"undecodable": 0, "duplicates": 0}
+    seqs = [seq for part in parts for seq in part.table.column("seq").to_pylist()]
+    assert seqs == list(range(15))
+    assert parts[0].name.start == 0 and parts[0].name.end == 10  # offsets of messages, not entries
+    unknown = [(0, new[0][0], ((wire.WIRE_VERSION_HEADER, b"3"), (wire.SCHEMA_VERSION_HEADER, b"2")))]
+    with pytest.raises(wire.WireFormatError):
+        wire.check_headers(unknown[0][2])
+
+
+def test_frames_of_both_versions():
+    pairs = [(b"k1", b"v1"), (b"k2", b"value two")]
+    frame = wire.pack_frame(pairs, entries=700)
+    assert wire.frame_length(frame) == 700
+    read = wire.read_frame(frame)
+    assert (read.version, read.messages, read.entries) == (2, pairs, 700)
+    old = wire.pack_frame(pairs, version=1)  # what the previous release spooled
+    assert old[:4] == b"SJF1" and old[4:8] == b"\x00\x00\x00\x01"
+    assert wire.frame_length(old) == 2
+    assert wire.read_frame(old) == wire.Frame(1, pairs, 2)
+    assert wire.unpack_frame(old) == pairs
+    with pytest.raises(ValueError):
+        wire.pack_frame(pairs)  # a v2 frame must say how many entries it carries
+    for broken in (frame[:-1], frame + b"x", frame[:14], b"SJF1" + b"\x00\x00\x00\x03" + frame[8:]):
+        with pytest.raises(wire.WireFormatError):
+            wire.read_frame(broken)

@@ -187,27 +187,32 @@ def build_chunk_parts(topic: str, partition: int, messages: Sequence[tuple[int, 
                       spec: PartitionSpec = DEFAULT_SPEC) -> tuple[list[ChunkPart], dict[str, int]]:
     """Decode a chunk's messages into one table per journal partition, deterministically.
 
+    A message may carry many entries (wire version 2) or one (version 1); either way the chunk
+    covers whole messages, offsets ``S..E``, so the same offsets always give the same rows.
     Within the chunk a ``(producer_id, seq)`` seen twice is kept once (first occurrence); a
     message this version cannot read is skipped and counted (its offset is logged, its payload
     never). Returns the parts, named ``1ofN..NofN`` in journal-partition order, and counters.
     """
     stats = {"undecodable": 0, "duplicates": 0}
-    readable = []
-    checked: set = set()
+    # Runs of consecutive messages of one wire version, decoded run by run in offset order.
+    runs: list[tuple[int, list[tuple[int, bytes]]]] = []
+    versions: dict[tuple, int] = {}
     for offset, value, headers in messages:
         headers = tuple(headers)
-        if headers not in checked:
+        version = versions.get(headers)
+        if version is None:
             try:
-                wire.check_headers(headers)
+                version = versions[headers] = wire.check_headers(headers)
             except wire.WireFormatError as exc:
                 logger.warning("skipping undecodable message %s[%d]@%d: %s", topic, partition, offset, exc)
                 stats["undecodable"] += 1
                 continue
-            checked.add(headers)
-        readable.append((offset, value))
-    table = wire.decode_values_fast([value for _, value in readable]) if readable else None
-    if table is None:
-        table = _decode_one_by_one(topic, partition, readable, stats)
+        if not runs or runs[-1][0] != version:
+            runs.append((version, []))
+        runs[-1][1].append((offset, value))
+    tables = [_decode_run(topic, partition, version, run, stats) for version, run in runs]
+    tables = [t for t in tables if t.num_rows]
+    table = pa.concat_tables(tables) if tables else ENTRY_SCHEMA.empty_table()
     table = _first_occurrences(table, stats)
     # One part per journal partition, rows in offset order, numbered in partition order.
     groups = sorted(split_by_partition(table, spec), key=lambda group: group[0])
@@ -247,6 +252,23 @@ def _rows_missing(found: pa.Table, rebuilt: pa.Table) -> pa.Table | None:
         used[leaf] += 1
         keep.append(used[leaf] > have[leaf])
     return rebuilt.filter(pa.array(keep, type=pa.bool_()))
+
+
+def _decode_run(topic: str, partition: int, version: int, run: Sequence[tuple[int, bytes]],
+                stats: dict[str, int]) -> pa.Table:
+    """Consecutive messages of one wire version to one table; an unreadable message is skipped
+    and counted (its offset logged, its payload never)."""
+    if version == wire.JSON_WIRE_VERSION:
+        table = wire.decode_values_fast([value for _, value in run])
+        return table if table is not None else _decode_one_by_one(topic, partition, run, stats)
+    tables = []
+    for offset, value in run:
+        try:
+            tables.append(wire.decode_message(value))
+        except wire.WireFormatError as exc:
+            logger.warning("skipping undecodable message %s[%d]@%d: %s", topic, partition, offset, exc)
+            stats["undecodable"] += 1
+    return pa.concat_tables(tables) if tables else ENTRY_SCHEMA.empty_table()
 
 
 def _decode_one_by_one(topic: str, partition: int, messages: Sequence[tuple[int, bytes]],

@@ -1,9 +1,11 @@
 """The durable transport: journal entries to a Kafka topic, with a local disk spool for outages.
 
 ``send()`` is called by the replica's flusher thread and only enqueues (bounded); a background
-thread runs an asyncio loop with an ``aiokafka`` producer that encodes each batch with the wire
-format (``transport/wire.py``), routes every entry by ``(model, time bucket, shard)`` and waits for
-``acks="all"``. Whatever the broker does not acknowledge within ``send_timeout_s`` (broker down,
+thread runs an asyncio loop with an ``aiokafka`` producer that routes every entry by ``(model, time
+bucket, shard)``, encodes the entries of each route as Arrow IPC messages of the wire format
+(``transport/wire.py``, version 2: several entries a message, each at most ``wire.MAX_MESSAGE_BYTES``)
+and waits for ``acks="all"``. Acknowledgement, spooling and resending are per message, so an
+entry is never split from the others of its message. Whatever the broker does not acknowledge within ``send_timeout_s`` (broker down,
 partition leader gone, request failed) goes to the disk spool (``transport/spool.py``); while the
 spool holds anything, new batches are spooled behind it and a drainer resends spooled batches
 oldest first, so entries reach Kafka in the order they were handed over.
@@ -74,6 +76,9 @@ sequence numbers; ``None`` when it does not (an unreadable spool record)."""
 
 
 _STOP = object()
+
+Outgoing = list[tuple[bytes, bytes, int]]
+"""Messages to send: ``(key, value, entries)``, all of one wire version."""
 
 
 class KafkaTransport:
@@ -288,60 +293,72 @@ class KafkaTransport:
 
     async def _handle(self, batch: pa.RecordBatch) -> None:
         """Send ``batch``, or spool it; while the spool is full, hold it (see the module doc)."""
-        messages = wire.encode_batch(batch)
-        key = self.partitioner.key
-        pairs = [(key(m.model_name, m.ts_us, m.request_id), m.value) for m in messages]
+        pairs = self._encode(batch)
+        version = wire.WIRE_VERSION
         backoff = self._backoff()
         try:
             while True:
                 self._space.clear()
                 if not self._closing and not len(self._spool):
-                    unacked = await self._produce(pairs)
+                    unacked = await self._produce(pairs, version)
                     with self._cond:
-                        self._counts["sent"] += len(pairs) - len(unacked)
+                        self._counts["sent"] += _entries(pairs) - _entries(unacked)
                     pairs = unacked
                     if not pairs:
                         return
-                spooled = await self._spool_pairs(pairs)
+                spooled = await self._spool_pairs(pairs, version)
                 if spooled is True:
                     return
                 if self._closing:  # nowhere left to keep them: counted, with their seqs
-                    self._drop_pairs(spooled, pairs)
+                    self._drop_pairs(spooled, pairs, version)
                     return
-                self._set_held(len(pairs))
+                self._set_held(_entries(pairs))
                 # Hold the batch: the queue behind it fills and the replica pushes back.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._space.wait(), backoff.next_delay())
         finally:
             self._set_held(0)
 
+    def _encode(self, batch: pa.RecordBatch) -> Outgoing:
+        """``batch`` as version 2 messages, one or more per message key (route)."""
+        key = self.partitioner.key
+        models = batch.column("model_name").to_pylist()
+        stamps = batch.column("ts").cast(pa.int64()).to_pylist()
+        ids = batch.column("request_id").to_pylist()
+        keys = [key(m, t, r) for m, t, r in zip(models, stamps, ids, strict=True)]
+        limit = min(wire.MAX_MESSAGE_BYTES, max(1024, self.settings.max_batch_size - 4096))
+        return [(m.key, m.value, m.entries)
+                for m in wire.encode_messages(batch, keys, max_bytes=limit)]
+
     def _set_held(self, entries: int) -> None:
         with self._cond:
             self._held = entries
 
-    async def _spool_pairs(self, pairs: list[tuple[bytes, bytes]]) -> bool | str:
+    async def _spool_pairs(self, pairs: Outgoing, version: int) -> bool | str:
         """Append ``pairs`` to our spool durably: ``True``, or why not (``"spool_full"``, or
         ``"spool_error"`` when the disk failed: held and retried like a full spool)."""
+        entries = _entries(pairs)
+        frame = wire.pack_frame([(k, v) for k, v, _ in pairs], version=version, entries=entries)
         try:
-            if not await asyncio.to_thread(self._spool.append, wire.pack_frame(pairs)):
+            if not await asyncio.to_thread(self._spool.append, frame):
                 return "spool_full"
         except OSError as exc:
             logger.warning("spool append failed (%s); holding %d entries", type(exc).__name__,
-                           len(pairs))
+                           entries)
             return "spool_error"
         with self._cond:
-            self._counts["spooled"] += len(pairs)
-            self._spool_entries += len(pairs)
+            self._counts["spooled"] += entries
+            self._spool_entries += entries
         self._update_spool_gauges()
         self._spool_event.set()
         return True
 
-    def _drop_pairs(self, reason: str, pairs: list[tuple[bytes, bytes]]) -> None:
+    def _drop_pairs(self, reason: str, pairs: Outgoing, version: int) -> None:
         try:
-            lost = wire.decode_values([value for _, value in pairs])
+            lost = wire.decode_messages([value for _, value, _ in pairs], version)
         except Exception:  # noqa: BLE001 - count them even if they cannot be decoded
             lost = None
-        self._drop(reason, len(pairs), entries=lost)
+        self._drop(reason, _entries(pairs), entries=lost)
 
     def _update_spool_gauges(self) -> None:
         if self._metrics is not None:
@@ -375,17 +392,18 @@ class KafkaTransport:
         self._producer = producer
         return producer
 
-    async def _produce(self, pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        """Send ``pairs`` with acks=all; return those not acknowledged within the timeout."""
+    async def _produce(self, pairs: Outgoing, version: int) -> Outgoing:
+        """Send ``pairs`` (messages of wire ``version``) with acks=all; return those not
+        acknowledged within the timeout."""
         producer = await self._producer_or_none()
         if producer is None:
             return pairs
         assert self._num_partitions is not None
         by_partition: dict[int, list[int]] = collections.defaultdict(list)
-        for i, (key, _) in enumerate(pairs):
+        for i, (key, _, _) in enumerate(pairs):
             by_partition[self.partitioner.partition(key, self._num_partitions)].append(i)
         sends: list[tuple[list[int], asyncio.Future]] = []
-        headers = list(wire.HEADERS)
+        headers = list(wire.headers_for(version))
         try:
             async with asyncio.timeout(self.settings.send_timeout_s):
                 for partition, indices in by_partition.items():
@@ -394,12 +412,12 @@ class KafkaTransport:
                         builder = producer.create_batch()
                         end = start
                         while end < len(indices):
-                            key, value = pairs[indices[end]]
+                            key, value, _ = pairs[indices[end]]
                             if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
                                 break
                             end += 1
                         if end == start:
-                            raise ValueError("one journal entry is larger than max_batch_size")
+                            raise ValueError("one journal message is larger than max_batch_size")
                         future = await producer.send_batch(builder, self.settings.topic, partition=partition)
                         sends.append((indices[start:end], future))
                         start = end
@@ -415,7 +433,7 @@ class KafkaTransport:
         return [pair for i, pair in enumerate(pairs) if i not in acked]
 
     async def _drain_once(self, spool: DiskSpool) -> int | None:
-        """Resend up to 64 of ``spool``'s oldest records and ack them.
+        """Resend up to 64 of ``spool``'s oldest records (of one wire version) and ack them.
 
         Returns the entries drained (0 when the spool was empty or its head was unreadable and
         skipped), or ``None`` when the broker did not take them all: the records stay and are
@@ -429,11 +447,19 @@ class KafkaTransport:
 
     async def _drain_records(self, spool: DiskSpool) -> int | None:
         records = await asyncio.to_thread(spool.peek_many, 64)
-        pairs: list[tuple[bytes, bytes]] = []
+        pairs: Outgoing = []
         readable = []
+        version = None
         for record in records:
             try:
-                pairs.extend(wire.unpack_frame(record.payload))
+                frame = wire.read_frame(record.payload)
+                if version is not None and frame.version != version:
+                    break  # the next drain sends it, with its own version's headers
+                version = frame.version
+                # A v2 frame counts its entries in its header (drained whole or not at all).
+                counts = ([1] * len(frame.messages) if frame.version == wire.JSON_WIRE_VERSION
+                          else [frame.entries] + [0] * (len(frame.messages) - 1))
+                pairs.extend((k, v, n) for (k, v), n in zip(frame.messages, counts, strict=False))
                 readable.append(record)
             except wire.WireFormatError:
                 # Checksummed, so a frame of another version: counted, never replayed.
@@ -444,15 +470,17 @@ class KafkaTransport:
                 break
         if not readable:
             return 0
-        if await self._produce(pairs):
+        assert version is not None
+        if await self._produce(pairs, version):
             return None
         await asyncio.to_thread(_ack_all, spool, readable)
         self._space.set()
+        drained = _entries(pairs)
         if spool is self._spool:
             with self._cond:
-                self._spool_entries = max(0, self._spool_entries - len(pairs))
+                self._spool_entries = max(0, self._spool_entries - drained)
             self._update_spool_gauges()
-        return len(pairs)
+        return drained
 
     def _backoff(self) -> Backoff:
         return Backoff(self.settings.retry_backoff_s, self.settings.retry_backoff_max_s)
@@ -514,6 +542,10 @@ class KafkaTransport:
 def _entries_in(spool: DiskSpool) -> int:
     """Entries in the frames ``spool`` holds (read once, when a transport opens a spool)."""
     return sum(wire.frame_length(record.payload) for record in spool.peek_many(len(spool), spool.max_bytes))
+
+
+def _entries(pairs: Outgoing) -> int:
+    return sum(n for _, _, n in pairs)
 
 
 def _ack_all(spool: DiskSpool, records: list) -> None:

@@ -1,6 +1,21 @@
-"""The Kafka wire format of journal entries: one entry per message, readable by any consumer.
+"""The Kafka wire format of journal entries: Arrow IPC record batches, several entries a message.
 
-Version 1 of the wire format:
+Version 2 of the wire format (written by this release):
+
+* **value**: an Arrow IPC *stream* (``pyarrow.ipc``) of one record batch with the entry schema of
+  the version the header names (``serve_journal.schema.ENTRY_SCHEMA``), ZSTD-compressed buffers
+  (IPC body compression), up to ``max_bytes`` (default 512 KiB, always under the producer's
+  ``max_batch_size``). Every entry of one message has the same message key (same model, time
+  bucket and shard), so a message lands on the partition each of its entries routes to. Readers
+  check the stream (``validate(full=True)``), the schema and the required columns; a message that
+  fails is one undecodable message, never a partial one.
+* **integrity**: Kafka's record-batch CRC-32C covers key, value and headers in the broker and on
+  the wire; version 1 had no digest of its own and version 2 adds none (the entries are signed
+  where it matters: the sink's manifest records). The spool's records carry their own checksum.
+* **headers**: ``serve_journal.schema_version``, ``serve_journal.wire_version`` (``2``) and
+  ``content-type`` (``application/vnd.apache.arrow.stream``).
+
+Version 1 (the previous release; still read, e.g. from a topic during an upgrade):
 
 * **value**: compact UTF-8 JSON object of the entry's columns (``serve_journal.schema.COLUMNS``),
   keys in schema order. ``ts`` is an integer, microseconds since the Unix epoch (UTC);
@@ -15,15 +30,19 @@ Version 1 of the wire format:
   ``model_digest`` or ``models``; it decodes to a current-schema table with those columns null
   (they are nullable, and absent nullable columns read as null), as does a Parquet file of v1.
 * **headers**: ``serve_journal.schema_version`` (the entry schema version, ASCII digits),
-  ``serve_journal.wire_version`` (this format's version) and ``content-type``
-  (``application/json``).
+  ``serve_journal.wire_version`` (``1``) and ``content-type`` (``application/json``).
+
+Both versions:
+
 * **key**: the partition key bytes chosen by the producer (``<model>|<bucket>|<shard>``), so that
   any Kafka tool keeps an entry's routing visible.
 
 Entries never contain a raw feature value or raw subject identifier (see ``schema.py``), so the
 wire format carries nothing that the Parquet files would not.
 
-The module also packs a list of messages into one binary *frame* (the unit the disk spool stores).
+The module also packs a list of messages into one binary *frame* (the unit the disk spool stores);
+a frame names the wire version of its messages, so a spool written before an upgrade drains with
+the headers its messages need.
 """
 
 from __future__ import annotations
@@ -47,9 +66,14 @@ from serve_journal.schema import (
     conform_entries,
 )
 
-WIRE_VERSION = 1
-SUPPORTED_WIRE_VERSIONS = frozenset({1})
-CONTENT_TYPE = "application/json"
+WIRE_VERSION = 2
+JSON_WIRE_VERSION = 1
+SUPPORTED_WIRE_VERSIONS = frozenset({JSON_WIRE_VERSION, WIRE_VERSION})
+CONTENT_TYPE = "application/vnd.apache.arrow.stream"
+JSON_CONTENT_TYPE = "application/json"
+MAX_MESSAGE_BYTES = 512 * 1024
+"""Default bound of one version 2 message value (Kafka's default ``max.message.bytes`` is 1 MiB)."""
+COMPRESSION = "zstd"
 
 SCHEMA_VERSION_HEADER = "serve_journal.schema_version"
 WIRE_VERSION_HEADER = "serve_journal.wire_version"
@@ -62,7 +86,23 @@ HEADERS: Headers = (
     (WIRE_VERSION_HEADER, str(WIRE_VERSION).encode()),
     (CONTENT_TYPE_HEADER, CONTENT_TYPE.encode()),
 )
-"""Headers of every message this version writes."""
+"""Headers of every message this version writes (wire version 2)."""
+
+JSON_HEADERS: Headers = (
+    (SCHEMA_VERSION_HEADER, str(SCHEMA_VERSION).encode()),
+    (WIRE_VERSION_HEADER, str(JSON_WIRE_VERSION).encode()),
+    (CONTENT_TYPE_HEADER, JSON_CONTENT_TYPE.encode()),
+)
+"""Headers of a wire version 1 (JSON) message of the current entry schema."""
+
+
+def headers_for(wire_version: int) -> Headers:
+    """The headers a message of ``wire_version`` is sent with (a spool may hold either)."""
+    if wire_version == WIRE_VERSION:
+        return HEADERS
+    if wire_version == JSON_WIRE_VERSION:
+        return JSON_HEADERS
+    raise WireFormatError(f"wire version must be one of {sorted(SUPPORTED_WIRE_VERSIONS)}, got {wire_version}")
 
 _FLOAT_COLUMNS = frozenset(
     name for name, typ in zip(ENTRY_SCHEMA.names, ENTRY_SCHEMA.types, strict=True)
@@ -98,17 +138,111 @@ def _float_from_json(value: object, column: str) -> float | None:
     raise WireFormatError(f"column {column!r} must be a number, null or NaN/Infinity/-Infinity")
 
 
+def _conformed(batch: pa.RecordBatch | pa.Table) -> pa.RecordBatch | pa.Table:
+    if batch.schema.names == list(COLUMN_NAMES):
+        return batch
+    table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+    try:
+        return conform_entries(table)
+    except ValueError:
+        raise WireFormatError(
+            f"batch columns must be the entry schema's {list(COLUMN_NAMES)}, got {batch.schema.names}"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedMessage:
+    """One version 2 message: its key, its value (an Arrow IPC stream) and how many entries."""
+
+    key: bytes
+    value: bytes
+    entries: int
+
+
+_IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression=COMPRESSION)
+
+
+def _ipc_bytes(batch: pa.RecordBatch) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema, options=_IPC_OPTIONS) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def encode_messages(batch: pa.RecordBatch | pa.Table, keys: Sequence[bytes], *,
+                    max_bytes: int = MAX_MESSAGE_BYTES) -> list[KeyedMessage]:
+    """Encode ``batch`` (entry schema, any supported version) as version 2 messages.
+
+    ``keys[i]`` is row ``i``'s message key; the rows of one key go into as few messages as
+    keep each value within ``max_bytes`` (a single entry larger than that is one message on its
+    own), in row order within a key, keys in order of first appearance. Deterministic: the same
+    rows and keys give the same bytes."""
+    batch = _conformed(batch)
+    if isinstance(batch, pa.Table):
+        batch = batch.combine_chunks().to_batches()[0] if batch.num_rows else pa.RecordBatch.from_pylist([], schema=ENTRY_SCHEMA)
+    if len(keys) != batch.num_rows:
+        raise ValueError(f"keys must name one key per row: {len(keys)} keys for {batch.num_rows} rows")
+    groups: dict[bytes, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    out: list[KeyedMessage] = []
+    for key, indices in groups.items():
+        rows = batch if len(indices) == batch.num_rows else batch.take(pa.array(indices, type=pa.int64()))
+        _encode_bounded(key, rows, max_bytes, out)
+    return out
+
+
+def _encode_bounded(key: bytes, rows: pa.RecordBatch, max_bytes: int, out: list[KeyedMessage]) -> None:
+    value = _ipc_bytes(rows)
+    if len(value) <= max_bytes or rows.num_rows == 1:
+        out.append(KeyedMessage(key, value, rows.num_rows))
+        return
+    # Too big: split in as many equal parts as the size says (then halves, should one still be).
+    parts = min(rows.num_rows, -(-len(value) // max_bytes))
+    step = -(-rows.num_rows // parts)
+    for start in range(0, rows.num_rows, step):
+        _encode_bounded(key, rows.slice(start, step), max_bytes, out)
+
+
+def decode_message(value: bytes) -> pa.Table:
+    """One version 2 message value to an entry table (current schema); :class:`WireFormatError`
+    when it is not one valid Arrow IPC stream of entries (never a partial table)."""
+    try:
+        table = pa.ipc.open_stream(pa.py_buffer(value)).read_all()
+        table.validate(full=True)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise WireFormatError(f"message value is not a valid Arrow IPC stream ({type(exc).__name__})") from None
+    try:
+        if table.schema != ENTRY_SCHEMA:
+            table = conform_entries(table)
+    except (ValueError, pa.ArrowException) as exc:
+        raise WireFormatError(f"message value's columns do not fit the entry schema ({type(exc).__name__})") from None
+    if table.schema != ENTRY_SCHEMA:
+        raise WireFormatError("message value's columns do not fit the entry schema")
+    missing = [name for name in _REQUIRED if table.column(name).null_count]
+    if missing:
+        raise WireFormatError(f"message value has nulls in required entry column(s) {missing}")
+    return table
+
+
+def decode_messages(values: Iterable[bytes], wire_version: int = WIRE_VERSION) -> pa.Table:
+    """Message values of one wire version to one entry table, in order."""
+    values = list(values)
+    if wire_version == JSON_WIRE_VERSION:
+        return decode_values(values)
+    if wire_version != WIRE_VERSION:
+        raise WireFormatError(f"wire version must be one of {sorted(SUPPORTED_WIRE_VERSIONS)}, got {wire_version}")
+    tables = [decode_message(v) for v in values]
+    return pa.concat_tables(tables) if tables else ENTRY_SCHEMA.empty_table()
+
+
 def encode_batch(batch: pa.RecordBatch | pa.Table) -> list[WireMessage]:
-    """Encode every row of ``batch`` (entry schema, any supported version) as one message value,
-    in the current schema version."""
-    if batch.schema.names != list(COLUMN_NAMES):
-        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
-        try:
-            batch = conform_entries(table)
-        except ValueError:
-            raise WireFormatError(
-                f"batch columns must be the entry schema's {list(COLUMN_NAMES)}, got {batch.schema.names}"
-            ) from None
+    """Encode every row of ``batch`` (entry schema, any supported version) as one wire version 1
+    (JSON) message value, in the current schema version; sent with :data:`JSON_HEADERS`.
+
+    The transport writes version 2 (:func:`encode_messages`); this stays for tools and tests
+    that produce the previous release's messages."""
+    batch = _conformed(batch)
     columns: dict[str, list] = {}
     for name in COLUMN_NAMES:
         column = batch.column(name)
@@ -141,8 +275,9 @@ def encode_batch(batch: pa.RecordBatch | pa.Table) -> list[WireMessage]:
     return out
 
 
-def check_headers(headers: Iterable[tuple[str, bytes]] | None) -> None:
-    """Raise :class:`WireFormatError` unless the headers name versions this reader supports."""
+def check_headers(headers: Iterable[tuple[str, bytes]] | None) -> int:
+    """The message's wire version; :class:`WireFormatError` unless the headers name versions
+    this reader supports."""
     found = dict(headers or ())
     schema = found.get(SCHEMA_VERSION_HEADER)
     wire = found.get(WIRE_VERSION_HEADER)
@@ -163,10 +298,12 @@ def check_headers(headers: Iterable[tuple[str, bytes]] | None) -> None:
             f"header {WIRE_VERSION_HEADER!r} must be one of {sorted(SUPPORTED_WIRE_VERSIONS)}, "
             f"got {wire_version!r}"
         )
+    return wire_version
 
 
 def decode_value(value: bytes) -> dict:
-    """One message value back to a row dict (``ts`` as integer microseconds)."""
+    """One wire version 1 (JSON) message value back to a row dict (``ts`` as integer
+    microseconds)."""
     try:
         record = json.loads(value)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -258,37 +395,68 @@ def decode_values_fast(values: Sequence[bytes]) -> pa.Table | None:
 
 # ---------------------------------------------------------------------------------------------
 # Frames: many messages in one binary blob, for the disk spool.
-#   frame  = b"SJF1" | u32 wire_version | u32 count | count x (u32 key_len | key | u32 len | value)
+#   v1 frame = b"SJF1" | u32 1 | u32 count | count x (u32 key_len | key | u32 len | value)
+#   v2 frame = b"SJF1" | u32 2 | u32 count | u32 entries | count x (u32 key_len | key | u32 len | value)
+# The version is that of the messages inside (their values and the headers they are sent with).
 
 _FRAME_MAGIC = b"SJF1"
 _U32 = struct.Struct(">I")
 
 
-def pack_frame(messages: Sequence[tuple[bytes, bytes]]) -> bytes:
-    """Pack ``(key, value)`` pairs of this wire version into one frame."""
-    parts = [_FRAME_MAGIC, _U32.pack(WIRE_VERSION), _U32.pack(len(messages))]
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A spool frame read back: the wire version of its messages, the ``(key, value)`` pairs and
+    the entries they carry."""
+
+    version: int
+    messages: list[tuple[bytes, bytes]]
+    entries: int
+
+
+def pack_frame(messages: Sequence[tuple[bytes, bytes]], *, version: int = WIRE_VERSION,
+               entries: int | None = None) -> bytes:
+    """Pack ``(key, value)`` pairs of wire ``version`` into one frame; ``entries`` (the entries
+    the messages carry) is required for version 2, one per message in version 1."""
+    if version == WIRE_VERSION:
+        if entries is None:
+            raise ValueError("a version 2 frame needs the number of entries its messages carry")
+        parts = [_FRAME_MAGIC, _U32.pack(version), _U32.pack(len(messages)), _U32.pack(entries)]
+    elif version == JSON_WIRE_VERSION:
+        parts = [_FRAME_MAGIC, _U32.pack(version), _U32.pack(len(messages))]
+    else:
+        raise ValueError(f"frame version must be one of {sorted(SUPPORTED_WIRE_VERSIONS)}, got {version}")
     for key, value in messages:
         parts += [_U32.pack(len(key)), key, _U32.pack(len(value)), value]
     return b"".join(parts)
 
 
 def frame_length(frame: bytes) -> int:
-    """Messages a frame holds, from its header alone (0 for a malformed frame)."""
+    """Entries a frame holds, from its header alone (0 for a malformed frame)."""
     if len(frame) < 12 or frame[:4] != _FRAME_MAGIC:
         return 0
+    (version,) = _U32.unpack_from(frame, 4)
+    if version == WIRE_VERSION:
+        return _U32.unpack_from(frame, 12)[0] if len(frame) >= 16 else 0
     return _U32.unpack_from(frame, 8)[0]
 
 
-def unpack_frame(frame: bytes) -> list[tuple[bytes, bytes]]:
-    """Inverse of :func:`pack_frame`; :class:`WireFormatError` when the frame is malformed."""
+def read_frame(frame: bytes) -> Frame:
+    """Inverse of :func:`pack_frame`; :class:`WireFormatError` when the frame is malformed or of
+    a version this reader does not know."""
     view = memoryview(frame)
-    if bytes(view[:4]) != _FRAME_MAGIC or len(view) < 12:
+    if len(view) < 12 or bytes(view[:4]) != _FRAME_MAGIC:
         raise WireFormatError("frame must start with the serve_journal frame magic")
     (version,) = _U32.unpack_from(view, 4)
     if version not in SUPPORTED_WIRE_VERSIONS:
         raise WireFormatError(f"frame wire version must be one of {sorted(SUPPORTED_WIRE_VERSIONS)}, got {version}")
     (count,) = _U32.unpack_from(view, 8)
     pos = 12
+    entries = count
+    if version == WIRE_VERSION:
+        if len(view) < 16:
+            raise WireFormatError("frame is truncated")
+        (entries,) = _U32.unpack_from(view, 12)
+        pos = 16
     out = []
     try:
         for _ in range(count):
@@ -305,23 +473,41 @@ def unpack_frame(frame: bytes) -> list[tuple[bytes, bytes]]:
         raise WireFormatError("frame is truncated") from exc
     if pos != len(view):
         raise WireFormatError("frame has trailing bytes")
-    return out
+    return Frame(version, out, entries)
+
+
+def unpack_frame(frame: bytes) -> list[tuple[bytes, bytes]]:
+    """The ``(key, value)`` pairs of a frame (see :func:`read_frame` for its version)."""
+    return read_frame(frame).messages
 
 
 __all__ = [
+    "COMPRESSION",
     "CONTENT_TYPE",
     "HEADERS",
+    "JSON_CONTENT_TYPE",
+    "JSON_HEADERS",
+    "JSON_WIRE_VERSION",
+    "MAX_MESSAGE_BYTES",
     "SCHEMA_VERSION_HEADER",
     "WIRE_VERSION",
     "WIRE_VERSION_HEADER",
+    "Frame",
+    "KeyedMessage",
     "WireFormatError",
     "WireMessage",
     "check_headers",
+    "decode_message",
+    "decode_messages",
     "decode_value",
     "decode_values",
+    "decode_values_fast",
     "encode_batch",
+    "encode_messages",
     "frame_length",
+    "headers_for",
     "pack_frame",
+    "read_frame",
     "rows_to_table",
     "unpack_frame",
 ]
