@@ -281,7 +281,8 @@ def profile_path(path: str, n: int, tracking_uri: str, workdir: Path, rate: int 
     return result
 
 
-def _commit() -> str:
+def code_state() -> str:
+    """The commit benchmarks run at, and whether serve_journal/ had uncommitted changes."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
@@ -297,7 +298,7 @@ def render_label(label: str, results: list[dict[str, Any]], size: str, command: 
     m = machine_info()
     load = " / ".join(f"{x:.2f}" for x in m.get("load_avg_at_start") or [])
     lines = [f"### {label}", "",
-             f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC at commit {_commit()}; `{command}` "
+             f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC at commit {code_state()}; `{command}` "
              f"(size {size}); {m.get('cores')} cores, {m.get('cpu_model', '-')}; load average at start {load}.",
              "", "| path | what | entries | entries/s | samples |", "|---|---|---|---|---|"]
     for r in results:

@@ -105,6 +105,7 @@ def _header(results: dict[str, Any]) -> str:
         "",
         _table(list(v), [list(v.values())]),
         "",
+        f"serve_journal at commit {results.get('code', 'not recorded')}.", "",
         "Benchmarks report and never fail: a target not met on this machine is shown as **not met**.",
         "",
     ]

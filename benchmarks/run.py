@@ -113,7 +113,10 @@ def run_all(size: str = "quick", only: tuple[str, ...] = ALL, out: Path | None =
             workdir: str | None = None) -> dict[str, Any]:
     """Run the selected benchmarks; write the report to ``out`` unless ``None``."""
     started = time.monotonic()
-    results: dict[str, Any] = {"size": size, "machine": machine_info(), "versions": versions()}
+    from benchmarks.profile import code_state
+
+    results: dict[str, Any] = {"size": size, "machine": machine_info(), "versions": versions(),
+                               "code": code_state()}
     with tempfile.TemporaryDirectory(prefix="sj-bench-", dir=workdir) as tmp:
         tracking_uri = fraud_registry(Path(tmp) / "mlflow")
         common = {"size": size, "workdir": tmp, "tracking_uri": tracking_uri}
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         results["durations_s"] = {**earlier.get("durations_s", {}), **fresh.get("durations_s", {})}
         m = fresh["machine"]
         results.setdefault("notes", []).append(
-            f"{', '.join(only)} re-measured at {m['date']} (load avg at start "
+            f"{', '.join(only)} re-measured at {m['date']} with serve_journal at {fresh['code']} (load avg at start "
             f"{' / '.join(str(x) for x in m.get('load_avg_at_start') or [])}); the rest is from the run above.")
         if out is not None:
             write(results, out, only)
