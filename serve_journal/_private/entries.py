@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import pyarrow as pa
 
 from serve_journal.config import JournalConfig
-from serve_journal.integrity.encoding import CanonicalEncodingError, canonical_encode
+from serve_journal.integrity.encoding import CanonicalEncodingError, canonical_encode_fast
 from serve_journal.policy import RiskTier
 from serve_journal.privacy.pseudonymizer import Pseudonymizer
 from serve_journal.privacy.tokens import CallerTokenizer
@@ -64,18 +66,49 @@ class CapturedCall:
         return f"CapturedCall(seq={self.seq}, outcome={self.outcome!r})"
 
 
-@dataclass
 class CallView:
     """What an extractor hook sees of a call: built in the background, and on the request path
-    only when the buffer is full and the caller hook must help pick the call's risk tier."""
+    only when the buffer is full and the caller hook must help pick the call's risk tier.
 
-    args: tuple
-    kwargs: dict
-    body: Any
-    """The parsed JSON body of an HTTP request (or the first positional argument of a handle call)."""
-    headers: Mapping[str, str]
-    result: Any
-    """The method's return value (parsed JSON for a Starlette response); ``None`` on error."""
+    ``headers`` is decoded from the request's scope the first time it is read (most calls never
+    need it: no hook, the caller annotated or in the body)."""
+
+    __slots__ = ("_headers", "_scope", "args", "body", "kwargs", "result")
+
+    def __init__(self, args: tuple, kwargs: dict, body: Any, headers: Mapping[str, str] | None,
+                 result: Any, scope: Mapping[str, Any] | None = None) -> None:
+        self.args = args
+        self.kwargs = kwargs
+        self.body = body
+        """The parsed JSON body of an HTTP request (or the first positional argument of a handle
+        call)."""
+        self.result = result
+        """The method's return value (parsed JSON for a Starlette response); ``None`` on error."""
+        self._headers = headers
+        self._scope = scope
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The request's headers, names lower-cased (empty for handle calls)."""
+        if self._headers is None:
+            self._headers = _headers(self._scope)
+        return self._headers
+
+    def header(self, name: str) -> str | None:
+        """One header's value (``name`` lower case), without decoding the others."""
+        if self._headers is not None or not self._scope:
+            return self.headers.get(name)
+        wanted = name.encode("latin-1")
+        for key, value in self._scope.get("headers") or ():
+            try:
+                if key.lower() == wanted:
+                    return value.decode("latin-1")
+            except (AttributeError, UnicodeDecodeError):
+                continue
+        return None
+
+    def __repr__(self) -> str:  # never show arguments, bodies or results
+        return "CallView(...)"
 
 
 @dataclass(frozen=True)
@@ -105,13 +138,26 @@ def _attributes(call: CapturedCall) -> Mapping[str, Any] | None:
     return call.annotations.get("attributes") if call.annotations else None
 
 
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")
+"""A run of digits that may be an integer orjson would turn into a float (int64/uint64 end at
+19/20 digits): such bodies take the json module's path."""
+
+
 def _json_or_none(data: Any) -> Any:
     if isinstance(data, bytes | bytearray | memoryview):
         if not data:
             return None
+        if _LONG_NUMBER.search(data) is None:
+            try:
+                return orjson.loads(data)
+            except orjson.JSONDecodeError:
+                pass
+        # What orjson refuses and the json module reads (NaN/Infinity literals, lone surrogates,
+        # a BOM) and what orjson reads differently (an integer beyond 64 bits becomes a float
+        # there): parsed as before orjson, so no entry changes meaning.
         try:
             return json.loads(bytes(data))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return None
     return data
 
@@ -135,7 +181,7 @@ def _as_float(value: Any) -> float | None:
 
 def _outputs(value: Any, top_k: int) -> tuple[list[dict] | None, float | None, str | None]:
     """Top-k outputs, score and decision from a result; tolerant of unknown shapes."""
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):
         score = _as_float(value)
         return (None, score, None)
     score = _as_float(value.get("score"))
@@ -168,6 +214,14 @@ def _models_cell(used: list[tuple[ModelInfo, str]] | None) -> list[dict] | None:
         return None
     return [{"name": m.name, "version": m.version, "run_id": m.run_id, "digest": m.digest,
              "role": role} for m, role in used]
+
+
+SLICE = 128
+"""Calls classified, sampled or HMACed between two pauses of :meth:`EntryFinalizer.finalize`."""
+
+
+def _no_pause() -> None:
+    return None
 
 
 @dataclass
@@ -205,15 +259,16 @@ class EntryFinalizer:
             body = _json_or_none(call.body)
         else:
             body = call.args[0] if call.args else (call.kwargs or None)
-        return CallView(call.args, call.kwargs, body, _headers(call.scope),
-                        _result_value(call.result) if call.outcome == OUTCOME_OK else None)
+        return CallView(call.args, call.kwargs, body, None,
+                        _result_value(call.result) if call.outcome == OUTCOME_OK else None,
+                        call.scope)
 
     def _caller(self, call: CapturedCall, view: CallView) -> str:
         caller = call.annotations.get("caller") if call.annotations else None
         if caller is None and self.config.caller is not None:
             caller = self.config.caller(view)
         if caller is None:
-            caller = view.headers.get(self.config.caller_header.lower())
+            caller = view.header(self.config.caller_header.lower())
         return str(caller) if caller else "anonymous"
 
     def _subject(self, call: CapturedCall, view: CallView) -> str | None:
@@ -222,7 +277,7 @@ class EntryFinalizer:
             subject = ann["subject"]
         elif self.config.subject is not None:
             subject = self.config.subject(view)
-        elif isinstance(view.body, Mapping):
+        elif type(view.body) is dict or isinstance(view.body, Mapping):
             subject = view.body.get(self.config.subject_field)
         else:
             subject = None
@@ -235,7 +290,7 @@ class EntryFinalizer:
         if self.config.features is not None:
             return self.config.features(view)
         body = view.body
-        if isinstance(body, Mapping):
+        if type(body) is dict or isinstance(body, Mapping):
             if self.config.features_field in body:
                 return body[self.config.features_field]
             return {k: v for k, v in body.items() if k != self.config.subject_field}
@@ -278,8 +333,14 @@ class EntryFinalizer:
         return self.sampler.policy.classify(decision, score, threshold, model.name, caller,
                                             call.outcome, _attributes(call))
 
-    def finalize(self, calls: Sequence[CapturedCall]) -> Finalized:
-        """Classify and sample the calls; build one RecordBatch of the kept ones, in capture order."""
+    def finalize(self, calls: Sequence[CapturedCall],
+                 pause: Callable[[], None] = _no_pause) -> Finalized:
+        """Classify and sample the calls; build one RecordBatch of the kept ones, in capture order.
+
+        ``pause`` is called between small steps (a call, a slice of HMACs, a column): the
+        flusher passes one that gives the GIL back to the replica's event loop every fraction of
+        a millisecond (:class:`~serve_journal._private.batching.GilPacer`).
+        """
         ident = self.identity
         n = len(calls)
         subjects: list[str | None] = []
@@ -290,8 +351,11 @@ class EntryFinalizer:
         decisions: list[str | None] = []
         thresholds: list[float | None] = []
         explanations: list[str | None] = []
+        chosen: list[tuple[ModelInfo, list[tuple[ModelInfo, str]] | None]] = []
         for call in calls:
+            pause()
             ann = call.annotations or {}
+            chosen.append(call_models(call.annotations, call.model))
             try:
                 view = self._view(call)
                 caller = self._caller(call, view)
@@ -305,7 +369,7 @@ class EntryFinalizer:
             callers.append(caller)
             subjects.append(subject)
             try:
-                encoded.append(None if features is None else canonical_encode(features))
+                encoded.append(None if features is None else canonical_encode_fast(features))
             except CanonicalEncodingError:
                 self.unencodable_features += 1
                 encoded.append(None)
@@ -317,61 +381,79 @@ class EntryFinalizer:
             ref = ann.get("explanation_ref")
             explanations.append(None if ref is None else str(ref))
 
-        chosen = [call_models(c.annotations, c.model) for c in calls]
         models: list[ModelInfo] = [deciding for deciding, _ in chosen]
         request_ids = [c.request_id for c in calls]
         outcomes = [c.outcome for c in calls]
-        assignment = self.sampler.assign(
-            request_ids, decisions, scores, thresholds, [m.name for m in models], callers, outcomes,
-            attributes=[_attributes(c) for c in calls], tiers=[c.tier for c in calls],
-        )
-        keep = assignment.keep
+        tiers: list[RiskTier] = []
+        keep: list[bool] = []
+        for lo in range(0, n, SLICE):  # classification and sampling HMACs, a slice at a time
+            hi = lo + SLICE
+            part = calls[lo:hi]
+            assignment = self.sampler.assign(
+                request_ids[lo:hi], decisions[lo:hi], scores[lo:hi], thresholds[lo:hi],
+                [m.name for m in models[lo:hi]], callers[lo:hi], outcomes[lo:hi],
+                attributes=[_attributes(c) for c in part], tiers=[c.tier for c in part],
+            )
+            tiers += assignment.tiers
+            keep += assignment.keep
+            pause()
         kept = [i for i in range(n) if keep[i]]
-        tier_names = assignment.tier_names
-        rates = assignment.sample_rates
-        protected = self.pseudonymizer.protect([subjects[i] for i in kept], [encoded[i] for i in kept])
+        tier_names = [tier.name for tier in tiers]
+        rates = [tier.sample_rate for tier in tiers]
         k = len(kept)
-        recorded_callers = [callers[i] for i in kept]
-        if self.caller_tokenizer is not None:
-            recorded_callers = self.caller_tokenizer.tokenize_many(recorded_callers)
+        protected: list[Any] = []
+        recorded_callers: list[str] = []
+        for lo in range(0, k, SLICE):  # feature HMACs and tokens, a slice at a time
+            part_kept = kept[lo:lo + SLICE]
+            protected += self.pseudonymizer.protect([subjects[i] for i in part_kept],
+                                                    [encoded[i] for i in part_kept])
+            part_callers = [callers[i] for i in part_kept]
+            if self.caller_tokenizer is not None:
+                part_callers = self.caller_tokenizer.tokenize_many(part_callers)
+            recorded_callers += part_callers
+            pause()
 
         def col(values: list, typ: pa.DataType) -> pa.Array:
             return pa.array([values[i] for i in kept], typ)
 
-        columns = {
-            "schema_version": pa.array([SCHEMA_VERSION] * k, pa.int16()),
-            "request_id": col(request_ids, pa.string()),
-            "ts": pa.array([calls[i].ts_us for i in kept], pa.int64()).cast(
+        builders: dict[str, Callable[[], pa.Array]] = {
+            "schema_version": lambda: pa.array([SCHEMA_VERSION] * k, pa.int16()),
+            "request_id": lambda: col(request_ids, pa.string()),
+            "ts": lambda: pa.array([calls[i].ts_us for i in kept], pa.int64()).cast(
                 pa.timestamp("us", tz="UTC")),
-            "caller": pa.array(recorded_callers, pa.string()),
-            "subject_token": pa.array([p.subject_token for p in protected], pa.string()),
-            "model_name": pa.array([models[i].name for i in kept], pa.string()),
-            "model_version": pa.array([models[i].version for i in kept], pa.string()),
-            "dataset_hash": pa.array([models[i].dataset_hash for i in kept], pa.string()),
-            "dataset_hash_source": pa.array([models[i].dataset_hash_source for i in kept],
-                                            pa.string()),
-            "features_hmac": pa.array([p.features_hmac for p in protected], pa.string()),
-            "key_id": pa.array([p.key_id for p in protected], pa.string()),
-            "outputs": col(outputs_col, ENTRY_SCHEMA.field("outputs").type),
-            "score": col(scores, pa.float64()),
-            "threshold": col(thresholds, pa.float64()),
-            "decision": col(decisions, pa.string()),
-            "explanation_ref": col(explanations, pa.string()),
-            "outcome": col(outcomes, pa.string()),
-            "error_type": pa.array([calls[i].error_type for i in kept], pa.string()),
-            "latency_ms": pa.array([calls[i].latency_ms for i in kept], pa.float32()),
-            "risk_tier": col(tier_names, pa.string()),
-            "sample_rate": col(rates, pa.float32()),
-            "producer_id": pa.array([ident.producer_id] * k, pa.string()),
-            "seq": pa.array([calls[i].seq for i in kept], pa.int64()),
-            "app_name": pa.array([ident.app_name] * k, pa.string()),
-            "deployment": pa.array([ident.deployment] * k, pa.string()),
-            "replica": pa.array([ident.replica] * k, pa.string()),
-            "model_run_id": pa.array([models[i].run_id for i in kept], pa.string()),
-            "model_digest": pa.array([models[i].digest for i in kept], pa.string()),
-            "models": pa.array([_models_cell(chosen[i][1]) for i in kept],
-                               ENTRY_SCHEMA.field("models").type),
+            "caller": lambda: pa.array(recorded_callers, pa.string()),
+            "subject_token": lambda: pa.array([p.subject_token for p in protected], pa.string()),
+            "model_name": lambda: pa.array([models[i].name for i in kept], pa.string()),
+            "model_version": lambda: pa.array([models[i].version for i in kept], pa.string()),
+            "dataset_hash": lambda: pa.array([models[i].dataset_hash for i in kept], pa.string()),
+            "dataset_hash_source": lambda: pa.array([models[i].dataset_hash_source for i in kept],
+                                                    pa.string()),
+            "features_hmac": lambda: pa.array([p.features_hmac for p in protected], pa.string()),
+            "key_id": lambda: pa.array([p.key_id for p in protected], pa.string()),
+            "outputs": lambda: col(outputs_col, ENTRY_SCHEMA.field("outputs").type),
+            "score": lambda: col(scores, pa.float64()),
+            "threshold": lambda: col(thresholds, pa.float64()),
+            "decision": lambda: col(decisions, pa.string()),
+            "explanation_ref": lambda: col(explanations, pa.string()),
+            "outcome": lambda: col(outcomes, pa.string()),
+            "error_type": lambda: pa.array([calls[i].error_type for i in kept], pa.string()),
+            "latency_ms": lambda: pa.array([calls[i].latency_ms for i in kept], pa.float32()),
+            "risk_tier": lambda: col(tier_names, pa.string()),
+            "sample_rate": lambda: col(rates, pa.float32()),
+            "producer_id": lambda: pa.array([ident.producer_id] * k, pa.string()),
+            "seq": lambda: pa.array([calls[i].seq for i in kept], pa.int64()),
+            "app_name": lambda: pa.array([ident.app_name] * k, pa.string()),
+            "deployment": lambda: pa.array([ident.deployment] * k, pa.string()),
+            "replica": lambda: pa.array([ident.replica] * k, pa.string()),
+            "model_run_id": lambda: pa.array([models[i].run_id for i in kept], pa.string()),
+            "model_digest": lambda: pa.array([models[i].digest for i in kept], pa.string()),
+            "models": lambda: pa.array([_models_cell(chosen[i][1]) for i in kept],
+                                       ENTRY_SCHEMA.field("models").type),
         }
+        columns = {}
+        for name, build in builders.items():  # Arrow columns, built once per batch, one at a time
+            columns[name] = build()
+            pause()
         batch = pa.RecordBatch.from_arrays([columns[f.name] for f in ENTRY_SCHEMA], schema=ENTRY_SCHEMA)
         return Finalized(batch=batch, models=models, decisions=decisions, tiers=tier_names,
                          rates=rates, outcomes=outcomes, keep=keep)

@@ -4,7 +4,10 @@
 :class:`~serve_journal._private.batching.BatchWorker`. It runs on the flusher thread only:
 :class:`~serve_journal._private.entries.EntryFinalizer` turns the calls into entries, the exact
 counters record every call as kept or sampled out, and the kept entries go to the transport,
-retried with back-off (:func:`serve_journal.retry.retry_call`) while the transport fails. A batch
+retried with back-off (:func:`serve_journal.retry.retry_call`) while the transport fails.
+Finalizing gives the GIL back every :data:`~serve_journal._private.batching.GIL_SLICE_S`
+(:class:`~serve_journal._private.batching.GilPacer`), so the replica's event loop never waits
+behind a whole batch. A batch
 that still fails after :data:`SEND_DEADLINE_S` raises; the worker then counts it as dropped.
 """
 
@@ -19,6 +22,7 @@ from serve_journal.metrics import JournalMetrics
 from serve_journal.retry import retry_call
 from serve_journal.transport import Transport
 
+from .batching import GilPacer
 from .counters import ReplicaCounters
 from .entries import CapturedCall, EntryFinalizer
 
@@ -42,15 +46,21 @@ class BatchExporter:
         self.transport = transport
         self.exported = 0
         """Calls finalized and, when kept, handed to the transport."""
+        self.pacer = GilPacer()
+        """Gives the GIL back to the replica's event loop every fraction of a millisecond of
+        finalizing (the flusher shares the replica's interpreter)."""
 
     def __call__(self, calls: list[CapturedCall]) -> None:
         """Export one batch; raises when the transport keeps failing past the deadline."""
         started = time.perf_counter()
-        fin = self.finalizer.finalize(calls)
+        self.pacer.restart()
+        fin = self.finalizer.finalize(calls, self.pacer)
+        self.pacer()
         if fin.batch.num_rows:
             # Counted only once sent: a batch given up raises, and the worker then counts every
             # call of it as dropped (export_failed), so no call is counted both ways.
             self.send(fin.batch)
+            self.pacer()
         self.counters.record_finalized(calls, fin)
         self.exported += len(calls)
         if fin.batch.num_rows == 0:

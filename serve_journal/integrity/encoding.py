@@ -185,41 +185,68 @@ def _encode(value: Any, out: bytearray, path: str, depth: int) -> None:
 # -- one value, fast ---------------------------------------------------------------------------
 
 
+_SHAPES: dict[tuple[str, ...], tuple[bytes, list[tuple[str, bytes]]]] = {}
+"""Key tuple of a flat mapping (in its own order) -> its mapping header and, in canonical order,
+each key with its encoded bytes: a feature mapping's keys repeat call after call, so they are
+encoded and sorted once. Bounded by :data:`_MAX_SHAPES` (cleared when full)."""
+_MAX_SHAPES = 1024
+
+
+def _shape(keys: tuple[str, ...]) -> tuple[bytes, list[tuple[str, bytes]]] | None:
+    """The cached header and sorted encoded keys of a mapping with ``keys``; ``None`` when a key
+    is not valid UTF-8 (the general encoder explains why)."""
+    try:
+        pairs = sorted((k.encode("utf-8"), k) for k in keys)
+    except UnicodeEncodeError:
+        return None
+    shape = (mapping_header(len(pairs)), [(k, _STR + _PACK_LEN(len(raw)) + raw) for raw, k in pairs])
+    if len(_SHAPES) >= _MAX_SHAPES:
+        _SHAPES.clear()
+    _SHAPES[keys] = shape
+    return shape
+
+
 def encode_flat_mapping(value: Any) -> bytes | None:
     """``canonical_encode(value)`` of a flat ``dict`` of ``str`` to ``None | bool | int | float |
     str`` (exact types, no subclasses), else ``None``.
 
     The same bytes without the error-path bookkeeping of :func:`canonical_encode`, which
-    dominates the cost of encoding small feature mappings. Any other shape, and any input
+    dominates the cost of encoding small feature mappings; the keys' encoding and order are
+    computed once per distinct key tuple. Any other shape, and any input
     :func:`canonical_encode` would refuse, returns ``None``: call :func:`canonical_encode_fast`
     to fall back automatically.
     """
     if type(value) is not dict:
         return None
-    try:
-        items = sorted((k.encode("utf-8"), v) for k, v in value.items())
-    except (AttributeError, UnicodeEncodeError):
-        return None  # a key that is not a str, or not valid UTF-8
-    out = [_DICT, _PACK_LEN(len(items))]
-    for raw_key, v in items:
-        out += (_STR, _PACK_LEN(len(raw_key)), raw_key)
+    keys = tuple(value)
+    if set(map(type, keys)) - {str}:
+        return None  # a key that is not exactly a str: the general encoder decides
+    shape = _SHAPES.get(keys) or _shape(keys)
+    if shape is None:
+        return None
+    header, encoded_keys = shape
+    out = [header]
+    append = out.append
+    for key, raw_key in encoded_keys:
+        v = value[key]
+        append(raw_key)
         kind = type(v)
         if kind is float:
-            out.append(_float_bytes(v))
+            append(_ENCODED_NAN if v != v else _FLOAT + _PACK_DOUBLE(v))
         elif kind is int:
-            out.append(_int_bytes(v))
+            append(_int_bytes(v))
         elif kind is str:
             try:
                 raw = v.encode("utf-8")
             except UnicodeEncodeError:
                 return None
-            out += (_STR, _PACK_LEN(len(raw)), raw)
+            append(_STR + _PACK_LEN(len(raw)) + raw)
         elif v is None:
-            out.append(_NONE)
+            append(_NONE)
         elif v is True:
-            out.append(_TRUE)
+            append(_TRUE)
         elif v is False:
-            out.append(_FALSE)
+            append(_FALSE)
         else:
             return None
     return b"".join(out)

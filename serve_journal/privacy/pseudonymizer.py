@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -57,10 +56,10 @@ class StaticKeyPseudonymizer:
         for subject, encoded in zip(subjects, encoded_features, strict=True):
             token = None
             if subject is not None:
-                token = hmac.new(self._key, b"subject\0" + subject.encode("utf-8", "surrogatepass"),
-                                 hashlib.sha256).hexdigest()[:32]
+                token = hmac.digest(self._key, b"subject\0" + subject.encode("utf-8", "surrogatepass"),
+                                    "sha256").hex()[:32]
             digest = None
             if encoded is not None:
-                digest = hmac.new(self._key, b"features\0" + encoded, hashlib.sha256).hexdigest()
+                digest = hmac.digest(self._key, b"features\0" + encoded, "sha256").hex()
             out.append(Protected(token, digest, self._key_id))
         return out

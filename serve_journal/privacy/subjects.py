@@ -25,7 +25,6 @@ it was read, even by a replica that never saw the tombstone (idle, or pruned bef
 from __future__ import annotations
 
 import enum
-import hashlib
 import hmac
 import logging
 import os
@@ -81,7 +80,7 @@ def _features_key(data_key: bytes, subject_key: bytes) -> bytes:
 def features_hmac(encoded: bytes, data_key: bytes, subject_key: bytes | None = None) -> str:
     """Hex ``features_hmac`` of a canonical encoding (see the module docstring)."""
     key = data_key if subject_key is None else _features_key(data_key, subject_key)
-    return hmac.new(key, _FEATURES_PREFIX + encoded, hashlib.sha256).hexdigest()
+    return hmac.digest(key, _FEATURES_PREFIX + encoded, "sha256").hex()
 
 
 @dataclass
@@ -256,7 +255,7 @@ class VaultPseudonymizer:
                         fkey = entry.feature_keys.get(key_id)
                         if fkey is None:
                             fkey = entry.feature_keys[key_id] = _features_key(data_key, entry.key.key)
-                        digest = hmac.new(fkey, _FEATURES_PREFIX + encoded, hashlib.sha256).hexdigest()
+                        digest = hmac.digest(fkey, _FEATURES_PREFIX + encoded, "sha256").hex()
                 out.append(Protected(entry.token if entry else None, digest, key_id))
             return out
 

@@ -19,7 +19,6 @@ guessed caller ids.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 from collections.abc import Sequence
@@ -70,8 +69,8 @@ def is_caller_token(value: object) -> bool:
 
 def caller_token(key: bytes, caller: str) -> str:
     """The caller token of ``caller`` under the ``caller-token`` purpose key ``key``."""
-    digest = hmac.new(key, _CALLER_PREFIX + caller.encode("utf-8", "surrogatepass"),
-                      hashlib.sha256).hexdigest()
+    digest = hmac.digest(key, _CALLER_PREFIX + caller.encode("utf-8", "surrogatepass"),
+                         "sha256").hex()
     return CALLER_TOKEN_PREFIX + digest[:TOKEN_HEX_CHARS]
 
 

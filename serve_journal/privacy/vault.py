@@ -190,8 +190,8 @@ class SubjectVault:
 
     def blind_index(self, subject_id: str) -> bytes:
         """The vault's row id for ``subject_id``: a keyed HMAC, not reversible without the index key."""
-        return hmac.new(self._index_key, b"subject-index\0" + _subject_bytes(subject_id),
-                        hashlib.sha256).digest()
+        return hmac.digest(self._index_key, b"subject-index\0" + _subject_bytes(subject_id),
+                           "sha256")
 
     def get_many(self, subject_ids: Iterable[str]) -> dict[str, SubjectKey]:
         """Keys of the subjects that have one; never creates a key."""
