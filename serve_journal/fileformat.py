@@ -80,15 +80,13 @@ def sort_for_lookup(table: pa.Table) -> pa.Table:
     return table.take(indices)
 
 
-def encode_parquet(table: pa.Table, options: ParquetOptions = HOT_OPTIONS) -> bytes:
-    """Sort ``table`` for lookups and encode it as one Parquet file in memory."""
-    table = sort_for_lookup(conform_entries(table))
-    sink = pa.BufferOutputStream()
+def _writer_kwargs(options: ParquetOptions, bloom_ndv: dict[str, int] | None) -> dict:
+    """``pq.ParquetWriter`` keyword arguments for ``options``; ``bloom_ndv``: column -> distinct
+    values per row group (no bloom filters when ``None`` or empty)."""
     extra: dict = {}
-    if options.bloom_filters and table.num_rows and options.bloom_columns:
+    if options.bloom_filters and bloom_ndv:
         extra["bloom_filter_options"] = {
-            column: {"ndv": _ndv(table, column, options.row_group_size), "fpp": options.bloom_fpp}
-            for column in options.bloom_columns
+            column: {"ndv": ndv, "fpp": options.bloom_fpp} for column, ndv in bloom_ndv.items()
         }
     if options.column_encoding:
         plain = dict(options.column_encoding)
@@ -96,29 +94,98 @@ def encode_parquet(table: pa.Table, options: ParquetOptions = HOT_OPTIONS) -> by
         extra["use_dictionary"] = [c for c in _DICTIONARY_COLUMNS if c not in plain]
     if options.data_page_size:
         extra["data_page_size"] = options.data_page_size
-    with pq.ParquetWriter(
-        sink,
-        ENTRY_SCHEMA,
-        compression=options.compression,
-        compression_level=options.compression_level,
-        write_statistics=True,
-        write_page_index=True,
-        sorting_columns=[pq.SortingColumn(ENTRY_SCHEMA.get_field_index("subject_token"), nulls_first=False)],
+    return {
+        "compression": options.compression,
+        "compression_level": options.compression_level,
+        "write_statistics": True,
+        "write_page_index": True,
+        "sorting_columns": [pq.SortingColumn(ENTRY_SCHEMA.get_field_index("subject_token"),
+                                             nulls_first=False)],
         **extra,
-    ) as writer:
+    }
+
+
+def encode_parquet(table: pa.Table, options: ParquetOptions = HOT_OPTIONS) -> bytes:
+    """Sort ``table`` for lookups and encode it as one Parquet file in memory."""
+    table = sort_for_lookup(conform_entries(table))
+    sink = pa.BufferOutputStream()
+    ndv = None
+    if options.bloom_filters and table.num_rows and options.bloom_columns:
+        ndv = {column: _ndv(table, column, options.row_group_size)
+               for column in options.bloom_columns}
+    with pq.ParquetWriter(sink, ENTRY_SCHEMA, **_writer_kwargs(options, ndv)) as writer:
         writer.write_table(table, row_group_size=options.row_group_size)
     return sink.getvalue().to_pybytes()
 
 
+class SortedParquetWriter:
+    """Write one journal file from tables that arrive already in lookup order
+    (:func:`sort_for_lookup`), a row group at a time: memory holds one row group, not the file.
+
+    Row groups are cut every ``options.row_group_size`` rows exactly as :func:`encode_parquet`
+    cuts them, so the same rows give the same file. ``bloom_ndv`` (column -> distinct values in
+    the whole file, e.g. an estimate) sizes the bloom filters, see :func:`bloom_ndv`.
+    Use as a context manager; the file is complete only after a clean exit.
+    """
+
+    def __init__(self, where: str | pa.NativeFile, options: ParquetOptions, *, rows: int,
+                 distinct: dict[str, int] | None = None) -> None:
+        ndv = None
+        if options.bloom_filters and rows and options.bloom_columns:
+            distinct = distinct or {}
+            ndv = {column: bloom_ndv(distinct.get(column, rows), rows, options.row_group_size)
+                   for column in options.bloom_columns}
+        self._rows_per_group = options.row_group_size
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self.rows = 0
+        self._writer = pq.ParquetWriter(where, ENTRY_SCHEMA, **_writer_kwargs(options, ndv))
+
+    def write(self, table: pa.Table) -> None:
+        """Append ``table`` (entries in lookup order, after everything written so far)."""
+        table = conform_entries(table)
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        self.rows += table.num_rows
+        while self._pending_rows >= self._rows_per_group:
+            self._flush(self._rows_per_group)
+
+    def _flush(self, rows: int) -> None:
+        buffered = pa.concat_tables(self._pending)
+        self._writer.write_table(buffered.slice(0, rows).combine_chunks(),
+                                 row_group_size=self._rows_per_group)
+        rest = buffered.slice(rows)
+        self._pending = [rest] if rest.num_rows else []
+        self._pending_rows = rest.num_rows
+
+    def close(self) -> None:
+        """Write the last (partial) row group and the footer."""
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        self._writer.close()
+
+    def __enter__(self) -> SortedParquetWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def bloom_ndv(distinct: int, rows: int, row_group_size: int) -> int:
+    """Distinct values one row group holds (a bloom filter's size), from ``distinct`` values over
+    ``rows`` rows: all rows for near-unique columns, the share of the distinct values for sorted
+    repeating ones."""
+    group = min(rows, row_group_size)
+    if distinct >= rows * 0.9:
+        return max(64, group)
+    share = -(-distinct * group // rows)
+    return max(64, min(group, int(share * 1.25) + 1))
+
+
 def _ndv(table: pa.Table, column: str, row_group_size: int) -> int:
-    """Distinct values one row group of ``column`` holds (the bloom filter's size): all rows for
-    near-unique columns, the share of the table's distinct values for sorted repeating ones."""
-    rows = min(table.num_rows, row_group_size)
-    distinct = pc.count_distinct(table.column(column)).as_py()
-    if distinct >= table.num_rows * 0.9:
-        return max(64, rows)
-    share = -(-distinct * rows // table.num_rows)
-    return max(64, min(rows, int(share * 1.25) + 1))
+    """:func:`bloom_ndv` of ``column`` of ``table``."""
+    return bloom_ndv(pc.count_distinct(table.column(column)).as_py(), table.num_rows,
+                     row_group_size)
 
 
 def decode_parquet(data: bytes) -> pa.Table:

@@ -105,7 +105,19 @@ def fingerprint_files(storage: JournalStorage, paths: Sequence[str]) -> Fingerpr
     """Fingerprint the entries of journal files (any supported schema version, mixed), reading
     one column at a time; a file of an earlier version has nulls in the columns it lacks."""
     files = [pq.ParquetFile(pa.BufferReader(storage.read(p))) for p in paths]
-    rows = sum(f.metadata.num_rows for f in files)
+    return _fingerprint_parquet([lambda f=f: f for f in files])
+
+
+def fingerprint_local_files(paths: Sequence[str]) -> Fingerprint:
+    """:func:`fingerprint_files` of Parquet files on the local disk, each opened only while one
+    of its columns is read (a day has thousands of files; none is held in memory whole): a
+    rewrite fingerprints the copies it spooled."""
+    return _fingerprint_parquet([lambda p=p: pq.ParquetFile(p) for p in paths])
+
+
+def _fingerprint_parquet(files: Sequence[Callable[[], pq.ParquetFile]]) -> Fingerprint:
+    """Fingerprint files opened by the callables ``files`` (called once per column read)."""
+    rows = sum(open_file().metadata.num_rows for open_file in files)
 
     def one(file: pq.ParquetFile, name: str, typ: pa.DataType) -> list[pa.Array]:
         if name not in file.schema_arrow.names and name in ADDED_COLUMNS:
@@ -114,6 +126,6 @@ def fingerprint_files(storage: JournalStorage, paths: Sequence[str]) -> Fingerpr
 
     def column(name: str) -> pa.ChunkedArray:
         typ = ENTRY_SCHEMA.field(name).type
-        return pa.chunked_array([c for f in files for c in one(f, name, typ)], type=typ)
+        return pa.chunked_array([c for f in files for c in one(f(), name, typ)], type=typ)
 
     return _fingerprint_columns(rows, column)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -86,6 +86,43 @@ def root_from_leaf_hashes(hashes: Sequence[bytes]) -> bytes:
             nxt.append(level[-1])
         level = nxt
     return level[0]
+
+
+class MerkleRootBuilder:
+    """The Merkle tree hash of leaf hashes given one at a time, in order, in ``O(log n)`` memory:
+    a file of any size streams its leaves through it (a rewrite does, row group by row group).
+
+    It keeps the roots of the perfect subtrees the leaves so far fill, largest first (the binary
+    digits of the count); :meth:`root` joins them right to left, which is exactly the RFC's
+    largest-power-of-two split, so it equals :func:`root_from_leaf_hashes` of all the leaves.
+    """
+
+    def __init__(self) -> None:
+        self._subtrees: list[tuple[int, bytes]] = []
+        self.size = 0
+
+    def add(self, leaf_digest: bytes) -> None:
+        """Append one leaf hash (see :func:`leaf_hash`)."""
+        size, digest = 1, leaf_digest
+        while self._subtrees and self._subtrees[-1][0] == size:
+            left_size, left = self._subtrees.pop()
+            size, digest = left_size + size, node_hash(left, digest)
+        self._subtrees.append((size, digest))
+        self.size += 1
+
+    def extend(self, leaf_digests: Iterable[bytes]) -> None:
+        """Append leaf hashes in order."""
+        for digest in leaf_digests:
+            self.add(digest)
+
+    def root(self) -> bytes:
+        """The Merkle tree hash of the leaves added so far (:data:`EMPTY_ROOT` for none)."""
+        if not self._subtrees:
+            return EMPTY_ROOT
+        digest = self._subtrees[-1][1]
+        for _, left in reversed(self._subtrees[:-1]):
+            digest = node_hash(left, digest)
+        return digest
 
 
 def merkle_root(leaves: Sequence[bytes]) -> bytes:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from serve_journal.catalog import (
     CommitMarker,
@@ -52,9 +53,16 @@ from serve_journal.catalog.layout import (
     PartitionKey,
 )
 from serve_journal.errors import CompactionError, UnrecordedInputError
-from serve_journal.fileformat import ParquetOptions, decode_parquet, encode_parquet, sort_for_lookup
-from serve_journal.integrity.fingerprint import Fingerprint, fingerprint, fingerprint_files
-from serve_journal.integrity.manifest import MANIFEST_PREFIX, build_file_record
+from serve_journal.fileformat import ParquetOptions, decode_parquet
+from serve_journal.integrity.fingerprint import Fingerprint, fingerprint_local_files
+from serve_journal.integrity.manifest import MANIFEST_PREFIX, ManifestRecord
+from serve_journal.maintain.rewrite import (
+    FileSummary,
+    RewriteWorkspace,
+    SpooledFile,
+    parse_memory_limit,
+    summarize,
+)
 from serve_journal.read.verify import signed_records
 from serve_journal.schema import ENTRY_SCHEMA
 from serve_journal.sink.settings import SinkSettings, settings_for
@@ -66,10 +74,12 @@ COMMITS_PREFIX = "_commits"
 COMPACTED_PREFIX = "c-"
 MARKER_VERSION = 1
 
-FileWrittenHook = Callable[[StoredObject, pa.Table, tuple[str, ...]], None]
-"""``on_file_written(stored, table, replaces)``: called for every file compaction or lifecycle
+FileWrittenHook = Callable[[StoredObject, FileSummary, tuple[str, ...]], None]
+"""``on_file_written(stored, summary, replaces)``: called for every file compaction or lifecycle
 wrote (or found already written by an earlier, interrupted run: the hook must be idempotent per
-``stored.path``), after it verified and before its commit marker exists."""
+``stored.path``), after it verified and before its commit marker exists. ``summary`` holds what
+its manifest record says (rows, time range, sequence ranges, Merkle root), computed by streaming
+the file: a day file is never one table in memory."""
 
 RetentionCheck = Callable[[str], bool]
 """``retention_allows(relative_path) -> bool``: may this replaced file be deleted now?"""
@@ -120,13 +130,13 @@ def read_files(
 # --------------------------------------------------------------------------------------------
 
 
-def _split(table: pa.Table, max_rows: int) -> list[pa.Table]:
-    table = sort_for_lookup(table)
-    if table.num_rows <= max_rows:
-        return [table]
-    parts = -(-table.num_rows // max_rows)
-    size = -(-table.num_rows // parts)
-    return [table.slice(i, size) for i in range(0, table.num_rows, size)]
+def file_sizes(rows: int, max_rows: int) -> int:
+    """Rows per file when ``rows`` entries are split into files of at most ``max_rows``: equal
+    parts (the last one the rest)."""
+    if rows <= max_rows:
+        return max(rows, 1)
+    parts = -(-rows // max_rows)
+    return -(-rows // parts)
 
 
 def write_verified(
@@ -135,7 +145,8 @@ def write_verified(
     key: PartitionKey,
     tier: str,
     name: str,
-    table: pa.Table,
+    inputs: Sequence[SpooledFile],
+    workspace: RewriteWorkspace,
     expected: Fingerprint,
     options: ParquetOptions,
     max_rows_per_file: int,
@@ -143,33 +154,54 @@ def write_verified(
     on_file_written: FileWrittenHook | None,
     crash: CrashHook | None,
 ) -> list[tuple[str, str]]:
-    """Write (or find) the file set ``name`` holding ``table`` and check it against ``expected``;
-    returns ``(path, sha256)`` of each new file."""
-    parts = _split(table, max_rows_per_file)
-    paths = []
+    """Write (or find) the file set ``name`` holding the entries of ``inputs`` (spooled into
+    ``workspace``), sorted in bounded memory, and check it against ``expected``; returns
+    ``(path, sha256)`` of each new file."""
+    rows = sum(pq.ParquetFile(f.local).metadata.num_rows for f in inputs)
+    per_file = file_sizes(rows, max_rows_per_file)
+    count = max(1, -(-rows // per_file))
+    names = [name] if count == 1 else [f"{name}-{i}" for i in range(count)]
+    paths = [DEFAULT_SPEC.file_path(key, file_name, tier) for file_name in names]
+    to_write = [not storage.exists(path) for path in paths]
+    local = workspace.write_sorted(inputs, names, options, per_file) if any(to_write) else []
     stored_list = []
-    for i, part in enumerate(parts):
-        file_name = name if len(parts) == 1 else f"{name}-{i}"
-        path = DEFAULT_SPEC.file_path(key, file_name, tier)
+    for i, (file_name, path) in enumerate(zip(names, paths, strict=True)):
         try:
-            stored = storage.put_new(path, encode_parquet(part, options))
+            if not to_write[i]:
+                raise ObjectExistsError(path)
+            with open(local[i], "rb") as handle:
+                stored = storage.put_new(path, handle.read())
         except ObjectExistsError:  # an earlier run died after writing it: check it like a new one
-            data = storage.read(path)
-            stored = StoredObject(path, len(data), hashlib.sha256(data).hexdigest())
-        paths.append(path)
-        stored_list.append((stored, part))
+            found = workspace.fetch(storage, path, file_name)
+            stored = StoredObject(path, found.size, found.sha256)
+        stored_list.append(stored)
         if crash:
             crash(f"{tier}-file-written")
-    got = fingerprint_files(storage, paths)
+    # Re-read what the storage holds: it must be the local copy, which is then fingerprinted.
+    locals_ = [workspace.out_path(file_name) for file_name in names]
+    for stored, copy in zip(stored_list, locals_, strict=True):
+        held = hashlib.sha256(storage.read(stored.path)).hexdigest()
+        if held != stored.sha256 or _sha256_file(copy) != held:
+            raise CompactionError(f"rewritten file {stored.path} does not read back as written; "
+                                  "nothing was committed")
+    got = fingerprint_local_files(locals_)
     if got != expected:
         raise CompactionError(
             f"rewritten files {paths} do not hold the entries they replace "
             f"(rows {got.rows}, expected {expected.rows}); nothing was committed"
         )
     if on_file_written is not None:
-        for stored, part in stored_list:
-            on_file_written(stored, part, replaces)
-    return [(stored.path, stored.sha256) for stored, _ in stored_list]
+        for stored, copy in zip(stored_list, locals_, strict=True):
+            on_file_written(stored, summarize(copy), replaces)
+    return [(stored.path, stored.sha256) for stored in stored_list]
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def delete_replaced(
@@ -224,12 +256,20 @@ class CompactionOptions:
     after it was merged become a further day file (the existing one is not rewritten)."""
     parquet: ParquetOptions | None = None
     """Encoding; default: the hot options with ``row_group_size``."""
+    memory_limit: int | str | None = None
+    """Bytes a rewrite may use (``"2GiB"`` and the like accepted); ``None``: the
+    ``SERVE_JOURNAL_MEMORY_LIMIT`` environment variable, else 2 GiB. The sort spills to
+    ``temp_dir`` beyond it, so any day size fits."""
+    temp_dir: str | None = None
+    """Where a rewrite spools its inputs and spills its sort (default: the system temp folder);
+    needs about twice the partition's size free."""
 
     def __post_init__(self) -> None:
         for name in ("row_group_size", "max_rows_per_file", "min_files"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        object.__setattr__(self, "memory_limit", parse_memory_limit(self.memory_limit))
 
     def encoding(self) -> ParquetOptions:
         # fpp 1%: a day holds hundreds of row groups, 5% would let ~5% of them through per lookup
@@ -320,21 +360,23 @@ def compact_partition(
     options = options or CompactionOptions()
     inputs = tuple(sorted(inputs))
     name = set_name(COMPACTED_PREFIX, inputs)
-    table = read_files(storage, inputs, recorded)
-    expected = fingerprint(table)
-    new_files = write_verified(
-        storage,
-        key=key,
-        tier=tier,
-        name=name,
-        table=table,
-        expected=expected,
-        options=options.encoding(),
-        max_rows_per_file=options.max_rows_per_file,
-        replaces=inputs,
-        on_file_written=on_file_written,
-        crash=_crash,
-    )
+    with RewriteWorkspace(options.memory_limit, options.temp_dir) as workspace:
+        spooled = workspace.spool(storage, inputs, recorded)
+        expected = fingerprint_local_files([f.local for f in spooled])
+        new_files = write_verified(
+            storage,
+            key=key,
+            tier=tier,
+            name=name,
+            inputs=spooled,
+            workspace=workspace,
+            expected=expected,
+            options=options.encoding(),
+            max_rows_per_file=options.max_rows_per_file,
+            replaces=inputs,
+            on_file_written=on_file_written,
+            crash=_crash,
+        )
     marker = commit(
         storage,
         kind="compaction",
@@ -359,6 +401,7 @@ def collect_replaced(
     on_file_written: FileWrittenHook | None = None,
     before_delete: Callable[[], None] | None = None,
     cache: MarkerCache | None = None,
+    memory_limit: int | str | None = None,
     _crash: CrashHook | None = None,
 ) -> CompactionReport:
     """Delete files that committed rewrites replaced, once their new files check again.
@@ -383,7 +426,7 @@ def collect_replaced(
         # before signing. (Deletes wait for the signature, so a partly deleted set was signed.)
         if on_file_written is not None and marker.path not in report.compacted \
                 and len(pending) == len(marker.replaces) \
-                and not adopt_marker(storage, marker, on_file_written):
+                and not adopt_marker(storage, marker, on_file_written, memory_limit):
             report.skipped_unverified.append(marker.path)
             continue
         due.append(marker)
@@ -397,20 +440,23 @@ def collect_replaced(
 
 
 def adopt_marker(storage: JournalStorage, marker: CommitMarker,
-                 on_file_written: FileWrittenHook) -> bool:
+                 on_file_written: FileWrittenHook, memory_limit: int | str | None = None) -> bool:
     """Record ``marker``'s new files again (with what they replace) in this run's chain, when
     every file it replaces is still here and the new files hold exactly their entries. So a
     rewrite whose run died between its commit and its signature is signed by the next run, and
     nothing is signed that a reader would see differently. ``False`` when it cannot be adopted."""
     if not all(storage.exists(p) for p in marker.replaces):
         return False
-    if fingerprint_files(storage, list(marker.replaces)) != fingerprint_files(
-            storage, list(marker.new_files)):
-        return False
-    for path in marker.new_files:
-        data = storage.read(path)
-        stored = StoredObject(path, len(data), hashlib.sha256(data).hexdigest())
-        on_file_written(stored, decode_parquet(data), tuple(marker.replaces))
+    with RewriteWorkspace(memory_limit) as workspace:
+        old = workspace.spool(storage, list(marker.replaces))
+        new = [workspace.fetch(storage, path, f"adopt-{i}")
+               for i, path in enumerate(marker.new_files)]
+        if fingerprint_local_files([f.local for f in old]) != fingerprint_local_files(
+                [f.local for f in new]):
+            return False
+        for found in new:
+            stored = StoredObject(found.path, found.size, found.sha256)
+            on_file_written(stored, summarize(found.local), tuple(marker.replaces))
     return True
 
 
@@ -470,6 +516,7 @@ def compact(
             on_file_written=on_file_written,
             before_delete=before_delete,
             cache=cache,
+            memory_limit=options.memory_limit,
             _crash=_crash,
         )
     return report
@@ -482,10 +529,14 @@ def manifest_recorder(manifest_log) -> FileWrittenHook:
     After a crash between the append and the commit marker, a re-run appends a second record for
     the same path and sha256; verification treats such records as one file.
     """
-    def record(stored: StoredObject, table: pa.Table, replaces: tuple[str, ...]) -> None:
+    def record(stored: StoredObject, summary: FileSummary, replaces: tuple[str, ...]) -> None:
         tier = DEFAULT_SPEC.parse(stored.path)[0]
-        manifest_log.append(build_file_record(stored, table, tier, manifest_log.chain_id,
-                                              replaces=list(replaces)))
+        manifest_log.append(ManifestRecord(
+            path=stored.path, sha256=stored.sha256, size=stored.size, row_count=summary.rows,
+            min_ts_us=summary.min_ts_us, max_ts_us=summary.max_ts_us,
+            seq_ranges=summary.seq_ranges, merkle_root=summary.merkle_root, tier=tier,
+            version_id=stored.version_id, replaces=list(replaces), chain_id=manifest_log.chain_id,
+        ))
 
     return record
 

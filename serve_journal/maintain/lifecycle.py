@@ -42,7 +42,7 @@ from serve_journal.catalog import (
 )
 from serve_journal.catalog.layout import COLD, DEFAULT_SPEC, HOT, TIERS, PartitionKey
 from serve_journal.fileformat import COLD_OPTIONS, ParquetOptions
-from serve_journal.integrity.fingerprint import fingerprint
+from serve_journal.integrity.fingerprint import fingerprint_local_files
 from serve_journal.maintain.compaction import (
     CompactionError,
     CrashHook,
@@ -53,10 +53,10 @@ from serve_journal.maintain.compaction import (
     adopt_marker,
     delete_replaced,
     manifest_recorder,
-    read_files,
     recorded_hashes,
     write_verified,
 )
+from serve_journal.maintain.rewrite import RewriteWorkspace, parse_memory_limit
 from serve_journal.sink.settings import SinkSettings, settings_for
 from serve_journal.storage import JournalStorage
 
@@ -175,15 +175,20 @@ def apply(
     recorded: RecordedHashes | None = None,
     before_delete: Callable[[], None] | None = None,
     signer: MarkerSigner | None = None,
+    memory_limit: int | str | None = None,
+    temp_dir: str | None = None,
     _crash: CrashHook | None = None,
 ) -> LifecycleReport:
     """Carry out ``lifecycle_plan``; a dry run (the default) only reports. ``signer`` (the
     journal's manifest signer) signs the commit markers; then only markers it signed count.
+    ``memory_limit`` bounds the memory a move uses (``None``: ``SERVE_JOURNAL_MEMORY_LIMIT``,
+    else 2 GiB); its sort spills to ``temp_dir`` (default: the system temp folder) beyond it.
 
     ``on_file_written(stored, table, replaces)`` records each cold file (see
     :func:`serve_journal.maintain.compaction.manifest_recorder`); without it ``serve-journal verify``
     reports the cold files as unrecorded."""
     report = LifecycleReport(dry_run=dry_run)
+    memory_limit = parse_memory_limit(memory_limit)
     cache = MarkerCache(signer.public_key) if signer is not None else None
     markers = list(lifecycle_plan.pending_expiry)
     for move in lifecycle_plan.moves:
@@ -191,32 +196,34 @@ def apply(
         if dry_run:
             report.moved.append(partition)
             continue
-        try:
-            table = read_files(storage, move.hot_files, recorded)
-        except UnrecordedInputError as exc:
-            report.refused.append((partition, str(exc)))
-            continue
-        expected = fingerprint(table)
-        try:
-            cold_files = write_verified(
-                storage,
-                key=move.key,
-                tier=COLD,
-                name=move.cold_name,
-                table=table,
-                expected=expected,
-                options=options,
-                max_rows_per_file=max_rows_per_file,
-                replaces=move.hot_files,
-                on_file_written=on_file_written,
-                crash=_crash,
-            )
-        except CompactionError:
-            report.refused.append((partition, "cold copy does not hold the hot entries"))
-            continue
-        except OSError as exc:
-            report.refused.append((partition, f"cold copy unreadable ({type(exc).__name__})"))
-            continue
+        with RewriteWorkspace(memory_limit, temp_dir) as workspace:
+            try:
+                spooled = workspace.spool(storage, move.hot_files, recorded)
+            except UnrecordedInputError as exc:
+                report.refused.append((partition, str(exc)))
+                continue
+            expected = fingerprint_local_files([f.local for f in spooled])
+            try:
+                cold_files = write_verified(
+                    storage,
+                    key=move.key,
+                    tier=COLD,
+                    name=move.cold_name,
+                    inputs=spooled,
+                    workspace=workspace,
+                    expected=expected,
+                    options=options,
+                    max_rows_per_file=max_rows_per_file,
+                    replaces=move.hot_files,
+                    on_file_written=on_file_written,
+                    crash=_crash,
+                )
+            except CompactionError:
+                report.refused.append((partition, "cold copy does not hold the hot entries"))
+                continue
+            except OSError as exc:
+                report.refused.append((partition, f"cold copy unreadable ({type(exc).__name__})"))
+                continue
         if lock is not None:
             lock([p for p, _ in cold_files])
         marker = commit(
@@ -251,7 +258,7 @@ def apply(
         # run records it again, if the cold copy holds exactly the hot entries still here.
         if on_file_written is not None and path in earlier \
                 and all(storage.exists(p) for p in marker.replaces) \
-                and not adopt_marker(storage, marker, on_file_written):
+                and not adopt_marker(storage, marker, on_file_written, memory_limit):
             report.refused.append((path, "cold copy does not hold the hot entries"))
             continue
         due.append(marker)
@@ -273,6 +280,7 @@ def run_lifecycle(
     now: dt.datetime | None = None,
     options: ParquetOptions = COLD_OPTIONS,
     settings: SinkSettings | None = None,
+    memory_limit: int | str | None = None,
 ) -> LifecycleReport:
     """``serve-journal lifecycle run [--hot-days N] [--apply]`` for the journal at ``journal_uri``.
 
@@ -299,7 +307,8 @@ def run_lifecycle(
         report = apply_plan(storage, the_plan, dry_run=False, options=options,
                             on_file_written=manifest_recorder(manifest),
                             recorded=recorded_hashes(storage, manifest.signer.export_public_key()),
-                            before_delete=manifest.checkpoint, signer=manifest.signer)
+                            before_delete=manifest.checkpoint, signer=manifest.signer,
+                            memory_limit=memory_limit)
     finally:
         manifest.checkpoint()
     report.plan = the_plan

@@ -1,0 +1,171 @@
+"""Compaction and lifecycle of one large day in bounded memory: peak RSS and time per million rows.
+
+Writes a synthetic fraud day (``bench_query``'s generator: v2 entries, ``--files-per-hour`` hot
+files per hour) and then, each in a child process of its own so its peak RSS
+(``ru_maxrss``) is its own, compacts it at day level and moves it to the cold tier under
+``--memory-limit``. Reports rows, input and output bytes, seconds, seconds per million rows,
+peak RSS, the load average and the temp space the rewrite used.
+
+    .venv/bin/python -m benchmarks.bench_compaction --rows 10000000
+    .venv/bin/python -m benchmarks.bench_compaction --rows 50000000 --no-lifecycle
+
+The section in docs/benchmarks.md is replaced by the last run (``--no-docs`` to leave it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from benchmarks._common import write_docs_section
+from benchmarks.bench_query import DAY, build, machine
+
+START, END = "<!-- bench_compaction:start -->", "<!-- bench_compaction:end -->"
+
+CHILD = """
+import datetime as dt, json, resource, sys, time
+from serve_journal.maintain import lifecycle
+from serve_journal.maintain.compaction import CompactionOptions, compact
+from serve_journal.storage import LocalJournalStorage
+root, step, limit, temp = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+storage = LocalJournalStorage(root)
+day = dt.datetime.fromisoformat(sys.argv[5])
+t = time.perf_counter()
+if step == "compact":
+    report = compact(storage, now=day + dt.timedelta(days=1, hours=1),
+                     options=CompactionOptions(memory_limit=limit, temp_dir=temp))
+    done = len(report.compacted)
+else:
+    plan = lifecycle.plan(storage, day + dt.timedelta(days=31))
+    report = lifecycle.apply(storage, plan, dry_run=False, memory_limit=limit, temp_dir=temp)
+    done = len(report.moved)
+    assert not report.refused, report.refused
+seconds = time.perf_counter() - t
+print(json.dumps({"seconds": seconds, "done": done,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(folder, name))
+            except OSError:
+                pass
+    return total
+
+
+def _tier_bytes(root: Path, tier: str) -> tuple[int, int]:
+    """Bytes and number of the live-looking data files of ``tier`` (after deletes)."""
+    files = [p for p in (root / tier).rglob("*.parquet")]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def run_step(root: Path, step: str, limit: str, temp: Path) -> dict:
+    """Run ``step`` (compact | lifecycle) in a child; sample the temp space it uses."""
+    peak_temp = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(2.0):
+            peak_temp[0] = max(peak_temp[0], _tree_bytes(temp))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    load_before = os.getloadavg()
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(root), step, limit, str(temp),
+                           DAY.isoformat()], capture_output=True, text=True, check=False)
+    stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{step} failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out.update(load_before=load_before, load_after=os.getloadavg(), peak_temp=peak_temp[0])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=10_000_000)
+    parser.add_argument("--files-per-hour", type=int, default=24)
+    parser.add_argument("--memory-limit", default="2GiB")
+    parser.add_argument("--no-lifecycle", action="store_true", help="compaction only")
+    parser.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--append", action="store_true",
+                        help="add this run's rows to the docs table instead of replacing it")
+    args = parser.parse_args(argv)
+
+    work = Path(args.dir or tempfile.mkdtemp(prefix="bench-compaction-"))
+    root, temp = work / "journal", work / "tmp"
+    temp.mkdir(parents=True, exist_ok=True)
+    from serve_journal.storage import LocalJournalStorage
+
+    t = time.perf_counter()
+    build(LocalJournalStorage(str(root)), args.rows, args.files_per_hour, args.seed)
+    write_s = time.perf_counter() - t
+    hot_in, files_in = _tier_bytes(root, "hot")
+    print(f"wrote {args.rows:,} rows in {files_in} files, {hot_in / 2**20:,.0f} MiB "
+          f"({write_s:.0f} s)", file=sys.stderr)
+    rows = []
+    steps = ["compact"] + ([] if args.no_lifecycle else ["lifecycle"])
+    for step in steps:
+        result = run_step(root, step, args.memory_limit, temp)
+        tier = "hot" if step == "compact" else "cold"
+        size, files = _tier_bytes(root, tier)
+        result.update(step=step, rows=args.rows, bytes_per_entry=size / args.rows, files=files)
+        print(json.dumps(result), file=sys.stderr)
+        rows.append(result)
+    if args.dir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    table = [
+        f"| {r['step']} | {r['rows']:,} | {args.memory_limit} | {r['seconds']:,.0f} | "
+        f"{r['seconds'] / (r['rows'] / 1e6):.1f} | {r['peak_rss'] / 2**30:.2f} | "
+        f"{r['peak_temp'] / 2**30:.1f} | {r['bytes_per_entry']:.1f} ({r['files']} file(s)) | "
+        f"{r['load_before'][0]:.1f} / {r['load_after'][0]:.1f} |"
+        for r in rows
+    ]
+    print("\n".join(table))
+    if not args.no_docs:
+        path = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+        header = [
+            "## Compaction and lifecycle in bounded memory",
+            "",
+            f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC. {machine()}",
+            "",
+            "A synthetic fraud day (`bench_query`'s generator, v2 entries, "
+            f"{args.files_per_hour} hot files per hour) compacted at day level, then moved to the "
+            "cold tier, each step in a child process (peak RSS is its `ru_maxrss`). The rewrite "
+            "spools the checked inputs to a temp folder, sorts them with DuckDB under 60% of the "
+            "limit (spilling beyond it) and streams the sorted rows into the output files a row "
+            "group at a time. Command: `.venv/bin/python -m benchmarks.bench_compaction "
+            f"--rows {args.rows} --memory-limit {args.memory_limit}`.",
+            "",
+            "| step | rows | memory limit | seconds | s per million rows | peak RSS GiB | "
+            "peak temp GiB | output B/entry | load avg before / after |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        text = path.read_text() if path.exists() else ""
+        previous = []
+        if args.append and START in text:
+            block = text[text.index(START):text.index(END)]
+            previous = [line for line in block.splitlines() if line.startswith("| compact")
+                        or line.startswith("| lifecycle")]
+        write_docs_section(path, START, END, "\n".join(header + previous + table))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,311 @@
+"""Rewriting a set of journal files into sorted files in bounded memory (compaction, lifecycle).
+
+A finished day can hold tens of millions of entries, far more than fit in memory. A rewrite
+therefore never holds the day as one table:
+
+1. each input is read from the storage once, checked against its manifest record, and its
+   checked bytes are spooled to a private temporary folder (journal files hold tokens and HMACs,
+   never raw values);
+2. DuckDB sorts the spooled files by subject token then time (``fileformat.sort_for_lookup``'s
+   order; ties keep the input order, as that stable sort does) under a ``memory_limit``,
+   spilling to the temporary folder beyond it;
+3. the sorted rows stream into :class:`~serve_journal.fileformat.SortedParquetWriter` a row
+   group at a time, split into files of at most ``max_rows_per_file`` rows;
+4. each written file is summarized by streaming it back row group by row group
+   (:class:`FileSummary`: row count, time range, sequence ranges, Merkle root over its rows in
+   file order), which is what its manifest record promises.
+
+Peak memory is the DuckDB limit plus one row group and one file's bytes while it is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from serve_journal.errors import UnrecordedInputError
+from serve_journal.fileformat import SORT_KEYS, ParquetOptions, SortedParquetWriter
+from serve_journal.integrity.merkle import MerkleRootBuilder, table_leaf_hashes
+from serve_journal.schema import conform_entries
+from serve_journal.storage import JournalStorage
+
+DEFAULT_MEMORY_LIMIT = 2 * 1024**3
+"""Bytes a compaction or lifecycle run may use for sorting (``--memory-limit``,
+``SERVE_JOURNAL_MEMORY_LIMIT``): 2 GiB."""
+MIN_MEMORY_LIMIT = 64 * 1024**2
+MEMORY_LIMIT_ENV = "SERVE_JOURNAL_MEMORY_LIMIT"
+
+_SORT_SHARE = 0.6
+"""Share of the limit given to DuckDB's sort; the rest holds row groups in flight, the file
+being stored and the fingerprint's columns."""
+_BATCH_ROWS = 64 * 1024
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+          "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_memory_limit(value: int | str | None) -> int:
+    """Bytes from ``value`` (``2147483648``, ``"2GiB"``, ``"512MB"``); ``None``: the
+    ``SERVE_JOURNAL_MEMORY_LIMIT`` environment variable, else :data:`DEFAULT_MEMORY_LIMIT`."""
+    if value is None:
+        value = os.environ.get(MEMORY_LIMIT_ENV) or DEFAULT_MEMORY_LIMIT
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"memory limit must be bytes or a size like '2GiB' or '512MB', "
+                             f"got {value!r}")
+        value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_MEMORY_LIMIT:
+        raise ValueError(f"memory limit must be at least {MIN_MEMORY_LIMIT} bytes (64MiB), "
+                         f"got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class FileSummary:
+    """What a manifest record says about a data file, computed by streaming the file."""
+
+    rows: int
+    min_ts_us: int | None
+    max_ts_us: int | None
+    seq_ranges: dict[str, list[list[int]]] = field(default_factory=dict)
+    merkle_root: str = ""
+
+
+@dataclass(frozen=True)
+class SpooledFile:
+    """A journal file checked against its record and copied to a local path."""
+
+    path: str
+    """Its path in the storage."""
+    local: str
+    size: int
+    sha256: str
+
+
+_PREFIX = "serve-journal-rewrite-"
+
+
+def remove_stale_workspaces(temp_dir: str | None = None) -> list[str]:
+    """Remove the workspaces of rewrite processes that died (``kill -9`` skips their cleanup:
+    spooled copies and spill files would pile up); returns the folders removed."""
+    parent = temp_dir or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        match = re.fullmatch(re.escape(_PREFIX) + r"(\d+)-.+", name)
+        if not match or _alive(int(match.group(1))):
+            continue
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        removed.append(os.path.join(parent, name))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RewriteWorkspace:
+    """A private temporary folder holding spooled inputs, DuckDB's spill files and new files
+    before they are stored; removed on exit (use as a context manager)."""
+
+    def __init__(self, memory_limit: int | str | None = None, temp_dir: str | None = None) -> None:
+        self.memory_limit = parse_memory_limit(memory_limit)
+        remove_stale_workspaces(temp_dir)
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"{_PREFIX}{os.getpid()}-", dir=temp_dir)
+        self.root = self._tmp.name
+        for sub in ("in", "out", "spill"):
+            os.makedirs(os.path.join(self.root, sub))
+
+    def __enter__(self) -> RewriteWorkspace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._tmp.cleanup()
+
+    def out_path(self, name: str) -> str:
+        """Where the new file ``name`` is written before it is stored."""
+        return os.path.join(self.root, "out", f"{name}.parquet")
+
+    def spool(self, storage: JournalStorage, paths: Sequence[str],
+              recorded: dict | None = None) -> list[SpooledFile]:
+        """Copy ``paths`` (in this order) to the workspace, one file in memory at a time. With
+        ``recorded`` (``{path: {sha256}}``), each file's bytes must match one of its manifest
+        records (:class:`UnrecordedInputError` otherwise): the copy is of the bytes checked."""
+        out = []
+        for i, path in enumerate(paths):
+            data = storage.read(path)
+            digest = hashlib.sha256(data).hexdigest()
+            if recorded is not None and digest not in recorded.get(path, ()):
+                raise UnrecordedInputError(
+                    f"input {path} does not match its manifest record (altered, or never "
+                    "recorded); run `serve-journal verify`; it was not rewritten"
+                )
+            local = os.path.join(self.root, "in", f"{i:08d}.parquet")
+            with open(local, "wb") as handle:
+                handle.write(data)
+            out.append(SpooledFile(path, local, len(data), digest))
+            del data
+        return out
+
+    def fetch(self, storage: JournalStorage, path: str, name: str) -> SpooledFile:
+        """Copy the stored file ``path`` to :meth:`out_path` ``(name)`` (an earlier run wrote it)."""
+        data = storage.read(path)
+        local = self.out_path(name)
+        with open(local, "wb") as handle:
+            handle.write(data)
+        return SpooledFile(path, local, len(data), hashlib.sha256(data).hexdigest())
+
+    # -- sorting ---------------------------------------------------------------------------
+
+    def _connect(self):  # -> duckdb.DuckDBPyConnection
+        import duckdb  # inside: seconds of start-up, only maintenance sorts with it
+
+        con = duckdb.connect(config={
+            "memory_limit": f"{int(self.memory_limit * _SORT_SHARE) // 1024**2}MiB",
+            "temp_directory": os.path.join(self.root, "spill"),
+            "threads": 1 if self.memory_limit < 1024**3 else max(1, min(os.cpu_count() or 1, 2)),
+            "preserve_insertion_order": False,
+        })
+        con.execute("SET enable_progress_bar = false")  # it would print to our stdout
+        return con
+
+    @staticmethod
+    def _source(files: Sequence[SpooledFile]) -> str:
+        # Workspace paths are ours (digits under a temp folder): no glob character to escape.
+        listed = ", ".join("'" + f.local.replace("'", "''") + "'" for f in files)
+        return (f"read_parquet([{listed}], union_by_name = true, filename = true, "
+                "file_row_number = true)")
+
+    def distinct_counts(self, files: Sequence[SpooledFile], columns: Sequence[str]) -> dict[str, int]:
+        """Estimated distinct values of ``columns`` over ``files`` (HyperLogLog: bloom filter
+        sizes only, so an estimate is enough and memory stays small)."""
+        if not files or not columns:
+            return {}
+        con = self._connect()
+        try:
+            select = ", ".join(f'approx_count_distinct("{c}")' for c in columns)
+            row = con.execute(f"SELECT {select} FROM {self._source(files)}").fetchone()
+        finally:
+            con.close()
+        return {c: int(v or 0) for c, v in zip(columns, row, strict=True)}
+
+    def sorted_tables(self, files: Sequence[SpooledFile]) -> Iterator[pa.Table]:
+        """The entries of ``files`` in lookup order (subject token, then time, nulls last; ties
+        in input order: file, then row), as entry-schema tables of at most 64k rows."""
+        if not files:
+            return
+        order = ", ".join(f'"{name}" {"ASC" if how == "ascending" else "DESC"} NULLS LAST'
+                          for name, how, _ in SORT_KEYS)
+        con = self._connect()
+        try:
+            reader = con.sql(
+                f"SELECT * EXCLUDE (filename, file_row_number) FROM {self._source(files)} "
+                f"ORDER BY {order}, filename, file_row_number"
+            ).to_arrow_reader(_BATCH_ROWS)
+            for batch in reader:
+                # DuckDB's list/struct names and string types differ from the entry schema's
+                yield conform_entries(pa.Table.from_batches([batch]))
+        finally:
+            con.close()
+
+    def write_sorted(self, files: Sequence[SpooledFile], names: Sequence[str],
+                     options: ParquetOptions, rows_per_file: int) -> list[str]:
+        """Write the entries of ``files`` sorted into local files named ``names`` (of
+        ``rows_per_file`` rows, the last one the rest); returns their local paths."""
+        total = sum(pq.ParquetFile(f.local).metadata.num_rows for f in files)
+        distinct = self.distinct_counts(files, options.bloom_columns if options.bloom_filters
+                                        else ())
+        paths = [self.out_path(name) for name in names]
+        tables = self.sorted_tables(files)
+        pending: pa.Table | None = None
+        for i, local in enumerate(paths):
+            want = min(rows_per_file, total - i * rows_per_file)
+            share = {c: -(-n * want // total) for c, n in distinct.items()} if total else {}
+            with SortedParquetWriter(local, options, rows=want, distinct=share) as writer:
+                while writer.rows < want:
+                    if pending is None:
+                        pending = next(tables, None)
+                        if pending is None:
+                            break
+                    take = want - writer.rows
+                    writer.write(pending.slice(0, take))
+                    pending = pending.slice(take) if pending.num_rows > take else None
+        return paths
+
+
+def summarize(local: str) -> FileSummary:
+    """Row count, time range, sequence ranges and Merkle root of the journal file at ``local``,
+    read one row group at a time."""
+    parquet = pq.ParquetFile(local)
+    merkle = MerkleRootBuilder()
+    lo = hi = None
+    runs: dict[str, list[list[int]]] = {}
+    for group in range(parquet.num_row_groups):
+        table = conform_entries(parquet.read_row_group(group))
+        merkle.extend(table_leaf_hashes(table))
+        if table.num_rows:
+            bounds = pc.min_max(table.column("ts").cast(pa.int64()))
+            lo = _pick(min, lo, bounds["min"].as_py())
+            hi = _pick(max, hi, bounds["max"].as_py())
+        _add_runs(runs, table.column("producer_id"), table.column("seq"))
+    return FileSummary(rows=merkle.size, min_ts_us=lo, max_ts_us=hi,
+                       seq_ranges=_merge_runs(runs), merkle_root=merkle.root().hex())
+
+
+def _pick(fn, current, value):
+    if value is None:
+        return current
+    return value if current is None else fn(current, value)
+
+
+def _add_runs(runs: dict[str, list[list[int]]], producers: pa.ChunkedArray,
+              seqs: pa.ChunkedArray) -> None:
+    """Add the maximal consecutive runs of one row group to ``runs`` (merged at the end)."""
+    table = pa.table({"p": producers.fill_null(""), "s": seqs})
+    for p in pc.unique(table.column("p")).to_pylist():
+        values = table.filter(pc.equal(table.column("p"), p)).column("s")
+        seq = np.sort(pc.unique(values.drop_null()).to_numpy(zero_copy_only=False))
+        if not len(seq):
+            continue
+        breaks = (seq[1:] != seq[:-1] + 1).nonzero()[0]
+        starts = [seq[0], *seq[breaks + 1]]
+        ends = [*seq[breaks], seq[-1]]
+        runs.setdefault(p, []).extend([int(a), int(b)] for a, b in zip(starts, ends, strict=True))
+
+
+def _merge_runs(runs: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
+    """Sorted, maximal, non-overlapping runs per producer (as ``sequence_ranges`` gives)."""
+    out: dict[str, list[list[int]]] = {}
+    for producer in sorted(runs):
+        merged: list[list[int]] = []
+        for lo, hi in sorted(runs[producer]):
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        out[producer] = merged
+    return out
+
+
+__all__ = ["DEFAULT_MEMORY_LIMIT", "MEMORY_LIMIT_ENV", "FileSummary", "RewriteWorkspace",
+           "SpooledFile", "parse_memory_limit", "summarize"]
