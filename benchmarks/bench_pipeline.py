@@ -46,14 +46,18 @@ SIZES = {
     "tiny": {"rates": (), "producers": 1, "seconds": 1.0, "latency_rate": 1_000, "latency_seconds": 1.5,
              "drain_entries": 0},
     "quick": {"rates": (5_000, 20_000, 50_000, 100_000), "producers": 2, "seconds": 4.0,
-              "latency_rate": 5_000, "latency_seconds": 6.0, "drain_entries": 60_000},
+              "latency_rate": 5_000, "latency_rates": (5_000, 20_000), "latency_seconds": 6.0,
+              "drain_entries": 60_000},
     "full": {"rates": (10_000, 25_000, 50_000, 75_000, 100_000), "producers": 2, "seconds": 15.0,
-             "latency_rate": 5_000, "latency_seconds": 20.0, "drain_entries": 300_000},
+             "latency_rate": 5_000, "latency_rates": (5_000, 20_000), "latency_seconds": 20.0,
+             "drain_entries": 300_000},
 }
 TARGET_ACTORS = 50_000
 TARGET_KAFKA = 20_000
 TARGET_P99_MS = 1_000.0
 TICK_S = 0.01
+SLOW_TAIL_S = 2.0
+"""A drain tail longer than this is diagnosed: rows on disk over time, sinks' and producers' state."""
 
 
 @ray.remote(num_cpus=0)
@@ -103,7 +107,11 @@ class Producer:
                "transport_dropped": transport_dropped}
         transport_counters = getattr(self.runtime.transport, "counters", None)
         if transport_counters is not None:  # Kafka: how much went through the disk spool
-            out["spooled"] = int(transport_counters().get("spooled", 0))
+            counters = transport_counters()
+            out["spooled"] = int(counters.get("spooled", 0))
+            out["transport"] = {k: counters.get(k) for k in ("sent", "spooled", "drained", "held_entries",
+                                                             "spool_entries")}
+            out["transport"]["in_flight"] = self.runtime.transport.in_flight()
         return out
 
     def close(self) -> None:
@@ -163,6 +171,19 @@ class _Path:
             ray.get(actor.start.remote())
             self.sinks.append(actor)
 
+    def sink_stats(self) -> list:
+        """Each sink actor's next offsets and counters (diagnosis of a slow drain)."""
+        out = []
+        for actor in self.sinks:
+            try:
+                stats = ray.get(actor.stats.remote(), timeout=10)
+            except Exception as exc:  # noqa: BLE001 - a diagnosis, not the measure
+                stats = {"error": type(exc).__name__}
+            out.append({k: v for k, v in stats.items()
+                        if k in ("next_offsets", "rows_written", "files_written", "undecodable",
+                                 "duplicates", "write_failures", "error")})
+        return out
+
     def stop_sinks(self) -> None:
         for actor in self.sinks:
             with contextlib.suppress(Exception):
@@ -212,7 +233,7 @@ def _sink_drain(path: _Path, entries: int) -> dict[str, Any]:
 
 
 def _one_level(path: _Path, rate: float, producers: int, seconds: float, durable_timeout: float,
-               wait_for_roll: bool) -> tuple[dict[str, Any], Path]:
+               wait_for_roll: bool, notes: list[str] | None = None) -> tuple[dict[str, Any], Path]:
     journal = path.root / f"j-{path.kind}-{uuid.uuid4().hex[:6]}"
     if path.kind == "kafka":
         # a fresh topic per level: a new journal's sinks start from the topic's beginning
@@ -226,11 +247,17 @@ def _one_level(path: _Path, rate: float, producers: int, seconds: float, durable
         runs = ray.get([a.run.remote(rate / producers, seconds) for a in actors])
         captured = sum(r["captured"] for r in runs)
         capture_s = time.monotonic() - t0
+        timeline: list[tuple[float, int]] = []  # (seconds since the end of capture, rows on disk)
+
         def all_durable() -> bool:
             # Entries dropped (counted, with a reason) never reach the journal: waiting for
             # `captured` rows after a drop would only wait out the timeout.
             dropped = sum(c["dropped"] for c in ray.get([a.counts.remote() for a in actors]))
-            return parquet_rows(journal / "hot") >= captured - dropped
+            rows = parquet_rows(journal / "hot")
+            since = time.monotonic() - t0 - capture_s
+            if not timeline or since - timeline[-1][0] >= 1.0:
+                timeline.append((round(since, 1), rows))
+            return rows >= captured - dropped
 
         if wait_for_roll:
             # no forced flush: let the flusher and the writers' own roll make entries durable
@@ -244,6 +271,11 @@ def _one_level(path: _Path, rate: float, producers: int, seconds: float, durable
         durable_s = time.monotonic() - t0
         on_disk = parquet_rows(journal / "hot")
         counts = ray.get([a.counts.remote() for a in actors])
+        if notes is not None and durable_s - capture_s > SLOW_TAIL_S:
+            notes.append(
+                f"{path.kind} at {rate:,.0f}/s: drain tail {durable_s - capture_s:.1f} s; rows on disk "
+                f"after the end of capture (s, rows): {timeline[:12]}; {on_disk:,} of {captured:,}; "
+                f"producers: {[c.get('transport', {}) for c in counts]}; sinks: {path.sink_stats()}")
         ray.get([a.close.remote() for a in actors])
     finally:
         for a in actors:
@@ -301,7 +333,8 @@ def run(size: str = "quick", workdir: str | os.PathLike[str] | None = None,
                     path.topic = topic
                 for rate in params["rates"]:
                     try:
-                        row, _ = _one_level(path, rate, params["producers"], params["seconds"], 60.0, False)
+                        row, _ = _one_level(path, rate, params["producers"], params["seconds"], 60.0, False,
+                                            notes)
                     except Exception as exc:  # noqa: BLE001 - a broken path is reported, not fatal
                         notes.append(f"{kind} at {rate}/s failed: {type(exc).__name__}: {exc}")
                         break
@@ -311,18 +344,21 @@ def run(size: str = "quick", workdir: str | os.PathLike[str] | None = None,
                         drain = _sink_drain(path, params["drain_entries"])
                     except Exception as exc:  # noqa: BLE001
                         notes.append(f"kafka sink drain failed: {type(exc).__name__}: {exc}")
-                try:
-                    row, journal = _one_level(path, params["latency_rate"], 1, params["latency_seconds"],
-                                              60.0, True)
-                    row["steady"] = True
-                    rows.append(row)
-                    lat = percentiles_ms(_persistence_latencies(journal))
-                    latency_rows.append({"path": kind, "rate": params["latency_rate"],
-                                         "seconds": params["latency_seconds"], **lat,
-                                         "rows_on_disk": row["rows_on_disk"], "captured": row["captured"],
-                                         "target_p99_ms": TARGET_P99_MS})
-                except Exception as exc:  # noqa: BLE001
-                    notes.append(f"{kind} latency run failed: {type(exc).__name__}: {exc}")
+                for latency_rate in params.get("latency_rates", (params["latency_rate"],)):
+                    # one producer up to 5,000/s (as before), the run's producers above
+                    producers = 1 if latency_rate <= 5_000 else params["producers"]
+                    try:
+                        row, journal = _one_level(path, latency_rate, producers, params["latency_seconds"],
+                                                  60.0, True, notes)
+                        row["steady"] = True
+                        rows.append(row)
+                        lat = percentiles_ms(_persistence_latencies(journal))
+                        latency_rows.append({"path": kind, "rate": latency_rate, "producers": producers,
+                                             "seconds": params["latency_seconds"], **lat,
+                                             "rows_on_disk": row["rows_on_disk"], "captured": row["captured"],
+                                             "target_p99_ms": TARGET_P99_MS})
+                    except Exception as exc:  # noqa: BLE001
+                        notes.append(f"{kind} latency run at {latency_rate}/s failed: {type(exc).__name__}: {exc}")
     for kind, target in (("actors", TARGET_ACTORS), ("kafka", TARGET_KAFKA)):
         kept = [r for r in rows if r["path"] == kind]
         if kept:

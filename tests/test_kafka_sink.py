@@ -125,6 +125,23 @@ def test_roll_counts_from_when_the_first_message_was_sent(tmp_path):
     assert sink.chunk_due(chunk, born, sent_at)
 
 
+def test_a_drained_partitions_chunk_rolls_at_half_the_age(tmp_path):
+    """Nothing more came in the last poll: the chunk is written at roll_seconds / 2 (persistence
+    latency), not before (files do not shrink to one message each)."""
+    sink = KafkaSink(_sink_settings("127.0.0.1:1", roll_seconds=1.0, roll_bytes=10_000),
+                     LocalJournalStorage(str(tmp_path)))
+    sent_at = 1_000_000.0
+    sink._add(0, 0, b"x" * 100, (), timestamp_ms=int(sent_at * 1000))
+    chunk = sink._chunks[0]
+    born = chunk.born
+    assert not sink.chunk_due(chunk, born + 0.1, sent_at + 0.1, drained=True)
+    assert not sink.chunk_due(chunk, born + 0.49, sent_at + 0.49, drained=False)
+    assert sink.chunk_due(chunk, born + 0.5, sent_at + 0.5, drained=True)
+    # Sent 0.4 s before it arrived: due 0.1 s after arrival, at half the age, when drained.
+    assert not sink.chunk_due(chunk, born + 0.05, sent_at + 0.45, drained=True)
+    assert sink.chunk_due(chunk, born + 0.13, sent_at + 0.53, drained=True)
+
+
 def test_end_to_end_exactly_once_and_restart_resumes(kafka_broker, tmp_path):
     kafka_broker.create_topic(TOPIC, PARTITIONS)
     storage = LocalJournalStorage(str(tmp_path / "journal"))

@@ -55,7 +55,7 @@ class JournalWriter:
                                                           self._observe_file])
         self.checkpoint_errors = 0
         self._stop = threading.Event()
-        tick = min(0.1, settings.roll_seconds / 4)
+        tick = min(0.05, settings.roll_seconds / 8)  # the roll check is cheap: wait little past due
         self._roller = threading.Thread(target=self._roll_loop, args=(tick,), daemon=True)
         self._roller.start()
 

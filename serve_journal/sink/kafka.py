@@ -390,6 +390,8 @@ class KafkaSink:
         else:
             batches = {}
             await asyncio.sleep(min(self._retry_delay(), self.settings.poll_timeout_ms / 1000))
+        # Caught up: polled and nothing more came (the producers' batches are in).
+        drained = {tp.partition for tp in active} - {tp.partition for tp, r in batches.items() if r}
         for tp, records in batches.items():
             for record in records:
                 self._add(tp.partition, record.offset, record.value or b"", record.headers or (),
@@ -405,7 +407,7 @@ class KafkaSink:
                 self.stats["rebuild_cuts_abandoned"] += 1
                 self._rebuild.pop(p, None)
                 chunk.rebuild_end = None
-            if chunk.messages and not chunk.closed and self.chunk_due(chunk, now, wall):
+            if chunk.messages and not chunk.closed and self.chunk_due(chunk, now, wall, p in drained):
                 chunk.closed = True
                 self._ready[p].append(chunk)
         self._chunks = {p: c for p, c in self._chunks.items() if not c.closed}
@@ -426,17 +428,23 @@ class KafkaSink:
         return not (any(tuple(self._rebuild.values())) or any(tuple(self._ready.values()))
                     or any(c.rebuild_end is not None for c in tuple(self._chunks.values())))
 
-    def chunk_due(self, chunk: _Chunk, now: float, wall: float) -> bool:
+    def chunk_due(self, chunk: _Chunk, now: float, wall: float, drained: bool = False) -> bool:
         """Whether ``chunk`` is to be written now (``now``: monotonic, ``wall``: epoch seconds).
 
         ``roll_seconds`` counts from when the chunk's first message was sent (its Kafka
         timestamp), so the time it spent in the producer and the broker is not added on top; a
         producer clock far behind the sink's still leaves chunks of at least ``roll_seconds / 4``
         of consuming. Without a timestamp it counts from when the sink received the message.
+        When its partition is ``drained`` (the last poll brought nothing more) a chunk is written
+        at half that age: nothing would join it soon, so waiting only adds latency.
         """
         roll = self.settings.roll_seconds
         if now - chunk.born >= roll or chunk.nbytes >= self.settings.roll_bytes:
             return True
+        if drained:
+            roll /= 2
+            if now - chunk.born >= roll:
+                return True
         return chunk.first_sent is not None and wall - chunk.first_sent >= roll and now - chunk.born >= roll / 4
 
     def _retry_delay(self) -> float:

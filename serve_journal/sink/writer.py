@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from serve_journal.catalog.layout import DEFAULT_SPEC, PartitionKey, PartitionSpec
 from serve_journal.fileformat import HOT_OPTIONS, ParquetOptions, encode_parquet
@@ -42,6 +43,8 @@ class OpenPartition:
     nbytes: int = 0
     rows: int = 0
     opened_at: float = field(default_factory=time.monotonic)
+    oldest_ts_s: float | None = None
+    """Epoch seconds of the oldest entry buffered (its capture time), when the rows have ``ts``."""
 
 
 RollPredicate = Callable[[PartitionKey, OpenPartition], bool]
@@ -98,6 +101,8 @@ class PartitionFileWriter:
             part = self._open.get(key)
             if part is None:
                 part = self._open[key] = OpenPartition()
+            if part.oldest_ts_s is None:
+                part.oldest_ts_s = _oldest_ts_s(batch)
             part.batches.append(batch)
             part.nbytes += batch.nbytes
             part.rows += batch.num_rows
@@ -106,9 +111,23 @@ class PartitionFileWriter:
             self.roll_quietly(lambda k, p: k == key)
 
     def roll_due(self) -> list[StoredObject]:
-        """Roll every partition open for ``roll_seconds`` or longer (quietly)."""
-        now = time.monotonic()
-        return self.roll_quietly(lambda k, p: now - p.opened_at >= self.roll_seconds)
+        """Roll (quietly) every partition due: see :meth:`due`."""
+        now, wall = time.monotonic(), time.time()
+        return self.roll_quietly(lambda k, p: self.due(p, now, wall))
+
+    def due(self, part: OpenPartition, now: float, wall: float) -> bool:
+        """Whether ``part`` is to be written now (``now``: monotonic, ``wall``: epoch seconds).
+
+        ``roll_seconds`` counts from the capture time of its oldest entry, so the time entries
+        spent in the replica's buffer and on the way here is not added on top (persistence
+        latency stays near ``roll_seconds``); a producer clock far behind this one still leaves
+        files of at least ``roll_seconds / 4`` of buffering. Without ``ts`` it counts from when
+        the partition opened here."""
+        age = now - part.opened_at
+        if age >= self.roll_seconds:
+            return True
+        return (part.oldest_ts_s is not None and wall - part.oldest_ts_s >= self.roll_seconds
+                and age >= self.roll_seconds / 4)
 
     def roll_quietly(self, predicate: RollPredicate) -> list[StoredObject]:
         """Roll; on a storage failure keep the rows buffered (retried next time) and count it."""
@@ -159,6 +178,13 @@ class PartitionFileWriter:
         """Rows buffered and not yet in a file."""
         with self._lock:
             return sum(p.rows for p in self._open.values())
+
+
+def _oldest_ts_s(batch: pa.RecordBatch) -> float | None:
+    if "ts" not in batch.schema.names or not batch.num_rows:
+        return None
+    oldest = pc.min(batch.column("ts").cast(pa.int64())).as_py()
+    return None if oldest is None else oldest / 1e6
 
 
 __all__ = ["FileWrittenHook", "OpenPartition", "PartitionFileWriter"]
