@@ -433,3 +433,39 @@ def test_arrow_forms_fall_back_for_types_they_do_not_vectorise():
     with pytest.raises(CanonicalEncodingError, match="unsupported type datetime"):
         encode_arrow_rows(pa.table({"ts": stamps}))
     assert encode_arrow_rows(pa.table({"x": pa.array([], pa.int64())})) == []
+
+
+@given(st.lists(text, min_size=1, max_size=6, unique=True),
+       st.lists(st.lists(flat_scalars, min_size=6, max_size=6), min_size=2, max_size=5),
+       st.randoms(use_true_random=False))
+@settings(max_examples=300, deadline=None)
+def test_flat_fast_path_with_cached_key_shapes_is_byte_identical(keys, rows, rnd):
+    """The same keys call after call (the cached shape), in any insertion order, with any values:
+    the bytes of the general encoder every time."""
+    for row in rows:
+        order = list(keys)
+        rnd.shuffle(order)
+        mapping = {k: row[keys.index(k)] for k in order}
+        assert encode_flat_mapping(mapping) == canonical_encode(mapping)
+        assert canonical_encode_fast(mapping) == canonical_encode(mapping)
+
+
+class _LooksLikeStr:
+    """A key equal to (and hashing like) a str without being one: the cache must not be fooled."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __eq__(self, other: object) -> bool:
+        return other == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
+def test_flat_fast_path_cache_is_not_fooled_by_keys_equal_to_a_cached_shape():
+    assert encode_flat_mapping({"amount": 1.0}) == canonical_encode({"amount": 1.0})  # cached now
+    impostor = {_LooksLikeStr("amount"): 1.0}
+    assert encode_flat_mapping(impostor) is None
+    with pytest.raises(CanonicalEncodingError):
+        canonical_encode_fast(impostor)

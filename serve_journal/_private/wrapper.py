@@ -7,7 +7,8 @@ to the buffer (:class:`~serve_journal._private.capture.JournaledCall`, the same 
 async methods). ``__init__`` and ``reconfigure`` run the user's code in a scope where
 :func:`serve_journal.load_model` pins the replica's model; ``reconfigure`` then checks whether the
 alias moved away from what serves (it never changes what entries record); ``__del__`` closes the
-runtime.
+runtime. Once ``__init__`` finished, the start-up heap is frozen (:func:`freeze_startup_heap`,
+``gc_freeze``).
 The wrapper never changes the method's result or exception.
 
 ``JournalRuntime``, ``annotate``, ``build_privacy`` and ``build_transport`` are re-exported here
@@ -17,6 +18,7 @@ for code that imported them from this module.
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -28,8 +30,8 @@ from .models import loading_for
 from .runtime import JournalRuntime
 from .wiring import build_privacy, build_transport
 
-__all__ = ["JournalRuntime", "annotate", "build_privacy", "build_transport", "journal_runtime",
-           "wrap_class"]
+__all__ = ["JournalRuntime", "annotate", "build_privacy", "build_transport", "freeze_startup_heap",
+           "journal_runtime", "wrap_class"]
 
 # The functions defined inside the functions below are pickled by value (Ray ships the wrapper
 # class to replicas); they reach module state only through importable module-level names
@@ -99,6 +101,8 @@ def wrap_class(user_cls: type, config: JournalConfig) -> type:
         runtime = self._serve_journal_runtime = JournalRuntime(config)
         with loading_for(runtime):  # load_model in __init__ pins this replica's model
             user_init(self, *args, **kwargs)
+        if config.gc_freeze:
+            freeze_startup_heap()
 
     user_reconfigure = getattr(user_cls, "reconfigure", None)
 
@@ -131,6 +135,18 @@ def wrap_class(user_cls: type, config: JournalConfig) -> type:
     attrs.update(__init__=__init__, reconfigure=reconfigure, __del__=__del__)
     functools.update_wrapper(__init__, user_init, assigned=("__doc__",))
     return type(user_cls.__name__, (user_cls,), attrs)
+
+
+def freeze_startup_heap() -> None:
+    """Collect once, then move every object alive now out of the collector's generations.
+
+    A replica's start-up heap (the model, MLflow, Ray, pandas ...) is hundreds of thousands of
+    objects that live as long as the process; each full collection walked them all while holding
+    the GIL (~173 ms measured, docs/benchmarks.md), stalling the event loop. Frozen, they are
+    never walked again (~8 ms). ``JournalConfig.gc_freeze=False`` turns this off.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _close_runtime(instance: Any) -> None:
