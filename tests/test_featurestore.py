@@ -26,6 +26,7 @@ from serve_journal.replay.featurestore import (
 from serve_journal.replay.rescore import MlflowRescorer
 from serve_journal.replay.tasks import JOURNAL_COLUMNS, TaskSpec, replay_batch
 from serve_journal.replay.verifiers import StaticKeyVerifier
+from serve_journal.schema import ENTRY_SCHEMA
 
 T0 = dt.datetime(2025, 3, 4, 10, 0, tzinfo=dt.UTC)
 
@@ -225,7 +226,7 @@ class _LocalMlflowRescorer(MlflowRescorer):
     def available(self, model_name: str, model_version: str) -> bool:
         return True
 
-    def feature_order(self, model_name: str, model_version: str) -> tuple[str, ...]:
+    def feature_order(self, model_name: str, model_version: str, **identity) -> tuple[str, ...]:
         return ("amount", "merchant")
 
     def _model(self, model_name: str, model_version: str):
@@ -244,6 +245,9 @@ def _replay_spec(store: ParquetFeatureStore, rescorer) -> tuple[pa.Table, TaskSp
         "subject_token": [protected.subject_token], "model_name": ["fraud"],
         "model_version": ["3"], "features_hmac": [protected.features_hmac], "key_id": ["k1"],
         "score": [0.5], "threshold": [0.5], "decision": ["block"], "outcome": ["ok"],
+        # Schema v2's artifact identity, unknown here: re-scored by version.
+        "model_run_id": pa.nulls(1, pa.string()), "model_digest": pa.nulls(1, pa.string()),
+        "models": pa.nulls(1, ENTRY_SCHEMA.field("models").type),
     }).select(JOURNAL_COLUMNS)
     spec = TaskSpec(f"leak-{id(rescorer)}", store, StaticKeyVerifier("k1", key), rescorer, None,
                     None, None, None, 1e-6)

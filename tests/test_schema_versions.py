@@ -94,6 +94,10 @@ class V1Journal:
 @pytest.fixture
 def v1(tmp_path) -> V1Journal:
     shutil.copytree(DATA, tmp_path / "v1")
+    # git keeps no 0600: the secrets of the committed journal get back the mode their readers
+    # require (a fresh clone checks them out 0644).
+    for secret in ("journal-signing/signing.pem", "journal-keys/keys/kek"):
+        os.chmod(tmp_path / "v1" / secret, 0o600)
     return V1Journal(tmp_path / "v1")
 
 
