@@ -168,7 +168,7 @@ def test_v2_round_trip_is_exact_with_nulls_and_non_finite_floats():
     assert math.isnan(scores[1]) and scores[2] == math.inf and scores[3] == -math.inf
     headers = dict(wire.HEADERS)
     assert headers[wire.WIRE_VERSION_HEADER] == b"2"
-    assert headers["content-type"] == b"application/vnd.apache.arrow.stream"
+    assert headers["content-type"] == b"application/vnd.serve-journal.arrow-stream+zstd"
     assert wire.check_headers(wire.HEADERS) == 2 and wire.check_headers(wire.JSON_HEADERS) == 1
 
 
@@ -220,10 +220,28 @@ def _v2_bad(kind: str, good: bytes) -> bytes:
                                      pa.array([None] + seq[1:], type=pa.int64())))
     if kind == "empty":
         return b""
+    if kind == "bomb":  # declares 4 GiB: refused before anything is inflated
+        return wire.MAGIC + (2**32 - 1).to_bytes(4, "big") + good[8:]
+    if kind == "wrong length":
+        return wire.MAGIC + (int.from_bytes(good[4:8], "big") + 1).to_bytes(4, "big") + good[8:]
+    if kind == "short envelope":
+        return wire.MAGIC + b"\x00"
+    if kind == "bad frame":
+        return good[:8] + bytes(reversed(good[8:]))
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "random", "json", "other schema", "null required", "empty"])
+def test_v2_values_are_one_zstd_frame_of_a_stream_small_for_few_entries():
+    (one,) = wire.encode_messages(make_entries(1, nulls=False), [b"k"])
+    assert one.value.startswith(wire.MAGIC) and len(one.value) < 2_000
+    assert one.value[8:12] == b"\x28\xb5\x2f\xfd"  # a standard ZSTD frame
+    # A bare Arrow IPC stream (what buffer-compressing writers produce) is read too.
+    table = pa.Table.from_batches([make_entries(3, nulls=True)])
+    assert wire.decode_message(_ipc(table)).equals(table)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random", "json", "other schema", "null required", "empty",
+                                  "bomb", "wrong length", "short envelope", "bad frame"])
 def test_a_bad_v2_message_is_refused_whole_and_the_chunk_keeps_the_others(kind):
     from serve_journal.sink.kafka import build_chunk_parts
 

@@ -2,18 +2,24 @@
 
 Version 2 of the wire format (written by this release):
 
-* **value**: an Arrow IPC *stream* (``pyarrow.ipc``) of one record batch with the entry schema of
-  the version the header names (``serve_journal.schema.ENTRY_SCHEMA``), ZSTD-compressed buffers
-  (IPC body compression), up to ``max_bytes`` (default 512 KiB, always under the producer's
-  ``max_batch_size``). Every entry of one message has the same message key (same model, time
-  bucket and shard), so a message lands on the partition each of its entries routes to. Readers
+* **value**: the 4 bytes ``SJA2``, the length of the uncompressed stream (unsigned 32-bit,
+  big-endian), then one ZSTD frame of an Arrow IPC *stream* (``pyarrow.ipc``, uncompressed
+  buffers) of one record batch with the entry schema of the version the header names
+  (``serve_journal.schema.ENTRY_SCHEMA``); up to ``max_bytes`` (default 512 KiB, always under the
+  producer's ``max_batch_size``). The stream is compressed whole, not buffer by buffer (IPC body
+  compression): a one-entry message is ~1.3 KB instead of ~6 KB, and compressing 2,000 entries
+  takes ~1 ms instead of ~12 ms. Every entry of one message has the same message key (same model,
+  time bucket and shard), so a message lands on the partition each of its entries routes to.
+  Readers refuse a declared length above ``MAX_DECODED_BYTES`` (64 MiB) before decompressing
+  anything (no decompression bomb) and a frame that does not inflate to exactly that length, then
   check the stream (``validate(full=True)``), the schema and the required columns; a message that
-  fails is one undecodable message, never a partial one.
+  fails is one undecodable message, never a partial one. A bare Arrow IPC stream (buffer
+  compression or none) is read too.
 * **integrity**: Kafka's record-batch CRC-32C covers key, value and headers in the broker and on
   the wire; version 1 had no digest of its own and version 2 adds none (the entries are signed
   where it matters: the sink's manifest records). The spool's records carry their own checksum.
 * **headers**: ``serve_journal.schema_version``, ``serve_journal.wire_version`` (``2``) and
-  ``content-type`` (``application/vnd.apache.arrow.stream``).
+  ``content-type`` (``application/vnd.serve-journal.arrow-stream+zstd``).
 
 Version 1 (the previous release; still read, e.g. from a topic during an upgrade):
 
@@ -69,11 +75,16 @@ from serve_journal.schema import (
 WIRE_VERSION = 2
 JSON_WIRE_VERSION = 1
 SUPPORTED_WIRE_VERSIONS = frozenset({JSON_WIRE_VERSION, WIRE_VERSION})
-CONTENT_TYPE = "application/vnd.apache.arrow.stream"
+CONTENT_TYPE = "application/vnd.serve-journal.arrow-stream+zstd"
 JSON_CONTENT_TYPE = "application/json"
 MAX_MESSAGE_BYTES = 512 * 1024
 """Default bound of one version 2 message value (Kafka's default ``max.message.bytes`` is 1 MiB)."""
 COMPRESSION = "zstd"
+MAGIC = b"SJA2"
+"""First bytes of a version 2 value: a ZSTD-compressed Arrow IPC stream follows its length."""
+MAX_DECODED_BYTES = 64 * 1024 * 1024
+"""Largest uncompressed stream a reader inflates (a 512 KiB message holds ~10 MiB of entries)."""
+_ENVELOPE = struct.Struct(">4sI")
 
 SCHEMA_VERSION_HEADER = "serve_journal.schema_version"
 WIRE_VERSION_HEADER = "serve_journal.wire_version"
@@ -159,14 +170,36 @@ class KeyedMessage:
     entries: int
 
 
-_IPC_OPTIONS = pa.ipc.IpcWriteOptions(compression=COMPRESSION)
+_IPC_OPTIONS = pa.ipc.IpcWriteOptions()
 
 
 def _ipc_bytes(batch: pa.RecordBatch) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, batch.schema, options=_IPC_OPTIONS) as writer:
         writer.write_batch(batch)
-    return sink.getvalue().to_pybytes()
+    stream = sink.getvalue()
+    return _ENVELOPE.pack(MAGIC, stream.size) + pa.compress(stream, codec=COMPRESSION, asbytes=True)
+
+
+def _ipc_stream(value: bytes) -> pa.Buffer:
+    """The Arrow IPC stream inside a version 2 value (a bare stream is returned as it is)."""
+    if not value.startswith(MAGIC):
+        return pa.py_buffer(value)
+    if len(value) < _ENVELOPE.size:
+        raise WireFormatError("message value is truncated (no stream length)")
+    _, size = _ENVELOPE.unpack_from(value)
+    if size > MAX_DECODED_BYTES:
+        raise WireFormatError(f"message value declares {size} uncompressed bytes, over the bound "
+                              f"of {MAX_DECODED_BYTES}")
+    try:
+        stream = pa.decompress(memoryview(value)[_ENVELOPE.size:], decompressed_size=size,
+                               codec=COMPRESSION)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise WireFormatError(f"message value does not decompress to its declared length "
+                              f"({type(exc).__name__})") from None
+    if stream.size != size:
+        raise WireFormatError("message value does not decompress to its declared length")
+    return stream
 
 
 def encode_messages(batch: pa.RecordBatch | pa.Table, keys: Sequence[bytes], *,
@@ -207,8 +240,9 @@ def _encode_bounded(key: bytes, rows: pa.RecordBatch, max_bytes: int, out: list[
 def decode_message(value: bytes) -> pa.Table:
     """One version 2 message value to an entry table (current schema); :class:`WireFormatError`
     when it is not one valid Arrow IPC stream of entries (never a partial table)."""
+    stream = _ipc_stream(bytes(value))
     try:
-        table = pa.ipc.open_stream(pa.py_buffer(value)).read_all()
+        table = pa.ipc.open_stream(stream).read_all()
         table.validate(full=True)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise WireFormatError(f"message value is not a valid Arrow IPC stream ({type(exc).__name__})") from None
@@ -483,6 +517,8 @@ def unpack_frame(frame: bytes) -> list[tuple[bytes, bytes]]:
 
 __all__ = [
     "COMPRESSION",
+    "MAGIC",
+    "MAX_DECODED_BYTES",
     "CONTENT_TYPE",
     "HEADERS",
     "JSON_CONTENT_TYPE",
