@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -26,12 +27,13 @@ from serve_journal.errors import ConfigError
 from serve_journal.integrity.certificates import COUNTERS_KEY_FILE, provision_key
 from serve_journal.integrity.manifest import ManifestSigner
 from serve_journal.integrity.trust import TrustError, key_fingerprint, resolve_trust, signing_dir
-from serve_journal.maintain.compaction import run_compaction
+from serve_journal.maintain.compaction import CompactionOptions, run_compaction
 from serve_journal.maintain.lifecycle import (
     bytes_per_entry,
     run_lifecycle,
     s3_lifecycle_configuration,
 )
+from serve_journal.maintain.rewrite import MEMORY_LIMIT_ENV, parse_memory_limit
 from serve_journal.privacy.forget import ForgetHooks, ForgetIncompleteError, forget_subject
 from serve_journal.privacy.keyring import Keyring
 from serve_journal.privacy.vault import SubjectVault
@@ -457,18 +459,43 @@ def sink(bootstrap: str, topic: str, partitions: str, journal_uri: str, roll_sec
                      kafka=kafka, journal=journal)
 
 
+def _memory_limit(value: str | None) -> int | None:
+    """``--memory-limit`` in bytes (``None``: the environment variable or the default)."""
+    if value is None:
+        return None
+    try:
+        return parse_memory_limit(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--memory-limit") from None
+
+
+def rewrite_options(command: Callable) -> Callable:
+    """``--memory-limit`` and ``--temp-dir`` of the commands that rewrite partitions."""
+    command = click.option(
+        "--temp-dir", default=None, type=click.Path(file_okay=False),
+        help="Where a rewrite spools its inputs and spills its sort (default: the system temp "
+             "folder); needs about twice the largest partition free.")(command)
+    return click.option(
+        "--memory-limit", default=None, metavar="SIZE",
+        help=f"Memory a rewrite may use, e.g. 2GiB or 512MB (default: ${MEMORY_LIMIT_ENV}, else "
+             "2GiB); the sort spills to --temp-dir beyond it, so any day size fits.")(command)
+
+
 @main.command()
 @click.option("--journal", "journal_uri", default="./journal", show_default=True)
 @click.option("--apply", "do_apply", is_flag=True, help="Act; without it, only report the plan.")
 @click.option("--as-of", "as_of", default=None, help=AS_OF_HELP)
+@rewrite_options
 @writer_options
-def compact(journal_uri: str, do_apply: bool, as_of: str | None, witness_uri: str | None,
-            signing_key_file: str | None, retention: str | None) -> None:
+def compact(journal_uri: str, do_apply: bool, as_of: str | None, memory_limit: str | None,
+            temp_dir: str | None, witness_uri: str | None, signing_key_file: str | None,
+            retention: str | None) -> None:
     """Merge the many small files of finished days into few sorted day files (verify-safe)."""
+    options = CompactionOptions(memory_limit=_memory_limit(memory_limit), temp_dir=temp_dir)
     settings = SinkSettings(journal_uri, witness_uri=witness_uri,
                             signing_key_file=signing_key_file, retention=_retention(retention))
     click.echo(run_compaction(journal_uri, apply=do_apply, now=_parse_time(as_of, "--as-of"),
-                              settings=settings).describe())
+                              options=options, settings=settings).describe())
 
 
 @main.group()
@@ -481,15 +508,18 @@ def lifecycle() -> None:
 @click.option("--hot-days", default=30, show_default=True, type=int)
 @click.option("--apply", "do_apply", is_flag=True, help="Act; without it (default) a dry run.")
 @click.option("--as-of", "as_of", default=None, help=AS_OF_HELP)
+@rewrite_options
 @writer_options
 def lifecycle_run(journal_uri: str, hot_days: int, do_apply: bool, as_of: str | None,
-                  witness_uri: str | None, signing_key_file: str | None,
-                  retention: str | None) -> None:
+                  memory_limit: str | None, temp_dir: str | None, witness_uri: str | None,
+                  signing_key_file: str | None, retention: str | None) -> None:
     """Rewrite partitions older than the hot window into the cold tier, check, then expire."""
+    limit = _memory_limit(memory_limit)
     settings = SinkSettings(journal_uri, witness_uri=witness_uri,
                             signing_key_file=signing_key_file, retention=_retention(retention))
     click.echo(run_lifecycle(journal_uri, apply=do_apply, hot_days=hot_days,
-                             now=_parse_time(as_of, "--as-of"), settings=settings).describe())
+                             now=_parse_time(as_of, "--as-of"), settings=settings,
+                             memory_limit=limit, temp_dir=temp_dir).describe())
 
 
 @lifecycle.command("s3-config")

@@ -172,3 +172,65 @@ def test_kill_9_during_compaction_loses_and_doubles_nothing(journal, stage, nth,
     leftovers = [p for p in storage.list_files("hot") if not p.rsplit("/", 1)[1].startswith("c-")]
     assert leftovers == []
     assert not [name for name in os.listdir(storage.root) if name.startswith(".tmp")]
+
+
+
+def test_cli_rewrites_take_a_memory_limit_and_a_temp_dir(tmp_path, monkeypatch):
+    """``compact`` and ``lifecycle run`` hand --memory-limit and --temp-dir to every rewrite of a
+    signed local journal, leave nothing in the temp folder, and refuse a bad size clearly."""
+    from click.testing import CliRunner
+
+    from serve_journal.catalog.layout import split_by_partition
+    from serve_journal.cli import main
+    from serve_journal.maintain import rewrite
+    from serve_journal.read.verify import format_report, verify_journal
+    from serve_journal.sink.settings import SinkSettings, manifest_hook
+    from serve_journal.sink.writer import PartitionFileWriter
+    from tests.helpers.journal import signing_key_files
+
+    key_file, public = signing_key_files(tmp_path)
+    root = str(tmp_path / "journal")
+    settings = SinkSettings(root, signing_key_file=str(key_file))
+    storage = settings.storage()
+    log = settings.manifest(storage, "w00")
+    writer = PartitionFileWriter(storage, "w00", roll_seconds=3600.0, roll_bytes=1 << 40,
+                                 on_file_written=[manifest_hook(log)])
+    table = make_entries(300, spread_s=4 * 3600)
+    for start in range(0, 300, 100):  # three files per hour partition
+        for batch in table.slice(start, 100).to_batches():
+            for key, part in split_by_partition(batch):
+                writer.add(key, part)
+        writer.roll_all()
+    log.checkpoint()
+    before = all_ids(storage)
+
+    seen: list[tuple[int, str | None]] = []
+    real_init = rewrite.RewriteWorkspace.__init__
+
+    def spy(self, memory_limit=None, temp_dir=None):
+        real_init(self, memory_limit, temp_dir)
+        seen.append((self.memory_limit, temp_dir))
+
+    monkeypatch.setattr(rewrite.RewriteWorkspace, "__init__", spy)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    runner = CliRunner()
+    common = ["--journal", root, "--temp-dir", str(spill), "--signing-key-file", str(key_file)]
+    later = LATER.strftime("%Y-%m-%dT%H:%M:%S")
+    done = runner.invoke(main, ["compact", "--apply", "--as-of", later, "--memory-limit", "96MiB",
+                                *common])
+    assert done.exit_code == 0, done.output
+    assert seen and set(seen) == {(96 * 2**20, str(spill))}
+    assert len(live_files(storage)) == 1 and all_ids(storage) == before
+    seen.clear()
+    moved = runner.invoke(main, ["lifecycle", "run", "--apply", "--hot-days", "0", "--as-of", later,
+                                 "--memory-limit", "80MB", *common])
+    assert moved.exit_code == 0, moved.output
+    assert seen and set(seen) == {(80 * 10**6, str(spill))}
+    assert all_ids(storage, tier="cold") == before
+    assert os.listdir(spill) == []  # each workspace removed its spool and spill files
+    report = verify_journal(storage, public_key=str(public))
+    assert report.ok, format_report(report)
+    for bad in ("lots", "1MB", "-5"):  # a clear refusal, before anything is read
+        refused = runner.invoke(main, ["compact", "--apply", "--memory-limit", bad, *common])
+        assert refused.exit_code == 2 and "memory limit must be" in refused.output, refused.output

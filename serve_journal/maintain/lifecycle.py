@@ -281,8 +281,12 @@ def run_lifecycle(
     options: ParquetOptions = COLD_OPTIONS,
     settings: SinkSettings | None = None,
     memory_limit: int | str | None = None,
+    temp_dir: str | None = None,
 ) -> LifecycleReport:
     """``serve-journal lifecycle run [--hot-days N] [--apply]`` for the journal at ``journal_uri``.
+
+    ``memory_limit`` and ``temp_dir`` bound a move's memory and say where its sort spills, as for
+    :func:`apply_plan` (``--memory-limit``, ``--temp-dir``).
 
     ``settings`` says how it writes, as for a sink: the signing key (required for ``s3://``),
     the witness, and the write-once retention (its ``cold`` policy locks the cold files).
@@ -308,7 +312,7 @@ def run_lifecycle(
                             on_file_written=manifest_recorder(manifest),
                             recorded=recorded_hashes(storage, manifest.signer.export_public_key()),
                             before_delete=manifest.checkpoint, signer=manifest.signer,
-                            memory_limit=memory_limit)
+                            memory_limit=memory_limit, temp_dir=temp_dir)
     finally:
         manifest.checkpoint()
     report.plan = the_plan

@@ -98,6 +98,7 @@ class SinkSettings:
         signer = self.signer()
         public = self.public_key_path()
         if public and not os.path.exists(public):
+            os.makedirs(os.path.dirname(public), exist_ok=True)  # a journal not yet written
             tmp = f"{public}.{os.getpid()}.tmp"
             with open(tmp, "wb") as handle:
                 handle.write(signer.export_public_key())
