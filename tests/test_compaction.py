@@ -180,28 +180,17 @@ def test_cli_rewrites_take_a_memory_limit_and_a_temp_dir(tmp_path, monkeypatch):
     signed local journal, leave nothing in the temp folder, and refuse a bad size clearly."""
     from click.testing import CliRunner
 
-    from serve_journal.catalog.layout import split_by_partition
     from serve_journal.cli import main
     from serve_journal.maintain import rewrite
     from serve_journal.read.verify import format_report, verify_journal
-    from serve_journal.sink.settings import SinkSettings, manifest_hook
-    from serve_journal.sink.writer import PartitionFileWriter
-    from tests.helpers.journal import signing_key_files
+    from serve_journal.sink.settings import SinkSettings
+    from tests.helpers.journal import signing_key_files, write_signed
 
     key_file, public = signing_key_files(tmp_path)
     root = str(tmp_path / "journal")
     settings = SinkSettings(root, signing_key_file=str(key_file))
     storage = settings.storage()
-    log = settings.manifest(storage, "w00")
-    writer = PartitionFileWriter(storage, "w00", roll_seconds=3600.0, roll_bytes=1 << 40,
-                                 on_file_written=[manifest_hook(log)])
-    table = make_entries(300, spread_s=4 * 3600)
-    for start in range(0, 300, 100):  # three files per hour partition
-        for batch in table.slice(start, 100).to_batches():
-            for key, part in split_by_partition(batch):
-                writer.add(key, part)
-        writer.roll_all()
-    log.checkpoint()
+    write_signed(settings, storage, "w00", make_entries(300, spread_s=4 * 3600), files=3)
     before = all_ids(storage)
 
     seen: list[tuple[int, str | None]] = []

@@ -44,3 +44,22 @@ def signing_key_files(folder: Path) -> tuple[Path, Path]:
     public = folder / "auditor.pub.pem"
     public.write_bytes(signer.export_public_key())
     return key_file, public
+
+
+def write_signed(settings, storage, chain_id: str, table: pa.Table, files: int) -> None:
+    """Write ``table`` as a writer would, ``files`` rolls per hour partition, each file recorded
+    in the signed manifest chain ``chain_id`` (checkpointed at the end)."""
+    from serve_journal.catalog.layout import split_by_partition
+    from serve_journal.sink.settings import manifest_hook
+    from serve_journal.sink.writer import PartitionFileWriter
+
+    log = settings.manifest(storage, chain_id)
+    writer = PartitionFileWriter(storage, chain_id, roll_seconds=3600.0, roll_bytes=1 << 40,
+                                 on_file_written=[manifest_hook(log)])
+    step = -(-table.num_rows // files)
+    for start in range(0, table.num_rows, step):
+        for batch in table.slice(start, step).to_batches():
+            for key, part in split_by_partition(batch):
+                writer.add(key, part)
+        writer.roll_all()
+    log.checkpoint()
