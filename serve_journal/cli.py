@@ -24,6 +24,7 @@ from serve_journal.config import JournalConfig
 from serve_journal.console import write_report
 from serve_journal.console.commands import console_command, console_user
 from serve_journal.errors import ConfigError
+from serve_journal.evidence.cli import COMMANDS as EVIDENCE_COMMANDS
 from serve_journal.integrity.certificates import COUNTERS_KEY_FILE, provision_key
 from serve_journal.integrity.manifest import ManifestSigner
 from serve_journal.integrity.trust import TrustError, key_fingerprint, resolve_trust, signing_dir
@@ -34,6 +35,7 @@ from serve_journal.maintain.lifecycle import (
     s3_lifecycle_configuration,
 )
 from serve_journal.maintain.rewrite import MEMORY_LIMIT_ENV, parse_memory_limit
+from serve_journal.outcomes.cli import COMMANDS as OUTCOME_COMMANDS
 from serve_journal.privacy.forget import ForgetHooks, ForgetIncompleteError, forget_subject
 from serve_journal.privacy.keyring import Keyring
 from serve_journal.privacy.vault import SubjectVault
@@ -546,6 +548,8 @@ def bytes_per_entry_command(journal_uri: str) -> None:
 main.add_command(console_command, "console")
 main.add_command(console_user, "console-user")
 main.add_command(replay_command, "replay")
+for _command, _name in (*EVIDENCE_COMMANDS, *OUTCOME_COMMANDS):
+    main.add_command(_command, _name)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,1 @@
+"""Evidence bundles: what an examiner takes away, checked offline."""
