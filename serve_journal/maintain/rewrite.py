@@ -34,7 +34,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from serve_journal.errors import UnrecordedInputError
-from serve_journal.fileformat import SORT_KEYS, ParquetOptions, SortedParquetWriter
+from serve_journal.fileformat import (
+    DICTIONARY_IF_FEW,
+    SORT_KEYS,
+    ParquetOptions,
+    SortedParquetWriter,
+)
 from serve_journal.integrity.merkle import MerkleRootBuilder, table_leaf_hashes
 from serve_journal.schema import conform_entries
 from serve_journal.storage import JournalStorage
@@ -203,11 +208,22 @@ class RewriteWorkspace:
             return {}
         con = self._connect()
         try:
-            select = ", ".join(f'approx_count_distinct("{c}")' for c in columns)
-            row = con.execute(f"SELECT {select} FROM {self._source(files)}").fetchone()
+            top = [c for c in columns if "." not in c]
+            out: dict[str, int] = {}
+            if top:
+                select = ", ".join(f'approx_count_distinct("{c}")' for c in top)
+                row = con.execute(f"SELECT {select} FROM {self._source(files)}").fetchone()
+                out.update({c: int(v or 0) for c, v in zip(top, row, strict=True)})
+            for column in columns:
+                if "." in column:  # a list's struct field, "outputs.list.element.score"
+                    name, _, _, field = column.split(".")
+                    row = con.execute(
+                        f'SELECT approx_count_distinct(o."{field}") FROM '
+                        f'(SELECT unnest("{name}") AS o FROM {self._source(files)})').fetchone()
+                    out[column] = int(row[0] or 0)
         finally:
             con.close()
-        return {c: int(v or 0) for c, v in zip(columns, row, strict=True)}
+        return out
 
     def sorted_tables(self, files: Sequence[SpooledFile]) -> Iterator[pa.Table]:
         """The entries of ``files`` in lookup order (subject token, then time, nulls last; ties
@@ -233,14 +249,18 @@ class RewriteWorkspace:
         """Write the entries of ``files`` sorted into local files named ``names`` (of
         ``rows_per_file`` rows, the last one the rest); returns their local paths."""
         total = sum(pq.ParquetFile(f.local).metadata.num_rows for f in files)
-        distinct = self.distinct_counts(files, options.bloom_columns if options.bloom_filters
-                                        else ())
+        bloom = options.bloom_columns if options.bloom_filters else ()
+        scores = DICTIONARY_IF_FEW if options.column_encoding else ()
+        distinct = self.distinct_counts(files, (*bloom, *scores))
         paths = [self.out_path(name) for name in names]
         tables = self.sorted_tables(files)
         pending: pa.Table | None = None
         for i, local in enumerate(paths):
             want = min(rows_per_file, total - i * rows_per_file)
-            share = {c: -(-n * want // total) for c, n in distinct.items()} if total else {}
+            # bloom filters: a sorted column's share of the values; scores: all of them (the
+            # dictionary choice must not under-estimate)
+            share = {c: n if c in scores else -(-n * want // total)
+                     for c, n in distinct.items()} if total else {}
             with SortedParquetWriter(local, options, rows=want, distinct=share) as writer:
                 while writer.rows < want:
                     if pending is None:
