@@ -54,7 +54,7 @@ from serve_journal.catalog.layout import (
 )
 from serve_journal.errors import CompactionError, UnrecordedInputError
 from serve_journal.fileformat import ParquetOptions, decode_parquet
-from serve_journal.integrity.fingerprint import Fingerprint, fingerprint_local_files
+from serve_journal.integrity.fingerprint import Fingerprint
 from serve_journal.integrity.manifest import MANIFEST_PREFIX, ManifestRecord
 from serve_journal.maintain.rewrite import (
     FileSummary,
@@ -184,7 +184,7 @@ def write_verified(
         if held != stored.sha256 or _sha256_file(copy) != held:
             raise CompactionError(f"rewritten file {stored.path} does not read back as written; "
                                   "nothing was committed")
-    got = fingerprint_local_files(locals_)
+    got = workspace.fingerprint(locals_)
     if got != expected:
         raise CompactionError(
             f"rewritten files {paths} do not hold the entries they replace "
@@ -362,7 +362,7 @@ def compact_partition(
     name = set_name(COMPACTED_PREFIX, inputs)
     with RewriteWorkspace(options.memory_limit, options.temp_dir) as workspace:
         spooled = workspace.spool(storage, inputs, recorded)
-        expected = fingerprint_local_files([f.local for f in spooled])
+        expected = workspace.fingerprint([f.local for f in spooled])
         new_files = write_verified(
             storage,
             key=key,
@@ -451,7 +451,7 @@ def adopt_marker(storage: JournalStorage, marker: CommitMarker,
         old = workspace.spool(storage, list(marker.replaces))
         new = [workspace.fetch(storage, path, f"adopt-{i}")
                for i, path in enumerate(marker.new_files)]
-        if fingerprint_local_files([f.local for f in old]) != fingerprint_local_files(
+        if workspace.fingerprint([f.local for f in old]) != workspace.fingerprint(
                 [f.local for f in new]):
             return False
         for found in new:

@@ -42,7 +42,6 @@ from serve_journal.catalog import (
 )
 from serve_journal.catalog.layout import COLD, DEFAULT_SPEC, HOT, TIERS, PartitionKey
 from serve_journal.fileformat import COLD_OPTIONS, ParquetOptions
-from serve_journal.integrity.fingerprint import fingerprint_local_files
 from serve_journal.maintain.compaction import (
     CompactionError,
     CrashHook,
@@ -202,7 +201,7 @@ def apply(
             except UnrecordedInputError as exc:
                 report.refused.append((partition, str(exc)))
                 continue
-            expected = fingerprint_local_files([f.local for f in spooled])
+            expected = workspace.fingerprint([f.local for f in spooled])
             try:
                 cold_files = write_verified(
                     storage,

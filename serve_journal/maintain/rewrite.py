@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -40,8 +41,13 @@ from serve_journal.fileformat import (
     ParquetOptions,
     SortedParquetWriter,
 )
+from serve_journal.integrity.fingerprint import (
+    Fingerprint,
+    fingerprint_local_files,
+    fingerprint_ordered,
+)
 from serve_journal.integrity.merkle import MerkleRootBuilder, table_leaf_hashes
-from serve_journal.schema import conform_entries
+from serve_journal.schema import ENTRY_SCHEMA, conform_entries
 from serve_journal.storage import JournalStorage
 
 DEFAULT_MEMORY_LIMIT = 2 * 1024**3
@@ -52,7 +58,7 @@ MEMORY_LIMIT_ENV = "SERVE_JOURNAL_MEMORY_LIMIT"
 
 _SORT_SHARE = 0.6
 """Share of the limit given to DuckDB's sort; the rest holds row groups in flight, the file
-being stored and the fingerprint's columns."""
+being stored and the fingerprint's chunk of one column."""
 _BATCH_ROWS = 64 * 1024
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
@@ -224,6 +230,47 @@ class RewriteWorkspace:
         finally:
             con.close()
         return out
+
+    def fingerprint(self, paths: Sequence[str]) -> Fingerprint:
+        """:func:`~serve_journal.integrity.fingerprint.fingerprint` of the entries of the local
+        journal files ``paths`` (in this order) in bounded memory: DuckDB sorts them into the
+        fingerprint's canonical order (entry id, then input order) under the workspace's limit,
+        into a spill-backed file that is then hashed a chunk of one column at a time."""
+        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+        if not rows:
+            return fingerprint_local_files(paths)
+        ordered = os.path.join(self.root, "spill", f"fingerprint-{uuid.uuid4().hex}.parquet")
+        quoted = ["'" + p.replace("'", "''") + "'" for p in paths]
+        con = self._connect()
+        try:
+            con.execute(
+                f"COPY (SELECT * EXCLUDE (filename, file_row_number) FROM read_parquet("
+                f"[{', '.join(quoted)}], union_by_name = true, filename = true, "
+                "file_row_number = true) ORDER BY producer_id ASC NULLS LAST, seq ASC NULLS LAST, "
+                f"list_position([{', '.join(quoted)}], filename), file_row_number) "
+                f"TO '{ordered}' (FORMAT parquet, ROW_GROUP_SIZE {_BATCH_ROWS})")
+        finally:
+            con.close()
+        try:
+            table = pq.ParquetFile(ordered)
+            present = set(table.schema_arrow.names)
+
+            def column(name: str):
+                typ = ENTRY_SCHEMA.field(name).type
+
+                def chunks() -> Iterator[pa.Array]:
+                    if name not in present:
+                        for start in range(0, rows, _BATCH_ROWS):
+                            yield pa.nulls(min(_BATCH_ROWS, rows - start), typ)
+                        return
+                    for batch in table.iter_batches(batch_size=_BATCH_ROWS, columns=[name],
+                                                    use_threads=False):
+                        yield batch.column(0).cast(typ)
+                return chunks
+
+            return fingerprint_ordered(rows, column)
+        finally:
+            os.remove(ordered)
 
     def sorted_tables(self, files: Sequence[SpooledFile]) -> Iterator[pa.Table]:
         """The entries of ``files`` in lookup order (subject token, then time, nulls last; ties
