@@ -10,6 +10,12 @@ Writers always write hour partitions. Compaction merges a finished day into the 
 :attr:`PartitionKey.end` (not ``start + 1 hour``) for the end of a partition's time range.
 
 Tiers are ``hot`` (recent, for investigations) and ``cold`` (long retention).
+
+Outcomes (labels and realised values that arrive after the decision, :mod:`serve_journal.outcomes`)
+have their own append-only area, partitioned by the UTC day they were recorded
+(:data:`OUTCOME_SPEC`)::
+
+    <root>/outcomes/date=<YYYY-MM-DD>/<file name>.parquet
 """
 
 from __future__ import annotations
@@ -136,6 +142,45 @@ class PartitionSpec:
 
 
 DEFAULT_SPEC = PartitionSpec()
+
+
+OUTCOMES_AREA = "outcomes"
+"""Top-level folder of the outcome partition (beside the ``hot`` and ``cold`` tiers)."""
+
+
+@dataclass(frozen=True)
+class OutcomePartitionSpec:
+    """Where outcome files live: ``outcomes/date=<YYYY-MM-DD>/<name>.parquet``, the day being the
+    UTC date the outcomes were recorded (not the decision's nor the outcome's own time), so a
+    late label lands in a new file of a new day and no file is ever rewritten."""
+
+    area: str = OUTCOMES_AREA
+
+    @property
+    def prefix(self) -> str:
+        """Relative prefix of every outcome file (``outcomes/``)."""
+        return f"{self.area}/"
+
+    def date_for(self, recorded_at: dt.datetime) -> str:
+        """The ``date=`` value of outcomes recorded at ``recorded_at`` (aware or UTC-naive)."""
+        if recorded_at.tzinfo is not None:
+            recorded_at = recorded_at.astimezone(dt.UTC)
+        return recorded_at.strftime("%Y-%m-%d")
+
+    def file_path(self, recorded_at: dt.datetime, file_name: str) -> str:
+        """Relative path of an outcome file named ``file_name`` (without suffix)."""
+        if not _SAFE_NAME.match(file_name):
+            raise ValueError(f"file name must match {_SAFE_NAME.pattern}, got {file_name!r}")
+        return f"{self.area}/date={self.date_for(recorded_at)}/{file_name}{PARQUET_SUFFIX}"
+
+    def contains(self, path: str) -> bool:
+        """Whether the relative ``path`` is an outcome data file's path."""
+        parts = path.strip("/").split("/")
+        return (len(parts) == 3 and parts[0] == self.area and parts[1].startswith("date=")
+                and parts[2].endswith(PARQUET_SUFFIX))
+
+
+OUTCOME_SPEC = OutcomePartitionSpec()
 
 
 _US_PER_HOUR = 3_600_000_000

@@ -13,6 +13,11 @@ hold the subject, and only the candidate row groups are read. Archived files (S3
 restored) cannot be read: the receipt then says the count is incomplete, names them and the
 restore command (the key is destroyed all the same, which makes their entries unlinkable too).
 
+Outcomes (:mod:`serve_journal.outcomes`) carry no subject id: they reach a subject only through
+the entries with their request id, whose token is the subject's. The count reads those entries'
+request ids, and the receipt counts the outcome records about them (``outcomes_unlinkable``):
+once the key is gone, neither the entries nor their outcomes can be found by the subject.
+
 Hooks are configured by name (:class:`ForgetHooks`): ``--purge-hook`` /
 ``SERVE_JOURNAL_PURGE_HOOK`` and ``--retraining-hook`` / ``SERVE_JOURNAL_RETRAINING_HOOK``, each
 ``module:function``; ``features:PATH`` is the built-in purge of the project's Parquet feature
@@ -35,6 +40,7 @@ from typing import Any
 
 from serve_journal.catalog import live_files
 from serve_journal.errors import ArchivedObjectError, ConfigError, ForgetIncompleteError
+from serve_journal.outcomes.record import load_outcomes
 from serve_journal.privacy.keyring import Keyring
 from serve_journal.privacy.tokens import check_subject_token
 from serve_journal.privacy.vault import SubjectVault
@@ -69,7 +75,7 @@ RETRAINING_HOOK_ENV = "SERVE_JOURNAL_RETRAINING_HOOK"
 FEATURES_HOOK_PREFIX = "features:"
 """``features:PATH``: the built-in purge of the Parquet feature store in the folder PATH."""
 
-_COUNT_COLUMNS = ("model_name", "model_version")
+_COUNT_COLUMNS = ("model_name", "model_version", "request_id")
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,9 @@ class ForgetReceipt:
     """Archived files (S3 Glacier, not restored) the count could not read: restore needed."""
     restore_command: str | None = None
     """The command restoring ``uncounted_files`` (S3 RestoreObject), when there are any."""
+    outcomes_unlinkable: int | None = None
+    """Outcome records about the subject's counted entries (by request id), which no longer link
+    to the subject; ``None`` when they could not be counted."""
     path: str | None = None
     """Where the receipt was written (relative to the journal root, or an absolute path)."""
 
@@ -144,6 +153,8 @@ class SubjectCount:
     row_groups_read: int
     archived: tuple[str, ...] = ()
     """Files not read: archived, restore needed. The count is complete only without them."""
+    request_ids: tuple[str, ...] = ()
+    """Request ids of the counted entries, sorted (their outcomes link to the subject through them)."""
 
     @property
     def complete(self) -> bool:
@@ -170,6 +181,7 @@ def _count_once(storage: JournalStorage, subject_token: str) -> SubjectCount:
     files = [f.path for f in live_files(storage, tier="all")]
     blocked = {p for p, s in archive_states(storage).items() if not s.readable} if files else set()
     counts: dict[tuple[str, str], int] = {}
+    request_ids: set[str] = set()
     archived: list[str] = []
     consulted = files_read = groups_read = 0
     for path in files:
@@ -199,8 +211,9 @@ def _count_once(storage: JournalStorage, subject_token: str) -> SubjectCount:
         for name, version in zip(rows["model_name"].to_pylist(),
                                  rows["model_version"].to_pylist(), strict=True):
             counts[(name, version)] = counts.get((name, version), 0) + 1
+        request_ids.update(rows["request_id"].to_pylist())
     return SubjectCount(sum(counts.values()), sorted(counts), consulted, files_read, groups_read,
-                        tuple(archived))
+                        tuple(archived), tuple(sorted(request_ids)))
 
 
 def count_subject_entries(storage: JournalStorage, subject_token: str) -> tuple[int, list[tuple[str, str]]]:
@@ -330,6 +343,7 @@ def forget(
     counted: int | None = 0
     versions: list[tuple[str, str]] = []
     uncounted: tuple[str, ...] = ()
+    outcomes: int | None = 0
     if token is not None and journal_storage is not None:
         try:
             count = count_subject_index(journal_storage, token)
@@ -340,6 +354,7 @@ def forget(
         else:
             versions, counted, uncounted = count.model_versions, count.entries, count.archived
             entries = count.entries if count.complete else None
+            outcomes = _count_outcomes(journal_storage, count.request_ids)
             if uncounted:
                 log.warning("forget: %d archived file(s) not counted (restore needed: %s); "
                             "shredding the key anyway", len(uncounted),
@@ -368,12 +383,24 @@ def forget(
         hook_results=results,
         entries_counted=counted,
         uncounted_files=list(uncounted),
+        outcomes_unlinkable=outcomes,
         restore_command=restore_command(journal_storage) if uncounted and journal_storage else None,
     )
     receipt = _write_receipt(receipt, journal_storage, receipts_dir)
     if not receipt.complete:
         raise ForgetIncompleteError(receipt)
     return receipt
+
+
+def _count_outcomes(storage: JournalStorage, request_ids: tuple[str, ...]) -> int | None:
+    """Outcome records about ``request_ids``; ``None`` when they cannot be read."""
+    if not request_ids:
+        return 0
+    try:
+        return load_outcomes(storage, request_ids).num_rows
+    except Exception as exc:  # noqa: BLE001 - an unreadable partition must not block erasure
+        log.warning("forget: could not count the subject's outcomes (%s)", type(exc).__name__)
+        return None
 
 
 def _call(hook: Callable[[Any], Any] | None, name: str, argument: Any,

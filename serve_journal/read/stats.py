@@ -344,6 +344,22 @@ def _journal_sample(
     return table
 
 
+def journal_sample(
+    storage: JournalStorage,
+    columns: Sequence[str],
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    model: str | None = None,
+    tiers: Sequence[str] = (HOT, COLD),
+) -> pa.Table:
+    """The kept entries of ``[since, until)`` that :func:`stats` weighs, each once (a file briefly
+    in both tiers counts once): ``columns`` plus ``sample_rate``, ``ts``, ``producer_id``,
+    ``seq`` and ``model_name``, from the live files of ``tiers``. Feed it to
+    :func:`estimate_groups` for weighted counts (each entry weighs ``1 / sample_rate``)."""
+    return _journal_sample(storage, columns, as_utc(since, "since"), as_utc(until, "until"),
+                           model, tiers)
+
+
 def stats(
     storage: JournalStorage,
     since: dt.datetime | None = None,
@@ -522,5 +538,5 @@ __all__ = [
     "SAMPLED_OUT", "CounterSet", "CounterSnapshot", "GroupStats", "StatsReport", "accounted_gaps",
     "counter_keys", "reader_counter_keys",
     "counters_path", "decode_counters", "encode_counters", "estimate_groups", "gap_reason",
-    "load_counters", "merge_runs", "stats",
+    "journal_sample", "load_counters", "merge_runs", "stats",
 ]

@@ -38,7 +38,12 @@ Checks, each reported with the file, manifest object or chain it concerns:
    remembered heads the report says plainly that they cannot be excluded;
 9. the exact counters (``_counters/``): only files signed by a counters key the auditor's key
    certified, chained per producer, explain sequence gaps (see
-   :mod:`serve_journal.read.verify_counters`).
+   :mod:`serve_journal.read.verify_counters`);
+10. the outcome partition (``outcomes/**.parquet``, :mod:`serve_journal.outcomes`) like the data
+   files: each file against its record in its source's signed chain (bytes, object version, row
+   count, outcome-time range, Merkle root over its records), a file without a record is
+   ``file-without-record``, a recorded file gone is ``file-missing``, and on versioned stores
+   its versions and delete markers are checked; outcome files are counted apart from entries.
 
 ``report.ok`` is true only when there are no errors; warnings (e.g. an unsigned tail still
 within its grace period) do not fail verification.
@@ -66,7 +71,7 @@ from serve_journal.catalog import (
     live_files,
     marker_path,
 )
-from serve_journal.catalog.layout import DEFAULT_SPEC, PARQUET_SUFFIX, TIERS
+from serve_journal.catalog.layout import DEFAULT_SPEC, OUTCOME_SPEC, PARQUET_SUFFIX, TIERS
 from serve_journal.counters import COUNTERS_DIR, PRODUCER_STALE_S
 from serve_journal.fileformat import decode_parquet
 from serve_journal.integrity.certificates import KEYS_PREFIX
@@ -84,6 +89,7 @@ from serve_journal.integrity.manifest import (
     sequence_ranges,
 )
 from serve_journal.integrity.merkle import table_merkle_root
+from serve_journal.outcomes.schema import decode_outcomes, outcome_merkle_root
 from serve_journal.read.verify_archived import ArchivedFiles, summary_lines
 from serve_journal.read.verify_counters import HEADS_PREFIX as COUNTERS_HEADS
 from serve_journal.read.verify_counters import check_counters, lease_findings
@@ -125,6 +131,10 @@ class VerifyReport:
     entries: int = 0
     producers: int = 0
     accounted_gaps: int = 0
+    outcome_files: int = 0
+    """Files of the outcome partition checked (not counted in ``files``)."""
+    outcomes: int = 0
+    """Outcome records in them (not counted in ``entries``)."""
     heads: dict[str, dict[str, Any]] = field(default_factory=dict)
     """``{chain_id: {"length": n, "head_hash": h}}``: each chain's signed head as verified. Keep
     it (``serve-journal verify --heads FILE``) and pass it back as ``expected_heads`` next time,
@@ -179,6 +189,8 @@ def format_report(report: VerifyReport) -> str:
         f"  data files {report.files}, entries {report.entries}, producers {report.producers}, "
         f"accounted gaps {report.accounted_gaps}",
     ]
+    if report.outcome_files:
+        lines.append(f"  outcome files {report.outcome_files}, outcome records {report.outcomes}")
     lines.extend(summary_lines(report))
     if report.new_chains:
         lines.append(f"  chains the remembered heads did not know: {', '.join(report.new_chains)}")
@@ -487,6 +499,8 @@ def _check_file(
                     f"current object version {version} is not the recorded version {record.version_id}",
                     chain)
         ok = False
+    if OUTCOME_SPEC.contains(path):
+        return _check_outcome_rows(data, path, record, report) and ok
     try:
         table = decode_parquet(data)
     except Exception as exc:  # noqa: BLE001 - any decode failure is a finding, not a crash
@@ -509,6 +523,39 @@ def _check_file(
                 seqs != record.seq_ranges:
             report._add("manifest-record-inconsistent", path,
                         "time range or sequence ranges in the record do not match the entries", chain)
+            ok = False
+    return ok
+
+
+def _check_outcome_rows(data: bytes, path: str, record: ManifestRecord,
+                        report: VerifyReport) -> bool:
+    """An outcome file's records against its manifest record: count, Merkle root, time range."""
+    chain = record.chain_id
+    try:
+        table = decode_outcomes(data)
+    except Exception as exc:  # noqa: BLE001 - any decode failure is a finding, not a crash
+        report._add("file-unreadable", path,
+                    f"not a readable outcome Parquet file ({type(exc).__name__})", chain)
+        return False
+    report.outcomes += table.num_rows
+    ok = True
+    if table.num_rows != record.row_count:
+        report._add("file-row-count", path,
+                    f"{table.num_rows} outcome records, the manifest record says {record.row_count}",
+                    chain)
+        ok = False
+    if outcome_merkle_root(table) != record.merkle_root:
+        report._add("file-entries-altered", path,
+                    "outcome records do not match the manifest record's Merkle root "
+                    "(a record was edited, removed, added or reordered)", chain)
+        return False
+    if table.num_rows:
+        times = pc.min_max(table.column("outcome_time").cast(pa.int64()))
+        if (times["min"].as_py(), times["max"].as_py()) != (record.min_ts_us, record.max_ts_us) \
+                or record.seq_ranges:
+            report._add("manifest-record-inconsistent", path,
+                        "outcome-time range or sequence ranges in the record do not match the "
+                        "outcome records", chain)
             ok = False
     return ok
 
@@ -587,7 +634,8 @@ def _check_reader_view(storage: JournalStorage, key: Any, verified: Mapping[str,
                     f"the catalog cannot list the live files ({type(exc).__name__})")
         return
     accepted = {path for path, ok in verified.items() if ok and path not in replaced
-                and (not is_derived(path) or path in committed)}
+                and (not is_derived(path) or path in committed)
+                and not OUTCOME_SPEC.contains(path)}  # outcomes: not in the entries' catalog
     for path in sorted(seen - accepted):
         detail = ("readers see this file, but it did not verify" if verified.get(path) is False
                   else "readers see this file, but signed history says it was replaced"
@@ -675,7 +723,8 @@ def _check_versions(storage: JournalStorage, name: str, report: VerifyReport,
     lister = getattr(storage, "list_versions", None)
     if lister is None:
         return
-    for prefix in (*(f"{tier}/" for tier in TIERS), f"{MANIFEST_PREFIX}/", f"{CHECKPOINT_PREFIX}/",
+    for prefix in (*(f"{tier}/" for tier in TIERS), OUTCOME_SPEC.prefix, f"{MANIFEST_PREFIX}/",
+                   f"{CHECKPOINT_PREFIX}/",
                    f"{COMMITS_PREFIX}/", f"{COUNTERS_DIR}/", f"{KEYS_PREFIX}/"):
         by_path: dict[str, list[Any]] = defaultdict(list)
         for version in lister(prefix):
@@ -757,7 +806,8 @@ def verify_journal(
     for record in records:
         by_path[record.path].append(record)
 
-    files = [p for tier in TIERS for p in storage.list_files(f"{tier}/", PARQUET_SUFFIX)]
+    files = [p for area in (*(f"{tier}/" for tier in TIERS), OUTCOME_SPEC.prefix)
+             for p in storage.list_files(area, PARQUET_SUFFIX)]
     files = [p for p in files if _in_scope_path(p, since_us, model)
              or any(_in_scope_record(r, since_us, model) for r in by_path.get(p, []))]
     verified: dict[str, bool] = {}
@@ -768,7 +818,10 @@ def verify_journal(
                         "compacted/cold file that no commit marker names: a rewrite that stopped "
                         "before its commit; readers ignore it", severity=WARNING)
             continue
-        report.files += 1
+        if path.startswith(OUTCOME_SPEC.prefix):
+            report.outcome_files += 1
+        else:
+            report.files += 1
         if path not in by_path:
             report._add("file-without-record", path,
                         "data file has no manifest record (added or forged after the fact)")

@@ -1,0 +1,71 @@
+"""Which request ids the journal holds, and when each was first decided: the check every outcome
+record passes before it is recorded.
+
+The journal's live files (the catalog's view, hot and cold) are searched through their footers
+(:mod:`serve_journal.read.pruning`): for a small batch, each id is tested against every row
+group's ``request_id`` bloom filter and only the row groups that may hold one are read; a large
+batch reads the ``request_id`` and ``ts`` columns of each file (two columns, not the entries),
+where probing a bloom block per id and row group would cost more than the read. Files whose
+partition starts after the batch's latest outcome time cannot hold a decision it is about (an
+outcome follows its decision) and are skipped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Collection
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from serve_journal.catalog import live_files
+from serve_journal.read.pruning import FooterCache
+from serve_journal.retry import retry_call
+from serve_journal.storage import JournalStorage
+
+BLOOM_LOOKUP_MAX_IDS = 64
+"""Batches up to this many distinct ids probe bloom filters; larger ones read the id column."""
+
+_COLUMNS = ["request_id", "ts"]
+
+
+def decision_times(storage: JournalStorage, request_ids: Collection[str],
+                   until: dt.datetime | None = None) -> dict[str, int]:
+    """``{request_id: earliest decision time in µs}`` for the ids of ``request_ids`` the
+    journal's live files hold; ids it does not hold are absent. ``until``: no decision about
+    these ids is later (partitions starting after it are not searched)."""
+    wanted = sorted({r for r in request_ids if isinstance(r, str) and r})
+    if not wanted:
+        return {}
+    return retry_call(lambda: _lookup_once(storage, wanted, until), attempts=3, delay_s=0.01,
+                      max_delay_s=0.05, retry_on=FileNotFoundError)
+
+
+def _lookup_once(storage: JournalStorage, wanted: list[str],
+                 until: dt.datetime | None) -> dict[str, int]:
+    footers = FooterCache(storage)
+    value_set = pa.array(wanted, pa.string())
+    found: dict[str, int] = {}
+    try:
+        for data_file in live_files(storage, tier="all"):
+            if until is not None and data_file.key.start > until:
+                continue
+            index = footers.get(data_file.path)
+            if len(wanted) <= BLOOM_LOOKUP_MAX_IDS:
+                groups = sorted({g for r in wanted for g in index.candidates("request_id", r)})
+                if not groups:
+                    continue
+                rows = index.parquet.read_row_groups(groups, columns=_COLUMNS, use_threads=False)
+            else:
+                rows = index.parquet.read(columns=_COLUMNS, use_threads=False)
+            rows = rows.filter(pc.is_in(rows["request_id"], value_set=value_set))
+            for request_id, ts in zip(rows["request_id"].to_pylist(),
+                                      rows["ts"].cast(pa.int64()).to_pylist(), strict=True):
+                if request_id not in found or ts < found[request_id]:
+                    found[request_id] = ts
+    finally:
+        footers.clear()
+    return found
+
+
+__all__ = ["BLOOM_LOOKUP_MAX_IDS", "decision_times"]
