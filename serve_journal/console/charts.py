@@ -194,7 +194,39 @@ def subject_timeline(times: Sequence[dt.datetime], scores: Sequence[float | None
         return _png(fig)
 
 
+PERFORMANCE_MEASURES = (("tpr", "true positive rate"), ("fpr", "false positive rate"),
+                        ("precision", "precision"), ("accuracy", "accuracy"),
+                        ("labelled", "share labelled"))
+
+
+def labelled_performance(versions: Sequence[tuple[str, dict[str, float | None]]],
+                         title: str) -> bytes:
+    """Per model version, grouped bars of its rates over labelled decisions and the share of
+    its decisions labelled: ``versions`` is ``[(version, {measure: value or None}), ...]`` with
+    the measures of :data:`PERFORMANCE_MEASURES` (weighted values, between 0 and 1)."""
+    with _LOCK:
+        fig, ax = _figure()
+        ax.set_title(title, fontsize=10)
+        if not versions:
+            _empty(ax, "no decisions in this window")
+            return _png(fig)
+        width = 0.8 / len(PERFORMANCE_MEASURES)
+        for j, (measure, label) in enumerate(PERFORMANCE_MEASURES):
+            xs = [i + (j - (len(PERFORMANCE_MEASURES) - 1) / 2) * width for i in range(len(versions))]
+            values = [v.get(measure) for _, v in versions]
+            ax.bar(xs, [0.0 if x is None else x for x in values], width=width, label=label)
+            for x, value in zip(xs, values, strict=True):
+                if value is None:  # no labelled decision of that class: say so, not 0
+                    ax.text(x, 0.02, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+        ax.set_xticks(range(len(versions)), [f"version {name}" for name, _ in versions])
+        ax.set_ylim(0, 1.3)  # room for the legend above the bars
+        ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+        ax.set_ylabel("weighted rate")
+        ax.legend(fontsize=8, loc="upper center", ncols=len(PERFORMANCE_MEASURES))
+        return _png(fig)
+
+
 __all__ = [
-    "counts_over_time", "persistence_lag", "sampling_and_drops", "score_distribution",
-    "subject_timeline",
+    "PERFORMANCE_MEASURES", "counts_over_time", "labelled_performance", "persistence_lag",
+    "sampling_and_drops", "score_distribution", "subject_timeline",
 ]

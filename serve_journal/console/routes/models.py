@@ -2,7 +2,9 @@
 
 Charts read kept entries through :class:`~serve_journal.read.query.JournalQuery` (so every chart
 query is in the access log), the exact counters through :func:`serve_journal.read.stats.load_counters`
-and the persistence lag from the manifest records.
+and the persistence lag from the manifest records; the performance chart joins the kept entries
+to their outcomes (:func:`serve_journal.outcomes.performance.performance`, weighted by the sample
+rates; aggregates only, like the sampling chart, under the page's ``model_charts`` view record).
 """
 
 import datetime as dt
@@ -13,18 +15,20 @@ from fastapi.responses import HTMLResponse, Response
 
 from serve_journal.console.charts import (
     counts_over_time,
+    labelled_performance,
     persistence_lag,
     sampling_and_drops,
     score_distribution,
 )
 from serve_journal.console.deps import ConsoleDep, allowed
 from serve_journal.console.state import ConsoleState
+from serve_journal.outcomes.performance import performance
 from serve_journal.read.stats import load_counters, stats
 from serve_journal.times import as_utc
 
 router = APIRouter()
 
-CHART_KINDS = ("decisions", "outcomes", "scores", "sampling", "lag")
+CHART_KINDS = ("decisions", "outcomes", "scores", "sampling", "lag", "performance")
 
 Charts = allowed("charts")
 Stats = allowed("stats")
@@ -80,6 +84,12 @@ def model_chart(console: ConsoleDep, model: str, kind: str, auth: Charts,
     if kind == "sampling":
         png = sampling_and_drops(load_counters(console.storage, start, end, model),
                                  f"captured entries by disposition (exact), {label}")
+    elif kind == "performance":
+        report = performance(console.storage, start, end, model)
+        png = labelled_performance(
+            [(m.model_version, {**m.rates, "labelled": None if m.unlabelled_share is None
+                                else 1.0 - m.unlabelled_share}) for m in report.models],
+            f"performance on labelled decisions (weighted), {label}")
     elif kind == "lag":
         png = persistence_lag(_lag_points(console, model, start, end),
                               f"end-to-end persistence lag, {label}")
