@@ -7,7 +7,8 @@ group's ``request_id`` bloom filter and only the row groups that may hold one ar
 batch reads the ``request_id`` and ``ts`` columns of each file (two columns, not the entries),
 where probing a bloom block per id and row group would cost more than the read. Files whose
 partition starts after the batch's latest outcome time cannot hold a decision it is about (an
-outcome follows its decision) and are skipped.
+outcome follows its decision) and are skipped. Archived files (S3 Glacier, not restored) cannot
+be read: they are skipped and named, so the caller can say an id they alone hold was not found.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from serve_journal.catalog import live_files
 from serve_journal.read.pruning import FooterCache
 from serve_journal.retry import retry_call
 from serve_journal.storage import JournalStorage
+from serve_journal.storage.archive import archive_states
 
 BLOOM_LOOKUP_MAX_IDS = 64
 """Batches up to this many distinct ids probe bloom filters; larger ones read the id column."""
@@ -30,25 +32,29 @@ _COLUMNS = ["request_id", "ts"]
 
 
 def decision_times(storage: JournalStorage, request_ids: Collection[str],
-                   until: dt.datetime | None = None) -> dict[str, int]:
-    """``{request_id: earliest decision time in µs}`` for the ids of ``request_ids`` the
-    journal's live files hold; ids it does not hold are absent. ``until``: no decision about
-    these ids is later (partitions starting after it are not searched)."""
+                   until: dt.datetime | None = None) -> tuple[dict[str, int], list[str]]:
+    """``({request_id: earliest decision time in µs}, archived files not searched)`` for the ids
+    of ``request_ids`` the journal's readable live files hold; ids they do not hold are absent.
+    ``until``: no decision about these ids is later (partitions starting after it are not
+    searched)."""
     wanted = sorted({r for r in request_ids if isinstance(r, str) and r})
     if not wanted:
-        return {}
+        return {}, []
     return retry_call(lambda: _lookup_once(storage, wanted, until), attempts=3, delay_s=0.01,
                       max_delay_s=0.05, retry_on=FileNotFoundError)
 
 
 def _lookup_once(storage: JournalStorage, wanted: list[str],
-                 until: dt.datetime | None) -> dict[str, int]:
+                 until: dt.datetime | None) -> tuple[dict[str, int], list[str]]:
     footers = FooterCache(storage)
     value_set = pa.array(wanted, pa.string())
     found: dict[str, int] = {}
+    files = live_files(storage, tier="all")
+    blocked = {p for p, s in archive_states(storage).items() if not s.readable} if files else set()
+    archived = sorted(f.path for f in files if f.path in blocked)
     try:
-        for data_file in live_files(storage, tier="all"):
-            if until is not None and data_file.key.start > until:
+        for data_file in files:
+            if (until is not None and data_file.key.start > until) or data_file.path in blocked:
                 continue
             index = footers.get(data_file.path)
             if len(wanted) <= BLOOM_LOOKUP_MAX_IDS:
@@ -65,7 +71,7 @@ def _lookup_once(storage: JournalStorage, wanted: list[str],
                     found[request_id] = ts
     finally:
         footers.clear()
-    return found
+    return found, archived
 
 
 __all__ = ["BLOOM_LOOKUP_MAX_IDS", "decision_times"]

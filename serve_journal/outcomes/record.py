@@ -91,6 +91,9 @@ class IngestReport:
     """Outcome files written (relative to the journal root): none when nothing was accepted."""
     chain_id: str | None = None
     recorded_at: str = ""
+    unsearched_files: list[str] = field(default_factory=list)
+    """Archived journal files (S3 Glacier, not restored) the request-id check could not read: an
+    id only they hold was rejected as unknown; restore them and ingest those records again."""
 
     def format_text(self) -> str:
         """The CLI's summary: accepted N, rejected M, the kinds counted."""
@@ -98,6 +101,9 @@ class IngestReport:
                  + (" (" + ", ".join(f"{k} {n}" for k, n in self.rejected_by_kind.items()) + ")"
                     if self.rejected else "")]
         lines.extend(f"wrote {path} (chain {self.chain_id})" for path in self.files)
+        if self.unsearched_files:
+            lines.append(f"{len(self.unsearched_files)} archived journal file(s) not searched "
+                         "(restore needed): their request ids counted as unknown")
         return "\n".join(lines)
 
 
@@ -198,7 +204,7 @@ def record_outcomes(
             valid.append((i, record))
 
     latest = max((r["outcome_time"] for _, r in valid), default=None)
-    decided = decision_times(storage, [r["request_id"] for _, r in valid], until=latest)
+    decided, archived = decision_times(storage, [r["request_id"] for _, r in valid], until=latest)
     accepted = []
     for i, record in valid:
         decided_us = decided.get(record["request_id"])
@@ -223,7 +229,7 @@ def record_outcomes(
         batch_id=batch_id, source=source, accepted=len(accepted),
         rejected=sum(kinds.values()), rejected_by_kind=kinds,
         rejected_rows={kind: sorted(rejected[kind]) for kind in kinds}, files=files or [],
-        chain_id=chain_id, recorded_at=recorded_at.isoformat(),
+        chain_id=chain_id, recorded_at=recorded_at.isoformat(), unsearched_files=archived,
     )
 
 
