@@ -67,6 +67,7 @@ from serve_journal.read.verify import signed_records
 from serve_journal.schema import ENTRY_SCHEMA
 from serve_journal.sink.settings import SinkSettings, settings_for
 from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
+from serve_journal.storage.base import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +170,7 @@ def write_verified(
         try:
             if not to_write[i]:
                 raise ObjectExistsError(path)
-            with open(local[i], "rb") as handle:
-                stored = storage.put_new(path, handle.read())
+            stored = storage.put_new_file(path, local[i])
         except ObjectExistsError:  # an earlier run died after writing it: check it like a new one
             found = workspace.fetch(storage, path, file_name)
             stored = StoredObject(path, found.size, found.sha256)
@@ -180,7 +180,7 @@ def write_verified(
     # Re-read what the storage holds: it must be the local copy, which is then fingerprinted.
     locals_ = [workspace.out_path(file_name) for file_name in names]
     for stored, copy in zip(stored_list, locals_, strict=True):
-        held = hashlib.sha256(storage.read(stored.path)).hexdigest()
+        held = storage.sha256(stored.path)
         if held != stored.sha256 or _sha256_file(copy) != held:
             raise CompactionError(f"rewritten file {stored.path} does not read back as written; "
                                   "nothing was committed")
@@ -197,11 +197,8 @@ def write_verified(
 
 
 def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return file_sha256(handle)
 
 
 def delete_replaced(

@@ -20,7 +20,7 @@ Peak memory is the DuckDB limit plus one row group and one file's bytes while it
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
 import re
 import shutil
@@ -164,27 +164,23 @@ class RewriteWorkspace:
         records (:class:`UnrecordedInputError` otherwise): the copy is of the bytes checked."""
         out = []
         for i, path in enumerate(paths):
-            data = storage.read(path)
-            digest = hashlib.sha256(data).hexdigest()
-            if recorded is not None and digest not in recorded.get(path, ()):
+            local = os.path.join(self.root, "in", f"{i:08d}.parquet")
+            copied = storage.copy_to_local(path, local)
+            if recorded is not None and copied.sha256 not in recorded.get(path, ()):
                 raise UnrecordedInputError(
                     f"input {path} does not match its manifest record (altered, or never "
                     "recorded); run `serve-journal verify`; it was not rewritten"
                 )
-            local = os.path.join(self.root, "in", f"{i:08d}.parquet")
-            with open(local, "wb") as handle:
-                handle.write(data)
-            out.append(SpooledFile(path, local, len(data), digest))
-            del data
+            out.append(SpooledFile(path, local, copied.size, copied.sha256))
         return out
 
     def fetch(self, storage: JournalStorage, path: str, name: str) -> SpooledFile:
         """Copy the stored file ``path`` to :meth:`out_path` ``(name)`` (an earlier run wrote it)."""
-        data = storage.read(path)
         local = self.out_path(name)
-        with open(local, "wb") as handle:
-            handle.write(data)
-        return SpooledFile(path, local, len(data), hashlib.sha256(data).hexdigest())
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(local)  # this run's own copy: the stored bytes are what counts
+        copied = storage.copy_to_local(path, local)
+        return SpooledFile(path, local, copied.size, copied.sha256)
 
     # -- sorting ---------------------------------------------------------------------------
 

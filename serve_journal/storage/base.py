@@ -10,11 +10,32 @@ write-once backends, and :func:`serve_journal.storage.open_storage` picks one by
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import pyarrow.fs as pafs
 
 from serve_journal.errors import ObjectExistsError
+
+STREAM_CHUNK = 8 * 1024 * 1024
+"""Bytes per read or write when a file is streamed rather than held (rewrites of large days)."""
+
+
+def copy_stream(read: Callable[[int], bytes], write: Callable[[bytes], object]) -> tuple[int, str]:
+    """Copy ``read`` to ``write`` in :data:`STREAM_CHUNK` pieces; returns (bytes, SHA-256 hex)."""
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := read(STREAM_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+        write(chunk)
+    return size, digest.hexdigest()
+
+
+def file_sha256(handle: BinaryIO) -> str:
+    """SHA-256 hex of what is left to read in ``handle``, a chunk at a time."""
+    return copy_stream(handle.read, lambda _: None)[1]
 
 
 @dataclass(frozen=True)
@@ -53,9 +74,33 @@ class JournalStorage:
             stream.write(data)
         return StoredObject(relative, len(data), hashlib.sha256(data).hexdigest())
 
+    def put_new_file(self, relative: str, local: str) -> StoredObject:
+        """:meth:`put_new` of the bytes of the local file ``local``, streamed: memory holds a
+        chunk, not the file (a rewrite's files can be larger than its memory limit)."""
+        path = self.full_path(relative)
+        if self.filesystem.get_file_info(path).type != pafs.FileType.NotFound:
+            raise ObjectExistsError(f"journal object exists already: {relative}")
+        self.filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with open(local, "rb") as source, self.filesystem.open_output_stream(path) as stream:
+            size, digest = copy_stream(source.read, stream.write)
+        return StoredObject(relative, size, digest)
+
     def read(self, relative: str) -> bytes:
         with self.filesystem.open_input_stream(self.full_path(relative)) as stream:
             return stream.read()
+
+    def copy_to_local(self, relative: str, local: str) -> StoredObject:
+        """Stream the object ``relative`` into the new local file ``local``; its size and
+        SHA-256 are those of the bytes copied."""
+        with self.filesystem.open_input_stream(self.full_path(relative)) as stream, \
+                open(local, "xb") as out:
+            size, digest = copy_stream(stream.read, out.write)
+        return StoredObject(relative, size, digest)
+
+    def sha256(self, relative: str) -> str:
+        """SHA-256 hex of the object's current bytes, read a chunk at a time."""
+        with self.filesystem.open_input_stream(self.full_path(relative)) as stream:
+            return copy_stream(stream.read, lambda _: None)[1]
 
     def exists(self, relative: str) -> bool:
         return self.filesystem.get_file_info(self.full_path(relative)).type != pafs.FileType.NotFound

@@ -6,10 +6,17 @@ import contextlib
 import hashlib
 import os
 import uuid
+from collections.abc import Callable
+from typing import BinaryIO
 
 import pyarrow.fs as pafs
 
-from serve_journal.storage.base import JournalStorage, ObjectExistsError, StoredObject
+from serve_journal.storage.base import (
+    JournalStorage,
+    ObjectExistsError,
+    StoredObject,
+    copy_stream,
+)
 
 
 class LocalJournalStorage(JournalStorage):
@@ -19,6 +26,22 @@ class LocalJournalStorage(JournalStorage):
         super().__init__(pafs.LocalFileSystem(), root, root)
 
     def put_new(self, relative: str, data: bytes) -> StoredObject:
+        self._create(relative, lambda handle: handle.write(data))
+        return StoredObject(relative, len(data), hashlib.sha256(data).hexdigest())
+
+    def put_new_file(self, relative: str, local: str) -> StoredObject:
+        copied: list[tuple[int, str]] = []
+
+        def write(handle) -> None:
+            with open(local, "rb") as source:
+                copied.append(copy_stream(source.read, handle.write))
+
+        self._create(relative, write)
+        return StoredObject(relative, *copied[0])
+
+    def _create(self, relative: str, write: Callable[[BinaryIO], object]) -> None:
+        """Write a hidden temporary file with ``write``, fsync it, and link it to ``relative``
+        (fails if that exists: create-only)."""
         path = self.full_path(relative)
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
@@ -26,7 +49,7 @@ class LocalJournalStorage(JournalStorage):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
+                write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.chmod(tmp, 0o444)
@@ -38,7 +61,6 @@ class LocalJournalStorage(JournalStorage):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         fsync_dir(directory)
-        return StoredObject(relative, len(data), hashlib.sha256(data).hexdigest())
 
     def delete(self, relative: str) -> None:
         os.unlink(self.full_path(relative))

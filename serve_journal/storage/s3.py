@@ -35,7 +35,13 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from serve_journal.errors import ArchivedObjectError
-from serve_journal.storage.base import JournalStorage, ObjectExistsError, StoredObject
+from serve_journal.storage.base import (
+    JournalStorage,
+    ObjectExistsError,
+    StoredObject,
+    copy_stream,
+    file_sha256,
+)
 from serve_journal.storage.retention import RetentionPolicy, TieredRetention
 
 
@@ -192,9 +198,19 @@ class S3WormStorage(JournalStorage):
 
     def put_new(self, relative: str, data: bytes) -> StoredObject:
         """Create ``relative`` once, locked per its retention policy; 412 -> ObjectExistsError."""
-        digest = hashlib.sha256(data).digest()
+        return self._put(relative, data, hashlib.sha256(data).digest(), len(data))
+
+    def put_new_file(self, relative: str, local: str) -> StoredObject:
+        """:meth:`put_new` of a local file, streamed from disk (hashed first, then sent)."""
+        with open(local, "rb") as handle:
+            digest = bytes.fromhex(file_sha256(handle))
+            size = handle.tell()
+            handle.seek(0)
+            return self._put(relative, handle, digest, size)
+
+    def _put(self, relative: str, body: Any, digest: bytes, size: int) -> StoredObject:
         params: dict[str, Any] = {
-            "Bucket": self.bucket, "Key": self.key(relative), "Body": data,
+            "Bucket": self.bucket, "Key": self.key(relative), "Body": body,
             "IfNoneMatch": "*", "ChecksumAlgorithm": "SHA256",
             "ChecksumSHA256": base64.b64encode(digest).decode("ascii"),
         }
@@ -210,7 +226,7 @@ class S3WormStorage(JournalStorage):
             if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
                 raise ObjectExistsError(f"journal object exists already: {relative}") from exc
             raise
-        return StoredObject(relative, len(data), digest.hex(), response.get("VersionId"))
+        return StoredObject(relative, size, digest.hex(), response.get("VersionId"))
 
     def delete(self, relative: str) -> None:
         """Delete the current version: on a versioned bucket this only adds a delete marker."""
@@ -230,6 +246,23 @@ class S3WormStorage(JournalStorage):
 
     def read_versioned(self, relative: str, version_id: str | None = None) -> tuple[bytes, str | None]:
         """Bytes and version id of the current (or the given) version of ``relative``."""
+        response = self._get(relative, version_id)
+        with response["Body"] as body:
+            return body.read(), response.get("VersionId")
+
+    def copy_to_local(self, relative: str, local: str) -> StoredObject:
+        response = self._get(relative)
+        with response["Body"] as body, open(local, "xb") as out:
+            size, digest = copy_stream(body.read, out.write)
+        return StoredObject(relative, size, digest, response.get("VersionId"))
+
+    def sha256(self, relative: str) -> str:
+        with self._get(relative)["Body"] as body:
+            return copy_stream(body.read, lambda _: None)[1]
+
+    def _get(self, relative: str, version_id: str | None = None) -> dict[str, Any]:
+        """``get_object`` of ``relative``; missing -> FileNotFoundError, archived ->
+        ArchivedObjectError."""
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(relative)}
         if version_id:
             params["VersionId"] = version_id
@@ -242,8 +275,7 @@ class S3WormStorage(JournalStorage):
             if code == "InvalidObjectState":
                 raise ArchivedObjectError([relative], self.restore_command()) from None
             raise
-        with response["Body"] as body:
-            return body.read(), response.get("VersionId")
+        return response
 
     def exists(self, relative: str) -> bool:
         try:
