@@ -36,6 +36,8 @@ from serve_journal.maintain.lifecycle import (
 )
 from serve_journal.maintain.rewrite import MEMORY_LIMIT_ENV, parse_memory_limit
 from serve_journal.outcomes.cli import COMMANDS as OUTCOME_COMMANDS
+from serve_journal.outcomes.cli import performance_classes, performance_options
+from serve_journal.outcomes.performance import performance as outcome_performance
 from serve_journal.privacy.forget import ForgetHooks, ForgetIncompleteError, forget_subject
 from serve_journal.privacy.keyring import Keyring
 from serve_journal.privacy.vault import SubjectVault
@@ -410,24 +412,42 @@ def vault_rewrap(journal_uri: str, privacy_dir: str | None, vault_url: str | Non
     click.echo(json.dumps(dataclasses.asdict(report), indent=1, sort_keys=True, default=str))
 
 
-@main.command()
+@main.command("stats")
 @click.option("--journal", "journal_uri", default="./journal", show_default=True)
 @click.option("--since", default=None)
 @click.option("--until", default=None)
 @click.option("--model", default=None)
 @click.option("--group-by", default="model_name,decision,risk_tier", show_default=True)
-def stats(journal_uri: str, since: str | None, until: str | None, model: str | None,
-          group_by: str) -> None:
-    """Exact counts (unsampled counters) and weighted estimates from the sampled journal."""
+@performance_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def stats_command(journal_uri: str, since: str | None, until: str | None, model: str | None,
+                  group_by: str, positive_decisions: tuple[str, ...],
+                  positive_labels: tuple[str, ...], negative_labels: tuple[str, ...],
+                  source: str | None, as_json: bool) -> None:
+    """Exact counts (unsampled counters), weighted estimates from the sampled journal, and
+    performance on labelled decisions."""
     storage = open_storage(journal_uri)
-    report = journal_stats(storage, _parse_time(since, "--since"),
-                           _parse_time(until, "--until"), model,
+    start, end = _parse_time(since, "--since"), _parse_time(until, "--until")
+    report = journal_stats(storage, start, end, model,
                            group_by=[c.strip() for c in group_by.split(",") if c.strip()])
+    try:
+        perf = outcome_performance(storage, start, end, model, **performance_classes(
+            positive_decisions, positive_labels, negative_labels, source))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    sizes = {tier: bytes_per_entry(storage, tier) for tier in ("hot", "cold")}
+    if as_json:
+        doc = {"stats": {**dataclasses.asdict(report), "exact": report.exact,
+                         "population": report.population},
+               "bytes_per_entry": {k: v for k, v in sizes.items() if v is not None},
+               "performance": perf.to_dict()}
+        click.echo(json.dumps(doc, indent=1, default=str))
+        return
     click.echo(report.format_text())
-    for tier in ("hot", "cold"):
-        value = bytes_per_entry(storage, tier)
+    for tier, value in sizes.items():
         if value is not None:
             click.echo(f"bytes per entry on disk, {tier} tier: {value:.1f}")
+    click.echo(perf.format_text())
 
 
 @main.command()

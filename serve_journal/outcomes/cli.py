@@ -1,10 +1,5 @@
-"""The ``outcomes`` command group (registered by ``serve_journal.cli``), and ``stats`` with its
-"performance on labelled decisions" section.
-
-``serve_journal.cli`` adds every ``(command, name)`` of :data:`COMMANDS` after its own commands,
-so the ``stats`` here takes the place of the one defined there: the same options and output,
-plus ``--json`` and the performance section.
-"""
+"""The ``outcomes`` command group (registered by ``serve_journal.cli``), and the options with
+which ``stats`` adds its "performance on labelled decisions" section."""
 
 from __future__ import annotations
 
@@ -22,7 +17,6 @@ import pyarrow.parquet as pq
 
 from serve_journal.api import subject_tokenizer
 from serve_journal.cli_input import expand_subjects, subject_token_option
-from serve_journal.maintain.lifecycle import bytes_per_entry
 from serve_journal.outcomes.join import find_outcomes
 from serve_journal.outcomes.performance import (
     NEGATIVE_LABELS,
@@ -32,7 +26,6 @@ from serve_journal.outcomes.performance import (
 )
 from serve_journal.outcomes.record import record_outcomes
 from serve_journal.read.query import JournalQuery, format_table, to_json
-from serve_journal.read.stats import stats as journal_stats
 from serve_journal.sink.settings import SinkSettings
 from serve_journal.storage import open_storage
 from serve_journal.times import as_utc
@@ -65,7 +58,7 @@ def read_outcome_file(path: str) -> pa.Table:
                              param_hint="FILE")
 
 
-def _performance_options(command: Any) -> Any:
+def performance_options(command: Any) -> Any:
     for option in reversed((
         click.option("--positive-decision", "positive_decisions", multiple=True,
                      help="A decision that predicts the positive class (repeat; default: "
@@ -83,7 +76,7 @@ def _performance_options(command: Any) -> Any:
     return command
 
 
-def _classes(positive_decisions: tuple[str, ...], positive_labels: tuple[str, ...],
+def performance_classes(positive_decisions: tuple[str, ...], positive_labels: tuple[str, ...],
              negative_labels: tuple[str, ...], source: str | None) -> dict[str, Any]:
     return {"positive_decisions": positive_decisions or POSITIVE_DECISIONS,
             "positive_labels": positive_labels or POSITIVE_LABELS,
@@ -172,7 +165,7 @@ def show(journal_uri: str, request_id: str | None, subject: str | None,
 @click.option("--since", default=None)
 @click.option("--until", default=None)
 @click.option("--model", default=None)
-@_performance_options
+@performance_options
 @click.option("--json", "as_json", is_flag=True)
 def performance_command(journal_uri: str, since: str | None, until: str | None,
                         model: str | None, positive_decisions: tuple[str, ...],
@@ -182,49 +175,11 @@ def performance_command(journal_uri: str, since: str | None, until: str | None,
     try:
         report = performance(open_storage(journal_uri), _time(since, "--since"),
                              _time(until, "--until"), model,
-                             **_classes(positive_decisions, positive_labels, negative_labels,
-                                        source))
+                             **performance_classes(positive_decisions, positive_labels,
+                                                   negative_labels, source))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(json.dumps(report.to_dict(), indent=1) if as_json else report.format_text())
 
 
-@click.command("stats")
-@click.option("--journal", "journal_uri", default="./journal", show_default=True)
-@click.option("--since", default=None)
-@click.option("--until", default=None)
-@click.option("--model", default=None)
-@click.option("--group-by", default="model_name,decision,risk_tier", show_default=True)
-@_performance_options
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def stats_command(journal_uri: str, since: str | None, until: str | None, model: str | None,
-                  group_by: str, positive_decisions: tuple[str, ...],
-                  positive_labels: tuple[str, ...], negative_labels: tuple[str, ...],
-                  source: str | None, as_json: bool) -> None:
-    """Exact counts (unsampled counters), weighted estimates from the sampled journal, and
-    performance on labelled decisions."""
-    storage = open_storage(journal_uri)
-    start, end = _time(since, "--since"), _time(until, "--until")
-    report = journal_stats(storage, start, end, model,
-                           group_by=[c.strip() for c in group_by.split(",") if c.strip()])
-    try:
-        perf = performance(storage, start, end, model,
-                           **_classes(positive_decisions, positive_labels, negative_labels, source))
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
-    sizes = {tier: bytes_per_entry(storage, tier) for tier in ("hot", "cold")}
-    if as_json:
-        doc = {"stats": {**dataclasses.asdict(report), "exact": report.exact,
-                         "population": report.population},
-               "bytes_per_entry": {k: v for k, v in sizes.items() if v is not None},
-               "performance": perf.to_dict()}
-        click.echo(json.dumps(doc, indent=1, default=str))
-        return
-    click.echo(report.format_text())
-    for tier, value in sizes.items():
-        if value is not None:
-            click.echo(f"bytes per entry on disk, {tier} tier: {value:.1f}")
-    click.echo(perf.format_text())
-
-
-COMMANDS: list[tuple[click.Command, str]] = [(outcomes_group, "outcomes"), (stats_command, "stats")]
+COMMANDS: list[tuple[click.Command, str]] = [(outcomes_group, "outcomes")]
