@@ -583,3 +583,13 @@ def test_an_s3_journal(s3_bucket, tmp_path, monkeypatch):
     assert api.entries == table["subject_token"].to_pylist().count(table["subject_token"][0].as_py())
     assert verify_evidence(tmp_path / "api.zip", public).ok
     assert not os.path.exists(tmp_path / "api.zip.tmp")
+
+
+def test_a_subject_without_key_material_is_a_usage_error_naming_no_id(journal, monkeypatch):
+    monkeypatch.setenv("SERVE_JOURNAL_DEV_MODE", "0")
+    monkeypatch.delenv("SERVE_JOURNAL_KEK", raising=False)
+    result = CliRunner().invoke(main, [
+        "evidence", "--journal", journal.root, "--subject", "customer-0815", "--out",
+        str(journal.tmp / "k.zip"), "--public-key", str(journal.public)])
+    assert result.exit_code == 2 and "--subject: no key material" in result.output, result.output
+    assert "customer-0815" not in result.output and not (journal.tmp / "k.zip").exists()

@@ -10,6 +10,7 @@ import click
 
 from serve_journal.api import subject_tokenizer
 from serve_journal.cli_input import expand_subjects, subject_token_option
+from serve_journal.errors import ConfigError
 from serve_journal.evidence.export import VERIFY_SCOPES, EvidenceError, export_evidence
 from serve_journal.evidence.verify import verify_evidence
 from serve_journal.integrity.trust import TrustError, resolve_trust
@@ -65,7 +66,10 @@ def evidence_command(journal_uri: str, request_ids: tuple[str, ...], subject: st
             raise click.UsageError("--subject: one subject per bundle")
         subject = subjects[0]
         options = {"privacy_dir": privacy_dir} if privacy_dir else {}
-        tokenizer = subject_tokenizer(journal_uri, **options)
+        try:
+            tokenizer = subject_tokenizer(journal_uri, **options)
+        except ConfigError as exc:  # no keyring to tokenize with: says what to provision
+            raise click.UsageError(f"--subject: {exc}") from None
     try:
         result = export_evidence(
             journal_uri, out, public_key=anchor.public_key, request_ids=request_ids,
