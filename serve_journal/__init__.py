@@ -12,6 +12,10 @@ What users call:
   (caller id -> the caller token entries carry with ``caller_privacy="token"``);
 - reading the journal: :class:`JournalQuery`, :func:`verify_journal`, :func:`journal_stats`,
   :func:`replay`, :func:`forget_subject`;
+- outcomes that arrive later: :func:`record_outcomes`, :func:`load_outcomes`,
+  :func:`latest_outcomes`, :func:`find_outcomes`, :func:`outcome_performance`;
+- evidence for an examiner: :func:`export_evidence` (a bundle of entries with their proofs),
+  :func:`verify_evidence` (checks one offline);
 - the registry: :func:`resolve_model`, :func:`dataset_manifest`,
   :func:`register_dataset_manifest`.
 
@@ -32,6 +36,11 @@ from serve_journal.api import (
 )
 from serve_journal.config import JournalConfig
 from serve_journal.errors import ConfigError, JournalUnavailableError, ModelNotFoundError
+from serve_journal.evidence.export import export_evidence
+from serve_journal.evidence.verify import verify_evidence
+from serve_journal.outcomes.join import find_outcomes, latest_outcomes
+from serve_journal.outcomes.performance import performance as outcome_performance
+from serve_journal.outcomes.record import load_outcomes, record_outcomes
 from serve_journal.privacy.forget import forget_subject
 from serve_journal.read.query import JournalQuery
 from serve_journal.read.stats import stats as journal_stats
@@ -60,16 +69,23 @@ __all__ = [
     "annotate",
     "caller_tokenizer",
     "dataset_manifest",
+    "export_evidence",
+    "find_outcomes",
     "flush_journal",
     "forget_subject",
     "journal_stats",
     "journaled",
+    "latest_outcomes",
     "load_model",
+    "load_outcomes",
+    "outcome_performance",
     "producer_reports",
+    "record_outcomes",
     "register_dataset_manifest",
     "replay",
     "resolve_model",
     "shutdown_journal",
     "subject_tokenizer",
+    "verify_evidence",
     "verify_journal",
 ]
