@@ -63,6 +63,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from serve_journal import progress
 from serve_journal.catalog import (
     COMMITS_PREFIX,
     CommitMarker,
@@ -812,7 +813,7 @@ def verify_journal(
              or any(_in_scope_record(r, since_us, model) for r in by_path.get(p, []))]
     verified: dict[str, bool] = {}
     archive = ArchivedFiles(storage, report, archived, lambda r: _is_signed(r, chains))
-    for path in files:
+    for path in progress.track(files, "verify files"):
         if path not in by_path and is_derived(path) and path not in committed:
             report._add("uncommitted-derived-file", path,
                         "compacted/cold file that no commit marker names: a rewrite that stopped "
