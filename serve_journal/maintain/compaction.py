@@ -34,6 +34,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from serve_journal import progress
 from serve_journal.catalog import (
     CommitMarker,
     DataFile,
@@ -483,7 +484,8 @@ def compact(
     now = now or dt.datetime.now(dt.UTC)
     report = CompactionReport()
     cache = MarkerCache(signer.public_key) if signer is not None else None
-    for key, inputs in _plan_partitions(storage, tier, now, options, cache):
+    for key, inputs in progress.track(_plan_partitions(storage, tier, now, options, cache),
+                                      "compact partitions"):
         report.planned[key.path(tier)] = list(inputs)
         try:
             marker = compact_partition(

@@ -30,6 +30,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from serve_journal import progress
 from serve_journal.catalog import (
     MarkerCache,
     MarkerSigner,
@@ -190,7 +191,7 @@ def apply(
     memory_limit = parse_memory_limit(memory_limit)
     cache = MarkerCache(signer.public_key) if signer is not None else None
     markers = list(lifecycle_plan.pending_expiry)
-    for move in lifecycle_plan.moves:
+    for move in progress.track(lifecycle_plan.moves, "move partitions to cold"):
         partition = move.key.path(HOT)
         if dry_run:
             report.moved.append(partition)
