@@ -15,11 +15,11 @@ Paths:
 * ``finalize``: :class:`~serve_journal._private.entries.EntryFinalizer` (built by
   ``wire(config)`` as a replica builds it) finalizing fraud-shaped captured Starlette calls in
   batches of 2,000 (the flusher's batch);
-* ``wire_encode``: ``transport.wire.encode_batch`` of finalized batches (the Kafka producer's
-  per-entry message values);
+* ``wire_encode``: ``KafkaTransport._encode`` of finalized batches: version 2 message values
+  (ZSTD-framed Arrow IPC of up to 512 KiB, keyed per route), what the Kafka producer sends;
 * ``actor_send``: ``RayActorTransport.send`` of finalized batches to a real writer pool on a
   private Ray, then ``flush`` (the replica's side only: the writers run in other processes);
-* ``kafka_sink``: a ``KafkaSinkRunner``'s sink decoding chunks of 5,000 wire messages and
+* ``kafka_sink``: a ``KafkaSinkRunner``'s sink decoding chunks of 50 version 2 messages and
   writing them as Parquet with a manifest record per file (``_write_parts``, what a poll does
   once a chunk is due; no broker);
 * ``actor_writer``: the writer actor's class run in-process: ``write`` per partition part, a roll
@@ -58,7 +58,7 @@ TOP = 12
 
 DESCRIPTIONS = {
     "finalize": "`EntryFinalizer.finalize`, fraud-shaped captured Starlette calls, batches of 2,000",
-    "wire_encode": "`transport.wire.encode_batch` (one JSON message value per entry)",
+    "wire_encode": "`KafkaTransport._encode`: version 2 messages (ZSTD-framed Arrow IPC, up to 512 KiB) keyed per route",
     "actor_send": "`RayActorTransport.send` to 2 writer actors + `flush` (replica side only)",
     "kafka_sink": "Kafka sink `_write_parts`: decode chunks of 5,000 messages, Parquet + manifest record",
     "actor_writer": "writer actor class in-process: `write` per part, roll every 20,000 rows, `flush`",
@@ -105,6 +105,29 @@ def _finalized_batches(parts, n: int) -> list:
     return [parts.finalizer.finalize(calls[s:s + BATCH]).batch for s in range(0, n, BATCH)]
 
 
+def _kafka_encode(batch) -> list:
+    """``batch`` as the Kafka transport sends it: version 2 messages keyed by its partitioner
+    (``KafkaTransport._encode``), as ``(key, value, entries)``."""
+    from serve_journal.transport.kafka import KafkaTransport
+
+    return KafkaTransport._encode(_EncodeOnly(), batch)
+
+
+class _EncodeOnly:
+    """What ``KafkaTransport._encode`` reads of its transport: the default partitioner and
+    batch size (no producer, no broker)."""
+
+    def __init__(self) -> None:
+        from serve_journal.transport.kafka_settings import (
+            KafkaSettings,
+            ModelBucketShardPartitioner,
+        )
+
+        self.settings = KafkaSettings(bootstrap_servers="127.0.0.1:9", topic="journal-profile")
+        self.partitioner = ModelBucketShardPartitioner(self.settings.shards_per_model,
+                                                       self.settings.bucket_seconds)
+
+
 def _child(path: str, n: int, tracking_uri: str, workdir: Path) -> dict[str, Any]:
     from serve_journal._private.wiring import wire
 
@@ -118,20 +141,20 @@ def _child(path: str, n: int, tracking_uri: str, workdir: Path) -> dict[str, Any
                 finalize(calls[s:s + BATCH])
             return n
     elif path == "wire_encode":
-        from serve_journal.transport.wire import encode_batch
+        import serve_journal.transport.kafka  # noqa: F401  (imported outside the region)
 
         batches = _finalized_batches(parts, n)
 
         def work() -> int:
-            return sum(len(encode_batch(b)) for b in batches)
+            return sum(entries for b in batches for _, _, entries in _kafka_encode(b))
     elif path == "kafka_sink":
         from serve_journal.sink.kafka import KafkaSinkSettings, _Chunk
         from serve_journal.sink.kafka_app import KafkaSinkRunner
         from serve_journal.sink.settings import SinkSettings
-        from serve_journal.transport.wire import HEADERS, encode_batch
+        from serve_journal.transport.wire import HEADERS
 
-        values = [m.value for b in _finalized_batches(parts, n) for m in encode_batch(b)]
-        chunk_size = 5_000
+        values = [v for b in _finalized_batches(parts, n) for _, v, _ in _kafka_encode(b)]
+        chunk_size = 50  # v2 messages of up to 512 KiB: ~5,000 entries per chunk
         chunks = []
         for s in range(0, len(values), chunk_size):
             chunk = _Chunk()
