@@ -75,6 +75,7 @@ class Progress:
         self.description = description
         self.total = total
         self.done = 0
+        self._closed = False
         self._lock = threading.Lock()
 
     def advance(self, n: int = 1) -> None:
@@ -82,6 +83,13 @@ class Progress:
         with self._lock:
             self.done += n
             self._show()
+
+    def close(self) -> None:
+        """The task ended (a second call does nothing)."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._close()
 
     def _show(self) -> None:  # silent by default
         pass
@@ -141,30 +149,37 @@ class _Bar(Progress):
         self._bar.close()
 
 
+def start(description: str, total: int | None = None) -> Progress:
+    """Begin a task that is not a ``with`` block; call :meth:`Progress.close` when it ends.
+
+    Silent unless :func:`enable` was called; then a bar on a terminal or plain lines elsewhere.
+    """
+    settings = _settings
+    if settings is None:
+        return Progress(description, total)
+    stream = settings.stream if settings.stream is not None else sys.stderr
+    terminal = settings.terminal
+    if terminal is None:
+        try:
+            terminal = stream.isatty()
+        except (AttributeError, ValueError):
+            terminal = False
+    if terminal:
+        return _Bar(description, total, stream)
+    return _Lines(description, total, stream, settings.interval)
+
+
 @contextmanager
 def task(description: str, total: int | None = None) -> Iterator[Progress]:
     """A unit of long work: ``total`` steps (``None`` when unknown), advanced by the caller.
 
     Silent unless :func:`enable` was called; then a bar on a terminal or plain lines elsewhere.
     """
-    settings = _settings
-    if settings is None:
-        bar: Progress = Progress(description, total)
-    else:
-        stream = settings.stream if settings.stream is not None else sys.stderr
-        terminal = settings.terminal
-        if terminal is None:
-            try:
-                terminal = stream.isatty()
-            except (AttributeError, ValueError):
-                terminal = False
-        bar = (_Bar(description, total, stream) if terminal
-               else _Lines(description, total, stream, settings.interval))
+    bar = start(description, total)
     try:
         yield bar
     finally:
-        bar._close()
-
+        bar.close()
 
 def track(items: Sequence[T] | Iterable[T], description: str,
           total: int | None = None) -> Iterator[T]:

@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from serve_journal import progress as progress_report
 from serve_journal.catalog import TIERS, live_files
 from serve_journal.cli_input import expand_subjects
 from serve_journal.errors import ArchivedObjectError
@@ -105,11 +106,7 @@ def _journal_files(storage: JournalStorage, model: str, since: dt.datetime | Non
 
 
 def _progress_bar(total: int | None) -> Any:
-    try:
-        from tqdm import tqdm  # inside: optional; without it Ray Data shows its own progress bars
-    except ImportError:
-        return None
-    return tqdm(total=total, unit="entries", desc="replay", smoothing=0.1)
+    return progress_report.start("replay entries", total)  # silent unless the CLI enabled it
 
 
 def replay(
@@ -218,7 +215,7 @@ def replay(
                 if keep_results:
                     kept.append(out)
                 if bar is not None:
-                    bar.update(out.num_rows)
+                    bar.advance(out.num_rows)
         finally:
             if bar is not None:
                 bar.close()
