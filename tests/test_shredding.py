@@ -542,3 +542,42 @@ def test_vault_rewrap_command_rewraps_and_destroys_the_old_wrap_key(tmp_path, mo
     reopened = SubjectVault.local_default(privacy, Keyring.local_default(privacy))
     assert set(reopened.get_many(["alice", "bob"])) == {"alice", "bob"}  # still readable
     reopened.close()
+
+
+def test_a_cache_whose_keyring_is_gone_stops_being_swept_until_it_is_used_again(
+        tmp_path, ring, caplog):
+    # A runtime closed in this process with its key files removed: the sweeper's keyring reload
+    # fails. It says so once (the kind, never the message), stops sweeping that cache, and a
+    # cache that is used again is swept again.
+    vault = SubjectVault.sqlite(tmp_path / "vault.sqlite3", ring)
+    clock = FakeClock()
+    closed = VaultPseudonymizer(ring, vault, clock=clock, sweep_interval_s=0.01)
+    closed.protect(["gone"], [None])
+    failures = []
+
+    def reload() -> None:
+        failures.append(time.monotonic())
+        raise RuntimeError("key file /secret/path missing")
+
+    closed.keyring.reload = reload
+    clock.advance(MAX_KEY_AGE_S)
+    caplog.set_level(logging.WARNING, logger="serve_journal.privacy.subjects")
+    deadline = time.monotonic() + 30
+    while not failures:
+        assert time.monotonic() < deadline, "the sweeper never swept"
+        time.sleep(0.01)
+    time.sleep(0.3)  # thirty sweep intervals
+    assert len(failures) == 1
+    assert closed.cached_subjects() == 0  # its expiry ran before the reload failed
+    messages = [r.getMessage() for r in caplog.records if "sweep failed" in r.getMessage()]
+    assert messages == ["key cache sweep failed (RuntimeError); no longer swept until it is "
+                        "used again"]
+    reloads = []
+    closed.keyring.reload = lambda: reloads.append(time.monotonic())
+    closed.protect(["back"], [None])  # used again: swept again
+    clock.advance(MAX_KEY_AGE_S)
+    deadline = time.monotonic() + 30
+    while closed.cached_subjects() or not reloads:
+        assert time.monotonic() < deadline, "a cache used again was not swept again"
+        time.sleep(0.01)
+    vault.close()

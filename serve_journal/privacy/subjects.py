@@ -159,7 +159,13 @@ class _Sweeper:
                 try:
                     cache.sweep()
                 except Exception as exc:  # noqa: BLE001 - the sweeper must survive; never the message
-                    log.warning("key cache sweep failed (%s)", type(exc).__name__)
+                    # Its expiry ran first (memory only); what failed is the keyring reload, e.g.
+                    # of a runtime closed with its key files gone. Stop sweeping it: a cache in
+                    # use registers itself again (expire_periodically) on its next vault read.
+                    with self._lock:
+                        self._caches.discard(cache)
+                    log.warning("key cache sweep failed (%s); no longer swept until it is used "
+                                "again", type(exc).__name__)
             del caches
 
 
