@@ -37,7 +37,13 @@ from serve_journal.sampling import Sampler
 from serve_journal.sink.settings import SinkSettings, manifest_hook
 from serve_journal.sink.writer import PartitionFileWriter
 from serve_journal.storage import LocalJournalStorage
-from serve_journal.transport.wire import encode_batch
+from serve_journal.transport.wire import (
+    _ipc_stream,
+    decode_message,
+    encode_batch,
+    encode_messages,
+    pack_frame,
+)
 
 CALLER = "CANARY-CALLER-user-5f1c@example.org"
 
@@ -110,8 +116,18 @@ def test_raw_caller_never_reaches_files_manifests_or_kafka_messages(tmp_path):
     messages = encode_batch(finalized.batch)
     assert len(messages) == 50
     needle = CALLER.encode()
-    for message in messages:  # what the Kafka transport sends and spools
+    for message in messages:  # version 1 (JSON) values, still readable
         assert needle not in message.value and CALLER not in repr(message)
+    # What the Kafka transport sends and spools today: version 2 values, ZSTD frames, so the
+    # needle is looked for in the inflated Arrow stream too, and in a spool frame.
+    keys = [b"k%d" % (i % 3) for i in range(finalized.batch.num_rows)]
+    v2 = encode_messages(finalized.batch, keys)
+    assert sum(m.entries for m in v2) == 50
+    for message in v2:
+        assert needle not in message.value and CALLER not in repr(message)
+        assert needle not in _ipc_stream(message.value).to_pybytes()
+        assert CALLER not in repr(decode_message(message.value).to_pylist())
+    assert needle not in pack_frame([(m.key, m.value) for m in v2], entries=50)
     scanned = 0
     for path in tmp_path.rglob("*"):
         if path.is_file():
