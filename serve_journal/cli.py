@@ -17,13 +17,14 @@ from typing import Any
 import click
 import pyarrow as pa
 
+from serve_journal import progress
 from serve_journal.api import caller_tokenizer, subject_tokenizer
 from serve_journal.catalog.layout import DEFAULT_SPEC
 from serve_journal.cli_input import expand_subjects, subject_token_option
 from serve_journal.config import JournalConfig
 from serve_journal.console import write_report
 from serve_journal.console.commands import console_command, console_user
-from serve_journal.errors import ConfigError
+from serve_journal.errors import ArchivedObjectError, ConfigError
 from serve_journal.evidence.cli import COMMANDS as EVIDENCE_COMMANDS
 from serve_journal.integrity.certificates import COUNTERS_KEY_FILE, provision_key
 from serve_journal.integrity.manifest import ManifestSigner
@@ -78,10 +79,25 @@ def _retention(value: str | None) -> Any:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--retention") from None
 
 
+def _echo_json(document: Any) -> None:
+    """One JSON document on standard output (``--json``): datetimes and the like as strings."""
+    click.echo(json.dumps(document, indent=1, sort_keys=True, default=str))
+
+
 @click.group()
 @click.version_option(package_name="serve-journal")
-def main() -> None:
+@click.option("--progress/--no-progress", "show_progress", default=True, show_default=True,
+              help="Progress of long commands on standard error: a bar on a terminal, a plain "
+                   "line every few seconds otherwise. Standard output (--json) is unaffected.")
+@click.option("--progress-interval", default=progress.DEFAULT_INTERVAL_S, show_default=True,
+              type=click.FloatRange(min=0), envvar="SERVE_JOURNAL_PROGRESS_INTERVAL",
+              help="Seconds between progress lines when standard error is not a terminal.")
+@click.pass_context
+def main(ctx: click.Context, show_progress: bool, progress_interval: float) -> None:
     """serve-journal: the prediction journal for Ray Serve."""
+    if show_progress:
+        progress.enable(interval=progress_interval)
+        ctx.call_on_close(progress.disable)
 
 
 @main.command()
@@ -89,8 +105,9 @@ def main() -> None:
 @click.option("--model", "model_name", help="Registered model name to tag.")
 @click.option("--version", "model_version", help="Model version to tag.")
 @click.option("--tracking-uri", default=None, help="MLflow tracking/registry URI.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def manifest(paths: tuple[str, ...], model_name: str | None, model_version: str | None,
-             tracking_uri: str | None) -> None:
+             tracking_uri: str | None, as_json: bool) -> None:
     """Compute a dataset manifest hash; with --model/--version, log and tag it in MLflow."""
     if bool(model_name) != bool(model_version):
         raise click.UsageError("give both --model and --version, or neither")
@@ -99,6 +116,9 @@ def manifest(paths: tuple[str, ...], model_name: str | None, model_version: str 
                                            tracking_uri=tracking_uri)
     else:
         result = dataset_manifest(list(paths))
+    if as_json:
+        _echo_json({"files": len(result.files), "digest": result.digest})
+        return
     click.echo(f"{len(result.files)} files")
     click.echo(result.digest)
 
@@ -121,7 +141,9 @@ def manifest(paths: tuple[str, ...], model_name: str | None, model_version: str 
 @click.option("--since", default=None, help="ISO time, inclusive (UTC).")
 @click.option("--until", default=None, help="ISO time, exclusive (UTC).")
 @click.option("--limit", default=None, type=int)
-@click.option("--tier", default="hot", type=click.Choice(["hot", "cold", "all"]), show_default=True)
+@click.option("--tier", default="all", type=click.Choice(["hot", "cold", "all"]), show_default=True,
+              help="Which tier to search: every tier by default (hot files, compacted days and "
+                   "the cold tier); 'hot' or 'cold' to restrict.")
 @click.option("--as", "actor", default=None, help="Who is asking (recorded in the access log).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
 @click.option("--parquet", "parquet_path", default=None, help="Write the result to this file.")
@@ -142,6 +164,9 @@ def query(journal_uri: str, subject: str | None, subject_token: str | None, call
                          limit=limit, tier=tier) for one in subjects]
     except UnicodeError:  # its message would quote a piece of the id
         raise click.UsageError("--subject must be valid UTF-8 text") from None
+    except ArchivedObjectError as exc:
+        click.echo(f"error: {exc} (or search the hot tier only: --tier hot)", err=True)
+        sys.exit(3)
     except ValueError as exc:  # the message names the option, never a subject id
         raise click.UsageError(str(exc)) from None
     finally:
@@ -271,8 +296,10 @@ def verify(journal_uri: str, since: str | None, model: str | None, public_key: s
 @click.option("--retraining-hook", default=None,
               help="'module:function' called with the forget event (token, model versions; no "
                    "id), e.g. to schedule retraining. Default: SERVE_JOURNAL_RETRAINING_HOOK.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON document: {\"receipts\": [...]} (tokens, never ids).")
 def forget(journal_uri: str, subject: str, privacy_dir: str | None, vault_url: str | None,
-           purge_hook: str | None, retraining_hook: str | None) -> None:
+           purge_hook: str | None, retraining_hook: str | None, as_json: bool) -> None:
     """Right to be forgotten: destroy the subject's key; their entries become unlinkable.
 
     Exit code 2 when a hook failed, 3 when archived files kept the entry count from being
@@ -284,6 +311,7 @@ def forget(journal_uri: str, subject: str, privacy_dir: str | None, vault_url: s
     subjects = expand_subjects([subject])
     privacy_dir = _default_privacy_dir(journal_uri, privacy_dir)
     incomplete = uncounted = False
+    receipts: list[Any] = []
     for one in subjects:
         try:
             receipt = forget_subject(one, journal_uri=journal_uri, privacy_dir=privacy_dir,
@@ -292,13 +320,18 @@ def forget(journal_uri: str, subject: str, privacy_dir: str | None, vault_url: s
             click.echo(f"error: {exc}", err=True)
             incomplete = True
             receipt = exc.receipt
+            receipts.append(json.loads(receipt.to_json()))
         else:
-            click.echo(receipt.to_json())
+            receipts.append(json.loads(receipt.to_json()))
+            if not as_json:
+                click.echo(receipt.to_json())
         if receipt.uncounted_files:
             uncounted = True
             click.echo(f"restore needed: {len(receipt.uncounted_files)} archived file(s) were not "
                        f"counted (the key is destroyed; their entries are unlinkable too); to "
                        f"count them run: {receipt.restore_command}", err=True)
+    if as_json:
+        _echo_json({"receipts": receipts, "hooks_failed": incomplete, "uncounted": uncounted})
     if incomplete:
         sys.exit(2)
     if uncounted:
@@ -313,13 +346,24 @@ def forget(journal_uri: str, subject: str, privacy_dir: str | None, vault_url: s
               help="Retrieval tier (Expedited is not available for DEEP_ARCHIVE).")
 @click.option("--since", default=None, help="Only partitions from this ISO date/time on.")
 @click.option("--until", default=None, help="Only partitions before this ISO date/time.")
-def restore(journal_uri: str, days: int, tier: str, since: str | None, until: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON document: the state of each archived file.")
+def restore(journal_uri: str, days: int, tier: str, since: str | None, until: str | None,
+            as_json: bool) -> None:
     """Restore archived journal files (S3 Glacier / Deep Archive) so verify, forget and replay
     can read them (S3 RestoreObject). Safe to run again: it reports restores in progress and
     done; exit code 0 once every selected file is readable, 75 while restores are in progress."""
     storage = open_storage(journal_uri)
     lo, hi = _parse_time(since, "--since"), _parse_time(until, "--until")
     states = restore_archived(storage, _archived_in_range(storage, lo, hi), days=days, tier=tier)
+    pending = sorted(p for p, s in states.items() if s != "restored")
+    if as_json:
+        _echo_json({"journal": storage.uri, "files": dict(sorted(states.items())),
+                    "pending": len(pending),
+                    "restore_command": restore_command(storage) if pending else None})
+        if pending:
+            sys.exit(75)
+        return
     if not states:
         click.echo(f"no archived files in {storage.uri}" + (" in that range" if lo or hi else ""))
         return
@@ -330,7 +374,6 @@ def restore(journal_uri: str, days: int, tier: str, since: str | None, until: st
         f"{label} {tally.get(key, 0)}" for key, label in (
             ("started", "restore started"), ("in-progress", "restore in progress"),
             ("restored", "restored (readable)"))))
-    pending = sorted(p for p, s in states.items() if s != "restored")
     if pending:
         click.echo(f"run again later to check: {restore_command(storage)}")
         sys.exit(75)
@@ -362,8 +405,11 @@ def _archived_in_range(storage: Any, since: dt.datetime | None,
 @click.option("--counters-key-file", default=None,
               help="Where to create the replicas' counters key (default "
                    "<privacy-dir>/keys/counters-signing.pem).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON document: the paths and the public key's fingerprint (never "
+                   "key material).")
 def init_keys(journal_uri: str, privacy_dir: str | None, signing_key_file: str | None,
-              counters_key_file: str | None) -> None:
+              counters_key_file: str | None, as_json: bool) -> None:
     """Provision the key material replicas and writers need outside development mode: the KEK
     (unless SERVE_JOURNAL_KEK is set), the keyring, the replicas' counters key (certified by the
     manifest key; the certificate goes into the journal), and the manifest signing key, kept
@@ -387,6 +433,10 @@ def init_keys(journal_uri: str, privacy_dir: str | None, signing_key_file: str |
         handle.write(signer.export_public_key())
     counters_key = counters_key_file or os.path.join(folder, "keys", COUNTERS_KEY_FILE)
     provision_key(counters_key, signer, open_storage(journal_uri))
+    if as_json:
+        _echo_json({"keyring": os.path.join(folder, "keys"), "counters_key": counters_key,
+                    "public_key": public, "fingerprint": key_fingerprint(signer.public_key)})
+        return
     click.echo(f"keyring: {os.path.join(folder, 'keys')}")
     click.echo(f"counters key (ship with the keyring): {counters_key}")
     click.echo(f"public key: {public}")
@@ -397,7 +447,10 @@ def init_keys(journal_uri: str, privacy_dir: str | None, signing_key_file: str |
 @click.option("--journal", "journal_uri", default="./journal", show_default=True)
 @click.option("--privacy-dir", default=None, envvar="SERVE_JOURNAL_PRIVACY_DIR", help="Keyring folder (default next to a local journal).")
 @click.option("--vault-url", default=None, envvar="SERVE_JOURNAL_VAULT_URL", help="postgresql://... (default: SQLite in privacy dir; env SERVE_JOURNAL_VAULT_URL keeps its password off the command line).")
-def vault_rewrap(journal_uri: str, privacy_dir: str | None, vault_url: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report as JSON (the default output is that JSON already).")
+def vault_rewrap(journal_uri: str, privacy_dir: str | None, vault_url: str | None,
+                 as_json: bool) -> None:
     """Re-encrypt every subject key under a fresh wrap key and destroy the old one, so copies of
     the vault taken earlier (PostgreSQL dead tuples, WAL archives, replicas, backups) can no longer
     yield a forgotten subject's key. Run it once per deletion deadline; see docs/security.md."""
@@ -509,15 +562,20 @@ def rewrite_options(command: Callable) -> Callable:
 @click.option("--as-of", "as_of", default=None, help=AS_OF_HELP)
 @rewrite_options
 @writer_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 def compact(journal_uri: str, do_apply: bool, as_of: str | None, memory_limit: str | None,
             temp_dir: str | None, witness_uri: str | None, signing_key_file: str | None,
-            retention: str | None) -> None:
+            retention: str | None, as_json: bool) -> None:
     """Merge the many small files of finished days into few sorted day files (verify-safe)."""
     options = CompactionOptions(memory_limit=_memory_limit(memory_limit), temp_dir=temp_dir)
     settings = SinkSettings(journal_uri, witness_uri=witness_uri,
                             signing_key_file=signing_key_file, retention=_retention(retention))
-    click.echo(run_compaction(journal_uri, apply=do_apply, now=_parse_time(as_of, "--as-of"),
-                              options=options, settings=settings).describe())
+    report = run_compaction(journal_uri, apply=do_apply, now=_parse_time(as_of, "--as-of"),
+                            options=options, settings=settings)
+    if as_json:
+        _echo_json(dataclasses.asdict(report))
+    else:
+        click.echo(report.describe())
 
 
 @main.group()
@@ -532,23 +590,42 @@ def lifecycle() -> None:
 @click.option("--as-of", "as_of", default=None, help=AS_OF_HELP)
 @rewrite_options
 @writer_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 def lifecycle_run(journal_uri: str, hot_days: int, do_apply: bool, as_of: str | None,
                   memory_limit: str | None, temp_dir: str | None, witness_uri: str | None,
-                  signing_key_file: str | None, retention: str | None) -> None:
+                  signing_key_file: str | None, retention: str | None, as_json: bool) -> None:
     """Rewrite partitions older than the hot window into the cold tier, check, then expire."""
     limit = _memory_limit(memory_limit)
     settings = SinkSettings(journal_uri, witness_uri=witness_uri,
                             signing_key_file=signing_key_file, retention=_retention(retention))
-    click.echo(run_lifecycle(journal_uri, apply=do_apply, hot_days=hot_days,
-                             now=_parse_time(as_of, "--as-of"), settings=settings,
-                             memory_limit=limit, temp_dir=temp_dir).describe())
+    report = run_lifecycle(journal_uri, apply=do_apply, hot_days=hot_days,
+                           now=_parse_time(as_of, "--as-of"), settings=settings,
+                           memory_limit=limit, temp_dir=temp_dir)
+    click.echo(json.dumps(_lifecycle_document(report), indent=1, sort_keys=True, default=str)
+               if as_json else report.describe())
+
+
+def _lifecycle_document(report: Any) -> dict[str, Any]:
+    """``lifecycle run --json``: the report, its plan's moves named by partition and files."""
+    doc = dataclasses.asdict(dataclasses.replace(report, plan=None))
+    plan = report.plan
+    doc["plan"] = None if plan is None else {
+        "now": plan.now.isoformat(), "hot_days": plan.hot_days,
+        "pending_expiry": list(plan.pending_expiry),
+        "moves": [{"partition": move.key.path("hot"), "hot_files": list(move.hot_files),
+                   "cold_partition": move.key.path("cold"), "cold_name": move.cold_name}
+                  for move in plan.moves]}
+    return doc
 
 
 @lifecycle.command("s3-config")
 @click.option("--prefix", default="", help="Journal prefix inside the bucket.")
 @click.option("--glacier-after-days", default=30, show_default=True, type=int)
 @click.option("--deep-archive-after-days", default=180, show_default=True, type=int)
-def lifecycle_s3_config(prefix: str, glacier_after_days: int, deep_archive_after_days: int) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Accepted for uniformity: the output is the JSON configuration either way.")
+def lifecycle_s3_config(prefix: str, glacier_after_days: int, deep_archive_after_days: int,
+                        as_json: bool) -> None:
     """Print the S3 lifecycle configuration (storage-class transitions) for the journal bucket."""
     click.echo(json.dumps(s3_lifecycle_configuration(
         prefix=prefix, glacier_after_days=glacier_after_days,
@@ -557,9 +634,14 @@ def lifecycle_s3_config(prefix: str, glacier_after_days: int, deep_archive_after
 
 @main.command("bytes-per-entry")
 @click.option("--journal", "journal_uri", default="./journal", show_default=True)
-def bytes_per_entry_command(journal_uri: str) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="Print {\"hot\": bytes, \"cold\": bytes} (null: no entries).")
+def bytes_per_entry_command(journal_uri: str, as_json: bool) -> None:
     """Bytes per entry on disk, hot and cold tiers."""
     storage = open_storage(journal_uri)
+    if as_json:
+        _echo_json({tier: bytes_per_entry(storage, tier) for tier in ("hot", "cold")})
+        return
     for tier in ("hot", "cold"):
         value = bytes_per_entry(storage, tier)
         click.echo(f"{tier}: {'no entries' if value is None else f'{value:.1f} B/entry'}")

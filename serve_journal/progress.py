@@ -99,7 +99,8 @@ class Progress:
 
 
 class _Lines(Progress):
-    """Plain lines: one at the start, one every ``interval`` seconds, one at the end."""
+    """Plain lines: one every ``interval`` seconds while the task runs, and a last one when it
+    ends if any was written (a task shorter than the interval stays silent)."""
 
     def __init__(self, description: str, total: int | None, stream: IO[str],
                  interval: float) -> None:
@@ -108,12 +109,13 @@ class _Lines(Progress):
         self._interval = interval
         self._started = time.monotonic()
         self._last = self._started
-        self._write("started")
+        self._written = False
 
-    def _line(self) -> str:
+    def _count(self) -> str:
         return f"{self.done}/{self.total}" if self.total is not None else f"{self.done}"
 
     def _write(self, state: str) -> None:
+        self._written = True
         try:
             self._stream.write(f"{self.description}: {state}\n")
             self._stream.flush()
@@ -124,10 +126,11 @@ class _Lines(Progress):
         now = time.monotonic()
         if now - self._last >= self._interval:
             self._last = now
-            self._write(self._line())
+            self._write(self._count())
 
     def _close(self) -> None:
-        self._write(f"{self._line()} done in {time.monotonic() - self._started:.1f} s")
+        if self._written:
+            self._write(f"{self._count()} done in {time.monotonic() - self._started:.1f} s")
 
 
 class _Bar(Progress):
