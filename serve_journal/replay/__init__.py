@@ -9,6 +9,7 @@
 - ``rescore.py``: :class:`Rescorer`, :class:`ArtifactRescorer`, :class:`MlflowRescorer`,
   :func:`threshold_decision`.
 - ``featurestore.py``: :class:`FeatureStore` and the built-in :class:`ParquetFeatureStore`.
+- ``feast_store.py``: :class:`FeastFeatureStore`, replay through Feast's historical retrieval.
 - ``statuses.py``: the per-entry statuses.
 
 See docs/replay.md.
@@ -21,6 +22,7 @@ from serve_journal.replay.driver import (
     replay_command,
     run_replay_cli,
 )
+from serve_journal.replay.feast_store import FeastFeatureStore
 from serve_journal.replay.featurestore import (
     FeatureStore,
     ParquetFeatureStore,
@@ -67,6 +69,7 @@ __all__ = [
     "VERIFIED",
     "ArtifactMismatch",
     "ArtifactRescorer",
+    "FeastFeatureStore",
     "FeatureStore",
     "MlflowRescorer",
     "ParquetFeatureStore",

@@ -261,6 +261,10 @@ def run_replay_cli(
     decision: str | None = None,
     rescore: bool = False,
     features_uri: str | None = None,
+    feature_store: str = "parquet",
+    feast_repo: str | None = None,
+    feast_features: Sequence[str] | None = None,
+    feast_feature_service: str | None = None,
     tracking_uri: str | None = None,
     feature_names: Sequence[str] | None = None,
     decision_labels: tuple[str, str] | None = None,
@@ -275,8 +279,26 @@ def run_replay_cli(
     echo: Callable[[str], Any] = print,
 ) -> int:
     """What ``serve-journal replay`` runs: prints the summary (``as_json``: :meth:`ReplayReport.
-    to_dict` as JSON), returns the exit code (0 = all verified)."""
-    store = ParquetFeatureStore(features_uri or default_feature_store_uri(journal_uri))
+    to_dict` as JSON), returns the exit code (0 = all verified).
+
+    ``feature_store="feast"`` reads the features through the Feast repository ``feast_repo``
+    (:class:`~serve_journal.replay.feast_store.FeastFeatureStore`): the references
+    ``feast_features``, the feature service ``feast_feature_service``, or else the model's
+    ``feature_names`` looked up in its registry."""
+    store: FeatureStore
+    if feature_store == "feast":
+        from serve_journal.replay.feast_store import FeastFeatureStore  # inside: Feast is optional
+
+        if not feast_repo:
+            raise ValueError("feature_store='feast' needs feast_repo, the folder of "
+                             "feature_store.yaml (--feast-repo PATH)")
+        store = FeastFeatureStore(feast_repo, features=feast_features or None,
+                                  feature_service=feast_feature_service,
+                                  feature_names=feature_names or None)
+    elif feature_store == "parquet":
+        store = ParquetFeatureStore(features_uri or default_feature_store_uri(journal_uri))
+    else:
+        raise ValueError(f"feature_store must be 'parquet' or 'feast', got {feature_store!r}")
     if static_key_file:
         verifier: Verifier = StaticKeyVerifier.from_key_file(static_key_file)
     else:
@@ -328,6 +350,18 @@ def _split_labels(ctx: click.Context, param: click.Parameter, value: str | None
               help="Also re-run the journaled model version and compare score and decision.")
 @click.option("--features", "features_uri", default=None,
               help="Feature store folder (default: 'features' beside a local journal).")
+@click.option("--feature-store", "feature_store", default="parquet", show_default=True,
+              type=click.Choice(["parquet", "feast"]),
+              help="Where the features come from: the built-in Parquet store (--features) or "
+                   "Feast's historical retrieval (--feast-repo).")
+@click.option("--feast-repo", default=None,
+              help="With --feature-store feast: the Feast repository (folder of "
+                   "feature_store.yaml).")
+@click.option("--feast-features", default=None, callback=_split_names,
+              help="With --feature-store feast: Feast references view:feature, comma-separated, "
+                   "in the model's order (default: --feature-names looked up in the registry).")
+@click.option("--feast-feature-service", default=None,
+              help="With --feature-store feast: fetch the features of this feature service.")
 @click.option("--tracking-uri", default=None, help="MLflow registry (default MLFLOW_TRACKING_URI).")
 @click.option("--feature-names", default=None, callback=_split_names,
               help="With --rescore: the model's input features in order, comma-separated "
@@ -359,6 +393,21 @@ def replay_command(**options: Any) -> None:
     `ray job submit`), else on a local Ray.
     """
     options["subjects"] = tuple(expand_subjects(options.get("subjects") or ()))
+    if options.get("feature_store") == "feast":
+        if not options.get("feast_repo"):
+            raise click.UsageError("--feature-store feast needs --feast-repo PATH (the folder "
+                                   "of feature_store.yaml)")
+        if options.get("features_uri"):
+            raise click.UsageError("--features is the Parquet store's folder; with "
+                                   "--feature-store feast give --feast-repo instead")
+        if not (options.get("feast_features") or options.get("feast_feature_service")
+                or options.get("feature_names")):
+            raise click.UsageError("--feature-store feast needs the features to fetch: "
+                                   "--feast-features view:feature,..., --feast-feature-service "
+                                   "NAME, or --feature-names (looked up in the registry)")
+    elif any(options.get(o) for o in ("feast_repo", "feast_features", "feast_feature_service")):
+        raise click.UsageError("--feast-repo, --feast-features and --feast-feature-service "
+                               "need --feature-store feast")
     try:
         code = run_replay_cli(**options, echo=click.echo)
     except ArchivedObjectError as exc:

@@ -15,8 +15,8 @@ replayed value is byte-identical). Point-in-time reads are one DuckDB ``ASOF JOI
 journal, the feature store may be rewritten: :meth:`ParquetFeatureStore.purge` rewrites the files
 without a forgotten subject.
 
-Another store (Feast, a warehouse) plugs in by implementing :class:`FeatureStore`; the adapter
-point for Feast's point-in-time retrieval is described in docs/replay.md.
+Another store plugs in by implementing :class:`FeatureStore`; Feast's point-in-time retrieval
+does through :class:`~serve_journal.replay.feast_store.FeastFeatureStore` (docs/replay.md).
 
 Errors never carry a feature value or an entity id: a row whose JSON does not parse, or a read
 that fails, raises :class:`~serve_journal.errors.ReplayDataError` naming the position and the
