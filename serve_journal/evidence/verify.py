@@ -12,12 +12,21 @@ What holds when :attr:`EvidenceReport.ok` is true:
 2. every checkpoint is canonical and signed by the auditor's key; ``key.json`` names that key;
 3. every manifest record is canonical and its ``record_hash`` is the hash of its content; the
    records of each chain are consecutive and hash-linked (``prev_hash``) up to the head hash of a
-   signed checkpoint, so each record an entry relies on is covered by a signature, and the
-   covering checkpoint links to the latest one through the records between them (a hash chain's
-   consistency proof);
+   signed checkpoint, so each record an entry relies on is covered by a signature; every link is
+   checked, so records from two chains of one key do not pass as one; and every record from the
+   first the bundle holds up to the newest checkpoint's head is there and linked, so each older
+   checkpoint is a prefix of the newest (a hash chain's consistency proof, from the signed data
+   alone: ``evidence.json``'s claims are only checked against it);
 4. every entry is at the index its proof names in its file, under the Merkle root of the file's
    signed record (RFC 6962 inclusion proof over the entry's leaf, recomputed from the entry);
-   as many entries as proofs, no entry twice, each inside the selection ``evidence.json`` states.
+   as many entries as proofs, no entry twice (not even from two files: an entry's leaf is its
+   identity, so its hot and its compacted copy are one decision), each inside the selection
+   ``evidence.json`` states.
+
+What it cannot tell: which journal the entries come from (checkpoints name a chain, not a
+journal: the key identifies the journal, so use one signing key per journal) and whether a newer
+checkpoint exists than the newest in the bundle (:attr:`EvidenceReport.signed_heads` shows its
+signed time; compare with the journal's or the witness's).
 
 The exporter's verify run (``verify-summary.json``) is reported, not re-proven: it is the
 exporter's unsigned statement about the whole journal.
@@ -105,6 +114,13 @@ class EvidenceReport:
     exported_at: str = ""
     journal_verify_ok: bool | None = None
     """The exporter's verify run: passed, failed, or ``None`` when unreadable."""
+    signed_heads: list[dict[str, Any]] = field(default_factory=list)
+    """Per chain, the newest valid checkpoint in the bundle (``chain_id``, ``length``, signed
+    ``time``, ``head_hash``): the proof holds as of then. A bundle cut down to an older checkpoint
+    is genuine but proves less; compare with the journal's (or its witness's) own checkpoint."""
+    stated_journal: str = ""
+    """The journal ``evidence.json`` names: the exporter's unsigned statement (checkpoints do not
+    name their journal; one signing key per journal makes the key say it)."""
     table: pa.Table | None = field(default=None, repr=False)
     """The entries (only once their proofs hold)."""
 
@@ -125,6 +141,7 @@ class EvidenceReport:
             "records": self.records, "checkpoints": self.checkpoints, "chains": self.chains,
             "key_fingerprint": self.key_fingerprint, "selection": self.selection,
             "exported_at": self.exported_at, "journal_verify_ok": self.journal_verify_ok,
+            "signed_heads": self.signed_heads, "stated_journal": self.stated_journal,
             "problems": [p.__dict__ for p in self.problems],
         }
 
@@ -138,6 +155,11 @@ class EvidenceReport:
         if self.selection:
             lines.append(f"  selection {json.dumps(self.selection, sort_keys=True)}; "
                          f"exported {self.exported_at}")
+        if self.stated_journal:
+            lines.append(f"  journal {self.stated_journal} (the exporter's statement, unsigned)")
+        lines.extend(f"  signed as of: chain {h['chain_id']} length {h['length']} signed "
+                     f"{h['time']} (newest checkpoint in the bundle; compare with the journal's)"
+                     for h in self.signed_heads)
         if self.journal_verify_ok is not None:
             lines.append("  exporter's verify run (unsigned statement): "
                          + ("OK" if self.journal_verify_ok else "FAILED, see verify-summary.txt"))
@@ -217,6 +239,7 @@ def _check(members: dict[str, bytes], key: Ed25519PublicKey, report: EvidenceRep
     if evidence is not None:
         report.selection = dict(evidence.get("selection") or {})
         report.exported_at = str(evidence.get("exported_at", ""))
+        report.stated_journal = str(evidence.get("journal", ""))
     _check_key(members, report)
     checkpoints = _check_checkpoints(members, key, report)
     records = _check_records(members, report)
@@ -382,12 +405,17 @@ def _check_chains(records: Mapping[str, Mapping[int, ManifestRecord]],
                 continue
             index = length - 1
             chain_proven.add(index)
-            while index - 1 in by_index and index - 1 not in chain_proven:
+            # Down to the first record held, checking every link, also the one into records an
+            # earlier checkpoint proved: two signed halves from two chains of one key (another
+            # journal's chain of the same id) do not make one chain.
+            while index - 1 in by_index:
                 if by_index[index].prev_hash != by_index[index - 1].record_hash:
                     report._add("manifest-chain-broken", _record_name(chain_id, index),
                                 "prev_hash does not match the previous record's hash")
                     break
                 index -= 1
+                if index in chain_proven:
+                    break
                 chain_proven.add(index)
         for index in sorted(set(by_index) - chain_proven):
             report._add("record-unsigned", _record_name(chain_id, index),
@@ -404,14 +432,23 @@ def _check_chains(records: Mapping[str, Mapping[int, ManifestRecord]],
                 report._add("checkpoint-missing", _checkpoint_name(chain_id, length),
                             f"{EVIDENCE} names it as the {what.replace('_', ' ')}, but the bundle "
                             "holds no valid checkpoint of that length")
-        latest = claim.get("latest_checkpoint")
-        first = claim.get("first_record")
-        if isinstance(latest, int) and isinstance(first, int):
-            gaps = [i for i in range(first, latest) if i not in proven.get(chain_id, set())]
-            if gaps:
-                report._add("consistency-unproven", _record_name(chain_id, gaps[0]), (
-                    f"{len(gaps)} record(s) between the entries' records and the latest "
-                    f"checkpoint {latest} do not link to it"))
+    # Consistency from the signed data alone (evidence.json is unsigned): every record from the
+    # first one the bundle holds up to the head of its newest valid checkpoint links to that
+    # checkpoint, so every older checkpoint in the bundle is a prefix of the newest.
+    for chain_id, chain_proven in proven.items():
+        by_index = records.get(chain_id, {})
+        signed = checkpoints.get(chain_id, {})
+        if not by_index or not signed:
+            continue
+        first, latest = min(by_index), max(signed)
+        gaps = [i for i in range(first, latest) if i not in chain_proven]
+        if gaps:
+            report._add("consistency-unproven", _record_name(chain_id, gaps[0]), (
+                f"{len(gaps)} record(s) between the first record in the bundle ({first}) and "
+                f"the newest checkpoint ({latest}) are missing or do not link to it"))
+        head = signed[latest]
+        report.signed_heads.append({"chain_id": chain_id, "length": latest, "time": head.time,
+                                    "head_hash": head.head_hash})
     return proven
 
 
@@ -442,6 +479,7 @@ def _check_entries(members: Mapping[str, bytes],
     request_ids = table.column("request_id").to_pylist() if "request_id" in table.column_names \
         else [None] * table.num_rows
     seen: dict[tuple[str, int], int] = {}
+    same: dict[bytes, int] = {}  # leaf -> row: an entry's bytes are its identity across files
     files: set[str] = set()
     for row in range(min(len(proofs), table.num_rows)):
         proof = proofs[row]
@@ -483,10 +521,13 @@ def _check_entries(members: Mapping[str, bytes],
                 f"not entry {position} of {record.path} under the Merkle root its signed record "
                 f"{ref} holds (entry altered, forged, or its proof swapped)"))
             continue
-        if (record.path, position) in seen:
-            report._add("entry-duplicated", where, f"the same entry as row {seen[record.path, position]}")
+        if (record.path, position) in seen or leaves[row] in same:
+            twin = seen.get((record.path, position), same.get(leaves[row]))
+            report._add("entry-duplicated", where, f"the same entry as row {twin} (one "
+                        "decision proven twice, e.g. from its hot and its compacted file)")
             continue
         seen[record.path, position] = row
+        same[leaves[row]] = row
         outside = _outside_selection(table, row, report.selection)
         if outside:
             report._add("entry-outside-selection", where, outside)

@@ -204,7 +204,9 @@ def record_outcomes(
             valid.append((i, record))
 
     latest = max((r["outcome_time"] for _, r in valid), default=None)
-    decided, archived = decision_times(storage, [r["request_id"] for _, r in valid], until=latest)
+    # The ingest holds the signing key: its public key says which entry files vouch for an id.
+    decided, archived = decision_times(storage, [r["request_id"] for _, r in valid], until=latest,
+                                       public_key=settings.signer().public_key)
     accepted = []
     for i, record in valid:
         decided_us = decided.get(record["request_id"])
