@@ -60,7 +60,7 @@ DESCRIPTIONS = {
     "finalize": "`EntryFinalizer.finalize`, fraud-shaped captured Starlette calls, batches of 2,000",
     "wire_encode": "`KafkaTransport._encode`: version 2 messages (ZSTD-framed Arrow IPC, up to 512 KiB) keyed per route",
     "actor_send": "`RayActorTransport.send` to 2 writer actors + `flush` (replica side only)",
-    "kafka_sink": "Kafka sink `_write_parts`: decode chunks of 5,000 messages, Parquet + manifest record",
+    "kafka_sink": "Kafka sink `_write_parts`: decode chunks of 50 version 2 messages (~5,000 entries), Parquet + manifest record",
     "actor_writer": "writer actor class in-process: `write` per part, roll every 20,000 rows, `flush`",
 }
 
