@@ -17,7 +17,9 @@ What users call:
 - evidence for an examiner: :func:`export_evidence` (a bundle of entries with their proofs),
   :func:`verify_evidence` (checks one offline);
 - the registry: :func:`resolve_model`, :func:`dataset_manifest`,
-  :func:`register_dataset_manifest`.
+  :func:`register_dataset_manifest`;
+- operations: :func:`check_deployment` (what ``serve-journal doctor`` checks); long work reports
+  its progress through ``serve_journal.progress`` (silent until ``progress.enable()``).
 
 Everything else lives in subpackages (``read``, ``replay``, ``maintain``, ``privacy``, ``sink``,
 ``transport``, ``storage``, ``catalog``, ``integrity``); ``_private`` is the replica's inside.
@@ -35,6 +37,7 @@ from serve_journal.api import (
     subject_tokenizer,
 )
 from serve_journal.config import JournalConfig
+from serve_journal.doctor import check_deployment
 from serve_journal.errors import ConfigError, JournalUnavailableError, ModelNotFoundError
 from serve_journal.evidence.export import export_evidence
 from serve_journal.evidence.verify import verify_evidence
@@ -68,6 +71,7 @@ __all__ = [
     "ModelNotFoundError",
     "annotate",
     "caller_tokenizer",
+    "check_deployment",
     "dataset_manifest",
     "export_evidence",
     "find_outcomes",

@@ -24,6 +24,7 @@ from serve_journal.cli_input import expand_subjects, subject_token_option
 from serve_journal.config import JournalConfig
 from serve_journal.console import write_report
 from serve_journal.console.commands import console_command, console_user
+from serve_journal.doctor import check_deployment
 from serve_journal.errors import ArchivedObjectError, ConfigError
 from serve_journal.evidence.cli import COMMANDS as EVIDENCE_COMMANDS
 from serve_journal.integrity.certificates import COUNTERS_KEY_FILE, provision_key
@@ -645,6 +646,41 @@ def bytes_per_entry_command(journal_uri: str, as_json: bool) -> None:
     for tier in ("hot", "cold"):
         value = bytes_per_entry(storage, tier)
         click.echo(f"{tier}: {'no entries' if value is None else f'{value:.1f} B/entry'}")
+
+
+@main.command("doctor")
+@click.option("--journal", "journal_uri", default="./journal", show_default=True)
+@click.option("--privacy-dir", "privacy_dirs", multiple=True,
+              help="A node's keyring folder; repeat for each node to check they agree (default: "
+                   "SERVE_JOURNAL_PRIVACY_DIR, else journal-keys beside a local journal).")
+@click.option("--signing-key-file", default=None,
+              help="The manifest signing key (default journal-signing/ beside a local journal).")
+@click.option("--public-key", default=None,
+              help="The auditors' pinned public key (PEM) the signing key must match.")
+@click.option("--key-fingerprint", default=None,
+              help="The pinned SHA-256 fingerprint (hex, at least 16 digits) of the signing key.")
+@click.option("--bootstrap", default=None, help="Kafka bootstrap servers to reach, host:port[,...].")
+@click.option("--topic", default=None, help="With --bootstrap: the journal topic that must exist.")
+@click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI",
+              help="MLflow tracking/registry URI to reach (default MLFLOW_TRACKING_URI).")
+@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds each network check may take.")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as one JSON document.")
+def doctor_command(journal_uri: str, privacy_dirs: tuple[str, ...], signing_key_file: str | None,
+                   public_key: str | None, key_fingerprint: str | None, bootstrap: str | None,
+                   topic: str | None, tracking_uri: str | None, timeout: float,
+                   as_json: bool) -> None:
+    """Check a deployment's configuration and print what is wrong: key material on each node,
+    the signing key against the pinned key, the bucket's Object Lock, the broker and the
+    registry. Exit code 0 when every check passes, 1 otherwise."""
+    env_dir = os.environ.get("SERVE_JOURNAL_PRIVACY_DIR")
+    report = check_deployment(
+        journal_uri, privacy_dirs=privacy_dirs or ((env_dir,) if env_dir else ()),
+        signing_key_file=signing_key_file, public_key=public_key,
+        key_fingerprint=key_fingerprint, bootstrap=bootstrap, topic=topic,
+        tracking_uri=tracking_uri, timeout=timeout)
+    click.echo(report.to_json() if as_json else report.format_text())
+    sys.exit(0 if report.ok else 1)
 
 
 main.add_command(console_command, "console")
