@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import sys
@@ -45,11 +46,13 @@ from serve_journal.storage import open_storage
 @click.option("--witness", "witness_uri", default=None,
               help="Witness copy of the checkpoints, for the verify summary.")
 @click.option("--as", "actor", default=None, help="Who exports (recorded in the access log).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print what was written (path, SHA-256, counts, members) as one JSON document.")
 def evidence_command(journal_uri: str, request_ids: tuple[str, ...], subject: str | None,
                      subject_token: str | None, since: str | None, until: str | None, out: str,
                      public_key: str | None, key_fingerprint: str | None, dev: bool,
                      privacy_dir: str | None, verify_scope: str, witness_uri: str | None,
-                     actor: str | None) -> None:
+                     actor: str | None, as_json: bool = False) -> None:
     """Export the entries of requests or of one subject as an evidence bundle (zip) that
     `verify-evidence` checks offline; the export is recorded in the access log."""
     if sum((bool(request_ids), subject is not None, subject_token is not None)) != 1:
@@ -82,6 +85,9 @@ def evidence_command(journal_uri: str, request_ids: tuple[str, ...], subject: st
         raise click.ClickException(str(exc)) from None
     except ValueError as exc:  # the message names the option, never a subject id
         raise click.UsageError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(result), indent=1, sort_keys=True))
+        return
     click.echo(result.describe())
     click.echo(f"access log: {result.access_record}")
 
