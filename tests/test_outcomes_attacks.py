@@ -5,7 +5,11 @@ manifest chains, real subprocesses killed with SIGKILL."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
+import signal
+import subprocess
+import sys
 
 import pyarrow as pa
 import pytest
@@ -13,6 +17,7 @@ import pytest
 from serve_journal.catalog.layout import DEFAULT_SPEC
 from serve_journal.fileformat import encode_parquet
 from serve_journal.outcomes.record import load_outcomes, record_outcomes
+from serve_journal.read.verify import format_report, verify_journal
 from serve_journal.sink.settings import SinkSettings
 from tests.helpers.entries import DAY, make_entries
 from tests.helpers.journal import write_signed
@@ -66,3 +71,102 @@ def test_an_outcome_for_a_request_id_planted_into_a_recorded_file_is_rejected(jo
     report = record_outcomes(root, [{"request_id": fake["request_id"][0].as_py(), "label": True,
                                      "outcome_time": later}], source="chargebacks", now=RECORDED)
     assert report.rejected_by_kind == {"unknown_request_id": 1}, report
+
+
+def _later(entries: pa.Table, n: int) -> list[dict]:
+    when = DAY + dt.timedelta(days=2)
+    return [{"request_id": r, "label": "legit", "outcome_time": when}
+            for r in entries["request_id"].to_pylist()[:n]]
+
+
+def test_a_record_appended_to_a_source_chain_is_never_signed_by_the_next_ingest(journal):
+    """Between two ingests the attacker appends a record (valid hash, linked to the signed head)
+    for a planted outcome file to the source's chain. The next ingest must not sign it."""
+    import dataclasses
+
+    from serve_journal.catalog.layout import OUTCOME_SPEC
+    from serve_journal.errors import ManifestError
+    from serve_journal.integrity.manifest import ManifestLog, ManifestRecord, record_path
+    from serve_journal.outcomes.schema import decode_outcomes, encode_outcomes, outcome_merkle_root
+
+    root, settings, storage, entries = journal
+    first = record_outcomes(root, _later(entries, 3), source="cb", now=RECORDED)
+    table = decode_outcomes(storage.read(first.files[0]))
+    forged = table.set_column(table.schema.get_field_index("label"), "label",
+                              pa.array(["fraud"] * table.num_rows, pa.string()))
+    forged = forged.set_column(table.schema.get_field_index("recorded_at"), "recorded_at",
+                               pa.array([RECORDED + dt.timedelta(days=9)] * table.num_rows,
+                                        pa.timestamp("us", tz="UTC")))
+    path = OUTCOME_SPEC.file_path(RECORDED, "o-planted")
+    stored = storage.put_new(path, encode_outcomes(forged))
+    head = ManifestRecord.from_json(storage.read(record_path("outcomes.cb", 0)))
+    attacker = ManifestLog(storage, "outcomes.cb")  # no signer: appends, cannot sign
+    attacker.append(dataclasses.replace(head, path=path, sha256=stored.sha256, size=stored.size,
+                                        merkle_root=outcome_merkle_root(decode_outcomes(
+                                            storage.read(path))), created=""))
+    with pytest.raises(ManifestError, match="unsigned record"):
+        record_outcomes(root, _later(entries, 1), source="cb", now=RECORDED + dt.timedelta(days=1))
+    report = verify_journal(storage, public_key=settings.signer().export_public_key())
+    tail = [p for p in report.problems if p.kind == "chain-tail-unsigned"]
+    assert tail and tail[0].path == "_manifest/outcomes.cb/000000000001.json", format_report(report)
+    assert set(load_outcomes(root)["label"].to_pylist()) == {"legit"}  # readers: signed only
+
+
+CRASH_SCRIPT = """
+import datetime as dt, json, os, signal, sys
+from serve_journal.outcomes.record import record_outcomes
+root, stage, batch = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+def crash(point):
+    if point == stage:
+        os.kill(os.getpid(), signal.SIGKILL)
+record_outcomes(root, batch, source="cb", now=dt.datetime.fromisoformat(sys.argv[4]), _crash=crash)
+print("finished")
+"""
+
+
+def _ingest_killed_at(root: str, stage: str, batch: list[dict]) -> None:
+    rows = [{**b, "outcome_time": b["outcome_time"].isoformat()} for b in batch]
+    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, root, stage, json.dumps(rows),
+                           RECORDED.isoformat()], capture_output=True, timeout=120, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+
+
+def test_kill_9_between_storing_the_outcome_file_and_recording_it(journal):
+    """The file is stored, its record never written: verify names the orphan, readers ignore it,
+    and the retried batch is recorded once (its outcomes are not counted twice)."""
+    root, settings, storage, entries = journal
+    batch = _later(entries, 3)
+    _ingest_killed_at(root, "file-stored", batch)
+    orphans = storage.list_files("outcomes/", ".parquet")
+    assert len(orphans) == 1
+    report = verify_journal(storage, public_key=settings.signer().export_public_key())
+    assert [p.path for p in report.errors if p.kind == "file-without-record"] == orphans, \
+        format_report(report)
+    assert load_outcomes(root).num_rows == 0
+    retry = record_outcomes(root, batch, source="cb", now=RECORDED)
+    assert retry.accepted == 3
+    assert load_outcomes(root).num_rows == 3
+    report = verify_journal(storage, public_key=settings.signer().export_public_key())
+    assert [p.kind for p in report.errors] == ["file-without-record"], format_report(report)
+    assert report.outcomes == 3  # the orphan's records are not counted
+
+
+def test_kill_9_between_recording_and_signing_refuses_a_blind_retry(journal):
+    """The record is written, its checkpoint not: a retry is refused (it would sign the record
+    and count the batch twice); after verify shows it is the crashed ingest's, signing the tail
+    alone makes the batch count, once."""
+    from serve_journal.outcomes.record import UnsignedTailError
+
+    root, settings, storage, entries = journal
+    batch = _later(entries, 3)
+    _ingest_killed_at(root, "recorded", batch)
+    report = verify_journal(storage, public_key=settings.signer().export_public_key())
+    assert any(p.kind == "chain-tail-unsigned" for p in report.problems), format_report(report)
+    assert load_outcomes(root).num_rows == 0  # unsigned: readers holding the key skip it
+    with pytest.raises(UnsignedTailError, match="--sign-unsigned-tail"):
+        record_outcomes(root, batch, source="cb", now=RECORDED)
+    signed = record_outcomes(root, [], source="cb", now=RECORDED, sign_unsigned_tail=True)
+    assert signed.accepted == 0
+    assert load_outcomes(root).num_rows == 3
+    report = verify_journal(storage, public_key=settings.signer().export_public_key())
+    assert report.ok and report.outcomes == 3, format_report(report)

@@ -24,7 +24,7 @@ from serve_journal.outcomes.performance import (
     POSITIVE_LABELS,
     performance,
 )
-from serve_journal.outcomes.record import record_outcomes
+from serve_journal.outcomes.record import UnsignedTailError, record_outcomes
 from serve_journal.read.query import JournalQuery, format_table, to_json
 from serve_journal.sink.settings import SinkSettings
 from serve_journal.storage import open_storage
@@ -99,9 +99,14 @@ def outcomes_group() -> None:
 @click.option("--retention", default=None,
               help="Write-once retention on s3:// (Object Lock): a policy name or JSON, as for "
                    "the journal's writers.")
+@click.option("--sign-unsigned-tail", is_flag=True,
+              help="Sign the source chain's records after its last signed checkpoint too: only "
+                   "once verify showed they are an ingest of yours killed before signing (its "
+                   "batch then counts: do not ingest that batch again).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def ingest(file: str, journal_uri: str, source: str, signing_key_file: str | None,
-           witness_uri: str | None, retention: str | None, as_json: bool) -> None:
+           witness_uri: str | None, retention: str | None, sign_unsigned_tail: bool,
+           as_json: bool) -> None:
     """Append the outcomes of FILE (.parquet or .csv: request_id, label or value, outcome_time,
     optional source) to the journal; prints accepted N, rejected M and why."""
     if retention is not None and retention.lstrip().startswith("{"):
@@ -113,7 +118,9 @@ def ingest(file: str, journal_uri: str, source: str, signing_key_file: str | Non
                             witness_uri=witness_uri, retention=retention)
     try:
         report = record_outcomes(journal_uri, read_outcome_file(file), source=source,
-                                 settings=settings)
+                                 settings=settings, sign_unsigned_tail=sign_unsigned_tail)
+    except UnsignedTailError as exc:
+        raise click.ClickException(str(exc)) from None
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if as_json:

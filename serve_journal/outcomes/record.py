@@ -26,7 +26,7 @@ import logging
 import math
 import re
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +34,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from serve_journal.catalog.layout import OUTCOME_SPEC, OUTCOMES_AREA
-from serve_journal.errors import ChainConflictError
-from serve_journal.integrity.manifest import MANIFEST_PREFIX, ManifestRecord
+from serve_journal.errors import ChainConflictError, ManifestError
+from serve_journal.integrity.manifest import (
+    CHECKPOINT_PREFIX,
+    MANIFEST_PREFIX,
+    Checkpoint,
+    ManifestLog,
+    ManifestRecord,
+    parse_object_index,
+    record_path,
+)
 from serve_journal.integrity.trust import reader_trust
 from serve_journal.outcomes.lookup import decision_times
 from serve_journal.outcomes.schema import (
@@ -166,6 +174,8 @@ def record_outcomes(
     witness_uri: str | None = None,
     retention: Any = None,
     now: dt.datetime | None = None,
+    sign_unsigned_tail: bool = False,
+    _crash: Callable[[str], None] | None = None,
 ) -> IngestReport:
     """Append a batch of outcomes to the journal's outcome partition; see the module docstring.
 
@@ -176,6 +186,12 @@ def record_outcomes(
     recorded in. ``settings`` (or ``signing_key_file`` / ``witness_uri`` / ``retention``) say how
     the file is signed, witnessed and locked, as for the journal's writers. ``now``: the recording
     clock (``recorded_at``; default the current time). Returns an :class:`IngestReport`.
+
+    Raises :class:`UnsignedTailError` (nothing written) when the source's chain holds records
+    after its last checkpoint signed by this key: the batch's checkpoint would sign them.
+    ``sign_unsigned_tail=True`` signs them anyway, once ``serve-journal verify`` showed they are
+    an earlier ingest's that was killed between recording and signing (its file then counts).
+    ``_crash``: test hook called at ``file-stored`` and ``recorded``.
     """
     check_source(source)
     uri = journal if isinstance(journal, str) else journal.uri
@@ -225,7 +241,11 @@ def record_outcomes(
             "outcome_id": secrets.token_hex(16), "recorded_at": recorded_at,
             "source": source, "batch_id": batch_id,
         } for record in accepted], schema=OUTCOME_SCHEMA)
-        files = [_write(settings, storage, chain_id, table, recorded_at, batch_id)]
+        files = [_write(settings, storage, chain_id, table, recorded_at, batch_id,
+                        sign_unsigned_tail, _crash)]
+    elif sign_unsigned_tail and storage.list_files(f"{MANIFEST_PREFIX}/{CHAIN_PREFIX}{source}/",
+                                                   ".json"):
+        settings.manifest(storage, CHAIN_PREFIX + source).checkpoint()  # the operator vouches
     kinds = {kind: len(rejected[kind]) for kind in REJECT_KINDS if kind in rejected}
     return IngestReport(
         batch_id=batch_id, source=source, accepted=len(accepted),
@@ -269,12 +289,16 @@ def _validate(row: Mapping[str, Any], source: str,
 
 
 def _write(settings: SinkSettings, storage: JournalStorage, chain_id: str, table: pa.Table,
-           recorded_at: dt.datetime, batch_id: str) -> str:
+           recorded_at: dt.datetime, batch_id: str, sign_unsigned_tail: bool = False,
+           _crash: Callable[[str], None] | None = None) -> str:
     """Store ``table`` as one create-only outcome file, then record it in ``chain_id`` and sign."""
     log_ = settings.manifest(storage, chain_id)
+    _refuse_unsigned_tail(storage, log_, sign_unsigned_tail)
     data = encode_outcomes(table)
     name = f"o-{recorded_at:%Y%m%dT%H%M%S}-{batch_id}"
     stored = storage.put_new(OUTCOME_SPEC.file_path(recorded_at, name), data)
+    if _crash:
+        _crash("file-stored")
     written = decode_outcomes(data)  # file order: what the Merkle root is over
     times = written["outcome_time"].cast(pa.int64())
     bounds = pc.min_max(times)
@@ -292,8 +316,46 @@ def _write(settings: SinkSettings, storage: JournalStorage, chain_id: str, table
             if attempt == 2:
                 raise
             log_ = settings.manifest(storage, chain_id)
+            _refuse_unsigned_tail(storage, log_, sign_unsigned_tail, before=log_.length)
+    if _crash:
+        _crash("recorded")
     log_.checkpoint()
     return stored.path
+
+
+def _refuse_unsigned_tail(storage: JournalStorage, log_: ManifestLog, sign_anyway: bool,
+                          before: int | None = None) -> None:
+    """Refuse to append to a source chain whose records after its newest checkpoint signed by
+    this ingest's key are not all our own: the checkpoint after this batch would sign them, and
+    anyone who can write the bucket can append a record (with a planted outcome file) there.
+    ``sign_anyway``: the operator checked them (a crashed ingest of theirs, see verify)."""
+    signer = log_.signer
+    if signer is None or sign_anyway:
+        return
+    signed = 0
+    for path in storage.list_files(f"{CHECKPOINT_PREFIX}/{log_.chain_id}/", ".json"):
+        length = parse_object_index(path)
+        if length is None or length <= signed:
+            continue
+        try:
+            checkpoint = Checkpoint.from_json(storage.read(path))
+        except ManifestError:
+            continue
+        if (checkpoint.verify(signer.public_key) and checkpoint.chain_id == log_.chain_id
+                and checkpoint.length == length):
+            signed = length
+    tail = (log_.length if before is None else before) - signed
+    if tail > 0:
+        raise UnsignedTailError(
+            f"manifest chain {log_.chain_id} holds {tail} unsigned record(s) after its last "
+            f"signed checkpoint (length {signed}), first {record_path(log_.chain_id, signed)}: "
+            "the next checkpoint would sign them. An ingest killed before signing leaves one; "
+            "anyone who can write the bucket can append one. Run `serve-journal verify`; if they "
+            "are your crashed ingest's, ingest again with --sign-unsigned-tail")
+
+
+class UnsignedTailError(ManifestError):
+    """A source chain has records no checkpoint of the ingest's key signs (see the message)."""
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -350,5 +412,6 @@ def load_outcomes(journal: str | JournalStorage,
 __all__ = [
     "BAD_LABEL", "BAD_TIME", "BAD_VALUE", "BEFORE_DECISION", "CHAIN_PREFIX", "DUPLICATE_IN_BATCH",
     "IngestReport", "MISSING_REQUEST_ID", "REJECT_KINDS", "SOURCE_MISMATCH", "UNKNOWN_REQUEST_ID",
+    "UnsignedTailError",
     "check_source", "load_outcomes", "outcome_records", "record_outcomes",
 ]
