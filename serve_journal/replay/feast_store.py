@@ -34,6 +34,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from serve_journal.errors import ConfigError, ReplayDataError
 from serve_journal.replay.featurestore import Timestamp, _read_failed, _to_micros
 
@@ -327,7 +330,9 @@ class FeastFeatureStore:
 
     def entity_ids(self) -> list[str]:
         """Every subject id with at least one row in a requested view's offline source, sorted."""
-        from feast.infra.offline_stores.offline_utils import get_offline_store_from_config
+        from feast.infra.offline_stores.offline_utils import (  # inside: feast is optional
+            get_offline_store_from_config,
+        )
 
         plan = self.plan()
         store = self.feast_store()
@@ -359,9 +364,6 @@ class FeastFeatureStore:
         Rows already materialized to the online store are not touched: materialize again or let
         the view's TTL expire them.
         """
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
         if not isinstance(subject, str) or not subject:
             raise TypeError("subject must be a non-empty string (the subject id)")
         plan = self.plan()
