@@ -13,7 +13,7 @@ What users call:
 - reading the journal: :class:`JournalQuery`, :func:`verify_journal`, :func:`journal_stats`,
   :func:`replay`, :func:`forget_subject`;
 - outcomes that arrive later: :func:`record_outcomes`, :func:`load_outcomes`,
-  :func:`latest_outcomes`, :func:`find_outcomes`, :func:`outcome_performance`;
+  :func:`latest_outcomes`, :func:`find_outcomes`, :func:`join_outcomes`, :func:`outcome_performance`;
 - evidence for an examiner: :func:`export_evidence` (a bundle of entries with their proofs),
   :func:`verify_evidence` (checks one offline);
 - the registry: :func:`resolve_model`, :func:`dataset_manifest`,
@@ -41,7 +41,7 @@ from serve_journal.doctor import check_deployment
 from serve_journal.errors import ConfigError, JournalUnavailableError, ModelNotFoundError
 from serve_journal.evidence.export import export_evidence
 from serve_journal.evidence.verify import verify_evidence
-from serve_journal.outcomes.join import find_outcomes, latest_outcomes
+from serve_journal.outcomes.join import find_outcomes, join_outcomes, latest_outcomes
 from serve_journal.outcomes.performance import performance as outcome_performance
 from serve_journal.outcomes.record import load_outcomes, record_outcomes
 from serve_journal.privacy.forget import forget_subject
@@ -75,6 +75,7 @@ __all__ = [
     "dataset_manifest",
     "export_evidence",
     "find_outcomes",
+    "join_outcomes",
     "flush_journal",
     "forget_subject",
     "journal_stats",

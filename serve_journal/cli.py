@@ -39,11 +39,18 @@ from serve_journal.maintain.lifecycle import (
 from serve_journal.maintain.rewrite import MEMORY_LIMIT_ENV, parse_memory_limit
 from serve_journal.outcomes.cli import COMMANDS as OUTCOME_COMMANDS
 from serve_journal.outcomes.cli import performance_classes, performance_options
+from serve_journal.outcomes.join import JOINED_COLUMNS, join_outcomes
 from serve_journal.outcomes.performance import performance as outcome_performance
 from serve_journal.privacy.forget import ForgetHooks, ForgetIncompleteError, forget_subject
 from serve_journal.privacy.keyring import Keyring
 from serve_journal.privacy.vault import SubjectVault
-from serve_journal.read.query import JournalQuery, format_table, to_json, write_parquet
+from serve_journal.read.query import (
+    TABLE_COLUMNS,
+    JournalQuery,
+    format_table,
+    to_json,
+    write_parquet,
+)
 from serve_journal.read.stats import stats as journal_stats
 from serve_journal.read.verify import format_report, load_heads, save_heads, verify_journal
 from serve_journal.read.verify_archived import ARCHIVED_MODES
@@ -148,11 +155,14 @@ def manifest(paths: tuple[str, ...], model_name: str | None, model_version: str 
 @click.option("--as", "actor", default=None, help="Who is asking (recorded in the access log).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
 @click.option("--parquet", "parquet_path", default=None, help="Write the result to this file.")
+@click.option("--with-outcomes", is_flag=True,
+              help="Add each entry's latest recorded outcome (outcome_label, outcome_value, "
+                   "outcome_time, outcome_source, outcome_recorded_at; docs/outcomes.md).")
 def query(journal_uri: str, subject: str | None, subject_token: str | None, caller: str | None,
           request_id: str | None, model: str | None, model_version: str | None,
           decision: str | None, outcome: str | None, since: str | None, until: str | None,
           limit: int | None, tier: str, actor: str | None, as_json: bool,
-          parquet_path: str | None) -> None:
+          parquet_path: str | None, with_outcomes: bool) -> None:
     """Find journal entries; every query is recorded in the journal's access log."""
     subjects: list[str | None] = [None] if subject is None else list(expand_subjects([subject]))
     q = JournalQuery(journal_uri, tokenizer=subject_tokenizer(journal_uri),
@@ -178,13 +188,17 @@ def query(journal_uri: str, subject: str | None, subject_token: str | None, call
             [("ts", "ascending"), ("producer_id", "ascending"), ("seq", "ascending")])
         if limit is not None:
             table = table.slice(0, limit)
+    columns = list(TABLE_COLUMNS)
+    if with_outcomes:
+        table = join_outcomes(table, journal_uri)
+        columns += [name for name, _, _ in JOINED_COLUMNS if name != "outcome_recorded_at"]
     if parquet_path:
         write_parquet(table, parquet_path)
         click.echo(f"wrote {table.num_rows} entries to {parquet_path}")
     elif as_json:
         click.echo(to_json(table))
     else:
-        click.echo(format_table(table))
+        click.echo(format_table(table, columns))
 
 
 AS_OF_HELP = ("ISO time the run treats as now (default: now, UTC). A day counts as finished once "

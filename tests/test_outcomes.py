@@ -409,3 +409,45 @@ def test_forget_makes_outcomes_unlinkable_and_raw_ids_are_never_written(tmp_path
         assert OUTCOME_SPEC.contains(os.path.relpath(files[0], root))
     finally:
         vault.close()
+
+
+def test_query_with_outcomes_shows_each_entry_beside_its_latest_outcome(journal):
+    """Item 4 for query: `serve-journal query --with-outcomes` (and join_outcomes over a
+    JournalQuery result) adds the latest recorded outcome to each entry; entries without one
+    have empty outcome columns; the rows are the query's, in its order."""
+    from serve_journal.outcomes.join import join_outcomes
+
+    root, _, _, entries = journal
+    ids = entries["request_id"].to_pylist()
+    record_outcomes(root, [{"request_id": ids[0], "label": "legit",
+                            "outcome_time": DAY + dt.timedelta(days=2)},
+                           {"request_id": ids[1], "value": 80.0,
+                            "outcome_time": DAY + dt.timedelta(days=3)}],
+                    source="cb", now=RECORDED)
+    record_outcomes(root, [{"request_id": ids[0], "label": "fraud",
+                            "outcome_time": DAY + dt.timedelta(days=9)}],
+                    source="cb", now=RECORDED + dt.timedelta(days=1))
+    with JournalQuery(root, actor="tester") as q:
+        found = q.find(model="fraud")
+    joined = join_outcomes(found, root)
+    assert joined["request_id"].to_pylist() == found["request_id"].to_pylist()
+    by_id = {r["request_id"]: r for r in joined.to_pylist()}
+    assert (by_id[ids[0]]["outcome_label"], by_id[ids[0]]["outcome_time"]) == (
+        "fraud", DAY + dt.timedelta(days=9))
+    assert (by_id[ids[1]]["outcome_label"], by_id[ids[1]]["outcome_value"]) == (None, 80.0)
+    assert by_id[ids[2]]["outcome_time"] is None and by_id[ids[2]]["outcome_source"] is None
+    runner = CliRunner()
+    text = runner.invoke(main, ["query", "--journal", root, "--request-id", ids[0],
+                                "--with-outcomes", "--as", "tester"])
+    assert text.exit_code == 0, text.output
+    header = text.output.splitlines()[0].split()
+    assert header[-4:] == ["outcome_label", "outcome_value", "outcome_time", "outcome_source"]
+    assert "fraud" in text.output.splitlines()[2]
+    as_json = runner.invoke(main, ["query", "--journal", root, "--request-id", ids[1],
+                                   "--with-outcomes", "--json", "--as", "tester"])
+    assert as_json.exit_code == 0, as_json.output
+    row = json.loads(as_json.output)[0]
+    assert (row["outcome_value"], row["outcome_source"]) == (80.0, "cb")
+    plain = runner.invoke(main, ["query", "--journal", root, "--request-id", ids[0], "--json",
+                                 "--as", "tester"])
+    assert "outcome_label" not in plain.output

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from serve_journal.outcomes.record import load_outcomes
 from serve_journal.outcomes.schema import OUTCOME_SCHEMA
 from serve_journal.read.query import JournalQuery
+from serve_journal.storage import JournalStorage
 
 ENTRY_COLUMNS = ("ts", "model_name", "model_version", "decision", "score", "subject_token")
 """Entry columns :func:`find_outcomes` puts beside each outcome record (``entry_`` prefixed)."""
@@ -59,4 +60,32 @@ def find_outcomes(query: JournalQuery, *, history: bool = False, **filters: Any)
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-__all__ = ["ENTRY_COLUMNS", "find_outcomes", "latest_outcomes"]
+JOINED_COLUMNS: tuple[tuple[str, str, pa.DataType], ...] = (
+    ("outcome_label", "label", pa.string()),
+    ("outcome_value", "value", pa.float64()),
+    ("outcome_time", "outcome_time", pa.timestamp("us", tz="UTC")),
+    ("outcome_source", "source", pa.string()),
+    ("outcome_recorded_at", "recorded_at", pa.timestamp("us", tz="UTC")),
+)
+"""Columns :func:`join_outcomes` adds to entries: ``(name, outcome column, type)``."""
+
+
+def join_outcomes(entries: pa.Table, journal: str | JournalStorage) -> pa.Table:
+    """``entries`` (e.g. a :meth:`JournalQuery.find` result, so the lookup is in the access log)
+    with each entry's latest outcome (the latest-label rule) beside it: the columns of
+    :data:`JOINED_COLUMNS`, null for an entry without an outcome. Rows and their order are
+    unchanged; outcomes are read only from files whose bytes match their manifest record (see
+    :func:`~serve_journal.outcomes.record.load_outcomes`)."""
+    ids = sorted({r for r in entries["request_id"].to_pylist() if r}) if entries.num_rows else []
+    latest = latest_outcomes(load_outcomes(journal, ids)) if ids else OUTCOME_SCHEMA.empty_table()
+    by_request = {row["request_id"]: row for row in latest.to_pylist()}
+    out = entries
+    for name, column, dtype in JOINED_COLUMNS:
+        values = [by_request.get(r, {}).get(column) for r in entries["request_id"].to_pylist()]
+        if name in out.column_names:
+            out = out.drop_columns([name])
+        out = out.append_column(pa.field(name, dtype), pa.array(values, dtype))
+    return out
+
+
+__all__ = ["ENTRY_COLUMNS", "JOINED_COLUMNS", "find_outcomes", "join_outcomes", "latest_outcomes"]
