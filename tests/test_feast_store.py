@@ -103,9 +103,20 @@ EXPECTED = {name: verdict for name, _, _, _, verdict in DECISIONS}
 
 
 def write_feast_repo(root: Path, history=HISTORY, *, created: dict | None = None,
-                     second_view: bool = False) -> Path:
-    """A Feast repository in ``root``: feature_store.yaml, the source Parquet, ``apply``."""
-    from feast import Entity, FeatureStore, FeatureView, Field, FileSource, ValueType
+                     second_view: bool = False, int_keys: bool = False) -> Path:
+    """A Feast repository in ``root``: feature_store.yaml, the source Parquet, ``apply``.
+
+    One entity (join key ``user_id``, a string, or an integer with ``int_keys``), the view
+    ``transactions`` of FEATURES, and the feature service ``fraud_model`` (FEATURES reversed)."""
+    from feast import (
+        Entity,
+        FeatureService,
+        FeatureStore,
+        FeatureView,
+        Field,
+        FileSource,
+        ValueType,
+    )
     from feast.types import Float64, Int64
 
     root.mkdir(parents=True, exist_ok=True)
@@ -116,14 +127,15 @@ def write_feast_repo(root: Path, history=HISTORY, *, created: dict | None = None
         f"online_store:\n  type: sqlite\n  path: {root / 'online.db'}\n"
         "entity_key_serialization_version: 3\n")
     created = created or {}
-    schema = pa.schema([("user_id", pa.string()), ("event_timestamp", pa.timestamp("us", tz="UTC")),
+    schema = pa.schema([("user_id", pa.int64() if int_keys else pa.string()), ("event_timestamp", pa.timestamp("us", tz="UTC")),
                         ("created", pa.timestamp("us", tz="UTC")),
                         *[(n, pa.int64() if n in INT_FEATURES else pa.float64())
                           for n in FEATURES]])
-    rows = [{"user_id": s, "event_timestamp": ts, "created": created.get((s, ts), ts), **f}
+    rows = [{"user_id": int(s) if int_keys else s, "event_timestamp": ts, "created": created.get((s, ts), ts), **f}
             for s, ts, f in history]
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), root / "transactions.parquet")
-    user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING)
+    user = Entity(name="user", join_keys=["user_id"],
+                  value_type=ValueType.INT64 if int_keys else ValueType.STRING)
     source = FileSource(path=str(root / "transactions.parquet"), timestamp_field="event_timestamp",
                         created_timestamp_column="created")
     views = [FeatureView(name=VIEW, entities=[user], ttl=dt.timedelta(0), source=source,
@@ -132,7 +144,9 @@ def write_feast_repo(root: Path, history=HISTORY, *, created: dict | None = None
     if second_view:  # another view that also has an 'amount' feature
         views.append(FeatureView(name="refunds", entities=[user], ttl=dt.timedelta(0),
                                  source=source, schema=[Field(name="amount", dtype=Float64)]))
-    FeatureStore(repo_path=str(root)).apply([user, *views])
+    service = FeatureService(name="fraud_model",
+                             features=[views[0][list(reversed(FEATURES))]])
+    FeatureStore(repo_path=str(root)).apply([user, *views, service])
     return root
 
 
@@ -240,6 +254,24 @@ def test_feature_references_and_order_map_to_the_model_names(world):
     [got] = store.get_as_of(["alice"], [at(30)])
     assert list(got.items()) == [("is_foreign", 0), ("amt", 12.5), ("hour_of_day", 9)]
     assert store.plan().refs == tuple(f"{VIEW}:{n}" for n in order)
+
+
+def test_a_feature_service_names_the_features(world):
+    store = FeastFeatureStore(world.feast_repo, feature_service="fraud_model")
+    [got] = store.get_as_of(["alice"], [at(90)])
+    assert got == A2 and list(got) == list(reversed(FEATURES))
+
+
+def test_integer_join_keys_take_subject_ids_as_their_decimal_text(tmp_path):
+    history = [("1001", at(0), A1), ("1002", at(0), B1), ("1001", at(60), A2)]
+    repo = write_feast_repo(tmp_path / "feast", history, int_keys=True)
+    store = FeastFeatureStore(repo, features=REFS)
+    assert store.entity_ids() == ["1001", "1002"]
+    assert store.get_as_of(["1001", "1002", "1001"], [at(1), at(1), at(61)]) == [A1, B1, A2]
+    with pytest.raises(ReplayDataError, match="not a valid value of the integer") as info:
+        store.get_as_of(["1001", SUBJECT_CANARY], [at(1), at(1)])
+    assert SUBJECT_CANARY not in str(info.value)
+    assert store.purge(SUBJECT_CANARY) == 0 and store.purge("1002") == 1
 
 
 def test_entity_ids_are_the_subjects_with_rows_in_both_stores(world):
