@@ -112,6 +112,10 @@ class JournalConfig:
     the garbage collector's reach (``gc.freeze()``), so that full collections, which otherwise
     walk every object the model and the libraries allocated, stall the replica for milliseconds
     instead of a tenth of a second. Turn off for code that relies on collecting start-up cycles."""
+    iceberg_catalog: str | None = None
+    """Publish the journal as an Apache Iceberg table in this catalog (``sqlite:///<file>``, a
+    SQLAlchemy URL, ``https://<REST catalog>``, ``glue``, or a JSON object of pyiceberg catalog
+    properties); sinks publish their files at every checkpoint. See docs/iceberg.md."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Settings for pluggable parts (e.g. ``{"kafka": {...}}``), validated where they are used."""
 
@@ -147,6 +151,9 @@ class JournalConfig:
             except Exception as exc:
                 raise ConfigError(
                     "caller_jwt_public_key must be a PEM public key or the path of one") from exc
+        if self.iceberg_catalog is not None and not isinstance(self.iceberg_catalog, str):
+            raise ConfigError("iceberg_catalog must be a catalog URI or a JSON object of catalog "
+                              f"properties, got {type(self.iceberg_catalog).__name__}")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.overflow not in OVERFLOW_POLICIES:

@@ -66,7 +66,7 @@ from serve_journal.maintain.rewrite import (
 )
 from serve_journal.read.verify import signed_records
 from serve_journal.schema import ENTRY_SCHEMA
-from serve_journal.sink.settings import SinkSettings, settings_for
+from serve_journal.sink.settings import SinkSettings, publish_table, settings_for
 from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
 from serve_journal.storage.base import file_sha256
 
@@ -291,6 +291,8 @@ class CompactionReport:
     dry_run: bool = False
     manifest_chain: str | None = None
     """The manifest chain the new files were recorded in (``run_compaction``)."""
+    iceberg: str | None = None
+    """What publishing to the Iceberg table did, when one is configured (``run_compaction``)."""
 
     def describe(self) -> str:
         """Human-readable summary (the CLI's output)."""
@@ -308,6 +310,8 @@ class CompactionReport:
                 lines.append(f"NOT deleted, new files do not check: {self.skipped_unverified}")
             if self.manifest_chain:
                 lines.append(f"manifest chain: {self.manifest_chain}")
+            if self.iceberg:
+                lines.append(f"iceberg: {self.iceberg}")
         if self.dry_run:
             lines.append("dry run: nothing written (use --apply)")
         return "\n".join(lines)
@@ -571,12 +575,35 @@ def run_compaction(
             report.planned[key.path(HOT)] = list(inputs)
         return report
     manifest = settings.manifest(storage, f"compactor-{uuid.uuid4().hex[:8]}")
+    sign_and_publish = signed_then_published(manifest, settings, storage, "compaction")
     try:
         report = compact(storage, now=now, options=options,
                          on_file_written=manifest_recorder(manifest),
                          recorded=recorded_hashes(storage, manifest.signer.export_public_key()),
-                         before_delete=manifest.checkpoint, signer=manifest.signer)
+                         before_delete=sign_and_publish, signer=manifest.signer)
     finally:
         manifest.checkpoint()
     report.manifest_chain = manifest.chain_id if manifest.length else None
+    report.iceberg = sign_and_publish()
     return report
+
+
+def signed_then_published(manifest, settings: SinkSettings, storage: JournalStorage,
+                          reason: str) -> Callable[[], str | None]:
+    """A rewrite's ``before_delete``: checkpoint the run's chain, then publish the live files to
+    the Iceberg table when one is configured (one replace snapshot), so the table never names a
+    file the rewrite is about to delete; a failing publish keeps the replaced files (the next
+    run deletes them). Returns what the run's publishes did so far (``None``: no table)."""
+    done: list[str] = []
+
+    def run() -> str | None:
+        manifest.checkpoint()
+        published = publish_table(settings, storage, reason,
+                                  cache=MarkerCache(manifest.signer.public_key))
+        if published is None:
+            return None
+        if published.operation != "none" or not done:
+            done.append(published.describe())
+        return "; ".join(done)
+
+    return run

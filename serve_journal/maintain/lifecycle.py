@@ -54,6 +54,7 @@ from serve_journal.maintain.compaction import (
     delete_replaced,
     manifest_recorder,
     recorded_hashes,
+    signed_then_published,
     write_verified,
 )
 from serve_journal.maintain.rewrite import RewriteWorkspace, parse_memory_limit
@@ -121,6 +122,8 @@ class LifecycleReport:
     plan: LifecyclePlan | None = None
     manifest_chain: str | None = None
     """The manifest chain the cold files were recorded in (``run_lifecycle``)."""
+    iceberg: str | None = None
+    """What publishing to the Iceberg table did, when one is configured (``run_lifecycle``)."""
 
     def describe(self) -> str:
         """Human-readable summary (the CLI's output)."""
@@ -135,6 +138,8 @@ class LifecycleReport:
             lines.append(f"  REFUSED {partition}: {reason}")
         if self.manifest_chain:
             lines.append(f"manifest chain: {self.manifest_chain}")
+        if self.iceberg:
+            lines.append(f"iceberg: {self.iceberg}")
         return "\n".join(lines)
 
 
@@ -307,16 +312,18 @@ def run_lifecycle(
         return report
     manifest = settings.manifest(storage, f"lifecycle-{uuid.uuid4().hex[:8]}")
     the_plan = plan(storage, now, hot_days, MarkerCache(manifest.signer.public_key))
+    sign_and_publish = signed_then_published(manifest, settings, storage, "lifecycle")
     try:
         report = apply_plan(storage, the_plan, dry_run=False, options=options,
                             on_file_written=manifest_recorder(manifest),
                             recorded=recorded_hashes(storage, manifest.signer.export_public_key()),
-                            before_delete=manifest.checkpoint, signer=manifest.signer,
+                            before_delete=sign_and_publish, signer=manifest.signer,
                             memory_limit=memory_limit, temp_dir=temp_dir)
     finally:
         manifest.checkpoint()
     report.plan = the_plan
     report.manifest_chain = manifest.chain_id if manifest.length else None
+    report.iceberg = sign_and_publish()
     return report
 
 

@@ -43,7 +43,12 @@ Checks, each reported with the file, manifest object or chain it concerns:
    files: each file against its record in its source's signed chain (bytes, object version, row
    count, outcome-time range, Merkle root over its records), a file without a record is
    ``file-without-record``, a recorded file gone is ``file-missing``, and on versioned stores
-   its versions and delete markers are checked; outcome files are counted apart from entries.
+   its versions and delete markers are checked; outcome files are counted apart from entries;
+11. (whole-journal runs, when an Iceberg catalog is configured: ``iceberg`` or
+   ``SERVE_JOURNAL_ICEBERG_CATALOG``) the table's current snapshot holds exactly the live files,
+   each with its size and, per its signed record, its row count (``iceberg-extra-file``,
+   ``iceberg-missing-file``, ``iceberg-file-differs``, ``iceberg-unavailable``); the table is a
+   view, the manifests stay the source of truth (:mod:`serve_journal.catalog.iceberg`).
 
 ``report.ok`` is true only when there are no errors; warnings (e.g. an unsigned tail still
 within its grace period) do not fail verification.
@@ -72,6 +77,7 @@ from serve_journal.catalog import (
     live_files,
     marker_path,
 )
+from serve_journal.catalog.iceberg import IcebergSettings, table_disagreements
 from serve_journal.catalog.layout import DEFAULT_SPEC, OUTCOME_SPEC, PARQUET_SUFFIX, TIERS
 from serve_journal.counters import COUNTERS_DIR, PRODUCER_STALE_S
 from serve_journal.fileformat import decode_parquet
@@ -758,6 +764,7 @@ def verify_journal(
     producer_stale_s: float = PRODUCER_STALE_S,
     now: dt.datetime | None = None,
     archived: str = "report",
+    iceberg: IcebergSettings | str | None = None,
 ) -> VerifyReport:
     """Verify the journal in ``storage``; see the module docstring for what is checked.
 
@@ -777,7 +784,8 @@ def verify_journal(
     ``now`` is the clock for that (default: the current time). ``archived``: how files in an
     archive storage class that are not restored are treated, ``report`` (a ``restore-needed``
     warning) or ``records`` (checked from their signed records; see
-    :mod:`serve_journal.read.verify_archived`).
+    :mod:`serve_journal.read.verify_archived`). ``iceberg``: the Iceberg table whose agreement
+    with the live files is checked (default: ``SERVE_JOURNAL_ICEBERG_CATALOG`` when set).
     """
     key = load_public_key(public_key)
     report = VerifyReport(journal=storage.uri)
@@ -915,6 +923,12 @@ def verify_journal(
         committed_replaced = {old for m in markers for old in m.replaces} & set(replaced_by)
         _check_reader_view(storage, key, verified, committed_replaced | tolerated, committed,
                            report)
+        table = IcebergSettings.parse(iceberg) if iceberg is not None else IcebergSettings.from_env()
+        if table is not None:
+            recorded = {path: [(r.size, r.row_count) for r in rs] for path, rs in by_path.items()}
+            for found in table_disagreements(storage, table, cache=MarkerCache(key),
+                                             recorded=recorded):
+                report._add(found.kind, found.path, found.detail)
     if accounted_gaps is None:
         counted = check_counters(storage, key, model, expected_heads)
         for kind, path, detail in counted.problems:

@@ -26,7 +26,7 @@ import ray
 
 from serve_journal.catalog.layout import PartitionKey
 from serve_journal.metrics import JournalMetrics
-from serve_journal.sink.settings import SinkSettings, manifest_hook
+from serve_journal.sink.settings import SinkSettings, manifest_hook, publish_table_quietly
 from serve_journal.sink.writer import PartitionFileWriter
 from serve_journal.storage import StoredObject
 
@@ -44,7 +44,7 @@ class JournalWriter:
     def __init__(self, settings: SinkSettings, index: int) -> None:
         self.index = index
         self.settings = settings
-        storage = settings.storage()
+        storage = self.storage = settings.storage()
         # A new id per process start: a restarted writer never reuses a file name or a chain.
         self.writer_id = f"w{index:02d}-{uuid.uuid4().hex[:8]}"
         self.manifest = settings.manifest(storage, self.writer_id)
@@ -54,6 +54,7 @@ class JournalWriter:
                                          on_file_written=[manifest_hook(self.manifest),
                                                           self._observe_file])
         self.checkpoint_errors = 0
+        self._published_length = 0
         self._stop = threading.Event()
         tick = min(0.05, settings.roll_seconds / 8)  # the roll check is cheap: wait little past due
         self._roller = threading.Thread(target=self._roll_loop, args=(tick,), daemon=True)
@@ -87,6 +88,12 @@ class JournalWriter:
             self.checkpoint_errors += 1
             logger.warning("serve_journal writer %s: manifest checkpoint failed", self.writer_id,
                            exc_info=True)
+            return
+        # Signed files go to the Iceberg table (when configured); retried at the next checkpoint.
+        length = self.manifest.length
+        if self.settings.iceberg is not None and length != self._published_length \
+                and publish_table_quietly(self.settings, self.storage, "sink"):
+            self._published_length = length
 
     def write(self, key: PartitionKey, batch: pa.RecordBatch) -> int:
         """Buffer the rows of one partition; returns how many."""

@@ -50,7 +50,12 @@ from serve_journal.sink.kafka import (
     parse_partitions,
 )
 from serve_journal.sink.offsets import unsigned_tails
-from serve_journal.sink.settings import ManifestHook, SinkSettings, manifest_hook
+from serve_journal.sink.settings import (
+    ManifestHook,
+    SinkSettings,
+    manifest_hook,
+    publish_table_quietly,
+)
 from serve_journal.storage import JournalStorage, StoredObject
 
 logger = logging.getLogger(__name__)
@@ -108,6 +113,7 @@ class KafkaSinkRunner:
         self._tails: dict[str, int] = {}
         self._recorded: dict[str, ManifestRecord] = {}
         self._seal_attempts = 0
+        self._published_length = 0
 
     def _record(self, stored: StoredObject, table: pa.Table) -> None:
         record = self.log.append(build_file_record(stored, table, HOT, self.log.chain_id))
@@ -165,6 +171,11 @@ class KafkaSinkRunner:
         except Exception:  # noqa: BLE001 - retried at the next interval; verify shows the lag
             logger.warning("kafka sink: manifest checkpoint of %s failed", self.log.chain_id,
                            exc_info=True)
+            return
+        # Signed files go to the Iceberg table (when configured); retried at the next checkpoint.
+        if self.journal.iceberg is not None and signed != self._published_length \
+                and publish_table_quietly(self.journal, self.sink.storage, "sink"):
+            self._published_length = signed
 
     def _seal_dead_tails(self, signed_length: int) -> None:
         """Sign the unsigned tail of a dead run's chain when each of its records describes,

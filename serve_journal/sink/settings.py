@@ -7,6 +7,7 @@ signer from :class:`SinkSettings`, and record every file they write through :fun
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from serve_journal.catalog.iceberg import IcebergSettings, PublishReport, publish_iceberg
 from serve_journal.catalog.layout import HOT, PartitionKey
 from serve_journal.config import JournalConfig, dev_mode_from_env
 from serve_journal.integrity.manifest import (
@@ -25,6 +27,8 @@ from serve_journal.integrity.manifest import (
 from serve_journal.integrity.trust import exported_public_key_path, signing_dir
 from serve_journal.retry import retry_call
 from serve_journal.storage import JournalStorage, StoredObject, open_storage
+
+logger = logging.getLogger("serve_journal")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,9 @@ class SinkSettings:
     dev_mode: bool = field(default_factory=dev_mode_from_env)
     """Generate a missing signing key beside a local journal (development only); otherwise a
     missing key is an error (``serve-journal init-keys`` provisions it)."""
+    iceberg: IcebergSettings | None = field(default_factory=IcebergSettings.from_env)
+    """Publish the live files to this Iceberg table after every checkpoint (sinks) and commit
+    (compaction, lifecycle); default ``SERVE_JOURNAL_ICEBERG_CATALOG``, unset: not published."""
 
     @classmethod
     def from_config(cls, config: JournalConfig) -> SinkSettings:
@@ -52,6 +59,8 @@ class SinkSettings:
             retention=config.extra.get("retention", config.retention),
             witness_uri=config.witness_uri, signing_key_file=config.signing_key_file,
             checkpoint_interval_s=config.checkpoint_interval_s, dev_mode=config.dev_mode,
+            iceberg=(IcebergSettings.parse(config.iceberg_catalog) if config.iceberg_catalog
+                     else IcebergSettings.from_env()),
         )
 
     def storage(self) -> JournalStorage:
@@ -104,6 +113,27 @@ class SinkSettings:
                 handle.write(signer.export_public_key())
             os.replace(tmp, public)
         return ManifestLog(storage, chain_id, signer, self.witness())
+
+
+def publish_table(settings: SinkSettings, storage: JournalStorage, reason: str,
+                  **options: Any) -> PublishReport | None:
+    """Publish the live files of ``storage`` to the configured Iceberg table (``None`` when
+    none is configured); see :func:`serve_journal.catalog.iceberg.publish_iceberg`."""
+    if settings.iceberg is None:
+        return None
+    return publish_iceberg(storage, settings.iceberg, reason=reason, **options)
+
+
+def publish_table_quietly(settings: SinkSettings, storage: JournalStorage, reason: str) -> bool:
+    """:func:`publish_table` for a sink's checkpoint: a failure is logged and retried at the next
+    checkpoint (the next publish commits whatever is missing); ``False`` when it failed."""
+    try:
+        publish_table(settings, storage, reason)
+    except Exception as exc:  # noqa: BLE001 - the table catches up at the next checkpoint
+        logger.warning("serve_journal sink: publishing to Iceberg failed (%s); retried at the next "
+                       "checkpoint", type(exc).__name__)
+        return False
+    return True
 
 
 def settings_for(journal_uri: str, settings: SinkSettings | None = None) -> SinkSettings:
