@@ -27,6 +27,7 @@ from serve_journal.console.commands import console_command, console_user
 from serve_journal.doctor import check_deployment
 from serve_journal.errors import ArchivedObjectError, ConfigError
 from serve_journal.evidence.cli import COMMANDS as EVIDENCE_COMMANDS
+from serve_journal.iceberg_cli import COMMANDS as ICEBERG_COMMANDS
 from serve_journal.integrity.certificates import COUNTERS_KEY_FILE, provision_key
 from serve_journal.integrity.manifest import ManifestSigner
 from serve_journal.integrity.trust import TrustError, key_fingerprint, resolve_trust, signing_dir
@@ -700,7 +701,7 @@ def doctor_command(journal_uri: str, privacy_dirs: tuple[str, ...], signing_key_
 main.add_command(console_command, "console")
 main.add_command(console_user, "console-user")
 main.add_command(replay_command, "replay")
-for _command, _name in (*EVIDENCE_COMMANDS, *OUTCOME_COMMANDS):
+for _command, _name in (*EVIDENCE_COMMANDS, *OUTCOME_COMMANDS, *ICEBERG_COMMANDS):
     main.add_command(_command, _name)
 
 
