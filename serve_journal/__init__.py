@@ -18,6 +18,8 @@ What users call:
   :func:`verify_evidence` (checks one offline);
 - the registry: :func:`resolve_model`, :func:`dataset_manifest`,
   :func:`register_dataset_manifest`;
+- other engines: :func:`publish_iceberg` (the live files as an Apache Iceberg table, configured
+  by :class:`IcebergSettings`; docs/iceberg.md);
 - operations: :func:`check_deployment` (what ``serve-journal doctor`` checks); long work reports
   its progress through ``serve_journal.progress`` (silent until ``progress.enable()``).
 
@@ -36,6 +38,7 @@ from serve_journal.api import (
     shutdown_journal,
     subject_tokenizer,
 )
+from serve_journal.catalog.iceberg import IcebergSettings, publish_iceberg
 from serve_journal.config import JournalConfig
 from serve_journal.doctor import check_deployment
 from serve_journal.errors import ConfigError, JournalUnavailableError, ModelNotFoundError
@@ -63,6 +66,7 @@ __all__ = [
     "ENTRY_SCHEMA",
     "SCHEMA_VERSION",
     "ConfigError",
+    "IcebergSettings",
     "JournalConfig",
     "JournalQuery",
     "JournalUnavailableError",
@@ -85,6 +89,7 @@ __all__ = [
     "load_outcomes",
     "outcome_performance",
     "producer_reports",
+    "publish_iceberg",
     "record_outcomes",
     "register_dataset_manifest",
     "replay",
