@@ -170,3 +170,61 @@ def test_kill_9_between_recording_and_signing_refuses_a_blind_retry(journal):
     assert load_outcomes(root).num_rows == 3
     report = verify_journal(storage, public_key=settings.signer().export_public_key())
     assert report.ok and report.outcomes == 3, format_report(report)
+
+
+def test_a_raw_subject_id_in_an_ingested_file_is_never_read_stored_or_echoed(journal, tmp_path):
+    """Outcome exports often carry the customer id. Only the outcome columns are read: the id is
+    not converted (so no type error can quote it), stored, logged, or printed."""
+    from click.testing import CliRunner
+
+    from serve_journal.cli import main
+
+    root, _, storage, entries = journal
+    rid = entries["request_id"][0].as_py()
+    when = (DAY + dt.timedelta(days=2)).isoformat()
+    lines = ["request_id,label,outcome_time,customer_id"]
+    lines += [f"{rid},legit,{when},{100000 + i}" for i in range(15_000)]  # > one 1 MiB CSV block
+    lines.append(f"{rid},fraud,{when},CUST-RAW-4242")  # not an integer: would fail conversion
+    csv_file = tmp_path / "chargebacks.csv"
+    csv_file.write_text("\n".join(lines) + "\n")
+    result = CliRunner().invoke(main, ["outcomes", "ingest", str(csv_file), "--journal", root,
+                                       "--source", "cb"])
+    assert "CUST-RAW-4242" not in result.output
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("accepted 2, rejected 14999 (duplicate_in_batch 14999)")
+    for dirpath, _, names in os.walk(os.path.dirname(root)):
+        for name in names:
+            if os.path.join(dirpath, name) == str(csv_file):
+                continue
+            with open(os.path.join(dirpath, name), "rb") as handle:
+                assert b"CUST-RAW-4242" not in handle.read(), name
+
+
+def test_forget_over_an_unreadable_journal_does_not_claim_zero_outcomes(tmp_path, monkeypatch):
+    """A garbage file planted in the hot tier makes the subject's entries uncountable; the
+    receipt must then say the outcomes could not be counted either (None), not 0."""
+    from serve_journal.privacy.forget import forget
+    from serve_journal.privacy.keyring import Keyring
+    from serve_journal.privacy.subjects import VaultPseudonymizer
+    from serve_journal.privacy.vault import SubjectVault
+
+    monkeypatch.delenv("SERVE_JOURNAL_KEK", raising=False)
+    privacy = tmp_path / "privacy"
+    ring = Keyring.local_default(privacy)
+    vault = SubjectVault.local_default(privacy, ring)
+    try:
+        tokens = [p.subject_token for p in VaultPseudonymizer(ring, vault).protect(
+            ["alice-4711"], [None])]
+        root = str(tmp_path / "journal")
+        settings = SinkSettings(journal_uri=root)
+        storage = settings.storage()
+        entries = make_entries(6, start=DAY, spread_s=3000, tokens=tokens)
+        write_signed(settings, storage, "w00", entries, files=1)
+        assert record_outcomes(root, _later(entries, 6), source="cb", now=RECORDED).accepted == 6
+        key = DEFAULT_SPEC.key_for("fraud", DAY)
+        storage.put_new(DEFAULT_SPEC.file_path(key, "garbage"), b"PAR1 not a parquet file")
+        receipt = forget("alice-4711", vault=vault, journal_storage=storage)
+        assert receipt.entries_unlinkable is None
+        assert receipt.outcomes_unlinkable is None
+    finally:
+        vault.close()

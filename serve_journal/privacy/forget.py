@@ -350,7 +350,7 @@ def forget(
         except Exception as exc:  # noqa: BLE001 - an unreadable journal must not block erasure
             log.warning("forget: could not count the subject's entries (%s); shredding the key "
                         "anyway", type(exc).__name__)
-            entries = counted = None
+            entries = counted = outcomes = None  # not counted: never a confident 0
         else:
             versions, counted, uncounted = count.model_versions, count.entries, count.archived
             entries = count.entries if count.complete else None
