@@ -351,3 +351,52 @@ def test_an_s3_journal_on_moto(s3_bucket, tmp_path, monkeypatch):
     assert verified.ok, verified.problems
     assert rows.num_rows == verified.entries == 80 and ids(rows) == ids(written)
     assert publish_iceberg(storage, iceberg).operation == "none"
+
+
+def test_a_kafka_sink_publishes_its_files_at_its_checkpoint(journal):
+    """The Kafka sink's runner (no broker needed to write and sign): after its checkpoint signs
+    the files it wrote, the table holds them; a checkpoint with nothing new commits nothing."""
+    from serve_journal.catalog.layout import split_by_partition
+    from serve_journal.sink.kafka import KafkaSinkSettings
+    from serve_journal.sink.kafka_app import KafkaSinkRunner
+
+    j = journal
+    runner = KafkaSinkRunner(KafkaSinkSettings(bootstrap_servers="127.0.0.1:9", topic="journal",
+                                               partitions=(0,)), j.settings)
+    written = make_entries(70, spread_s=2 * 3600)
+    for batch in written.to_batches():
+        for key, part in split_by_partition(batch):
+            runner.sink._files.write_file(key, pa.Table.from_batches([part]))
+    runner.checkpoint()
+    rows = _scan(j)
+    verified = _verify(j)
+    assert verified.ok, verified.problems
+    assert rows.num_rows == verified.entries == 70 and ids(rows) == ids(written)
+    table = open_table(j.storage, j.iceberg, create=False)
+    snapshots = len(table.snapshots())
+    runner.checkpoint()
+    table.refresh()
+    assert len(table.snapshots()) == snapshots
+    assert table.current_snapshot().summary["serve-journal.reason"] == "sink"
+
+
+def test_a_rewrite_whose_publish_fails_keeps_what_it_replaced(journal):
+    """Compaction publishes before it deletes: when the catalog cannot be written, the replaced
+    files stay (the table never names a deleted file) and the next run deletes them."""
+    j = journal
+    written = make_entries(150, spread_s=3 * 3600)
+    _write(j, written)
+    publish_iceberg(j.storage, j.iceberg)
+    inputs = [f.path for f in live_files(j.storage)]
+    (j.tmp / "blocked").write_text("a file where the catalog's folder would be")
+    broken = dataclasses.replace(j.settings, iceberg=IcebergSettings.parse(
+        f"sqlite:///{j.tmp}/blocked/iceberg.db"))
+    with pytest.raises(Exception):  # noqa: B017 - whatever the catalog raised
+        run_compaction(j.root, apply=True, now=LATER, settings=broken)
+    assert all(j.storage.exists(p) for p in inputs)
+    assert ids(_scan(j)) == ids(written)  # the table still reads: its files are all there
+    done = run_compaction(j.root, apply=True, now=LATER, settings=j.settings)
+    assert sorted(done.deleted) == sorted(inputs) and "replace" in done.iceberg
+    verified = _verify(j)
+    assert verified.ok, verified.problems
+    assert ids(_scan(j)) == ids(written)
