@@ -15,7 +15,11 @@ therefore never holds the day as one table:
    (:class:`FileSummary`: row count, time range, sequence ranges, Merkle root over its rows in
    file order), which is what its manifest record promises.
 
-Peak memory is the DuckDB limit plus one row group and one file's bytes while it is stored.
+The entries' fingerprint (:meth:`RewriteWorkspace.fingerprint`) is taken the same way: DuckDB
+sorts the files into the fingerprint's order under the limit, and the sorted spill file is hashed
+a chunk of one column at a time. Files are copied to and from the storage in 8 MiB chunks. Peak
+memory is the interpreter and its libraries (~240 MiB), DuckDB's share of the limit (which it
+overshoots by up to a quarter) and one row group in flight; it does not grow with the day.
 """
 
 from __future__ import annotations
