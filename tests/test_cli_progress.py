@@ -1,0 +1,85 @@
+"""serve_journal.progress: silent for library callers, a tqdm bar on a terminal, plain periodic
+lines elsewhere, never on standard output; the CLI turns it on and off again."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import pytest
+from click.testing import CliRunner
+
+from serve_journal import progress
+from serve_journal.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _silent_afterwards():
+    yield
+    progress.disable()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_library_callers_see_nothing_by_default(capsys):
+    assert not progress.enabled()
+    with progress.task("verify files", total=3) as bar:
+        bar.advance(3)
+    assert list(progress.track(range(4), "compact partitions")) == [0, 1, 2, 3]
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_plain_lines_when_not_a_terminal():
+    stream = io.StringIO()
+    progress.enable(stream, interval=0)
+    for _ in progress.track(["a", "b"], "verify files"):
+        pass
+    lines = stream.getvalue().splitlines()
+    assert lines[:2] == ["verify files: 1/2", "verify files: 2/2"]
+    assert lines[2].startswith("verify files: 2/2 done in ")
+
+
+def test_a_task_shorter_than_the_interval_writes_nothing():
+    stream = io.StringIO()
+    progress.enable(stream, interval=3600)
+    with progress.task("replay entries") as bar:
+        bar.advance(10)
+    assert stream.getvalue() == ""
+
+
+def test_a_bar_on_a_terminal():
+    stream = _Terminal()
+    progress.enable(stream)
+    with progress.task("move partitions to cold", total=2) as bar:
+        bar.advance()
+        bar.advance()
+    out = stream.getvalue()
+    assert "move partitions to cold" in out and "2/2" in out and "100%" in out
+
+
+def test_advance_is_thread_safe_and_close_is_idempotent():
+    stream = io.StringIO()
+    progress.enable(stream, interval=3600)
+    bar = progress.start("replay entries", total=8000)
+    threads = [threading.Thread(target=lambda: [bar.advance() for _ in range(1000)])
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    bar.close()
+    bar.close()
+    assert bar.done == 8000
+
+
+def test_the_cli_enables_progress_for_its_run_only(tmp_path):
+    result = CliRunner().invoke(main, ["--progress-interval", "0", "bytes-per-entry", "--journal",
+                                       str(tmp_path / "journal"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert not progress.enabled()  # library code after the command is silent again
+    refused = CliRunner().invoke(main, ["--progress-interval", "-1", "bytes-per-entry"])
+    assert refused.exit_code == 2
