@@ -190,10 +190,15 @@ def test_export_refuses_what_it_cannot_prove(journal, tmp_path):
     pq.write_table(table, path)
     from serve_journal.storage import open_storage
 
-    with pytest.raises(EvidenceError, match="no manifest record covered by a signed checkpoint"):
-        export_evidence(open_storage(str(other / "journal")), tmp_path / "alt.zip",
-                        public_key=str(journal.public), subject_token=table["subject_token"][0].as_py(),
-                        actor="t")
+    altered = open_storage(str(other / "journal"))
+    result = export_evidence(altered, tmp_path / "alt.zip", public_key=str(journal.public),
+                             subject_token=table["subject_token"][0].as_py(), actor="t")
+    assert result.skipped_files == (victim,) and victim not in result.files  # named, not used
+    only_there = table["request_id"].to_pylist()[:1]  # a request's entry is in one file
+    with pytest.raises(EvidenceError, match=r"no manifest record covered by a signed checkpoint "
+                                            r"vouches for .*bytes-not-recorded"):
+        export_evidence(altered, tmp_path / "alt2.zip", public_key=str(journal.public),
+                        request_ids=only_there, actor="t")
 
 
 # -- the attacker --------------------------------------------------------------------------------

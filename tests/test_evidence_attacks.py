@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 from click.testing import CliRunner
 
 from serve_journal.cli import main
+from serve_journal.evidence.export import export_evidence
 from serve_journal.evidence.verify import verify_evidence
 from serve_journal.sink.settings import SinkSettings
 from tests.helpers.entries import DAY, make_entries
@@ -126,3 +127,27 @@ def test_one_entry_twice_from_its_hot_and_its_compacted_file_fails(journal, tmp_
     report = verify_evidence(_rezip(members, tmp_path / "twice.zip"), journal.public)
     assert "entry-duplicated" in _kinds(report), report.describe()
     assert report.entries == 1
+
+
+def test_a_planted_copy_of_an_entry_does_not_block_its_evidence(journal, tmp_path):
+    """The attacker copies an entry into a new hot file (no record): the export proves the
+    genuine entry from its signed file, names the unproven file it skipped, and the bundle
+    verifies with exactly the genuine entry."""
+    from serve_journal.catalog.layout import DEFAULT_SPEC
+    from serve_journal.fileformat import encode_parquet
+
+    rid = _rid(journal.table, 3)
+    row = journal.table.slice(3, 1)
+    key = DEFAULT_SPEC.key_for(row["model_name"][0].as_py(), row["ts"][0].as_py())
+    planted = DEFAULT_SPEC.file_path(key, "planted")
+    journal.storage.put_new(planted, encode_parquet(row))
+    out = tmp_path / "planted.zip"
+    result = export_evidence(journal.storage, out, public_key=str(journal.public),
+                             request_ids=[rid], actor="examiner-test")
+    assert result.entries == 1 and result.skipped_files == (planted,)
+    assert planted not in result.files
+    assert planted in result.describe()
+    report = verify_evidence(out, journal.public)
+    assert report.ok and report.entries == 1, report.describe()
+    evidence = json.loads(_members(out)["evidence.json"])
+    assert evidence["skipped_files"] == [{"path": planted, "reason": "no-signed-record"}]

@@ -101,12 +101,20 @@ class EvidenceExport:
     journal_verify_ok: bool
     access_record: str
     """Path of the access-log record of this export (relative to the journal root)."""
+    skipped_files: tuple[str, ...] = ()
+    """Live files holding selected rows that no signed record vouches for (planted, altered, or
+    a writer's last seconds not yet signed): their rows are not in the bundle."""
 
     def describe(self) -> str:
-        return (f"wrote {self.path}: {self.entries} entr{'y' if self.entries == 1 else 'ies'} "
+        text = (f"wrote {self.path}: {self.entries} entr{'y' if self.entries == 1 else 'ies'} "
                 f"from {len(self.files)} file(s), {len(self.members)} members, sha256 "
                 f"{self.bundle_sha256}; verify summary "
                 f"{'OK' if self.journal_verify_ok else 'FAILED (see verify-summary.txt)'}")
+        if self.skipped_files:
+            text += (f"\nskipped {len(self.skipped_files)} file(s) holding selected rows that no "
+                     "signed manifest record vouches for (run `serve-journal verify`): "
+                     + ", ".join(self.skipped_files))
+        return text
 
 
 @dataclass
@@ -179,14 +187,21 @@ def export_evidence(
         selection["until"] = until_utc.isoformat()
 
     records = _signed_records_by_file(storage, key)
-    found, scanned = _find(storage, key, records, ids, subject_token, since_utc, until_utc)
+    found, skipped, scanned = _find(storage, key, records, ids, subject_token, since_utc,
+                                    until_utc)
+    if not found and skipped:
+        raise EvidenceError(
+            "the selected entries sit only in file(s) no manifest record covered by a signed "
+            "checkpoint vouches for (a writer's last seconds not yet signed, or an altered or "
+            "planted file): " + ", ".join(f"{p} ({why})" for p, why in skipped)
+            + "; run `serve-journal verify`, or retry after the next checkpoint")
     if not found:
         raise EvidenceError("no live journal entry matches the selection: nothing to export")
     chains = _chain_evidence(storage, key, found)
     summary = _verify_summary(storage, key, found, verify_scope, witness)
 
     members, entries, file_list = _members(storage, key, found, chains, summary, selection,
-                                           actor or getpass.getuser(), verify_scope)
+                                           actor or getpass.getuser(), verify_scope, skipped)
     data = _zip(members)
     digest = sha256_hex(data)
     filters = {**selection, "purpose": "evidence-export", "bundle_sha256": digest,
@@ -197,7 +212,8 @@ def export_evidence(
     _write_new(out, data)
     return EvidenceExport(path=out, bundle_sha256=digest, entries=entries, files=file_list,
                           chains=tuple(sorted(chains)), members=tuple(sorted(members)),
-                          journal_verify_ok=summary.ok, access_record=access.path)
+                          journal_verify_ok=summary.ok, access_record=access.path,
+                          skipped_files=tuple(p for p, _ in skipped))
 
 
 # -- finding the entries -------------------------------------------------------------------------
@@ -215,9 +231,13 @@ def _signed_records_by_file(storage: JournalStorage, key: Ed25519PublicKey
 def _find(storage: JournalStorage, key: Ed25519PublicKey,
           records: dict[tuple[str, str], ManifestRecord], ids: Sequence[str],
           token: str | None, since: dt.datetime | None, until: dt.datetime | None
-          ) -> tuple[list[_Found], int]:
+          ) -> tuple[list[_Found], list[tuple[str, str]], int]:
+    """The selected entries of files signed history vouches for; ``(path, reason)`` of the live
+    files holding selected rows that it does not (skipped: a planted copy of an entry must not
+    block the evidence of the genuine one); the number of files scanned."""
     column, values = ("request_id", list(ids)) if ids else ("subject_token", [token])
     found: list[_Found] = []
+    skipped: list[tuple[str, str]] = []
     scanned = 0
     for data_file in live_files(storage, tier="all", cache=MarkerCache(key)):
         if until is not None and data_file.key.start >= until:
@@ -233,15 +253,20 @@ def _find(storage: JournalStorage, key: Ed25519PublicKey,
         if not maybe:
             continue
         hit = _file_evidence(storage, data_file.path, records, column, values, since, until)
-        if hit is not None:
+        if isinstance(hit, str):
+            skipped.append((data_file.path, hit))
+        elif hit is not None:
             found.append(hit)
-    return found, scanned
+    return found, skipped, scanned
 
 
 def _file_evidence(storage: JournalStorage, path: str,
                    records: dict[tuple[str, str], ManifestRecord], column: str,
                    values: Sequence[str], since: dt.datetime | None, until: dt.datetime | None
-                   ) -> _Found | None:
+                   ) -> _Found | str | None:
+    """The file's selected entries with their proofs; ``None`` when it holds none; the reason
+    (``no-signed-record``, ``bytes-not-recorded``, ``merkle-root-mismatch``) when it holds some
+    but signed history does not vouch for the file."""
     data = storage.read(path)
     table = decode_parquet(data)  # in file order: the order the Merkle tree is over
     mask = pc.is_in(table.column(column), value_set=pa.array(values, pa.string()))
@@ -254,14 +279,11 @@ def _file_evidence(storage: JournalStorage, path: str,
         return None
     record = records.get((path, sha256_hex(data)))
     if record is None:
-        raise EvidenceError(
-            f"{path} holds selected entries but no manifest record covered by a signed "
-            "checkpoint matches its bytes (a writer's last seconds not yet signed, or an altered "
-            "file): run `serve-journal verify`, or retry after the next checkpoint")
+        return ("bytes-not-recorded" if any(p == path for p, _ in records)
+                else "no-signed-record")
     hashes = [leaf_hash(leaf) for leaf in table_leaves(table)]
     if len(hashes) != record.row_count or root_from_leaf_hashes(hashes).hex() != record.merkle_root:
-        raise EvidenceError(f"{path}: its entries do not have the Merkle root of its signed "
-                            "manifest record; run `serve-journal verify`")
+        return "merkle-root-mismatch"
     return _Found(path=path, record=record, rows=table.take(indices), indices=indices,
                   proofs=audit_paths(hashes, indices))
 
@@ -368,7 +390,8 @@ def _json_bytes(value: Any) -> bytes:
 
 def _members(storage: JournalStorage, key: Ed25519PublicKey, found: Sequence[_Found],
              chains: dict[str, _ChainEvidence], summary: VerifyReport, selection: dict[str, Any],
-             actor: str, scope: str) -> tuple[dict[str, bytes], int, tuple[str, ...]]:
+             actor: str, scope: str, skipped: Sequence[tuple[str, str]] = ()
+             ) -> tuple[dict[str, bytes], int, tuple[str, ...]]:
     rows: list[tuple[Any, ...]] = []
     for n, hit in enumerate(found):
         values = hit.rows.select(["ts", "producer_id", "seq"]).to_pylist()
@@ -408,6 +431,7 @@ def _members(storage: JournalStorage, key: Ed25519PublicKey, found: Sequence[_Fo
                     "covering_checkpoint": c.covering, "latest_checkpoint": c.latest}
                    for c in chains.values()],
         "verify_scope": scope,
+        "skipped_files": [{"path": p, "reason": why} for p, why in skipped],
     }
     members = {
         EVIDENCE: _json_bytes(evidence),
