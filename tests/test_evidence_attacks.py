@@ -151,3 +151,12 @@ def test_a_planted_copy_of_an_entry_does_not_block_its_evidence(journal, tmp_pat
     assert report.ok and report.entries == 1, report.describe()
     evidence = json.loads(_members(out)["evidence.json"])
     assert evidence["skipped_files"] == [{"path": planted, "reason": "no-signed-record"}]
+
+
+def test_a_garbage_time_in_the_stated_selection_fails_by_name(journal, tmp_path):
+    members = _members(_export(journal))
+    evidence = json.loads(members["evidence.json"])
+    evidence["selection"]["since"] = "last tuesday"
+    members["evidence.json"] = json.dumps(evidence).encode()
+    report = verify_evidence(_rezip(members, tmp_path / "since.zip"), journal.public)
+    assert "entry-outside-selection" in _kinds(report), report.describe()

@@ -228,3 +228,19 @@ def test_forget_over_an_unreadable_journal_does_not_claim_zero_outcomes(tmp_path
         assert receipt.outcomes_unlinkable is None
     finally:
         vault.close()
+
+
+def test_readers_without_a_trust_anchor_skip_a_garbage_record_in_a_source_chain(journal,
+                                                                                monkeypatch):
+    """No key for readers (production without SERVE_JOURNAL_PUBLIC_KEY_FILE): a garbage object
+    planted in a source chain is skipped, not a crash of every outcome reader."""
+    import serve_journal.integrity.trust as trust
+
+    root, _, storage, entries = journal
+    record_outcomes(root, _later(entries, 2), source="cb", now=RECORDED)
+    storage.put_new("_manifest/outcomes.cb/000000000007.json", b"{not json")
+    monkeypatch.setenv("SERVE_JOURNAL_DEV_MODE", "0")
+    monkeypatch.delenv("SERVE_JOURNAL_PUBLIC_KEY_FILE", raising=False)
+    monkeypatch.delenv("SERVE_JOURNAL_KEY_FINGERPRINT", raising=False)
+    assert trust.reader_trust(root) is None
+    assert load_outcomes(root).num_rows == 2

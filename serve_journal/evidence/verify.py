@@ -557,7 +557,10 @@ def _outside_selection(table: pa.Table, row: int, selection: Mapping[str, Any]) 
         text = selection.get(bound)
         if not text:
             continue
-        limit = dt.datetime.fromisoformat(str(text))
+        try:
+            limit = dt.datetime.fromisoformat(str(text))
+        except ValueError:
+            return f"the selection's {bound} is not an ISO time"
         if limit.tzinfo is None:
             limit = limit.replace(tzinfo=dt.UTC)
         if (ts < limit) if bound == "since" else (ts >= limit):

@@ -370,12 +370,26 @@ def outcome_records(storage: JournalStorage) -> dict[str, set[str]]:
     if anchor is not None:
         records: Iterable[ManifestRecord] = signed_records(storage, anchor.public_key)
     else:
-        records = (ManifestRecord.from_json(storage.read(p))
-                   for p in storage.list_files(f"{MANIFEST_PREFIX}/", ".json")
-                   if p.split("/")[1].startswith(CHAIN_PREFIX))
+        records = _readable_records(storage, [
+            p for p in storage.list_files(f"{MANIFEST_PREFIX}/", ".json")
+            if p.split("/")[1].startswith(CHAIN_PREFIX)])
     for record in records:
         if OUTCOME_SPEC.contains(record.path):
             out.setdefault(record.path, set()).add(record.sha256)
+    return out
+
+
+def _readable_records(storage: JournalStorage, paths: Sequence[str]) -> list[ManifestRecord]:
+    """The records at ``paths`` that parse and whose hash is their content's: an unreadable
+    object planted in a source chain is skipped (verify names it), not a reader's crash."""
+    out = []
+    for path in paths:
+        try:
+            record, _, hash_ok = ManifestRecord.from_json_checked(storage.read(path))
+        except (ManifestError, TypeError):
+            continue
+        if hash_ok:
+            out.append(record)
     return out
 
 
