@@ -250,8 +250,7 @@ def test_the_table_schema_evolves_with_the_entry_schema(journal):
 def test_two_publishers_at_once_leave_exactly_the_live_files(journal):
     j = journal
     _write(j, make_entries(120, spread_s=3 * 3600), files=4)
-    open_table(j.storage, j.iceberg)  # both find the table; the race is on the snapshot
-    reports, errors = [], []
+    reports, errors = [], []  # three publishers race to create the table and to commit
 
     def publish() -> None:
         try:
@@ -259,13 +258,13 @@ def test_two_publishers_at_once_leave_exactly_the_live_files(journal):
         except Exception as exc:  # noqa: BLE001 - the assertion below shows it
             errors.append(exc)
 
-    threads = [threading.Thread(target=publish) for _ in range(2)]
+    threads = [threading.Thread(target=publish) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
-    assert sorted(r.operation for r in reports) in (["append", "none"], ["append", "append"])
+    assert "append" in [r.operation for r in reports] and len(reports) == 3
     table = open_table(j.storage, j.iceberg, create=False)
     assert set(table_files(table)) == {location_of(j.storage, f.path) for f in live_files(j.storage)}
     assert _scan(j).num_rows == 120 and _verify(j).ok

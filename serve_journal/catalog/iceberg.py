@@ -236,34 +236,50 @@ class PublishReport:
 
 
 def open_table(storage: JournalStorage, settings: IcebergSettings, *, create: bool = True) -> Any:
-    """The journal's table (created with the entry schema when missing and ``create``), its
-    schema evolved to the current :data:`~serve_journal.schema.ENTRY_SCHEMA`."""
+    """The journal's table: created with the entry schema when missing, its properties set and
+    its schema evolved to the current :data:`~serve_journal.schema.ENTRY_SCHEMA`. With
+    ``create=False`` it is only loaded and nothing is written (verify, status):
+    ``NoSuchTableError`` when it does not exist.
+
+    Publishers that start together race to set up the catalog, the namespace and the table;
+    the loser of such a race looks again."""
     exceptions = _pyiceberg_exceptions()
-    catalog = settings.load_catalog(storage)
-    namespace = settings.table.rsplit(".", 1)[0]
+    if not create:
+        return settings.load_catalog(storage).load_table(settings.table)
+    races = _race_errors(exceptions)
+    for attempt in range(1, settings.retries + 1):
+        try:
+            catalog = settings.load_catalog(storage)
+            try:
+                table = catalog.load_table(settings.table)
+            except exceptions.NoSuchTableError:
+                try:
+                    catalog.create_namespace(settings.table.rsplit(".", 1)[0])
+                except exceptions.NamespaceAlreadyExistsError:
+                    pass
+                table = catalog.create_table(
+                    settings.table, schema=ENTRY_SCHEMA,
+                    location=settings.table_location(storage), properties=_TABLE_PROPERTIES)
+            return _evolve_schema(_set_properties(table))
+        except races as exc:
+            if attempt == settings.retries:
+                raise
+            log.info("opening %s: %s; looking again", settings.table, type(exc).__name__)
+            time.sleep(0.02 * attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _race_errors(exceptions: Any) -> tuple[type[BaseException], ...]:
+    """What a publisher that lost a set-up race sees: pyiceberg's conflicts, and for the SQL
+    catalog the database's own (two processes creating its tables or one namespace at once)."""
+    out: list[type[BaseException]] = [exceptions.CommitFailedException,
+                                      exceptions.TableAlreadyExistsError,
+                                      exceptions.NamespaceAlreadyExistsError]
     try:
-        table = catalog.load_table(settings.table)
-    except exceptions.NoSuchTableError:
-        if not create:
-            raise
-        try:
-            catalog.create_namespace(namespace)
-        except exceptions.NamespaceAlreadyExistsError:
-            pass
-        try:
-            table = catalog.create_table(
-                settings.table, schema=ENTRY_SCHEMA, location=settings.table_location(storage),
-                properties=_TABLE_PROPERTIES)
-            table = table.transaction().set_properties(
-                **_name_mapping_property(table)).commit_transaction()
-        except exceptions.TableAlreadyExistsError:  # another publisher created it meanwhile
-            table = catalog.load_table(settings.table)
-    missing = {k: v for k, v in _TABLE_PROPERTIES.items() if table.properties.get(k) != v}
-    if table.metadata.name_mapping() is None:  # created by someone else, without one
-        missing.update(_name_mapping_property(table))
-    if missing:
-        table = table.transaction().set_properties(**missing).commit_transaction()
-    return _evolve_schema(table)
+        import sqlalchemy.exc  # inside: only the SQL catalog brings SQLAlchemy
+    except ImportError:  # pragma: no cover - pyiceberg[sql-sqlite] installs it
+        return tuple(out)
+    return (*out, sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError)
 
 
 def _name_mapping_property(table: Any) -> dict[str, str]:
@@ -281,18 +297,24 @@ _TABLE_PROPERTIES = {
 }
 
 
+def _set_properties(table: Any) -> Any:
+    """Our table properties and a name mapping, on a table created by us or by someone else."""
+    missing = {k: v for k, v in _TABLE_PROPERTIES.items() if table.properties.get(k) != v}
+    if table.metadata.name_mapping() is None:
+        missing.update(_name_mapping_property(table))
+    if missing:
+        table = table.transaction().set_properties(**missing).commit_transaction()
+    return table
+
+
 def _evolve_schema(table: Any) -> Any:
     """Add the entry schema's columns the table lacks (a newer schema version): files of earlier
-    versions lack them and read as nulls."""
+    versions lack them and read as nulls. (pyiceberg updates the name mapping with them.)"""
     have = {f.name for f in table.schema().fields}
     if all(name in have for name in ENTRY_SCHEMA.names):
         return table
-    exceptions = _pyiceberg_exceptions()
-    try:
-        with table.update_schema() as update:
-            update.union_by_name(ENTRY_SCHEMA)
-    except exceptions.CommitFailedException:  # another publisher evolved it first
-        table.refresh()
+    with table.update_schema() as update:
+        update.union_by_name(ENTRY_SCHEMA)
     return table
 
 
@@ -368,9 +390,9 @@ def publish_iceberg(
             report.added = [live[loc] for loc in missing]
             report.removed = [relative_of(storage, loc) or loc for loc in extra]
             break
-        except (exceptions.CommitFailedException, FileNotFoundError) as exc:
-            # Another publisher committed first, or a file listed as live was replaced and
-            # deleted since the listing: look again.
+        except (*_race_errors(exceptions), OSError) as exc:
+            # Another publisher committed first (or held the SQL catalog's lock), or a file
+            # listed as live was replaced and deleted since the listing: look again.
             if attempt == resolved.retries:
                 raise
             log.info("iceberg publish of %s: %s; retrying", resolved.table, type(exc).__name__)
@@ -423,15 +445,16 @@ def table_disagreements(
     records); ``iceberg-unavailable``: the catalog or the table cannot be read."""
     try:
         exceptions = _pyiceberg_exceptions()
-        table = open_table(storage, settings, create=False)
     except ImportError:
         return [Disagreement("iceberg-unavailable", settings.table, INSTALL_HINT)]
-    except Exception as exc:  # noqa: BLE001 - any catalog failure is reported, not raised
-        missing = exceptions.NoSuchTableError if "exceptions" in locals() else ()
-        detail = ("the table does not exist: run `serve-journal iceberg publish`"
-                  if missing and isinstance(exc, missing)
-                  else f"cannot read the catalog ({type(exc).__name__})")
-        return [Disagreement("iceberg-unavailable", settings.describe(), detail)]
+    try:
+        table = open_table(storage, settings, create=False)
+    except exceptions.NoSuchTableError:
+        return [Disagreement("iceberg-unavailable", settings.describe(),
+                             "the table does not exist: run `serve-journal iceberg publish`")]
+    except Exception as exc:  # noqa: BLE001 - any catalog failure is a finding, not a crash
+        return [Disagreement("iceberg-unavailable", settings.describe(),
+                             f"cannot read the catalog ({type(exc).__name__})")]
     current = table_files(table)
     live = {location_of(storage, f.path): f.path for f in live_files(storage, cache=cache)}
     out = []
