@@ -10,10 +10,12 @@ HMAC of the canonical feature encoding and ``subject_token`` a keyed token of th
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
-SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2})
+SCHEMA_VERSION = 3
+SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2, 3})
 
 OUTCOME_OK = "ok"
 OUTCOME_ERROR = "error"
@@ -27,7 +29,7 @@ MODEL_TYPE = pa.struct([("name", pa.string()), ("version", pa.string()), ("run_i
 
 #: Column name -> (Arrow type, nullable, description). Docs and the Arrow schema are built from it.
 COLUMNS: tuple[tuple[str, pa.DataType, bool, str], ...] = (
-    ("schema_version", pa.int16(), False, "Entry schema version (1 or 2)."),
+    ("schema_version", pa.int16(), False, "Entry schema version (1, 2 or 3)."),
     ("request_id", pa.string(), False,
      "Stable request id: Serve's request id (X-Request-ID when the caller sent one), shared by every "
      "journaled deployment of one composed request."),
@@ -73,9 +75,17 @@ COLUMNS: tuple[tuple[str, pa.DataType, bool, str], ...] = (
      "(v2) Every model that took part in the call when more than one did (ensemble members, "
      "shadow challengers), in the order they were called, each with its name, version, run id, "
      "digest and role ('decision' or 'shadow'); null when only the deciding model did."),
+    ("trace_id", pa.string(), True,
+     "(v3) W3C trace id of the request (32 lowercase hex): the active OpenTelemetry span's "
+     "(Serve tracing, or the application's own instrumentation), else the incoming "
+     "'traceparent' header's. Null when neither was there."),
+    ("span_id", pa.string(), True,
+     "(v3) Span id (16 lowercase hex) that goes with trace_id: the active span's, or the "
+     "header's parent id. Null when trace_id is."),
 )
 
-ADDED_COLUMNS: dict[str, int] = {"model_run_id": 2, "model_digest": 2, "models": 2}
+ADDED_COLUMNS: dict[str, int] = {"model_run_id": 2, "model_digest": 2, "models": 2,
+                                 "trace_id": 3, "span_id": 3}
 """Columns added after version 1, with the schema version that added them. They are nullable;
 files of an earlier version lack them, and readers see nulls. Hashes over entries (Merkle
 leaves, fingerprints) leave a null added column out, so an entry of an earlier version hashes
@@ -113,6 +123,19 @@ def conform_entries(table: pa.Table) -> pa.Table:
         table = table.append_column(ENTRY_SCHEMA.field(name),
                                     pa.nulls(table.num_rows, ENTRY_SCHEMA.field(name).type))
     return table.select(list(COLUMN_NAMES)).cast(ENTRY_SCHEMA)
+
+
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def check_trace_id(value: object, parameter: str = "trace_id") -> str:
+    """``value`` as a trace id the ``trace_id`` column holds (W3C: 32 hex digits, not all
+    zeros; upper case is folded to lower case). Raises ``ValueError`` naming ``parameter`` and
+    the expected format otherwise; the value is not echoed."""
+    folded = value.strip().lower() if isinstance(value, str) else None
+    if folded is None or _TRACE_ID.fullmatch(folded) is None or folded == "0" * 32:
+        raise ValueError(f"{parameter} must be a W3C trace id: 32 hexadecimal digits, not all zeros")
+    return folded
 
 
 def empty_table() -> pa.Table:

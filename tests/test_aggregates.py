@@ -97,6 +97,8 @@ def _entry_table(rows: list[dict], tiers: list[str], rates: list[float]) -> pa.T
         "model_run_id": [None] * n,
         "model_digest": [None] * n,
         "models": [None] * n,
+        "trace_id": [None] * n,
+        "span_id": [None] * n,
     }
     assert list(cols) == list(COLUMN_NAMES)
     return pa.table(cols, schema=ENTRY_SCHEMA)

@@ -119,7 +119,7 @@ def test_load_model_pins_version_run_and_full_artifact_digest(scored_models, dep
     rows = entries(d)
     assert len(rows) == 3
     assert_scored_by_recorded(rows, scored_models)
-    assert all(r["models"] is None and r["schema_version"] == 2 for r in rows)
+    assert all(r["models"] is None and r["schema_version"] == 3 for r in rows)
 
 
 def test_alias_moving_without_reload_keeps_the_served_version_and_warns_once(

@@ -49,7 +49,7 @@ def test_value_is_plain_json_readable_by_any_consumer():
     assert b" " not in message.value.split(b'"caller"')[0]  # compact separators
     assert message.model_name == "fraud" and message.request_id == "replica-a-0"
     headers = dict(wire.JSON_HEADERS)
-    assert headers[wire.SCHEMA_VERSION_HEADER] == b"2"
+    assert headers[wire.SCHEMA_VERSION_HEADER] == b"3"
     assert headers[wire.WIRE_VERSION_HEADER] == b"1"
     assert headers["content-type"] == b"application/json"
 

@@ -39,6 +39,7 @@ from .batching import REASON_BUFFER_FULL, BatchWorker
 from .counters import DropCounter
 from .entries import CapturedCall, EntryFinalizer
 from .models import check_models_annotation
+from .tracing import active_span_reader
 
 logger = logging.getLogger("serve_journal")
 
@@ -127,6 +128,7 @@ class CallCapture:
         self._on_invalid_caller = on_invalid_caller
         self._seq = itertools.count()
         self._serve_context = serve_request_context()
+        self._active_span = active_span_reader()
 
     def _request_id(self) -> str:
         """Serve's request id (shared by every deployment one request reaches), else a new one."""
@@ -157,6 +159,7 @@ class CallCapture:
             call = CapturedCall(
                 next(self._seq), time.time_ns() // 1000, self._request_id(), args, kwargs, scope,
                 body, result, outcome, error_type, latency_ms, annotations, self.model,
+                None if self._active_span is None else self._active_span(),
             )
             self.captured += 1
             if self._worker.offer(call, report_drop=False):

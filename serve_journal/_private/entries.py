@@ -30,6 +30,7 @@ from serve_journal.sampling import Sampler
 from serve_journal.schema import ENTRY_SCHEMA, OUTCOME_OK, SCHEMA_VERSION
 
 from .models import call_models
+from .tracing import SpanIds, trace_ids
 
 logger = logging.getLogger("serve_journal")
 
@@ -39,13 +40,13 @@ class CapturedCall:
 
     __slots__ = (
         "seq", "ts_us", "request_id", "args", "kwargs", "scope", "body", "result",
-        "outcome", "error_type", "latency_ms", "annotations", "model", "tier",
+        "outcome", "error_type", "latency_ms", "annotations", "model", "tier", "span",
     )
 
     def __init__(self, seq: int, ts_us: int, request_id: str, args: tuple, kwargs: dict,
                  scope: Mapping[str, Any] | None, body: bytes | None, result: Any, outcome: str,
                  error_type: str | None, latency_ms: float, annotations: dict | None,
-                 model: ModelInfo) -> None:
+                 model: ModelInfo, span: SpanIds | None = None) -> None:
         self.seq = seq
         self.ts_us = ts_us
         self.request_id = request_id
@@ -61,6 +62,8 @@ class CapturedCall:
         self.model = model
         self.tier: RiskTier | None = None
         """The tier decided on the request path (full buffer only); else the flusher decides."""
+        self.span = span
+        """The active OpenTelemetry span's (trace id, span id) at capture, if one was valid."""
 
     def __repr__(self) -> str:  # never show arguments, bodies or results
         return f"CapturedCall(seq={self.seq}, outcome={self.outcome!r})"
@@ -398,6 +401,7 @@ class EntryFinalizer:
             keep += assignment.keep
             pause()
         kept = [i for i in range(n) if keep[i]]
+        traces = [trace_ids(calls[i].span, calls[i].scope) for i in kept]
         tier_names = [tier.name for tier in tiers]
         rates = [tier.sample_rate for tier in tiers]
         k = len(kept)
@@ -449,6 +453,8 @@ class EntryFinalizer:
             "model_digest": lambda: pa.array([models[i].digest for i in kept], pa.string()),
             "models": lambda: pa.array([_models_cell(chosen[i][1]) for i in kept],
                                        ENTRY_SCHEMA.field("models").type),
+            "trace_id": lambda: pa.array([t[0] for t in traces], pa.string()),
+            "span_id": lambda: pa.array([t[1] for t in traces], pa.string()),
         }
         columns = {}
         for name, build in builders.items():  # Arrow columns, built once per batch, one at a time

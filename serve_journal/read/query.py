@@ -13,6 +13,12 @@ lookup tests the statistics and one 32-byte bloom block per row group, reads the
 the row groups that may hold the value, and only the row groups that do hold it in full; DuckDB
 then runs the very same SQL over those rows. Results are exactly those of a full scan.
 
+A trace id lookup (``trace_id=``, schema v3) is pruned the same way by the ``trace_id`` column's
+statistics: a file without the column (schema v1 or v2) or whose row groups hold no trace id
+(a deployment without tracing) is ruled out from its footer alone, as is a row group whose
+min/max range excludes the id; the remaining row groups' ``trace_id`` column is read, and the
+row groups that hold the id in full.
+
 Every query writes an access record (who, when, which filter, how many rows) beside the journal;
 a subject appears there only as its token, and so does a caller looked up through a caller
 tokenizer. A ``subject_token=`` must have a subject token's format
@@ -43,7 +49,7 @@ from serve_journal.privacy.tokens import check_subject_token, is_caller_token
 from serve_journal.read.access_log import read_access_log, record_access
 from serve_journal.read.pruning import FooterCache
 from serve_journal.retry import retry_call
-from serve_journal.schema import ENTRY_SCHEMA, OUTCOMES
+from serve_journal.schema import ENTRY_SCHEMA, OUTCOMES, check_trace_id
 from serve_journal.storage import JournalStorage, open_storage
 from serve_journal.times import as_utc
 
@@ -206,6 +212,7 @@ class JournalQuery:
         limit: int | None = None,
         tier: str = "hot",
         caller: str | None = None,
+        trace_id: str | None = None,
     ) -> pa.Table:
         """Entries matching every given filter, oldest first, as a table with the entry schema.
 
@@ -214,7 +221,10 @@ class JournalQuery:
         ``subject_token`` must have a subject token's format (``TokenFormatError`` names the
         parameter otherwise). ``caller`` is a caller id (or a ``ct-`` caller token): with a caller
         tokenizer, entries journaled with its token match too (see the class doc).
-        ``since`` is inclusive, ``until`` exclusive (UTC; naive times are taken as UTC).
+        ``trace_id`` is a W3C trace id (32 hex digits; ``ValueError`` otherwise): the entries
+        every journaled deployment recorded for that trace (schema v3 entries only; see
+        docs/query.md). ``since`` is inclusive, ``until`` exclusive (UTC; naive times are taken
+        as UTC).
         """
         started = time.perf_counter()
         if subject is not None and subject_token is not None:
@@ -225,6 +235,8 @@ class JournalQuery:
             raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
         if limit is not None and (not isinstance(limit, int) or limit < 1):
             raise ValueError(f"limit must be a positive integer, got {limit!r}")
+        if trace_id is not None:
+            trace_id = check_trace_id(trace_id)
         since_utc = as_utc(since, "since")
         until_utc = as_utc(until, "until")
         unresolved = False
@@ -241,6 +253,7 @@ class JournalQuery:
             "subject_token": subject_token,
             **caller_logged,
             "request_id": request_id,
+            "trace_id": trace_id,
             "model": model,
             "model_version": model_version,
             "decision": decision,
@@ -262,6 +275,7 @@ class JournalQuery:
                     subject_token=subject_token,
                     callers=callers,
                     request_id=request_id,
+                    trace_id=trace_id,
                     model=model,
                     model_version=model_version,
                     decision=decision,
@@ -322,7 +336,7 @@ class JournalQuery:
         out = {
             "subject_token": None, "request_id": None, "model": None, "model_version": None,
             "decision": None, "outcome": None, "since": None, "until": None, "limit": None,
-            "tier": "hot", "caller": None,
+            "tier": "hot", "caller": None, "trace_id": None,
         }
         unknown = set(filters) - set(out)
         if unknown:
@@ -330,6 +344,8 @@ class JournalQuery:
         out.update(filters)
         if out["subject_token"] is not None:
             check_subject_token(out["subject_token"], "subject_token")
+        if out["trace_id"] is not None:
+            out["trace_id"] = check_trace_id(out["trace_id"])
         out["callers"] = self._callers(out.pop("caller"))[0]
         out["since"] = as_utc(out["since"], "since")
         out["until"] = as_utc(out["until"], "until")
@@ -341,6 +357,7 @@ class JournalQuery:
         subject_token: str | None,
         callers: tuple[str, ...] | None,
         request_id: str | None,
+        trace_id: str | None,
         model: str | None,
         model_version: str | None,
         decision: str | None,
@@ -356,6 +373,7 @@ class JournalQuery:
         for column, value in (
             ("subject_token", subject_token),
             ("request_id", request_id),
+            ("trace_id", trace_id),
             ("model_name", model),
             ("model_version", model_version),
             ("decision", decision),
@@ -391,7 +409,8 @@ class JournalQuery:
         for f in files:
             index = self._footers.get(f.path)
             total += index.num_row_groups
-            groups = index.candidates(column, value)
+            groups = (_trace_groups(index.parquet.metadata, value) if column == "trace_id"
+                      else index.candidates(column, value))
             if not groups:
                 continue
             probed += len(groups)
@@ -450,9 +469,12 @@ class JournalQuery:
         sql, params, files = self._sql(**filters)
         if not files:
             return ENTRY_SCHEMA.empty_table(), 0
-        point = next(((c, filters[c]) for c in ("subject_token", "request_id")
+        point = next(((c, filters[c]) for c in ("subject_token", "request_id", "trace_id")
                       if filters.get(c) is not None), None)
-        if point is not None and self.prune_point_lookups and len(files) <= 256:
+        # A trace id lookup always goes through the footers: they rule out the files of schema
+        # versions before 3 (DuckDB would find no trace_id column if every file were one).
+        if point is not None and (filters.get("trace_id") is not None
+                                  or (self.prune_point_lookups and len(files) <= 256)):
             rows = self._pruned(files, *point)
             if rows.num_rows == 0:
                 return ENTRY_SCHEMA.empty_table(), len(files)
@@ -466,6 +488,27 @@ class JournalQuery:
             return _to_entry_schema(result), len(files)
         result = self._connection().sql(sql, params=params).to_arrow_table()
         return _to_entry_schema(result), len(files)
+
+
+def _trace_groups(meta: pq.FileMetaData, trace_id: str) -> list[int]:
+    """Row groups of a file (its footer ``meta``) that may hold ``trace_id``: none when the file
+    has no ``trace_id`` column (schema v1, v2); per row group, none when its statistics say the
+    column is all null or its min/max range excludes the id."""
+    names = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    if "trace_id" not in names:
+        return []
+    ci = names.index("trace_id")
+    out = []
+    for rg in range(meta.num_row_groups):
+        group = meta.row_group(rg)
+        stats = group.column(ci).statistics
+        if stats is not None:
+            if stats.has_null_count and stats.null_count >= group.num_rows:
+                continue
+            if stats.has_min_max and not (stats.min <= trace_id <= stats.max):
+                continue
+        out.append(rg)
+    return out
 
 
 def _to_entry_schema(table: pa.Table) -> pa.Table:

@@ -32,9 +32,10 @@ Version 1 (the previous release; still read, e.g. from a topic during an upgrade
   ``"-Infinity"``.
   ``models`` (schema v2) is a list of ``{"name", "version", "run_id", "digest", "role"}`` objects.
 * **schema versions**: a message carries every column of the entry schema version its header
-  names. A version 1 message (written by the previous release) has no ``model_run_id``,
-  ``model_digest`` or ``models``; it decodes to a current-schema table with those columns null
-  (they are nullable, and absent nullable columns read as null), as does a Parquet file of v1.
+  names. A schema v1 message has no ``model_run_id``, ``model_digest`` or ``models`` and a v2
+  one no ``trace_id`` or ``span_id``; it decodes to a current-schema table with those columns
+  null (they are nullable, and absent nullable columns read as null), as does a Parquet file of
+  v1 or v2. The same holds for a version 2 (Arrow) value whose stream has a v2 schema.
 * **headers**: ``serve_journal.schema_version`` (the entry schema version, ASCII digits),
   ``serve_journal.wire_version`` (``1``) and ``content-type`` (``application/json``).
 

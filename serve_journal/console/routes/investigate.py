@@ -1,9 +1,11 @@
-"""Investigation pages: home, search, one entry with its verify status, a subject's timeline.
+"""Investigation pages: home, search, one entry with its verify status, a subject's timeline,
+the entries of one trace.
 
 A subject id is only ever typed into the search form (a POST): it is turned into a token at once
 and the pages, links and access-log records carry the token only. A subject token (search field
 or ``/subject/<token>``) must have a token's format; another value is refused without being
-echoed (it may be a subject id pasted into the wrong field).
+echoed (it may be a subject id pasted into the wrong field). A trace id (search field or
+``/trace/<trace id>``, the link a tracing UI can point at) must have a W3C trace id's format.
 """
 
 import dataclasses
@@ -21,14 +23,14 @@ from serve_journal.console.deps import ConsoleDep, SignedIn, allowed, posted
 from serve_journal.console.state import ConsoleState
 from serve_journal.privacy.tokens import is_subject_token
 from serve_journal.read.verify import verify_file
-from serve_journal.schema import COLUMNS
+from serve_journal.schema import COLUMNS, check_trace_id
 from serve_journal.times import as_utc
 
 router = APIRouter()
 
 #: The search form's fields (``subject`` is never echoed back into a page).
-SEARCH_FIELDS = ("subject", "subject_token", "request_id", "model", "model_version", "decision",
-                 "outcome", "since", "until", "limit", "tier")
+SEARCH_FIELDS = ("subject", "subject_token", "request_id", "trace_id", "model", "model_version",
+                 "decision", "outcome", "since", "until", "limit", "tier")
 TIERS = ("hot", "cold", "all")
 MAX_LIMIT = 10_000
 
@@ -66,6 +68,7 @@ def _filters(values: dict[str, str], console: ConsoleState) -> tuple[dict[str, A
         "subject": values["subject"] or None,
         "subject_token": values["subject_token"] or None,
         "request_id": values["request_id"] or None,
+        "trace_id": check_trace_id(values["trace_id"]) if values["trace_id"] else None,
         "model": values["model"] or None,
         "model_version": values["model_version"] or None,
         "decision": values["decision"] or None,
@@ -86,6 +89,8 @@ def search(request: Request, console: ConsoleDep, auth: posted("query")) -> HTML
     echo = {k: v for k, v in values.items() if k != "subject"}  # never echo a subject id
     if values["subject_token"] and not is_subject_token(values["subject_token"]):
         echo["subject_token"] = ""  # nor what may be one, pasted into the token field
+    if values["trace_id"] and not _is_trace_id(values["trace_id"]):
+        echo["trace_id"] = ""  # nor into the trace id field
     try:
         filters, limit, tier = _filters(values, console)
         with console.query(user) as q:
@@ -103,7 +108,38 @@ def search(request: Request, console: ConsoleDep, auth: posted("query")) -> HTML
     console.log_view(user.name, "search_results", rows=table.num_rows, subject_token=token)
     return console.render(request, "results.html", user=user, csrf=csrf, values=echo,
                           rows=table.to_pylist(), stats=stats, subject_token=token,
-                          subject_searched=bool(filters["subject"]), limit=limit)
+                          subject_searched=bool(filters["subject"]), limit=limit,
+                          trace_id=filters["trace_id"])
+
+
+def _is_trace_id(value: str) -> bool:
+    try:
+        check_trace_id(value)
+    except ValueError:
+        return False
+    return True
+
+
+@router.get("/trace/{trace_id}", response_class=HTMLResponse)
+def trace(request: Request, console: ConsoleDep, trace_id: str, auth: Querier) -> HTMLResponse:
+    """The entries of one trace (every journaled deployment it reached; hot and cold tiers),
+    oldest first: the page a tracing UI links to from a span."""
+    user, csrf = auth
+    try:
+        trace_id = check_trace_id(trace_id)
+    except ValueError:
+        console.log_view(user.name, "trace_rejected")
+        return console.render(request, "error.html", status=404, user=user, csrf=csrf,
+                              message="Not a trace id (32 hexadecimal characters, not all zeros).")
+    limit = console.settings.max_rows
+    with console.query(user) as q:
+        table = q.find(trace_id=trace_id, tier="all", limit=limit)
+        stats = q.last_stats
+    console.log_view(user.name, "trace", rows=table.num_rows, trace_id=trace_id)
+    return console.render(request, "results.html", user=user, csrf=csrf,
+                          values={"trace_id": trace_id, "tier": "all"}, rows=table.to_pylist(),
+                          stats=stats, subject_token=None, subject_searched=False, limit=limit,
+                          trace_id=trace_id)
 
 
 def _holder(console: ConsoleState, files: list[DataFile], producer: str,
