@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -79,7 +80,16 @@ def _later(entries: pa.Table, n: int) -> list[dict]:
             for r in entries["request_id"].to_pylist()[:n]]
 
 
-def test_a_record_appended_to_a_source_chain_is_never_signed_by_the_next_ingest(journal):
+@pytest.fixture
+def short_wait(monkeypatch):
+    """An ingest waits TAIL_WAIT_S for a concurrent ingest to sign; refusals need not wait 5 s."""
+    import serve_journal.outcomes.record as record
+
+    monkeypatch.setattr(record, "TAIL_WAIT_S", 0.1)
+
+
+def test_a_record_appended_to_a_source_chain_is_never_signed_by_the_next_ingest(journal,
+                                                                                 short_wait):
     """Between two ingests the attacker appends a record (valid hash, linked to the signed head)
     for a planted outcome file to the source's chain. The next ingest must not sign it."""
     import dataclasses
@@ -151,7 +161,7 @@ def test_kill_9_between_storing_the_outcome_file_and_recording_it(journal):
     assert report.outcomes == 3  # the orphan's records are not counted
 
 
-def test_kill_9_between_recording_and_signing_refuses_a_blind_retry(journal):
+def test_kill_9_between_recording_and_signing_refuses_a_blind_retry(journal, short_wait):
     """The record is written, its checkpoint not: a retry is refused (it would sign the record
     and count the batch twice); after verify shows it is the crashed ingest's, signing the tail
     alone makes the batch count, once."""
@@ -244,3 +254,55 @@ def test_readers_without_a_trust_anchor_skip_a_garbage_record_in_a_source_chain(
     monkeypatch.delenv("SERVE_JOURNAL_KEY_FINGERPRINT", raising=False)
     assert trust.reader_trust(root) is None
     assert load_outcomes(root).num_rows == 2
+
+
+def test_concurrent_ingests_of_one_source_all_land_and_sign(journal):
+    """The unsigned-tail check must not refuse a concurrent ingest of the same source whose
+    record is momentarily ahead of its checkpoint: every batch lands once, the chain verifies."""
+    import threading
+
+    root, settings, storage, entries = journal
+    ids = entries["request_id"].to_pylist()
+    when = DAY + dt.timedelta(days=2)
+    barrier = threading.Barrier(4)
+    results, errors = [], []
+
+    def ingest(k: int) -> None:
+        batch = [{"request_id": r, "label": "legit", "outcome_time": when}
+                 for r in ids[k * 5:(k + 1) * 5]]
+        barrier.wait()
+        try:
+            results.append(record_outcomes(root, batch, source="cb", now=RECORDED).accepted)
+        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ingest, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == [] and sorted(results) == [5, 5, 5, 5]
+    assert load_outcomes(root).num_rows == 20
+    report = verify_journal(storage, public_key=settings.signer().export_public_key())
+    assert report.ok and report.outcomes == 20, format_report(report)
+
+
+def test_a_rewritten_head_record_of_a_source_chain_is_never_signed_over(journal, short_wait):
+    """The attacker replaces the signed head record of the source's chain (new content, hash
+    recomputed): the next ingest must not link to it and sign it."""
+    import dataclasses
+
+    from serve_journal.errors import ManifestError
+    from serve_journal.integrity.manifest import ManifestRecord, record_path
+
+    root, settings, storage, entries = journal
+    record_outcomes(root, _later(entries, 2), source="cb", now=RECORDED)
+    head_path = os.path.join(root, record_path("outcomes.cb", 0))
+    head = ManifestRecord.from_json(Path(head_path).read_bytes())
+    edited = dataclasses.replace(head, row_count=head.row_count + 1, record_hash="")
+    edited = dataclasses.replace(edited, record_hash=edited.compute_hash())
+    os.chmod(head_path, 0o644)
+    with open(head_path, "wb") as handle:
+        handle.write(edited.to_json())
+    with pytest.raises(ManifestError, match="rewritten"):
+        record_outcomes(root, _later(entries, 1), source="cb", now=RECORDED)

@@ -26,6 +26,7 @@ import logging
 import math
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -292,8 +293,9 @@ def _write(settings: SinkSettings, storage: JournalStorage, chain_id: str, table
            recorded_at: dt.datetime, batch_id: str, sign_unsigned_tail: bool = False,
            _crash: Callable[[str], None] | None = None) -> str:
     """Store ``table`` as one create-only outcome file, then record it in ``chain_id`` and sign."""
+    deadline = time.monotonic() + TAIL_WAIT_S
     log_ = settings.manifest(storage, chain_id)
-    _refuse_unsigned_tail(storage, log_, sign_unsigned_tail)
+    log_ = _signed_head(settings, storage, log_, sign_unsigned_tail, deadline)
     data = encode_outcomes(table)
     name = f"o-{recorded_at:%Y%m%dT%H%M%S}-{batch_id}"
     stored = storage.put_new(OUTCOME_SPEC.file_path(recorded_at, name), data)
@@ -307,51 +309,77 @@ def _write(settings: SinkSettings, storage: JournalStorage, chain_id: str, table
         min_ts_us=bounds["min"].as_py(), max_ts_us=bounds["max"].as_py(), seq_ranges={},
         merkle_root=outcome_merkle_root(written), tier=OUTCOMES_AREA, version_id=stored.version_id,
     )
-    for attempt in range(3):
+    while True:
         try:
             log_.append(record)
             break
         except ChainConflictError:
-            # Another ingest of this source appended first: continue after its head.
-            if attempt == 2:
+            # Another ingest of this source appended first: continue after its signed head.
+            if time.monotonic() > deadline:
                 raise
-            log_ = settings.manifest(storage, chain_id)
-            _refuse_unsigned_tail(storage, log_, sign_unsigned_tail, before=log_.length)
+            log_ = _signed_head(settings, storage, settings.manifest(storage, chain_id),
+                                sign_unsigned_tail, deadline)
     if _crash:
         _crash("recorded")
     log_.checkpoint()
     return stored.path
 
 
-def _refuse_unsigned_tail(storage: JournalStorage, log_: ManifestLog, sign_anyway: bool,
-                          before: int | None = None) -> None:
-    """Refuse to append to a source chain whose records after its newest checkpoint signed by
-    this ingest's key are not all our own: the checkpoint after this batch would sign them, and
-    anyone who can write the bucket can append a record (with a planted outcome file) there.
-    ``sign_anyway``: the operator checked them (a crashed ingest of theirs, see verify)."""
+TAIL_WAIT_S = 5.0
+"""How long an ingest waits for another ingest of its source to sign the record it appended
+(milliseconds, normally) before it takes the record for an unsigned tail and refuses."""
+
+
+def _signed_head(settings: SinkSettings, storage: JournalStorage, log_: ManifestLog,
+                 sign_anyway: bool, deadline: float) -> ManifestLog:
+    """``log_`` (or a fresh one after waiting) once every record of the chain is covered by a
+    checkpoint signed by this ingest's key and the chain still holds the head it signed; raises
+    :class:`UnsignedTailError` when that does not come true by ``deadline``. The checkpoint
+    after this batch would sign everything before it, and anyone who can write the bucket can
+    append a record (with a planted outcome file) or replace the head. ``sign_anyway``: the
+    operator checked the tail (a killed ingest of theirs, see verify)."""
     signer = log_.signer
     if signer is None or sign_anyway:
-        return
-    signed = 0
-    for path in storage.list_files(f"{CHECKPOINT_PREFIX}/{log_.chain_id}/", ".json"):
+        return log_
+    while True:
+        signed, head = _newest_signed(storage, log_.chain_id, signer.public_key)
+        if signed == log_.length and head in (None, log_.head_hash):
+            return log_
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)  # a concurrent ingest of this source signs within milliseconds
+        log_ = settings.manifest(storage, log_.chain_id)
+    if signed >= log_.length:
+        raise UnsignedTailError(
+            f"manifest chain {log_.chain_id}: its head record is not the one its checkpoint "
+            f"{signed} signs (rewritten): run `serve-journal verify`")
+    raise UnsignedTailError(
+        f"manifest chain {log_.chain_id} holds {log_.length - signed} unsigned record(s) after "
+        f"its last signed checkpoint (length {signed}), first "
+        f"{record_path(log_.chain_id, signed)}: the next checkpoint would sign them. An ingest "
+        "killed before signing leaves one; anyone who can write the bucket can append one. Run "
+        "`serve-journal verify`; if they are your killed ingest's, ingest again with "
+        "--sign-unsigned-tail")
+
+
+def _newest_signed(storage: JournalStorage, chain_id: str, public_key: Any
+                   ) -> tuple[int, str | None]:
+    """``(length, head hash)`` of the chain's newest checkpoint signed by ``public_key``
+    (``(0, None)`` when none is)."""
+    signed, head = 0, None
+    for path in storage.list_files(f"{CHECKPOINT_PREFIX}/{chain_id}/", ".json"):
         length = parse_object_index(path)
-        if length is None or length <= signed:
+        if length is None or length < signed or (length == signed and head is not None):
             continue
         try:
             checkpoint = Checkpoint.from_json(storage.read(path))
         except ManifestError:
             continue
-        if (checkpoint.verify(signer.public_key) and checkpoint.chain_id == log_.chain_id
+        if (checkpoint.verify(public_key) and checkpoint.chain_id == chain_id
                 and checkpoint.length == length):
             signed = length
-    tail = (log_.length if before is None else before) - signed
-    if tail > 0:
-        raise UnsignedTailError(
-            f"manifest chain {log_.chain_id} holds {tail} unsigned record(s) after its last "
-            f"signed checkpoint (length {signed}), first {record_path(log_.chain_id, signed)}: "
-            "the next checkpoint would sign them. An ingest killed before signing leaves one; "
-            "anyone who can write the bucket can append one. Run `serve-journal verify`; if they "
-            "are your crashed ingest's, ingest again with --sign-unsigned-tail")
+            head = checkpoint.head_hash if length else None
+    return signed, head
 
 
 class UnsignedTailError(ManifestError):
