@@ -6,7 +6,8 @@ The entries are found in the files the catalog says are live now (a sink's hot f
 compacted or cold file that replaced it), with commit markers checked against the auditor's key.
 Each file the entries sit in is read whole: its bytes must have the SHA-256 of a manifest record
 covered by a signed checkpoint, and its entries the record's Merkle root; only then are the
-entries' inclusion proofs built. Per manifest chain involved, the bundle holds the records from
+entries' inclusion proofs built (a file failing this is skipped and named, so a planted copy of
+an entry cannot block the evidence of the genuine one). Per manifest chain involved, the bundle holds the records from
 the first one an entry relies on up to the latest signed checkpoint, the checkpoint covering the
 entries' records and that latest checkpoint: the chain is a hash chain, so the records between
 the two checkpoints are the proof that the later one extends the earlier one.
@@ -152,9 +153,11 @@ def export_evidence(
     signed by it are used. ``verify_scope`` (``journal`` or ``files``) says what the bundled
     verify summary covers. ``actor`` (default: the OS user) is recorded in the access log.
 
-    Raises :class:`EvidenceError` when nothing matches, or when an entry's file is not covered by
-    a signed record that its bytes and entries match (run ``serve-journal verify``), and
-    ``ValueError`` for a wrong selection; the message never holds a subject id.
+    A live file holding selected rows whose bytes and entries no signed record vouches for is
+    skipped and named (:attr:`EvidenceExport.skipped_files`, ``skipped_files`` in
+    ``evidence.json``). Raises :class:`EvidenceError` when nothing matches, or when only such
+    files hold the selection (run ``serve-journal verify``), and ``ValueError`` for a wrong
+    selection; the message never holds a subject id.
     """
     started = time.perf_counter()
     storage = journal if isinstance(journal, JournalStorage) else open_storage(journal)
