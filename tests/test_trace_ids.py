@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import re
+import sys
 import uuid
 from pathlib import Path
 
@@ -140,6 +141,12 @@ def test_the_active_span_is_read_and_nothing_when_none_is_active():
     assert read() is None
     assert trace_ids((context.trace_id, context.span_id), None) == (
         f"{context.trace_id:032x}", f"{context.span_id:016x}")
+
+
+def test_without_opentelemetry_api_only_the_header_is_read(monkeypatch):
+    monkeypatch.setitem(sys.modules, "opentelemetry.trace", None)  # as if not installed
+    assert active_span_reader() is None
+    assert trace_ids(None, _scope((b"traceparent", TRACEPARENT.encode()))) == (TRACE, PARENT)
 
 
 def _finalizer() -> EntryFinalizer:
