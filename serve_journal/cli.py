@@ -60,7 +60,12 @@ from serve_journal.replay.driver import replay_command
 from serve_journal.sink.kafka_app import run_journal_sink
 from serve_journal.sink.settings import SinkSettings
 from serve_journal.storage import local_root, open_storage
-from serve_journal.storage.archive import RESTORE_TIERS, restore_archived, restore_command
+from serve_journal.storage.archive import (
+    RESTORE_TIERS,
+    restore_archived,
+    restore_command,
+    unreadable_archived,
+)
 from serve_journal.times import as_utc
 from serve_journal.transport.kafka_security import SASL_MECHANISMS, SECURITY_PROTOCOLS
 
@@ -181,6 +186,16 @@ def query(journal_uri: str, subject: str | None, subject_token: str | None, call
         sys.exit(3)
     except ValueError as exc:  # the message names the option, never a subject id
         raise click.UsageError(str(exc)) from None
+    except Exception:
+        # The scan reports a GET of an archived (Glacier) object as a generic read error: say
+        # which files need a restore when that is why, else let the failure through.
+        blocked = unreadable_archived(q.storage, [f.path for f in q.files(
+            model=model, since=since, until=until, tier=tier)])
+        if not blocked:
+            raise
+        click.echo(f"error: {ArchivedObjectError(blocked, restore_command(q.storage))} "
+                   "(or search the hot tier only: --tier hot)", err=True)
+        sys.exit(3)
     finally:
         q.close()
     table = tables[0]

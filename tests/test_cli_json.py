@@ -20,6 +20,7 @@ from serve_journal.sink.settings import SinkSettings
 from serve_journal.storage import open_storage
 from tests.helpers.entries import DAY, make_entries
 from tests.helpers.journal import write_signed
+from tests.test_archived import archived_journal  # noqa: F401 - the fixture
 
 LATER = (DAY + dt.timedelta(days=2)).strftime("%Y-%m-%dT%H:%M:%S")
 ROWS = 120
@@ -140,3 +141,19 @@ def test_every_result_command_has_json():
 
     walk(main, "")
     assert not missing, f"commands without --json: {missing}"
+
+
+def test_query_of_archived_cold_files_names_the_restore_and_the_hot_only_search(
+        archived_journal, monkeypatch):  # noqa: F811 - the fixture imported above
+    """The default search reaches the cold tier; archived (Glacier) files there stop it with the
+    restore command, never a traceback, and --tier hot still answers."""
+    journal = archived_journal["journal"]
+    monkeypatch.setenv("SERVE_JOURNAL_PRIVACY_DIR", archived_journal["privacy"])
+    result = CliRunner().invoke(main, ["--no-progress", "query", "--journal", journal,
+                                       "--model", "fraud", "--json"])
+    assert result.exit_code == 3, result.output
+    assert "serve-journal restore --journal" in result.stderr and "--tier hot" in result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""
+    hot = CliRunner().invoke(main, ["--no-progress", "query", "--journal", journal, "--model",
+                                    "fraud", "--tier", "hot", "--json"])
+    assert hot.exit_code == 0 and json.loads(hot.stdout) == []
