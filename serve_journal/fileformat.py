@@ -194,9 +194,8 @@ class SortedParquetWriter:
             self._flush(self._rows_per_group)
 
     def _flush(self, rows: int) -> None:
-        buffered = pa.concat_tables(self._pending)
-        self._writer.write_table(buffered.slice(0, rows).combine_chunks(),
-                                 row_group_size=self._rows_per_group)
+        buffered = pa.concat_tables(self._pending)  # chunks, not a copy: one row group's rows
+        self._writer.write_table(buffered.slice(0, rows), row_group_size=self._rows_per_group)
         rest = buffered.slice(rows)
         self._pending = [rest] if rest.num_rows else []
         self._pending_rows = rest.num_rows

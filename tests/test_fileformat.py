@@ -104,3 +104,14 @@ def test_rewrite_picks_the_same_encoding_from_its_distinct_estimates(tmp_path):
         assert sorted(pc.round(written["score"], 12).to_pylist()) == sorted(
             pc.round(table["score"], 12).to_pylist())
         assert table_merkle_root(written) == table_merkle_root(sort_for_lookup(table))
+
+
+def test_a_rewrite_under_a_small_limit_writes_smaller_row_groups(tmp_path):
+    storage = open_storage(str(tmp_path / "journal"))
+    storage.put_new("in/0.parquet", encode_parquet(_table(2_000, rounded=True), HOT_OPTIONS))
+    for limit, expect_full in (("4GiB", True), ("256MiB", False)):
+        with RewriteWorkspace(memory_limit=limit, temp_dir=str(tmp_path)) as workspace:
+            files = workspace.spool(storage, ["in/0.parquet"])
+            rows = workspace.row_group_rows(files, COLD_OPTIONS)
+        assert (rows == COLD_OPTIONS.row_group_size) == expect_full, (limit, rows)
+        assert 64 * 1024 <= rows <= COLD_OPTIONS.row_group_size

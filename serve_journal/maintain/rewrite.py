@@ -25,6 +25,7 @@ overshoots by up to a quarter) and one row group in flight; it does not grow wit
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -60,9 +61,13 @@ DEFAULT_MEMORY_LIMIT = 2 * 1024**3
 MIN_MEMORY_LIMIT = 64 * 1024**2
 MEMORY_LIMIT_ENV = "SERVE_JOURNAL_MEMORY_LIMIT"
 
-_SORT_SHARE = 0.6
-"""Share of the limit given to DuckDB's sort; the rest holds row groups in flight, the file
-being stored and the fingerprint's chunk of one column."""
+_SORT_SHARE = 0.45
+"""Share of the limit given to DuckDB's sort (which overshoots it by up to a quarter); the rest
+holds the row group being written (:data:`_GROUP_SHARE`), the interpreter and its libraries
+(~240 MiB) and the fingerprint's chunk of one column."""
+_GROUP_SHARE = 0.28
+"""Share of the limit one row group may take in Arrow form before it is written (a cold file's
+1M-row groups are ~0.5 GiB of Arrow; under a smaller limit a rewrite writes smaller groups)."""
 _BATCH_ROWS = 64 * 1024
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
@@ -291,6 +296,18 @@ class RewriteWorkspace:
         finally:
             con.close()
 
+    def row_group_rows(self, files: Sequence[SpooledFile], options: ParquetOptions) -> int:
+        """Rows per row group of a rewrite: ``options.row_group_size``, or fewer when that many
+        rows in Arrow form (estimated from the first input's first row group) would take more
+        than :data:`_GROUP_SHARE` of the memory limit; at least 64k rows."""
+        sample = next((f for f in files if pq.ParquetFile(f.local).metadata.num_rows), None)
+        if sample is None:
+            return options.row_group_size
+        first = pq.ParquetFile(sample.local).read_row_group(0)
+        per_row = max(1, first.nbytes // max(1, first.num_rows))
+        fits = int(self.memory_limit * _GROUP_SHARE) // per_row
+        return max(min(_BATCH_ROWS, options.row_group_size), min(options.row_group_size, fits))
+
     def write_sorted(self, files: Sequence[SpooledFile], names: Sequence[str],
                      options: ParquetOptions, rows_per_file: int) -> list[str]:
         """Write the entries of ``files`` sorted into local files named ``names`` (of
@@ -300,6 +317,7 @@ class RewriteWorkspace:
         scores = DICTIONARY_IF_FEW if options.column_encoding else ()
         distinct = self.distinct_counts(files, (*bloom, *scores))
         paths = [self.out_path(name) for name in names]
+        options = dataclasses.replace(options, row_group_size=self.row_group_rows(files, options))
         tables = self.sorted_tables(files)
         pending: pa.Table | None = None
         for i, local in enumerate(paths):
