@@ -148,6 +148,8 @@ def manifest(paths: tuple[str, ...], model_name: str | None, model_version: str 
               help="Caller id (or its ct- token); also finds entries journaled with "
                    "caller_privacy=token.")
 @click.option("--request-id", default=None)
+@click.option("--trace-id", default=None,
+              help="W3C trace id (32 hex digits) the entry recorded from its request's span.")
 @click.option("--model", default=None)
 @click.option("--model-version", default=None)
 @click.option("--decision", default=None)
@@ -165,20 +167,24 @@ def manifest(paths: tuple[str, ...], model_name: str | None, model_version: str 
               help="Add each entry's latest recorded outcome (outcome_label, outcome_value, "
                    "outcome_time, outcome_source, outcome_recorded_at; docs/outcomes.md).")
 def query(journal_uri: str, subject: str | None, subject_token: str | None, caller: str | None,
-          request_id: str | None, model: str | None, model_version: str | None,
+          request_id: str | None, trace_id: str | None, model: str | None,
+          model_version: str | None,
           decision: str | None, outcome: str | None, since: str | None, until: str | None,
           limit: int | None, tier: str, actor: str | None, as_json: bool,
           parquet_path: str | None, with_outcomes: bool) -> None:
     """Find journal entries; every query is recorded in the journal's access log."""
     subjects: list[str | None] = [None] if subject is None else list(expand_subjects([subject]))
-    q = JournalQuery(journal_uri, tokenizer=subject_tokenizer(journal_uri),
+    # The subject key is needed only to look a subject up (a request-id or trace lookup on a
+    # machine without the privacy folder must not fail for want of it).
+    q = JournalQuery(journal_uri, tokenizer=subject_tokenizer(journal_uri) if subject else None,
                      caller_tokenizer=caller_tokenizer(journal_uri) if caller else None,
                      actor=actor or getpass.getuser())
     try:
         tables = [q.find(subject=one, subject_token=subject_token, caller=caller,
-                         request_id=request_id, model=model, model_version=model_version,
-                         decision=decision, outcome=outcome, since=since, until=until,
-                         limit=limit, tier=tier) for one in subjects]
+                         request_id=request_id, trace_id=trace_id, model=model,
+                         model_version=model_version, decision=decision, outcome=outcome,
+                         since=since, until=until, limit=limit, tier=tier)
+                  for one in subjects]
     except UnicodeError:  # its message would quote a piece of the id
         raise click.UsageError("--subject must be valid UTF-8 text") from None
     except ArchivedObjectError as exc:

@@ -635,3 +635,26 @@ def test_serve_http_requests_record_the_callers_traceparent(serve_instance, mlfl
     assert (rows["traced"]["trace_id"], rows["traced"]["span_id"]) == (TRACE, PARENT)
     assert rows["malformed"]["trace_id"] is None and rows["plain"]["trace_id"] is None
     assert not any(CANARY in str(v) for r in rows.values() for v in r.values())
+
+
+def test_cli_query_by_trace_id_and_request_id(journal, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from serve_journal.cli import main
+
+    monkeypatch.delenv("SERVE_JOURNAL_PRIVACY_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    wanted = journal.traced["trace_id"][5].as_py()
+    runner = CliRunner()
+    done = runner.invoke(main, ["query", "--journal", journal.uri, "--trace-id", wanted.upper(),
+                                "--json", "--as", "cli-tracy"])
+    assert done.exit_code == 0, done.output
+    rows = json.loads(done.output)
+    assert sorted((r["producer_id"], r["seq"]) for r in rows) == journal.expected(wanted)
+    request_id = rows[0]["request_id"]
+    by_id = runner.invoke(main, ["query", "--journal", journal.uri, "--request-id", request_id,
+                                 "--json"])
+    assert by_id.exit_code == 0, by_id.output
+    assert [r["request_id"] for r in json.loads(by_id.output)] == [request_id]
+    refused = runner.invoke(main, ["query", "--journal", journal.uri, "--trace-id", "cust-0042"])
+    assert refused.exit_code == 2 and "cust-0042" not in refused.output
