@@ -35,7 +35,11 @@ from serve_journal.maintain.compaction import run_compaction
 from serve_journal.maintain.lifecycle import run_lifecycle
 from serve_journal.read.verify import verify_journal
 from serve_journal.schema import ADDED_COLUMNS
-from serve_journal.sink.settings import SinkSettings, publish_table_quietly
+from serve_journal.sink.settings import (
+    BackgroundPublisher,
+    SinkSettings,
+    publish_table_quietly,
+)
 from tests.helpers.entries import DAY, ids, make_entries
 from tests.helpers.journal import signing_key_files, write_signed
 
@@ -399,3 +403,53 @@ def test_a_rewrite_whose_publish_fails_keeps_what_it_replaced(journal):
     verified = _verify(j)
     assert verified.ok, verified.problems
     assert ids(_scan(j)) == ids(written)
+
+
+def test_the_writer_actors_publisher_works_off_the_roll_thread(journal):
+    """What a Ray writer actor does after its checkpoint: request a publish and go on; the
+    publisher's thread commits the signed files; requests while it runs fold into one more."""
+    j = journal
+    publisher = BackgroundPublisher(j.settings, j.storage)
+    _write(j, make_entries(40, spread_s=1800))
+    publisher.request()
+    assert publisher.wait(30.0)
+    _write(j, make_entries(30, start=DAY + dt.timedelta(hours=2), spread_s=600, producer="p-2"),
+           chain="w01")
+    publisher.request()
+    publisher.request()
+    assert publisher.wait(30.0)
+    assert publisher.failures == 0 and 2 <= publisher.published <= 3
+    assert _scan(j).num_rows == 70 and _verify(j).ok
+    BackgroundPublisher(j.plain, j.storage).request()  # no catalog: nothing starts
+
+
+@pytest.mark.slow
+def test_a_ray_writer_actor_publishes_after_its_checkpoint(journal, ray_cluster):
+    """The real sink path: a Ray writer actor writes, signs at its checkpoint and publishes."""
+    import time
+
+    import ray
+
+    from serve_journal.catalog.layout import split_by_partition
+    from serve_journal.sink.actor import JournalWriter
+
+    j = journal
+    settings = dataclasses.replace(j.settings, checkpoint_interval_s=0.5, roll_seconds=0.2)
+    writer = JournalWriter.options(name=f"iceberg-{uuid.uuid4().hex[:6]}").remote(settings, 0)
+    try:
+        written = make_entries(90, spread_s=2 * 3600)
+        for batch in written.to_batches():
+            for key, part in split_by_partition(batch):
+                ray.get(writer.write.remote(key, part))
+        assert ray.get(writer.flush.remote()) == 0
+        deadline = time.monotonic() + 60
+        while ray.get(writer.stats.remote())["iceberg_publishes"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        stats = ray.get(writer.stats.remote())
+        assert stats["iceberg_publishes"] >= 1 and stats["iceberg_failures"] == 0, stats
+        rows = _scan(j)
+        verified = _verify(j)
+        assert verified.ok, verified.problems
+        assert rows.num_rows == verified.entries == 90 and ids(rows) == ids(written)
+    finally:
+        ray.kill(writer)

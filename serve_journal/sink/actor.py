@@ -26,7 +26,7 @@ import ray
 
 from serve_journal.catalog.layout import PartitionKey
 from serve_journal.metrics import JournalMetrics
-from serve_journal.sink.settings import SinkSettings, manifest_hook, publish_table_quietly
+from serve_journal.sink.settings import BackgroundPublisher, SinkSettings, manifest_hook
 from serve_journal.sink.writer import PartitionFileWriter
 from serve_journal.storage import StoredObject
 
@@ -55,6 +55,7 @@ class JournalWriter:
                                                           self._observe_file])
         self.checkpoint_errors = 0
         self._published_length = 0
+        self.iceberg = BackgroundPublisher(settings, storage)
         self._stop = threading.Event()
         tick = min(0.05, settings.roll_seconds / 8)  # the roll check is cheap: wait little past due
         self._roller = threading.Thread(target=self._roll_loop, args=(tick,), daemon=True)
@@ -89,11 +90,11 @@ class JournalWriter:
             logger.warning("serve_journal writer %s: manifest checkpoint failed", self.writer_id,
                            exc_info=True)
             return
-        # Signed files go to the Iceberg table (when configured); retried at the next checkpoint.
+        # Signed files go to the Iceberg table (when configured), off the roll thread.
         length = self.manifest.length
-        if self.settings.iceberg is not None and length != self._published_length \
-                and publish_table_quietly(self.settings, self.storage, "sink"):
+        if length != self._published_length:
             self._published_length = length
+            self.iceberg.request()
 
     def write(self, key: PartitionKey, batch: pa.RecordBatch) -> int:
         """Buffer the rows of one partition; returns how many."""
@@ -116,6 +117,8 @@ class JournalWriter:
             "write_errors": self.files.write_errors,
             "checkpoint_errors": self.checkpoint_errors,
             "manifest_length": self.manifest.length,
+            "iceberg_publishes": self.iceberg.published,
+            "iceberg_failures": self.iceberg.failures,
         }
 
 

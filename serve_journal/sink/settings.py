@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,6 +135,53 @@ def publish_table_quietly(settings: SinkSettings, storage: JournalStorage, reaso
                        "checkpoint", type(exc).__name__)
         return False
     return True
+
+
+class BackgroundPublisher:
+    """Publishes a sink's signed files to the Iceberg table off its write path: a writer's roll
+    thread calls :meth:`request` after a checkpoint and goes on rolling while one daemon thread
+    publishes (one publish at a time; requests made meanwhile fold into the next one). A failed
+    publish is logged and counted; the next request publishes whatever is missing."""
+
+    def __init__(self, settings: SinkSettings, storage: JournalStorage, reason: str = "sink") -> None:
+        self.settings = settings
+        self.storage = storage
+        self.reason = reason
+        self.published = 0
+        self.failures = 0
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def request(self) -> None:
+        """Publish soon (nothing when no Iceberg catalog is configured)."""
+        if self.settings.iceberg is None:
+            return
+        with self._lock:
+            self._idle.clear()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="iceberg-publisher",
+                                                daemon=True)
+                self._thread.start()
+            self._wake.set()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until no publish is requested or running; ``False`` on timeout."""
+        return self._idle.wait(timeout)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if publish_table_quietly(self.settings, self.storage, self.reason):
+                self.published += 1
+            else:
+                self.failures += 1
+            with self._lock:
+                if not self._wake.is_set():
+                    self._idle.set()
 
 
 def settings_for(journal_uri: str, settings: SinkSettings | None = None) -> SinkSettings:
