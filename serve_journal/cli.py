@@ -20,7 +20,12 @@ import pyarrow as pa
 from serve_journal import progress
 from serve_journal.api import caller_tokenizer, subject_tokenizer
 from serve_journal.catalog.layout import DEFAULT_SPEC
-from serve_journal.cli_input import expand_subjects, subject_token_option
+from serve_journal.cli_input import (
+    expand_subjects,
+    parse_retention,
+    subject_token_option,
+    writer_options,
+)
 from serve_journal.config import JournalConfig
 from serve_journal.console import write_report
 from serve_journal.console.commands import console_command, console_user
@@ -68,29 +73,6 @@ from serve_journal.storage.archive import (
 )
 from serve_journal.times import as_utc
 from serve_journal.transport.kafka_security import SASL_MECHANISMS, SECURITY_PROTOCOLS
-
-
-def writer_options(command: Any) -> Any:
-    """The options of every command that writes journal files: signing key, witness, retention."""
-    command = click.option(
-        "--retention", default=None,
-        help="Write-once retention on s3:// (Object Lock): a policy name (e.g. 'SEC 17a-4') or "
-             'JSON, e.g. \'{"hot": {"days": 35}, "cold": {"years": 7, "mode": "COMPLIANCE"}}\'.'
-    )(command)
-    command = click.option("--signing-key-file", default=None,
-                           help="Ed25519 PEM key signing the manifests (required for s3://).")(command)
-    return click.option("--witness", "witness_uri", default=None,
-                        help="Witness copy of the checkpoints (a second folder or bucket).")(command)
-
-
-def _retention(value: str | None) -> Any:
-    """``--retention``: a policy name, or a JSON mapping (validated where it is used)."""
-    if value is None or not value.lstrip().startswith("{"):
-        return value
-    try:
-        return json.loads(value)
-    except ValueError as exc:
-        raise click.BadParameter(f"not JSON: {exc}", param_hint="--retention") from None
 
 
 def _echo_json(document: Any) -> None:
@@ -566,7 +548,7 @@ def sink(bootstrap: str, topic: str, partitions: str, journal_uri: str, roll_sec
              "sasl_plain_username": sasl_username, "ssl_cafile": ssl_cafile,
              "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile}
     journal = {"witness_uri": witness_uri, "signing_key_file": signing_key_file,
-               "retention": _retention(retention)}
+               "retention": parse_retention(retention)}
     run_journal_sink(bootstrap, topic, partitions, journal_uri, roll_seconds=roll_seconds,
                      kafka=kafka, journal=journal)
 
@@ -606,7 +588,7 @@ def compact(journal_uri: str, do_apply: bool, as_of: str | None, memory_limit: s
     """Merge the many small files of finished days into few sorted day files (verify-safe)."""
     options = CompactionOptions(memory_limit=_memory_limit(memory_limit), temp_dir=temp_dir)
     settings = SinkSettings(journal_uri, witness_uri=witness_uri,
-                            signing_key_file=signing_key_file, retention=_retention(retention))
+                            signing_key_file=signing_key_file, retention=parse_retention(retention))
     report = run_compaction(journal_uri, apply=do_apply, now=_parse_time(as_of, "--as-of"),
                             options=options, settings=settings)
     if as_json:
@@ -634,7 +616,7 @@ def lifecycle_run(journal_uri: str, hot_days: int, do_apply: bool, as_of: str | 
     """Rewrite partitions older than the hot window into the cold tier, check, then expire."""
     limit = _memory_limit(memory_limit)
     settings = SinkSettings(journal_uri, witness_uri=witness_uri,
-                            signing_key_file=signing_key_file, retention=_retention(retention))
+                            signing_key_file=signing_key_file, retention=parse_retention(retention))
     report = run_lifecycle(journal_uri, apply=do_apply, hot_days=hot_days,
                            now=_parse_time(as_of, "--as-of"), settings=settings,
                            memory_limit=limit, temp_dir=temp_dir)

@@ -1,7 +1,8 @@
 """Command-line input that must not leak: subject ids from standard input, checked subject tokens.
 
 Shared by ``serve-journal query`` / ``forget`` (:mod:`serve_journal.cli`) and ``serve-journal
-replay`` (:mod:`serve_journal.replay.driver`). ``--subject -`` reads the ids from standard input,
+replay`` (:mod:`serve_journal.replay.driver`); the options of every command that writes signed
+journal files (:func:`writer_options`, :func:`parse_retention`) too. ``--subject -`` reads the ids from standard input,
 one per line, so they stay out of shell history and the process list (``ps``);
 ``--subject-token`` is checked for a subject token's format, and a wrong value is refused
 without being echoed.
@@ -9,15 +10,17 @@ without being echoed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 import click
 
 from serve_journal.errors import TokenFormatError
 from serve_journal.privacy.tokens import SUBJECT_TOKEN_FORMAT, check_subject_token
 
-__all__ = ["STDIN", "expand_subjects", "read_ids", "subject_token_option"]
+__all__ = ["STDIN", "expand_subjects", "parse_retention", "read_ids", "subject_token_option",
+           "writer_options"]
 
 STDIN = "-"
 """The ``--subject`` value meaning "read the ids from standard input"."""
@@ -59,3 +62,26 @@ def subject_token_option(ctx: click.Context, param: click.Parameter,
         return check_subject_token(value, param.name or "subject_token")
     except TokenFormatError:
         raise click.BadParameter(f"must be {SUBJECT_TOKEN_FORMAT}") from None
+
+
+def writer_options(command: Any) -> Any:
+    """The options of every command that writes journal files: signing key, witness, retention."""
+    command = click.option(
+        "--retention", default=None,
+        help="Write-once retention on s3:// (Object Lock): a policy name (e.g. 'SEC 17a-4') or "
+             'JSON, e.g. \'{"hot": {"days": 35}, "cold": {"years": 7, "mode": "COMPLIANCE"}}\'.'
+    )(command)
+    command = click.option("--signing-key-file", default=None,
+                           help="Ed25519 PEM key signing the manifests (required for s3://).")(command)
+    return click.option("--witness", "witness_uri", default=None,
+                        help="Witness copy of the checkpoints (a second folder or bucket).")(command)
+
+
+def parse_retention(value: str | None) -> Any:
+    """``--retention``: a policy name, or a JSON mapping (validated where it is used)."""
+    if value is None or not value.lstrip().startswith("{"):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--retention") from None

@@ -16,7 +16,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from serve_journal.api import subject_tokenizer
-from serve_journal.cli_input import expand_subjects, subject_token_option
+from serve_journal.cli_input import (
+    expand_subjects,
+    parse_retention,
+    subject_token_option,
+    writer_options,
+)
 from serve_journal.outcomes.join import find_outcomes
 from serve_journal.outcomes.performance import (
     NEGATIVE_LABELS,
@@ -92,13 +97,7 @@ def outcomes_group() -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--journal", "journal_uri", default="./journal", show_default=True)
 @click.option("--source", required=True, help="Who supplied the outcomes (names their chain).")
-@click.option("--signing-key-file", default=None,
-              help="Ed25519 PEM key signing the manifests (required for s3://).")
-@click.option("--witness", "witness_uri", default=None,
-              help="Witness copy of the checkpoints (a second folder or bucket).")
-@click.option("--retention", default=None,
-              help="Write-once retention on s3:// (Object Lock): a policy name or JSON, as for "
-                   "the journal's writers.")
+@writer_options
 @click.option("--sign-unsigned-tail", is_flag=True,
               help="Sign the source chain's records after its last signed checkpoint too: only "
                    "once verify showed they are an ingest of yours killed before signing (its "
@@ -109,13 +108,9 @@ def ingest(file: str, journal_uri: str, source: str, signing_key_file: str | Non
            as_json: bool) -> None:
     """Append the outcomes of FILE (.parquet or .csv: request_id, label or value, outcome_time,
     optional source) to the journal; prints accepted N, rejected M and why."""
-    if retention is not None and retention.lstrip().startswith("{"):
-        try:
-            retention = json.loads(retention)
-        except ValueError as exc:
-            raise click.BadParameter(f"not JSON: {exc}", param_hint="--retention") from None
     settings = SinkSettings(journal_uri=journal_uri, signing_key_file=signing_key_file,
-                            witness_uri=witness_uri, retention=retention)
+                            witness_uri=witness_uri,
+                            retention=parse_retention(retention))
     try:
         report = record_outcomes(journal_uri, read_outcome_file(file), source=source,
                                  settings=settings, sign_unsigned_tail=sign_unsigned_tail)
