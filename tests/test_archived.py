@@ -12,7 +12,6 @@ command instead of a traceback; ``serve-journal restore`` restores them and ever
 from __future__ import annotations
 
 import json
-from urllib.parse import urlparse
 
 import pytest
 from click.testing import CliRunner
@@ -31,6 +30,7 @@ from serve_journal.replay.verifiers import StaticKeyVerifier
 from serve_journal.sink.settings import SinkSettings, manifest_hook
 from serve_journal.sink.writer import PartitionFileWriter
 from serve_journal.storage.archive import archive_states, unreadable_archived
+from tests.fixtures.s3 import signed_s3_journal
 from tests.helpers.entries import DAY, make_entries, token
 from tests.helpers.journal import signing_key_files
 
@@ -63,12 +63,7 @@ def transition_to_glacier(storage, prefix: str = "cold/") -> list[str]:
 
 @pytest.fixture
 def archived_journal(s3_bucket, tmp_path, monkeypatch):
-    server = s3_bucket.server
-    for name, value in server.env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("SERVE_JOURNAL_DEV_MODE", "0")
-    endpoint = urlparse(server.endpoint_url)
-    journal = f"s3://{s3_bucket.name}/journal?endpoint_override={endpoint.netloc}&scheme={endpoint.scheme}"
+    journal, _ = signed_s3_journal(s3_bucket, monkeypatch, witness=False)
     key_file, public = signing_key_files(tmp_path)
     settings = SinkSettings(journal, signing_key_file=str(key_file), retention=RETENTION)
     storage = settings.storage()

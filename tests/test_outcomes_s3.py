@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import uuid
-from urllib.parse import urlparse
 
 import pytest
 from click.testing import CliRunner
@@ -19,6 +17,7 @@ from serve_journal.outcomes.record import load_outcomes, record_outcomes
 from serve_journal.read.verify import format_report, verify_journal
 from serve_journal.sink.settings import SinkSettings
 from serve_journal.storage import open_storage
+from tests.fixtures.s3 import signed_s3_journal
 from tests.helpers.entries import DAY, make_entries
 from tests.helpers.journal import signing_key_files, write_signed
 
@@ -28,16 +27,8 @@ RETENTION = {"hot": {"name": "custom", "days": 1, "mode": "GOVERNANCE"},
 
 @pytest.fixture
 def s3_journal(s3_bucket, tmp_path, monkeypatch):
-    server = s3_bucket.server
-    for name, value in server.env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("SERVE_JOURNAL_DEV_MODE", "0")
-    endpoint = urlparse(server.endpoint_url)
-    query = f"?endpoint_override={endpoint.netloc}&scheme={endpoint.scheme}"
-    witness_bucket = f"witness-{uuid.uuid4().hex[:12]}"
-    server.client().create_bucket(Bucket=witness_bucket, ObjectLockEnabledForBucket=True)
+    journal, witness = signed_s3_journal(s3_bucket, monkeypatch)
     key_file, public = signing_key_files(tmp_path)
-    journal, witness = f"s3://{s3_bucket.name}/journal{query}", f"s3://{witness_bucket}/w{query}"
     settings = SinkSettings(journal, witness_uri=witness, signing_key_file=str(key_file),
                             retention=RETENTION)
     storage = settings.storage()

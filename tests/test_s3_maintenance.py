@@ -6,7 +6,6 @@ are locked under the cold policy; the rewrites' chains are witnessed. (Moto S3 s
 from __future__ import annotations
 
 import json
-import uuid
 from urllib.parse import urlparse
 
 import pytest
@@ -18,6 +17,7 @@ from serve_journal.read.verify import format_report, verify_journal
 from serve_journal.sink.settings import SinkSettings, manifest_hook
 from serve_journal.sink.writer import PartitionFileWriter
 from serve_journal.storage import open_storage
+from tests.fixtures.s3 import signed_s3_journal
 from tests.helpers.entries import DAY, ids, make_entries
 from tests.helpers.journal import signing_key_files
 
@@ -28,16 +28,7 @@ RETENTION = {"hot": {"name": "custom", "days": 1, "mode": "GOVERNANCE"},
 
 
 def test_compact_and_lifecycle_on_s3_sign_witness_and_lock(s3_bucket, tmp_path, monkeypatch):
-    server = s3_bucket.server
-    for name, value in server.env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("SERVE_JOURNAL_DEV_MODE", "0")
-    endpoint = urlparse(server.endpoint_url)
-    query = f"?endpoint_override={endpoint.netloc}&scheme={endpoint.scheme}"
-    journal = f"s3://{s3_bucket.name}/journal{query}"
-    witness_bucket = f"witness-{uuid.uuid4().hex[:12]}"
-    server.client().create_bucket(Bucket=witness_bucket, ObjectLockEnabledForBucket=True)
-    witness = f"s3://{witness_bucket}/w{query}"
+    journal, witness = signed_s3_journal(s3_bucket, monkeypatch)
     key_file, public = signing_key_files(tmp_path)
 
     settings = SinkSettings(journal, witness_uri=witness, signing_key_file=str(key_file),
