@@ -43,8 +43,7 @@ SIZES = {
     "tiny": {"rounds": 2, "seconds": 1.0, "clients": 1, "concurrency": 4, "warmup_s": 1.0, "pause_s": 0.2,
              "variants": ("no_journal", "serve_journal_actors", "json_fsync")},
     "quick": {"rounds": 10, "seconds": 1.5, "clients": 2, "concurrency": 12, "warmup_s": 2.0, "pause_s": 0.5,
-              "variants": ("no_journal", "serve_journal_actors", "queue_handler", "json_fsync",
-                           "mlflow_tracing")},
+              "variants": ("no_journal", "serve_journal_actors", "queue_handler")},
     "full": {"rounds": 20, "seconds": 5.0, "clients": 2, "concurrency": 16, "warmup_s": 5.0, "pause_s": 1.0,
              "variants": None},
 }
