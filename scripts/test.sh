@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the project with its test extra and the system packages the tests use (PostgreSQL,
-# Chromium, promtool), then run the
-# whole test suite. Needs root (or sudo) for apt on a fresh machine.
+# Chromium, promtool), then run the whole test suite. Needs root (or sudo) for apt on a fresh
+# machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
