@@ -11,6 +11,7 @@ without being echoed.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -44,7 +45,7 @@ def expand_subjects(values: Sequence[str], stream: TextIO | None = None,
         if value != STDIN:
             out.append(value)
             continue
-        ids = read_ids(stream if stream is not None else click.get_text_stream("stdin"))
+        ids = read_ids(stream if stream is not None else sys.stdin)  # CliRunner swaps it too
         if not ids:
             raise click.UsageError(f"{option} -: standard input holds no subject id "
                                    "(give one per line)")
