@@ -42,6 +42,11 @@ class CompactionError(RuntimeError):
     """A compacted file does not hold exactly the entries of the files it replaces."""
 
 
+class RewriteMemoryError(CompactionError):
+    """A rewrite could not sort its partition within its memory limit (nothing was written or
+    committed); the message says how many rows and which limit, and to raise it."""
+
+
 class UnrecordedInputError(CompactionError):
     """An input file's bytes match no manifest record: rewriting it would launder a change."""
 

@@ -223,3 +223,38 @@ def test_cli_rewrites_take_a_memory_limit_and_a_temp_dir(tmp_path, monkeypatch):
     for bad in ("lots", "1MB", "-5"):  # a clear refusal, before anything is read
         refused = runner.invoke(main, ["compact", "--apply", "--memory-limit", bad, *common])
         assert refused.exit_code == 2 and "memory limit must be" in refused.output, refused.output
+
+
+def test_a_memory_limit_too_small_for_the_partition_is_a_clear_refusal(tmp_path):
+    """DuckDB running out of memory under --memory-limit refuses the partition with what to do,
+    writes and commits nothing, and leaves the journal verifying clean (compaction and lifecycle)."""
+    import numpy as np
+
+    from benchmarks.bench_query import DAY as BENCH_DAY
+    from benchmarks.bench_query import hex_strings, hour_of_entries
+    from serve_journal.maintain import lifecycle
+    from serve_journal.read.verify import verify_journal
+    from serve_journal.sink.settings import SinkSettings
+    from tests.helpers.journal import signing_key_files, write_signed
+
+    rng = np.random.default_rng(3)
+    table = hour_of_entries(rng, 0, 200_000, hex_strings(rng, 20_000, 16), np.zeros(8, np.int64))
+    key_file, public = signing_key_files(tmp_path)
+    settings = SinkSettings(str(tmp_path / "journal"), signing_key_file=str(key_file))
+    storage = settings.storage()
+    write_signed(settings, storage, "w00", table, files=3)
+    files_before = sorted(storage.list_files())
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    later = BENCH_DAY + dt.timedelta(days=2)
+    report = compact(storage, now=later, signer=settings.signer(),
+                     options=CompactionOptions(memory_limit="64MiB", temp_dir=str(spill)))
+    assert not report.compacted
+    [(partition, why)] = report.refused
+    assert "200,000 entries" in why and "raise --memory-limit" in why, why
+    moved = lifecycle.apply(storage, lifecycle.plan(storage, later, hot_days=0), dry_run=False,
+                            memory_limit="64MiB", temp_dir=str(spill))
+    assert not moved.moved and "raise --memory-limit" in moved.refused[0][1]
+    assert sorted(storage.list_files()) == files_before  # nothing written, nothing committed
+    assert os.listdir(spill) == []
+    assert verify_journal(storage, public_key=str(public)).ok

@@ -53,7 +53,7 @@ from serve_journal.catalog.layout import (
     TIERS,
     PartitionKey,
 )
-from serve_journal.errors import CompactionError, UnrecordedInputError
+from serve_journal.errors import CompactionError, RewriteMemoryError, UnrecordedInputError
 from serve_journal.fileformat import ParquetOptions, decode_parquet
 from serve_journal.integrity.fingerprint import Fingerprint
 from serve_journal.integrity.manifest import MANIFEST_PREFIX, ManifestRecord
@@ -504,7 +504,7 @@ def compact(
                 signer=signer,
                 _crash=_crash,
             )
-        except UnrecordedInputError as exc:
+        except (UnrecordedInputError, RewriteMemoryError) as exc:
             log.warning("%s", exc)
             report.refused.append((key.path(tier), str(exc)))
             continue

@@ -42,6 +42,7 @@ from serve_journal.catalog import (
     set_name,
 )
 from serve_journal.catalog.layout import COLD, DEFAULT_SPEC, HOT, TIERS, PartitionKey
+from serve_journal.errors import RewriteMemoryError
 from serve_journal.fileformat import COLD_OPTIONS, ParquetOptions
 from serve_journal.maintain.compaction import (
     CompactionError,
@@ -207,8 +208,8 @@ def apply(
             except UnrecordedInputError as exc:
                 report.refused.append((partition, str(exc)))
                 continue
-            expected = workspace.fingerprint([f.local for f in spooled])
             try:
+                expected = workspace.fingerprint([f.local for f in spooled])
                 cold_files = write_verified(
                     storage,
                     key=move.key,
@@ -223,6 +224,9 @@ def apply(
                     on_file_written=on_file_written,
                     crash=_crash,
                 )
+            except RewriteMemoryError as exc:
+                report.refused.append((partition, str(exc)))
+                continue
             except CompactionError:
                 report.refused.append((partition, "cold copy does not hold the hot entries"))
                 continue

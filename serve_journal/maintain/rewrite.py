@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from serve_journal.errors import UnrecordedInputError
+from serve_journal.errors import RewriteMemoryError, UnrecordedInputError
 from serve_journal.fileformat import (
     DICTIONARY_IF_FEW,
     SORT_KEYS,
@@ -193,6 +193,17 @@ class RewriteWorkspace:
 
     # -- sorting ---------------------------------------------------------------------------
 
+    def _out_of_memory(self, exc: BaseException, rows: int) -> RewriteMemoryError | None:
+        """A :class:`RewriteMemoryError` for DuckDB's out-of-memory failure (raised by DuckDB, or
+        by the Arrow reader it feeds as an ``OSError``), else ``None``."""
+        if "Out of Memory Error" not in str(exc):
+            return None
+        return RewriteMemoryError(
+            f"sorting {rows:,} entries needs more memory than the limit of "
+            f"{self.memory_limit / 1024**2:,.0f} MiB allows (DuckDB gets "
+            f"{_SORT_SHARE:.0%} of it); nothing was written: raise --memory-limit "
+            f"(SERVE_JOURNAL_MEMORY_LIMIT), e.g. 2GiB for 10M entries")
+
     def _connect(self):  # -> duckdb.DuckDBPyConnection
         import duckdb  # inside: seconds of start-up, only maintenance sorts with it
 
@@ -204,6 +215,15 @@ class RewriteWorkspace:
         })
         con.execute("SET enable_progress_bar = false")  # it would print to our stdout
         return con
+
+    def _sql(self, con, rows: int, query: str) -> None:
+        """Run ``query``; DuckDB running out of memory is a :class:`RewriteMemoryError`."""
+        import duckdb
+
+        try:
+            con.execute(query)
+        except duckdb.OutOfMemoryException as exc:
+            raise self._out_of_memory(exc, rows) or exc from None
 
     @staticmethod
     def _source(files: Sequence[SpooledFile]) -> str:
@@ -248,7 +268,7 @@ class RewriteWorkspace:
         quoted = ["'" + p.replace("'", "''") + "'" for p in paths]
         con = self._connect()
         try:
-            con.execute(
+            self._sql(con, rows,
                 f"COPY (SELECT * EXCLUDE (filename, file_row_number) FROM read_parquet("
                 f"[{', '.join(quoted)}], union_by_name = true, filename = true, "
                 "file_row_number = true) ORDER BY producer_id ASC NULLS LAST, seq ASC NULLS LAST, "
@@ -290,7 +310,17 @@ class RewriteWorkspace:
                 f"SELECT * EXCLUDE (filename, file_row_number) FROM {self._source(files)} "
                 f"ORDER BY {order}, filename, file_row_number"
             ).to_arrow_reader(_BATCH_ROWS)
-            for batch in reader:
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    break
+                except OSError as exc:  # DuckDB's own error, through the Arrow stream
+                    error = self._out_of_memory(
+                        exc, sum(pq.ParquetFile(f.local).metadata.num_rows for f in files))
+                    if error is None:
+                        raise
+                    raise error from None
                 # DuckDB's list/struct names and string types differ from the entry schema's
                 yield conform_entries(pa.Table.from_batches([batch]))
         finally:
