@@ -218,7 +218,7 @@ class RewriteWorkspace:
 
     def _sql(self, con, rows: int, query: str) -> None:
         """Run ``query``; DuckDB running out of memory is a :class:`RewriteMemoryError`."""
-        import duckdb  # inside, as in _connect: the exception class only
+        import duckdb  # inside: as in _connect (its exception class only)
 
         try:
             con.execute(query)
