@@ -9,7 +9,8 @@ peak RSS, the load average and the temp space the rewrite used.
     .venv/bin/python -m benchmarks.bench_compaction --rows 10000000
     .venv/bin/python -m benchmarks.bench_compaction --rows 50000000 --no-lifecycle
 
-The section in docs/benchmarks.md is replaced by the last run (``--no-docs`` to leave it).
+The section in docs/benchmarks.md is replaced by the run (``--append``: the run's rows and
+command are added to it; ``--no-docs`` to leave it).
 """
 
 from __future__ import annotations
@@ -140,29 +141,36 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(table))
     if not args.no_docs:
         path = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+        command = (f"- `.venv/bin/python -m benchmarks.bench_compaction --rows {args.rows} "
+                   f"--memory-limit {args.memory_limit}"
+                   f"{' --no-lifecycle' if args.no_lifecycle else ''}"
+                   f"{' --append' if args.append else ''}` ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M}"
+                   f" UTC, load average {rows[0]['load_before'][0]:.1f} at its start)")
+        text = path.read_text() if path.exists() else ""
+        previous, commands = [], []
+        if args.append and START in text:
+            block = text[text.index(START):text.index(END)].splitlines()
+            previous = [line for line in block if line.startswith(("| compact", "| lifecycle"))]
+            commands = [line for line in block if line.startswith("- `.venv/bin/python")]
         header = [
             "## Compaction and lifecycle in bounded memory",
             "",
-            f"Run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC. {machine()}",
+            machine(),
             "",
             "A synthetic fraud day (`bench_query`'s generator, v2 entries, "
             f"{args.files_per_hour} hot files per hour) compacted at day level, then moved to the "
             "cold tier, each step in a child process (peak RSS is its `ru_maxrss`). The rewrite "
-            "spools the checked inputs to a temp folder, sorts them with DuckDB under 60% of the "
-            "limit (spilling beyond it) and streams the sorted rows into the output files a row "
-            "group at a time. Command: `.venv/bin/python -m benchmarks.bench_compaction "
-            f"--rows {args.rows} --memory-limit {args.memory_limit}`.",
+            "spools the checked inputs to a temp folder and sorts them with DuckDB under 45% of "
+            "the limit, in as many passes (one range of the sort key each) as the day's estimated "
+            "size needs, streaming the sorted rows into the output files a row group at a time. "
+            "Runs, each config once (`--append` adds a run's rows to the table):",
+            "",
+            *commands, command,
             "",
             "| step | rows | memory limit | seconds | s per million rows | peak RSS GiB | "
             "peak temp GiB | output B/entry | load avg before / after |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        text = path.read_text() if path.exists() else ""
-        previous = []
-        if args.append and START in text:
-            block = text[text.index(START):text.index(END)]
-            previous = [line for line in block.splitlines() if line.startswith("| compact")
-                        or line.startswith("| lifecycle")]
         write_docs_section(path, START, END, "\n".join(header + previous + table))
     return 0
 
