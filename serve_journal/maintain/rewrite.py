@@ -7,19 +7,28 @@ therefore never holds the day as one table:
    checked bytes are spooled to a private temporary folder (journal files hold tokens and HMACs,
    never raw values);
 2. DuckDB sorts the spooled files by subject token then time (``fileformat.sort_for_lookup``'s
-   order; ties keep the input order, as that stable sort does) under a ``memory_limit``,
-   spilling to the temporary folder beyond it;
+   order; ties keep the input order, as that stable sort does) under a ``memory_limit``. A day
+   whose estimated size in memory does not fit DuckDB's share of the limit is sorted in K range
+   passes (:meth:`RewriteWorkspace.passes`): K-1 boundary subject tokens are taken from a
+   reservoir sample of that column, and each pass sorts the rows of one token range with the
+   same ORDER BY. Equal tokens never straddle two ranges and NULL tokens are in the last one,
+   so the passes' outputs, one after the other, are the one sort's output byte for byte. One
+   token whose entries alone exceed the limit cannot be split: it is refused
+   (:class:`~serve_journal.errors.RewriteMemoryError`), nothing is written;
 3. the sorted rows stream into :class:`~serve_journal.fileformat.SortedParquetWriter` a row
    group at a time, split into files of at most ``max_rows_per_file`` rows;
-4. each written file is summarized by streaming it back row group by row group
+4. each written file is summarized by streaming it back 64k rows at a time
    (:class:`FileSummary`: row count, time range, sequence ranges, Merkle root over its rows in
    file order), which is what its manifest record promises.
 
 The entries' fingerprint (:meth:`RewriteWorkspace.fingerprint`) is taken the same way: DuckDB
-sorts the files into the fingerprint's order under the limit, and the sorted spill file is hashed
-a chunk of one column at a time. Files are copied to and from the storage in 8 MiB chunks. Peak
-memory is the interpreter and its libraries (~240 MiB), DuckDB's share of the limit (which it
-overshoots by up to a quarter) and one row group in flight; it does not grow with the day.
+sorts the files into the fingerprint's order (entry id ``(producer_id, seq)``, then input order)
+under the limit, in range passes of entry ids when the day is too big, into spill files that are
+hashed a chunk of one column at a time. Files are copied to and from the storage in 8 MiB
+chunks. Peak memory is the interpreter and its libraries (~240 MiB), DuckDB's share of the
+limit (one pass's rows, its readers' row groups) and one row group being written; it does not
+grow with the day: a pass costs one more read of the spooled inputs, so time grows with the
+number of passes (docs/benchmarks.md, "Compaction and lifecycle in bounded memory").
 """
 
 from __future__ import annotations
@@ -70,12 +79,14 @@ _GROUP_SHARE = 0.28
 """Share of the limit one row group may take in Arrow form before it is written (a cold file's
 1M-row groups are ~0.5 GiB of Arrow; under a smaller limit a rewrite writes smaller groups)."""
 _BATCH_ROWS = 64 * 1024
-_PASS_SHARE = 0.7
+_PASS_SHARE = 0.35
 """Arrow bytes of the rows one sort pass may take, as a share of what DuckDB's part of the limit
 leaves after its readers (:data:`_SORT_FIXED` and the compressed bytes of the largest row group
-per thread: DuckDB reads a column chunk whole): a day estimated larger
-is sorted in several passes, one range of the sort key each (:meth:`RewriteWorkspace._ranges`).
-Measured: 200k bench entries (112 MB of Arrow) sort in 4 passes at 128 MiB, in 8 at 96 MiB."""
+per thread: DuckDB reads a column chunk whole); a day estimated larger is sorted in several
+passes, one range of the sort key each (:meth:`RewriteWorkspace._ranges`). DuckDB's rows take
+about twice their Arrow bytes: at 0.7 a 10M-entry lifecycle move at 2 GiB peaked at 2.15 GiB
+(~620 MB passes beside a 1M-row cold row group); 200k bench entries (112 MB of Arrow) need
+about 4 passes at 128 MiB and 8 at 96 MiB."""
 _SORT_FIXED = 24 * 1024**2
 """DuckDB's own memory in a sort besides the rows and the row groups being read."""
 _SAMPLE_ROWS = 20_000
