@@ -225,8 +225,9 @@ class RewriteWorkspace:
         return RewriteMemoryError(
             f"sorting {rows:,} entries needs more memory than the limit of "
             f"{self.memory_limit / 1024**2:,.0f} MiB allows (DuckDB gets "
-            f"{_SORT_SHARE:.0%} of it); nothing was written: raise --memory-limit "
-            f"(SERVE_JOURNAL_MEMORY_LIMIT), e.g. 2GiB for 10M entries")
+            f"{_SORT_SHARE:.0%} of it: a day is sorted in passes of one key range each, but one "
+            "key's entries, or DuckDB's readers, did not fit); nothing was written: raise "
+            "--memory-limit (SERVE_JOURNAL_MEMORY_LIMIT)")
 
     def _connect(self):  # -> duckdb.DuckDBPyConnection
         import duckdb  # inside: seconds of start-up, only maintenance sorts with it
