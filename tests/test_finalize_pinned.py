@@ -173,3 +173,42 @@ def test_vault_tokens_and_hmacs_follow_their_definition(vault_pseudonymizer):
     again = pa.Table.from_batches([finalizer.finalize(calls).batch]).to_pylist()
     assert [r["subject_token"] for r in again] == [r["subject_token"] for r in rows]
     assert [r["features_hmac"] for r in again] == [r["features_hmac"] for r in rows]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_subject_cache_never_serves_a_forgotten_or_expired_token(tmp_path):
+    """Attacker's view: a subject is forgotten (or its key ages out) while a replica has its
+    token cached by raw id; the replica must never write the old token again."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    ring = Keyring(keys / "ring.json", FileKek.create(keys / "kek"))
+    clock = _Clock()
+    replica = VaultPseudonymizer(ring, SubjectVault.sqlite(tmp_path / "v.sqlite3", ring),
+                                 max_key_age_s=30, clock=clock)
+    enc = canonical_encode({"x": 1})
+    old = replica.protect_columns(["alice", "bob", "alice"], [enc, None, enc])
+    assert old[0][0] == old[0][2] and old[0][1] != old[0][0]
+    assert replica.protect_columns(["alice"], [enc])[0] == [old[0][0]]  # served from the cache
+    # Forgotten by another process: once the tombstone is seen, alice gets a fresh key.
+    SubjectVault.sqlite(tmp_path / "v.sqlite3", ring).forget("alice")
+    assert replica.refresh_invalidations() == 1
+    assert "alice" not in replica._by_subject and "bob" in replica._by_subject
+    fresh = replica.protect_columns(["alice"], [enc])
+    assert fresh[0] != [old[0][0]] and fresh[1] != [old[1][0]]
+    # Aged out: read again from the vault (same key, no forget), and dropped from the id map.
+    clock.now += 31
+    replica.expire()
+    assert replica._by_subject == {} and replica.cached_subjects() == 0
+    assert replica.protect_columns(["bob"], [None])[0] == [old[0][1]]
+    # The raw ids live in memory only: not in the repr, not in a pickle, not in a cache entry's repr.
+    import pickle  # inside: only this test pickles
+
+    assert "bob" not in repr(replica) and b"bob" not in pickle.dumps(replica)
+    assert all("bob" not in repr(entry) for entry in replica._cache.values())

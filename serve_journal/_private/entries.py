@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -165,6 +166,27 @@ def _json_or_none(data: Any) -> Any:
     return data
 
 
+def _parse_bodies(bodies: list[Any]) -> list[Any]:
+    """``[_json_or_none(b) for b in bodies]``, with the long-number scan done once for the
+    batch: when no body holds a run of 19 digits (the common case), every bytes body goes
+    straight to orjson, and only a body orjson refuses takes the general path."""
+    if _LONG_NUMBER.search(b"\n".join(b for b in bodies if type(b) is bytes)) is not None:
+        return [_json_or_none(b) for b in bodies]  # some body holds a long number
+    loads = orjson.loads
+    decode_error = orjson.JSONDecodeError
+    out = []
+    append = out.append
+    for body in bodies:
+        if type(body) is not bytes or not body:  # none, empty, or another kind of buffer
+            append(_json_or_none(body))
+            continue
+        try:
+            append(loads(body))
+        except decode_error:
+            append(_json_or_none(body))
+    return out
+
+
 def _result_value(result: Any) -> Any:
     body = getattr(result, "body", None)
     if body is not None and hasattr(result, "status_code"):
@@ -219,12 +241,31 @@ def _models_cell(used: list[tuple[ModelInfo, str]] | None) -> list[dict] | None:
              "role": role} for m, role in used]
 
 
+_UNPARSED = object()
+"""A request body :meth:`EntryFinalizer._view` must parse itself."""
+
 SLICE = 128
 """Calls classified, sampled or HMACed between two pauses of :meth:`EntryFinalizer.finalize`."""
 
 
 def _no_pause() -> None:
     return None
+
+
+_NO_ANNOTATIONS: Mapping[str, Any] = {}
+
+
+def _taker(kept: list[int], n: int) -> Callable[[list], list]:
+    """``values -> [values[i] for i in kept]`` for lists of length ``n``, without a Python loop."""
+    if len(kept) == n:
+        return list
+    if not kept:
+        return lambda values: []
+    if len(kept) == 1:
+        only = kept[0]
+        return lambda values: [values[only]]
+    pick = operator.itemgetter(*kept)
+    return lambda values: list(pick(values))
 
 
 @dataclass
@@ -257,9 +298,9 @@ class EntryFinalizer:
         self.sampler = sampler
         self.unencodable_features = 0
 
-    def _view(self, call: CapturedCall) -> CallView:
+    def _view(self, call: CapturedCall, parsed: Any = _UNPARSED) -> CallView:
         if call.scope is not None:
-            body = _json_or_none(call.body)
+            body = _json_or_none(call.body) if parsed is _UNPARSED else parsed
         else:
             body = call.args[0] if call.args else (call.kwargs or None)
         return CallView(call.args, call.kwargs, body, None,
@@ -355,15 +396,26 @@ class EntryFinalizer:
         thresholds: list[float | None] = []
         explanations: list[str | None] = []
         chosen: list[tuple[ModelInfo, list[tuple[ModelInfo, str]] | None]] = []
-        for call in calls:
+        parsed: list[Any] = [_UNPARSED] * n
+        view_of, caller_of, subject_of, features_of = (self._view, self._caller, self._subject,
+                                                       self._features)
+        outputs_of = self.outputs
+        encode = canonical_encode_fast
+        for at, call in enumerate(calls):
+            if at % SLICE == 0:  # request bodies, a slice at a time, just before its calls
+                http = [i for i in range(at, min(at + SLICE, n)) if calls[i].scope is not None]
+                for i, parsed_body in zip(http, _parse_bodies([calls[i].body for i in http]),
+                                          strict=True):
+                    parsed[i] = parsed_body
             pause()
-            ann = call.annotations or {}
+            body = parsed[at]
+            ann = call.annotations or _NO_ANNOTATIONS
             chosen.append(call_models(call.annotations, call.model))
             try:
-                view = self._view(call)
-                caller = self._caller(call, view)
-                subject = self._subject(call, view)
-                features = self._features(call, view)
+                view = view_of(call, body)
+                caller = caller_of(call, view)
+                subject = subject_of(call, view)
+                features = features_of(call, view)
             except Exception as exc:  # noqa: BLE001 - a broken hook must not lose the entry
                 logger.warning("serve_journal: extractor hook raised %s; entry kept without "
                                "subject/features", type(exc).__name__)
@@ -372,11 +424,11 @@ class EntryFinalizer:
             callers.append(caller)
             subjects.append(subject)
             try:
-                encoded.append(None if features is None else canonical_encode_fast(features))
+                encoded.append(None if features is None else encode(features))
             except CanonicalEncodingError:
                 self.unencodable_features += 1
                 encoded.append(None)
-            outs, score, decision, threshold = self.outputs(call, view.result)
+            outs, score, decision, threshold = outputs_of(call, view.result)
             outputs_col.append(outs)
             scores.append(score)
             decisions.append(decision)
@@ -401,60 +453,76 @@ class EntryFinalizer:
             keep += assignment.keep
             pause()
         kept = [i for i in range(n) if keep[i]]
-        traces = [trace_ids(calls[i].span, calls[i].scope) for i in kept]
+        take = _taker(kept, n)
+        kept_calls = take(calls)
+        kept_models = take(models)
+        traces = [trace_ids(c.span, c.scope) for c in kept_calls]
         tier_names = [tier.name for tier in tiers]
         rates = [tier.sample_rate for tier in tiers]
         k = len(kept)
-        protected: list[Any] = []
+        kept_subjects = take(subjects)
+        kept_encoded = take(encoded)
+        kept_callers = take(callers)
+        tokens: list[str | None] = []
+        digests: list[str | None] = []
+        key_ids: list[str] = []
         recorded_callers: list[str] = []
+        protect_columns = getattr(self.pseudonymizer, "protect_columns", None)
         for lo in range(0, k, SLICE):  # feature HMACs and tokens, a slice at a time
-            part_kept = kept[lo:lo + SLICE]
-            protected += self.pseudonymizer.protect([subjects[i] for i in part_kept],
-                                                    [encoded[i] for i in part_kept])
-            part_callers = [callers[i] for i in part_kept]
+            hi = lo + SLICE
+            if protect_columns is not None:
+                part_tokens, part_digests, key_id = protect_columns(kept_subjects[lo:hi],
+                                                                    kept_encoded[lo:hi])
+                tokens += part_tokens
+                digests += part_digests
+                key_ids += [key_id] * len(part_tokens)
+            else:  # any other Pseudonymizer: its per-entry protocol
+                for p in self.pseudonymizer.protect(kept_subjects[lo:hi], kept_encoded[lo:hi]):
+                    tokens.append(p.subject_token)
+                    digests.append(p.features_hmac)
+                    key_ids.append(p.key_id)
+            part_callers = kept_callers[lo:hi]
             if self.caller_tokenizer is not None:
                 part_callers = self.caller_tokenizer.tokenize_many(part_callers)
             recorded_callers += part_callers
             pause()
 
-        def col(values: list, typ: pa.DataType) -> pa.Array:
-            return pa.array([values[i] for i in kept], typ)
-
+        string, float64 = pa.string(), pa.float64()
         builders: dict[str, Callable[[], pa.Array]] = {
             "schema_version": lambda: pa.array([SCHEMA_VERSION] * k, pa.int16()),
-            "request_id": lambda: col(request_ids, pa.string()),
-            "ts": lambda: pa.array([calls[i].ts_us for i in kept], pa.int64()).cast(
+            "request_id": lambda: pa.array(take(request_ids), string),
+            "ts": lambda: pa.array([c.ts_us for c in kept_calls], pa.int64()).cast(
                 pa.timestamp("us", tz="UTC")),
-            "caller": lambda: pa.array(recorded_callers, pa.string()),
-            "subject_token": lambda: pa.array([p.subject_token for p in protected], pa.string()),
-            "model_name": lambda: pa.array([models[i].name for i in kept], pa.string()),
-            "model_version": lambda: pa.array([models[i].version for i in kept], pa.string()),
-            "dataset_hash": lambda: pa.array([models[i].dataset_hash for i in kept], pa.string()),
-            "dataset_hash_source": lambda: pa.array([models[i].dataset_hash_source for i in kept],
-                                                    pa.string()),
-            "features_hmac": lambda: pa.array([p.features_hmac for p in protected], pa.string()),
-            "key_id": lambda: pa.array([p.key_id for p in protected], pa.string()),
-            "outputs": lambda: col(outputs_col, ENTRY_SCHEMA.field("outputs").type),
-            "score": lambda: col(scores, pa.float64()),
-            "threshold": lambda: col(thresholds, pa.float64()),
-            "decision": lambda: col(decisions, pa.string()),
-            "explanation_ref": lambda: col(explanations, pa.string()),
-            "outcome": lambda: col(outcomes, pa.string()),
-            "error_type": lambda: pa.array([calls[i].error_type for i in kept], pa.string()),
-            "latency_ms": lambda: pa.array([calls[i].latency_ms for i in kept], pa.float32()),
-            "risk_tier": lambda: col(tier_names, pa.string()),
-            "sample_rate": lambda: col(rates, pa.float32()),
-            "producer_id": lambda: pa.array([ident.producer_id] * k, pa.string()),
-            "seq": lambda: pa.array([calls[i].seq for i in kept], pa.int64()),
-            "app_name": lambda: pa.array([ident.app_name] * k, pa.string()),
-            "deployment": lambda: pa.array([ident.deployment] * k, pa.string()),
-            "replica": lambda: pa.array([ident.replica] * k, pa.string()),
-            "model_run_id": lambda: pa.array([models[i].run_id for i in kept], pa.string()),
-            "model_digest": lambda: pa.array([models[i].digest for i in kept], pa.string()),
-            "models": lambda: pa.array([_models_cell(chosen[i][1]) for i in kept],
+            "caller": lambda: pa.array(recorded_callers, string),
+            "subject_token": lambda: pa.array(tokens, string),
+            "model_name": lambda: pa.array([m.name for m in kept_models], string),
+            "model_version": lambda: pa.array([m.version for m in kept_models], string),
+            "dataset_hash": lambda: pa.array([m.dataset_hash for m in kept_models], string),
+            "dataset_hash_source": lambda: pa.array([m.dataset_hash_source for m in kept_models],
+                                                    string),
+            "features_hmac": lambda: pa.array(digests, string),
+            "key_id": lambda: pa.array(key_ids, string),
+            "outputs": lambda: pa.array(take(outputs_col), ENTRY_SCHEMA.field("outputs").type),
+            "score": lambda: pa.array(take(scores), float64),
+            "threshold": lambda: pa.array(take(thresholds), float64),
+            "decision": lambda: pa.array(take(decisions), string),
+            "explanation_ref": lambda: pa.array(take(explanations), string),
+            "outcome": lambda: pa.array(take(outcomes), string),
+            "error_type": lambda: pa.array([c.error_type for c in kept_calls], string),
+            "latency_ms": lambda: pa.array([c.latency_ms for c in kept_calls], pa.float32()),
+            "risk_tier": lambda: pa.array(take(tier_names), string),
+            "sample_rate": lambda: pa.array(take(rates), pa.float32()),
+            "producer_id": lambda: pa.array([ident.producer_id] * k, string),
+            "seq": lambda: pa.array([c.seq for c in kept_calls], pa.int64()),
+            "app_name": lambda: pa.array([ident.app_name] * k, string),
+            "deployment": lambda: pa.array([ident.deployment] * k, string),
+            "replica": lambda: pa.array([ident.replica] * k, string),
+            "model_run_id": lambda: pa.array([m.run_id for m in kept_models], string),
+            "model_digest": lambda: pa.array([m.digest for m in kept_models], string),
+            "models": lambda: pa.array([_models_cell(used) for _, used in take(chosen)],
                                        ENTRY_SCHEMA.field("models").type),
-            "trace_id": lambda: pa.array([t[0] for t in traces], pa.string()),
-            "span_id": lambda: pa.array([t[1] for t in traces], pa.string()),
+            "trace_id": lambda: pa.array([t[0] for t in traces], string),
+            "span_id": lambda: pa.array([t[1] for t in traces], string),
         }
         columns = {}
         for name, build in builders.items():  # Arrow columns, built once per batch, one at a time

@@ -30,6 +30,7 @@ Encoding (``u64`` is an unsigned 64-bit big-endian length)::
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -95,9 +96,23 @@ def mapping_header(count: int) -> bytes:
     return _DICT + _PACK_LEN(count)
 
 
+_INT_HEADS = tuple(_INT + _PACK_LEN(n) for n in range(64))
+"""``b"I" u64(n)`` for the payload sizes of every int below 2**500: one concatenation per int."""
+_SMALL_INT_LOW, _SMALL_INT_HIGH = -1024, 4096
+_SMALL_INTS: tuple[bytes, ...] = ()
+"""The encodings of ``_SMALL_INT_LOW <= v < _SMALL_INT_HIGH`` (counts, hours, days, flags: most
+integer features), looked up instead of built; filled below, once :func:`_int_bytes` exists."""
+
+
 def _int_bytes(number: int) -> bytes:
-    raw = number.to_bytes(number.bit_length() // 8 + 1, "big", signed=True)
-    return _INT + _PACK_LEN(len(raw)) + raw
+    if _SMALL_INT_LOW <= number < _SMALL_INT_HIGH and _SMALL_INTS:
+        return _SMALL_INTS[number - _SMALL_INT_LOW]
+    size = number.bit_length() // 8 + 1
+    raw = number.to_bytes(size, "big", signed=True)
+    return (_INT_HEADS[size] if size < 64 else _INT + _PACK_LEN(size)) + raw
+
+
+_SMALL_INTS = tuple(_int_bytes(v) for v in range(_SMALL_INT_LOW, _SMALL_INT_HIGH))
 
 
 def _float_bytes(number: float) -> bytes:
@@ -185,21 +200,36 @@ def _encode(value: Any, out: bytearray, path: str, depth: int) -> None:
 # -- one value, fast ---------------------------------------------------------------------------
 
 
-_SHAPES: dict[tuple[str, ...], tuple[bytes, list[tuple[str, bytes]]]] = {}
-"""Key tuple of a flat mapping (in its own order) -> its mapping header and, in canonical order,
-each key with its encoded bytes: a feature mapping's keys repeat call after call, so they are
+_Shape = tuple[bytes, tuple[bytes, ...], tuple[bytes, ...], Any]
+_SHAPES: dict[tuple[str, ...], _Shape] = {}
+"""Key tuple of a flat mapping (in its own order) -> its mapping header; in canonical order, each
+key's encoding, and that encoding followed by the float tag (the commonest value type); and a
+getter of the values in that order: a feature mapping's keys repeat call after call, so they are
 encoded and sorted once. Bounded by :data:`_MAX_SHAPES` (cleared when full)."""
 _MAX_SHAPES = 1024
+_ONLY_STR = frozenset({str})
 
 
-def _shape(keys: tuple[str, ...]) -> tuple[bytes, list[tuple[str, bytes]]] | None:
-    """The cached header and sorted encoded keys of a mapping with ``keys``; ``None`` when a key
-    is not valid UTF-8 (the general encoder explains why)."""
+def _shape(keys: tuple[str, ...]) -> _Shape | None:
+    """The cached header, sorted encoded keys and value getter of a mapping with ``keys``;
+    ``None`` when a key is not valid UTF-8 (the general encoder explains why)."""
     try:
         pairs = sorted((k.encode("utf-8"), k) for k in keys)
     except UnicodeEncodeError:
         return None
-    shape = (mapping_header(len(pairs)), [(k, _STR + _PACK_LEN(len(raw)) + raw) for raw, k in pairs])
+    encoded = tuple(_STR + _PACK_LEN(len(raw)) + raw for raw, _ in pairs)
+    ordered = [k for _, k in pairs]
+    if not ordered:
+        def getter(mapping: dict) -> tuple:
+            return ()
+    elif len(ordered) == 1:
+        only = ordered[0]
+
+        def getter(mapping: dict) -> tuple:
+            return (mapping[only],)
+    else:
+        getter = operator.itemgetter(*ordered)  # a tuple of the values, in canonical order
+    shape = (mapping_header(len(pairs)), encoded, tuple(k + _FLOAT for k in encoded), getter)
     if len(_SHAPES) >= _MAX_SHAPES:
         _SHAPES.clear()
     _SHAPES[keys] = shape
@@ -219,33 +249,43 @@ def encode_flat_mapping(value: Any) -> bytes | None:
     if type(value) is not dict:
         return None
     keys = tuple(value)
-    if set(map(type, keys)) - {str}:
+    if not _ONLY_STR.issuperset(map(type, keys)):
         return None  # a key that is not exactly a str: the general encoder decides
     shape = _SHAPES.get(keys) or _shape(keys)
     if shape is None:
         return None
-    header, encoded_keys = shape
+    header, encoded_keys, float_keys, getter = shape
     out = [header]
     append = out.append
-    for key, raw_key in encoded_keys:
-        v = value[key]
-        append(raw_key)
+    pack_double = _PACK_DOUBLE
+    for key, float_key, v in zip(encoded_keys, float_keys, getter(value), strict=True):
         kind = type(v)
         if kind is float:
-            append(_ENCODED_NAN if v != v else _FLOAT + _PACK_DOUBLE(v))
+            if v != v:
+                append(key)
+                append(_ENCODED_NAN)
+            else:
+                append(float_key)
+                append(pack_double(v))
         elif kind is int:
-            append(_int_bytes(v))
+            append(key)
+            append(_SMALL_INTS[v - _SMALL_INT_LOW] if _SMALL_INT_LOW <= v < _SMALL_INT_HIGH
+                   else _int_bytes(v))
         elif kind is str:
             try:
                 raw = v.encode("utf-8")
             except UnicodeEncodeError:
                 return None
+            append(key)
             append(_STR + _PACK_LEN(len(raw)) + raw)
         elif v is None:
+            append(key)
             append(_NONE)
         elif v is True:
+            append(key)
             append(_TRUE)
         elif v is False:
+            append(key)
             append(_FALSE)
         else:
             return None

@@ -58,6 +58,8 @@ SWEEP_INTERVAL_S = 5.0
 """How often the sweeper thread drops expired keys from idle caches (default)."""
 
 _FEATURES_PREFIX = b"features\0"
+_SUBJECTS_PER_KEY = 4
+"""Raw ids kept per cached key (ids whose ``str`` is equal share a key: ``7`` and ``"7"``)."""
 _HKDF_INFO = b"serve_journal features v1"
 
 
@@ -104,6 +106,9 @@ class _Cached:
     tag: bytes
     """The key's tombstone tag."""
     feature_keys: dict[str, bytes] = field(default_factory=dict)
+    subjects: list[str] = field(default_factory=list, repr=False)
+    """The raw ids this entry is reachable by in :attr:`VaultPseudonymizer._by_subject`
+    (memory only; never shown)."""
 
 
 class Expiring(Protocol):
@@ -223,6 +228,11 @@ class VaultPseudonymizer:
         """blind index -> time read from the vault, oldest first (for expiry)."""
         self._by_tag: dict[bytes, bytes] = {}
         """tombstone tag -> blind index of the cached keys."""
+        self._by_subject: dict[str, _Cached] = {}
+        """raw subject id -> its cached entry, so a subject seen before costs no blind-index
+        HMAC. Memory only (never pickled, logged or shown); an id leaves it whenever its entry
+        leaves the cache (:meth:`_drop`: forget, expiry, LRU), so a forgotten subject's token is
+        never found here after its tombstone was seen or its key aged out."""
         # Taken before any key is cached, so no forget after a cached read can be missed.
         self._cursor = vault.latest_cursor()
         self._last_refresh = self._last_reload = clock()
@@ -240,6 +250,18 @@ class VaultPseudonymizer:
     def protect(self, subjects: Sequence[str | None],
                 encoded_features: Sequence[bytes | None]) -> list[Protected]:
         """One :class:`Protected` per position; creates keys for subjects seen the first time."""
+        tokens, digests, key_id = self.protect_columns(subjects, encoded_features)
+        return [Protected(token, digest, key_id)
+                for token, digest in zip(tokens, digests, strict=True)]
+
+    def protect_columns(self, subjects: Sequence[str | None],
+                        encoded_features: Sequence[bytes | None]
+                        ) -> tuple[list[str | None], list[str | None], str]:
+        """:meth:`protect` as columns: the subject tokens, the feature HMACs and the one key id
+        they were all made under (what the finalizer writes, without an object per entry).
+
+        Each distinct subject of the batch costs one cache look-up; the ones not cached (or
+        too old) are read or created in one vault round trip."""
         if len(subjects) != len(encoded_features):
             raise ValueError(f"subjects and encoded_features must have the same length, got "
                              f"{len(subjects)} and {len(encoded_features)}")
@@ -249,37 +271,56 @@ class VaultPseudonymizer:
             self.expire()
             key_id = self.keyring.current_key_id
             data_key = self.keyring.data_key(key_id)
-            cached = self._lookup([s for s in subjects if s is not None])
-            out = []
+            distinct = dict.fromkeys(subjects)
+            distinct.pop(None, None)
+            cached = self._lookup(list(distinct))  # type: ignore[arg-type]
+            # Per distinct subject: (token, features key under key_id).
+            per_subject: dict[str | None, tuple[str | None, bytes]] = {None: (None, data_key)}
+            for subject, entry in cached.items():
+                fkey = entry.feature_keys.get(key_id)
+                if fkey is None:
+                    fkey = entry.feature_keys[key_id] = _features_key(data_key, entry.key.key)
+                per_subject[subject] = (entry.token, fkey)
+            digest = hmac.digest
+            prefix = _FEATURES_PREFIX
+            tokens: list[str | None] = []
+            digests: list[str | None] = []
+            add_token = tokens.append
+            add_digest = digests.append
             for subject, encoded in zip(subjects, encoded_features, strict=True):
-                entry = cached[subject] if subject is not None else None
-                digest = None
-                if encoded is not None:
-                    if entry is None:
-                        digest = features_hmac(encoded, data_key)
-                    else:
-                        fkey = entry.feature_keys.get(key_id)
-                        if fkey is None:
-                            fkey = entry.feature_keys[key_id] = _features_key(data_key, entry.key.key)
-                        digest = hmac.digest(fkey, _FEATURES_PREFIX + encoded, "sha256").hex()
-                out.append(Protected(entry.token if entry else None, digest, key_id))
-            return out
+                token, fkey = per_subject[subject]
+                add_token(token)
+                add_digest(None if encoded is None else digest(fkey, prefix + encoded, "sha256").hex())
+            return tokens, digests, key_id
 
     def _lookup(self, subjects: list[str]) -> dict[str, _Cached]:
+        """The cached entries of ``subjects`` (distinct), reading or creating the others in one
+        vault round trip."""
         found: dict[str, _Cached] = {}
         misses: list[str] = []
         now = self.clock()
-        for subject in dict.fromkeys(subjects):
-            index = self.vault.blind_index(subject)
-            entry = self._cache.get(index)
-            if entry is not None and now - entry.loaded_at >= self.max_key_age_s:
+        max_age = self.max_key_age_s
+        cache = self._cache
+        by_subject = self._by_subject
+        for subject in subjects:
+            exact = type(subject) is str  # only exact strs are remembered (no 1 == True games)
+            entry = by_subject.get(subject) if exact else None
+            if entry is None:
+                index = self.vault.blind_index(subject)
+                entry = cache.get(index)
+                if entry is not None and exact and len(entry.subjects) < _SUBJECTS_PER_KEY:
+                    entry.subjects.append(subject)
+                    by_subject[subject] = entry
+            else:
+                index = entry.key.blind_index
+            if entry is not None and now - entry.loaded_at >= max_age:
                 self._drop(index)  # too old to use: read it again, as if never cached
                 self.stats.expired += 1
                 entry = None
             if entry is None:
                 misses.append(subject)
             else:
-                self._cache.move_to_end(index)
+                cache.move_to_end(index)
                 found[subject] = entry
         self.stats.hits += len(found)
         self.stats.misses += len(misses)
@@ -288,22 +329,29 @@ class VaultPseudonymizer:
             for subject, key in self.vault.get_or_create_many(misses).items():
                 entry = _Cached(key, key.token, loaded_at, key.tombstone_tag)
                 self._drop(key.blind_index)
-                self._cache[key.blind_index] = entry
+                cache[key.blind_index] = entry
                 self._loaded[key.blind_index] = loaded_at
                 self._by_tag[entry.tag] = key.blind_index
+                if type(subject) is str:
+                    entry.subjects.append(subject)
+                    by_subject[subject] = entry
                 found[subject] = entry
-            while len(self._cache) > self.cache_size:
-                self._drop(next(iter(self._cache)))
+            while len(cache) > self.cache_size:
+                self._drop(next(iter(cache)))
                 self.stats.evicted_lru += 1
             expire_periodically(self)
         return found
 
     def _drop(self, index: bytes) -> _Cached | None:
-        """Remove one cached key (all three maps); the entry, or ``None`` if not cached."""
+        """Remove one cached key (all four maps); the entry, or ``None`` if not cached."""
         entry = self._cache.pop(index, None)
         if entry is not None:
             self._loaded.pop(index, None)
             self._by_tag.pop(entry.tag, None)
+            for subject in entry.subjects:
+                if self._by_subject.get(subject) is entry:
+                    del self._by_subject[subject]
+            entry.subjects.clear()
         return entry
 
     def expire(self) -> int:

@@ -19,7 +19,6 @@ with the one key that won.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import os
@@ -83,7 +82,7 @@ def subject_token_from_key(key: bytes) -> str:
     It depends only on the subject's random key, so once the key is destroyed nobody (not even
     with every other key and the raw id) can derive the token from the id again.
     """
-    return hmac.new(key, b"token", hashlib.sha256).hexdigest()[:TOKEN_HEX_CHARS]
+    return hmac.digest(key, b"token", "sha256").hex()[:TOKEN_HEX_CHARS]
 
 
 def tombstone_tag_from_key(key: bytes) -> bytes:
@@ -92,7 +91,7 @@ def tombstone_tag_from_key(key: bytes) -> bytes:
     A replica holding the key can recognise it; once the key is destroyed nobody can relate
     the tag to the id, the blind index or the journal's tokens.
     """
-    return hmac.new(key, b"tombstone", hashlib.sha256).digest()[:TOMBSTONE_TAG_BYTES]
+    return hmac.digest(key, b"tombstone", "sha256")[:TOMBSTONE_TAG_BYTES]
 
 
 @dataclass(frozen=True, repr=False)
@@ -209,10 +208,11 @@ class SubjectVault:
             # Read back: where another process won the race, its key is the one to use.
             found.update({row.blind_index: row for row in self._backend.select(missing)})
         lost = [index for index in by_index if index not in found]
+        ciphers: dict[str, AESGCM] = {}
         if lost:  # a concurrent forget deleted a key we just created: create again
-            return {**{by_index[i]: self._unwrap(r) for i, r in found.items()},
+            return {**{by_index[i]: self._unwrap(r, ciphers) for i, r in found.items()},
                     **self.get_or_create_many(by_index[i] for i in lost)}
-        return {by_index[index]: self._unwrap(row) for index, row in found.items()}
+        return {by_index[index]: self._unwrap(row, ciphers) for index, row in found.items()}
 
     def get_by_tokens(self, tokens: Iterable[str]) -> dict[str, SubjectKey]:
         """Keys by subject token (what journal entries carry); missing ones were shredded."""
@@ -332,8 +332,9 @@ class SubjectVault:
         refs = {index: "sk-" + secrets.token_hex(8) for index in indexes}
         for _ in range(_FENCE_TRIES):
             wrap_id = self._fence or self.keyring.current_wrap_key_id
+            aead = AESGCM(self._wrap_key(wrap_id))  # one cipher for the batch
             rows = [KeyRow(index, refs[index], subject_token_from_key(key),
-                           self._wrap(index, key, wrap_id)) for index, key in keys.items()]
+                           self._wrap(index, key, wrap_id, aead)) for index, key in keys.items()]
             try:
                 self._backend.insert_missing(rows, time.time(), wrap_id)
             except WrapFenceMoved as moved:  # rewrapped meanwhile: wrap again under its key
@@ -350,22 +351,29 @@ class SubjectVault:
         except KeyringError as exc:
             raise VaultError(f"this vault needs wrap key {wrap_id!r}: {exc}") from None
 
-    def _wrap(self, index: bytes, key: bytes, wrap_id: str) -> bytes:
+    def _wrap(self, index: bytes, key: bytes, wrap_id: str, aead: AESGCM | None = None) -> bytes:
         nonce = secrets.token_bytes(_NONCE)
-        body = nonce + AESGCM(self._wrap_key(wrap_id)).encrypt(nonce, key, _aad(index))
+        aead = aead or AESGCM(self._wrap_key(wrap_id))
+        body = nonce + aead.encrypt(nonce, key, _aad(index))
         return body if wrap_id == LEGACY_WRAP_KEY_ID else wrap_id.encode("ascii") + b":" + body
 
-    def _unwrap(self, row: KeyRow) -> SubjectKey:
+    def _unwrap(self, row: KeyRow, ciphers: dict[str, AESGCM] | None = None) -> SubjectKey:
+        """The row's key. ``ciphers`` (wrap key id -> cipher) is shared by the rows of one
+        batch, so a batch builds one cipher per wrap key, not one per row."""
         wrap_id = _wrap_id_of(row.wrapped)
         body = row.wrapped[-_WRAPPED_BODY:]
+        aead = ciphers.get(wrap_id) if ciphers is not None else None
+        if aead is None:
+            try:
+                aead = AESGCM(self.keyring.wrap_key(wrap_id))
+            except KeyringError:
+                raise VaultError(f"subject key {row.key_ref} is wrapped under wrap key {wrap_id!r}, "
+                                 "which this keyring does not hold (destroyed, or another keyring)"
+                                 ) from None
+            if ciphers is not None:
+                ciphers[wrap_id] = aead
         try:
-            wrap_key = self.keyring.wrap_key(wrap_id)
-        except KeyringError:
-            raise VaultError(f"subject key {row.key_ref} is wrapped under wrap key {wrap_id!r}, "
-                             "which this keyring does not hold (destroyed, or another keyring)"
-                             ) from None
-        try:
-            key = AESGCM(wrap_key).decrypt(body[:_NONCE], body[_NONCE:], _aad(row.blind_index))
+            key = aead.decrypt(body[:_NONCE], body[_NONCE:], _aad(row.blind_index))
         except InvalidTag:
             raise VaultError(f"subject key {row.key_ref} does not unwrap: wrong keyring for this "
                              "vault, or the row was altered") from None
