@@ -23,6 +23,7 @@ import os
 import tempfile
 
 import pyarrow as pa
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -112,6 +113,7 @@ def _names_it(text: str, *paths: str) -> bool:
     return False
 
 
+@pytest.mark.slow  # over 6 s: kept out of the fast tier, runs in the full suite
 @settings(max_examples=60, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(op=st.sampled_from(["delete", "flip", "rename", "copy", "truncate"]),

@@ -106,6 +106,7 @@ def test_gauges_count_a_reopened_spools_entries(tmp_path):
         second.close(10)
 
 
+@pytest.mark.slow  # over 6 s: kept out of the fast tier, runs in the full suite
 @pytest.mark.parametrize("disk_returns", [True, False])
 def test_a_failing_spool_disk_holds_entries_instead_of_killing_the_transport(tmp_path, disk_returns):
     dead = f"127.0.0.1:{free_port()}"

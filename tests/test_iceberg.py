@@ -331,6 +331,7 @@ def test_cli_publish_and_status(journal, monkeypatch):
     assert unset.exit_code == 2 and "SERVE_JOURNAL_ICEBERG_CATALOG" in unset.output
 
 
+@pytest.mark.slow  # over 6 s: kept out of the fast tier, runs in the full suite
 def test_an_s3_journal_on_moto(s3_bucket, tmp_path, monkeypatch):
     server = s3_bucket.server
     for name, value in server.env.items():

@@ -468,6 +468,7 @@ def check_sink_kill_outcome(sent: list, root: Path) -> tuple[bool, str]:
     return delivery.exactly_once and verified.ok, summary
 
 
+@pytest.mark.slow  # over 6 s: kept out of the fast tier, runs in the full suite
 @pytest.mark.timeout(900)  # start-ups under a loaded machine's soak take tens of seconds each
 @pytest.mark.parametrize("run", range(int(os.environ.get("SERVE_JOURNAL_SOAK_RUNS", "1"))))
 def test_sink_killed_mid_batch_and_restarted(kafka_broker, tmp_path, run):

@@ -35,6 +35,7 @@ def test_unknown_model_raises_a_clear_error(mlflow_registry):
         resolve_model("models:/ghost@champion", tracking_uri=tracking_uri)
 
 
+@pytest.mark.slow  # over 6 s: kept out of the fast tier, runs in the full suite
 def test_falls_back_to_mlflow_dataset_input_digests(tmp_path):
     from sklearn.linear_model import LogisticRegression
 

@@ -340,6 +340,7 @@ def test_mlmodel_digest_checks_the_mlmodel_file(ray_cluster, tmp_path):
 # -- the model is loaded from the checked files (no Ray) -----------------------------------
 
 
+@pytest.mark.slow  # over 6 s: kept out of the fast tier, runs in the full suite
 def test_the_model_is_loaded_from_the_checked_directory(tmp_path):
     world = build_world(tmp_path)
     sample = [s["features"] for s in world.sent[:12]]

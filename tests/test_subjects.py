@@ -75,6 +75,7 @@ def test_token_is_hmac_of_subject_key_and_token_for_never_creates(replica):
     assert replica.vault.count() == count
 
 
+@pytest.mark.slow  # over 6 s: kept out of the fast tier, runs in the full suite
 def test_tokens_are_not_derivable_from_ids_by_brute_force(replica):
     """An attacker with the journal, the keyring, and even the vault's index key, but not the
     subject keys, tries every 6-digit id: nothing they can compute matches a token."""

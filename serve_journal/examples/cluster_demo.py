@@ -52,6 +52,8 @@ DEPLOYMENTS = Path(__file__).resolve().parents[2] / "deployments" / "production.
 WORKER = {"num_cpus": 3, "resources": {"serving": 1, "journal": 2}}
 MARKER = ".serve-journal-cluster-demo"
 JOB_SUBMIT_ATTEMPTS = 6
+DEPLOY_ATTEMPTS = 3
+JOB_DEADLINE_S = 1800
 
 
 class Demo:
@@ -137,7 +139,18 @@ class Demo:
         }
         rendered = self.workdir / "serve.yaml"
         rendered.write_text(render(DEPLOYMENTS.read_text(), values))
-        self._run(["serve", "deploy", str(rendered), "-a", self.stack.dashboard_url], "serve-deploy")
+        for attempt in range(DEPLOY_ATTEMPTS):
+            # `serve deploy` is declarative, so submitting it again is safe. On a loaded host
+            # Serve's controller may kill a proxy that was slow to start, and the dashboard then
+            # answers 500 (ActorDiedError) while the controller starts a new one.
+            last = attempt == DEPLOY_ATTEMPTS - 1
+            argv = ["serve", "deploy", str(rendered), "-a", self.stack.dashboard_url]
+            out = self._run(argv, "serve-deploy", check=last)
+            if out is not None:
+                break
+            print(f"[cluster-demo] serve deploy failed (attempt {attempt + 1}); submitting again",
+                  flush=True)
+            time.sleep(5.0 * (attempt + 1))  # backoff: let the controller settle its proxies
         deadline = time.monotonic() + 300
         while True:
             apps = serve.status().applications
@@ -211,7 +224,8 @@ class Demo:
         started = time.monotonic()
         alive = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
         replicas = collections.Counter(
-            a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            a.node_id for a in list_actors(address=self.stack.dashboard_url,
+                                           filters=[("state", "=", "ALIVE")], limit=1000)
             if "ServeReplica" in (a.class_name or ""))
         workers = {node.node_id: node for node in self.stack.worker_nodes()}
         victim_id = max(workers, key=lambda nid: replicas.get(nid, 0))
@@ -223,7 +237,10 @@ class Demo:
                    "--deadline-remaining-seconds", "60"], "drain-node")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            left = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            # The dashboard's own address: without it the state API picks "the latest" local
+            # Ray instance, which is another cluster when one runs beside this one (tests).
+            left = [a for a in list_actors(address=self.stack.dashboard_url,
+                                           filters=[("state", "=", "ALIVE")], limit=1000)
                     if a.node_id == victim_id and "ServeReplica" in (a.class_name or "")]
             if not left:
                 break
@@ -309,11 +326,16 @@ class Demo:
     def _cli(self, *args: str) -> str:
         return self._run([sys.executable, "-m", "serve_journal.cli", *args], args[0])
 
-    def _run(self, argv: list[str], name: str, check: bool = True) -> str:
+    def _run(self, argv: list[str], name: str, check: bool = True) -> str | None:
+        """``argv``'s output; a failure raises with ``check``, else gives None."""
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-        (self.stack.logs / f"{name}.log").write_text(proc.stdout + proc.stderr)
-        if check and proc.returncode != 0:
-            raise RuntimeError(f"{name} failed ({proc.returncode}); see {self.stack.logs}/{name}.log")
+        with open(self.stack.logs / f"{name}.log", "a") as handle:
+            handle.write(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            if check:
+                raise RuntimeError(
+                    f"{name} failed ({proc.returncode}); see {self.stack.logs}/{name}.log")
+            return None
         return proc.stdout
 
     def _job(self, name: str, *args: str, stdin: Path | None = None, check: bool = True,
@@ -324,9 +346,9 @@ class Demo:
             entry += f" < {_quote(str(stdin))}"
         started = time.monotonic()
         for attempt in range(JOB_SUBMIT_ATTEMPTS):
+            submission_id = f"{name}-{uuid.uuid4().hex[:8]}"  # a fresh one for each attempt
             proc = subprocess.run(["ray", "job", "submit", "--address", self.stack.dashboard_url,
-                                   "--submission-id", f"{name}-{uuid.uuid4().hex[:8]}", "--",
-                                   "sh", "-c", entry],
+                                   "--submission-id", submission_id, "--", "sh", "-c", entry],
                                   capture_output=True, text=True, timeout=1800)
             # Ray's own transient answer while the head's job agent (re)registers, e.g. just
             # after a node left: "No available agent to submit job, please try again later".
@@ -336,14 +358,42 @@ class Demo:
         log = self.stack.logs / f"job-{name}.log"
         with open(log, "a") as handle:
             handle.write(proc.stdout + proc.stderr)
-        output = _job_output(proc.stdout)
-        rc = _job_exit_code(proc)
-        if check and rc != 0:
-            raise RuntimeError(f"job {name} failed ({rc}); see {log}")
+        # The job's own record is the answer, not the submit command's log tail: that tail is a
+        # websocket, and when it breaks on a loaded host the command fails for a job that ran.
+        rc, output = self._job_result(submission_id, proc)
         if not quiet:
             print(f"[cluster-demo] job {name}: exit {rc} in {time.monotonic() - started:.1f} s",
                   flush=True)
+        if rc != 0:  # what the job said, so a failure can be read where it is reported
+            tail = "\n".join(output.splitlines()[-40:])
+            print(f"[cluster-demo] job {name} failed; the last lines of its output:\n{tail}",
+                  flush=True)
+            if check:
+                raise RuntimeError(f"job {name} failed ({rc}); see {log}")
         return {"rc": rc, "output": output, "seconds": round(time.monotonic() - started, 1)}
+
+    def _job_result(self, submission_id: str,
+                    proc: subprocess.CompletedProcess) -> tuple[int, str]:
+        """The job's exit (0 when it succeeded) and its entrypoint's output, from the Jobs API;
+        waits while the job still runs. A job never accepted gives the submit command's output."""
+        from ray.job_submission import JobStatus, JobSubmissionClient  # inside: seconds
+
+        client = JobSubmissionClient(self.stack.dashboard_url)
+        try:
+            client.get_job_info(submission_id)
+        except RuntimeError:  # the dashboard has no such job: it was never submitted
+            return proc.returncode or 1, proc.stdout + proc.stderr
+        deadline = time.monotonic() + JOB_DEADLINE_S
+        while not (status := client.get_job_status(submission_id)).is_terminal():
+            if time.monotonic() > deadline:
+                client.stop_job(submission_id)
+                return 1, f"job {submission_id} still {status} after {JOB_DEADLINE_S} s; stopped"
+            time.sleep(1.0)  # polling interval of a deadline loop
+        output = client.get_job_logs(submission_id)
+        if status == JobStatus.SUCCEEDED:
+            return 0, output
+        message = client.get_job_info(submission_id).message or ""
+        return 1, f"{output}\njob {submission_id} {status}: {message}"
 
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
@@ -375,25 +425,6 @@ def render(template: str, values: dict[str, str]) -> str:
 
 def _quote(arg: str) -> str:
     return shlex.quote(arg)
-
-
-def _job_output(stdout: str) -> str:
-    """The entrypoint's own output from ``ray job submit``'s (between its banners)."""
-    lines = stdout.splitlines()
-    out, inside = [], False
-    for line in lines:
-        if "-- Job '" in line and ("succeeded" in line or "failed" in line):
-            inside = False
-        if inside:
-            out.append(line)
-        if "Tailing logs until the job exits" in line:
-            inside = True
-    return "\n".join(out)
-
-
-def _job_exit_code(proc: subprocess.CompletedProcess) -> int:
-    """0 when the job succeeded; the submit command exits 1 when the job failed."""
-    return 0 if proc.returncode == 0 and "succeeded" in proc.stdout else (proc.returncode or 1)
 
 
 def summarize(summary: dict[str, Any]) -> str:

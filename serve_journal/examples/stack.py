@@ -254,6 +254,10 @@ class LocalStack:
         Path("/tmp/ray").mkdir(exist_ok=True)  # Cluster records its address there
         self._cleanups.append(lambda: shutil.rmtree(self._ray_temp, ignore_errors=True))
         dashboard_port = free_port()
+        # Serve kills an HTTP proxy not ready within 5 s; on a busy 2-core host its start-up
+        # takes longer and `serve deploy` fails. The raylets started below inherit these.
+        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+        os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")
         self.cluster = Cluster(
             initialize_head=True, shutdown_at_exit=False,
             head_node_args={"num_cpus": head_cpus, "include_dashboard": True,
@@ -268,6 +272,11 @@ class LocalStack:
             self.cluster.add_node(**node_args)
         self.cluster.wait_for_nodes()
         self.ray_address = self.cluster.address
+        # Ray's job supervisor finds "its" cluster through `ray_current_cluster` in the head's
+        # temp dir; Cluster writes that file only under /tmp/ray. Without it a job's driver
+        # (replay's Ray Data) joins whichever Ray instance on this host `ps` lists first, e.g.
+        # a test session's, and fails on its auth token.
+        (self._ray_temp / "ray_current_cluster").write_text(self.ray_address)
         self.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
         ray.init(address=self.ray_address, log_to_driver=False, namespace="serve_journal_stack")
