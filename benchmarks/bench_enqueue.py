@@ -243,7 +243,7 @@ def _variants(params: dict[str, Any], tracking_uri: str, root: Path, condition: 
     exported, dropped = runtime_counts(runtime)
     runtime.close(30)
     row("serve_journal runtime.capture(), gc.freeze() after start-up", figures,
-        notes=f"what a replica gets by freezing its start-up heap (not done by serve_journal today); "
+        notes=f"what a journaled replica gets: its start-up heap frozen (JournalConfig.gc_freeze, on by default); "
               f"flushed={flushed}", journaled=exported, dropped=dropped)
 
     class Trivial:
