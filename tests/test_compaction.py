@@ -225,6 +225,7 @@ def test_cli_rewrites_take_a_memory_limit_and_a_temp_dir(tmp_path, monkeypatch):
         assert refused.exit_code == 2 and "memory limit must be" in refused.output, refused.output
 
 
+@pytest.mark.slow  # over 3 s: kept out of the fast tier, runs in the full suite
 def test_a_memory_limit_too_small_for_the_partition_is_a_clear_refusal(tmp_path):
     """DuckDB running out of memory under --memory-limit refuses the partition with what to do,
     writes and commits nothing, and leaves the journal verifying clean (compaction and lifecycle).

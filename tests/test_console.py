@@ -319,6 +319,7 @@ def test_sign_in_is_required_and_wrong_password_is_refused(console, browser):
     assert all(r["actor"] == "anonymous" for r in failed)
 
 
+@pytest.mark.slow  # over 3 s: kept out of the fast tier, runs in the full suite
 def test_auditor_searches_a_subject_opens_an_entry_and_sees_charts(console, browser):
     from selenium.webdriver.common.by import By
 

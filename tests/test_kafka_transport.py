@@ -26,6 +26,7 @@ def _settings(bootstrap: str, tmp_path, **overrides) -> KafkaSettings:
     return KafkaSettings(**values)
 
 
+@pytest.mark.slow  # over 3 s: kept out of the fast tier, runs in the full suite
 def test_one_hot_model_spreads_evenly_over_partitions(kafka_broker, tmp_path):
     partitions = 8
     kafka_broker.create_topic("journal", partitions)
@@ -95,6 +96,7 @@ def test_broker_down_spools_then_drains_in_order(tmp_path):
         broker.stop()
 
 
+@pytest.mark.slow  # over 3 s: kept out of the fast tier, runs in the full suite
 def test_a_batch_larger_than_the_spool_is_held_until_close_then_counted(tmp_path):
     """Nowhere to keep it (broker dead, spool too small): held, not dropped, until close; then the
     drop is counted with the entries' sequence numbers (fail-closed: see test_fail_closed_kafka)."""

@@ -413,6 +413,7 @@ def test_rescorer_needs_an_explicit_feature_order_or_a_signature(mlflow_registry
                feature_names=FEATURES)
 
 
+@pytest.mark.slow  # over 3 s: kept out of the fast tier, runs in the full suite
 def test_rescorer_reads_the_feature_order_from_the_model_signature(registry_copy, tmp_path):
     import mlflow  # inside: MLflow, pandas and scikit-learn take seconds to import
     import pandas as pd  # inside: as above
