@@ -37,3 +37,24 @@ def test_a_write_to_a_dead_writer_is_sent_again_not_lost(ray_cluster, tmp_path):
             pass
     seqs = read_journal(tmp_path / "journal").column("seq").to_pylist()
     assert sorted(seqs) == list(range(200))
+
+
+def test_a_new_transport_returns_once_its_writers_run(ray_cluster, tmp_path):
+    """Entries captured from the replica's first request on reach a running writer: a new pool's
+    writers started (the actors are ALIVE, not still being created) before the constructor
+    returns. Before, entries of a new pool's first second waited for the writers' processes to
+    start, on top of the roll (persistence up to 1.5 s instead of ~0.55 s)."""
+    root = str(tmp_path / "journal")
+    transport = RayActorTransport(SinkSettings(journal_uri=root), pool_size=2, namespace=NAMESPACE,
+                                  producer_id="p1")
+    try:
+        states = {ray._private.state.actors(writer._actor_id.hex())["State"]
+                  for writer in transport._writers}
+        assert states == {"ALIVE"}
+    finally:
+        transport.close(30)
+        for i in range(2):
+            try:
+                ray.kill(ray.get_actor(writer_name(root, i), namespace=NAMESPACE), no_restart=True)
+            except ValueError:
+                pass

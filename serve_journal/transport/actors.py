@@ -37,6 +37,8 @@ MAX_IN_FLIGHT = 64
 RESEND_DELAY_S = 0.2
 """First wait before a failed write is sent again; doubles up to :data:`RESEND_MAX_DELAY_S`."""
 RESEND_MAX_DELAY_S = 5.0
+WRITERS_READY_TIMEOUT_S = 60.0
+"""How long a new transport waits for its writers to answer before it lets sends queue."""
 
 
 def pool_id(journal_uri: str) -> str:
@@ -58,6 +60,7 @@ class RayActorTransport:
         self._names = [writer_name(settings.journal_uri, i) for i in range(pool_size)]
         self._namespace = namespace
         self._writers = get_writer_pool(settings, self._names, namespace)
+        self._await_writers(WRITERS_READY_TIMEOUT_S)
         self._shard = zlib.crc32(producer_id.encode())
         self._in_flight: list[ray.ObjectRef] = []
         self._parts: dict[ray.ObjectRef, tuple[PartitionKey, pa.RecordBatch]] = {}
@@ -71,6 +74,21 @@ class RayActorTransport:
 
     def __repr__(self) -> str:
         return f"RayActorTransport(writers={len(self._writers)})"
+
+    def _await_writers(self, timeout: float) -> None:
+        """Wait until every writer of the pool answers (at once when the pool already runs).
+
+        A new writer's process takes a second or more to start; entries sent before it runs
+        wait in Ray's queue that long on top of the roll, which was the whole persistence tail
+        of a new pool (files of the first second written 0.85-1.5 s after capture, steady files
+        ~0.55 s). So the replica's ``__init__`` returns once its writers can take entries. A pool
+        that does not answer in ``timeout`` is logged, not fatal: sends queue and are retried
+        as before."""
+        refs = [writer.stats.remote() for writer in self._writers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        if len(ready) < len(refs):
+            logger.warning("serve_journal: %d of %d journal writers did not start within %.0f s; "
+                           "entries queue for them", len(refs) - len(ready), len(refs), timeout)
 
     def _route(self, key: PartitionKey) -> ray.actor.ActorHandle:
         h = zlib.crc32(f"{key.model}|{key.date}|{key.hour}".encode()) ^ self._shard
