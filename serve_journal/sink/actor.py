@@ -29,6 +29,7 @@ from serve_journal.metrics import JournalMetrics
 from serve_journal.sink.settings import BackgroundPublisher, SinkSettings, manifest_hook
 from serve_journal.sink.writer import PartitionFileWriter
 from serve_journal.storage import StoredObject
+from serve_journal.transport.wire import read_arrow_stream
 
 logger = logging.getLogger("serve_journal")
 
@@ -96,8 +97,11 @@ class JournalWriter:
             self._published_length = length
             self.iceberg.request()
 
-    def write(self, key: PartitionKey, batch: pa.RecordBatch) -> int:
-        """Buffer the rows of one partition; returns how many."""
+    def write(self, key: PartitionKey, batch: pa.RecordBatch | bytes) -> int:
+        """Buffer the rows of one partition (a record batch, or one as a bare Arrow IPC stream:
+        what the transport sends); returns how many."""
+        if not isinstance(batch, pa.RecordBatch):
+            batch = read_arrow_stream(batch)
         self.files.add(key, batch)
         return batch.num_rows
 

@@ -174,11 +174,31 @@ class KeyedMessage:
 _IPC_OPTIONS = pa.ipc.IpcWriteOptions()
 
 
-def _ipc_bytes(batch: pa.RecordBatch) -> bytes:
+def arrow_stream(batch: pa.RecordBatch) -> pa.Buffer:
+    """``batch`` as a bare Arrow IPC stream (its schema, then the one batch): what a version 2
+    message compresses, and what the actor transport sends a writer (``bytes(...)`` of it). A
+    few tens of microseconds, where handing Ray the ``RecordBatch`` itself costs about 1 ms of
+    the sender's CPU per call (its generic Arrow pickling)."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, batch.schema, options=_IPC_OPTIONS) as writer:
         writer.write_batch(batch)
-    stream = sink.getvalue()
+    return sink.getvalue()
+
+
+def read_arrow_stream(value: bytes | pa.Buffer) -> pa.RecordBatch:
+    """The record batch of a bare Arrow IPC stream written by :func:`arrow_stream` (zero-copy:
+    its buffers point into ``value``); several batches are combined into one."""
+    reader = pa.ipc.open_stream(value)
+    batches = list(reader)
+    if len(batches) == 1:
+        return batches[0]
+    if not batches:
+        return pa.RecordBatch.from_pylist([], schema=reader.schema)
+    return pa.Table.from_batches(batches, reader.schema).combine_chunks().to_batches()[0]
+
+
+def _ipc_bytes(batch: pa.RecordBatch) -> bytes:
+    stream = arrow_stream(batch)
     return _ENVELOPE.pack(MAGIC, stream.size) + pa.compress(stream, codec=COMPRESSION, asbytes=True)
 
 
@@ -529,6 +549,8 @@ __all__ = [
     "SCHEMA_VERSION_HEADER",
     "WIRE_VERSION",
     "WIRE_VERSION_HEADER",
+    "arrow_stream",
+    "read_arrow_stream",
     "Frame",
     "KeyedMessage",
     "WireFormatError",
