@@ -122,6 +122,48 @@ async def _loadgen_main(seed: int) -> None:
         await session.close()
 
 
+# -- CPU time by role ---------------------------------------------------------------------------
+
+ROLES = ("replica", "proxy", "journal_writers", "load_generator", "rest")
+
+
+def _role(cmdline: str, replica: str) -> str:
+    """Which part of the set-up a process is: the measured variant's replica, Serve's proxy,
+    the journal's writer actors, the load generator, or the rest (other replicas, Ray's
+    daemons, the controller, this driver)."""
+    if cmdline.startswith("ray::ServeReplica:"):
+        return "replica" if cmdline.startswith(f"ray::ServeReplica:{replica}:") else "rest"
+    if cmdline.startswith("ray::ProxyActor"):
+        return "proxy"
+    if cmdline.startswith("ray::JournalWriter"):
+        return "journal_writers"
+    if "bench_serving --loadgen" in cmdline:
+        return "load_generator"
+    return "rest"
+
+
+def _cpu_snapshot() -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of every process on the machine, with its command line."""
+    import psutil
+
+    out = {}
+    for proc in psutil.process_iter(["cmdline", "cpu_times"]):
+        times, cmdline = proc.info["cpu_times"], proc.info["cmdline"]
+        if times is not None:
+            out[proc.pid] = (" ".join(cmdline or ()), times.user + times.system)
+    return out
+
+
+def cpu_by_role(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+                replica: str) -> dict[str, float]:
+    """CPU seconds each role used between two snapshots (processes alive at both)."""
+    used = dict.fromkeys(ROLES, 0.0)
+    for pid, (cmdline, seconds) in after.items():
+        if pid in before:
+            used[_role(cmdline, replica)] += max(0.0, seconds - before[pid][1])
+    return used
+
+
 class LoadGenerator:
     """``clients`` load generator processes driven together; each stopped by its own pid."""
 
@@ -300,10 +342,13 @@ def _summarise(rounds: list[dict[str, dict]], variants: list[str]) -> list[dict[
             continue
         lat = np.concatenate([x["latencies"] for x in runs] or [np.array([])])
         per_round = [x["rps"] for x in runs]
+        completed = sum(x["completed"] for x in runs)
+        cpu_ms = {role: 1000.0 * sum(x["cpu"][role] for x in runs if "cpu" in x) / max(1, completed)
+                  for role in ROLES}
         row = {"variant": variant, "path": "http", "rounds": len(runs),
                "throughput_rps": float(np.mean(per_round)), "throughput_min_rps": min(per_round),
                "throughput_max_rps": max(per_round), "errors": sum(x["errors"] for x in runs),
-               "completed": sum(x["completed"] for x in runs), **percentiles_ms(lat)}
+               "completed": completed, "cpu_ms_per_request": cpu_ms, **percentiles_ms(lat)}
         if variant != BASE:
             ratios = [r[variant]["rps"] / r[BASE]["rps"] for r in rounds
                       if variant in r and BASE in r and r[BASE]["rps"] > 0]
@@ -358,8 +403,10 @@ def run(size: str = "quick", workdir: str | os.PathLike[str] | None = None,
             this_round: dict[str, dict] = {}
             for variant in (order if k % 2 == 0 else order[::-1]):
                 time.sleep(params["pause_s"])  # the previous variant's background work settles
+                before = _cpu_snapshot()
                 this_round[variant] = gen.run(f"{http_url}/{deployed[variant]}", params["seconds"],
                                               params["concurrency"])
+                this_round[variant]["cpu"] = cpu_by_role(before, _cpu_snapshot(), deployed[variant])
             rounds.append(this_round)
         if "serve_journal_actors" in deployed:
             from serve_journal.api import flush_journal

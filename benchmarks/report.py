@@ -191,6 +191,32 @@ def _enqueue(res: dict[str, Any]) -> str:
     ])
 
 
+SERVING_ROLES = ("replica", "proxy", "journal_writers", "load_generator", "rest")
+
+
+def _serving_cpu(rows: list[dict[str, Any]]) -> list[str]:
+    """Where each variant's CPU went, per completed request, next to the plain variant's."""
+    rows = [r for r in rows if r.get("cpu_ms_per_request")]
+    if not rows:
+        return []
+    base = next((r["cpu_ms_per_request"] for r in rows if r["variant"] == "no_journal"), None)
+    table = []
+    for r in rows:
+        cpu = r["cpu_ms_per_request"]
+        total = sum(cpu[k] for k in SERVING_ROLES)
+        added = "-" if base is None or r["variant"] == "no_journal" else \
+            f"{total - sum(base[k] for k in SERVING_ROLES):+.2f}"
+        table.append([r["variant"], *(f"{cpu[k]:.2f}" for k in SERVING_ROLES), f"{total:.2f}", added])
+    return [
+        "CPU per completed request (ms), by role, summed over the measured rounds of each variant "
+        "(every process on the machine, by its command line: the variant's replica, Serve's proxy, "
+        "the journal's writer actors, the load generator, and the rest: other replicas idle, Ray's "
+        "daemons and Serve's controller, this driver). Where the journal's cost goes when the cores "
+        "are saturated: any CPU it adds is taken from serving.", "",
+        _table(["variant", "replica", "proxy", "journal writers", "load generator", "rest", "total",
+                "added vs no journal"], table), ""]
+
+
 def _serving(res: dict[str, Any]) -> str:
     p = res["params"]
     table = []
@@ -224,6 +250,7 @@ def _serving(res: dict[str, Any]) -> str:
         "the whole interval (its lower bound) at or above it.", "",
         _table(["variant", "req/s", "req/s range", "ratio vs no journal", "95% CI", "per-round ratio range",
                 "p50 ms", "p99 ms", "added p50 ms", "added p99 ms", "errors", "target"], table), "",
+        *_serving_cpu(res["rows"]),
         notes,
     ])
 

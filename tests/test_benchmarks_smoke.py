@@ -96,7 +96,11 @@ def test_serving_tiny(serve_instance, mlflow_registry, tmp_path, results):
         assert row["errors"] == 0
         assert row["rounds"] == bench_serving.SIZES["tiny"]["rounds"]
         _positive(row, "throughput_rps", "completed", "p50_ms", "p99_ms")
+        cpu = row["cpu_ms_per_request"]
+        assert set(cpu) == set(bench_serving.ROLES)
+        assert cpu["replica"] > 0 and cpu["proxy"] > 0 and cpu["load_generator"] > 0, cpu
     journaled = next(r for r in res["rows"] if r["variant"] == "serve_journal_actors")
+    assert journaled["cpu_ms_per_request"]["journal_writers"] > 0
     _positive(journaled, "throughput_ratio")
     assert journaled["ratio_ci_low"] <= journaled["throughput_ratio"] <= journaled["ratio_ci_high"]
     results["serving"] = res
