@@ -256,7 +256,10 @@ def _serving(res: dict[str, Any]) -> str:
 
 
 def _pipeline(res: dict[str, Any]) -> str:
+    from serve_journal.config import ACTOR_FLUSH_INTERVAL_S, FLUSH_INTERVAL_S
+
     p = res["params"]
+    actor_ms, flush_ms = 1000 * ACTOR_FLUSH_INTERVAL_S, 1000 * FLUSH_INTERVAL_S
     table = [[r["path"] + (" (latency run)" if r.get("steady") else ""), r["offered_rate"], r["producers"], r["capture_rate"], r["durable_rate"],
               r["rows_on_disk"], r["dropped"], r["drain_tail_s"], _f(r["kept_up"])] for r in res["rows"]]
     best_lines = []
@@ -296,11 +299,13 @@ def _pipeline(res: dict[str, Any]) -> str:
                 "drain tail s", "kept up"], table), "",
         *best_lines, "",
         "Persistence latency at a steady rate (one producer): file mtime - entry `ts`, for every entry, "
-        "with no forced flush (the flusher's 100 ms interval and the writers' own roll). A writer keeps a "
-        "file open up to `roll_seconds` (default 0.5 s) by design, so entries wait up to that for their "
-        "file plus the flush interval (100 ms) and the file write. On the Kafka path entries wait for the "
-        "broker round trip instead, then up to the sink's `roll_seconds` (default 0.4 s) counted from when "
-        "the chunk's first message was sent.", "",
+        f"with no forced flush (the flusher's interval, {actor_ms:.0f} ms on the actor path and "
+        f"{flush_ms:.0f} ms on Kafka, and the writers' own roll). A writer rolls a file `roll_seconds` "
+        "(default 0.5 s) after the *capture* of its oldest entry, so the flush interval is inside that "
+        "budget, not on top of it; then the file write. On the Kafka path entries wait for the flush "
+        "interval and the broker round trip, then up to the sink's "
+        "`roll_seconds` (default 0.4 s; 0.2 s once the partition is caught up) counted from when the "
+        "chunk's first message was sent.", "",
         _table(["path", "rate/s", "seconds", "entries", "p50 ms", "p99 ms", "max ms", "p99 <= 1 s"], lat)
         if lat else "Not measured.", "",
         notes,

@@ -25,7 +25,11 @@ def test_config_precedence_argument_then_environment_then_default(monkeypatch):
     cfg = JournalConfig.resolve(model="m", journal_uri="/tmp/from-arg")
     assert cfg.journal_uri == "/tmp/from-arg"
     assert cfg.buffer_capacity == 77
-    assert cfg.flush_interval_s == 0.1
+    assert cfg.flush_interval_s is None and cfg.flush_interval() == 0.25  # the actor path's
+    assert JournalConfig.resolve(model="m", transport="kafka").flush_interval() == 0.1
+    monkeypatch.setenv("SERVE_JOURNAL_FLUSH_INTERVAL_S", "0.5")
+    assert JournalConfig.resolve(model="m", transport="kafka").flush_interval() == 0.5
+    monkeypatch.delenv("SERVE_JOURNAL_FLUSH_INTERVAL_S")
     monkeypatch.setenv("SERVE_JOURNAL_BUFFER_CAPACITY", "lots")
     with pytest.raises(ConfigError, match="SERVE_JOURNAL_BUFFER_CAPACITY must be a int"):
         JournalConfig.resolve(model="m")

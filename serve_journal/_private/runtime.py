@@ -84,7 +84,7 @@ class JournalRuntime:
             self._exporter,
             capacity=config.buffer_capacity,
             batch_size=config.flush_batch_size,
-            interval_s=config.flush_interval_s,
+            interval_s=config.flush_interval(),
             on_drop=self.drops,
             reserve=config.reserve_capacity,
             periodic=periodic,
