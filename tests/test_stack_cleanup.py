@@ -33,6 +33,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _stat(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read()[:200]
+    except FileNotFoundError:
+        return "gone"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
 def test_services_die_with_a_killed_stack(tmp_path):
     err = tmp_path / "child.err"
@@ -50,7 +58,8 @@ def test_services_die_with_a_killed_stack(tmp_path):
         deadline = time.monotonic() + 20
         while any(_alive(p) for p in pids.values()) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [name for name, p in pids.items() if _alive(p)], "outlived the killed stack"
+        survivors = {name: _stat(p) for name, p in pids.items() if _alive(p)}
+        assert not survivors, f"outlived the killed stack (/proc/<pid>/stat): {survivors}"
     finally:
         with contextlib.suppress(ProcessLookupError):
             child.kill()
