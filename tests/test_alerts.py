@@ -245,6 +245,7 @@ def test_every_alert_reads_exported_metrics_and_has_a_case():
     assert f'"{TRAFFIC.removeprefix("ray_").removesuffix("_total")}"' in inspect.getsource(replica)
 
 
+@pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite
 @needs_promtool
 def test_each_alert_fires_under_its_condition_and_not_when_healthy(tmp_path, monkeypatch):
     tests = [{"name": "healthy journal: every alert silent", "interval": "1m",

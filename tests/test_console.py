@@ -425,6 +425,7 @@ def test_operator_runs_verify_and_auditor_sees_the_summary(console, browser):
     _shot(browser, "10-reports")
 
 
+@pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite
 def test_privacy_officer_forgets_and_the_subject_is_gone(console, browser):
     from selenium.webdriver.common.by import By
 
@@ -555,6 +556,7 @@ def test_revocations_are_create_only_and_pruned_after_the_session_lifetime(tmp_p
     assert not revocations.is_revoked("sid-live") and not os.listdir(revocations.directory)
 
 
+@pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite
 def test_failed_sign_ins_for_one_account_throttle_it_from_every_address(tmp_path, world):
     from starlette.testclient import TestClient
 

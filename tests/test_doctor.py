@@ -186,6 +186,7 @@ def test_broker_reachable_and_a_dead_port(deployment, kafka_broker):
     assert _status(bad, "broker") == ["problem"] and dead in _details(bad, "broker")
 
 
+@pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite
 def test_registry_reachable_and_unreachable(deployment, tmp_path):
     journal, _, _ = deployment
     from mlflow.tracking import MlflowClient

@@ -32,6 +32,7 @@ def _gauges(metrics: JournalMetrics) -> tuple[float, float]:
     return totals.get(SPOOL_DEPTH.name, 0), totals.get(SPOOL_BYTES.name, 0)
 
 
+@pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite
 def test_full_spool_and_queue_hold_every_entry_and_push_back_until_the_broker_returns(tmp_path):
     broker = TansuBroker(free_port(), "memory://tansu/", tmp_path / "tansu.log")  # not started
     metrics = JournalMetrics("fraud", "dep", "r1")

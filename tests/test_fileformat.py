@@ -8,6 +8,7 @@ import random
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 
 from serve_journal.fileformat import (
     COLD_OPTIONS,
@@ -55,6 +56,7 @@ def test_dictionary_pays_only_for_few_repeated_values():
     assert not dictionary_pays(0, 100)
 
 
+@pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite
 def test_rounded_scores_get_a_dictionary_and_keep_their_values_and_root():
     table = _table(20_000, rounded=True)
     data = encode_parquet(table, COLD_OPTIONS)

@@ -63,6 +63,7 @@ def journal(tmp_path):
     return storage
 
 
+@pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite
 def test_count_through_the_index_equals_a_full_scan(journal):
     subjects = [token(f"s-{i}-{k}") for i in range(20) for k in range(5)]
     subjects += [token("old-1"), token("old-2"), token("never-seen")]

@@ -192,6 +192,7 @@ def test_end_to_end_exactly_once_and_restart_resumes(kafka_broker, tmp_path):
     b.close(10)
 
 
+@pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite
 def test_half_written_chunk_is_rebuilt_with_the_same_names(kafka_broker, tmp_path):
     kafka_broker.create_topic(TOPIC, PARTITIONS)
     storage = LocalJournalStorage(str(tmp_path / "journal"))
@@ -303,6 +304,7 @@ def test_storage_failing_writes_then_recovering_loses_nothing(kafka_broker, tmp_
     transport.close(10)
 
 
+@pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite
 def test_control_unsafe_commit_before_write_is_caught_losing_entries(kafka_broker, tmp_path):
     """Same fault, but the sink commits before writing and trusts Kafka's offsets: loss, detected."""
     kafka_broker.create_topic(TOPIC, PARTITIONS)

@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 
 import pyarrow as pa
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -276,6 +277,7 @@ _v2_rows = _rows.flatmap(lambda row: st.fixed_dictionaries({
 }).map(lambda added: {**row, **added}))
 
 
+@pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite
 @settings(max_examples=150, deadline=None)
 @given(st.lists(_v2_rows, max_size=12), st.data())
 def test_columnwise_leaves_with_added_columns_null_and_set_mixed(rows, data):

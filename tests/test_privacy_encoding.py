@@ -142,6 +142,7 @@ def test_different_values_give_different_bytes(a, b):
     assert (canonical_encode(a) == canonical_encode(b)) == (shape(a) == shape(b))
 
 
+@pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite
 @given(st.dictionaries(text, values, max_size=6), st.randoms(use_true_random=False))
 @settings(max_examples=200, deadline=None)
 def test_dict_insertion_order_does_not_matter(mapping, rnd):
@@ -376,6 +377,7 @@ def test_arrow_values_equal_canonical_encode_of_each_element(data):
     assert encode_arrow_values(pa.chunked_array([array, array], typ)).to_pylist() == expected * 2
 
 
+@pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite
 @given(st.data())
 @settings(max_examples=200, deadline=None)
 def test_arrow_rows_equal_canonical_encode_of_each_row(data):
@@ -389,6 +391,7 @@ def test_arrow_rows_equal_canonical_encode_of_each_row(data):
     assert encode_arrow_rows(pa.concat_tables([table, table])) == expected * 2
 
 
+@pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite
 @given(st.data())
 @settings(max_examples=200, deadline=None)
 def test_arrow_rows_leave_out_null_optional_columns_exactly_like_canonical_encode(data):

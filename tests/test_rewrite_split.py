@@ -126,6 +126,7 @@ def _journal(root) -> LocalJournalStorage:
     return storage
 
 
+@pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite
 def test_compaction_and_lifecycle_in_range_passes_store_the_same_files(tmp_path, monkeypatch):
     stored = []
     for passes in (None, 6):

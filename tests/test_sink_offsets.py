@@ -275,6 +275,7 @@ def test_restart_after_compaction_resumes_without_duplicates(kafka_broker, tmp_p
     _compact_restart_scenario(kafka_broker.bootstrap, tmp_path, journal, _public_key(root))
 
 
+@pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite
 def test_restart_after_compaction_on_s3(kafka_broker, s3_bucket, tmp_path, monkeypatch):
     server = s3_bucket.server
     for name, value in server.env.items():

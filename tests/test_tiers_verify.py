@@ -329,6 +329,7 @@ def test_rerun_after_crash_between_commit_and_signature_keeps_verify_green(journ
     assert j.ids() == ids(written)
 
 
+@pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite
 def test_lifecycle_rerun_after_crash_between_commit_and_signature_keeps_verify_green(journal):
     """A lifecycle run commits its cold copy and dies before signing: the hot copies stay, verify
     passes with a warning; the next run adopts the move, signs it, then expires the hot copies."""

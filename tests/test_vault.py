@@ -191,6 +191,7 @@ def _race_worker(vault_blob: bytes, ids: list[str], seed: int, barrier) -> dict[
     return out
 
 
+@pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite
 def test_processes_racing_on_new_subjects_agree_on_one_key_each(make_vault, ring):
     vault = make_vault(ring)
     ids = [f"race-{i}" for i in range(200)]
@@ -217,6 +218,7 @@ def _forget_worker(vault_blob: bytes, subject: str, barrier) -> str | None:
         vault.close()
 
 
+@pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite
 def test_concurrent_forgets_destroy_once_and_tombstone_in_order(make_vault, ring):
     vault = make_vault(ring)
     cursor = vault.latest_cursor()

@@ -464,6 +464,7 @@ def test_heads_file_round_trip_and_the_cli_refuses_a_rolled_back_journal(tmp_pat
 # -- one file, one content; one entry, one live file ----------------------------------------------
 
 
+@pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite
 def test_file_edited_and_recorded_again_in_a_chain_of_the_attackers_own(backend, signer):
     """The attacker edits a data file and records the new bytes in a new chain (no key needed to
     write a record): verify used to pick whichever record matched."""
