@@ -247,3 +247,24 @@ def test_open_by_url(tmp_path, ring):
     vault = SubjectVault.open(f"sqlite://{tmp_path}/u.sqlite3", ring)
     assert "sqlite" in repr(vault) and os.path.exists(tmp_path / "u.sqlite3")
     vault.close()
+
+
+def test_a_batch_naming_one_subject_as_int_and_as_str_gets_the_key_under_both(make_vault, ring):
+    """7 and "7" are one subject (the same blind index): a batch holding both gets that one key
+    under each spelling, so a caller's look-up finds both (it raised KeyError for the spelling
+    the vault did not echo back; the finalizer passes ``str`` ids and never met it)."""
+    vault = make_vault(ring)
+    created = vault.get_or_create_many([7, "7", "8"])
+    assert set(created) == {7, "7", "8"} and vault.count() == 2
+    assert created[7].key == created["7"].key != created["8"].key
+    found = vault.get_many(["7", 7, 8])
+    assert set(found) == {"7", 7, 8} and found[7].key == created[7].key
+
+
+def test_the_finalizers_batch_with_one_subject_spelled_two_ways(make_vault, ring):
+    from serve_journal.privacy.subjects import VaultPseudonymizer
+
+    protector = VaultPseudonymizer(ring, make_vault(ring))
+    tokens, digests, _ = protector.protect_columns([7, "7", None], [b"a", b"a", b"a"])
+    assert tokens[0] == tokens[1] is not None and tokens[2] is None
+    assert digests[0] == digests[1] != digests[2]

@@ -194,13 +194,13 @@ class SubjectVault:
 
     def get_many(self, subject_ids: Iterable[str]) -> dict[str, SubjectKey]:
         """Keys of the subjects that have one; never creates a key."""
-        by_index = {self.blind_index(s): s for s in set(subject_ids)}
-        return {by_index[row.blind_index]: self._unwrap(row)
-                for row in self._backend.select(list(by_index))}
+        by_index = self._spellings(subject_ids)
+        return {subject: key for row in self._backend.select(list(by_index))
+                for key in (self._unwrap(row),) for subject in by_index[row.blind_index]}
 
     def get_or_create_many(self, subject_ids: Iterable[str]) -> dict[str, SubjectKey]:
         """Keys of all ``subject_ids``, creating missing ones; one batch, safe across processes."""
-        by_index = {self.blind_index(s): s for s in set(subject_ids)}
+        by_index = self._spellings(subject_ids)
         found = {row.blind_index: row for row in self._backend.select(list(by_index))}
         missing = [index for index in by_index if index not in found]
         if missing:
@@ -209,10 +209,19 @@ class SubjectVault:
             found.update({row.blind_index: row for row in self._backend.select(missing)})
         lost = [index for index in by_index if index not in found]
         ciphers: dict[str, AESGCM] = {}
+        keys = {subject: key for index, row in found.items()
+                for key in (self._unwrap(row, ciphers),) for subject in by_index[index]}
         if lost:  # a concurrent forget deleted a key we just created: create again
-            return {**{by_index[i]: self._unwrap(r, ciphers) for i, r in found.items()},
-                    **self.get_or_create_many(by_index[i] for i in lost)}
-        return {by_index[index]: self._unwrap(row, ciphers) for index, row in found.items()}
+            keys.update(self.get_or_create_many(s for i in lost for s in by_index[i]))
+        return keys
+
+    def _spellings(self, subject_ids: Iterable[str]) -> dict[bytes, list[str]]:
+        """Blind index -> the distinct ``subject_ids`` that name it: ``7`` and ``"7"`` are one
+        subject, and a caller looks its key up under the spelling it holds."""
+        by_index: dict[bytes, list[str]] = {}
+        for subject in set(subject_ids):
+            by_index.setdefault(self.blind_index(subject), []).append(subject)
+        return by_index
 
     def get_by_tokens(self, tokens: Iterable[str]) -> dict[str, SubjectKey]:
         """Keys by subject token (what journal entries carry); missing ones were shredded."""
