@@ -73,6 +73,13 @@ def _tier_bytes(root: Path, tier: str) -> tuple[int, int]:
     return sum(p.stat().st_size for p in files), len(files)
 
 
+def _notes_after_table(block: list[str]) -> list[str]:
+    """The hand-written lines that follow the table in a section's ``block`` (kept by
+    ``--append``, which rebuilds everything above them)."""
+    rows = [i for i, line in enumerate(block) if line.startswith("|")]
+    return block[rows[-1] + 1:] if rows else []
+
+
 def run_step(root: Path, step: str, limit: str, temp: Path) -> dict:
     """Run ``step`` (compact | lifecycle) in a child; sample the temp space it uses."""
     peak_temp = [0]
@@ -145,18 +152,22 @@ def main(argv: list[str] | None = None) -> int:
                    f"--memory-limit {args.memory_limit}"
                    f"{' --no-lifecycle' if args.no_lifecycle else ''}"
                    f"{' --append' if args.append else ''}` ({dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M}"
-                   f" UTC, load average {rows[0]['load_before'][0]:.1f} at its start)")
+                   f" UTC, load average {rows[0]['load_before'][0]:.1f} at its start; "
+                   f"{machine().split(', ')[1]})")
         text = path.read_text() if path.exists() else ""
-        previous, commands = [], []
+        previous, commands, notes, machines = [], [], [], []
         if args.append and START in text:
             block = text[text.index(START):text.index(END)].splitlines()
             previous = [line for line in block if line.startswith(("| compact", "| lifecycle"))]
             commands = [line for line in block if line.startswith("- `.venv/bin/python")]
+            notes = _notes_after_table(block)
+            machines = [line for line in block if line.startswith("Machine:")]
+        if machine() not in machines:  # rows of an earlier run may come from another machine
+            machines.append(machine())
         header = [
             "## Compaction and lifecycle in bounded memory",
             "",
-            machine(),
-            "",
+            *(m for line in machines for m in (line, "")),
             "A synthetic fraud day (`bench_query`'s generator, v2 entries, "
             f"{args.files_per_hour} hot files per hour) compacted at day level, then moved to the "
             "cold tier, each step in a child process (peak RSS is its `ru_maxrss`). The rewrite "
@@ -171,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak temp GiB | output B/entry | load avg before / after |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        write_docs_section(path, START, END, "\n".join(header + previous + table))
+        write_docs_section(path, START, END, "\n".join(header + previous + table + notes))
     return 0
 
 

@@ -160,3 +160,14 @@ def test_run_writes_each_benchmarks_section(tmp_path, results):
     assert "new query" in text and "old query" not in text
     assert "hand-written" in text and "profiled" in text
     assert "| Investigation queries | tiny: tiny rows | 1.5 |" in text  # which size made the table
+
+
+def test_compaction_append_keeps_the_notes_after_its_table():
+    from benchmarks.bench_compaction import _notes_after_table
+
+    block = ["<!-- bench_compaction:start -->", "## Compaction", "", "- `.venv/bin/python x`", "",
+             "| step | rows |", "|---|---|", "| compact | 10 |", "Before range passes: a note",
+             "that runs over two lines."]
+    assert _notes_after_table(block) == ["Before range passes: a note", "that runs over two lines."]
+    assert _notes_after_table(block[:8]) == []
+    assert _notes_after_table(["## no table yet"]) == []
