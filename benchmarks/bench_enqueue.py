@@ -69,6 +69,8 @@ SIZES = {
     "full": {"calls": 1_000_000, "rate": 20_000, "fsync_calls": 10_000, "mlflow_calls": 5_000, "busy": True},
 }
 TARGET_P99_US = 20.0
+TARGET_P99_BUSY_US = 100.0
+"""The design numbers (issue 17): capture p99 <= 20 us idle and <= 100 us with the cores busy."""
 TARGET_P999_US = 100.0
 POOL = 4096
 TICK_NS = 1_000_000
@@ -218,7 +220,8 @@ def _variants(params: dict[str, Any], tracking_uri: str, root: Path, condition: 
     exported, dropped = runtime_counts(runtime)
     runtime.close(30)
     row("serve_journal runtime.capture()", figures, notes=f"flusher live; flushed={flushed}",
-        journaled=exported, dropped=dropped, target_p99_us=TARGET_P99_US, target_p999_us=TARGET_P999_US)
+        journaled=exported, dropped=dropped, target_p999_us=TARGET_P999_US,
+        target_p99_us=TARGET_P99_BUSY_US if condition == "busy" else TARGET_P99_US)
 
     # The same with the start-up heap frozen (gc.freeze): a full collection then walks only what
     # was allocated since, instead of every module, class and cache of mlflow, pyarrow, Ray...

@@ -362,8 +362,11 @@ def _summarise(rounds: list[dict[str, dict]], variants: list[str]) -> list[dict[
 
 def run(size: str = "quick", workdir: str | os.PathLike[str] | None = None,
         tracking_uri: str | None = None, http_url: str | None = None,
-        variants: tuple[str, ...] | None = None) -> dict[str, Any]:
+        variants: tuple[str, ...] | None = None, rounds: int | None = None) -> dict[str, Any]:
     """Run the serving benchmark on the Ray already initialised in this process.
+
+    ``variants`` and ``rounds`` override the size's (a long two-variant A/B narrows the
+    interval: its half-width falls with the square root of the rounds).
 
     ``http_url`` is the base URL of a Serve already started with HTTP; without it Serve is
     started here on a free loopback port (and shut down at the end).
@@ -375,6 +378,8 @@ def run(size: str = "quick", workdir: str | os.PathLike[str] | None = None,
         raise RuntimeError("bench_serving.run needs ray.init() first (benchmarks.run does it)")
     ship_by_value()
     params = dict(SIZES[size])
+    if rounds is not None:
+        params["rounds"] = rounds
     names = list(variants or params["variants"] or ALL_VARIANTS)
     if BASE not in names:
         names.insert(0, BASE)
@@ -433,14 +438,26 @@ def _main() -> None:
     parser.add_argument("--loadgen", action="store_true")
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--size", default="tiny")
+    parser.add_argument("--rounds", type=int, default=None, help="override the size's rounds")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated subset of {ALL_VARIANTS} (no_journal always runs)")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the report's Serving section instead of the raw JSON")
     args = parser.parse_args()
     if args.loadgen:
         asyncio.run(_loadgen_main(args.seed))
         return
     from benchmarks._common import json_dump, ray_session
 
+    variants = tuple(v.strip() for v in args.variants.split(",")) if args.variants else None
     with ray_session():
-        print(json_dump(run(args.size)))
+        res = run(args.size, variants=variants, rounds=args.rounds)
+    if args.markdown:
+        from benchmarks import report
+
+        print(report.render_serving(res))
+    else:
+        print(json_dump(res))
 
 
 if __name__ == "__main__":

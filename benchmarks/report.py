@@ -184,7 +184,7 @@ def _enqueue(res: dict[str, Any]) -> str:
         "at a time needs the GIL to wake, so its lateness bounds the longest GIL hold by anything else "
         "(plus OS scheduling). `bare loop` is the floor of both on this machine at this moment. "
         f"*idle* = the machine as it was (load average at start {load}; others' work included)."
-        f"{busy} Target for capture: p99 <= 20 us with 0 drops.", "",
+        f"{busy} Target for capture (design numbers): p99 <= 20 us idle, <= 100 us busy, with 0 drops.", "",
         _table(["what", "cores", "calls", "achieved/s", "p50 us", "p99 us", "p99.9 us", "max us", "dropped",
                 "loop lateness p99 / max ms", "thread wake lateness p99 / max ms", "target", "notes"], table),
         "",
@@ -215,6 +215,11 @@ def _serving_cpu(rows: list[dict[str, Any]]) -> list[str]:
         "are saturated: any CPU it adds is taken from serving.", "",
         _table(["variant", "replica", "proxy", "journal writers", "load generator", "rest", "total",
                 "added vs no journal"], table), ""]
+
+
+def render_serving(res: dict[str, Any]) -> str:
+    """The Serving overhead section alone, for a ``bench_serving`` run of its own."""
+    return _serving(res)
 
 
 def _serving(res: dict[str, Any]) -> str:
@@ -263,7 +268,7 @@ def _pipeline(res: dict[str, Any]) -> str:
     table = [[r["path"] + (" (latency run)" if r.get("steady") else ""), r["offered_rate"], r["producers"], r["capture_rate"], r["durable_rate"],
               r["rows_on_disk"], r["dropped"], r["drain_tail_s"], _f(r["kept_up"])] for r in res["rows"]]
     best_lines = []
-    for kind, target in (("actors", 50_000), ("kafka", 20_000)):
+    for kind, target in (("actors", 50_000), ("kafka", 50_000)):  # the design numbers: both paths
         kept = [r for r in res["rows"] if r["path"] == kind and r["kept_up"]]
         tried = [r for r in res["rows"] if r["path"] == kind]
         if not tried:
@@ -274,7 +279,8 @@ def _pipeline(res: dict[str, Any]) -> str:
         best_lines.append(f"- {kind} path: highest offered rate fully kept up with "
                           f"{_f(max((r['offered_rate'] for r in kept), default=0))}/s "
                           f"(durable {_f(best)} entries/s); peak durable rate at any level {_f(peak)} entries/s. "
-                          f"Target >= {target:,}/s: {_met(peak >= target)}")
+                          f"Target: keep up with >= {target:,}/s offered: "
+                          f"{_met(any(r['offered_rate'] >= target for r in kept))}")
     lat = [[r["path"], r["rate"], r["seconds"], r["n"], r["p50_ms"], r["p99_ms"], r["max_ms"],
             _met(r["p99_ms"] <= r["target_p99_ms"])] for r in res.get("latency", [])]
     notes = "".join(f"- {n}\n" for n in res.get("notes", []) if "best sustained" not in n)
@@ -325,7 +331,7 @@ def _storage(res: dict[str, Any]) -> str:
         f"{res['params']['entries']:,} real journal entries (the finalizer's output for fraud requests, "
         "50,000 distinct subjects), encoded as the sinks encode them, against the JSON a user would have "
         "logged for the same predictions (raw request with subject id and features, response). Target: "
-        "<= 120 bytes per entry in the hot tier.", "",
+        "<= 90 bytes per entry in the hot tier (design numbers).", "",
         _table(["encoding", "bytes per entry", "vs raw user JSON", "target"], table), "",
         "The journal stores no raw feature or subject id (HMAC, keyed token), so it is not a compressed "
         "copy of the user's log: it holds 32-byte digests instead of the values, plus provenance "
