@@ -98,6 +98,7 @@ class KafkaTransport:
         self._pending = 0
         self._counts = {"sent": 0, "spooled": 0, "drained": 0, "adopted_spools": 0, "adopted_drained": 0}
         self._spool_entries = 0  # entries in our own spool (the depth gauge)
+        self._acking = 0  # drains whose records are being acked and not yet counted
         self._held = 0  # entries the loop holds because the spool is full
         self._current: pa.RecordBatch | None = None  # the batch the loop is handling
         self._dropped: collections.Counter[str] = collections.Counter()
@@ -207,7 +208,8 @@ class KafkaTransport:
         with self._cond:
             target = self._handed
             return bool(self._cond.wait_for(
-                lambda: (self._settled >= target and len(self._spool) == 0) or self._failed is not None,
+                lambda: (self._settled >= target and len(self._spool) == 0 and not self._acking)
+                or self._failed is not None,
                 timeout,
             )) and self._failed is None
 
@@ -473,12 +475,24 @@ class KafkaTransport:
         assert version is not None
         if await self._produce(pairs, version):
             return None
-        await asyncio.to_thread(_ack_all, spool, readable)
-        self._space.set()
         drained = _entries(pairs)
-        if spool is self._spool:
+        # The ack empties the spool in a worker thread: until the drain is counted (same lock),
+        # wait_drained must not see an empty spool with ``drained`` short of ``spooled``.
+        with self._cond:
+            self._acking += 1
+        acked = False
+        try:
+            await asyncio.to_thread(_ack_all, spool, readable)
+            acked = True
+        finally:
             with self._cond:
-                self._spool_entries = max(0, self._spool_entries - drained)
+                self._acking -= 1
+                if acked and spool is self._spool:
+                    self._spool_entries = max(0, self._spool_entries - drained)
+                    self._counts["drained"] += drained
+                self._cond.notify_all()
+        self._space.set()
+        if spool is self._spool:
             self._update_spool_gauges()
         return drained
 
@@ -496,8 +510,7 @@ class KafkaTransport:
                 await asyncio.sleep(backoff.next_delay())  # retry pacing, not synchronisation
                 continue
             backoff.reset()
-            with self._cond:
-                self._counts["drained"] += drained
+            with self._cond:  # the drain was counted by _drain_records, with its ack
                 if not drained and not len(self._spool):
                     self._spool_event.clear()
                 self._cond.notify_all()
