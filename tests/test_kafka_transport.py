@@ -237,3 +237,42 @@ def test_a_spool_of_the_previous_release_drains_with_its_own_wire_version(kafka_
     rows = entries_of(records)
     assert sorted((r["producer_id"], r["seq"]) for r in rows) == sorted(
         [("old", s) for s in range(30)] + [("new", s) for s in range(50)])
+
+
+def test_wait_drained_waits_until_an_acked_drain_is_counted(tmp_path, monkeypatch):
+    """The drainer acks spooled records in a worker thread: the spool is empty before the loop
+    counts the drain. wait_drained must not return in that window (it once did: 'drained' read
+    short of 'spooled' with the spool empty)."""
+    import threading
+
+    from serve_journal.transport import kafka
+
+    acked, release = threading.Event(), threading.Event()
+    ack_all = kafka._ack_all
+
+    def ack_then_hold(spool, records):
+        ack_all(spool, records)
+        acked.set()
+        release.wait(60)  # the worker thread holds here: acked, not yet counted
+
+    monkeypatch.setattr(kafka, "_ack_all", ack_then_hold)
+    port = free_port()
+    broker = TansuBroker(port, "memory://tansu/", tmp_path / "tansu.log")
+    transport = KafkaTransport(_settings(broker.bootstrap, tmp_path, num_partitions=2))
+    try:
+        transport.send(make_entries(200))
+        assert transport.flush(60) and transport.counters()["spooled"] == 200
+        broker.start()
+        broker.create_topic("journal", 2)
+        assert acked.wait(90)
+        counters = transport.counters()
+        assert counters["spool_records"] == 0 and counters["drained"] == 0  # the window
+        assert not transport.wait_drained(0.3)
+        release.set()
+        assert transport.wait_drained(60)
+        counters = transport.counters()
+        assert counters["drained"] == counters["spooled"] == 200 and counters["dropped"] == {}
+    finally:
+        release.set()
+        transport.close(10)
+        broker.stop()
