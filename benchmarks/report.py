@@ -268,7 +268,9 @@ def _pipeline(res: dict[str, Any]) -> str:
     table = [[r["path"] + (" (latency run)" if r.get("steady") else ""), r["offered_rate"], r["producers"], r["capture_rate"], r["durable_rate"],
               r["rows_on_disk"], r["dropped"], r["drain_tail_s"], _f(r["kept_up"])] for r in res["rows"]]
     best_lines = []
-    for kind, target in (("actors", 50_000), ("kafka", 50_000)):  # the design numbers: both paths
+    from benchmarks.bench_pipeline import TARGET_ACTORS, TARGET_KAFKA
+
+    for kind, target in (("actors", TARGET_ACTORS), ("kafka", TARGET_KAFKA)):
         kept = [r for r in res["rows"] if r["path"] == kind and r["kept_up"]]
         tried = [r for r in res["rows"] if r["path"] == kind]
         if not tried:
