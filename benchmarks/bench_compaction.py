@@ -33,7 +33,9 @@ from benchmarks.bench_query import DAY, build, machine
 START, END = "<!-- bench_compaction:start -->", "<!-- bench_compaction:end -->"
 
 CHILD = """
-import datetime as dt, json, resource, sys, time
+import datetime as dt, json, logging, resource, sys, time
+logging.basicConfig(stream=sys.stderr, format="%(created).3f %(message)s")
+logging.getLogger("serve_journal.maintain.rewrite").setLevel(logging.DEBUG)
 from serve_journal.maintain import lifecycle
 from serve_journal.maintain.compaction import CompactionOptions, compact
 from serve_journal.storage import LocalJournalStorage
@@ -80,26 +82,86 @@ def _notes_after_table(block: list[str]) -> list[str]:
     return block[rows[-1] + 1:] if rows else []
 
 
+def _rss(pid: int) -> int:
+    """Resident bytes of process ``pid`` now (0 once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _phase_at(stderr: str, when: float) -> str:
+    """The child's last rewrite log line (``<unix time> <message>``) logged before ``when``."""
+    phase = "start"
+    for line in stderr.splitlines():
+        stamp, _, message = line.partition(" ")
+        try:
+            if float(stamp) > when:
+                break
+        except ValueError:
+            continue
+        phase = message
+    return phase
+
+
+def _phase_seconds(stderr: str, end: float) -> dict[str, float]:
+    """Seconds spent per rewrite phase (the first word of its debug log lines: spool, scatter,
+    sort, hash, write, summarize), each line's phase lasting until the next line (the last
+    until ``end``)."""
+    stamps: list[tuple[float, str]] = []
+    for line in stderr.splitlines():
+        stamp, _, message = line.partition(" ")
+        try:
+            stamps.append((float(stamp), message.split(" ", 1)[0]))
+        except ValueError:
+            continue
+    out: dict[str, float] = {}
+    for (t, phase), (after, _) in zip(stamps, [*stamps[1:], (end, "")], strict=True):
+        out[phase] = round(out.get(phase, 0.0) + after - t, 1)
+    return out
+
+
 def run_step(root: Path, step: str, limit: str, temp: Path) -> dict:
-    """Run ``step`` (compact | lifecycle) in a child; sample the temp space it uses."""
+    """Run ``step`` (compact | lifecycle) in a child; sample the temp space it uses and its
+    resident memory (the phase it was in at its peak comes from the rewrite's debug log)."""
     peak_temp = [0]
+    peak_rss = [0, 0.0]
     stop = threading.Event()
+    load_before = os.getloadavg()
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(root), step, limit, str(temp),
+                             DAY.isoformat()], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
     def sample() -> None:
-        while not stop.wait(2.0):
-            peak_temp[0] = max(peak_temp[0], _tree_bytes(temp))
+        ticks = 0
+        while not stop.wait(0.25):
+            rss = _rss(proc.pid)
+            if rss > peak_rss[0]:
+                peak_rss[:] = [rss, time.time()]
+            ticks += 1
+            if ticks % 8 == 0:
+                peak_temp[0] = max(peak_temp[0], _tree_bytes(temp))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    load_before = os.getloadavg()
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(root), step, limit, str(temp),
-                           DAY.isoformat()], capture_output=True, text=True, check=False)
-    stop.set()
-    sampler.join()
+    try:
+        stdout, stderr = proc.communicate()
+    finally:
+        stop.set()
+        sampler.join()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     if proc.returncode != 0:
-        raise RuntimeError(f"{step} failed ({proc.returncode}): {proc.stderr[-3000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    out.update(load_before=load_before, load_after=os.getloadavg(), peak_temp=peak_temp[0])
+        raise RuntimeError(f"{step} failed ({proc.returncode}): {stderr[-3000:]}")
+    out = json.loads(stdout.strip().splitlines()[-1])
+    out.update(load_before=load_before, load_after=os.getloadavg(), peak_temp=peak_temp[0],
+               sampled_peak_rss=peak_rss[0], peak_phase=_phase_at(stderr, peak_rss[1]),
+               phase_seconds=_phase_seconds(stderr, time.time()))
     return out
 
 

@@ -10,7 +10,8 @@ therefore never holds the day as one table:
    order; ties keep the input order, as that stable sort does) under a ``memory_limit``. A day
    whose estimated size in memory does not fit DuckDB's share of the limit is sorted in K range
    passes (:meth:`RewriteWorkspace.passes`): K-1 boundary subject tokens are taken from a
-   reservoir sample of that column, and each pass sorts the rows of one token range with the
+   reservoir sample of that column, one streaming scan scatters every row into a spill file of
+   its token range (with its input position), and each pass sorts one range's file with the
    same ORDER BY. Equal tokens never straddle two ranges and NULL tokens are in the last one,
    so the passes' outputs, one after the other, are the one sort's output byte for byte. One
    token whose entries alone exceed the limit cannot be split: it is refused
@@ -26,15 +27,18 @@ sorts the files into the fingerprint's order (entry id ``(producer_id, seq)``, t
 under the limit, in range passes of entry ids when the day is too big, into spill files that are
 hashed a chunk of one column at a time. Files are copied to and from the storage in 8 MiB
 chunks. Peak memory is the interpreter and its libraries (~240 MiB), DuckDB's share of the
-limit (one pass's rows, its readers' row groups) and one row group being written; it does not
-grow with the day: a pass costs one more read of the spooled inputs, so time grows with the
-number of passes (docs/benchmarks.md, "Compaction and lifecycle in bounded memory").
+limit (one pass's rows, its readers' row groups), the scatter's waiting rows
+(:data:`_SCATTER_SHARE`) and one row group being written; it does not grow with the day. Nor
+does the work per entry: however many passes, the spooled inputs are read by the sample and
+the scatter, and each range's file once (docs/benchmarks.md, "Compaction and lifecycle in
+bounded memory").
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -89,10 +93,20 @@ about twice their Arrow bytes: at 0.7 a 10M-entry lifecycle move at 2 GiB peaked
 about 4 passes at 128 MiB and 8 at 96 MiB."""
 _SORT_FIXED = 24 * 1024**2
 """DuckDB's own memory in a sort besides the rows and the row groups being read."""
+_SCATTER_SHARE = 0.2
+"""Arrow bytes of the rows a scatter into key ranges holds before writing them, as a share of
+the limit (:meth:`RewriteWorkspace._scatter`; DuckDB's scan beside it has its own share)."""
+_SCATTER_FROM = 4
+"""Ranges from which a sort scatters the rows into a spill file per range in one scan rather
+than filtering every input once per range (:meth:`RewriteWorkspace._partitions`): a scatter
+costs about as much as 32 filtered reads."""
 _SAMPLE_ROWS = 20_000
 """Sort keys sampled (reservoir) to choose the passes' range boundaries."""
 _FORCED_PASSES: int | None = None
 """Tests only: sort in this many passes whatever the size (``None``: from the estimate)."""
+
+log = logging.getLogger(__name__)
+"""Each phase of a rewrite at DEBUG (what a memory or time profile lines up against)."""
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
           "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
@@ -196,6 +210,7 @@ class RewriteWorkspace:
         ``recorded`` (``{path: {sha256}}``), each file's bytes must match one of its manifest
         records (:class:`UnrecordedInputError` otherwise): the copy is of the bytes checked."""
         out = []
+        log.debug("spool %d files", len(paths))
         for i, path in enumerate(paths):
             local = os.path.join(self.root, "in", f"{i:08d}.parquet")
             copied = storage.copy_to_local(path, local)
@@ -275,8 +290,9 @@ class RewriteWorkspace:
     def _source(files: Sequence[SpooledFile] | Sequence[str]) -> str:
         # Workspace paths are ours (digits under a temp folder): no glob character to escape.
         listed = ", ".join(_literal(f if isinstance(f, str) else f.local) for f in files)
+        # hive_partitioning off: a path's "key=value" folders are not columns of its entries
         return (f"read_parquet([{listed}], union_by_name = true, filename = true, "
-                "file_row_number = true)")
+                "file_row_number = true, hive_partitioning = false)")
 
     def passes(self, paths: Sequence[str], rows: int) -> int:
         """Passes a sort of ``rows`` entries of ``paths`` takes: one while their estimated size
@@ -297,16 +313,18 @@ class RewriteWorkspace:
         """DuckDB's threads: one under 1 GiB (each thread reads and sorts a share of its own)."""
         return 1 if self.memory_limit < 1024**3 else max(1, min(os.cpu_count() or 1, 2))
 
-    def _ranges(self, con, source: str, keys: Sequence[str], passes: int, rows: int) -> list[str]:
-        """SQL conditions splitting the rows of ``source`` into at most ``passes`` consecutive
-        ranges of ``keys`` (in ``ORDER BY keys ASC NULLS LAST`` order); ``[""]`` for one pass.
+    def _bounds(self, con, source: str, keys: Sequence[str], passes: int,
+                rows: int) -> list[tuple]:
+        """At most ``passes - 1`` increasing boundary keys splitting the rows of ``source`` into
+        consecutive ranges of ``keys`` (in ``ORDER BY keys ASC NULLS LAST`` order); none for one
+        pass, or when every sampled key is the same (one key is never split).
 
         The boundaries are keys of a reservoir sample of the key columns, sorted by DuckDB;
         a range holds every row whose key is at or after its lower boundary and before its upper
         one, so equal keys never straddle two ranges (ties keep their input order) and rows with
         a NULL key part fall where the ORDER BY puts them (NULL keys: the last range)."""
         if passes <= 1:
-            return [""]
+            return []
         columns = ", ".join(f'"{k}"' for k in keys)
         present = " AND ".join(f'"{k}" IS NOT NULL' for k in keys)
         sample = self._fetch(con, rows,
@@ -317,15 +335,113 @@ class RewriteWorkspace:
             key = tuple(sample[i * len(sample) // passes]) if sample else None
             if key is not None and (not bounds or key != bounds[-1]) and key != tuple(sample[0]):
                 bounds.append(key)
-        if not bounds:  # every sampled key the same (or NULL): one range
-            return [""]
-        before = [_before(keys, b) for b in bounds]
-        ranges = []
-        for i in range(len(bounds) + 1):
-            parts = ([f"NOT {before[i - 1]}"] if i else []) + (
-                [before[i]] if i < len(bounds) else [])
-            ranges.append("WHERE " + " AND ".join(parts))
-        return ranges
+        return bounds
+
+    def _ranges(self, con, source: str, keys: Sequence[str], passes: int, rows: int) -> list[str]:
+        """SQL conditions selecting the rows of each range of :meth:`_bounds` (``[""]``: one
+        range, every row)."""
+        return _wheres(keys, self._bounds(con, source, keys, passes, rows))
+
+    def _partitions(self, con, paths: Sequence[str], keys: Sequence[str],
+                    rows: int) -> Iterator[str]:
+        """The rows of the local files ``paths`` as SQL sources of one key range each, in key
+        order, every row with its input position (``__file``: its file's place in ``paths``,
+        ``__row``: its row in that file), so each range sorts alone into the order one sort
+        of all rows gives (ties by input position).
+
+        One range (the day fits one pass, :meth:`passes`) is the files themselves. A few ranges
+        are the files filtered to each range: DuckDB reads the key column of every file per
+        range, cheap next to moving the rows (~0.12 us per row and range on 2 cores). From
+        :data:`_SCATTER_FROM` ranges, one scan scatters the rows into a spill file per range
+        (:meth:`_scatter`, ~4 us per row) and each range reads only its own file, so the work
+        per entry stops growing with the day (filtering every file per range made a 50M-entry
+        day take 52 s per million entries against 27 at 10M)."""
+        source = self._source(paths)
+        listed = ", ".join(_literal(p) for p in paths)
+        positioned = (f"(SELECT * EXCLUDE (filename, file_row_number), "
+                      f"list_position([{listed}], filename) AS __file, "
+                      f"file_row_number AS __row FROM {source})")
+        bounds = self._bounds(con, source, keys, self.passes(paths, rows), rows)
+        if not bounds:
+            log.debug("sort %d rows by %s in one pass", rows, ", ".join(keys))
+            yield positioned
+            return
+        if len(bounds) + 1 < _SCATTER_FROM:
+            for i, where in enumerate(_wheres(keys, bounds)):
+                log.debug("sort range %d of %d (filtered)", i + 1, len(bounds) + 1)
+                yield f"(SELECT * FROM {positioned} {where})"
+            return
+        log.debug("scatter %d rows into %d ranges of %s", rows, len(bounds) + 1, ", ".join(keys))
+        parts = self._scatter(con, positioned, keys, bounds, rows)
+        pa.default_memory_pool().release_unused()  # the scatter's waiting rows, before sorting
+        try:
+            for i, part in enumerate(parts):
+                if part is not None:
+                    log.debug("sort range %d of %d", i + 1, len(parts))
+                    yield f"read_parquet({_literal(part)}, hive_partitioning = false)"
+        finally:
+            for part in parts:
+                if part is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(part)
+
+    def _scatter(self, con, source: str, keys: Sequence[str], bounds: Sequence[tuple],
+                 rows: int) -> list[str | None]:
+        """Write the rows of ``source`` to one spill file per key range of ``bounds`` (``None``
+        for a range without rows) in one streaming scan. DuckDB computes each row's range (a
+        binary search over the boundaries, :func:`_range_of`); rows wait per range until that
+        range holds 64k of them, or until all the waiting rows take :data:`_SCATTER_SHARE` of
+        the limit (the range with most rows is written first), then are written as a row group
+        (the spill files hold what the journal files hold: tokens and HMACs, never raw values).
+        """
+        tag = uuid.uuid4().hex
+        paths = [os.path.join(self.root, "spill", f"range-{tag}-{i:05d}.parquet")
+                 for i in range(len(bounds) + 1)]
+        writers: dict[int, pq.ParquetWriter] = {}
+        waiting: dict[int, list[pa.Table]] = {}
+        waiting_rows: dict[int, int] = {}
+        budget = int(self.memory_limit * _SCATTER_SHARE)
+        held = 0
+
+        def flush(i: int) -> int:
+            table = pa.concat_tables(waiting.pop(i))
+            waiting_rows.pop(i)
+            if i not in writers:
+                writers[i] = pq.ParquetWriter(paths[i], table.schema, compression="snappy",
+                                              write_statistics=False)
+            writers[i].write_table(table, row_group_size=max(1, table.num_rows))
+            return table.nbytes
+
+        try:
+            query = (f"SELECT *, {_range_of(keys, bounds)} AS __range FROM {source}")
+            for batch in self._reader(con, rows, query):
+                ranges = batch.column(batch.num_columns - 1).to_numpy(zero_copy_only=False)
+                batch = batch.drop_columns(["__range"])
+                order = np.argsort(ranges, kind="stable")
+                values, starts = np.unique(ranges[order], return_index=True)
+                ends = [*starts[1:], len(order)]
+                for value, start, end in zip(values.tolist(), starts, ends, strict=True):
+                    # a copy of the range's rows: a slice would keep the whole batch alive
+                    part = pa.Table.from_batches([batch.take(pa.array(order[start:end]))])
+                    waiting.setdefault(value, []).append(part)
+                    waiting_rows[value] = waiting_rows.get(value, 0) + part.num_rows
+                    held += part.nbytes
+                    if waiting_rows[value] >= _BATCH_ROWS:
+                        held -= flush(value)
+                while held > budget and waiting_rows:
+                    held -= flush(max(waiting_rows, key=waiting_rows.__getitem__))
+            for value in list(waiting_rows):
+                held -= flush(value)
+        except BaseException:
+            for writer in writers.values():
+                writer.close()
+            for path in paths:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            raise
+        for writer in writers.values():
+            writer.close()
+        return [path if i in writers else None for i, path in enumerate(paths)]
 
     def distinct_counts(self, files: Sequence[SpooledFile], columns: Sequence[str]) -> dict[str, int]:
         """Estimated distinct values of ``columns`` over ``files`` (HyperLogLog: bloom filter
@@ -355,53 +471,56 @@ class RewriteWorkspace:
         """:func:`~serve_journal.integrity.fingerprint.fingerprint` of the entries of the local
         journal files ``paths`` (in this order) in bounded memory: DuckDB sorts them into the
         fingerprint's canonical order (entry id, then input order) under the workspace's limit,
-        into spill-backed files (one per range of entry ids when the day is too big for one
-        pass, :meth:`passes`) that are then hashed a chunk of one column at a time."""
+        one range of entry ids at a time when the day is too big for one pass (:meth:`passes`),
+        and the sorted rows stream into one spill file per column (Arrow IPC, LZ4), which the
+        hash then reads a chunk at a time, as often as it needs without decoding Parquet again
+        (hashing a column reads it 3 to 8 times: its validity, lengths and values)."""
         rows = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
         if not rows:
             return fingerprint_local_files(paths)
-        source = self._source(paths)
-        listed = ", ".join(_literal(p) for p in paths)
-        ordered: list[str] = []
-        con = self._connect()
+        folder = os.path.join(self.root, "spill", f"fingerprint-{uuid.uuid4().hex}")
+        os.makedirs(folder)
         try:
-            for where in self._ranges(con, source, _ID_KEYS, self.passes(paths, rows), rows):
-                ordered.append(os.path.join(self.root, "spill",
-                                            f"fingerprint-{uuid.uuid4().hex}.parquet"))
-                self._sql(con, rows,
-                    f"COPY (SELECT * EXCLUDE (filename, file_row_number) FROM {source} {where} "
-                    "ORDER BY producer_id ASC NULLS LAST, seq ASC NULLS LAST, "
-                    f"list_position([{listed}], filename), file_row_number) "
-                    f"TO {_literal(ordered[-1])} (FORMAT parquet, ROW_GROUP_SIZE {_BATCH_ROWS})")
-        except BaseException:
-            for path in ordered:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-            raise
-        finally:
-            con.close()
-        try:
-            parts = [pq.ParquetFile(path) for path in ordered]
+            columns = self._sorted_columns(paths, rows, folder)
+            log.debug("hash the fingerprint of %d rows", rows)
 
             def column(name: str):
-                typ = ENTRY_SCHEMA.field(name).type
-
                 def chunks() -> Iterator[pa.Array]:
-                    for part in parts:
-                        count = part.metadata.num_rows
-                        if name not in part.schema_arrow.names:
-                            for start in range(0, count, _BATCH_ROWS):
-                                yield pa.nulls(min(_BATCH_ROWS, count - start), typ)
-                            continue
-                        for batch in part.iter_batches(batch_size=_BATCH_ROWS, columns=[name],
-                                                       use_threads=False):
-                            yield batch.column(0).cast(typ)
+                    with pa.OSFile(columns[name]) as f:
+                        for batch in pa.ipc.open_stream(f):
+                            yield batch.column(0)
                 return chunks
 
             return fingerprint_ordered(rows, column)
         finally:
-            for path in ordered:
-                os.remove(path)
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _sorted_columns(self, paths: Sequence[str], rows: int, folder: str) -> dict[str, str]:
+        """Write the entries of ``paths`` in the fingerprint's order to one Arrow IPC file per
+        entry-schema column under ``folder`` (a column the files lack: nulls); returns the
+        files by column."""
+        schemas = {name: pa.schema([ENTRY_SCHEMA.field(name)]) for name in ENTRY_SCHEMA.names}
+        files = {name: os.path.join(folder, f"{i:03d}.arrow")
+                 for i, name in enumerate(ENTRY_SCHEMA.names)}
+        options = pa.ipc.IpcWriteOptions(compression="lz4")
+        with contextlib.ExitStack() as stack:
+            writers = {name: stack.enter_context(pa.ipc.new_stream(
+                           stack.enter_context(pa.OSFile(files[name], "wb")), schemas[name],
+                           options=options))
+                       for name in ENTRY_SCHEMA.names}
+            con = self._connect()
+            stack.callback(con.close)
+            for part in self._partitions(con, paths, _ID_KEYS, rows):
+                query = (f"SELECT * EXCLUDE (__file, __row) FROM {part} "
+                         "ORDER BY producer_id ASC NULLS LAST, seq ASC NULLS LAST, __file, __row")
+                for batch in self._reader(con, rows, query):
+                    present = set(batch.schema.names)
+                    for name, writer in writers.items():
+                        typ = schemas[name].field(0).type
+                        array = (batch.column(name).cast(typ) if name in present
+                                 else pa.nulls(batch.num_rows, typ))
+                        writer.write_batch(pa.record_batch([array], schema=schemas[name]))
+        return files
 
     def sorted_tables(self, files: Sequence[SpooledFile]) -> Iterator[pa.Table]:
         """The entries of ``files`` in lookup order (subject token, then time, nulls last; ties
@@ -414,13 +533,11 @@ class RewriteWorkspace:
                           for name, how, _ in SORT_KEYS)
         paths = [f.local for f in files]
         rows = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
-        source = self._source(paths)
         con = self._connect()
         try:
-            for where in self._ranges(con, source, [SORT_KEYS[0][0]], self.passes(paths, rows),
-                                      rows):
-                query = (f"SELECT * EXCLUDE (filename, file_row_number) FROM {source} {where} "
-                         f"ORDER BY {order}, filename, file_row_number")
+            for part in self._partitions(con, paths, [SORT_KEYS[0][0]], rows):
+                query = (f"SELECT * EXCLUDE (__file, __row) FROM {part} "
+                         f"ORDER BY {order}, __file, __row")
                 for batch in self._reader(con, rows, query):
                     # DuckDB's list/struct names and string types differ from the entry schema's
                     yield conform_entries(pa.Table.from_batches([batch]))
@@ -446,6 +563,7 @@ class RewriteWorkspace:
         scores = DICTIONARY_IF_FEW if options.column_encoding else ()
         distinct = self.distinct_counts(files, (*bloom, *scores))
         paths = [self.out_path(name) for name in names]
+        log.debug("write %d rows sorted into %d files", total, len(paths))
         options = dataclasses.replace(options, row_group_size=self.row_group_rows(files, options))
         tables = self.sorted_tables(files)
         pending: pa.Table | None = None
@@ -487,6 +605,34 @@ def _before(keys: Sequence[str], bound: tuple) -> str:
     return f"COALESCE({expr}, false)"
 
 
+def _wheres(keys: Sequence[str], bounds: Sequence[tuple]) -> list[str]:
+    """SQL conditions selecting the rows of each range ``bounds`` split (``[""]``: none)."""
+    if not bounds:
+        return [""]
+    before = [_before(keys, b) for b in bounds]
+    ranges = []
+    for i in range(len(bounds) + 1):
+        parts = ([f"NOT {before[i - 1]}"] if i else []) + (
+            [before[i]] if i < len(bounds) else [])
+        ranges.append("WHERE " + " AND ".join(parts))
+    return ranges
+
+
+def _range_of(keys: Sequence[str], bounds: Sequence[tuple]) -> str:
+    """SQL giving a row's range among those ``bounds`` split (0 to ``len(bounds)``; a NULL key
+    part: the last, as ``ORDER BY keys ASC NULLS LAST`` puts it): a binary search, one
+    comparison of keys per level."""
+    before = [_before(keys, b) for b in bounds]
+
+    def search(lo: int, hi: int) -> str:
+        if lo == hi:
+            return str(lo)
+        mid = (lo + hi + 1) // 2  # range < mid exactly when the key sorts before bounds[mid-1]
+        return f"CASE WHEN {before[mid - 1]} THEN {search(lo, mid - 1)} ELSE {search(mid, hi)} END"
+
+    return search(0, len(bounds))
+
+
 def _row_groups(path: str) -> Iterator[pq.RowGroupMetaData]:
     metadata = pq.ParquetFile(path).metadata
     return (metadata.row_group(i) for i in range(metadata.num_row_groups))
@@ -506,6 +652,7 @@ def summarize(local: str) -> FileSummary:
     """Row count, time range, sequence ranges and Merkle root of the journal file at ``local``,
     read 64k rows at a time (a cold file's 1M-row group would be ~0.5 GiB of Arrow, and its
     leaf hashes more)."""
+    log.debug("summarize %s", os.path.basename(local))
     parquet = pq.ParquetFile(local)
     merkle = MerkleRootBuilder()
     lo = hi = None
