@@ -79,7 +79,10 @@ def _notes_after_table(block: list[str]) -> list[str]:
     """The hand-written lines that follow the table in a section's ``block`` (kept by
     ``--append``, which rebuilds everything above them)."""
     rows = [i for i, line in enumerate(block) if line.startswith("|")]
-    return block[rows[-1] + 1:] if rows else []
+    notes = block[rows[-1] + 1:] if rows else []
+    while notes and not notes[0].strip():
+        notes = notes[1:]
+    return ["", *notes] if notes else []  # a blank line ends the table (else a note is a row)
 
 
 def _rss(pid: int) -> int:

@@ -168,6 +168,8 @@ def test_compaction_append_keeps_the_notes_after_its_table():
     block = ["<!-- bench_compaction:start -->", "## Compaction", "", "- `.venv/bin/python x`", "",
              "| step | rows |", "|---|---|", "| compact | 10 |", "Before range passes: a note",
              "that runs over two lines."]
-    assert _notes_after_table(block) == ["Before range passes: a note", "that runs over two lines."]
+    notes = ["", "Before range passes: a note", "that runs over two lines."]
+    assert _notes_after_table(block) == notes  # a blank line first: the table ends before them
+    assert _notes_after_table([*block[:8], "", "", *block[8:]]) == notes
     assert _notes_after_table(block[:8]) == []
     assert _notes_after_table(["## no table yet"]) == []

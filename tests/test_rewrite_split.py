@@ -235,7 +235,7 @@ def test_a_scattered_sort_reads_the_inputs_twice_whatever_the_number_of_passes(
             queries.clear()
             assert sort() == sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
             reading_inputs = [q for q in queries if paths[0] in q]
-            ranges = [q for q in queries if "range-" in q]
+            ranges = [q for q in queries if "FROM range_" in q]
             if passes == 1:
                 assert len(reading_inputs) == 1 and not ranges  # the one sort
             else:

@@ -10,10 +10,11 @@ therefore never holds the day as one table:
    order; ties keep the input order, as that stable sort does) under a ``memory_limit``. A day
    whose estimated size in memory does not fit DuckDB's share of the limit is sorted in K range
    passes (:meth:`RewriteWorkspace.passes`): K-1 boundary subject tokens are taken from a
-   reservoir sample of that column, one streaming scan scatters every row into a spill file of
-   its token range (with its input position), and each pass sorts one range's file with the
-   same ORDER BY. Equal tokens never straddle two ranges and NULL tokens are in the last one,
-   so the passes' outputs, one after the other, are the one sort's output byte for byte. One
+   reservoir sample of that column, each pass sorts the rows of one token range with the same
+   ORDER BY (filtered from the inputs while there are few ranges; from :data:`_SCATTER_FROM`
+   ranges on, one streaming scan first scatters every row, with its input position, into a
+   spill file of its range). Equal tokens never straddle two ranges and NULL tokens are in the
+   last one, so the passes' outputs, one after the other, are the one sort's output byte for byte. One
    token whose entries alone exceed the limit cannot be split: it is refused
    (:class:`~serve_journal.errors.RewriteMemoryError`), nothing is written;
 3. the sorted rows stream into :class:`~serve_journal.fileformat.SortedParquetWriter` a row
@@ -24,14 +25,15 @@ therefore never holds the day as one table:
 
 The entries' fingerprint (:meth:`RewriteWorkspace.fingerprint`) is taken the same way: DuckDB
 sorts the files into the fingerprint's order (entry id ``(producer_id, seq)``, then input order)
-under the limit, in range passes of entry ids when the day is too big, into spill files that are
-hashed a chunk of one column at a time. Files are copied to and from the storage in 8 MiB
-chunks. Peak memory is the interpreter and its libraries (~240 MiB), DuckDB's share of the
-limit (one pass's rows, its readers' row groups), the scatter's waiting rows
-(:data:`_SCATTER_SHARE`) and one row group being written; it does not grow with the day. Nor
-does the work per entry: however many passes, the spooled inputs are read by the sample and
-the scatter, and each range's file once (docs/benchmarks.md, "Compaction and lifecycle in
-bounded memory").
+under the limit, in range passes of entry ids when the day is too big, and the sorted rows
+stream into one Arrow IPC spill file per column, hashed a chunk at a time. Files are copied to
+and from the storage in 8 MiB chunks. Peak memory is the interpreter and its libraries
+(~240 MiB), DuckDB's share of the limit (one pass's rows, its readers' row groups) and one row
+group being written; it does not grow with the day. Nor does the work per entry once a sort
+has :data:`_SCATTER_FROM` ranges or more: the spooled inputs are then read by the boundary
+sample and one scatter, and each range's spill file once, however many ranges (before, every
+pass read every input: 50M entries took 52 s per million against 27 at 10M). See
+docs/benchmarks.md, "Compaction and lifecycle in bounded memory".
 """
 
 from __future__ import annotations
@@ -93,13 +95,12 @@ about twice their Arrow bytes: at 0.7 a 10M-entry lifecycle move at 2 GiB peaked
 about 4 passes at 128 MiB and 8 at 96 MiB."""
 _SORT_FIXED = 24 * 1024**2
 """DuckDB's own memory in a sort besides the rows and the row groups being read."""
-_SCATTER_SHARE = 0.2
-"""Arrow bytes of the rows a scatter into key ranges holds before writing them, as a share of
-the limit (:meth:`RewriteWorkspace._scatter`; DuckDB's scan beside it has its own share)."""
 _SCATTER_FROM = 4
 """Ranges from which a sort scatters the rows into a spill file per range in one scan rather
-than filtering every input once per range (:meth:`RewriteWorkspace._partitions`): a scatter
-costs about as much as 32 filtered reads."""
+than filtering every input once per range (:meth:`RewriteWorkspace._partitions`). Measured on
+2 cores, 2M entries sorted by subject token: 8 ranges took 16.8 s filtered and 11.8 s
+scattered, 32 ranges 50.1 against 16.4, one pass 7.0 (the scatter then wrote Parquet; it now
+writes Arrow IPC, cheaper still)."""
 _SAMPLE_ROWS = 20_000
 """Sort keys sampled (reservoir) to choose the passes' range boundaries."""
 _FORCED_PASSES: int | None = None
@@ -349,13 +350,13 @@ class RewriteWorkspace:
         ``__row``: its row in that file), so each range sorts alone into the order one sort
         of all rows gives (ties by input position).
 
-        One range (the day fits one pass, :meth:`passes`) is the files themselves. A few ranges
-        are the files filtered to each range: DuckDB reads the key column of every file per
-        range, cheap next to moving the rows (~0.12 us per row and range on 2 cores). From
-        :data:`_SCATTER_FROM` ranges, one scan scatters the rows into a spill file per range
-        (:meth:`_scatter`, ~4 us per row) and each range reads only its own file, so the work
-        per entry stops growing with the day (filtering every file per range made a 50M-entry
-        day take 52 s per million entries against 27 at 10M)."""
+        One range (the day fits one pass, :meth:`passes`) is the files themselves. Fewer than
+        :data:`_SCATTER_FROM` ranges are the files filtered to each range (each range costs one
+        more read of every input: ~0.7 us per entry on 2 cores). From :data:`_SCATTER_FROM`
+        ranges, one scan scatters the rows into a spill file per range (:meth:`_scatter`, ~1.7
+        us per entry) and each range reads only its own file, so the work per entry stops
+        growing with the day (filtering every input per range made a 50M-entry day take 52 s
+        per million entries against 27 at 10M)."""
         source = self._source(paths)
         listed = ", ".join(_literal(p) for p in paths)
         positioned = (f"(SELECT * EXCLUDE (filename, file_row_number), "
@@ -373,12 +374,19 @@ class RewriteWorkspace:
             return
         log.debug("scatter %d rows into %d ranges of %s", rows, len(bounds) + 1, ", ".join(keys))
         parts = self._scatter(con, positioned, keys, bounds, rows)
-        pa.default_memory_pool().release_unused()  # the scatter's waiting rows, before sorting
         try:
             for i, part in enumerate(parts):
-                if part is not None:
-                    log.debug("sort range %d of %d", i + 1, len(parts))
-                    yield f"read_parquet({_literal(part)}, hive_partitioning = false)"
+                if part is None:
+                    continue
+                log.debug("sort range %d of %d", i + 1, len(parts))
+                name = f"range_{uuid.uuid4().hex}"
+                with pa.OSFile(part) as f:
+                    con.register(name, pa.ipc.open_stream(f))  # scanned once, by the sort
+                    try:
+                        yield name
+                    finally:
+                        con.unregister(name)
+                os.remove(part)
         finally:
             for part in parts:
                 if part is not None:
@@ -389,58 +397,36 @@ class RewriteWorkspace:
                  rows: int) -> list[str | None]:
         """Write the rows of ``source`` to one spill file per key range of ``bounds`` (``None``
         for a range without rows) in one streaming scan. DuckDB computes each row's range (a
-        binary search over the boundaries, :func:`_range_of`); rows wait per range until that
-        range holds 64k of them, or until all the waiting rows take :data:`_SCATTER_SHARE` of
-        the limit (the range with most rows is written first), then are written as a row group
-        (the spill files hold what the journal files hold: tokens and HMACs, never raw values).
-        """
+        binary search over the boundaries, :func:`_range_of`); each batch of 64k rows is put in
+        range order with one ``take`` and its slices are appended to their ranges' files as
+        Arrow IPC record batches (LZ4), so nothing waits in memory. The spill files hold what
+        the journal files hold: tokens and HMACs, never raw values."""
         tag = uuid.uuid4().hex
-        paths = [os.path.join(self.root, "spill", f"range-{tag}-{i:05d}.parquet")
+        paths = [os.path.join(self.root, "spill", f"range-{tag}-{i:05d}.arrow")
                  for i in range(len(bounds) + 1)]
-        writers: dict[int, pq.ParquetWriter] = {}
-        waiting: dict[int, list[pa.Table]] = {}
-        waiting_rows: dict[int, int] = {}
-        budget = int(self.memory_limit * _SCATTER_SHARE)
-        held = 0
-
-        def flush(i: int) -> int:
-            table = pa.concat_tables(waiting.pop(i))
-            waiting_rows.pop(i)
-            if i not in writers:
-                writers[i] = pq.ParquetWriter(paths[i], table.schema, compression="snappy",
-                                              write_statistics=False)
-            writers[i].write_table(table, row_group_size=max(1, table.num_rows))
-            return table.nbytes
-
-        try:
-            query = (f"SELECT *, {_range_of(keys, bounds)} AS __range FROM {source}")
-            for batch in self._reader(con, rows, query):
-                ranges = batch.column(batch.num_columns - 1).to_numpy(zero_copy_only=False)
-                batch = batch.drop_columns(["__range"])
-                order = np.argsort(ranges, kind="stable")
-                values, starts = np.unique(ranges[order], return_index=True)
-                ends = [*starts[1:], len(order)]
-                for value, start, end in zip(values.tolist(), starts, ends, strict=True):
-                    # a copy of the range's rows: a slice would keep the whole batch alive
-                    part = pa.Table.from_batches([batch.take(pa.array(order[start:end]))])
-                    waiting.setdefault(value, []).append(part)
-                    waiting_rows[value] = waiting_rows.get(value, 0) + part.num_rows
-                    held += part.nbytes
-                    if waiting_rows[value] >= _BATCH_ROWS:
-                        held -= flush(value)
-                while held > budget and waiting_rows:
-                    held -= flush(max(waiting_rows, key=waiting_rows.__getitem__))
-            for value in list(waiting_rows):
-                held -= flush(value)
-        except BaseException:
-            for writer in writers.values():
-                writer.close()
-            for path in paths:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path)
-            raise
-        for writer in writers.values():
-            writer.close()
+        options = pa.ipc.IpcWriteOptions(compression="lz4")
+        with contextlib.ExitStack() as stack:
+            writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+            try:
+                query = f"SELECT *, {_range_of(keys, bounds)} AS __range FROM {source}"
+                for batch in self._reader(con, rows, query):
+                    ranges = batch.column(batch.num_columns - 1).to_numpy(zero_copy_only=False)
+                    order = np.argsort(ranges, kind="stable")
+                    values, starts = np.unique(ranges[order], return_index=True)
+                    batch = batch.drop_columns(["__range"]).take(pa.array(order))
+                    ends = [*starts[1:], len(order)]
+                    for value, start, end in zip(values.tolist(), starts, ends, strict=True):
+                        if value not in writers:
+                            sink = stack.enter_context(pa.OSFile(paths[value], "wb"))
+                            writers[value] = stack.enter_context(
+                                pa.ipc.new_stream(sink, batch.schema, options=options))
+                        writers[value].write_batch(batch.slice(start, end - start))
+            except BaseException:
+                stack.close()
+                for path in paths:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+                raise
         return [path if i in writers else None for i, path in enumerate(paths)]
 
     def distinct_counts(self, files: Sequence[SpooledFile], columns: Sequence[str]) -> dict[str, int]:
