@@ -5,7 +5,9 @@ moto S3 with an Object Lock bucket and a witness bucket, PostgreSQL for the vaul
 ``mlflow server``; ``serve deploy deployments/production.yaml``; traffic with a worker node
 drained and removed mid-way; then compaction, lifecycle, verify, forget, query and replay as
 ``ray job submit`` jobs. It runs in its own process (its own Ray cluster, apart from the test
-session's) and must finish within 10 minutes; every process it starts is stopped by pid.
+session's); every process it starts is stopped by pid. Its deadline is a hang guard, not a speed
+check (speed is measured in benchmarks/): ~4 minutes on a quiet 2-core machine, over 10 on a CI
+machine of the same kind that ran everything ~2.6x slower (stop 29), hence 20 minutes.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import sys
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(720)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1320)]
 
-DEADLINE_S = 600
-STOP_S = 60  # after SIGTERM; DEADLINE_S + STOP_S stays inside the pytest timeout (720 s)
+DEADLINE_S = 1200
+STOP_S = 60  # after SIGTERM; DEADLINE_S + STOP_S stays inside the pytest timeout (1320 s)
 
 
 def _tail(path, lines: int = 80) -> str:
