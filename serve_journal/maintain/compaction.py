@@ -26,6 +26,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
@@ -139,6 +140,18 @@ def file_sizes(rows: int, max_rows: int) -> int:
         return max(rows, 1)
     parts = -(-rows // max_rows)
     return -(-rows // parts)
+
+
+def in_written_order(paths: Iterable[str]) -> list[str]:
+    """``paths`` sorted with the numbers in their names compared as numbers, so the parts of a
+    file set that :func:`write_verified` numbers come in the order it wrote them (``c-…-2``
+    before ``c-…-10``). A day compacted into consecutive parts, read in this order, is already
+    in lookup order: moving it to the cold tier streams it instead of sorting it again
+    (:func:`~serve_journal.maintain.rewrite.in_lookup_order` checks the rows, not the names)."""
+    def key(path: str) -> tuple[list[str | int], str]:
+        parts = re.split(r"(\d+)", path)  # text, number, text, ...: alike at each place
+        return [int(p) if i % 2 else p for i, p in enumerate(parts)], path
+    return sorted(paths, key=key)
 
 
 def write_verified(

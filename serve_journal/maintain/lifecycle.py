@@ -6,7 +6,9 @@ than ``hot_days`` ago, :func:`apply`:
 1. reads the partition's live hot files and fingerprints their entries (entry ids and hashes);
 2. writes ``cold/model=../date=../hour=../l-<hash of the hot file set>.parquet`` create-only with
    the cold encoding (zstd level 19, 1M-row row groups) and reports it to ``on_file_written``
-   (the manifest record naming the hot files it replaces);
+   (the manifest record naming the hot files it replaces); the hot files are read in the order
+   they were written (:func:`~serve_journal.maintain.compaction.in_written_order`), so a
+   compacted day is streamed in lookup order rather than sorted again;
 3. re-reads the cold copy and refuses the partition if its entries differ in any way;
 4. hands the cold files to ``lock`` (the cold retention policy: Object Lock on S3);
 5. writes the commit marker (``_commits/cold/...``): from now on readers see the cold copy and
@@ -53,6 +55,7 @@ from serve_journal.maintain.compaction import (
     UnrecordedInputError,
     adopt_marker,
     delete_replaced,
+    in_written_order,
     manifest_recorder,
     recorded_hashes,
     signed_then_published,
@@ -158,7 +161,7 @@ def plan(
     for f in live_files(storage, tier=HOT, cache=cache):
         if f.key.end <= cutoff:
             groups.setdefault(f.key, []).append(f.path)
-    moves = tuple(PartitionMove(k, tuple(sorted(v)))
+    moves = tuple(PartitionMove(k, tuple(in_written_order(v)))
                   for k, v in sorted(groups.items(), key=lambda kv: kv[0].sort_key()))
     pending = tuple(
         m.path

@@ -16,7 +16,10 @@ therefore never holds the day as one table:
    spill file of its range). Equal tokens never straddle two ranges and NULL tokens are in the
    last one, so the passes' outputs, one after the other, are the one sort's output byte for byte. One
    token whose entries alone exceed the limit cannot be split: it is refused
-   (:class:`~serve_journal.errors.RewriteMemoryError`), nothing is written;
+   (:class:`~serve_journal.errors.RewriteMemoryError`), nothing is written. Inputs already in
+   that order (a day compacted into consecutive files, moved to the cold tier) are not sorted
+   at all: :func:`in_lookup_order` reads their two key columns, and the files are streamed
+   as they are, which is what the sort would give;
 3. the sorted rows stream into :class:`~serve_journal.fileformat.SortedParquetWriter` a row
    group at a time, split into files of at most ``max_rows_per_file`` rows;
 4. each written file is summarized by streaming it back 64k rows at a time
@@ -47,7 +50,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -510,15 +513,29 @@ class RewriteWorkspace:
 
     def sorted_tables(self, files: Sequence[SpooledFile]) -> Iterator[pa.Table]:
         """The entries of ``files`` in lookup order (subject token, then time, nulls last; ties
-        in input order: file, then row), as entry-schema tables of at most 64k rows. A day too
-        big to sort in one pass (:meth:`passes`) is sorted one range of subject tokens at a
-        time, each range with the same ORDER BY, so the rows come out as one sort gives them."""
+        in input order: file, then row), as entry-schema tables of 64k rows in one chunk (the
+        last one the rest), however they were read: a Parquet page ends where a chunk does, so
+        the same rows in other chunks would be written as other bytes. A day too big to sort in
+        one pass (:meth:`passes`) is sorted one range of subject tokens at a time, each range
+        with the same ORDER BY, so the rows come out as one sort gives them; inputs already in
+        that order (:func:`in_lookup_order`) are streamed as they are."""
+        return _in_batches(self._sorted_tables(files), _BATCH_ROWS)
+
+    def _sorted_tables(self, files: Sequence[SpooledFile]) -> Generator[pa.Table, None, None]:
         if not files:
             return
         order = ", ".join(f'"{name}" {"ASC" if how == "ascending" else "DESC"} NULLS LAST'
                           for name, how, _ in SORT_KEYS)
         paths = [f.local for f in files]
         rows = sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+        if in_lookup_order(paths):
+            # The sort's output would be the inputs themselves (ties keep input order): a day
+            # compacted into consecutive files, moved to the cold tier, is streamed, not sorted.
+            log.debug("stream %d rows already in lookup order (no sort)", rows)
+            for path in paths:
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS):
+                    yield conform_entries(pa.Table.from_batches([batch]))
+            return
         con = self._connect()
         try:
             for part in self._partitions(con, paths, [SORT_KEYS[0][0]], rows):
@@ -617,6 +634,63 @@ def _range_of(keys: Sequence[str], bounds: Sequence[tuple]) -> str:
         return f"CASE WHEN {before[mid - 1]} THEN {search(lo, mid - 1)} ELSE {search(mid, hi)} END"
 
     return search(0, len(bounds))
+
+
+def _in_batches(tables: Generator[pa.Table, None, None], rows: int) -> Iterator[pa.Table]:
+    """The rows of ``tables`` re-cut into tables of ``rows`` rows (the last one the rest), each
+    in one chunk (a copy of one batch at a time)."""
+    pending: list[pa.Table] = []
+    count = 0
+    with contextlib.closing(tables):  # a reader stopped early closes the sort's (spill files)
+        for table in tables:
+            while table.num_rows:
+                take = min(rows - count, table.num_rows)
+                pending.append(table.slice(0, take))
+                count += take
+                table = table.slice(take)
+                if count == rows:
+                    yield pa.concat_tables(pending).combine_chunks()
+                    pending, count = [], 0
+    if count:
+        yield pa.concat_tables(pending).combine_chunks()
+
+
+def in_lookup_order(paths: Sequence[str]) -> bool:
+    """Whether the rows of the local journal files ``paths``, read one file after the other,
+    are already in lookup order (``ORDER BY subject_token ASC NULLS LAST, ts ASC NULLS LAST``,
+    equal keys allowed), so that sorting them would give them back unchanged. Reads the two key
+    columns only, a row group at a time, and stops at the first row out of order (files
+    written by many producers fail on their second file's first rows)."""
+    if [name for name, how, nulls in SORT_KEYS] != ["subject_token", "ts"] or any(
+            how != "ascending" or nulls != "at_end" for _, how, nulls in SORT_KEYS):
+        return False  # the check below is written for this order only
+    last: pa.Table | None = None
+    for path in paths:
+        parquet = pq.ParquetFile(path)
+        if not {"subject_token", "ts"} <= set(parquet.schema_arrow.names):
+            return False
+        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=["subject_token", "ts"]):
+            keys = pa.Table.from_batches([batch])
+            if last is not None:
+                keys = pa.concat_tables([last, keys.cast(last.schema)])
+            if not _keys_ascending(keys.column("subject_token"), keys.column("ts")):
+                return False
+            last = keys.slice(keys.num_rows - 1)
+    return True
+
+
+def _keys_ascending(tokens: pa.ChunkedArray, ts: pa.ChunkedArray) -> bool:
+    """Whether each row's ``(token, ts)`` is at or after the row before it, NULLs last in both."""
+    n = len(tokens)
+    if n < 2:
+        return True
+    a, b = tokens.slice(0, n - 1), tokens.slice(1)
+    a_null, b_null = pc.is_null(a), pc.is_null(b)
+    token_before = pc.or_(pc.fill_null(pc.less(a, b), False), pc.and_(pc.invert(a_null), b_null))
+    token_same = pc.or_(pc.fill_null(pc.equal(a, b), False), pc.and_(a_null, b_null))
+    ts_a, ts_b = ts.slice(0, n - 1), ts.slice(1)
+    ts_ok = pc.or_(pc.fill_null(pc.less_equal(ts_a, ts_b), False), pc.is_null(ts_b))
+    return bool(pc.all(pc.or_(token_before, pc.and_(token_same, ts_ok))).as_py())
 
 
 def _row_groups(path: str) -> Iterator[pq.RowGroupMetaData]:
