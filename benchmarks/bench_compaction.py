@@ -85,16 +85,18 @@ def _notes_after_table(block: list[str]) -> list[str]:
     return ["", *notes] if notes else []  # a blank line ends the table (else a note is a row)
 
 
-def _rss(pid: int) -> int:
-    """Resident bytes of process ``pid`` now (0 once it has gone)."""
+def _memory(pid: int) -> tuple[int, int]:
+    """Resident bytes of process ``pid`` now and at its highest so far (``VmRSS``, ``VmHWM``;
+    zeros once it has gone)."""
+    found = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    found[line[:5]] = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return found.get("VmRSS", 0), found.get("VmHWM", 0)
 
 
 def _phase_at(stderr: str, when: float) -> str:
@@ -113,7 +115,7 @@ def _phase_at(stderr: str, when: float) -> str:
 
 def _phase_seconds(stderr: str, end: float) -> dict[str, float]:
     """Seconds spent per rewrite phase (the first word of its debug log lines: spool, scatter,
-    sort, hash, write, summarize), each line's phase lasting until the next line (the last
+    sort, stream, hash, write, summarize), each line's phase lasting until the next line (the last
     until ``end``)."""
     stamps: list[tuple[float, str]] = []
     for line in stderr.splitlines():
@@ -130,9 +132,12 @@ def _phase_seconds(stderr: str, end: float) -> dict[str, float]:
 
 def run_step(root: Path, step: str, limit: str, temp: Path) -> dict:
     """Run ``step`` (compact | lifecycle) in a child; sample the temp space it uses and its
-    resident memory (the phase it was in at its peak comes from the rewrite's debug log)."""
+    resident memory (the phase it was in at its peak comes from the rewrite's debug log). A peak
+    too short for a sample is still seen by the high-water mark: ``hwm_phase`` is the phase of
+    the last sample before the mark last rose (the peak came within the next 0.25 s)."""
     peak_temp = [0]
     peak_rss = [0, 0.0]
+    hwm = [0, 0.0]
     stop = threading.Event()
     load_before = os.getloadavg()
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(root), step, limit, str(temp),
@@ -141,10 +146,14 @@ def run_step(root: Path, step: str, limit: str, temp: Path) -> dict:
 
     def sample() -> None:
         ticks = 0
+        before = time.time()
         while not stop.wait(0.25):
-            rss = _rss(proc.pid)
+            rss, high = _memory(proc.pid)
             if rss > peak_rss[0]:
                 peak_rss[:] = [rss, time.time()]
+            if high > hwm[0]:
+                hwm[:] = [high, before]
+            before = time.time()
             ticks += 1
             if ticks % 8 == 0:
                 peak_temp[0] = max(peak_temp[0], _tree_bytes(temp))
@@ -164,6 +173,7 @@ def run_step(root: Path, step: str, limit: str, temp: Path) -> dict:
     out = json.loads(stdout.strip().splitlines()[-1])
     out.update(load_before=load_before, load_after=os.getloadavg(), peak_temp=peak_temp[0],
                sampled_peak_rss=peak_rss[0], peak_phase=_phase_at(stderr, peak_rss[1]),
+               hwm=hwm[0], hwm_phase=_phase_at(stderr, hwm[1]),
                phase_seconds=_phase_seconds(stderr, time.time()))
     return out
 
