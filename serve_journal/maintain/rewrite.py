@@ -672,7 +672,10 @@ def in_lookup_order(paths: Sequence[str]) -> bool:
         for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=["subject_token", "ts"]):
             keys = pa.Table.from_batches([batch])
             if last is not None:
-                keys = pa.concat_tables([last, keys.cast(last.schema)])
+                try:
+                    keys = pa.concat_tables([last, keys.cast(last.schema)])
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                    return False  # files of other key types: the sort reconciles them
             if not _keys_ascending(keys.column("subject_token"), keys.column("ts")):
                 return False
             last = keys.slice(keys.num_rows - 1)
