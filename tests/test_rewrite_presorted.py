@@ -184,3 +184,15 @@ def test_files_written_do_not_depend_on_how_the_rows_arrive(tmp_path, monkeypatc
             written[way] = out
     assert written["one sort"] == written["streamed"]
     assert written["five passes"] == written["streamed"]
+
+
+def test_files_whose_keys_do_not_cast_fall_back_to_the_sort(tmp_path):
+    """A later file whose key columns do not cast to the first file's types is not "in order"
+    (the sort reconciles the types), and the check does not raise."""
+    first = str(tmp_path / "a.parquet")
+    pq.write_table(pa.table({"subject_token": pa.array([1, 2], pa.int64()),
+                             "ts": pa.array([1, 2], pa.timestamp("us", tz="UTC"))}), first)
+    later = str(tmp_path / "b.parquet")
+    pq.write_table(_keys_table([("x3", 1), ("x4", 2)]), later)
+    assert in_lookup_order([first]) and in_lookup_order([later])
+    assert not in_lookup_order([first, later])
