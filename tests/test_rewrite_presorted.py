@@ -189,3 +189,46 @@ def test_files_whose_keys_do_not_cast_fall_back_to_the_sort(tmp_path):
     pq.write_table(_keys_table([("x3", 1), ("x4", 2)]), later)
     assert in_lookup_order([first]) and in_lookup_order([later])
     assert not in_lookup_order([first, later])
+
+
+_CRASH = """
+import datetime as dt, os, signal, sys
+from serve_journal.maintain import lifecycle
+from serve_journal.storage import LocalJournalStorage
+root, stage, nth, now = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+seen = {"n": 0}
+def crash(point):
+    if point == stage:
+        seen["n"] += 1
+        if seen["n"] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+storage = LocalJournalStorage(root)
+plan = lifecycle.plan(storage, dt.datetime.fromisoformat(now), hot_days=0)
+lifecycle.apply(storage, plan, dry_run=False, _crash=crash)
+"""
+
+
+@pytest.mark.slow  # ~3 s each: a compaction, a killed move and its re-run
+@pytest.mark.parametrize("stage,nth", [("cold-file-written", 1), ("committed", 1),
+                                       ("replaced-file-deleted", 5)])
+def test_kill_9_during_a_streamed_move_loses_and_doubles_nothing(tmp_path, stage, nth):
+    """The streamed move (no sort) killed at its worst moments: readers see every entry once
+    throughout, and the next run finishes the move, the hot parts gone."""
+    import signal
+    import subprocess
+    import sys
+
+    storage = _compacted_in_parts(tmp_path / "journal")
+    with JournalQuery(storage, actor="test") as q:
+        before = sorted(ids(q.find(tier="all")))
+    proc = subprocess.run([sys.executable, "-c", _CRASH, storage.root, stage, str(nth),
+                           LATER.isoformat()], capture_output=True, timeout=300, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    with JournalQuery(storage, actor="test") as q:
+        assert sorted(ids(q.find(tier="all"))) == before
+    report = lifecycle.apply(storage, lifecycle.plan(storage, LATER, hot_days=0), dry_run=False)
+    assert not report.refused
+    with JournalQuery(storage, actor="test") as q:
+        assert sorted(ids(q.find(tier="cold"))) == before
+        assert sorted(ids(q.find(tier="all"))) == before
+    assert not storage.list_files("hot")
