@@ -21,7 +21,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from serve_journal.schema import ENTRY_SCHEMA, conform_entries
+from serve_journal.schema import (
+    DERIVED_SCORES,
+    ENTRY_SCHEMA,
+    STORED_SCHEMA,
+    conform_entries,
+    derive_output_scores,
+)
 
 SORT_KEYS = [("subject_token", "ascending", "at_end"), ("ts", "ascending", "at_end")]
 BLOOM_COLUMNS = ("subject_token", "request_id")
@@ -77,6 +83,8 @@ _DICTIONARY_COLUMNS = [
         for sub in (f.type.value_type if pa.types.is_list(f.type) else [None])
     )
 ]
+# (the derived-scores code column is left to pyarrow's default, a dictionary: one or two codes
+# per file, run-length encoded to nothing)
 
 
 @dataclass(frozen=True)
@@ -94,15 +102,29 @@ class ParquetOptions:
     """``(column path, encoding)`` pairs written without a dictionary; ``None``: pyarrow's
     defaults (dictionary everywhere)."""
     data_page_size: int | None = None
+    derive_scores: bool = False
+    """Leave out the output scores that follow from ``score`` (:func:`~serve_journal.schema.
+    derive_output_scores`): the file has :data:`~serve_journal.schema.STORED_SCHEMA`'s extra
+    column, and every reader of the package restores the scores."""
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The schema of the files these options write."""
+        return STORED_SCHEMA if self.derive_scores else ENTRY_SCHEMA
+
+    def stored(self, table: pa.Table) -> pa.Table:
+        """``table`` (entry schema) as these options store it."""
+        return derive_output_scores(table) if self.derive_scores else table
 
 
 HOT_OPTIONS = ParquetOptions()
 COLD_OPTIONS = ParquetOptions(
     compression_level=19, row_group_size=1024 * 1024, bloom_columns=("subject_token",),
-    data_page_size=1024 * 1024,
+    data_page_size=1024 * 1024, derive_scores=True,
 )
 """Cold: zstd 19, 1M-row groups, a bloom filter on the subject token only (a request-id filter
-costs ~1.2 bytes per entry; cold lookups by request id scan the partition)."""
+costs ~1.2 bytes per entry; cold lookups by request id scan the partition), and the output scores
+that follow from ``score`` left out (a binary classifier's two: ~13 bytes per entry)."""
 
 
 def sort_for_lookup(table: pa.Table) -> pa.Table:
@@ -131,6 +153,8 @@ def _writer_kwargs(options: ParquetOptions, bloom_ndv: dict[str, int] | None,
                 plain.pop(column, None)
         extra["column_encoding"] = plain
         extra["use_dictionary"] = [c for c in _DICTIONARY_COLUMNS if c not in plain]
+        if options.derive_scores:
+            extra["use_dictionary"].append(DERIVED_SCORES)
     if options.data_page_size:
         extra["data_page_size"] = options.data_page_size
     return {
@@ -154,8 +178,8 @@ def encode_parquet(table: pa.Table, options: ParquetOptions = HOT_OPTIONS) -> by
                for column in options.bloom_columns}
     distinct = score_distinct(table) if options.column_encoding and table.num_rows else None
     kwargs = _writer_kwargs(options, ndv, distinct, table.num_rows)
-    with pq.ParquetWriter(sink, ENTRY_SCHEMA, **kwargs) as writer:
-        writer.write_table(table, row_group_size=options.row_group_size)
+    with pq.ParquetWriter(sink, options.schema, **kwargs) as writer:
+        writer.write_table(options.stored(table), row_group_size=options.row_group_size)
     return sink.getvalue().to_pybytes()
 
 
@@ -178,11 +202,12 @@ class SortedParquetWriter:
             ndv = {column: bloom_ndv(distinct.get(column, rows), rows, options.row_group_size)
                    for column in options.bloom_columns}
         self._rows_per_group = options.row_group_size
+        self._options = options
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
         self.rows = 0
         self._writer = pq.ParquetWriter(
-            where, ENTRY_SCHEMA, **_writer_kwargs(options, ndv, distinct, rows))
+            where, options.schema, **_writer_kwargs(options, ndv, distinct, rows))
 
     def write(self, table: pa.Table) -> None:
         """Append ``table`` (entries in lookup order, after everything written so far)."""
@@ -195,7 +220,8 @@ class SortedParquetWriter:
 
     def _flush(self, rows: int) -> None:
         buffered = pa.concat_tables(self._pending)  # chunks, not a copy: one row group's rows
-        self._writer.write_table(buffered.slice(0, rows), row_group_size=self._rows_per_group)
+        self._writer.write_table(self._options.stored(buffered.slice(0, rows)),
+                                 row_group_size=self._rows_per_group)
         rest = buffered.slice(rows)
         self._pending = [rest] if rest.num_rows else []
         self._pending_rows = rest.num_rows

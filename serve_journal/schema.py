@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 SCHEMA_VERSION = 3
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1, 2, 3})
@@ -96,6 +98,15 @@ ENTRY_SCHEMA: pa.Schema = pa.schema(
     metadata={b"serve_journal.schema_version": str(SCHEMA_VERSION).encode()},
 )
 
+DERIVED_SCORES = "outputs_derived"
+"""A column of cold-tier files only, not of entries: where an entry's output scores were left out
+because they follow from its ``score`` (:func:`derive_output_scores`). Readers restore them
+(:func:`restore_output_scores`, called by :func:`conform_entries`) and never see the column."""
+
+STORED_SCHEMA: pa.Schema = ENTRY_SCHEMA.append(pa.field(DERIVED_SCORES, pa.int16(), nullable=True))
+"""The columns of a file written with derived output scores: the entry schema, then
+:data:`DERIVED_SCORES`."""
+
 COLUMN_NAMES: tuple[str, ...] = tuple(name for name, *_ in COLUMNS)
 _TYPE_NAMES = tuple(map(str, ENTRY_SCHEMA.types))
 
@@ -112,6 +123,9 @@ def conform_entries(table: pa.Table) -> pa.Table:
     if table.schema == ENTRY_SCHEMA and tuple(map(str, table.schema.types)) == _TYPE_NAMES:
         return table
     names = set(table.column_names)
+    if DERIVED_SCORES in names:
+        table = restore_output_scores(table)
+        names.discard(DERIVED_SCORES)
     unknown = sorted(names - set(COLUMN_NAMES))
     missing = [name for name in COLUMN_NAMES if name not in names]
     required = [name for name in missing if name not in ADDED_COLUMNS]
@@ -123,6 +137,126 @@ def conform_entries(table: pa.Table) -> pa.Table:
         table = table.append_column(ENTRY_SCHEMA.field(name),
                                     pa.nulls(table.num_rows, ENTRY_SCHEMA.field(name).type))
     return table.select(list(COLUMN_NAMES)).cast(ENTRY_SCHEMA)
+
+
+_MAX_POSITION = 15
+"""Output positions a code can name (4 bits each, 0 for none)."""
+
+
+def _output_positions(outputs: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(row, position in its row's list) of every element of the list array ``outputs``."""
+    rows = pc.list_parent_indices(outputs).to_numpy(zero_copy_only=False).astype(np.int64)
+    offsets = outputs.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+    first = offsets[:-1][rows] if len(rows) else rows
+    return rows, np.arange(offsets[0], offsets[0] + len(rows), dtype=np.int64) - first
+
+
+def _first_per_row(rows: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, element indices) of the first element of each row where ``mask`` holds."""
+    where = np.flatnonzero(mask)
+    found, first = np.unique(rows[where], return_index=True)
+    return found, where[first]
+
+
+def _bits(values: np.ndarray) -> np.ndarray:
+    return values.view(np.int64)
+
+
+def _floats(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(values with nulls as 0.0, validity) of a float64 array."""
+    valid = (np.ones(len(array), dtype=bool) if array.null_count == 0
+             else pc.is_valid(array).to_numpy(zero_copy_only=False))
+    return pc.fill_null(array, 0.0).to_numpy(zero_copy_only=False).astype(np.float64), valid
+
+
+def _with_scores(outputs: pa.ListArray, scores: pa.Array) -> pa.ListArray:
+    """``outputs`` with its elements' ``score`` field replaced by ``scores``."""
+    flat = outputs.values.slice(outputs.offsets[0].as_py(), len(scores))
+    struct = pa.StructArray.from_arrays(
+        [flat.field("label"), scores], fields=list(flat.type), mask=flat.is_null())
+    offsets = pc.subtract(outputs.offsets, outputs.offsets[0])
+    return pa.ListArray.from_arrays(offsets, struct, type=outputs.type, mask=outputs.is_null())
+
+
+def derive_output_scores(table: pa.Table) -> pa.Table:
+    """``table`` (entry schema) in :data:`STORED_SCHEMA`: an output score that equals the entry's
+    ``score`` s, or ``1 - s``, bit for bit, is stored as null and the :data:`DERIVED_SCORES` code
+    says where it was: ``p + 16 * q``, ``p`` the 1-based position of the first output equal to
+    s, ``q`` that of the first other one equal to ``1 - s`` (0: none; positions past 15 are kept).
+    A binary classifier's two scores take ~13 bytes per entry in a cold file and the code almost
+    none. :func:`restore_output_scores` gives back ``table`` exactly; nothing else changes."""
+    outputs = table.column("outputs").combine_chunks() if table.num_rows else None
+    codes = np.zeros(table.num_rows, dtype=np.int16)
+    if outputs is not None and len(outputs.values):
+        rows, position = _output_positions(outputs)
+        flat = pc.list_flatten(outputs)
+        values, valid = _floats(pc.struct_field(flat, "score"))
+        s, s_valid = _floats(table.column("score").combine_chunks())
+        mine, mine_valid = s[rows], s_valid[rows] & valid & (position < _MAX_POSITION)
+        equal = mine_valid & (_bits(values) == _bits(mine))
+        found, first = _first_per_row(rows, equal)
+        codes[found] = position[first] + 1
+        complement = mine_valid & (_bits(values) == _bits(np.subtract(1.0, mine)))
+        complement[first] = False
+        found_c, first_c = _first_per_row(rows, complement)
+        codes[found_c] += (position[first_c] + 1).astype(np.int16) * 16
+        dropped = np.zeros(len(values), dtype=bool)
+        dropped[first] = dropped[first_c] = True
+        if dropped.any():
+            scores = pa.array(values, pa.float64(), mask=~valid | dropped)
+            outputs = _with_scores(outputs, scores)
+    column = pa.array(codes, pa.int16(), mask=codes == 0)
+    out = table.set_column(table.schema.get_field_index("outputs"), table.schema.field("outputs"),
+                           [outputs] if outputs is not None else table.column("outputs"))
+    return out.append_column(STORED_SCHEMA.field(DERIVED_SCORES), column)
+
+
+def restore_output_scores(table: pa.Table) -> pa.Table:
+    """``table`` without its :data:`DERIVED_SCORES` column, each output score it names put back
+    (``score`` or ``1 - score``); a table without the column is returned as it is."""
+    if DERIVED_SCORES not in table.column_names:
+        return table
+    index = table.schema.get_field_index(DERIVED_SCORES)
+    codes = table.column(DERIVED_SCORES)
+    table = table.remove_column(index)
+    if codes.null_count == len(codes) or not table.num_rows:
+        return table
+    outputs = table.column("outputs").combine_chunks()
+    if not len(outputs.values):
+        return table
+    code = pc.fill_null(codes.combine_chunks(), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    rows, position = _output_positions(outputs)
+    flat = pc.list_flatten(outputs)
+    values, valid = _floats(pc.struct_field(flat, "score"))
+    s, s_valid = _floats(table.column("score").combine_chunks())
+    mine = s[rows]
+    is_s = (position + 1 == code[rows] % 16) & s_valid[rows]
+    is_c = (position + 1 == code[rows] // 16) & s_valid[rows] & ~is_s
+    values = np.where(is_s, mine, np.where(is_c, np.subtract(1.0, mine), values))
+    scores = pa.array(values, pa.float64(), mask=~(valid | is_s | is_c))
+    index = table.schema.get_field_index("outputs")
+    return table.set_column(index, table.schema.field(index), [_with_scores(outputs, scores)])
+
+
+RESTORE_OUTPUTS_SQL = (
+    "CASE WHEN outputs_derived IS NULL THEN outputs ELSE list_transform(outputs, lambda o, i: "
+    "struct_pack(label := o.label, score := CASE WHEN i = outputs_derived % 16 THEN score "
+    "WHEN i = outputs_derived // 16 THEN 1::DOUBLE - score ELSE o.score END)) END"
+)
+"""DuckDB SQL for the ``outputs`` of a file with derived scores (an engine that reads the files
+or the Iceberg table itself, not through this package): the same values, bit for bit, as
+:func:`restore_output_scores`. Other engines translate it (Spark: ``transform``)."""
+
+
+def stored_columns(columns: list[str], present: set[str] | list[str]) -> list[str]:
+    """The columns to read from a file whose columns are ``present`` to get the entry columns
+    ``columns`` (those the file has): ``columns``, and when they name ``outputs`` in a file with
+    derived scores, ``score`` and :data:`DERIVED_SCORES` too. Pass what was read to
+    :func:`restore_output_scores`, then select ``columns``."""
+    wanted = [c for c in columns if c in present]
+    if "outputs" in wanted and DERIVED_SCORES in present:
+        wanted += [c for c in ("score", DERIVED_SCORES) if c not in wanted]
+    return wanted
 
 
 _TRACE_ID = re.compile(r"[0-9a-f]{32}")

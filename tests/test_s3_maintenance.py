@@ -8,12 +8,16 @@ from __future__ import annotations
 import json
 from urllib.parse import urlparse
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
 from serve_journal.catalog.layout import split_by_partition
 from serve_journal.cli import main
 from serve_journal.read.verify import format_report, verify_journal
+from serve_journal.schema import DERIVED_SCORES
 from serve_journal.sink.settings import SinkSettings, manifest_hook
 from serve_journal.sink.writer import PartitionFileWriter
 from serve_journal.storage import open_storage
@@ -69,7 +73,18 @@ def test_compact_and_lifecycle_on_s3_sign_witness_and_lock(s3_bucket, tmp_path, 
 
     monkeypatch.setenv("SERVE_JOURNAL_PUBLIC_KEY_FILE", str(public))
     with JournalQuery(storage, actor="s3-maintenance-test") as query:
-        assert ids(query.find(tier="all")) == ids(table)
+        found = query.find(tier="all")
+        assert ids(found) == ids(table)
+        # the cold file left out the output scores that follow from score; the dataset scan of
+        # s3:// (not DuckDB's local read) restores them
+        stored = pq.ParquetFile(pa.BufferReader(storage.read(cold[0])))
+        assert DERIVED_SCORES in stored.schema_arrow.names
+        assert pc.struct_field(pc.list_flatten(stored.read()["outputs"]), "score").null_count > 0
+
+        def outputs(t):
+            return dict(zip(t["request_id"].to_pylist(), t["outputs"].to_pylist(), strict=True))
+
+        assert outputs(found) == outputs(table)
 
 
 def test_compact_on_s3_without_a_signing_key_says_so(s3_bucket, monkeypatch):

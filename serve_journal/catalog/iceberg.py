@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve_journal.catalog.live import MarkerCache, live_files
-from serve_journal.schema import ENTRY_SCHEMA
+from serve_journal.schema import STORED_SCHEMA
 from serve_journal.storage import JournalStorage, S3WormStorage, local_root
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,8 @@ class PublishReport:
 
 def open_table(storage: JournalStorage, settings: IcebergSettings, *, create: bool = True) -> Any:
     """The journal's table: created with the entry schema when missing, its properties set and
-    its schema evolved to the current :data:`~serve_journal.schema.ENTRY_SCHEMA`. With
+    its schema evolved to the current :data:`~serve_journal.schema.STORED_SCHEMA` (the entry
+    schema and the cold files' derived-scores code). With
     ``create=False`` it is only loaded and nothing is written (verify, status):
     ``NoSuchTableError`` when it does not exist.
 
@@ -258,7 +259,7 @@ def open_table(storage: JournalStorage, settings: IcebergSettings, *, create: bo
                 except exceptions.NamespaceAlreadyExistsError:
                     pass
                 table = catalog.create_table(
-                    settings.table, schema=ENTRY_SCHEMA,
+                    settings.table, schema=STORED_SCHEMA,
                     location=settings.table_location(storage), properties=_TABLE_PROPERTIES)
             return _evolve_schema(_set_properties(table))
         except races as exc:
@@ -308,13 +309,13 @@ def _set_properties(table: Any) -> Any:
 
 
 def _evolve_schema(table: Any) -> Any:
-    """Add the entry schema's columns the table lacks (a newer schema version): files of earlier
-    versions lack them and read as nulls. (pyiceberg updates the name mapping with them.)"""
+    """Add the stored schema's columns the table lacks (a newer schema version, or the cold
+    files' derived-scores code): files of earlier versions lack them and read as nulls. (pyiceberg updates the name mapping with them.)"""
     have = {f.name for f in table.schema().fields}
-    if all(name in have for name in ENTRY_SCHEMA.names):
+    if all(name in have for name in STORED_SCHEMA.names):
         return table
     with table.update_schema() as update:
-        update.union_by_name(ENTRY_SCHEMA)
+        update.union_by_name(STORED_SCHEMA)
     return table
 
 

@@ -20,7 +20,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from serve_journal.schema import ADDED_COLUMNS, ENTRY_SCHEMA, conform_entries
+from serve_journal.schema import (
+    ADDED_COLUMNS,
+    ENTRY_SCHEMA,
+    conform_entries,
+    restore_output_scores,
+    stored_columns,
+)
 from serve_journal.storage import JournalStorage
 
 
@@ -122,7 +128,8 @@ def _fingerprint_parquet(files: Sequence[Callable[[], pq.ParquetFile]]) -> Finge
     def one(file: pq.ParquetFile, name: str, typ: pa.DataType) -> list[pa.Array]:
         if name not in file.schema_arrow.names and name in ADDED_COLUMNS:
             return [pa.nulls(file.metadata.num_rows, typ)]
-        return file.read(columns=[name]).column(0).cast(typ).chunks
+        read = file.read(columns=stored_columns([name], file.schema_arrow.names))
+        return restore_output_scores(read).column(name).cast(typ).chunks
 
     def column(name: str) -> pa.ChunkedArray:
         typ = ENTRY_SCHEMA.field(name).type

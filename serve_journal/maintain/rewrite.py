@@ -71,7 +71,7 @@ from serve_journal.integrity.fingerprint import (
     fingerprint_ordered,
 )
 from serve_journal.integrity.merkle import MerkleRootBuilder, table_leaf_hashes
-from serve_journal.schema import ENTRY_SCHEMA, conform_entries
+from serve_journal.schema import ENTRY_SCHEMA, conform_entries, restore_output_scores
 from serve_journal.storage import JournalStorage
 
 DEFAULT_MEMORY_LIMIT = 2 * 1024**3
@@ -503,12 +503,13 @@ class RewriteWorkspace:
                 query = (f"SELECT * EXCLUDE (__file, __row) FROM {part} "
                          "ORDER BY producer_id ASC NULLS LAST, seq ASC NULLS LAST, __file, __row")
                 for batch in self._reader(con, rows, query):
+                    batch = restore_output_scores(pa.Table.from_batches([batch]))
                     present = set(batch.schema.names)
                     for name, writer in writers.items():
                         typ = schemas[name].field(0).type
                         array = (batch.column(name).cast(typ) if name in present
                                  else pa.nulls(batch.num_rows, typ))
-                        writer.write_batch(pa.record_batch([array], schema=schemas[name]))
+                        writer.write(pa.table([array], schema=schemas[name]))
         return files
 
     def sorted_tables(self, files: Sequence[SpooledFile]) -> Iterator[pa.Table]:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from serve_journal.schema import ADDED_COLUMNS, ENTRY_SCHEMA
+from serve_journal.schema import ADDED_COLUMNS, ENTRY_SCHEMA, restore_output_scores, stored_columns
 from serve_journal.storage import JournalStorage
 
 _P1, _P2, _P3 = 0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9
@@ -167,8 +167,9 @@ class FileIndex:
             return None
         present = set(self.parquet.schema_arrow.names)
         wanted = [c for c in dict.fromkeys([column, *columns]) if c in present or c not in ADDED_COLUMNS]
-        table = self.parquet.read_row_groups(groups, columns=wanted, use_threads=False)
-        table = table.filter(pc.equal(table[column], value))
+        table = self.parquet.read_row_groups(groups, columns=stored_columns(wanted, present),
+                                             use_threads=False)
+        table = restore_output_scores(table.filter(pc.equal(table[column], value)))
         for name in columns:
             if name not in table.column_names:
                 field = ENTRY_SCHEMA.field(name)

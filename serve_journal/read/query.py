@@ -49,7 +49,13 @@ from serve_journal.privacy.tokens import check_subject_token, is_caller_token
 from serve_journal.read.access_log import read_access_log, record_access
 from serve_journal.read.pruning import FooterCache
 from serve_journal.retry import retry_call
-from serve_journal.schema import ENTRY_SCHEMA, OUTCOMES, check_trace_id
+from serve_journal.schema import (
+    ENTRY_SCHEMA,
+    OUTCOMES,
+    STORED_SCHEMA,
+    check_trace_id,
+    restore_output_scores,
+)
 from serve_journal.storage import JournalStorage, open_storage
 from serve_journal.times import as_utc
 
@@ -450,7 +456,7 @@ class JournalQuery:
 
         dataset = ds.dataset(
             [self.storage.full_path(f.path) for f in files],
-            schema=ENTRY_SCHEMA,
+            schema=STORED_SCHEMA,  # cold files' derived-scores column too (nulls elsewhere)
             format="parquet",
             filesystem=self.storage.filesystem,
         )
@@ -512,6 +518,7 @@ def _trace_groups(meta: pq.FileMetaData, trace_id: str) -> list[int]:
 
 
 def _to_entry_schema(table: pa.Table) -> pa.Table:
+    table = restore_output_scores(table)  # a cold file's derived output scores
     columns = [
         table.column(name) if name in table.column_names else pa.nulls(table.num_rows, field.type)
         for name, field in zip(ENTRY_SCHEMA.names, ENTRY_SCHEMA, strict=True)

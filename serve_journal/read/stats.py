@@ -56,7 +56,7 @@ from serve_journal.counters import (
 )
 from serve_journal.integrity.certificates import PURPOSE_COUNTERS, certified_keys
 from serve_journal.integrity.trust import reader_trust
-from serve_journal.schema import ENTRY_SCHEMA
+from serve_journal.schema import DERIVED_SCORES, ENTRY_SCHEMA, restore_output_scores, stored_columns
 from serve_journal.storage import JournalStorage
 from serve_journal.times import as_utc
 
@@ -313,7 +313,8 @@ def _journal_sample(
             continue
         parquet = pq.ParquetFile(pa.BufferReader(storage.read(path)))
         present = set(parquet.schema_arrow.names)
-        part = parquet.read(columns=[c for c in wanted if c in present])
+        part = restore_output_scores(parquet.read(columns=stored_columns(wanted, present)))
+        present.discard(DERIVED_SCORES)
         for name in wanted:  # a column added after this file's schema version: nulls
             if name not in present:
                 part = part.append_column(ENTRY_SCHEMA.field(name),
