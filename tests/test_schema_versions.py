@@ -32,7 +32,7 @@ from serve_journal.read.verify import format_report, verify_journal
 from serve_journal.replay.featurestore import ParquetFeatureStore
 from serve_journal.replay.tasks import JOURNAL_COLUMNS, TaskSpec, replay_batch
 from serve_journal.replay.verifiers import VaultVerifier
-from serve_journal.schema import ADDED_COLUMNS, ENTRY_SCHEMA, conform_entries
+from serve_journal.schema import ADDED_COLUMNS, DERIVED_SCORES, ENTRY_SCHEMA, conform_entries
 from serve_journal.sink.settings import SinkSettings, manifest_hook
 from serve_journal.sink.writer import PartitionFileWriter
 from serve_journal.storage import LocalJournalStorage
@@ -232,6 +232,28 @@ def test_replay_reads_v1_files_end_to_end(ray_cluster, v1):
 
     v1.add_v2_file()
     report = replay(v1.uri, model="fraud", progress=False)
+    assert report.total == V1_ENTRIES + 40
+    statuses = {r["request_id"]: r["hmac_status"] for r in report.results.to_pylist()}
+    entries = v1.query().filter(pa.compute.not_equal(v1.query()["producer_id"], "replica-c"))
+    wanted = [r for r, t in zip(entries["request_id"].to_pylist(),
+                                entries["subject_token"].to_pylist(), strict=True) if t]
+    assert len(wanted) > 100 and {statuses[r] for r in wanted} == {"verified"}
+
+
+def test_replay_reads_v1_entries_moved_to_cold_end_to_end(ray_cluster, v1):
+    """The cold files the lifecycle writes from v1 files (derived output scores left out, the
+    ``outputs_derived`` column) replay like the hot ones: every entry with a subject verifies."""
+    from serve_journal.replay.driver import replay
+
+    v1.add_v2_file()
+    run_compaction(v1.uri, apply=True, settings=v1.settings, now=DAY2 + dt.timedelta(days=1, hours=1))
+    run_lifecycle(v1.uri, apply=True, hot_days=1, settings=v1.settings, now=DAY2 + dt.timedelta(days=5))
+    cold = sorted(f.path for f in live_files(v1.storage, tier="cold"))
+    assert cold and not _hot_files(v1)
+    codes = pa.concat_tables([pq.read_table(v1.storage.full_path(p), columns=[DERIVED_SCORES])
+                              for p in cold])[DERIVED_SCORES]
+    assert codes.null_count < len(codes)  # scores were left out of the cold files
+    report = replay(v1.uri, model="fraud", tier="cold", progress=False)
     assert report.total == V1_ENTRIES + 40
     statuses = {r["request_id"]: r["hmac_status"] for r in report.results.to_pylist()}
     entries = v1.query().filter(pa.compute.not_equal(v1.query()["producer_id"], "replica-c"))
