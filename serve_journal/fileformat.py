@@ -260,4 +260,4 @@ def decode_parquet(data: bytes) -> pa.Table:
     """Read a journal file's bytes (any supported schema version) back as a table with the
     current entry schema (columns an earlier version lacks are null)."""
     # ParquetFile, not read_table: the dataset path's thread pool aborts some interpreters at exit.
-    return conform_entries(pq.ParquetFile(pa.BufferReader(data)).read())
+    return conform_entries(pq.ParquetFile(pa.BufferReader(data)).read(), stored=True)

@@ -101,7 +101,8 @@ ENTRY_SCHEMA: pa.Schema = pa.schema(
 DERIVED_SCORES = "outputs_derived"
 """A column of cold-tier files only, not of entries: where an entry's output scores were left out
 because they follow from its ``score`` (:func:`derive_output_scores`). Readers restore them
-(:func:`restore_output_scores`, called by :func:`conform_entries`) and never see the column."""
+(:func:`restore_output_scores`, called by :func:`conform_entries` of a file's rows) and never see
+the column; anywhere but a file (a Kafka message) it is refused as unknown."""
 
 STORED_SCHEMA: pa.Schema = ENTRY_SCHEMA.append(pa.field(DERIVED_SCORES, pa.int16(), nullable=True))
 """The columns of a file written with derived output scores: the entry schema, then
@@ -111,9 +112,12 @@ COLUMN_NAMES: tuple[str, ...] = tuple(name for name, *_ in COLUMNS)
 _TYPE_NAMES = tuple(map(str, ENTRY_SCHEMA.types))
 
 
-def conform_entries(table: pa.Table) -> pa.Table:
+def conform_entries(table: pa.Table, *, stored: bool = False) -> pa.Table:
     """``table`` (any supported schema version) in the current entry schema, column order and
-    types: the columns a file of an earlier version lacks are added as nulls.
+    types: the columns a file of an earlier version lacks are added as nulls. ``stored``: the
+    table was read from a journal file, whose output scores may be derived (its
+    :data:`DERIVED_SCORES` column): restore them. Anywhere else (Kafka messages, entries handed
+    to a writer) that column is unknown, like any other.
 
     Raises ``ValueError`` naming the columns when ``table`` lacks a column that is not one of
     :data:`ADDED_COLUMNS`, or has one the schema does not know.
@@ -123,7 +127,7 @@ def conform_entries(table: pa.Table) -> pa.Table:
     if table.schema == ENTRY_SCHEMA and tuple(map(str, table.schema.types)) == _TYPE_NAMES:
         return table
     names = set(table.column_names)
-    if DERIVED_SCORES in names:
+    if stored and DERIVED_SCORES in names:
         table = restore_output_scores(table)
         names.discard(DERIVED_SCORES)
     unknown = sorted(names - set(COLUMN_NAMES))
@@ -143,12 +147,24 @@ _MAX_POSITION = 15
 """Output positions a code can name (4 bits each, 0 for none)."""
 
 
-def _output_positions(outputs: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(row, position in its row's list) of every element of the list array ``outputs``."""
-    rows = pc.list_parent_indices(outputs).to_numpy(zero_copy_only=False).astype(np.int64)
+def _output_positions(outputs: pa.ListArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, position in its row's list, whether its row's list is valid) of every child value
+    of the list array ``outputs`` from its first offset to its last: :func:`_elements` order,
+    values behind a null list included (Arrow allows them; they are never derived)."""
     offsets = outputs.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
-    first = offsets[:-1][rows] if len(rows) else rows
-    return rows, np.arange(offsets[0], offsets[0] + len(rows), dtype=np.int64) - first
+    lengths = np.diff(offsets)
+    rows = np.repeat(np.arange(len(outputs), dtype=np.int64), lengths)
+    position = np.arange(offsets[0], offsets[-1], dtype=np.int64) - offsets[:-1][rows]
+    row_valid = (np.ones(len(outputs), dtype=bool) if outputs.null_count == 0
+                 else pc.is_valid(outputs).to_numpy(zero_copy_only=False))
+    return rows, position, row_valid[rows]
+
+
+def _elements(outputs: pa.ListArray) -> pa.StructArray:
+    """The child values of ``outputs`` from its first offset to its last (unlike
+    ``list_flatten``, those behind a null list too: positions stay aligned)."""
+    start = outputs.offsets[0].as_py()
+    return outputs.values.slice(start, outputs.offsets[len(outputs)].as_py() - start)
 
 
 def _first_per_row(rows: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -187,16 +203,19 @@ def derive_output_scores(table: pa.Table) -> pa.Table:
     none. :func:`restore_output_scores` gives back ``table`` exactly; nothing else changes."""
     outputs = table.column("outputs").combine_chunks() if table.num_rows else None
     codes = np.zeros(table.num_rows, dtype=np.int16)
-    if outputs is not None and len(outputs.values):
-        rows, position = _output_positions(outputs)
-        flat = pc.list_flatten(outputs)
+    if outputs is not None and len(_elements(outputs)):
+        rows, position, listed = _output_positions(outputs)
+        flat = _elements(outputs)
         values, valid = _floats(pc.struct_field(flat, "score"))
+        valid &= pc.is_valid(flat).to_numpy(zero_copy_only=False)  # a null output: kept as is
         s, s_valid = _floats(table.column("score").combine_chunks())
-        mine, mine_valid = s[rows], s_valid[rows] & valid & (position < _MAX_POSITION)
+        mine = s[rows]
+        mine_valid = s_valid[rows] & valid & listed & (position < _MAX_POSITION)
         equal = mine_valid & (_bits(values) == _bits(mine))
         found, first = _first_per_row(rows, equal)
         codes[found] = position[first] + 1
-        complement = mine_valid & (_bits(values) == _bits(np.subtract(1.0, mine)))
+        with np.errstate(invalid="ignore"):  # a signalling NaN score: IEEE gives a NaN, quietly
+            complement = mine_valid & (_bits(values) == _bits(np.subtract(1.0, mine)))
         complement[first] = False
         found_c, first_c = _first_per_row(rows, complement)
         codes[found_c] += (position[first_c] + 1).astype(np.int16) * 16
@@ -213,39 +232,54 @@ def derive_output_scores(table: pa.Table) -> pa.Table:
 
 def restore_output_scores(table: pa.Table) -> pa.Table:
     """``table`` without its :data:`DERIVED_SCORES` column, each output score it names put back
-    (``score`` or ``1 - score``); a table without the column is returned as it is."""
+    (``score`` or ``1 - score``); a table without the column is returned as it is.
+
+    Raises ``ValueError`` when the column is not a code :func:`derive_output_scores` writes (not
+    an integer, or outside 0-255) or ``table`` lacks ``score`` or ``outputs``: a file that was
+    altered (verify names it); the message holds no value of the file."""
     if DERIVED_SCORES not in table.column_names:
         return table
     index = table.schema.get_field_index(DERIVED_SCORES)
     codes = table.column(DERIVED_SCORES)
+    missing = [name for name in ("score", "outputs") if name not in table.column_names]
+    if not pa.types.is_integer(codes.type):
+        raise ValueError(f"not a journal file: {DERIVED_SCORES} is {codes.type}, not int16")
+    if missing:
+        raise ValueError(f"not a journal file: {DERIVED_SCORES} without the column(s) {missing}")
     table = table.remove_column(index)
     if codes.null_count == len(codes) or not table.num_rows:
         return table
-    outputs = table.column("outputs").combine_chunks()
-    if not len(outputs.values):
-        return table
     code = pc.fill_null(codes.combine_chunks(), 0).to_numpy(zero_copy_only=False).astype(np.int64)
-    rows, position = _output_positions(outputs)
-    flat = pc.list_flatten(outputs)
+    if code.min() < 0 or code.max() > 255:
+        raise ValueError(f"not a journal file: {DERIVED_SCORES} holds codes outside 0-255")
+    outputs = table.column("outputs").combine_chunks()
+    if not len(_elements(outputs)):
+        return table
+    rows, position, listed = _output_positions(outputs)
+    flat = _elements(outputs)
     values, valid = _floats(pc.struct_field(flat, "score"))
     s, s_valid = _floats(table.column("score").combine_chunks())
-    mine = s[rows]
-    is_s = (position + 1 == code[rows] % 16) & s_valid[rows]
-    is_c = (position + 1 == code[rows] // 16) & s_valid[rows] & ~is_s
-    values = np.where(is_s, mine, np.where(is_c, np.subtract(1.0, mine), values))
-    scores = pa.array(values, pa.float64(), mask=~(valid | is_s | is_c))
+    mine, mine_valid = s[rows], s_valid[rows]
+    is_s = (position + 1 == code[rows] % 16) & listed
+    is_c = (position + 1 == code[rows] // 16) & listed & ~is_s
+    with np.errstate(invalid="ignore"):  # as in derive_output_scores
+        values = np.where(is_s, mine, np.where(is_c, np.subtract(1.0, mine), values))
+    valid = np.where(is_s | is_c, mine_valid, valid)  # a null score restores null (as the SQL)
+    scores = pa.array(values, pa.float64(), mask=~valid)
     index = table.schema.get_field_index("outputs")
     return table.set_column(index, table.schema.field(index), [_with_scores(outputs, scores)])
 
 
 RESTORE_OUTPUTS_SQL = (
     "CASE WHEN outputs_derived IS NULL THEN outputs ELSE list_transform(outputs, lambda o, i: "
-    "struct_pack(label := o.label, score := CASE WHEN i = outputs_derived % 16 THEN score "
-    "WHEN i = outputs_derived // 16 THEN 1::DOUBLE - score ELSE o.score END)) END"
+    "CASE WHEN o IS NULL THEN NULL ELSE struct_pack(label := o.label, score := CASE "
+    "WHEN i = outputs_derived % 16 THEN score WHEN i = outputs_derived // 16 THEN 1::DOUBLE - score "
+    "ELSE o.score END) END) END"
 )
 """DuckDB SQL for the ``outputs`` of a file with derived scores (an engine that reads the files
 or the Iceberg table itself, not through this package): the same values, bit for bit, as
-:func:`restore_output_scores`. Other engines translate it (Spark: ``transform``)."""
+:func:`restore_output_scores` for every file it writes (a forged code outside 0-255 is refused by
+the package and read differently by the SQL; verify names such a file). Other engines translate it (Spark: ``transform``)."""
 
 
 def stored_columns(columns: list[str], present: set[str] | list[str]) -> list[str]:

@@ -48,7 +48,7 @@ def bits(value: float | None) -> int | None:
 
 def as_bits(table: pa.Table) -> list:
     """Each row's score and outputs with floats as their bit patterns (NaN payloads, -0.0)."""
-    return [(bits(s), None if o is None else [(x["label"], bits(x["score"])) for x in o])
+    return [(bits(s), None if o is None else [x and (x["label"], bits(x["score"])) for x in o])
             for s, o in zip(table["score"].to_pylist(), table["outputs"].to_pylist(), strict=True)]
 
 
@@ -68,10 +68,10 @@ def rows(draw) -> tuple[float | None, list | None]:
         return score, None
     outputs = []
     for i in range(draw(st.integers(0, 20))):
-        kind = draw(st.sampled_from(["score", "complement", "other", "null"]))
+        kind = draw(st.sampled_from(["score", "complement", "other", "null", "no output"]))
         value = {"score": score, "complement": None if score is None else 1.0 - score,
-                 "other": draw(FLOATS), "null": None}[kind]
-        outputs.append({"label": f"c{i % 3}", "score": value})
+                 "other": draw(FLOATS), "null": None, "no output": None}[kind]
+        outputs.append(None if kind == "no output" else {"label": f"c{i % 3}", "score": value})
     return score, outputs
 
 
@@ -86,7 +86,7 @@ def test_derive_then_restore_gives_back_every_bit(drawn):
     halves = pa.concat_tables([stored.slice(0, len(drawn) // 2), stored.slice(len(drawn) // 2)])
     assert as_bits(restore_output_scores(halves)) == as_bits(table)
     for (score, outputs), kept in zip(drawn, stored["outputs"].to_pylist(), strict=True):
-        if outputs and score is not None and outputs[0]["score"] is not None and \
+        if outputs and score is not None and outputs[0] and outputs[0]["score"] is not None and \
                 bits(outputs[0]["score"]) == bits(score):
             assert kept[0]["score"] is None  # the first output equal to score is left out
 
@@ -108,6 +108,7 @@ def test_the_sql_for_other_engines_restores_the_same_bits(tmp_path):
                      {"label": "c", "score": 1.0}]),
              (None, [{"label": "a", "score": None}]),
              (0.1, None), (0.1, []),
+             (0.5, [{"label": "a", "score": 0.5}, None, {"label": "b", "score": 0.5}]),
              (0.7, [{"label": f"c{i}", "score": 0.7 if i == 16 else 0.01 * i} for i in range(18)]
               + [{"label": "x", "score": 1.0 - 0.7}]),
              (1e-300, [{"label": "n", "score": math.nan}, {"label": "c", "score": 1.0 - 1e-300},
@@ -214,12 +215,56 @@ def test_an_attacker_who_edits_only_the_code_column_is_named_by_verify(cold):
 
 
 def test_garbage_codes_never_crash_a_reader():
+    """Codes no writer wrote: in range they restore something (verify names the file), out of
+    range, of another type or without the columns they refer to they are a clear ValueError."""
     table = minimal([(0.2, [{"label": "a", "score": 0.2}]), (0.4, None), (None, [])])
     stored = derive_output_scores(table)
-    for garbage in ([255, 255, 255], [-1, 0, 7], [17, 240, 3]):
+    for garbage in ([255, 255, 255], [0, 0, 7], [17, 240, 3]):
         forged = stored.set_column(2, stored.schema.field(2), pa.array(garbage, pa.int16()))
         restored = restore_output_scores(forged)
         assert restored.num_rows == 3 and DERIVED_SCORES not in restored.column_names
     assert np.isnan(restore_output_scores(minimal([(math.nan, [])])
                                           .append_column(DERIVED_SCORES, pa.array([1], pa.int16())))
                     ["score"][0].as_py())
+    refused = [stored.set_column(2, DERIVED_SCORES, pa.array([-1, 0, 7], pa.int16())),
+               stored.set_column(2, DERIVED_SCORES, pa.array([256, 0, 7], pa.int32())),
+               stored.set_column(2, DERIVED_SCORES, pa.array(["1", "x", None])),
+               stored.drop_columns(["outputs"]), stored.drop_columns(["score"])]
+    for forged in refused:
+        with pytest.raises(ValueError, match="not a journal file"):
+            restore_output_scores(forged)
+
+
+def test_a_null_list_over_child_values_and_a_null_output_round_trip():
+    """Arrow lets a null list's offsets span child values (``ListArray.from_arrays`` with a
+    mask); a null output inside a list keeps its place. Both come back as they were."""
+    children = pa.StructArray.from_arrays([pa.array(["a", "b", "c", "d"]),
+                                           pa.array([0.9, 0.1, 0.3, 0.7])], names=["label", "score"])
+    hidden = pa.ListArray.from_arrays(pa.array([0, 2, 4], pa.int32()), children,
+                                      mask=pa.array([True, False])).cast(OUTPUTS)
+    table = pa.table({"score": pa.array([0.9, 0.3]), "outputs": hidden})
+    stored = derive_output_scores(table)
+    assert stored[DERIVED_SCORES].to_pylist() == [None, 1 + 16 * 2]
+    assert as_bits(restore_output_scores(stored)) == as_bits(table)
+    with_null = minimal([(0.5, [{"label": "a", "score": 0.5}, None, {"label": "b", "score": 0.5}])])
+    assert as_bits(restore_output_scores(derive_output_scores(with_null))) == as_bits(with_null)
+
+
+def test_a_kafka_message_carrying_the_file_only_column_is_undecodable_not_a_storage_fault():
+    """The code column belongs to cold files. A message that carries it (with or without the
+    columns it refers to) is refused as undecodable: the sink counts and skips it, its
+    partition goes on (a KeyError here stalled the partition as a storage fault), and the
+    code is never applied."""
+    from serve_journal.sink.kafka import _decode_run
+    from serve_journal.transport import wire
+
+    table = conform_entries(make_entries(2))
+    stored = derive_output_scores(table)
+    good = wire.encode_messages(table, [b"k", b"k"])[0].value
+    for forged in (stored, stored.drop_columns(["outputs"]), stored.drop_columns(["score"])):
+        poison = wire._ipc_bytes(forged.combine_chunks().to_batches()[0])
+        with pytest.raises(wire.WireFormatError):
+            wire.decode_message(poison)
+        stats = {"undecodable": 0, "duplicates": 0}
+        out = _decode_run("topic", 0, 2, [(7, poison), (8, good)], stats)
+        assert stats["undecodable"] == 1 and out.num_rows == table.num_rows

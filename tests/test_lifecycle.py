@@ -15,7 +15,7 @@ import pytest
 
 from serve_journal.catalog import live_files
 from serve_journal.catalog.layout import COLD, DEFAULT_SPEC
-from serve_journal.fileformat import encode_parquet
+from serve_journal.fileformat import decode_parquet, encode_parquet
 from serve_journal.maintain import lifecycle
 from serve_journal.maintain.compaction import CompactionOptions, compact
 from serve_journal.read.query import JournalQuery
@@ -99,7 +99,7 @@ def test_refuses_to_expire_after_the_cold_copy_was_damaged(journal):
     # someone alters a cold file: one decision flipped
     cold_path = live_files(storage, tier=COLD)[0].path
     full = storage.full_path(cold_path)
-    table = pq.ParquetFile(full).read()
+    table = decode_parquet(storage.read(cold_path))
     flipped = table.set_column(
         table.schema.get_field_index("decision"), "decision",
         pa.array(["allow" if d == "block" else "block" for d in table["decision"].to_pylist()]),

@@ -88,7 +88,7 @@ def test_range_passes_write_the_same_files_and_fingerprint_as_one_pass(tmp_path,
     assert one_ranges == [""] and len(split_ranges) >= 3
     assert split == one  # same bytes (hot and cold options), rows, time and seq ranges, roots
     everything = conform_entries(pa.concat_tables(
-        [conform_entries(pq.read_table(p)) for p in paths]))
+        [conform_entries(pq.read_table(p), stored=True) for p in paths]))
     assert split_print == one_print == fingerprint(everything)
 
 

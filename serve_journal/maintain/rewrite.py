@@ -535,7 +535,7 @@ class RewriteWorkspace:
             log.debug("stream %d rows already in lookup order (no sort)", rows)
             for path in paths:
                 for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS):
-                    yield conform_entries(pa.Table.from_batches([batch]))
+                    yield conform_entries(pa.Table.from_batches([batch]), stored=True)
             return
         con = self._connect()
         try:
@@ -544,7 +544,7 @@ class RewriteWorkspace:
                          f"ORDER BY {order}, __file, __row")
                 for batch in self._reader(con, rows, query):
                     # DuckDB's list/struct names and string types differ from the entry schema's
-                    yield conform_entries(pa.Table.from_batches([batch]))
+                    yield conform_entries(pa.Table.from_batches([batch]), stored=True)
         finally:
             con.close()
 
@@ -722,7 +722,7 @@ def summarize(local: str) -> FileSummary:
     lo = hi = None
     runs: dict[str, list[list[int]]] = {}
     for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, use_threads=False):
-        table = conform_entries(pa.Table.from_batches([batch]))
+        table = conform_entries(pa.Table.from_batches([batch]), stored=True)
         merkle.extend(table_leaf_hashes(table))
         if table.num_rows:
             bounds = pc.min_max(table.column("ts").cast(pa.int64()))

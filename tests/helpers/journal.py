@@ -20,7 +20,7 @@ from serve_journal.storage import local_root
 def read_journal(root: Path) -> pa.Table:
     """Every row of every hot data file below ``root`` (no catalog: tests compare against it)."""
     files = sorted(glob.glob(str(root / "hot" / "**" / "*.parquet"), recursive=True))
-    tables = [conform_entries(pq.ParquetFile(f).read()) for f in files]  # v1 and v2 files
+    tables = [conform_entries(pq.ParquetFile(f).read(), stored=True) for f in files]  # v1 and v2 files
     return pa.concat_tables(tables) if tables else ENTRY_SCHEMA.empty_table()
 
 
