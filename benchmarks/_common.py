@@ -22,6 +22,20 @@ os.environ.setdefault("SERVE_JOURNAL_DEV_MODE", "1")
 
 SIZES = ("tiny", "quick", "full")
 
+PEAK_RSS_CODE = '''
+def peak_rss_bytes():
+    """This process's own peak resident memory: the kernel's high-water mark (VmHWM). Not
+    ru_maxrss: a child started by subprocess (vfork, then exec) has its parent's peak in it."""
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+'''
+"""Source of ``peak_rss_bytes()`` for the child scripts benchmarks run with ``python -c`` (they
+import nothing from ``benchmarks``: some run in another commit's worktree)."""
+
 
 def percentiles_us(samples_ns: Sequence[int] | np.ndarray) -> dict[str, float]:
     """p50/p99/p99.9/max/mean in microseconds of durations given in nanoseconds."""

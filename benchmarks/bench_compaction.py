@@ -1,8 +1,9 @@
 """Compaction and lifecycle of one large day in bounded memory: peak RSS and time per million rows.
 
 Writes a synthetic fraud day (``bench_query``'s generator: v2 entries, ``--files-per-hour`` hot
-files per hour) and then, each in a child process of its own so its peak RSS
-(``ru_maxrss``) is its own, compacts it at day level and moves it to the cold tier under
+files per hour) and then, each in a child process of its own so its peak RSS (its
+``VmHWM``; not ``ru_maxrss``, which holds the parent's peak from generating the day) is its
+own, compacts it at day level and moves it to the cold tier under
 ``--memory-limit``. Reports rows, input and output bytes, seconds, seconds per million rows,
 peak RSS, the load average and the temp space the rewrite used.
 
@@ -27,13 +28,13 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks._common import write_docs_section
+from benchmarks._common import PEAK_RSS_CODE, write_docs_section
 from benchmarks.bench_query import DAY, build, machine
 
 START, END = "<!-- bench_compaction:start -->", "<!-- bench_compaction:end -->"
 
-CHILD = """
-import datetime as dt, json, logging, resource, sys, time
+CHILD = PEAK_RSS_CODE + """
+import datetime as dt, json, logging, sys, time
 logging.basicConfig(stream=sys.stderr, format="%(created).3f %(message)s")
 logging.getLogger("serve_journal.maintain.rewrite").setLevel(logging.DEBUG)
 from serve_journal.maintain import lifecycle
@@ -54,7 +55,7 @@ else:
     assert not report.refused, report.refused
 seconds = time.perf_counter() - t
 print(json.dumps({"seconds": seconds, "done": done,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss": peak_rss_bytes()}))
 """
 
 
@@ -73,6 +74,13 @@ def _tier_bytes(root: Path, tier: str) -> tuple[int, int]:
     """Bytes and number of the live-looking data files of ``tier`` (after deletes)."""
     files = [p for p in (root / tier).rglob("*.parquet")]
     return sum(p.stat().st_size for p in files), len(files)
+
+
+def _commands_before_table(block: list[str]) -> list[str]:
+    """The run commands listed above the table in a section's ``block`` (a note after the
+    table may quote a command too: it stays in the note)."""
+    table_at = next((i for i, line in enumerate(block) if line.startswith("|")), len(block))
+    return [line for line in block[:table_at] if line.startswith("- `.venv/bin/python")]
 
 
 def _notes_after_table(block: list[str]) -> list[str]:
@@ -234,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.append and START in text:
             block = text[text.index(START):text.index(END)].splitlines()
             previous = [line for line in block if line.startswith(("| compact", "| lifecycle"))]
-            commands = [line for line in block if line.startswith("- `.venv/bin/python")]
+            commands = _commands_before_table(block)
             notes = _notes_after_table(block)
             machines = [line for line in block if line.startswith("Machine:")]
         if machine() not in machines:  # rows of an earlier run may come from another machine
@@ -245,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             *(m for line in machines for m in (line, "")),
             "A synthetic fraud day (`bench_query`'s generator, v2 entries, "
             f"{args.files_per_hour} hot files per hour) compacted at day level, then moved to the "
-            "cold tier, each step in a child process (peak RSS is its `ru_maxrss`). The rewrite "
+            "cold tier, each step in a child process (peak RSS is its own high-water mark, `VmHWM`). The rewrite "
             "spools the checked inputs to a temp folder and sorts them with DuckDB under 45% of "
             "the limit, in as many passes (one range of the sort key each) as the day's estimated "
             "size needs, streaming the sorted rows into the output files a row group at a time. "

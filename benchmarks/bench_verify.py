@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._common import write_docs_section
+from benchmarks._common import PEAK_RSS_CODE, write_docs_section
 from benchmarks.bench_query import DAY, hex_strings, hour_of_entries, machine
 from benchmarks.machine import machine_info
 from serve_journal.maintain.compaction import CompactionOptions
@@ -56,8 +56,8 @@ BASE_TREE = "/tmp/verify-base"
 
 # One timed round, run with ``python -c`` so the same code drives the current tree and the old
 # one (``PYTHONPATH`` picks the tree; the old verify lived at ``serve_journal.verify``).
-WORKER = r"""
-import hashlib, json, resource, sys, time
+WORKER = PEAK_RSS_CODE + r"""
+import hashlib, json, sys, time
 mode, root, key = sys.argv[1:4]
 import serve_journal
 from serve_journal.storage import LocalJournalStorage
@@ -103,7 +103,7 @@ else:
                error_kinds=sorted({p.kind for p in report.errors}),
                error_paths=[p.path for p in report.errors],
                report_head=format_report(report).splitlines()[:25])
-out["maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out["maxrss_kib"] = peak_rss_bytes() // 1024
 print(json.dumps(out))
 """
 
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{built['records']} manifest records in {args.writers + 1} chains (the writers' and the "
         f"compactor's), {built['checkpoints']} checkpoints, {built['markers']} commit marker(s). "
         f"Each round runs each measure in a fresh subprocess (times exclude interpreter start "
-        f"and imports; peak RSS is the subprocess's `ru_maxrss`, imports included), the three "
+        f"and imports; peak RSS is the subprocess's own high-water mark, `VmHWM`, imports included), the three "
         f"measures interleaved, page cache warm; {args.rounds} rounds.\n")
     out.append(f"Current verify: ok={current['ok']}, {current['errors']} error(s), "
                f"{current['warnings']} warning(s), {current['files']} files, "

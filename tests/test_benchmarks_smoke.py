@@ -173,3 +173,29 @@ def test_compaction_append_keeps_the_notes_after_its_table():
     assert _notes_after_table([*block[:8], "", "", *block[8:]]) == notes
     assert _notes_after_table(block[:8]) == []
     assert _notes_after_table(["## no table yet"]) == []
+    from benchmarks.bench_compaction import _commands_before_table
+
+    quoted = [*block, "", "- `.venv/bin/python y` (a command a note quotes)"]
+    assert _commands_before_table(quoted) == ["- `.venv/bin/python x`"]
+
+
+def test_a_benchmark_child_reports_its_own_peak_not_its_parents():
+    """``ru_maxrss`` of a child started by subprocess holds the parent's peak (vfork, then exec):
+    a 50M-entry compaction child reported 3.06 GiB while its own high-water mark was 1.42 GiB,
+    the parent having generated the day. ``peak_rss_bytes`` reads the child's own VmHWM."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from benchmarks._common import PEAK_RSS_CODE
+
+    big = np.ones(400 * 2**20 // 8)  # this process now peaks 400 MiB higher
+    big[:] = 2.0
+    del big
+    script = PEAK_RSS_CODE + (
+        "import resource\nprint(peak_rss_bytes(), "
+        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+    own, inherited = map(int, subprocess.run([sys.executable, "-c", script], capture_output=True,
+                                             text=True, check=True).stdout.split())
+    assert own < 100 * 2**20, (own, inherited)  # a bare interpreter; inherited: >= 400 MiB here
