@@ -227,17 +227,22 @@ def test_replay_verifies_the_hmacs_of_v1_entries(v1):
     assert {statuses[r] for r in wanted} == {"verified"}
 
 
-def test_replay_reads_v1_files_end_to_end(ray_cluster, v1):
-    from serve_journal.replay.driver import replay
-
-    v1.add_v2_file()
-    report = replay(v1.uri, model="fraud", progress=False)
+def _assert_every_subject_verified(v1, report) -> None:
+    """Every v1 entry (not the added v2 file's) with a subject replayed as ``verified``."""
     assert report.total == V1_ENTRIES + 40
     statuses = {r["request_id"]: r["hmac_status"] for r in report.results.to_pylist()}
     entries = v1.query().filter(pa.compute.not_equal(v1.query()["producer_id"], "replica-c"))
     wanted = [r for r, t in zip(entries["request_id"].to_pylist(),
                                 entries["subject_token"].to_pylist(), strict=True) if t]
     assert len(wanted) > 100 and {statuses[r] for r in wanted} == {"verified"}
+
+
+def test_replay_reads_v1_files_end_to_end(ray_cluster, v1):
+    from serve_journal.replay.driver import replay
+
+    v1.add_v2_file()
+    report = replay(v1.uri, model="fraud", progress=False)
+    _assert_every_subject_verified(v1, report)
 
 
 def test_replay_reads_v1_entries_moved_to_cold_end_to_end(ray_cluster, v1):
@@ -254,12 +259,7 @@ def test_replay_reads_v1_entries_moved_to_cold_end_to_end(ray_cluster, v1):
                               for p in cold])[DERIVED_SCORES]
     assert codes.null_count < len(codes)  # scores were left out of the cold files
     report = replay(v1.uri, model="fraud", tier="cold", progress=False)
-    assert report.total == V1_ENTRIES + 40
-    statuses = {r["request_id"]: r["hmac_status"] for r in report.results.to_pylist()}
-    entries = v1.query().filter(pa.compute.not_equal(v1.query()["producer_id"], "replica-c"))
-    wanted = [r for r, t in zip(entries["request_id"].to_pylist(),
-                                entries["subject_token"].to_pylist(), strict=True) if t]
-    assert len(wanted) > 100 and {statuses[r] for r in wanted} == {"verified"}
+    _assert_every_subject_verified(v1, report)
 
 
 def test_v1_kafka_messages_decode_to_v2_tables_with_nulls():
