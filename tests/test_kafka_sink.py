@@ -8,6 +8,7 @@ configured unsafely.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import signal
@@ -23,7 +24,9 @@ import pytest
 
 from serve_journal.catalog.layout import DEFAULT_SPEC
 from serve_journal.read.verify import format_report, verify_journal
+from serve_journal.schema import ENTRY_SCHEMA
 from serve_journal.sink.kafka import (
+    MAX_READY_CHUNKS,
     ChunkFileName,
     KafkaSink,
     KafkaSinkSettings,
@@ -31,6 +34,7 @@ from serve_journal.sink.kafka import (
     recover_offsets,
 )
 from serve_journal.sink.kafka_app import KafkaSinkActor, sink_manifest_hook
+from serve_journal.sink.writer import synthetic_entries
 from serve_journal.storage import LocalJournalStorage
 from serve_journal.transport.kafka import KafkaSettings, KafkaTransport
 from tests.fixtures.kafka import check_delivery, journal_table, make_entries, wait_for
@@ -302,6 +306,87 @@ def test_storage_failing_writes_then_recovering_loses_nothing(kafka_broker, tmp_
     report = check_delivery(journal_table(storage), first + second)
     assert report.exactly_once, report.summary()
     transport.close(10)
+
+
+class SlowFirstWrite(LocalJournalStorage):
+    """Local storage whose first file write blocks until the test releases it."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__(root)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self._first = True
+
+    def put_new(self, relative: str, data: bytes):
+        if self._first and relative.endswith(".parquet"):
+            self._first = False
+            self.entered.set()
+            if not self.release.wait(60):
+                raise TimeoutError("the test never released the first write")
+        return super().put_new(relative, data)
+
+
+def test_sink_consumes_while_a_chunk_is_written_and_bounds_what_waits(kafka_broker, tmp_path):
+    """While a chunk's file is being written (here: blocked), the sink goes on consuming, so the
+    next chunks fill and close meanwhile; at most MAX_READY_CHUNKS per partition wait (memory),
+    the rest stays in Kafka. Released, everything lands exactly once, in offset order."""
+    kafka_broker.create_topic(TOPIC, PARTITIONS)
+    storage = SlowFirstWrite(str(tmp_path / "journal"))
+    transport = _transport(kafka_broker.bootstrap, tmp_path, "a")
+    # roll_bytes of a few entries: every message arriving in a fetch of its own is its own chunk.
+    sink = KafkaSink(_sink_settings(kafka_broker.bootstrap, roll_bytes=2_000), storage)
+    batches = [make_entries(200, start_seq=200 * i) for i in range(5)]
+    most_waiting = []
+
+    async def scenario():
+        await sink.start()
+        run = asyncio.create_task(sink.run(stop))
+        try:
+            await asyncio.to_thread(_send, transport, batches[:1])
+            assert await asyncio.to_thread(storage.entered.wait, 60), "no write started"
+            for batch in batches[1:]:
+                await asyncio.to_thread(_send, transport, [batch])
+                await asyncio.sleep(0.3)  # its messages arrive in fetches of their own
+                most_waiting.append(max(len(q) for q in sink._ready.values()))
+            # The write is still blocked, and the sink consumed on: chunks closed behind it.
+            assert not storage.release.is_set() and not run.done()
+            assert max(most_waiting) == MAX_READY_CHUNKS, most_waiting
+            storage.release.set()
+            deadline = time.monotonic() + 60
+            while await asyncio.to_thread(_rows, storage) < 1_000:
+                assert time.monotonic() < deadline, sink.lag_state()
+                await asyncio.sleep(0.2)
+        finally:
+            storage.release.set()
+            stop.set()
+            await run
+            await sink.stop()
+
+    stop = asyncio.Event()
+    asyncio.run(scenario())
+    report = check_delivery(journal_table(storage), batches)
+    assert report.exactly_once, report.summary()
+    # Per Kafka partition, the chunk files cover consecutive offsets: none skipped, none twice.
+    covered: dict[int, list[tuple[int, int]]] = {}
+    for path in storage.list_files(suffix=".parquet"):
+        name = ChunkFileName.parse(TOPIC, path.rsplit("/", 1)[-1])
+        covered.setdefault(name.partition, []).append((name.start, name.end))
+    for ranges in covered.values():
+        ranges = sorted(set(ranges))
+        assert ranges[0][0] == 0 and all(b[0] == a[1] + 1 for a, b in itertools.pairwise(ranges)), ranges
+    transport.close(10)
+
+
+def test_sink_warm_up_stores_nothing(tmp_path):
+    """The start-up warm-up encodes one synthetic entry in memory: no file, no record."""
+    storage = LocalJournalStorage(str(tmp_path / "journal"))
+    written = []
+    sink = KafkaSink(_sink_settings("127.0.0.1:1"), storage,
+                     on_file_written=lambda stored, table: written.append(stored))
+    sink.warm_up()
+    assert written == [] and not list((tmp_path / "journal").rglob("*"))
+    entries = synthetic_entries()
+    assert entries.schema == ENTRY_SCHEMA and entries.num_rows == 1
 
 
 @pytest.mark.slow  # over 1.5 s: kept out of the fast tier, runs in the full suite

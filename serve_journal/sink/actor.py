@@ -27,7 +27,7 @@ import ray
 from serve_journal.catalog.layout import PartitionKey
 from serve_journal.metrics import JournalMetrics
 from serve_journal.sink.settings import BackgroundPublisher, SinkSettings, manifest_hook
-from serve_journal.sink.writer import PartitionFileWriter
+from serve_journal.sink.writer import PartitionFileWriter, warm_up
 from serve_journal.storage import StoredObject
 from serve_journal.transport.wire import read_arrow_stream
 
@@ -50,6 +50,7 @@ class JournalWriter:
         self.writer_id = f"w{index:02d}-{uuid.uuid4().hex[:8]}"
         self.manifest = settings.manifest(storage, self.writer_id)
         self.metrics = JournalMetrics("*", "journal-writer", self.writer_id)
+        warm_up()  # before its first roll, not during it (the transport waits for this actor)
         self.files = PartitionFileWriter(storage, self.writer_id, roll_seconds=settings.roll_seconds,
                                          roll_bytes=settings.roll_bytes,
                                          on_file_written=[manifest_hook(self.manifest),

@@ -61,7 +61,7 @@ from serve_journal.integrity.merkle import table_leaf_hashes
 from serve_journal.retry import Backoff
 from serve_journal.schema import ENTRY_SCHEMA, conform_entries
 from serve_journal.sink.offsets import ChunkFileName, RecoveredOffsets, recover_offsets
-from serve_journal.sink.writer import PartitionFileWriter
+from serve_journal.sink.writer import PartitionFileWriter, synthetic_entries, warm_up
 from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObject
 from serve_journal.transport import wire
 from serve_journal.transport.kafka_security import KafkaSecurity
@@ -81,6 +81,12 @@ REBUILD_SLACK = 4
 times ``roll_bytes``: a planted name must not make a sink hold the whole topic in memory."""
 
 OFFSET_SOURCES = ("storage", "kafka")
+
+MAX_READY_CHUNKS = 2
+"""Closed chunks of a partition waiting to be written before the sink stops fetching it (memory:
+at most this many plus the open one, each up to ``roll_bytes``)."""
+FETCH_WHILE_WRITING_MS = 20
+"""A fetch's longest wait while a chunk is being written (how late the next write may start)."""
 
 DEFAULT_ROLL_SECONDS = 0.4
 """A chunk's age limit. Below the actor writers' 0.5 s: the broker hop takes part of the 1 s budget."""
@@ -162,6 +168,8 @@ class _Chunk:
     first_sent: float | None = None
     """Wall-clock time the first message was produced (its Kafka timestamp), when known."""
     closed: bool = False
+    closed_at: float = 0.0
+    """Monotonic time it was closed (chunks are written oldest closed first)."""
     rebuild_end: int | None = None
     """The offset this chunk must end at: a chunk an earlier run wrote, rebuilt with its cut."""
 
@@ -343,6 +351,7 @@ class KafkaSink:
         """Recover offsets, connect, assign the partitions and seek to where the journal ends."""
         from aiokafka import AIOKafkaConsumer, TopicPartition  # inside: slow import; CLI start-up
 
+        await asyncio.to_thread(self.warm_up)
         self._consumer = AIOKafkaConsumer(**self.settings.consumer_kwargs())
         await self._consumer.start()
         self._tps = {p: TopicPartition(self.settings.topic, p) for p in self.settings.partitions}
@@ -368,6 +377,19 @@ class KafkaSink:
         logger.info("kafka sink %s resumes at %s (rebuilding %s)", self.settings.topic,
                     self.next_offsets, {p: len(c) for p, c in self._rebuild.items()})
 
+    def warm_up(self) -> None:
+        """Decode, split, encode and record one synthetic message in memory (nothing is stored):
+        the first chunk of a new sink process then does not pay for lazy imports and first-use
+        set-up (it took 0.3-0.6 s longer than the next ones, the start of the persistence tail)."""
+        try:
+            message, = wire.encode_messages(synthetic_entries(), [b"warm-up"])
+            parts, _ = build_chunk_parts("warm-up", 0, [(0, message.value, wire.HEADERS)], self.spec)
+        except Exception:  # noqa: BLE001 - only a speed-up: the real chunks report their own errors
+            logger.warning("kafka sink: warming up the decoder failed", exc_info=True)
+            return
+        for part in parts:
+            warm_up(self.settings.parquet, part.table)
+
     async def stop(self) -> None:
         """Stop consuming. Chunks not yet written are simply consumed again next time."""
         if self._consumer is not None:
@@ -381,17 +403,49 @@ class KafkaSink:
             await self.poll_once()
 
     async def poll_once(self) -> int:
-        """One poll, then write every chunk that is due. Returns the rows written."""
+        """One poll, then write every chunk that is due, consuming on while they are written.
+        Returns the rows written.
+
+        While a chunk is written (in a thread), the loop keeps fetching, so the next chunks fill
+        and close meanwhile instead of after the write: a sink that stopped consuming during
+        each write added its write time (hundreds of milliseconds on a busy machine) to the
+        persistence latency of the entries behind it. Chunks that close during the writes are
+        written by the next call, which then does not wait for more messages first."""
         assert self._consumer is not None, "call start() first"
-        active = [tp for p, tp in self._tps.items() if not self._ready[p]]
+        await self._fetch(0 if self._writable() else self.settings.poll_timeout_ms)
+        due = sum(len(self._ready[p]) for p in self.settings.partitions)
+        if not self._writable():
+            return 0
+        writing = asyncio.create_task(self._write_ready(due))
+        try:
+            while not writing.done():
+                await self._fetch(FETCH_WHILE_WRITING_MS, writing)
+            return writing.result()
+        finally:
+            if not writing.done():  # cancelled: as before, the chunk is consumed again next time
+                writing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writing
+
+    async def _fetch(self, timeout_ms: int, writing: asyncio.Task | None = None) -> None:
+        """One fetch of the partitions with room (fewer than :data:`MAX_READY_CHUNKS` chunks
+        waiting to be written), then close the chunks that are due."""
+        active = [tp for p, tp in self._tps.items() if len(self._ready[p]) < MAX_READY_CHUNKS]
         if active:
             batches = await self._consumer.getmany(
-                *active, timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_poll_records)
+                *active, timeout_ms=timeout_ms, max_records=self.settings.max_poll_records)
         else:
             batches = {}
-            await asyncio.sleep(min(self._retry_delay(), self.settings.poll_timeout_ms / 1000))
-        # Caught up: polled and nothing more came (the producers' batches are in).
-        drained = {tp.partition for tp in active} - {tp.partition for tp, r in batches.items() if r}
+            wait_s = min(self._retry_delay(), timeout_ms / 1000) if writing is None else timeout_ms / 1000
+            if writing is None:
+                await asyncio.sleep(wait_s)
+            else:
+                await asyncio.wait({writing}, timeout=wait_s)
+        # Caught up: a whole poll's wait brought nothing more (the producers' batches are in). A
+        # shorter fetch (while writing, or with chunks to write) that brought nothing says less.
+        drained = set()
+        if timeout_ms >= self.settings.poll_timeout_ms:
+            drained = {tp.partition for tp in active} - {tp.partition for tp, r in batches.items() if r}
         for tp, records in batches.items():
             for record in records:
                 self._add(tp.partition, record.offset, record.value or b"", record.headers or (),
@@ -408,15 +462,33 @@ class KafkaSink:
                 self._rebuild.pop(p, None)
                 chunk.rebuild_end = None
             if chunk.messages and not chunk.closed and self.chunk_due(chunk, now, wall, p in drained):
-                chunk.closed = True
-                self._ready[p].append(chunk)
+                self._close(p, chunk)
         self._chunks = {p: c for p, c in self._chunks.items() if not c.closed}
+
+    def _close(self, partition: int, chunk: _Chunk) -> None:
+        chunk.closed = True
+        chunk.closed_at = time.monotonic()
+        self._ready[partition].append(chunk)
+
+    def _writable(self) -> list[int]:
+        """Partitions with a chunk to write now (not waiting out a failed write's back-off),
+        the one whose chunk closed first first."""
+        now = time.monotonic()
+        ready = [p for p in self.settings.partitions
+                 if self._ready[p] and now >= self._retry_at.get(p, 0.0)]
+        return sorted(ready, key=lambda p: self._ready[p][0].closed_at)
+
+    async def _write_ready(self, limit: int) -> int:
+        """Write up to ``limit`` chunks, oldest closed first, one at a time, each partition's in
+        offset order; a partition whose write failed waits for its back-off. Returns the rows."""
         written = 0
-        for p in self.settings.partitions:
-            while self._ready[p] and time.monotonic() >= self._retry_at.get(p, 0.0):
-                rows = await self._write(p, self._ready[p][0])
-                if rows is None:
-                    break
+        for _ in range(limit):
+            writable = self._writable()
+            if not writable:
+                break
+            p = writable[0]
+            rows = await self._write(p, self._ready[p][0])
+            if rows is not None:
                 self._ready[p].popleft()
                 written += rows
         return written
@@ -467,8 +539,7 @@ class KafkaSink:
         chunk.nbytes += len(value)
         if chunk.rebuild_end is not None and offset >= chunk.rebuild_end:
             # Rebuilding a chunk an earlier run wrote: cut exactly where it was cut before.
-            chunk.closed = True
-            self._ready[partition].append(chunk)
+            self._close(partition, chunk)
             del self._chunks[partition]
 
     async def _write(self, partition: int, chunk: _Chunk) -> int | None:
