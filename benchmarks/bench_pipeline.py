@@ -371,10 +371,52 @@ def run(size: str = "quick", workdir: str | os.PathLike[str] | None = None,
             "params": {"size": size, **params}}
 
 
-if __name__ == "__main__":  # pragma: no cover
-    import sys
+def latency_levels(kind: str, rate: float, seconds: float, rounds: int,
+                   workdir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """Persistence latency of ``rounds`` levels of one path at ``rate`` for ``seconds`` each,
+    every level on a fresh journal (and, on Kafka, a fresh topic and fresh sinks), as the
+    latency rows of :func:`run` are measured. For same-run A/Bs of a change: run it, switch the
+    code, run it again, alternating."""
+    if not ray.is_initialized():
+        raise RuntimeError("latency_levels needs ray.init() first")
+    ship_by_value()
+    out = []
+    with tempfile.TemporaryDirectory(prefix="sj-bench-latency-", dir=workdir) as tmp, \
+            contextlib.ExitStack() as stack:
+        root = Path(tmp)
+        path = _Path(kind, fraud_registry(root / "mlflow"), root)
+        if kind == "kafka":
+            path.topic = f"journal-{uuid.uuid4().hex[:6]}"
+            path.bootstrap = stack.enter_context(tansu_broker(root, path.topic, path.partitions))
+        producers = 1 if rate <= 5_000 else 2
+        for _ in range(rounds):
+            row, journal = _one_level(path, rate, producers, seconds, 60.0, True)
+            out.append({"path": kind, "rate": rate, "producers": producers, "seconds": seconds,
+                        **percentiles_ms(_persistence_latencies(journal)),
+                        "rows_on_disk": row["rows_on_disk"], "captured": row["captured"],
+                        "drain_tail_s": row["drain_tail_s"]})
+    return out
+
+
+def _main(argv: list[str] | None = None) -> None:
+    import argparse
 
     from benchmarks._common import json_dump, ray_session
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("size", nargs="?", default="tiny", choices=SIZES)
+    parser.add_argument("--latency", choices=("actors", "kafka"),
+                        help="only persistence-latency levels of this path (see latency_levels)")
+    parser.add_argument("--rate", type=float, default=20_000)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args(argv)
     with ray_session() as _:
-        print(json_dump(run(sys.argv[1] if len(sys.argv) > 1 else "tiny")))
+        if args.latency:
+            print(json_dump(latency_levels(args.latency, args.rate, args.seconds, args.rounds)))
+        else:
+            print(json_dump(run(args.size)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _main()

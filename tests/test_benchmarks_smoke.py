@@ -86,6 +86,13 @@ def test_pipeline_tiny(ray_cluster, mlflow_registry, tmp_path, results):
     results["pipeline"] = res
 
 
+def test_pipeline_latency_levels_tiny(ray_cluster, tmp_path):
+    """The A/B helper (``bench_pipeline --latency``): one latency level per round."""
+    rows = bench_pipeline.latency_levels("actors", 1_000, 1.0, 1, workdir=tmp_path)
+    assert len(rows) == 1 and rows[0]["path"] == "actors"
+    _positive(rows[0], "n", "p50_ms", "p99_ms", "rows_on_disk")
+
+
 def test_serving_tiny(serve_instance, mlflow_registry, tmp_path, results):
     tracking_uri, _ = mlflow_registry
     res = bench_serving.run("tiny", workdir=tmp_path, tracking_uri=tracking_uri, http_url=serve_instance,
