@@ -372,11 +372,13 @@ def run(size: str = "quick", workdir: str | os.PathLike[str] | None = None,
 
 
 def latency_levels(kind: str, rate: float, seconds: float, rounds: int,
-                   workdir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+                   workdir: str | os.PathLike[str] | None = None,
+                   tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """Persistence latency of ``rounds`` levels of one path at ``rate`` for ``seconds`` each,
     every level on a fresh journal (and, on Kafka, a fresh topic and fresh sinks), as the
     latency rows of :func:`run` are measured. For same-run A/Bs of a change: run it, switch the
-    code, run it again, alternating."""
+    code, run it again, alternating. Without ``tracking_uri`` a registry is made in the temporary
+    folder (and set as this process's MLflow tracking URI)."""
     if not ray.is_initialized():
         raise RuntimeError("latency_levels needs ray.init() first")
     ship_by_value()
@@ -384,7 +386,7 @@ def latency_levels(kind: str, rate: float, seconds: float, rounds: int,
     with tempfile.TemporaryDirectory(prefix="sj-bench-latency-", dir=workdir) as tmp, \
             contextlib.ExitStack() as stack:
         root = Path(tmp)
-        path = _Path(kind, fraud_registry(root / "mlflow"), root)
+        path = _Path(kind, tracking_uri or fraud_registry(root / "mlflow"), root)
         if kind == "kafka":
             path.topic = f"journal-{uuid.uuid4().hex[:6]}"
             path.bootstrap = stack.enter_context(tansu_broker(root, path.topic, path.partitions))

@@ -86,9 +86,13 @@ def test_pipeline_tiny(ray_cluster, mlflow_registry, tmp_path, results):
     results["pipeline"] = res
 
 
-def test_pipeline_latency_levels_tiny(ray_cluster, tmp_path):
-    """The A/B helper (``bench_pipeline --latency``): one latency level per round."""
-    rows = bench_pipeline.latency_levels("actors", 1_000, 1.0, 1, workdir=tmp_path)
+def test_pipeline_latency_levels_tiny(ray_cluster, mlflow_registry, tmp_path):
+    """The A/B helper (``bench_pipeline --latency``): one latency level per round. The session's
+    registry is passed: a registry of its own would be this process's tracking URI after its
+    temporary folder is gone (the doctor's CLI test then found no registry)."""
+    tracking_uri, _ = mlflow_registry
+    rows = bench_pipeline.latency_levels("actors", 1_000, 1.0, 1, workdir=tmp_path,
+                                         tracking_uri=tracking_uri)
     assert len(rows) == 1 and rows[0]["path"] == "actors"
     _positive(rows[0], "n", "p50_ms", "p99_ms", "rows_on_disk")
 
