@@ -34,7 +34,7 @@ from serve_journal.sink.kafka import (
     recover_offsets,
 )
 from serve_journal.sink.kafka_app import KafkaSinkActor, sink_manifest_hook
-from serve_journal.sink.writer import synthetic_entries
+from serve_journal.sink.writer import synthetic_entries, warm_up
 from serve_journal.storage import LocalJournalStorage
 from serve_journal.transport.kafka import KafkaSettings, KafkaTransport
 from tests.fixtures.kafka import check_delivery, journal_table, make_entries, wait_for
@@ -331,6 +331,7 @@ def test_sink_consumes_while_a_chunk_is_written_and_bounds_what_waits(kafka_brok
     next chunks fill and close meanwhile; at most MAX_READY_CHUNKS per partition wait (memory),
     the rest stays in Kafka. Released, everything lands exactly once, in offset order."""
     kafka_broker.create_topic(TOPIC, PARTITIONS)
+    (tmp_path / "journal").mkdir()  # counted from the moment of release, when no file exists yet
     storage = SlowFirstWrite(str(tmp_path / "journal"))
     transport = _transport(kafka_broker.bootstrap, tmp_path, "a")
     # roll_bytes of a few entries: every message arriving in a fetch of its own is its own chunk.
@@ -346,9 +347,16 @@ def test_sink_consumes_while_a_chunk_is_written_and_bounds_what_waits(kafka_brok
             assert await asyncio.to_thread(storage.entered.wait, 60), "no write started"
             for batch in batches[1:]:
                 await asyncio.to_thread(_send, transport, [batch])
-                await asyncio.sleep(0.3)  # its messages arrive in fetches of their own
+            # The write is still blocked, and the sink consumed on: chunks closed behind it ...
+            deadline = time.monotonic() + 60
+            while max(most_waiting, default=0) < MAX_READY_CHUNKS:
+                assert time.monotonic() < deadline, f"no chunk closed behind the write: {most_waiting}"
+                await asyncio.sleep(0.02)
                 most_waiting.append(max(len(q) for q in sink._ready.values()))
-            # The write is still blocked, and the sink consumed on: chunks closed behind it.
+            # ... but no more than MAX_READY_CHUNKS per partition, however long the write takes.
+            for _ in range(25):
+                await asyncio.sleep(0.02)
+                most_waiting.append(max(len(q) for q in sink._ready.values()))
             assert not storage.release.is_set() and not run.done()
             assert max(most_waiting) == MAX_READY_CHUNKS, most_waiting
             storage.release.set()
@@ -377,13 +385,17 @@ def test_sink_consumes_while_a_chunk_is_written_and_bounds_what_waits(kafka_brok
     transport.close(10)
 
 
-def test_sink_warm_up_stores_nothing(tmp_path):
-    """The start-up warm-up encodes one synthetic entry in memory: no file, no record."""
+def test_sink_warm_up_stores_nothing(tmp_path, caplog):
+    """The start-up warm-up encodes one synthetic entry in memory: no file, no record; and it
+    runs through (a failing warm-up only logs a warning, so the warning is what is checked)."""
     storage = LocalJournalStorage(str(tmp_path / "journal"))
     written = []
     sink = KafkaSink(_sink_settings("127.0.0.1:1"), storage,
                      on_file_written=lambda stored, table: written.append(stored))
-    sink.warm_up()
+    with caplog.at_level("WARNING", logger="serve_journal"):
+        sink.warm_up()
+        warm_up()
+    assert not [r for r in caplog.records if "warming up" in r.getMessage()], caplog.text
     assert written == [] and not list((tmp_path / "journal").rglob("*"))
     entries = synthetic_entries()
     assert entries.schema == ENTRY_SCHEMA and entries.num_rows == 1

@@ -436,11 +436,10 @@ class KafkaSink:
                 *active, timeout_ms=timeout_ms, max_records=self.settings.max_poll_records)
         else:
             batches = {}
-            wait_s = min(self._retry_delay(), timeout_ms / 1000) if writing is None else timeout_ms / 1000
             if writing is None:
-                await asyncio.sleep(wait_s)
+                await asyncio.sleep(min(self._retry_delay(), timeout_ms / 1000))
             else:
-                await asyncio.wait({writing}, timeout=wait_s)
+                await asyncio.wait({writing}, timeout=timeout_ms / 1000)
         # Caught up: a whole poll's wait brought nothing more (the producers' batches are in). A
         # shorter fetch (while writing, or with chunks to write) that brought nothing says less.
         drained = set()
