@@ -16,9 +16,10 @@ import pytest
 from serve_journal.catalog import live_files
 from serve_journal.fileformat import COLD_OPTIONS, HOT_OPTIONS
 from serve_journal.integrity.fingerprint import fingerprint
+from serve_journal.integrity.summary import summarize
 from serve_journal.maintain import lifecycle, rewrite
 from serve_journal.maintain.compaction import CompactionOptions, compact
-from serve_journal.maintain.rewrite import RewriteWorkspace, SpooledFile, summarize
+from serve_journal.maintain.rewrite import RewriteWorkspace, SpooledFile
 from serve_journal.read.query import JournalQuery
 from serve_journal.schema import ADDED_COLUMNS, conform_entries
 from serve_journal.storage import LocalJournalStorage

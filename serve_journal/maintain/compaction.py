@@ -58,13 +58,8 @@ from serve_journal.errors import CompactionError, RewriteMemoryError, Unrecorded
 from serve_journal.fileformat import ParquetOptions, decode_parquet
 from serve_journal.integrity.fingerprint import Fingerprint
 from serve_journal.integrity.manifest import MANIFEST_PREFIX, ManifestRecord
-from serve_journal.maintain.rewrite import (
-    FileSummary,
-    RewriteWorkspace,
-    SpooledFile,
-    parse_memory_limit,
-    summarize,
-)
+from serve_journal.integrity.summary import FileSummary, summarize
+from serve_journal.maintain.rewrite import RewriteWorkspace, SpooledFile, parse_memory_limit
 from serve_journal.read.verify import signed_records
 from serve_journal.schema import ENTRY_SCHEMA
 from serve_journal.sink.settings import SinkSettings, publish_table, settings_for

@@ -51,7 +51,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -70,7 +70,7 @@ from serve_journal.integrity.fingerprint import (
     fingerprint_local_files,
     fingerprint_ordered,
 )
-from serve_journal.integrity.merkle import MerkleRootBuilder, table_leaf_hashes
+from serve_journal.integrity.summary import BATCH_ROWS
 from serve_journal.schema import ENTRY_SCHEMA, conform_entries, restore_output_scores
 from serve_journal.storage import JournalStorage
 
@@ -87,7 +87,7 @@ holds the row group being written (:data:`_GROUP_SHARE`), the interpreter and it
 _GROUP_SHARE = 0.28
 """Share of the limit one row group may take in Arrow form before it is written (a cold file's
 1M-row groups are ~0.5 GiB of Arrow; under a smaller limit a rewrite writes smaller groups)."""
-_BATCH_ROWS = 64 * 1024
+_BATCH_ROWS = BATCH_ROWS
 _PASS_SHARE = 0.35
 """Arrow bytes of the rows one sort pass may take, as a share of what DuckDB's part of the limit
 leaves after its readers (:data:`_SORT_FIXED` and the compressed bytes of the largest row group
@@ -131,17 +131,6 @@ def parse_memory_limit(value: int | str | None) -> int:
         raise ValueError(f"memory limit must be at least {MIN_MEMORY_LIMIT} bytes (64MiB), "
                          f"got {value!r}")
     return value
-
-
-@dataclass(frozen=True)
-class FileSummary:
-    """What a manifest record says about a data file, computed by streaming the file."""
-
-    rows: int
-    min_ts_us: int | None
-    max_ts_us: int | None
-    seq_ranges: dict[str, list[list[int]]] = field(default_factory=dict)
-    merkle_root: str = ""
 
 
 @dataclass(frozen=True)
@@ -712,61 +701,5 @@ def _bytes_per_row(paths: Sequence[str]) -> int:
     return 1
 
 
-def summarize(local: str) -> FileSummary:
-    """Row count, time range, sequence ranges and Merkle root of the journal file at ``local``,
-    read 64k rows at a time (a cold file's 1M-row group would be ~0.5 GiB of Arrow, and its
-    leaf hashes more)."""
-    log.debug("summarize %s", os.path.basename(local))
-    parquet = pq.ParquetFile(local)
-    merkle = MerkleRootBuilder()
-    lo = hi = None
-    runs: dict[str, list[list[int]]] = {}
-    for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, use_threads=False):
-        table = conform_entries(pa.Table.from_batches([batch]), stored=True)
-        merkle.extend(table_leaf_hashes(table))
-        if table.num_rows:
-            bounds = pc.min_max(table.column("ts").cast(pa.int64()))
-            lo = _pick(min, lo, bounds["min"].as_py())
-            hi = _pick(max, hi, bounds["max"].as_py())
-        _add_runs(runs, table.column("producer_id"), table.column("seq"))
-    return FileSummary(rows=merkle.size, min_ts_us=lo, max_ts_us=hi,
-                       seq_ranges=_merge_runs(runs), merkle_root=merkle.root().hex())
-
-
-def _pick(fn, current, value):
-    if value is None:
-        return current
-    return value if current is None else fn(current, value)
-
-
-def _add_runs(runs: dict[str, list[list[int]]], producers: pa.ChunkedArray,
-              seqs: pa.ChunkedArray) -> None:
-    """Add the maximal consecutive runs of one row group to ``runs`` (merged at the end)."""
-    table = pa.table({"p": producers.fill_null(""), "s": seqs})
-    for p in pc.unique(table.column("p")).to_pylist():
-        values = table.filter(pc.equal(table.column("p"), p)).column("s")
-        seq = np.sort(pc.unique(values.drop_null()).to_numpy(zero_copy_only=False))
-        if not len(seq):
-            continue
-        breaks = (seq[1:] != seq[:-1] + 1).nonzero()[0]
-        starts = [seq[0], *seq[breaks + 1]]
-        ends = [*seq[breaks], seq[-1]]
-        runs.setdefault(p, []).extend([int(a), int(b)] for a, b in zip(starts, ends, strict=True))
-
-
-def _merge_runs(runs: dict[str, list[list[int]]]) -> dict[str, list[list[int]]]:
-    """Sorted, maximal, non-overlapping runs per producer (as ``sequence_ranges`` gives)."""
-    out: dict[str, list[list[int]]] = {}
-    for producer in sorted(runs):
-        merged: list[list[int]] = []
-        for lo, hi in sorted(runs[producer]):
-            if merged and lo <= merged[-1][1] + 1:
-                merged[-1][1] = max(merged[-1][1], hi)
-            else:
-                merged.append([lo, hi])
-        out[producer] = merged
-    return out
-
-
-__all__ = ["DEFAULT_MEMORY_LIMIT", "MEMORY_LIMIT_ENV", "FileSummary", "RewriteWorkspace",
-           "SpooledFile", "parse_memory_limit", "summarize"]
+__all__ = ["DEFAULT_MEMORY_LIMIT", "MEMORY_LIMIT_ENV", "RewriteWorkspace", "SpooledFile",
+           "parse_memory_limit"]

@@ -57,14 +57,15 @@ within its grace period) do not fail verification.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
+import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -80,7 +81,6 @@ from serve_journal.catalog import (
 from serve_journal.catalog.iceberg import IcebergSettings, table_disagreements
 from serve_journal.catalog.layout import DEFAULT_SPEC, OUTCOME_SPEC, PARQUET_SUFFIX, TIERS
 from serve_journal.counters import COUNTERS_DIR, PRODUCER_STALE_S
-from serve_journal.fileformat import decode_parquet
 from serve_journal.integrity.certificates import KEYS_PREFIX
 from serve_journal.integrity.fingerprint import fingerprint_files
 from serve_journal.integrity.manifest import (
@@ -93,14 +93,14 @@ from serve_journal.integrity.manifest import (
     load_public_key,
     parse_object_index,
     record_path,
-    sequence_ranges,
 )
-from serve_journal.integrity.merkle import table_merkle_root
+from serve_journal.integrity.summary import summarize
 from serve_journal.outcomes.schema import decode_outcomes, outcome_merkle_root
 from serve_journal.read.verify_archived import ArchivedFiles, summary_lines
 from serve_journal.read.verify_counters import HEADS_PREFIX as COUNTERS_HEADS
 from serve_journal.read.verify_counters import check_counters, lease_findings
 from serve_journal.storage import JournalStorage
+from serve_journal.storage.base import StoredObject
 from serve_journal.times import as_utc, to_micros
 
 ERROR = "error"
@@ -228,13 +228,6 @@ def _in_scope_record(record: ManifestRecord, since_us: int | None, model: str | 
     if model is not None and record.model != model:
         return False
     return not (since_us is not None and record.max_ts_us is not None and record.max_ts_us < since_us)
-
-
-def _read(storage: JournalStorage, path: str) -> tuple[bytes, str | None]:
-    reader = getattr(storage, "read_versioned", None)
-    if reader is not None:
-        return reader(path)
-    return storage.read(path), None
 
 
 def _merge(runs: Iterable[Sequence[int]]) -> list[list[int]]:
@@ -483,54 +476,70 @@ def _check_heads(chains: dict[str, _Chain], expected: Mapping[str, Mapping[str, 
             report.new_chains.append(chain_id)
 
 
+SPOOL_IN_MEMORY_BYTES = 64 * 1024**2
+"""A file up to this size is checked from memory; a larger one (a compacted or cold file of
+millions of entries) is copied to a private temporary file first and read from there a batch at
+a time, so verify's memory does not grow with the files it checks."""
+
+
 def _check_file(
     storage: JournalStorage, path: str, candidates: list[ManifestRecord], report: VerifyReport,
 ) -> bool:
-    """Check one data file against its record(s); True when it verifies."""
-    try:
-        data, version = _read(storage, path)
-    except FileNotFoundError:
-        report._add("file-missing", path, "listed but cannot be read")
-        return False
-    sha = hashlib.sha256(data).hexdigest()
+    """Check one data file against its record(s); True when it verifies.
+
+    The object's bytes are read once, into a copy that is hashed as it is written; the checks
+    of its entries read that same copy, so what is hashed is what is decoded."""
+    with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY_BYTES,
+                                       prefix="serve-journal-verify-") as copy:
+        try:
+            stored = storage.read_into(path, copy)
+        except FileNotFoundError:
+            report._add("file-missing", path, "listed but cannot be read")
+            return False
+        copy.seek(0)
+        return _check_copy(copy, stored, path, candidates, report)
+
+
+def _check_copy(copy: BinaryIO, stored: StoredObject, path: str,
+                candidates: list[ManifestRecord], report: VerifyReport) -> bool:
+    sha = stored.sha256
     record = next((r for r in reversed(candidates) if r.sha256 == sha), candidates[-1])
     chain = record.chain_id
     ok = True
-    if sha != record.sha256 or len(data) != record.size:
+    if sha != record.sha256 or stored.size != record.size:
         report._add("file-altered", path, (
-            f"bytes differ from the manifest record (sha256 {sha[:16]}.. size {len(data)}, "
+            f"bytes differ from the manifest record (sha256 {sha[:16]}.. size {stored.size}, "
             f"recorded {record.sha256[:16]}.. size {record.size})"), chain)
         ok = False
+    version = stored.version_id
     if record.version_id is not None and version is not None and version != record.version_id:
         report._add("file-version-mismatch", path,
                     f"current object version {version} is not the recorded version {record.version_id}",
                     chain)
         ok = False
     if OUTCOME_SPEC.contains(path):
-        return _check_outcome_rows(data, path, record, report) and ok
+        return _check_outcome_rows(copy.read(), path, record, report) and ok
     try:
-        table = decode_parquet(data)
+        summary = summarize(copy)
     except Exception as exc:  # noqa: BLE001 - any decode failure is a finding, not a crash
         report._add("file-unreadable", path, f"not a readable journal Parquet file ({type(exc).__name__})", chain)
         return False
-    report.entries += table.num_rows
-    if table.num_rows != record.row_count:
+    report.entries += summary.rows
+    if summary.rows != record.row_count:
         report._add("file-row-count", path,
-                    f"{table.num_rows} entries, the manifest record says {record.row_count}", chain)
+                    f"{summary.rows} entries, the manifest record says {record.row_count}", chain)
         ok = False
-    if table_merkle_root(table) != record.merkle_root:
+    if summary.merkle_root != record.merkle_root:
         report._add("file-entries-altered", path,
                     "entries do not match the manifest record's Merkle root "
                     "(an entry was edited, removed, added or reordered)", chain)
         ok = False
-    elif table.num_rows:
-        ts = pc.min_max(table.column("ts").cast(pa.int64()))
-        seqs = sequence_ranges(table.column("producer_id"), table.column("seq"))
-        if (ts["min"].as_py(), ts["max"].as_py()) != (record.min_ts_us, record.max_ts_us) or \
-                seqs != record.seq_ranges:
-            report._add("manifest-record-inconsistent", path,
-                        "time range or sequence ranges in the record do not match the entries", chain)
-            ok = False
+    elif summary.rows and ((summary.min_ts_us, summary.max_ts_us)
+                           != (record.min_ts_us, record.max_ts_us)
+                           or summary.seq_ranges != record.seq_ranges):
+        report._add("manifest-record-inconsistent", path,
+                    "time range or sequence ranges in the record do not match the entries", chain)
+        ok = False
     return ok
 
 
@@ -668,54 +677,74 @@ def _check_claims(records: list[ManifestRecord], by_path: Mapping[str, list[Mani
             report._add("conflicting-records", path,
                         f"{len(candidates)} records with different contents claim this file "
                         f"(chains {chains}): a file is written once, so one of them is forged")
-    claims: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
+    live = [record for record in records if record.path not in replaced]
+    paths = sorted({r.path for r in live})
+    rank = {path: i for i, path in enumerate(paths)}
+    for producer, (lo, hi, owner) in sorted(_runs_by_producer(live, lambda r: rank[r.path]).items()):
+        order = np.lexsort((owner, hi, lo))
+        lo, hi, owner = lo[order], hi[order], owner[order]
+        reach, holder = _reach(hi, owner)
+        # a run starting at or below what an earlier run of another file reached
+        clash = np.flatnonzero((lo[1:] <= reach[:-1]) & (owner[1:] != holder[:-1])) + 1
+        for i in clash.tolist():
+            report._add("sequence-claimed-twice", paths[owner[i]], (
+                f"producer {producer}: sequence {lo[i]}..{min(hi[i], reach[i - 1])} is also "
+                f"claimed by {paths[holder[i - 1]]}, and neither replaces the other (an entry "
+                "forged or written twice)"))
+
+
+def _runs_by_producer(records: Sequence[ManifestRecord], tag: Callable[[ManifestRecord], int]
+                      ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``{producer: (lo, hi, tag)}``: every record's runs as arrays, each run tagged with
+    ``tag(record)`` (a compacted file's record holds millions of runs: no Python object each)."""
+    parts: dict[str, list[tuple[np.ndarray, int]]] = defaultdict(list)
     for record in records:
-        if record.path in replaced:
-            continue
-        for producer, ranges in record.seq_ranges.items():
-            for lo, hi in ranges:
-                claims[producer].append((int(lo), int(hi), record.path))
-    for producer, items in sorted(claims.items()):
-        items.sort()
-        end, end_path = items[0][1], items[0][2]
-        for lo, hi, path in items[1:]:
-            if lo <= end and path != end_path:
-                report._add("sequence-claimed-twice", path, (
-                    f"producer {producer}: sequence {lo}..{min(hi, end)} is also claimed by "
-                    f"{end_path}, and neither replaces the other (an entry forged or written twice)"))
-            if hi > end:
-                end, end_path = hi, path
+        t = tag(record)
+        for producer, runs in record.seq_ranges.items():
+            if len(runs):
+                parts[producer].append((runs.array, t))
+    out = {}
+    for producer, items in parts.items():
+        runs = np.concatenate([array for array, _ in items])
+        tags = np.concatenate([np.full(len(array), t, dtype=np.int64) for array, t in items])
+        out[producer] = (runs[:, 0], runs[:, 1], tags)
+    return out
+
+
+def _reach(hi: np.ndarray, tags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For runs sorted by start: the highest end reached up to each run, and the tag of the first
+    run that reached it."""
+    reach = np.maximum.accumulate(hi)
+    new = np.ones(len(hi), dtype=bool)
+    new[1:] = hi[1:] > reach[:-1]
+    holder = tags[np.maximum.accumulate(np.where(new, np.arange(len(hi)), 0))]
+    return reach, holder
 
 
 def _check_sequences(
     records: list[ManifestRecord], accounted: AccountedGaps, seq_start: int | None,
     report: VerifyReport,
 ) -> None:
-    runs: dict[str, list[tuple[int, int, ManifestRecord]]] = defaultdict(list)
-    for record in records:
-        for producer, ranges in record.seq_ranges.items():
-            for lo, hi in ranges:
-                runs[producer].append((int(lo), int(hi), record))
+    index = {id(record): i for i, record in enumerate(records)}
+    runs = _runs_by_producer(records, lambda r: index[id(r)])
     report.producers = len(runs)
     covered = {p: _merge((lo, hi) for lo, hi, _ in gaps) for p, gaps in accounted.items()}
-    for producer, items in sorted(runs.items()):
-        items.sort(key=lambda item: (item[0], item[1]))
+    for producer, (lo, hi, owner) in sorted(runs.items()):
+        order = np.lexsort((hi, lo))
+        lo, hi, owner = lo[order], hi[order], owner[order]
+        reach, holder = _reach(hi, owner)
         gaps: list[tuple[int, int, str, str]] = []  # lo, hi, file before, file after
-        first_lo, _, first_record = items[0]
-        if seq_start is not None and first_lo > seq_start:
-            gaps.append((seq_start, first_lo - 1, "", first_record.path))
-        end, end_record = items[0][1], items[0][2]
-        for lo, hi, record in items[1:]:
-            if lo > end + 1:
-                gaps.append((end + 1, lo - 1, end_record.path, record.path))
-            if hi > end:
-                end, end_record = hi, record
-        for lo, hi, before, after in gaps:
+        if seq_start is not None and lo[0] > seq_start:
+            gaps.append((seq_start, int(lo[0]) - 1, "", records[owner[0]].path))
+        for i in (np.flatnonzero(lo[1:] > reach[:-1] + 1) + 1).tolist():
+            gaps.append((int(reach[i - 1]) + 1, int(lo[i]) - 1, records[holder[i - 1]].path,
+                         records[owner[i]].path))
+        for gap_lo, gap_hi, before, after in gaps:
             cover = covered.get(producer, [])
-            explained = (hi - lo + 1) - sum(b - a + 1 for a, b in _uncovered(lo, hi, cover))
-            if explained:
+            missing = _uncovered(gap_lo, gap_hi, cover)
+            if (gap_hi - gap_lo + 1) - sum(b - a + 1 for a, b in missing):
                 report.accounted_gaps += 1
-            for a, b in _uncovered(lo, hi, cover):
+            for a, b in missing:
                 where = f"between {before} and {after}" if before else f"before {after}"
                 report._add("sequence-gap", after or before, (
                     f"producer {producer}: sequence {a}..{b} ({b - a + 1} entries) missing {where} "

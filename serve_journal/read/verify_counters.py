@@ -54,7 +54,7 @@ from serve_journal.integrity.certificates import (
     certificate_path,
     certified_keys,
 )
-from serve_journal.integrity.manifest import GENESIS_HASH
+from serve_journal.integrity.manifest import GENESIS_HASH, SeqRuns
 from serve_journal.storage import JournalStorage
 
 HEADS_PREFIX = "counters/"
@@ -181,10 +181,16 @@ def lease_findings(check: CountersCheck, seq_ranges: Iterable[Mapping[str, Seque
     per-producer sequence ranges of the data files' records; gaps inside those ranges are
     :func:`serve_journal.read.verify` ``sequence-gap`` findings already."""
     now_us = int((now or dt.datetime.now(dt.UTC)).timestamp() * 1_000_000)
-    rows: dict[str, list[tuple[int, int]]] = {}
+    # Only the tail after the highest sequence number in the journal is the lease's to explain
+    # (``start`` below), so of the files' runs only each producer's highest end counts.
+    top: dict[str, int] = {}
     for ranges in seq_ranges:
         for producer, runs in ranges.items():
-            rows.setdefault(producer, []).extend((int(lo), int(hi)) for lo, hi in runs)
+            high = runs.max_hi if isinstance(runs, SeqRuns) else max(
+                (int(hi) for _, hi in runs), default=None)
+            if high is not None:
+                top[producer] = max(top.get(producer, high), high)
+    rows = {producer: [(high, high)] for producer, high in top.items()}
     out = []
     for producer, lease in sorted(check.leases.items()):
         accounted = rows.get(producer, []) + [(lo, hi) for lo, hi, _ in check.gaps.get(producer, [])]

@@ -10,6 +10,7 @@ write-once backends, and :func:`serve_journal.storage.open_storage` picks one by
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -89,13 +90,23 @@ class JournalStorage:
         with self.filesystem.open_input_stream(self.full_path(relative)) as stream:
             return stream.read()
 
-    def copy_to_local(self, relative: str, local: str) -> StoredObject:
-        """Stream the object ``relative`` into the new local file ``local``; its size and
-        SHA-256 are those of the bytes copied."""
-        with self.filesystem.open_input_stream(self.full_path(relative)) as stream, \
-                open(local, "xb") as out:
+    def read_into(self, relative: str, out: BinaryIO) -> StoredObject:
+        """Stream the current bytes of the object ``relative`` into ``out`` a chunk at a time;
+        size, SHA-256 (and on a versioned store the version id) are those of the bytes written."""
+        with self.filesystem.open_input_stream(self.full_path(relative)) as stream:
             size, digest = copy_stream(stream.read, out.write)
         return StoredObject(relative, size, digest)
+
+    def copy_to_local(self, relative: str, local: str) -> StoredObject:
+        """Stream the object ``relative`` into the new local file ``local``; its size and
+        SHA-256 are those of the bytes copied (no file is left behind when the read fails)."""
+        out = open(local, "xb")  # noqa: SIM115 - closed below, and removed on failure
+        try:
+            with out:
+                return self.read_into(relative, out)
+        except BaseException:
+            os.remove(local)
+            raise
 
     def sha256(self, relative: str) -> str:
         """SHA-256 hex of the object's current bytes, read a chunk at a time."""

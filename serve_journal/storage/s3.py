@@ -30,7 +30,7 @@ import hashlib
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow.fs as pafs
 
@@ -250,9 +250,9 @@ class S3WormStorage(JournalStorage):
         with response["Body"] as body:
             return body.read(), response.get("VersionId")
 
-    def copy_to_local(self, relative: str, local: str) -> StoredObject:
+    def read_into(self, relative: str, out: BinaryIO) -> StoredObject:
         response = self._get(relative)
-        with response["Body"] as body, open(local, "xb") as out:
+        with response["Body"] as body:
             size, digest = copy_stream(body.read, out.write)
         return StoredObject(relative, size, digest, response.get("VersionId"))
 

@@ -1,0 +1,196 @@
+"""A file's streamed summary equals the manifest record of the whole table, for any batch split
+and any order of producers and sequence numbers; verify reads files larger than its in-memory
+spool from a private copy and still finds an edited entry, a forged record's sequence ranges
+and an unreadable file."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from serve_journal.fileformat import decode_parquet, encode_parquet
+from serve_journal.integrity import summary as summary_mod
+from serve_journal.integrity.manifest import ManifestRecord, ManifestSigner, sequence_ranges
+from serve_journal.integrity.merkle import table_merkle_root
+from serve_journal.integrity.summary import SequenceRuns, summarize
+from serve_journal.read import verify as verify_mod
+from serve_journal.read.verify import format_report
+from serve_journal.schema import conform_entries
+from tests.helpers.entries import make_entries
+from tests.helpers.manifest_tables import make_table
+from tests.test_verify import _local_backend, _s3_backend, errors, run, standard_journal
+
+pairs = st.lists(st.tuples(st.sampled_from(["p-a", "p-b", None, "p-c"]),
+                           st.one_of(st.none(), st.integers(0, 60))), max_size=200)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pairs, st.lists(st.integers(1, 50), min_size=1, max_size=8))
+def test_runs_added_in_any_batches_equal_sequence_ranges(rows, cuts) -> None:
+    producers = pa.array([p for p, _ in rows], pa.string())
+    seqs = pa.array([s for _, s in rows], pa.int64())
+    runs = SequenceRuns()
+    start = 0
+    for cut in [*cuts, len(rows)]:
+        runs.add(producers.slice(start, cut), seqs.slice(start, cut))
+        start += cut
+        if start >= len(rows):
+            break
+    keep = [i for i, (_, s) in enumerate(rows) if s is not None]
+    expected = sequence_ranges(pa.array([rows[i][0] for i in keep], pa.string()),
+                               pa.array([rows[i][1] for i in keep], pa.int64()))
+    assert runs.result() == expected
+
+
+def test_runs_merge_as_they_grow_and_stay_exact(monkeypatch) -> None:
+    """Many short runs (a file sorted by subject) are merged whenever they pile up, and the
+    result is still exact."""
+    monkeypatch.setattr(summary_mod, "_MERGE_AT", 64)
+    rng = np.random.default_rng(3)
+    seqs = rng.permutation(np.arange(100_000))
+    seqs = seqs[seqs % 997 != 5]  # gaps that stay
+    runs = SequenceRuns()
+    seen = peak = 0
+    for part in np.array_split(seqs, 300):
+        runs.add(pa.array(["p"] * len(part)), pa.array(part, pa.int64()))
+        seen += len(part)
+        peak = max(peak, len(summary_mod._merged(seqs[:seen], seqs[:seen])[0]))
+        held = sum(len(s) for s, _ in runs._parts["p"])
+        # the runs of the last merge (never more than the most there have been) and at most as
+        # many new ones since
+        assert held <= 2 * peak + 64 + len(part)
+    assert runs.result() == sequence_ranges(pa.array(["p"] * len(seqs)), pa.array(seqs, pa.int64()))
+
+
+def test_summary_of_a_file_equals_its_record() -> None:
+    table = make_entries(3_000, producer="p-0", seq_start=10)
+    table = pa.concat_tables([table, make_entries(2_000, producer="p-1", seq_start=0)])
+    data = encode_parquet(table)
+    whole = conform_entries(pq.ParquetFile(pa.BufferReader(data)).read(), stored=True)
+    got = summarize(io.BytesIO(data))
+    assert got.rows == 5_000
+    assert got.merkle_root == table_merkle_root(whole)
+    assert got.seq_ranges == sequence_ranges(whole.column("producer_id"), whole.column("seq"))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_verify_reads_large_files_from_a_private_copy_a_batch_at_a_time(where, tmp_path, request,
+                                                                        monkeypatch) -> None:
+    """Every file over the in-memory spool (so copied to a temporary file) and read 4 rows at a
+    time: a clean journal verifies with every entry counted; an entry edited in a file's last
+    batch, a row dropped, and bytes that are no Parquet file are each found; and no copy is left
+    in the temporary folder."""
+    monkeypatch.setattr(verify_mod, "SPOOL_IN_MEMORY_BYTES", 0)
+    monkeypatch.setattr(summary_mod, "BATCH_ROWS", 4)
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool_dir))
+    backend = (_local_backend(tmp_path) if where == "local"
+               else _s3_backend(request.getfixturevalue("s3_bucket")))
+    signer = ManifestSigner.generate()
+    paths = standard_journal(backend, signer)
+    report = run(backend, signer)
+    assert report.ok, format_report(report)
+    assert (report.files, report.entries) == (3, 25)
+
+    rows = decode_parquet(backend.storage.read(paths[0])).to_pylist()
+    rows[-1]["decision"] = "block"  # the last batch of 4 rows
+    backend.overwrite(paths[0], encode_parquet(pa.Table.from_pylist(rows, schema=make_table("p1", []).schema)))
+    table = decode_parquet(backend.storage.read(paths[1]))
+    backend.overwrite(paths[1], encode_parquet(table.slice(1)))
+    backend.overwrite(paths[2], b"PAR1 not a parquet file")
+    found = errors(run(backend, signer))
+    assert {("file-entries-altered", paths[0]), ("file-row-count", paths[1]),
+            ("file-entries-altered", paths[1]), ("file-unreadable", paths[2])} <= found
+    assert ("file-row-count", paths[0]) not in found
+    assert not os.listdir(spool_dir)
+
+
+# -- verify's sequence checks on arrays give what the list-based checks gave ----------------------
+
+
+def _reference_claims(records, replaced, report) -> None:
+    """The list-based check verify used before its runs became arrays (``ece1d14``)."""
+    claims: dict = {}
+    for record in records:
+        if record.path in replaced:
+            continue
+        for producer, ranges in record.seq_ranges.items():
+            for lo, hi in ranges:
+                claims.setdefault(producer, []).append((int(lo), int(hi), record.path))
+    for producer, items in sorted(claims.items()):
+        items.sort()
+        end, end_path = items[0][1], items[0][2]
+        for lo, hi, path in items[1:]:
+            if lo <= end and path != end_path:
+                report._add("sequence-claimed-twice", path, (
+                    f"producer {producer}: sequence {lo}..{min(hi, end)} is also claimed by "
+                    f"{end_path}, and neither replaces the other (an entry forged or written twice)"))
+            if hi > end:
+                end, end_path = hi, path
+
+
+def _reference_sequences(records, accounted, seq_start, report) -> None:
+    runs: dict = {}
+    for record in records:
+        for producer, ranges in record.seq_ranges.items():
+            for lo, hi in ranges:
+                runs.setdefault(producer, []).append((int(lo), int(hi), record))
+    report.producers = len(runs)
+    covered = {p: verify_mod._merge((lo, hi) for lo, hi, _ in gaps) for p, gaps in accounted.items()}
+    for producer, items in sorted(runs.items()):
+        items.sort(key=lambda item: (item[0], item[1]))
+        gaps = []
+        first_lo, _, first_record = items[0]
+        if seq_start is not None and first_lo > seq_start:
+            gaps.append((seq_start, first_lo - 1, "", first_record.path))
+        end, end_record = items[0][1], items[0][2]
+        for lo, hi, record in items[1:]:
+            if lo > end + 1:
+                gaps.append((end + 1, lo - 1, end_record.path, record.path))
+            if hi > end:
+                end, end_record = hi, record
+        for lo, hi, before, after in gaps:
+            cover = covered.get(producer, [])
+            missing = verify_mod._uncovered(lo, hi, cover)
+            if (hi - lo + 1) - sum(b - a + 1 for a, b in missing):
+                report.accounted_gaps += 1
+            for a, b in missing:
+                where = f"between {before} and {after}" if before else f"before {after}"
+                report._add("sequence-gap", after or before, (
+                    f"producer {producer}: sequence {a}..{b} ({b - a + 1} entries) missing {where} "
+                    "and not accounted for by a counted drop or sampling: loss"))
+
+
+runs_of = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 6)).map(lambda t: [t[0], t[0] + t[1]]),
+                   max_size=5)
+record_specs = st.lists(st.tuples(st.sampled_from(["hot/a", "hot/b", "hot/c", "cold/d"]),
+                                  st.dictionaries(st.sampled_from(["p1", "p2", ""]), runs_of,
+                                                  max_size=3)), max_size=6)
+
+
+@settings(max_examples=400, deadline=None)
+@given(record_specs, st.dictionaries(st.sampled_from(["p1", "p2"]), st.lists(
+           st.tuples(st.integers(0, 50), st.integers(0, 5)).map(lambda t: (t[0], t[0] + t[1], "drop")),
+           max_size=3), max_size=2),
+       st.sampled_from([0, 3, None]), st.sets(st.sampled_from(["hot/a", "cold/d"])))
+def test_sequence_checks_on_arrays_equal_the_list_based_checks(specs, accounted, seq_start,
+                                                               replaced) -> None:
+    records = [ManifestRecord(path=path, sha256="0" * 64, size=1, row_count=1, min_ts_us=None,
+                              max_ts_us=None, seq_ranges=ranges, merkle_root="", tier="hot")
+               for path, ranges in specs]
+    got, want = verify_mod.VerifyReport(journal="j"), verify_mod.VerifyReport(journal="j")
+    verify_mod._check_sequences(records, accounted, seq_start, got)
+    _reference_sequences(records, accounted, seq_start, want)
+    verify_mod._check_claims(records, {}, replaced, got)
+    _reference_claims(records, replaced, want)
+    assert got.problems == want.problems
+    assert (got.producers, got.accounted_gaps) == (want.producers, want.accounted_gaps)
