@@ -194,3 +194,70 @@ def test_sequence_checks_on_arrays_equal_the_list_based_checks(specs, accounted,
     _reference_claims(records, replaced, want)
     assert got.problems == want.problems
     assert (got.producers, got.accounted_gaps) == (want.producers, want.accounted_gaps)
+
+
+# -- what an attacker can plant ------------------------------------------------------------------
+
+BAD_RUNS = [[[1, 2], [3]], [[1, [2]]], [[2**63, 2**64 - 1]], [[1.5, 2]], [[True, False]],
+            "1-2", [[1, 2**70]], {"lo": 1}]
+
+
+@pytest.mark.parametrize("runs", BAD_RUNS, ids=range(len(BAD_RUNS)))
+def test_a_planted_record_with_malformed_runs_is_a_finding_not_a_crash(tmp_path, runs) -> None:
+    """Anyone who can write the bucket can write a record: ragged, nested, fractional, boolean or
+    out-of-range runs make verify report it (and compaction's ``signed_records`` skip it), never
+    raise."""
+    import json
+
+    from serve_journal.read.verify import signed_records
+
+    backend = _local_backend(tmp_path)
+    signer = ManifestSigner.generate()
+    standard_journal(backend, signer)
+    good = json.loads(backend.storage.read("_manifest/writer-1/000000000000.json"))
+    planted = {**good, "chain_id": "evil", "index": 0, "seq_ranges": {"p9": runs}}
+    backend.raw_put("_manifest/evil/000000000000.json",
+                    json.dumps(planted, sort_keys=True).encode())
+    report = run(backend, signer)
+    assert ("manifest-record-unreadable", "_manifest/evil/000000000000.json") in errors(report)
+    assert len(signed_records(backend.storage, signer.export_public_key())) == 3
+
+
+def test_an_object_grown_past_its_record_is_not_copied_whole(tmp_path, monkeypatch) -> None:
+    """A recorded file grown to a terabyte (sparse here; a huge object on S3): verify stops
+    copying it a little past twice the record's size, reports it altered, and leaves no copy."""
+    monkeypatch.setattr(verify_mod, "SPOOL_IN_MEMORY_BYTES", 0)
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool_dir))
+    backend = _local_backend(tmp_path)
+    signer = ManifestSigner.generate()
+    paths = standard_journal(backend, signer)
+    full = backend.storage.full_path(paths[1])
+    os.chmod(full, 0o644)
+    os.truncate(full, 1 << 40)  # 1 TiB, sparse: reads as zeros
+    seen = []
+    real_write = tempfile.SpooledTemporaryFile.write
+    monkeypatch.setattr(tempfile.SpooledTemporaryFile, "write",
+                        lambda self, chunk: seen.append(len(chunk)) or real_write(self, chunk))
+    report = run(backend, signer)
+    assert ("file-altered", paths[1]) in errors(report)
+    assert any("read stopped there" in p.detail for p in report.errors if p.path == paths[1])
+    assert sum(seen) < 3 * os.path.getsize(backend.storage.full_path(paths[0])) + (1 << 24)
+    assert not os.listdir(spool_dir)
+
+
+def test_runs_at_the_top_of_int64_do_not_wrap() -> None:
+    top = 2**63 - 1
+    producers = pa.array(["p", "p", "p", "q"])
+    seqs = pa.array([top, top, top - 1, -(2**63)], pa.int64())
+    runs = SequenceRuns()
+    runs.add(producers, seqs)
+    assert runs.result() == sequence_ranges(producers, seqs) == {"p": [[top - 1, top]],
+                                                                 "q": [[-(2**63), -(2**63)]]}
+    report = verify_mod.VerifyReport(journal="j")
+    record = ManifestRecord(path="hot/a", sha256="0" * 64, size=1, row_count=1, min_ts_us=None,
+                            max_ts_us=None, seq_ranges={"p": [[0, top - 1], [top, top]]},
+                            merkle_root="", tier="hot")
+    verify_mod._check_sequences([record], {}, 0, report)
+    assert (report.problems, report.accounted_gaps) == ([], 0)

@@ -110,12 +110,19 @@ class SeqRuns(Sequence[list[int]]):
     """
 
     def __init__(self, runs: Iterable[Sequence[int]] | np.ndarray) -> None:
-        array = runs.array if isinstance(runs, SeqRuns) else np.array(
-            runs if isinstance(runs, np.ndarray) else list(runs))
+        if isinstance(runs, SeqRuns):
+            array = runs.array
+        else:
+            try:  # a record is anyone's JSON: ragged, nested or huge values are a finding
+                array = np.array(runs if isinstance(runs, np.ndarray) else list(runs))
+            except (ValueError, TypeError, OverflowError) as exc:
+                raise ManifestError("sequence ranges must be [lo, hi] pairs of integers") from exc
         if array.size == 0:
             array = np.empty((0, 2), dtype=np.int64)
-        if array.ndim != 2 or array.shape[1] != 2 or array.dtype.kind not in "iu":
-            raise ManifestError("sequence ranges must be [lo, hi] pairs of integers")
+        # Signed 64-bit only: no floats or booleans, and nothing at or past 2**63 (it would come
+        # back as unsigned and wrap on the cast, so the runs would differ from the hashed JSON).
+        if array.ndim != 2 or array.shape[1] != 2 or array.dtype.kind != "i":
+            raise ManifestError("sequence ranges must be [lo, hi] pairs of 64-bit integers")
         self.array = array.astype(np.int64, copy=False)
         self.array.flags.writeable = False
 

@@ -45,13 +45,20 @@ class FileSummary:
     merkle_root: str = ""
 
 
+def apart(later: np.ndarray, earlier: np.ndarray) -> np.ndarray:
+    """``later > earlier + 1`` elementwise, without wrapping at the ends of int64 (a sequence
+    number of ``2**63 - 1`` plus one is not ``-2**63``)."""
+    # later > earlier makes the true difference >= 1; it is 1 exactly when the wrapped one is.
+    return (later > earlier) & (later - earlier != 1)
+
+
 def _merged(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted, maximal, non-overlapping runs covering the runs ``[starts[i], ends[i]]``."""
     order = np.argsort(starts, kind="stable")
     starts, ends = starts[order], ends[order]
     reach = np.maximum.accumulate(ends)
     begins = np.ones(len(starts), dtype=bool)
-    begins[1:] = starts[1:] > reach[:-1] + 1
+    begins[1:] = apart(starts[1:], reach[:-1])
     first = np.flatnonzero(begins)
     last = np.append(first[1:] - 1, len(starts) - 1)
     return starts[first], reach[last]
@@ -87,7 +94,7 @@ class SequenceRuns:
         order = np.lexsort((seq, ids))
         ids, seq = ids[order], seq[order]
         begins = np.ones(len(seq), dtype=bool)
-        begins[1:] = (ids[1:] != ids[:-1]) | (seq[1:] > seq[:-1] + 1)
+        begins[1:] = (ids[1:] != ids[:-1]) | apart(seq[1:], seq[:-1])
         first = np.flatnonzero(begins)
         last = np.append(first[1:] - 1, len(seq) - 1)
         run_ids, starts, ends = ids[first], seq[first], seq[last]
@@ -148,4 +155,4 @@ def _pick(fn, current, value):
     return value if current is None else fn(current, value)
 
 
-__all__ = ["BATCH_ROWS", "FileSummary", "SequenceRuns", "summarize"]
+__all__ = ["BATCH_ROWS", "FileSummary", "SequenceRuns", "apart", "summarize"]

@@ -94,7 +94,7 @@ from serve_journal.integrity.manifest import (
     parse_object_index,
     record_path,
 )
-from serve_journal.integrity.summary import summarize
+from serve_journal.integrity.summary import apart, summarize
 from serve_journal.outcomes.schema import decode_outcomes, outcome_merkle_root
 from serve_journal.read.verify_archived import ArchivedFiles, summary_lines
 from serve_journal.read.verify_counters import HEADS_PREFIX as COUNTERS_HEADS
@@ -489,15 +489,41 @@ def _check_file(
 
     The object's bytes are read once, into a copy that is hashed as it is written; the checks
     of its entries read that same copy, so what is hashed is what is decoded."""
+    # An edited file is read whole (its entries are checked too, to say what changed); one far
+    # larger than recorded, or a link to an endless file, is not copied past this bound.
+    recorded = max(record.size for record in candidates)
+    limit = 2 * recorded + SPOOL_IN_MEMORY_BYTES
     with tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY_BYTES,
                                        prefix="serve-journal-verify-") as copy:
         try:
-            stored = storage.read_into(path, copy)
+            stored = storage.read_into(path, _Bounded(copy, limit))
         except FileNotFoundError:
             report._add("file-missing", path, "listed but cannot be read")
             return False
+        except _TooLarge:
+            report._add("file-altered", path, (
+                f"over {limit:,} bytes where its manifest record says {recorded:,}: not the "
+                "file recorded (read stopped there)"), candidates[-1].chain_id)
+            return False
         copy.seek(0)
         return _check_copy(copy, stored, path, candidates, report)
+
+
+class _TooLarge(Exception):
+    """The object has more bytes than any of its records says."""
+
+
+class _Bounded:
+    """A writer that raises :class:`_TooLarge` instead of writing past ``limit`` bytes."""
+
+    def __init__(self, out: BinaryIO, limit: int) -> None:
+        self.out, self.left = out, limit
+
+    def write(self, chunk: bytes) -> None:
+        self.left -= len(chunk)
+        if self.left < 0:
+            raise _TooLarge
+        self.out.write(chunk)
 
 
 def _check_copy(copy: BinaryIO, stored: StoredObject, path: str,
@@ -736,7 +762,7 @@ def _check_sequences(
         gaps: list[tuple[int, int, str, str]] = []  # lo, hi, file before, file after
         if seq_start is not None and lo[0] > seq_start:
             gaps.append((seq_start, int(lo[0]) - 1, "", records[owner[0]].path))
-        for i in (np.flatnonzero(lo[1:] > reach[:-1] + 1) + 1).tolist():
+        for i in (np.flatnonzero(apart(lo[1:], reach[:-1])) + 1).tolist():
             gaps.append((int(reach[i - 1]) + 1, int(lo[i]) - 1, records[holder[i - 1]].path,
                          records[owner[i]].path))
         for gap_lo, gap_hi, before, after in gaps:

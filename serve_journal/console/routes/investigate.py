@@ -8,7 +8,6 @@ echoed (it may be a subject id pasted into the wrong field). A trace id (search 
 ``/trace/<trace id>``, the link a tracing UI can point at) must have a W3C trace id's format.
 """
 
-import dataclasses
 import datetime as dt
 from typing import Any
 
@@ -189,7 +188,7 @@ def entry(request: Request, console: ConsoleDep, model: str, request_id: str, pr
             verify_status = "no manifest record for this file (written without manifests?)"
     columns = [(name, doc, row[name]) for name, _, _, doc in COLUMNS]
     return console.render(request, "entry.html", user=user, csrf=csrf, row=row, columns=columns,
-                          file=holder, record=dataclasses.asdict(record) if record else None,
+                          file=holder, record=record.to_dict() if record else None,
                           verify_status=verify_status, problems=problems)
 
 
