@@ -5,6 +5,7 @@ and an unreadable file."""
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import tempfile
@@ -18,7 +19,14 @@ from hypothesis import strategies as st
 
 from serve_journal.fileformat import decode_parquet, encode_parquet
 from serve_journal.integrity import summary as summary_mod
-from serve_journal.integrity.manifest import ManifestRecord, ManifestSigner, sequence_ranges
+from serve_journal.integrity.manifest import (
+    ManifestRecord,
+    ManifestSigner,
+    SeqRuns,
+    pack_runs,
+    sequence_ranges,
+    unpack_runs,
+)
 from serve_journal.integrity.merkle import table_merkle_root
 from serve_journal.integrity.summary import SequenceRuns, summarize
 from serve_journal.read import verify as verify_mod
@@ -199,7 +207,9 @@ def test_sequence_checks_on_arrays_equal_the_list_based_checks(specs, accounted,
 # -- what an attacker can plant ------------------------------------------------------------------
 
 BAD_RUNS = [[[1, 2], [3]], [[1, [2]]], [[2**63, 2**64 - 1]], [[1.5, 2]], [[True, False]],
-            "1-2", [[1, 2**70]], {"lo": 1}]
+            "1-2", [[1, 2**70]], {"lo": 1}, "r1:!!", "r1:gA==", "r1:AQ==",
+            "r1:" + base64.b64encode(b"\xff" * 9 + b"\x01\x00").decode(),
+            "r1:" + base64.b64encode(b"\xff" * 8 + b"\x7f" + b"\xff" * 8 + b"\x7f").decode()]
 
 
 @pytest.mark.parametrize("runs", BAD_RUNS, ids=range(len(BAD_RUNS)))
@@ -261,3 +271,85 @@ def test_runs_at_the_top_of_int64_do_not_wrap() -> None:
                             merkle_root="", tier="hot")
     verify_mod._check_sequences([record], {}, 0, report)
     assert (report.problems, report.accounted_gaps) == ([], 0)
+
+
+# -- record format 2: packed runs ----------------------------------------------------------------
+
+sorted_runs = st.lists(st.tuples(st.integers(0, 2**40), st.integers(0, 2**20)), max_size=60).map(
+    lambda pairs: _disjoint(pairs))
+
+
+def _disjoint(pairs):
+    out, cursor = [], 0
+    for gap, span in pairs:
+        lo = cursor + gap
+        out.append([lo, lo + span])
+        cursor = lo + span + 1
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(sorted_runs, st.sampled_from([0, 2**62, 2**63 - 1 - 61 * (2**40 + 2**20 + 1)]))
+def test_packed_runs_round_trip(runs, offset) -> None:
+    runs = [[lo + offset, hi + offset] for lo, hi in runs]
+    text = pack_runs(np.array(runs, dtype=np.int64).reshape(-1, 2))
+    assert text is not None and text.startswith("r1:")
+    assert unpack_runs(text).tolist() == runs
+    assert SeqRuns(text) == runs
+
+
+def test_runs_not_sorted_disjoint_or_non_negative_stay_a_list() -> None:
+    for runs in ([[5, 3]], [[0, 4], [4, 6]], [[3, 4], [0, 1]], [[-1, 2]]):
+        assert pack_runs(np.array(runs)) is None
+        record = ManifestRecord(path="hot/a", sha256="0" * 64, size=1, row_count=1,
+                                min_ts_us=None, max_ts_us=None, seq_ranges={"p": runs},
+                                merkle_root="", tier="hot")
+        assert record.to_dict()["seq_ranges"] == {"p": runs}
+        assert ManifestRecord.from_json(record.to_json()) == record
+
+
+def test_records_written_now_pack_their_runs_and_format_1_records_still_verify(tmp_path) -> None:
+    """A new record stores each producer's runs as one packed string; a journal whose chain
+    holds format-1 records (lists) beside format-2 ones verifies, and an edit of either kind of
+    record is caught."""
+    import dataclasses
+    import json
+
+    from serve_journal.integrity.manifest import ManifestLog, build_file_record
+    from tests.helpers.manifest_tables import data_path
+
+    backend = _local_backend(tmp_path)
+    signer = ManifestSigner.generate()
+    log = ManifestLog(backend.storage, "writer-1", signer, backend.witness)
+    paths = []
+    for i, (fmt, seqs) in enumerate([(1, range(0, 10)), (2, [*range(10, 15), *range(17, 20)])]):
+        table = make_table("p1", seqs)
+        stored = backend.storage.put_new(data_path(f"f{i}"), encode_parquet(table))
+        log.append(dataclasses.replace(build_file_record(stored, table, "hot", log.chain_id),
+                                       format=fmt))
+        paths.append(stored.path)
+    log.checkpoint()
+    docs = [json.loads(backend.storage.read(f"_manifest/writer-1/{i:012d}.json")) for i in (0, 1)]
+    assert docs[0]["format"] == 1 and docs[0]["seq_ranges"] == {"p1": [[0, 9]]}
+    assert docs[1]["format"] == 2 and docs[1]["seq_ranges"]["p1"].startswith("r1:")
+    assert ManifestRecord.from_json(json.dumps(docs[1]).encode()).seq_ranges == {
+        "p1": [[10, 14], [17, 19]]}
+    report = run(backend, signer, accounted_gaps={"p1": [(15, 16, "dropped")]})
+    assert report.ok, format_report(report)
+
+    for i, doc in enumerate(docs):  # re-pointed runs, in each record's own form
+        runs = doc["seq_ranges"]["p1"]
+        forged = [[0, 12]] if isinstance(runs, list) else pack_runs(np.array([[10, 19]]))
+        backend.raw_put(f"_manifest/writer-1/{i:012d}.json",
+                        json.dumps({**doc, "seq_ranges": {"p1": forged}}, sort_keys=True,
+                                   separators=(",", ":")).encode())
+        found = {kind for kind, _ in errors(run(backend, signer))}
+        assert "manifest-record-altered" in found
+        backend.raw_put(f"_manifest/writer-1/{i:012d}.json",
+                        json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+
+
+def test_packed_runs_reach_the_top_of_int64() -> None:
+    top = 2**63 - 1
+    runs = np.array([[0, 0], [top - 1, top]])
+    assert unpack_runs(pack_runs(runs)).tolist() == runs.tolist()

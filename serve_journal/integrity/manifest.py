@@ -49,6 +49,13 @@ from serve_journal.storage import JournalStorage, ObjectExistsError, StoredObjec
 MANIFEST_PREFIX = "_manifest"
 CHECKPOINT_PREFIX = "_checkpoints"
 MANIFEST_FORMAT = 1
+"""Format of checkpoints (and of records written before :data:`RECORD_FORMAT` 2)."""
+RECORD_FORMAT = 2
+"""Format of the manifest records written now: each producer's sequence runs packed into one
+string (:func:`pack_runs`) where format 1 wrote a JSON list of ``[lo, hi]`` pairs (a compacted
+file's 2.2 million runs took 36 MB of JSON, 10.8 bytes per entry; packed, ~2). Records of
+format 1 are read and verified as they are."""
+_PACKED = "r1:"
 GENESIS_HASH = "0" * 64
 SIGNING_KEY_FILE = "manifest-signing.pem"
 
@@ -99,6 +106,75 @@ def _utc_now() -> str:
 # -- records -------------------------------------------------------------------------------------
 
 
+def _varints(values: np.ndarray) -> bytes:
+    """LEB128 of non-negative int64 ``values``: 7 bits a byte, low first, high bit = more."""
+    values = values.astype(np.uint64)
+    width = 1
+    while width < 10 and np.any(values >> np.uint64(7 * width)):
+        width += 1
+    shifts = np.arange(width, dtype=np.uint64) * np.uint64(7)
+    groups = ((values[:, None] >> shifts) & np.uint64(0x7F)).astype(np.uint8)
+    used = np.ones((len(values), width), dtype=bool)
+    used[:, 1:] = (values[:, None] >> shifts[1:]) != 0
+    more = np.zeros_like(used)
+    more[:, :-1] = used[:, 1:]
+    return (groups | (more.astype(np.uint8) << 7))[used].tobytes()
+
+
+def _from_varints(data: bytes) -> np.ndarray:
+    """The non-negative int64 values of :func:`_varints` bytes (malformed -> ManifestError)."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if not len(raw):
+        return np.empty(0, dtype=np.int64)
+    last = (raw & 0x80) == 0
+    if not last[-1]:
+        raise ManifestError("packed sequence runs end inside a number")
+    starts = np.flatnonzero(np.concatenate(([True], last[:-1])))
+    lengths = np.diff(np.append(starts, len(raw)))
+    if lengths.max() > 9:  # 9 bytes hold 63 bits: anything longer is past int64
+        raise ManifestError("packed sequence runs hold a number past 64-bit")
+    position = np.arange(len(raw)) - np.repeat(starts, lengths)
+    parts = (raw & 0x7F).astype(np.uint64) << (position.astype(np.uint64) * np.uint64(7))
+    return np.bitwise_or.reduceat(parts, starts).astype(np.int64)
+
+
+def pack_runs(array: np.ndarray) -> str | None:
+    """One producer's runs as the string a format-2 record stores, or ``None`` when they are not
+    sorted, disjoint and non-negative (such runs stay a list; no writer makes them).
+
+    Each run is two LEB128 numbers, the gap since the previous run's end (the first run: its
+    start) and its length minus one, the bytes base64-encoded after ``r1:``. One string for one
+    list of runs, and back: :func:`unpack_runs`."""
+    if not len(array):
+        return _PACKED
+    lo, hi = array[:, 0], array[:, 1]
+    if lo[0] < 0 or np.any(hi < lo) or np.any(lo[1:] <= hi[:-1]):
+        return None
+    gaps = np.empty(len(lo), dtype=np.int64)
+    gaps[0] = lo[0]
+    gaps[1:] = lo[1:] - hi[:-1] - 1
+    return _PACKED + base64.b64encode(_varints(np.column_stack((gaps, hi - lo)).ravel())).decode()
+
+
+def unpack_runs(text: str) -> np.ndarray:
+    """The ``(n, 2)`` runs of a :func:`pack_runs` string (malformed -> ManifestError)."""
+    if not text.startswith(_PACKED):
+        raise ManifestError("packed sequence runs must start with r1:")
+    try:
+        data = base64.b64decode(text[len(_PACKED):].encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise ManifestError("packed sequence runs are not base64") from exc
+    values = _from_varints(data)
+    if len(values) % 2:
+        raise ManifestError("packed sequence runs hold an odd count of numbers")
+    gaps, spans = values[0::2].astype(object), values[1::2].astype(object)
+    if len(gaps) and sum(gaps) + sum(spans) + len(gaps) > 2**63:  # exact: no wrap below
+        raise ManifestError("packed sequence runs reach past 64-bit")
+    gaps, spans = values[0::2], values[1::2]
+    lo = np.cumsum(gaps) + np.cumsum(spans) - spans + np.arange(len(gaps))
+    return np.column_stack((lo, lo + spans))
+
+
 class SeqRuns(Sequence[list[int]]):
     """One producer's sequence runs ``[[lo, hi], ...]`` of a manifest record, 16 bytes a run.
 
@@ -112,6 +188,8 @@ class SeqRuns(Sequence[list[int]]):
     def __init__(self, runs: Iterable[Sequence[int]] | np.ndarray) -> None:
         if isinstance(runs, SeqRuns):
             array = runs.array
+        elif isinstance(runs, str):
+            array = unpack_runs(runs)
         else:
             try:  # a record is anyone's JSON: ragged, nested or huge values are a finding
                 array = np.array(runs if isinstance(runs, np.ndarray) else list(runs))
@@ -145,6 +223,11 @@ class SeqRuns(Sequence[list[int]]):
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]
+
+    def packed(self) -> str | list[list[int]]:
+        """What a format-2 record stores: :func:`pack_runs`, or the list when not packable."""
+        text = pack_runs(self.array)
+        return self.tolist() if text is None else text
 
     def tolist(self) -> list[list[int]]:
         """The runs as the ``[[lo, hi], ...]`` lists of the record's JSON."""
@@ -185,7 +268,7 @@ class ManifestRecord:
     index: int = -1
     prev_hash: str = ""
     record_hash: str = ""
-    format: int = MANIFEST_FORMAT
+    format: int = RECORD_FORMAT
 
     def __post_init__(self) -> None:
         if not isinstance(self.seq_ranges, Mapping):
@@ -195,7 +278,8 @@ class ManifestRecord:
 
     def to_dict(self, *, with_hash: bool = True) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["seq_ranges"] = {producer: runs.tolist() for producer, runs in self.seq_ranges.items()}
+        out["seq_ranges"] = {producer: runs.packed() if self.format >= 2 else runs.tolist()
+                             for producer, runs in self.seq_ranges.items()}
         out["replaces"] = list(self.replaces)
         if not with_hash:
             out.pop("record_hash")
