@@ -353,3 +353,61 @@ def test_packed_runs_reach_the_top_of_int64() -> None:
     top = 2**63 - 1
     runs = np.array([[0, 0], [top - 1, top]])
     assert unpack_runs(pack_runs(runs)).tolist() == runs.tolist()
+
+
+def _stored(record: ManifestRecord, runs, fmt: int) -> bytes:
+    """``record`` stored with ``runs`` for producer p1 in format ``fmt``, its hash recomputed
+    over exactly that (what anyone who can write the bucket can do; only the signature is out of
+    reach)."""
+    import hashlib
+
+    from serve_journal.integrity.manifest import canonical_json
+
+    doc = {**record.to_dict(), "format": fmt, "seq_ranges": {"p1": runs}}
+    doc.pop("record_hash")
+    doc["record_hash"] = hashlib.sha256(canonical_json(doc)).hexdigest()
+    return canonical_json(doc)
+
+
+def test_a_record_has_one_stored_form() -> None:
+    """Runs stored in a form no writer of that format gives (a packable list in format 2, a
+    string in format 1, an over-long number or stray base64 bits) decode to the same runs, but
+    the record is not canonical, so verify reports it altered; an unknown format is unreadable."""
+    from serve_journal.errors import ManifestError
+
+    record = ManifestRecord(path="hot/a", sha256="0" * 64, size=1, row_count=8, min_ts_us=None,
+                            max_ts_us=None, seq_ranges={"p1": [[3, 7]]}, merkle_root="",
+                            tier="hot")
+    genuine = {1: _stored(record, [[3, 7]], 1), 2: _stored(record, "r1:AwQ=", 2)}
+    for fmt, data in genuine.items():
+        parsed, canonical, hash_ok = ManifestRecord.from_json_checked(data)
+        assert (canonical, hash_ok, parsed.to_json() == data) == (True, True, True), fmt
+    odd = [(_stored(record, [[3, 7]], 2)), _stored(record, "r1:AwQ=", 1),
+           _stored(record, "r1:" + base64.b64encode(b"\x83\x00\x04").decode(), 2),
+           _stored(record, "r1:AwR=", 2)]
+    for data in odd:
+        parsed, canonical, _ = ManifestRecord.from_json_checked(data)
+        assert parsed.seq_ranges == {"p1": [[3, 7]]}
+        assert not canonical and parsed.to_json() != data
+    for fmt in ("2", None, 3, True):
+        with pytest.raises(ManifestError, match="format"):
+            ManifestRecord.from_json(_stored(record, [[3, 7]], fmt))
+
+
+def test_a_dead_sink_of_an_earlier_release_is_sealed_after_the_upgrade() -> None:
+    """A Kafka sink that died before the upgrade left format-1 records; the run after it
+    re-derives the same files in format 2: the records match as values, so the dead tail is
+    signed (not left to fail verify for good once its grace period is over)."""
+    import dataclasses
+
+    from serve_journal.sink.kafka_app import KafkaSinkRunner
+
+    ours = ManifestRecord(path="hot/a", sha256="0" * 64, size=1, row_count=8, min_ts_us=None,
+                          max_ts_us=None, seq_ranges={"p1": [[3, 7], [9, 9]]}, merkle_root="",
+                          tier="hot", index=0, chain_id="new")
+    runner = KafkaSinkRunner.__new__(KafkaSinkRunner)
+    runner._recorded = {"hot/a": ours}
+    theirs = dataclasses.replace(ours, format=1, chain_id="dead", index=4)
+    assert runner._matches_recorded(theirs, signed_length=1)
+    assert not runner._matches_recorded(
+        dataclasses.replace(theirs, seq_ranges={"p1": [[3, 7]]}), signed_length=1)

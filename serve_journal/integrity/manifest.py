@@ -271,6 +271,8 @@ class ManifestRecord:
     format: int = RECORD_FORMAT
 
     def __post_init__(self) -> None:
+        if type(self.format) is not int or self.format not in (1, RECORD_FORMAT):
+            raise ManifestError(f"unknown manifest record format {self.format!r}")
         if not isinstance(self.seq_ranges, Mapping):
             raise ManifestError("seq_ranges must map producer ids to sequence ranges")
         object.__setattr__(self, "seq_ranges",
@@ -319,7 +321,8 @@ class ManifestRecord:
         if not isinstance(parsed, dict):
             raise ManifestError("manifest record must be a JSON object")
         record = cls.from_dict(parsed)
-        canonical = parsed.keys() == _RECORD_FIELDS and canonical_json(parsed) == data
+        canonical = parsed.keys() == _RECORD_FIELDS and canonical_json(parsed) == data \
+            and _runs_as_written(record, parsed["seq_ranges"])
         if canonical:  # then the parsed fields are exactly the record's: hash them as they are
             body = {k: v for k, v in parsed.items() if k != "record_hash"}
             hash_ok = record.record_hash == hashlib.sha256(canonical_json(body)).hexdigest()
@@ -337,6 +340,21 @@ class ManifestRecord:
 
 
 _RECORD_FIELDS = frozenset(f.name for f in dataclasses.fields(ManifestRecord))
+
+
+def _runs_as_written(record: ManifestRecord, stored: Mapping[str, Any]) -> bool:
+    """Each producer's runs are stored in the one form a writer of the record's format gives
+    them (format 1: a list; format 2: the packed string, or a list where they cannot be
+    packed), so a record has one canonical form and :meth:`ManifestRecord.to_json` is it."""
+    for producer, runs in record.seq_ranges.items():
+        value = stored[producer]
+        if record.format >= 2:
+            packed = pack_runs(runs.array)
+            if (value != packed) if isinstance(value, str) else packed is not None:
+                return False
+        elif isinstance(value, str):
+            return False
+    return True
 
 
 def sequence_ranges(producers: pa.Array | pa.ChunkedArray, seqs: pa.Array | pa.ChunkedArray

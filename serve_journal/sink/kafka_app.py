@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -204,9 +205,11 @@ class KafkaSinkRunner:
         ours = self._recorded.get(record.path)
         if ours is None or ours.index >= signed_length:
             return False
-        theirs = record.to_dict()
-        mine = ours.to_dict()
-        return all(theirs[k] == mine[k] for k in theirs if k not in _CHAIN_FIELDS)
+        # Field for field as values, not as stored: a dead run of an earlier release wrote its
+        # records in format 1 (runs as lists), this run writes format 2 (runs packed).
+        return all(getattr(record, f.name) == getattr(ours, f.name)
+                   for f in dataclasses.fields(ManifestRecord)
+                   if f.name not in _CHAIN_FIELDS and f.name != "format")
 
     async def _checkpoints(self) -> None:
         while True:
