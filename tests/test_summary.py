@@ -147,6 +147,7 @@ def _reference_claims(records, replaced, report) -> None:
 
 
 def _reference_sequences(records, accounted, seq_start, report) -> None:
+    """Gap finding as verify did it before its runs became arrays (the reporting is shared)."""
     runs: dict = {}
     for record in records:
         for producer, ranges in record.seq_ranges.items():
@@ -166,16 +167,7 @@ def _reference_sequences(records, accounted, seq_start, report) -> None:
                 gaps.append((end + 1, lo - 1, end_record.path, record.path))
             if hi > end:
                 end, end_record = hi, record
-        for lo, hi, before, after in gaps:
-            cover = covered.get(producer, [])
-            missing = verify_mod._uncovered(lo, hi, cover)
-            if (hi - lo + 1) - sum(b - a + 1 for a, b in missing):
-                report.accounted_gaps += 1
-            for a, b in missing:
-                where = f"between {before} and {after}" if before else f"before {after}"
-                report._add("sequence-gap", after or before, (
-                    f"producer {producer}: sequence {a}..{b} ({b - a + 1} entries) missing {where} "
-                    "and not accounted for by a counted drop or sampling: loss"))
+        verify_mod._report_gaps(producer, gaps, covered.get(producer, []), report)
 
 
 runs_of = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 6)).map(lambda t: [t[0], t[0] + t[1]]),

@@ -167,8 +167,9 @@ def unpack_runs(text: str) -> np.ndarray:
     values = _from_varints(data)
     if len(values) % 2:
         raise ManifestError("packed sequence runs hold an odd count of numbers")
-    gaps, spans = values[0::2].astype(object), values[1::2].astype(object)
-    if len(gaps) and sum(gaps) + sum(spans) + len(gaps) > 2**63:  # exact: no wrap below
+    # The last run ends at the sum of every number plus one per run but the first: in Python
+    # integers (exact), it must stay within int64, so the sums below cannot wrap.
+    if len(values) and int(values.astype(object).sum()) + len(values) // 2 > 2**63:
         raise ManifestError("packed sequence runs reach past 64-bit")
     gaps, spans = values[0::2], values[1::2]
     lo = np.cumsum(gaps) + np.cumsum(spans) - spans + np.arange(len(gaps))

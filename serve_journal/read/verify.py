@@ -765,16 +765,22 @@ def _check_sequences(
         for i in (np.flatnonzero(apart(lo[1:], reach[:-1])) + 1).tolist():
             gaps.append((int(reach[i - 1]) + 1, int(lo[i]) - 1, records[holder[i - 1]].path,
                          records[owner[i]].path))
-        for gap_lo, gap_hi, before, after in gaps:
-            cover = covered.get(producer, [])
-            missing = _uncovered(gap_lo, gap_hi, cover)
-            if (gap_hi - gap_lo + 1) - sum(b - a + 1 for a, b in missing):
-                report.accounted_gaps += 1
-            for a, b in missing:
-                where = f"between {before} and {after}" if before else f"before {after}"
-                report._add("sequence-gap", after or before, (
-                    f"producer {producer}: sequence {a}..{b} ({b - a + 1} entries) missing {where} "
-                    "and not accounted for by a counted drop or sampling: loss"))
+        _report_gaps(producer, gaps, covered.get(producer, []), report)
+
+
+def _report_gaps(producer: str, gaps: Sequence[tuple[int, int, str, str]],
+                 cover: list[list[int]], report: VerifyReport) -> None:
+    """Report each ``(lo, hi, file before, file after)`` gap as loss where the merged accounted
+    ranges ``cover`` do not explain it; count the gaps they explain (in part or whole)."""
+    for gap_lo, gap_hi, before, after in gaps:
+        missing = _uncovered(gap_lo, gap_hi, cover)
+        if (gap_hi - gap_lo + 1) - sum(b - a + 1 for a, b in missing):
+            report.accounted_gaps += 1
+        for a, b in missing:
+            where = f"between {before} and {after}" if before else f"before {after}"
+            report._add("sequence-gap", after or before, (
+                f"producer {producer}: sequence {a}..{b} ({b - a + 1} entries) missing {where} "
+                "and not accounted for by a counted drop or sampling: loss"))
 
 
 def _check_versions(storage: JournalStorage, name: str, report: VerifyReport,
