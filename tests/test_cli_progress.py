@@ -106,3 +106,33 @@ def test_replay_reports_its_progress_from_the_cli(ray_cluster, tmp_path):
     assert result.exit_code in (0, 1), result.output  # 1: no features, nothing verifies
     assert json.loads(result.stdout)["total"] == 60
     assert "replay entries: 60 done in" in result.stderr
+
+
+def test_raylet_notices_during_replay_do_not_reach_stdout(tmp_path, monkeypatch):
+    """Ray's driver prints raylet notices (e.g. "8 PYTHON worker processes have been started")
+    to ``sys.stdout`` as they arrive, whatever ``log_to_driver`` says: one landed in the middle
+    of a ``replay --json`` report on a busy CI run. Here Ray's own printer is called from a
+    thread, as its listener does, while replay runs: the notice goes to stderr and stdout holds
+    the report alone."""
+    import json
+    import threading
+
+    from ray._private.worker import print_to_stdstream
+
+    from serve_journal.replay import driver
+
+    def fake_replay(*, echo, **options):
+        notice = {"lines": ["WARNING: 8 PYTHON worker processes have been started"],
+                  "pid": "raylet", "is_err": False}
+        thread = threading.Thread(target=print_to_stdstream, args=(notice, False))
+        thread.start()
+        thread.join()
+        echo(json.dumps({"total": 60}))
+        return 0
+
+    monkeypatch.setattr(driver, "run_replay_cli", fake_replay)
+    result = CliRunner().invoke(main, ["replay", "--model", "fraud", "--journal",
+                                       str(tmp_path / "journal"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"total": 60}
+    assert "worker processes have been started" in result.stderr

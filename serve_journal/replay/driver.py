@@ -22,6 +22,7 @@ This module also holds the ``serve-journal replay`` command (:data:`replay_comma
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import json
@@ -408,9 +409,25 @@ def replay_command(**options: Any) -> None:
     elif any(options.get(o) for o in ("feast_repo", "feast_features", "feast_feature_service")):
         raise click.UsageError("--feast-repo, --feast-features and --feast-feature-service "
                                "need --feature-store feast")
+    stdout = sys.stdout
+    ray_was_up = _ray_connected()
     try:
-        code = run_replay_cli(**options, echo=click.echo)
+        # Ray's driver prints raylet notices ("N worker processes have been started ...") to
+        # whatever sys.stdout is when they arrive, log_to_driver or not: while replay runs, that
+        # is stderr, so the summary (or --json report) stays alone on stdout.
+        with contextlib.redirect_stdout(sys.stderr):
+            code = run_replay_cli(**options, echo=functools.partial(click.echo, file=stdout))
+            if not ray_was_up and _ray_connected():
+                import ray  # inside: already imported when connected
+
+                ray.shutdown()  # a Ray this command started prints nothing after the report
     except ArchivedObjectError as exc:
         click.echo(f"error: {exc}", err=True)
         code = 3
     sys.exit(code)
+
+
+def _ray_connected() -> bool:
+    """Whether this process is connected to Ray, without importing it (seconds) when it is not."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
