@@ -176,3 +176,59 @@ def test_gc_freeze_must_be_a_bool():
     with pytest.raises(ConfigError, match="gc_freeze"):
         JournalConfig.resolve(model="m", gc_freeze="yes")
     assert JournalConfig.resolve(model="m").gc_freeze is True
+
+
+# -- request ids without a system call per capture -----------------------------------------------
+
+def test_request_ids_are_uuid4_and_read_from_the_os_once_per_pool(monkeypatch):
+    """A capture outside Serve gets a version-4 UUID, as ``uuid.uuid4().hex`` gave, but reads
+    the OS once per pool: ``os.urandom`` gives up the GIL, handing the request path to the
+    flusher for up to a pacer slice on every call (docs/benchmarks.md)."""
+    import os
+
+    from serve_journal._private import capture
+
+    reads = []
+    real = os.urandom
+    monkeypatch.setattr(capture.os, "urandom", lambda n: reads.append(n) or real(n))
+    ids = capture.RequestIds(per_read=64)
+    made = [ids.new() for _ in range(640)]
+    assert len(reads) == 10 and set(reads) == {16 * 64}
+    assert len(set(made)) == 640
+    for rid in made:
+        parsed = uuid.UUID(hex=rid)
+        assert parsed.hex == rid and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+def test_request_ids_are_distinct_across_threads_and_a_fork():
+    import os
+
+    from serve_journal._private.capture import REQUEST_IDS
+
+    out: list[list[str]] = [[] for _ in range(8)]
+
+    def make(k: int) -> None:
+        out[k] += [REQUEST_IDS.new() for _ in range(2000)]
+
+    threads = [threading.Thread(target=make, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seen = [rid for part in out for rid in part]
+    assert len(set(seen)) == len(seen) == 16000
+    REQUEST_IDS.new()  # this thread's pool is partly read: a child must not read the rest
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.write(write, REQUEST_IDS.new().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        child = os.read(read, 64).decode()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert len(child) == 32 and child not in seen and child != REQUEST_IDS.new()

@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
+import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
@@ -101,6 +102,49 @@ def _check_attributes(attributes: Any) -> None:
                         "values, e.g. {'region': 'eu'}")
 
 
+REQUEST_IDS_PER_READ = 256
+"""Random request ids read from the OS at a time (:class:`RequestIds`)."""
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+class RequestIds:
+    """Random version-4 UUIDs as 32 hex digits (``uuid.uuid4().hex``), read from the OS
+    :data:`REQUEST_IDS_PER_READ` at a time.
+
+    ``uuid.uuid4()`` reads 16 bytes with ``os.urandom``, which gives up the GIL for the system
+    call: on the request path that handed the replica's thread to the flusher, for up to a pacer
+    slice, on every call without a Serve request id (docs/benchmarks.md, Findings). The same
+    randomness, one read per :data:`REQUEST_IDS_PER_READ` ids. Thread-safe (each thread reads its
+    own; Serve runs sync methods in a thread pool); a forked child reads afresh, so it never
+    repeats its parent's ids.
+    """
+
+    def __init__(self, per_read: int = REQUEST_IDS_PER_READ) -> None:
+        self._bytes = 16 * per_read
+        self._local = threading.local()
+
+    def forget(self) -> None:
+        """Drop every thread's unread ids (a forked child calls this for the process's own)."""
+        self._local = threading.local()
+
+    def new(self) -> str:
+        """A new request id."""
+        local = self._local
+        at = getattr(local, "at", self._bytes)
+        if at >= self._bytes:
+            local.pool = os.urandom(self._bytes)
+            at = 0
+        local.at = at + 16
+        n = (int.from_bytes(local.pool[at:at + 16], "big") & _UUID4_CLEAR) | _UUID4_SET
+        return f"{n:032x}"
+
+
+REQUEST_IDS = RequestIds()
+"""The process's request ids (one source, so a fork forgets them once)."""
+os.register_at_fork(after_in_child=REQUEST_IDS.forget)
+
+
 def serve_request_context() -> Callable[[], Any] | None:
     """Ray Serve's getter of the current request's context, or ``None`` without Serve."""
     try:
@@ -138,7 +182,7 @@ class CallCapture:
                 rid = self._serve_context().request_id
             except Exception:  # noqa: BLE001 - outside Serve
                 rid = ""
-        return rid or uuid.uuid4().hex
+        return rid or REQUEST_IDS.new()
 
     def capture(self, args: tuple, kwargs: dict, result: Any, outcome: str, error_type: str | None,
                 started: float, annotations: dict | None) -> CapturedCall | None:
