@@ -289,3 +289,43 @@ def leases(storage) -> dict[str, int]:
 
 def call(seq: int) -> CapturedCall:
     return CapturedCall(seq, 0, "r", (), {}, None, None, None, "ok", None, 0.0, None, None)
+
+
+def test_the_request_path_wakes_the_lease_keeper_when_half_the_lease_is_used(tmp_path, monkeypatch):
+    """The keeper does not poll: it sleeps (here: a minute) until a call past half the lease wakes
+    it, then extends the lease durably before the rest is used up; a failing store backs it off
+    instead of spinning on every wake-up."""
+    from serve_journal._private import counters as counters_module
+
+    monkeypatch.setattr(counters_module, "LEASE_IDLE_POLL_S", 60.0)
+    storage = FlakyStorage(str(tmp_path / "journal"), fail=0)
+    counters = ReplicaCounters("p-7", JournalMetrics("fraud", "d", "r"), "low", storage,
+                               counters_signer(storage.uri))
+    counters.extend_lease(0, "fraud")
+    assert counters.wake_at == LEASE_MIN // 2
+    buffer = LeasedBuffer(lambda item, **_: True, counters, lambda items, reason: None)
+    used = [0]
+    counters.start_lease_keeper(lambda: used[0], "fraud")
+    try:
+        for seq in range(LEASE_MIN // 2):  # half the lease: the keeper sleeps on
+            assert buffer.offer(call(seq))
+        used[0] = LEASE_MIN // 2
+        time.sleep(0.2)
+        assert counters.lease_through == LEASE_MIN - 1
+        assert buffer.offer(call(LEASE_MIN // 2))  # past half: woken, extended at once
+        used[0] = LEASE_MIN // 2 + 1
+        deadline = time.monotonic() + 10
+        while counters.lease_through < LEASE_MIN and time.monotonic() < deadline:
+            time.sleep(0.01)  # a deadline-bounded wait for the keeper thread
+        assert counters.lease_through >= LEASE_MIN
+        assert counters.lease_through == leases(storage)["p-7"]
+        assert counters.wake_at > LEASE_MIN // 2
+        storage.fail = 10**6  # the store goes down: wake-ups past the mark back off, no spin
+        used[0] = counters.wake_at + 1
+        for seq in range(counters.wake_at, counters.wake_at + 200):
+            buffer.offer(call(seq))
+            time.sleep(0.001)
+        assert 1 <= 10**6 - storage.fail <= 2  # one attempt, then LEASE_RETRY_S of back-off
+    finally:
+        storage.fail = 0
+        counters.close(used[0] - 1, timeout=10)

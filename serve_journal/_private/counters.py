@@ -42,8 +42,10 @@ LEASE_MIN = 4096
 replica hit by a burst admits this many calls before the keeper's next durable extension (256
 dropped the low-risk part of a 4,000-call burst; the price is a wider loss bound, not more loss)."""
 LEASE_MAX = 100_000
-LEASE_POLL_S = 0.02
-"""How often the lease keeper compares the next sequence number with the lease."""
+LEASE_IDLE_POLL_S = 0.5
+"""How often the lease keeper looks at the lease unwoken (the request path wakes it as soon as
+half the lease is used: :attr:`ReplicaCounters.wake_at`). It polled every 20 ms before, and
+those 50 wake-ups a second took the GIL from a saturated replica's event loop each time."""
 LEASE_RETRY_S = 1.0
 """After a failed lease write, the next attempt waits this long (the counters flush may still
 write the lease sooner)."""
@@ -129,10 +131,24 @@ class ReplicaCounters:
         """Calls with ``seq <= lease_through`` may be answered: the lease is durable. Read on
         the request path; only :meth:`extend_lease` and :meth:`flush` raise it."""
         self._lease_size = LEASE_MIN
+        self.wake_at = -LEASE_MIN // 2
+        """The first sequence number at which less than half the lease is left: the request path
+        wakes the keeper (:meth:`wake_keeper`) from there on, until the lease is extended."""
         self._lease_mark: tuple[float, int] | None = None  # (monotonic time, next seq) at last extension
         self._lease_retry_at = 0.0
         self._keeper: threading.Thread | None = None
         self._keeper_stop = threading.Event()
+        self._keeper_wake = threading.Event()
+
+    def _lease_written(self) -> None:
+        """Take the durable lease as the admission bound, and move the keeper's wake mark."""
+        self.lease_through = through = self.exact.durable_lease
+        self.wake_at = through + 1 - self._lease_size // 2
+
+    def wake_keeper(self) -> None:
+        """Less than half the lease is left (request path): the keeper extends it now."""
+        if not self._keeper_wake.is_set():
+            self._keeper_wake.set()
 
     def extend_lease(self, next_seq: int, model: str) -> None:
         """Write a longer lease when less than half of the current one is left (flusher thread,
@@ -155,7 +171,7 @@ class ReplicaCounters:
             self._lease_retry_at = now + LEASE_RETRY_S
             raise
         finally:
-            self.lease_through = self.exact.durable_lease
+            self._lease_written()
 
     def record_finalized(self, calls: Sequence[CapturedCall], fin: Finalized) -> None:
         """Count a finalized batch: each call kept or sampled out, per tier."""
@@ -179,7 +195,7 @@ class ReplicaCounters:
             self.exact.flush_to(self._storage, keepalive=idle)
             self._lease_retry_at = 0.0  # the store takes writes again
         finally:
-            self.lease_through = self.exact.durable_lease
+            self._lease_written()
 
     def start_lease_keeper(self, next_seq: Callable[[], int], model: str) -> None:
         """Keep the lease ahead of ``next_seq()`` on a small thread of its own: a flusher held
@@ -190,7 +206,11 @@ class ReplicaCounters:
 
         def keep() -> None:
             last_warning = 0.0
-            while not self._keeper_stop.wait(LEASE_POLL_S):
+            while True:
+                self._keeper_wake.wait(LEASE_IDLE_POLL_S)
+                self._keeper_wake.clear()
+                if self._keeper_stop.is_set():
+                    return
                 try:
                     self.extend_lease(next_seq(), model)
                 except Exception:  # noqa: BLE001 - retried; calls beyond the lease are handled per tier
@@ -200,6 +220,9 @@ class ReplicaCounters:
                         logger.warning("serve_journal: extending the sequence lease failed; calls "
                                        "beyond it wait, drop (counted) or are refused per tier",
                                        exc_info=True)
+                pause = self._lease_retry_at - time.monotonic()
+                if pause > 0 and self._keeper_stop.wait(pause):
+                    return  # a failed write backs off here, however often the request path wakes it
 
         self._keeper = threading.Thread(target=keep, name="serve-journal-lease", daemon=True)
         self._keeper.start()
@@ -209,6 +232,7 @@ class ReplicaCounters:
         closed mark with ``last_seq``, the last sequence number used (-1: none). No call is
         admitted after."""
         self._keeper_stop.set()
+        self._keeper_wake.set()
         if self._keeper is not None:
             self._keeper.join(timeout)
         self.lease_through = -1
@@ -232,7 +256,10 @@ class LeasedBuffer:
               reserved: bool = False) -> bool:
         """Buffer ``item`` if its sequence number is within the lease; see
         :meth:`serve_journal._private.batching.BatchWorker.offer`. Never raises."""
-        if item.seq > self._counters.lease_through:
+        counters = self._counters
+        if item.seq >= counters.wake_at:
+            counters.wake_keeper()
+        if item.seq > counters.lease_through:
             if report_drop:
                 try:
                     self._on_drop((item,), REASON_LEASE_PENDING)
