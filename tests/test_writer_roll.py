@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import pyarrow as pa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from serve_journal.catalog.layout import split_by_partition
 from serve_journal.sink.writer import OpenPartition, PartitionFileWriter
@@ -48,3 +50,38 @@ def test_add_records_the_oldest_entry_and_roll_due_writes_it(tmp_path):
     (stored,) = writer.roll_due()
     assert writer.rows_written == 15 and writer.buffered_rows == 0
     assert stored.path.endswith(".parquet")
+
+
+@given(opened_ago=st.floats(0, 10), oldest_ago=st.none() | st.floats(-10, 20),
+       roll=st.floats(0.05, 5))
+@settings(max_examples=300, deadline=None)
+def test_next_due_in_is_exactly_when_due_turns_true(opened_ago, oldest_ago, roll):
+    """The writer actor's roll thread sleeps ``next_due_in`` (it polled every 50 ms before): the
+    partition is not due a little before that and is due from then on."""
+    writer = PartitionFileWriter(LocalJournalStorage("/nonexistent-never-written"), "w-0",
+                                 roll_seconds=roll, roll_bytes=1 << 30)
+    now, wall = 1000.0, 2_000_000.0
+    part = OpenPartition(rows=1, opened_at=now - opened_ago,
+                         oldest_ts_s=None if oldest_ago is None else wall - oldest_ago)
+    due_in = max(0.0, writer._due_in(part, now, wall))
+    eps = 1e-6
+    assert writer.due(part, now + due_in + eps, wall + due_in + eps)
+    if due_in > eps:
+        assert not writer.due(part, now + due_in - eps, wall + due_in - eps)
+
+
+def test_a_new_partition_wakes_the_roll_thread_and_next_due_in_follows_it(tmp_path):
+    writer = _writer(tmp_path, roll_seconds=4.0)
+    assert writer.next_due_in() is None and not writer.opened.is_set()
+    now_us = time.time_ns() // 1000
+    batch = make_entries(3, base_ts_us=now_us - 3_000_000, ts_step_us=1)  # captured 3 s ago
+    (key, rows), = split_by_partition(pa.Table.from_batches([batch]))
+    writer.add(key, rows.to_batches()[0])
+    assert writer.opened.is_set()
+    assert 0.9 <= writer.next_due_in() <= 1.0  # 4 s from capture, at least 1 s after it opened
+    writer.opened.clear()
+    writer.add(key, rows.to_batches()[0])  # same partition: no new wake-up
+    assert not writer.opened.is_set()
+    writer._open[key].opened_at -= 5  # roll_seconds since it opened
+    assert writer.next_due_in() == 0.0
+    assert len(writer.roll_due()) == 1 and writer.next_due_in() is None

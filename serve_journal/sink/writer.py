@@ -76,6 +76,9 @@ class PartitionFileWriter:
         self.parquet = parquet
         self.spec = spec
         self._open: dict[PartitionKey, OpenPartition] = {}
+        self.opened = threading.Event()
+        """Set when a partition opens (a roll becomes due some time from now): a thread waiting
+        for :meth:`next_due_in` to pass wakes to look again."""
         self._lock = threading.Lock()
         self._io_lock = threading.Lock()
         self._files = 0
@@ -112,6 +115,7 @@ class PartitionFileWriter:
             part = self._open.get(key)
             if part is None:
                 part = self._open[key] = OpenPartition()
+                self.opened.set()
             if part.oldest_ts_s is None:
                 part.oldest_ts_s = _oldest_ts_s(batch)
             part.batches.append(batch)
@@ -139,6 +143,26 @@ class PartitionFileWriter:
             return True
         return (part.oldest_ts_s is not None and wall - part.oldest_ts_s >= self.roll_seconds
                 and age >= self.roll_seconds / 4)
+
+    def next_due_in(self) -> float | None:
+        """Seconds until the first open partition is :meth:`due` (0 when one is), ``None`` when
+        none is open: how long a roll thread may sleep."""
+        now, wall = time.monotonic(), time.time()
+        with self._lock:
+            parts = [p for p in self._open.values() if p.rows]
+        if not parts:
+            return None
+        soonest = min(self._due_in(p, now, wall) for p in parts)
+        return max(0.0, soonest)
+
+    def _due_in(self, part: OpenPartition, now: float, wall: float) -> float:
+        """Seconds until :meth:`due` turns true for ``part`` (its two conditions, solved)."""
+        by_age = part.opened_at + self.roll_seconds - now
+        if part.oldest_ts_s is None:
+            return by_age
+        by_ts = max(part.oldest_ts_s + self.roll_seconds - wall,
+                    part.opened_at + self.roll_seconds / 4 - now)
+        return min(by_age, by_ts)
 
     def roll_quietly(self, predicate: RollPredicate) -> list[StoredObject]:
         """Roll; on a storage failure keep the rows buffered (retried next time) and count it."""
