@@ -85,3 +85,41 @@ def test_a_new_partition_wakes_the_roll_thread_and_next_due_in_follows_it(tmp_pa
     writer._open[key].opened_at -= 5  # roll_seconds since it opened
     assert writer.next_due_in() == 0.0
     assert len(writer.roll_due()) == 1 and writer.next_due_in() is None
+
+
+def test_the_writer_actors_roll_thread_backs_off_while_storage_fails(tmp_path):
+    """A due partition whose write fails stays buffered and is retried with back-off (50 ms,
+    doubling), not at the roll thread's 5 ms slack; once storage is back it is written."""
+    from serve_journal.sink.actor import JournalWriter
+    from serve_journal.sink.settings import SinkSettings
+
+    settings = SinkSettings(journal_uri=str(tmp_path / "journal"), roll_seconds=0.05,
+                            dev_mode=True, iceberg=None)
+    writer = JournalWriter.__ray_actor_class__(settings, 0)
+    attempts = []
+    real_put = writer.files.storage.put_new
+    failing = [True]
+
+    def put_new(path, data):
+        if failing[0]:
+            attempts.append(time.monotonic())
+            raise OSError("storage unavailable")
+        return real_put(path, data)
+
+    writer.files.storage.put_new = put_new
+    try:
+        now_us = time.time_ns() // 1000
+        (key, rows), = split_by_partition(pa.Table.from_batches(
+            [make_entries(4, base_ts_us=now_us, ts_step_us=1)]))
+        writer.write(key, rows.to_batches()[0])
+        time.sleep(1.5)
+        assert 3 <= len(attempts) <= 8  # 0.05 + 0.1 + 0.2 + 0.4 + 0.8 s apart, not every 5 ms
+        failing[0] = False
+        deadline = time.monotonic() + 10
+        while writer.files.rows_written < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)  # a deadline-bounded wait for the roll thread
+        assert writer.files.rows_written == 4
+        assert writer.files.write_errors == len(attempts)
+    finally:
+        writer.stop()
+    assert not writer._roller.is_alive()

@@ -26,6 +26,7 @@ import ray
 
 from serve_journal.catalog.layout import PartitionKey
 from serve_journal.metrics import JournalMetrics
+from serve_journal.retry import Backoff
 from serve_journal.sink.settings import BackgroundPublisher, SinkSettings, manifest_hook
 from serve_journal.sink.writer import PartitionFileWriter, warm_up
 from serve_journal.storage import StoredObject
@@ -37,6 +38,10 @@ ROLL_SLACK_S = 0.005
 """The roll thread wakes this long after a partition is due (not before: then it rolls it)."""
 ROLL_LOOP_MAX_SLEEP_S = 1.0
 """The longest the roll thread sleeps unwoken."""
+ROLL_RETRY_S = 0.05
+"""After a failed file write the roll thread waits this long, doubling up to
+:data:`ROLL_RETRY_MAX_S`, before it tries again (not at every due partition's 5 ms slack)."""
+ROLL_RETRY_MAX_S = 2.0
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=8)
@@ -64,6 +69,7 @@ class JournalWriter:
         self._published_length = 0
         self.iceberg = BackgroundPublisher(settings, storage)
         self._stop = threading.Event()
+        self._roll_backoff = Backoff(ROLL_RETRY_S, ROLL_RETRY_MAX_S)
         self._roller = threading.Thread(target=self._roll_loop, daemon=True)
         self._roller.start()
 
@@ -93,7 +99,12 @@ class JournalWriter:
             files.opened.clear()
             if self._stop.is_set():
                 return
+            errors = files.write_errors
             files.roll_due()
+            if files.write_errors > errors:  # storage failed: the rows wait, retried with back-off
+                self._stop.wait(self._roll_backoff.next_delay())
+            else:
+                self._roll_backoff.reset()
             now = time.monotonic()
             if now >= next_checkpoint:
                 next_checkpoint = now + self.settings.checkpoint_interval_s
@@ -129,6 +140,13 @@ class JournalWriter:
         self.files.roll_quietly(lambda k, p: True)
         self._checkpoint()
         return self.files.buffered_rows
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the roll thread (rows still buffered stay so: :meth:`flush` first). An actor
+        ends with its process; this is for the class run in-process."""
+        self._stop.set()
+        self.files.opened.set()
+        self._roller.join(timeout)
 
     def stats(self) -> dict[str, Any]:
         """Rows and bytes written, rows buffered, error counts and the manifest chain's length."""
