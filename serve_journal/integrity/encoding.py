@@ -328,7 +328,7 @@ def encode_arrow_values(array: pa.Array | pa.ChunkedArray) -> pa.BinaryArray:
         return pa.array([canonical_encode(v) for v in array.to_pylist()], pa.binary())
 
 
-def encode_arrow_rows(table: pa.Table, omit_null: Collection[str] = ()) -> list[bytes]:
+def encode_arrow_rows(table: pa.Table, omit_null: Collection[str] = (), prefix: bytes = b"") -> list[bytes]:
     """Per row of ``table``, ``canonical_encode`` of the row as a mapping of column name to value.
 
     Byte-for-byte ``[canonical_encode(row) for row in table.to_pylist()]``, built column-wise
@@ -339,12 +339,14 @@ def encode_arrow_rows(table: pa.Table, omit_null: Collection[str] = ()) -> list[
     mapping then has fewer entries, its header says so): the row encodes exactly like
     ``canonical_encode({k: v for k, v in row.items() if not (k in omit_null and v is None)})``.
     This is how a column added by a later schema version keeps an older row's encoding.
+
+    ``prefix`` is put before every row's bytes (a Merkle leaf's ``0x00``: one copy, not two).
     """
     if table.num_rows == 0:
         return []
     names = sorted(table.column_names, key=lambda k: k.encode("utf-8"))
     if not names:
-        return [mapping_header(0)] * table.num_rows
+        return [prefix + mapping_header(0)] * table.num_rows
     table = table.combine_chunks()
     columns = {name: _one_array(table.column(name)) for name in names}
     optional = [name for name in names if name in omit_null and columns[name].null_count]
@@ -358,24 +360,63 @@ def encode_arrow_rows(table: pa.Table, omit_null: Collection[str] = ()) -> list[
         header: Any = pc.take(pa.array([mapping_header(c) for c in headers], pa.binary()),
                               pa.array(np.searchsorted(headers, always + valid)))
     else:
-        header = pa.scalar(mapping_header(len(names)), pa.binary())
-    parts: list[Any] = [header]
+        header = mapping_header(len(names))
+    parts: list[Any] = [prefix, header] if prefix else [header]
     try:
         for name in names:
             if name in optional and columns[name].null_count == table.num_rows:
                 continue  # null in every row: no part of any row
-            key = pa.scalar(canonical_encode(name), pa.binary())
-            values = _fragments(columns[name])
+            key = canonical_encode(name)
             if name in optional:
                 # Key and value where valid, nothing where null.
-                parts.append(pc.if_else(columns[name].is_valid(), _join(key, values),
+                parts.append(pc.if_else(columns[name].is_valid(),
+                                        _join(pa.scalar(key, pa.binary()),
+                                              _fragments(columns[name])),
                                         pa.scalar(b"", pa.binary())))
             else:
-                parts += (key, values)
+                parts += (key, *_flat_parts(columns[name]))
     except _ArrowUnsupported:
-        return [canonical_encode({k: v for k, v in row.items() if not (k in omit_null and v is None)})
+        return [prefix + canonical_encode({k: v for k, v in row.items()
+                                           if not (k in omit_null and v is None)})
                 for row in table.to_pylist()]
-    return _join(*parts).to_pylist()
+    return _join(*_merge_constants(parts)).to_pylist()
+
+
+def _merge_constants(parts: list[Any]) -> list[Any]:
+    """Adjacent constant parts (``bytes``) as one binary scalar each: every row's bytes are
+    copied once, by one join, however many columns there are."""
+    out: list[Any] = []
+    pending = b""
+    for part in parts:
+        if isinstance(part, bytes):
+            pending += part
+            continue
+        if pending:
+            out.append(pa.scalar(pending, pa.binary()))
+            pending = b""
+        out.append(part)
+    if pending or not out:
+        out.append(pa.scalar(pending, pa.binary()))
+    return out
+
+
+def _flat_parts(arr: pa.Array) -> list[Any]:
+    """:func:`_fragments` of ``arr`` as the parts whose row-wise join it is (constants as
+    ``bytes``), for the outer join to copy once; a nested or nullable column stays whole."""
+    if len(arr) == 0 or arr.null_count:
+        return [_fragments(arr)]
+    typ = arr.type
+    if pa.types.is_integer(typ) and typ != pa.uint64():
+        return _int_parts(arr)
+    if pa.types.is_floating(typ):
+        return [_FLOAT, _float_bits(arr)]
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        raw = arr.cast(pa.binary())
+        return [_STR, _binary_lengths(pc.binary_length(raw).to_numpy(zero_copy_only=False)), raw]
+    if pa.types.is_binary(typ) or pa.types.is_large_binary(typ):
+        raw = arr.cast(pa.binary())
+        return [_BYTES, _binary_lengths(pc.binary_length(raw).to_numpy(zero_copy_only=False)), raw]
+    return [_fragments(arr)]
 
 
 def _one_array(column: pa.ChunkedArray) -> pa.Array:
@@ -422,11 +463,7 @@ def _fragments(arr: pa.Array) -> pa.Array:
             raise _ArrowUnsupported(str(typ))  # values above 2**63 - 1 do not fit int64
         return _with_nulls(_int_fragments(arr), arr)
     if pa.types.is_floating(typ):
-        values = arr.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(">f8")
-        bits = values.view(">u8").copy()
-        bits[np.isnan(values)] = _NAN_BITS  # one NaN, as canonical_encode writes it
-        fixed = pa.FixedSizeBinaryArray.from_buffers(pa.binary(8), n, [None, pa.py_buffer(bits.tobytes())])
-        return _with_nulls(_join(pa.scalar(_FLOAT, pa.binary()), fixed.cast(pa.binary())), arr)
+        return _with_nulls(_join(pa.scalar(_FLOAT, pa.binary()), _float_bits(arr)), arr)
     if pa.types.is_string(typ) or pa.types.is_large_string(typ):
         return _length_prefixed(_STR, arr.cast(pa.binary()), arr)
     if pa.types.is_binary(typ) or pa.types.is_large_binary(typ):
@@ -451,8 +488,25 @@ def _fragments(arr: pa.Array) -> pa.Array:
     raise _ArrowUnsupported(str(typ))
 
 
+def _float_bits(arr: pa.Array) -> pa.Array:
+    """Each value's IEEE 754 binary64 bits, big-endian, as an 8-byte binary (one NaN, as
+    canonical_encode writes it)."""
+    values = arr.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(">f8")
+    bits = values.view(">u8").copy()
+    bits[np.isnan(values)] = _NAN_BITS
+    fixed = pa.FixedSizeBinaryArray.from_buffers(pa.binary(8), len(values),
+                                                 [None, pa.py_buffer(bits.tobytes())])
+    return fixed.cast(pa.binary())
+
+
 def _int_fragments(arr: pa.Array) -> pa.Array:
     """``b"I" u64(n)`` + the n-byte big-endian two's complement, n = bit_length(|v|) // 8 + 1."""
+    return _join(*(pa.scalar(p, pa.binary()) if isinstance(p, bytes) else p
+                   for p in _int_parts(arr)))
+
+
+def _int_parts(arr: pa.Array) -> list[Any]:
+    """The parts of :func:`_int_fragments`: the tag (``bytes``), the lengths, the payloads."""
     values = pc.fill_null(arr.cast(pa.int64()), 0).to_numpy(zero_copy_only=False).astype(np.int64)
     n_rows = len(values)
     unsigned = values.view(np.uint64)
@@ -474,4 +528,4 @@ def _int_fragments(arr: pa.Array) -> pa.Array:
     raw = pa.BinaryArray.from_buffers(
         pa.binary(), n_rows, [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(payload.tobytes())]
     )
-    return _join(pa.scalar(_INT, pa.binary()), _binary_lengths(sizes), raw)
+    return [_INT, _binary_lengths(sizes), raw]

@@ -79,11 +79,20 @@ def root_from_leaf_hashes(hashes: Sequence[bytes]) -> bytes:
         return EMPTY_ROOT
     # Bottom-up: fold each level pairwise; an odd last node is promoted unchanged. This yields
     # exactly the RFC's largest-power-of-two split, without recursion over large files.
+    sha256 = hashlib.sha256
     level = list(hashes)
     while len(level) > 1:
-        nxt = [node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
-        if len(level) % 2:
-            nxt.append(level[-1])
+        odd = level[-1] if len(level) % 2 else None
+        # Pairs as 64-byte slices of one joined level: node_hash without a call per pair.
+        pairs = level[:len(level) - 1] if odd is not None else level
+        joined = b"".join(pairs)
+        if len(joined) == HASH_SIZE * len(pairs):
+            nxt = [sha256(_NODE_PREFIX + joined[i:i + 2 * HASH_SIZE]).digest()
+                   for i in range(0, len(joined), 2 * HASH_SIZE)]
+        else:  # not all 32-byte digests: pair them as given
+            nxt = [node_hash(pairs[i], pairs[i + 1]) for i in range(0, len(pairs), 2)]
+        if odd is not None:
+            nxt.append(odd)
         level = nxt
     return level[0]
 
@@ -272,13 +281,15 @@ millions of ~1 KB entries does not fit in one), and hashing a chunk at a time ke
 bytes per row, not the whole encoding, in memory."""
 
 
-def _leaf_chunks(table: pa.Table) -> Iterator[list[bytes]]:
+def _leaf_chunks(table: pa.Table, prefix: bytes = b"") -> Iterator[list[bytes]]:
+    """Leaf data of ``table``'s rows, :data:`LEAF_CHUNK_ROWS` at a time, each after ``prefix``."""
     if "ts" in table.column_names:
         # Integer microseconds straight from Arrow: exact, and no datetime round trip per row.
         index = table.column_names.index("ts")
         table = table.set_column(index, "ts", table.column("ts").cast(pa.int64()))
     for start in range(0, table.num_rows, LEAF_CHUNK_ROWS):
-        yield encode_arrow_rows(table.slice(start, LEAF_CHUNK_ROWS), omit_null=ADDED_COLUMNS)
+        yield encode_arrow_rows(table.slice(start, LEAF_CHUNK_ROWS), omit_null=ADDED_COLUMNS,
+                                prefix=prefix)
 
 
 def table_leaves(table: pa.Table) -> list[bytes]:
@@ -294,7 +305,9 @@ def table_leaves(table: pa.Table) -> list[bytes]:
 
 def table_leaf_hashes(table: pa.Table) -> list[bytes]:
     """RFC 6962 leaf hashes of every row of ``table``, in table order."""
-    return [leaf_hash(leaf) for chunk in _leaf_chunks(table) for leaf in chunk]
+    sha256 = hashlib.sha256  # the leaves come prefixed with 0x00: one hash call per row
+    return [sha256(prefixed).digest() for chunk in _leaf_chunks(table, _LEAF_PREFIX)
+            for prefixed in chunk]
 
 
 def table_merkle_root(table: pa.Table) -> str:
