@@ -136,3 +136,24 @@ def test_raylet_notices_during_replay_do_not_reach_stdout(tmp_path, monkeypatch)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == {"total": 60}
     assert "worker processes have been started" in result.stderr
+
+
+def test_a_failing_shutdown_of_the_commands_own_ray_does_not_undo_the_report(tmp_path, monkeypatch):
+    """``replay`` shuts down a Ray it started, inside the redirect and after the report; an
+    error there leaves the exit code and the report as they were."""
+    import json
+    import sys
+    import types
+
+    from serve_journal.replay import driver
+
+    connected = iter([False, True])  # not connected before the command, connected after
+    monkeypatch.setattr(driver, "_ray_connected", lambda: next(connected))
+    fake_ray = types.SimpleNamespace(shutdown=lambda: (_ for _ in ()).throw(RuntimeError("gone")))
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    monkeypatch.setattr(driver, "run_replay_cli",
+                        lambda *, echo, **options: echo(json.dumps({"total": 1})) or 0)
+    result = CliRunner().invoke(main, ["replay", "--model", "fraud", "--journal",
+                                       str(tmp_path / "journal"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"total": 1}

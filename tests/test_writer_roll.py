@@ -123,3 +123,31 @@ def test_the_writer_actors_roll_thread_backs_off_while_storage_fails(tmp_path):
     finally:
         writer.stop()
     assert not writer._roller.is_alive()
+
+
+def test_rows_after_an_empty_batch_still_wake_the_roll_thread(tmp_path):
+    """An empty batch opens a partition with no rows: the rows that follow must still wake the
+    roll thread (it sleeps until a partition with rows is due)."""
+    writer = _writer(tmp_path, roll_seconds=0.3)
+    now_us = time.time_ns() // 1000
+    batch = make_entries(2, base_ts_us=now_us, ts_step_us=1)
+    (key, rows), = split_by_partition(pa.Table.from_batches([batch]))
+    writer.add(key, rows.to_batches()[0].slice(0, 0))
+    assert not writer.opened.is_set() and writer.next_due_in() is None
+    writer.add(key, rows.to_batches()[0])
+    assert writer.opened.is_set() and writer.next_due_in() is not None
+
+
+def test_a_root_over_hashes_of_mixed_lengths_pairs_them_as_given():
+    """root_from_leaf_hashes joins a level into one buffer only when every hash is 32 bytes:
+    lengths that merely add up (30 + 34) are paired as given, as before."""
+    import hashlib
+
+    from serve_journal.integrity.merkle import node_hash, root_from_leaf_hashes
+
+    hashes = [b"a" * 30, b"b" * 34, b"c" * 32, b"d" * 32]
+    expected = node_hash(node_hash(hashes[0], hashes[1]), node_hash(hashes[2], hashes[3]))
+    assert root_from_leaf_hashes(hashes) == expected
+    digests = [hashlib.sha256(bytes([i])).digest() for i in range(5)]
+    assert root_from_leaf_hashes(digests) == node_hash(
+        node_hash(node_hash(digests[0], digests[1]), node_hash(digests[2], digests[3])), digests[4])

@@ -46,6 +46,8 @@ LEASE_IDLE_POLL_S = 0.5
 """How often the lease keeper looks at the lease unwoken (the request path wakes it as soon as
 half the lease is used: :attr:`ReplicaCounters.wake_at`). It polled every 20 ms before, and
 those 50 wake-ups a second took the GIL from a saturated replica's event loop each time."""
+LEASE_RETRY_CHECK_S = 0.05
+"""While backing off, how often the keeper looks whether a counters flush made the store good."""
 LEASE_RETRY_S = 1.0
 """After a failed lease write, the next attempt waits this long (the counters flush may still
 write the lease sooner)."""
@@ -220,9 +222,11 @@ class ReplicaCounters:
                         logger.warning("serve_journal: extending the sequence lease failed; calls "
                                        "beyond it wait, drop (counted) or are refused per tier",
                                        exc_info=True)
-                pause = self._lease_retry_at - time.monotonic()
-                if pause > 0 and self._keeper_stop.wait(pause):
-                    return  # a failed write backs off here, however often the request path wakes it
+                # A failed write backs off here, however often the request path wakes it, until
+                # the retry time (which a successful counters flush clears).
+                while self._lease_retry_at > time.monotonic():
+                    if self._keeper_stop.wait(LEASE_RETRY_CHECK_S):
+                        return
 
         self._keeper = threading.Thread(target=keep, name="serve-journal-lease", daemon=True)
         self._keeper.start()
@@ -260,6 +264,7 @@ class LeasedBuffer:
         if item.seq >= counters.wake_at:
             counters.wake_keeper()
         if item.seq > counters.lease_through:
+            counters.wake_keeper()  # a lease behind its wake mark (a race) heals at once
             if report_drop:
                 try:
                     self._on_drop((item,), REASON_LEASE_PENDING)

@@ -86,7 +86,7 @@ def root_from_leaf_hashes(hashes: Sequence[bytes]) -> bytes:
         # Pairs as 64-byte slices of one joined level: node_hash without a call per pair.
         pairs = level[:len(level) - 1] if odd is not None else level
         joined = b"".join(pairs)
-        if len(joined) == HASH_SIZE * len(pairs):
+        if all(len(h) == HASH_SIZE for h in pairs):
             nxt = [sha256(_NODE_PREFIX + joined[i:i + 2 * HASH_SIZE]).digest()
                    for i in range(0, len(joined), 2 * HASH_SIZE)]
         else:  # not all 32-byte digests: pair them as given

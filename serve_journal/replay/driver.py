@@ -416,11 +416,16 @@ def replay_command(**options: Any) -> None:
         # whatever sys.stdout is when they arrive, log_to_driver or not: while replay runs, that
         # is stderr, so the summary (or --json report) stays alone on stdout.
         with contextlib.redirect_stdout(sys.stderr):
-            code = run_replay_cli(**options, echo=functools.partial(click.echo, file=stdout))
-            if not ray_was_up and _ray_connected():
-                import ray  # inside: already imported when connected
+            try:
+                code = run_replay_cli(**options, echo=functools.partial(click.echo, file=stdout))
+            finally:
+                if not ray_was_up and _ray_connected():
+                    import ray  # inside: already imported when connected
 
-                ray.shutdown()  # a Ray this command started prints nothing after the report
+                    # A Ray this command started prints nothing after the report; the report
+                    # stands whatever its shutdown does.
+                    with contextlib.suppress(Exception):
+                        ray.shutdown()
     except ArchivedObjectError as exc:
         click.echo(f"error: {exc}", err=True)
         code = 3

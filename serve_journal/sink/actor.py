@@ -99,9 +99,7 @@ class JournalWriter:
             files.opened.clear()
             if self._stop.is_set():
                 return
-            errors = files.write_errors
-            files.roll_due()
-            if files.write_errors > errors:  # storage failed: the rows wait, retried with back-off
+            if files.roll_due() is None:  # storage failed: the rows wait, retried with back-off
                 self._stop.wait(self._roll_backoff.next_delay())
             else:
                 self._roll_backoff.reset()
@@ -156,6 +154,7 @@ class JournalWriter:
             "bytes_written": self.files.bytes_written,
             "buffered_rows": self.files.buffered_rows,
             "write_errors": self.files.write_errors,
+            "roller_alive": self._roller.is_alive(),
             "checkpoint_errors": self.checkpoint_errors,
             "manifest_length": self.manifest.length,
             "iceberg_publishes": self.iceberg.published,

@@ -115,7 +115,8 @@ class PartitionFileWriter:
             part = self._open.get(key)
             if part is None:
                 part = self._open[key] = OpenPartition()
-                self.opened.set()
+            if not part.rows and batch.num_rows:
+                self.opened.set()  # rows to roll some time from now
             if part.oldest_ts_s is None:
                 part.oldest_ts_s = _oldest_ts_s(batch)
             part.batches.append(batch)
@@ -125,8 +126,8 @@ class PartitionFileWriter:
         if full:
             self.roll_quietly(lambda k, p: k == key)
 
-    def roll_due(self) -> list[StoredObject]:
-        """Roll (quietly) every partition due: see :meth:`due`."""
+    def roll_due(self) -> list[StoredObject] | None:
+        """Roll (quietly) every partition due: see :meth:`due`; ``None`` when a write failed."""
         now, wall = time.monotonic(), time.time()
         return self.roll_quietly(lambda k, p: self.due(p, now, wall))
 
@@ -164,15 +165,16 @@ class PartitionFileWriter:
                     part.opened_at + self.roll_seconds / 4 - now)
         return min(by_age, by_ts)
 
-    def roll_quietly(self, predicate: RollPredicate) -> list[StoredObject]:
-        """Roll; on a storage failure keep the rows buffered (retried next time) and count it."""
+    def roll_quietly(self, predicate: RollPredicate) -> list[StoredObject] | None:
+        """Roll; on a storage failure keep the rows buffered (retried next time), count it and
+        return ``None``."""
         try:
             return self.roll(predicate)
         except Exception:  # noqa: BLE001 - the rows stay buffered and are retried
             self.write_errors += 1
             logger.warning("serve_journal writer %s: writing a file failed; will retry",
                            self.name_prefix, exc_info=True)
-            return []
+            return None
 
     def roll_all(self) -> list[StoredObject]:
         """Roll every open partition; raises when storage fails (the rows stay buffered)."""
@@ -205,6 +207,7 @@ class PartitionFileWriter:
                                 p.nbytes += newer.nbytes
                                 p.rows += newer.rows
                             self._open[k] = p
+                    self.opened.set()  # due again, maybe sooner than the roll thread thinks
                     raise
             return written
 
