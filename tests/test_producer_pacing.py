@@ -232,3 +232,46 @@ def test_request_ids_are_distinct_across_threads_and_a_fork():
         os.close(read)
         os.waitpid(pid, 0)
     assert len(child) == 32 and child not in seen and child != REQUEST_IDS.new()
+
+
+def test_request_ids_are_formatted_ahead_by_the_flusher_only_once_used(monkeypatch):
+    """The flusher keeps ids formatted ahead (a periodic task), so a capture only pops one; a
+    process inside Serve, which never takes one, formats none."""
+    import os
+
+    from serve_journal._private import capture
+
+    reads = []
+    real = os.urandom
+    monkeypatch.setattr(capture.os, "urandom", lambda n: reads.append(n) or real(n))
+    ids = capture.RequestIds(per_read=64, ahead=640)
+    ids.top_up()
+    assert reads == []  # never used: nothing formatted
+    first = ids.new()
+    assert len(reads) == 1
+    ids.top_up()
+    assert len(reads) == 11  # topped up to 640 ready, a pool at a time
+    made = [first] + [ids.new() for _ in range(710)]
+    assert len(set(made)) == 711 and len(reads) == 12  # 703 were ready: one more pool
+    for rid in made:
+        parsed = uuid.UUID(hex=rid)
+        assert parsed.hex == rid and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+
+
+def test_the_flusher_tops_up_request_ids_after_a_capture(mlflow_registry, tmp_path):
+    from serve_journal._private.capture import REQUEST_IDS as ids
+    from serve_journal._private.capture import REQUEST_IDS_AHEAD
+
+    ids.forget()
+    instance = _instance(mlflow_registry, tmp_path)
+    runtime = journal_runtime(instance)
+    try:
+        assert "request-ids" in [task.name for task in runtime.worker._periodic]
+        runtime.flush(10)
+        assert len(ids._ready) == 0  # no id taken yet: none formatted
+        instance({"subject_id": "a", "features": {"x": 1}})  # outside Serve: takes an id
+        runtime.flush(10)
+        runtime.flush(10)  # the periodic tasks after the first flush's export have run
+        assert len(ids._ready) >= REQUEST_IDS_AHEAD
+    finally:
+        runtime.close(10)

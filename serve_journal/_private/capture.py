@@ -16,15 +16,16 @@ method and wait for room.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -102,42 +103,63 @@ def _check_attributes(attributes: Any) -> None:
                         "values, e.g. {'region': 'eu'}")
 
 
-REQUEST_IDS_PER_READ = 256
-"""Random request ids read from the OS at a time (:class:`RequestIds`)."""
-_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
-_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+REQUEST_IDS_PER_READ = 512
+"""Random request ids read from the OS, and formatted, at a time (:class:`RequestIds`)."""
+REQUEST_IDS_AHEAD = 8192
+"""Request ids the flusher keeps formatted ahead of the request path (:meth:`RequestIds.top_up`)."""
 
 
 class RequestIds:
-    """Random version-4 UUIDs as 32 hex digits (``uuid.uuid4().hex``), read from the OS
-    :data:`REQUEST_IDS_PER_READ` at a time.
+    """Random version-4 UUIDs as 32 hex digits (``uuid.uuid4().hex``), read from the OS and
+    formatted :data:`REQUEST_IDS_PER_READ` at a time, ahead of the request path.
 
     ``uuid.uuid4()`` reads 16 bytes with ``os.urandom``, which gives up the GIL for the system
     call: on the request path that handed the replica's thread to the flusher, for up to a pacer
-    slice, on every call without a Serve request id (docs/benchmarks.md, Findings). The same
-    randomness, one read per :data:`REQUEST_IDS_PER_READ` ids. Thread-safe (each thread reads its
-    own; Serve runs sync methods in a thread pool); a forked child reads afresh, so it never
-    repeats its parent's ids.
+    slice, on every call without a Serve request id (docs/benchmarks.md, Findings). Formatting
+    one id from a 128-bit integer cost another ~1 us of the ~6 us a capture took. Here the
+    flusher thread keeps up to :data:`REQUEST_IDS_AHEAD` ids ready (:meth:`top_up`, once the
+    request path has taken one: calls inside Serve use Serve's id); a call takes the next one
+    (a deque pop, atomic). Should the ids run out, the call formats one pool itself. A forked
+    child forgets the parent's ready ids, so it never repeats them.
     """
 
-    def __init__(self, per_read: int = REQUEST_IDS_PER_READ) -> None:
-        self._bytes = 16 * per_read
-        self._local = threading.local()
+    def __init__(self, per_read: int = REQUEST_IDS_PER_READ, ahead: int = REQUEST_IDS_AHEAD) -> None:
+        self._per_read = per_read
+        self._ahead = ahead
+        self._ready: collections.deque[str] = collections.deque()
+        self._used = False
 
     def forget(self) -> None:
-        """Drop every thread's unread ids (a forked child calls this for the process's own)."""
-        self._local = threading.local()
+        """Drop the ready ids (a forked child calls this: they are its parent's)."""
+        self._ready = collections.deque()
+        self._used = False
+
+    def _pool(self) -> list[str]:
+        count = self._per_read
+        raw = np.frombuffer(os.urandom(16 * count), dtype=np.uint8).reshape(count, 16).copy()
+        raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40  # version 4
+        raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # variant RFC 4122
+        digits = raw.tobytes().hex()
+        return [digits[at:at + 32] for at in range(0, 32 * count, 32)]
 
     def new(self) -> str:
         """A new request id."""
-        local = self._local
-        at = getattr(local, "at", self._bytes)
-        if at >= self._bytes:
-            local.pool = os.urandom(self._bytes)
-            at = 0
-        local.at = at + 16
-        n = (int.from_bytes(local.pool[at:at + 16], "big") & _UUID4_CLEAR) | _UUID4_SET
-        return f"{n:032x}"
+        try:
+            return self._ready.pop()
+        except IndexError:
+            self._used = True
+            pool = self._pool()
+            rid = pool.pop()
+            self._ready.extend(pool)
+            return rid
+
+    def top_up(self) -> None:
+        """Format ids ahead until :data:`REQUEST_IDS_AHEAD` wait (the flusher's periodic task),
+        giving the GIL back between pools; nothing until the request path has taken an id."""
+        ready = self._ready
+        while self._used and len(ready) < self._ahead:
+            ready.extendleft(self._pool())
+            time.sleep(0)  # a pool is ~0.1 ms of work: let the event loop in between
 
 
 REQUEST_IDS = RequestIds()

@@ -25,7 +25,7 @@ from serve_journal.config import JournalConfig
 from serve_journal.registry import ModelInfo, ModelRef, resolve_model
 
 from .batching import BatchWorker, PeriodicTask
-from .capture import CallCapture
+from .capture import REQUEST_IDS, CallCapture
 from .counters import LeasedBuffer
 from .export import BatchExporter
 from .models import register_runtime, remember, unregister_runtime
@@ -75,6 +75,8 @@ class JournalRuntime:
                          self._maybe_refresh),
             PeriodicTask("counters", COUNTERS_INTERVAL_S, self._flush_counters),
             PeriodicTask("metrics", METRICS_INTERVAL_S, self._report_metrics),
+            # Request ids for calls outside Serve, formatted here rather than on the request path.
+            PeriodicTask("request-ids", 0.0, REQUEST_IDS.top_up),
         ]
         if self._reports_heartbeats:
             from .coordinator import HEARTBEAT_INTERVAL_S  # inside: imports Ray (~2 s)
