@@ -103,7 +103,7 @@ def _check_attributes(attributes: Any) -> None:
                         "values, e.g. {'region': 'eu'}")
 
 
-REQUEST_IDS_PER_READ = 512
+REQUEST_IDS_PER_READ = 256
 """Random request ids read from the OS, and formatted, at a time (:class:`RequestIds`)."""
 REQUEST_IDS_AHEAD = 8192
 """Request ids the flusher keeps formatted ahead of the request path (:meth:`RequestIds.top_up`)."""
