@@ -472,3 +472,28 @@ def test_flat_fast_path_cache_is_not_fooled_by_keys_equal_to_a_cached_shape():
     assert encode_flat_mapping(impostor) is None
     with pytest.raises(CanonicalEncodingError):
         canonical_encode_fast(impostor)
+
+
+@given(st.data())
+@settings(max_examples=300, deadline=None)
+def test_arrow_rows_with_constant_and_all_null_columns_equal_canonical_encode(data):
+    """A column holding one value in every row (a file's model, producer, schema version ...) is
+    encoded once; one that differs in a single element, or only in the sign of a zero or the
+    payload of a NaN, or is null everywhere, must still give each row's own bytes."""
+    columns = {}
+    n = data.draw(st.integers(1, 7))
+    for k in range(data.draw(st.integers(1, 4))):
+        typ = data.draw(_leaf_types | st.builds(pa.list_, _leaf_types))
+        value = data.draw(arrow_values(typ))
+        items = [value] * n
+        if data.draw(st.booleans()):  # one element differs (or is null)
+            items[data.draw(st.integers(0, n - 1))] = data.draw(arrow_values(typ))
+        columns[f"c{k}"] = pa.array(items, typ)
+    if data.draw(st.booleans()):
+        columns["z"] = pa.array([0.0] * (n - 1) + [-0.0])
+        columns["nan"] = pa.array([float("nan")] * n)
+    table = pa.table(columns)
+    table = table.slice(data.draw(st.integers(0, n - 1)))  # buffer offsets must not matter
+    expected = [canonical_encode(row) for row in table.to_pylist()]
+    assert encode_arrow_rows(table) == expected
+    assert encode_arrow_rows(table, prefix=b"\x00") == [b"\x00" + e for e in expected]

@@ -379,6 +379,8 @@ def encode_arrow_rows(table: pa.Table, omit_null: Collection[str] = (), prefix: 
         return [prefix + canonical_encode({k: v for k, v in row.items()
                                            if not (k in omit_null and v is None)})
                 for row in table.to_pylist()]
+    if all(isinstance(part, bytes) for part in parts):  # every column constant or null
+        return [b"".join(parts)] * table.num_rows
     return _join(*_merge_constants(parts)).to_pylist()
 
 
@@ -403,8 +405,13 @@ def _merge_constants(parts: list[Any]) -> list[Any]:
 def _flat_parts(arr: pa.Array) -> list[Any]:
     """:func:`_fragments` of ``arr`` as the parts whose row-wise join it is (constants as
     ``bytes``), for the outer join to copy once; a nested or nullable column stays whole."""
-    if len(arr) == 0 or arr.null_count:
+    n = len(arr)
+    if n and arr.null_count == n:
+        return [_NONE]  # null in every row: the same bytes whatever the type
+    if n == 0 or arr.null_count:
         return [_fragments(arr)]
+    if _is_constant(arr):
+        return [canonical_encode(arr[0].as_py())]  # one value in every row: encoded once
     typ = arr.type
     if pa.types.is_integer(typ) and typ != pa.uint64():
         return _int_parts(arr)
@@ -417,6 +424,38 @@ def _flat_parts(arr: pa.Array) -> list[Any]:
         raw = arr.cast(pa.binary())
         return [_BYTES, _binary_lengths(pc.binary_length(raw).to_numpy(zero_copy_only=False)), raw]
     return [_fragments(arr)]
+
+
+_CONSTANT_CHECKED = (pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(), pa.uint16(),
+                     pa.uint32(), pa.float32(), pa.float64())
+_OFFSETS = {pa.string(): np.int32, pa.binary(): np.int32, pa.large_string(): np.int64,
+            pa.large_binary(): np.int64}
+
+
+def _is_constant(arr: pa.Array) -> bool:
+    """Whether every element of ``arr`` (no nulls) is the same value, bit for bit (``-0.0`` and
+    ``0.0`` differ, NaNs with other payloads differ), for the flat types :func:`_flat_parts`
+    vectorises; ``False`` for any other type. A journal file's provenance columns (model,
+    producer, deployment, schema version ...) hold one value: each is then encoded once, not
+    through a chain of Arrow kernels whose fixed cost dominates a small file."""
+    typ = arr.type
+    n = len(arr)
+    if typ in _CONSTANT_CHECKED:
+        width = typ.byte_width
+        values = np.frombuffer(arr.buffers()[1], dtype=f"u{width}", count=arr.offset + n)[arr.offset:]
+        return bool((values == values[0]).all())
+    offsets_type = _OFFSETS.get(typ)
+    if offsets_type is None:
+        return False
+    offsets = np.frombuffer(arr.buffers()[1], dtype=offsets_type, count=arr.offset + n + 1)[arr.offset:]
+    size = int(offsets[1] - offsets[0])
+    if not (np.diff(offsets) == size).all():
+        return False
+    if size == 0:
+        return True
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8, count=int(offsets[-1]))[int(offsets[0]):]
+    rows = data.reshape(n, size)
+    return bool((rows == rows[0]).all())
 
 
 def _one_array(column: pa.ChunkedArray) -> pa.Array:
