@@ -13,6 +13,7 @@ import pytest
 from serve_journal.fileformat import (
     COLD_OPTIONS,
     HOT_OPTIONS,
+    decode_parquet,
     dictionary_pays,
     encode_parquet,
     sort_for_lookup,
@@ -117,3 +118,23 @@ def test_a_rewrite_under_a_small_limit_writes_smaller_row_groups(tmp_path):
             rows = workspace.row_group_rows(files, COLD_OPTIONS)
         assert (rows == COLD_OPTIONS.row_group_size) == expect_full, (limit, rows)
         assert 64 * 1024 <= rows <= COLD_OPTIONS.row_group_size
+
+
+def _codecs(data: bytes) -> set[str]:
+    meta = pq.ParquetFile(pa.BufferReader(data)).metadata
+    return {meta.row_group(rg).column(c).compression
+            for rg in range(meta.num_row_groups) for c in range(meta.num_columns)}
+
+
+@pytest.mark.parametrize("rows", [1, 110, 511, 512, 2_000])
+def test_small_hot_files_are_lz4_and_larger_ones_and_cold_files_zstd(rows):
+    """zstd's set-up per column chunk is half the cost of writing a file of ~100 entries, which a
+    writer at a low rate rolls every half second: such files are LZ4 (compaction rewrites them);
+    from 512 rows on, and in the cold tier always, zstd. The codec never changes a row."""
+    table = _table(rows, rounded=False)
+    hot, cold = encode_parquet(table, HOT_OPTIONS), encode_parquet(table, COLD_OPTIONS)
+    assert _codecs(hot) == ({"LZ4"} if rows < 512 else {"ZSTD"})
+    assert _codecs(cold) == {"ZSTD"}
+    expected = sort_for_lookup(conform_entries(table)).to_pylist()
+    for data in (hot, cold):
+        assert decode_parquet(data).to_pylist() == expected
