@@ -143,6 +143,42 @@ def test_the_active_span_is_read_and_nothing_when_none_is_active():
         f"{context.trace_id:032x}", f"{context.span_id:016x}")
 
 
+@pytest.mark.parametrize("public_api_only", [False, True])
+def test_the_reader_gives_the_same_ids_from_the_context_variable_and_the_public_api(
+        monkeypatch, public_api_only):
+    """The fast path (OpenTelemetry's context variable, no span -> ``None`` at once) and the
+    public API agree: no span, an SDK span, a propagated remote context, an invalid span set
+    explicitly, and in a thread started with a copy of the context."""
+    import contextvars
+    import threading
+
+    from opentelemetry import trace
+    from opentelemetry.trace import INVALID_SPAN, NonRecordingSpan, SpanContext, TraceFlags
+
+    from serve_journal._private import tracing
+
+    assert tracing._span_slot() is not None  # the default runtime context is in use here
+    if public_api_only:
+        monkeypatch.setattr(tracing, "_span_slot", lambda: None)
+    read = active_span_reader()
+    assert read() is None
+    remote = SpanContext(trace_id=0xABC, span_id=0xDEF, is_remote=True, trace_flags=TraceFlags(1))
+    with trace.use_span(NonRecordingSpan(remote)):
+        assert read() == (0xABC, 0xDEF)
+        seen = []
+        context = contextvars.copy_context()
+        worker = threading.Thread(target=lambda: seen.append(context.run(read)))
+        worker.start()
+        worker.join()
+        assert seen == [(0xABC, 0xDEF)]
+    with trace.use_span(INVALID_SPAN):
+        assert read() is None
+    with TracerProvider().get_tracer("test").start_as_current_span("call") as span:
+        ids = span.get_span_context()
+        assert read() == (ids.trace_id, ids.span_id)
+    assert read() is None
+
+
 def test_without_opentelemetry_api_only_the_header_is_read(monkeypatch):
     monkeypatch.setitem(sys.modules, "opentelemetry.trace", None)  # as if not installed
     assert active_span_reader() is None

@@ -30,17 +30,45 @@ _ZERO_SPAN = "0" * 16
 _HEADER = b"traceparent"
 
 
+def _span_slot() -> tuple[Any, Any] | None:
+    """(the ``ContextVar`` OpenTelemetry keeps the current context in, the span's key in that
+    context) when its default runtime context is in use, else ``None`` (a runtime context chosen
+    through ``OTEL_PYTHON_CONTEXT``, or another version's internals: the public API is used)."""
+    try:
+        import contextvars
+
+        from opentelemetry import context as otel_context
+        from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+        from opentelemetry.trace.propagation import _SPAN_KEY
+
+        runtime = otel_context._RUNTIME_CONTEXT
+        variable = getattr(runtime, "_current_context", None)
+        if type(runtime) is ContextVarsRuntimeContext and isinstance(variable, contextvars.ContextVar) \
+                and isinstance(_SPAN_KEY, str):
+            return variable, _SPAN_KEY
+    except Exception:  # noqa: BLE001 - any surprise: the public API only
+        pass
+    return None
+
+
 def active_span_reader() -> Callable[[], SpanIds | None] | None:
     """A reader of the current OpenTelemetry span's ids (``None`` when no valid span is active),
     or ``None`` when ``opentelemetry-api`` is not installed (``pip install
-    'serve-journal[tracing]'``). The reader never raises."""
+    'serve-journal[tracing]'``). The reader never raises.
+
+    Most requests carry no span: with OpenTelemetry's default runtime context the reader sees
+    that from the context variable itself (two lookups) and returns, without the public API's
+    frames; a context that holds a span goes through ``get_current_span()`` as before."""
     try:
         from opentelemetry.trace import get_current_span  # inside: optional dependency
     except ImportError:
         return None
+    slot = _span_slot()
 
     def read() -> SpanIds | None:
         try:
+            if slot is not None and slot[0].get().get(slot[1]) is None:
+                return None  # no span in the current context: get_current_span() is INVALID_SPAN
             context = get_current_span().get_span_context()
             if context.is_valid:
                 return (context.trace_id, context.span_id)
