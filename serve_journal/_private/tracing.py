@@ -17,6 +17,7 @@ not attach a span for requests its sampler drops: those fall back to the header.
 
 from __future__ import annotations
 
+import contextvars
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -35,11 +36,11 @@ def _span_slot() -> tuple[Any, Any] | None:
     context) when its default runtime context is in use, else ``None`` (a runtime context chosen
     through ``OTEL_PYTHON_CONTEXT``, or another version's internals: the public API is used)."""
     try:
-        import contextvars
-
-        from opentelemetry import context as otel_context
-        from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
-        from opentelemetry.trace.propagation import _SPAN_KEY
+        from opentelemetry import context as otel_context  # inside: optional dependency
+        from opentelemetry.context.contextvars_context import (  # inside: optional dependency
+            ContextVarsRuntimeContext,
+        )
+        from opentelemetry.trace.propagation import _SPAN_KEY  # inside: optional dependency
 
         runtime = otel_context._RUNTIME_CONTEXT
         variable = getattr(runtime, "_current_context", None)
