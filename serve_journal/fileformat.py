@@ -106,8 +106,9 @@ class ParquetOptions:
     """A file of fewer rows (and at least one) is compressed with :attr:`small_file_codec`
     instead: zstd's set-up per column chunk (~1.7 ms of a ~3.4 ms file of 110 entries here)
     dominates a small file, and a writer at a low rate rolls one every ``roll_seconds``;
-    compaction rewrites them with ``compression``. ``0``: always ``compression``."""
-    small_file_codec: str = "lz4"
+    compaction (its default options) rewrites them with zstd. ``0``: always ``compression``.
+    ``lz4_raw`` is Parquet's ``LZ4_RAW`` codec (pyarrow reports it as ``LZ4``)."""
+    small_file_codec: str = "lz4_raw"
     derive_scores: bool = False
     """Leave out the output scores that follow from ``score`` (:func:`~serve_journal.schema.
     derive_output_scores`): the file has :data:`~serve_journal.schema.STORED_SCHEMA`'s extra

@@ -138,3 +138,14 @@ def test_small_hot_files_are_lz4_and_larger_ones_and_cold_files_zstd(rows):
     expected = sort_for_lookup(conform_entries(table)).to_pylist()
     for data in (hot, cold):
         assert decode_parquet(data).to_pylist() == expected
+
+
+def test_small_hot_files_are_lz4_raw_for_other_readers(tmp_path):
+    """Parquet's ``LZ4_RAW`` (not the deprecated Hadoop-framed ``LZ4``), which DuckDB reads."""
+    import duckdb
+
+    path = tmp_path / "small.parquet"
+    path.write_bytes(encode_parquet(_table(110, rounded=False), HOT_OPTIONS))
+    codecs = duckdb.sql(f"SELECT DISTINCT compression FROM parquet_metadata('{path}')").fetchall()
+    assert codecs == [("LZ4_RAW",)]
+    assert duckdb.sql(f"SELECT count(*) FROM '{path}'").fetchall() == [(110,)]

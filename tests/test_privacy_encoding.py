@@ -497,3 +497,36 @@ def test_arrow_rows_with_constant_and_all_null_columns_equal_canonical_encode(da
     expected = [canonical_encode(row) for row in table.to_pylist()]
     assert encode_arrow_rows(table) == expected
     assert encode_arrow_rows(table, prefix=b"\x00") == [b"\x00" + e for e in expected]
+
+
+class _Ext(pa.ExtensionType):
+    def __init__(self, storage: pa.DataType) -> None:
+        super().__init__(storage, "tests.ext")
+
+    def __arrow_ext_serialize__(self) -> bytes:
+        return b""
+
+    @classmethod
+    def __arrow_ext_deserialize__(cls, storage, serialized):  # noqa: ANN001, ANN206
+        return cls(storage)
+
+
+def test_a_python_extension_type_column_still_encodes_row_by_row():
+    """Such a type is not hashable: looking it up among the constant-checked types must not
+    raise (found in review)."""
+    for values in ([1, 2], [7, 7]):
+        table = pa.table({"c": pa.ExtensionArray.from_storage(_Ext(pa.int64()), pa.array(values))})
+        assert encode_arrow_rows(table) == [canonical_encode(row) for row in table.to_pylist()]
+
+
+def test_a_constant_string_column_of_invalid_utf8_encodes_its_bytes_as_a_varying_one_does():
+    """A string column read from a tampered file is not checked for UTF-8: constant or not, its
+    bytes are encoded as they are (never an exception that only a constant column raises)."""
+    def strings(data: bytes) -> pa.Array:
+        return pa.Array.from_buffers(pa.string(), 2, [None, pa.py_buffer(np.array([0, 1, 2], np.int32).tobytes()),
+                                                      pa.py_buffer(data)])
+
+    same, different = encode_arrow_rows(pa.table({"c": strings(b"\xff\xff")})), \
+        encode_arrow_rows(pa.table({"c": strings(b"\xff\xfe")}))
+    assert same[0] == same[1] == different[0] != different[1]
+    assert same[0].endswith(b"S" + (1).to_bytes(8, "big") + b"\xff")

@@ -179,6 +179,21 @@ def test_the_reader_gives_the_same_ids_from_the_context_variable_and_the_public_
     assert read() is None
 
 
+def test_the_reader_follows_a_runtime_context_replaced_after_it_was_made(monkeypatch):
+    """Found in review: the fast path kept the context variable of the runtime context it was
+    made with; a runtime context installed later must not hide its spans."""
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    read = active_span_reader()
+    monkeypatch.setattr(otel_context, "_RUNTIME_CONTEXT", ContextVarsRuntimeContext())
+    with trace.use_span(NonRecordingSpan(SpanContext(1, 2, False, TraceFlags(1)))):
+        assert read() == (1, 2)
+    assert read() is None
+
+
 def test_without_opentelemetry_api_only_the_header_is_read(monkeypatch):
     monkeypatch.setitem(sys.modules, "opentelemetry.trace", None)  # as if not installed
     assert active_span_reader() is None

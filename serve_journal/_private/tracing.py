@@ -31,10 +31,11 @@ _ZERO_SPAN = "0" * 16
 _HEADER = b"traceparent"
 
 
-def _span_slot() -> tuple[Any, Any] | None:
-    """(the ``ContextVar`` OpenTelemetry keeps the current context in, the span's key in that
-    context) when its default runtime context is in use, else ``None`` (a runtime context chosen
-    through ``OTEL_PYTHON_CONTEXT``, or another version's internals: the public API is used)."""
+def _span_slot() -> tuple[Any, Any, Any, Any] | None:
+    """(OpenTelemetry's context module, its runtime context now, the ``ContextVar`` that keeps
+    the current context, the span's key in that context) when its default runtime context is in
+    use, else ``None`` (a runtime context chosen through ``OTEL_PYTHON_CONTEXT``, or another
+    version's internals: the public API is used)."""
     try:
         from opentelemetry import context as otel_context  # inside: optional dependency
         from opentelemetry.context.contextvars_context import (  # inside: optional dependency
@@ -46,7 +47,7 @@ def _span_slot() -> tuple[Any, Any] | None:
         variable = getattr(runtime, "_current_context", None)
         if type(runtime) is ContextVarsRuntimeContext and isinstance(variable, contextvars.ContextVar) \
                 and isinstance(_SPAN_KEY, str):
-            return variable, _SPAN_KEY
+            return otel_context, runtime, variable, _SPAN_KEY
     except Exception:  # noqa: BLE001 - any surprise: the public API only
         pass
     return None
@@ -68,8 +69,11 @@ def active_span_reader() -> Callable[[], SpanIds | None] | None:
 
     def read() -> SpanIds | None:
         try:
-            if slot is not None and slot[0].get().get(slot[1]) is None:
-                return None  # no span in the current context: get_current_span() is INVALID_SPAN
+            # Still the same runtime context (something may have replaced it since) and no
+            # span in the current context: get_current_span() would give INVALID_SPAN.
+            if slot is not None and slot[0]._RUNTIME_CONTEXT is slot[1] \
+                    and slot[2].get().get(slot[3]) is None:
+                return None
             context = get_current_span().get_span_context()
             if context.is_valid:
                 return (context.trace_id, context.span_id)

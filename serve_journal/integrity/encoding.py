@@ -410,8 +410,9 @@ def _flat_parts(arr: pa.Array) -> list[Any]:
         return [_NONE]  # null in every row: the same bytes whatever the type
     if n == 0 or arr.null_count:
         return [_fragments(arr)]
-    if _is_constant(arr):
-        return [canonical_encode(arr[0].as_py())]  # one value in every row: encoded once
+    constant = _constant_part(arr)
+    if constant is not None:
+        return [constant]  # one value in every row: encoded once
     typ = arr.type
     if pa.types.is_integer(typ) and typ != pa.uint64():
         return _int_parts(arr)
@@ -432,30 +433,38 @@ _OFFSETS = {pa.string(): np.int32, pa.binary(): np.int32, pa.large_string(): np.
             pa.large_binary(): np.int64}
 
 
-def _is_constant(arr: pa.Array) -> bool:
-    """Whether every element of ``arr`` (no nulls) is the same value, bit for bit (``-0.0`` and
-    ``0.0`` differ, NaNs with other payloads differ), for the flat types :func:`_flat_parts`
-    vectorises; ``False`` for any other type. A journal file's provenance columns (model,
-    producer, deployment, schema version ...) hold one value: each is then encoded once, not
-    through a chain of Arrow kernels whose fixed cost dominates a small file."""
+def _constant_part(arr: pa.Array) -> bytes | None:
+    """The encoding of ``arr``'s one value when every element (no nulls) is the same, bit for
+    bit (``-0.0`` and ``0.0`` differ, NaNs with other payloads differ), for the flat types
+    :func:`_flat_parts` vectorises; ``None`` otherwise and for any other type. A journal file's
+    provenance columns (model, producer, deployment, schema version ...) hold one value: each is
+    then encoded once, not through a chain of Arrow kernels whose fixed cost dominates a small
+    file. Strings and binaries are encoded from their bytes, as the vectorised path does (a
+    string column read from a file is not checked for valid UTF-8)."""
     typ = arr.type
+    if isinstance(typ, pa.BaseExtensionType):
+        return None  # (a Python extension type is not even hashable)
     n = len(arr)
     if typ in _CONSTANT_CHECKED:
         width = typ.byte_width
         values = np.frombuffer(arr.buffers()[1], dtype=f"u{width}", count=arr.offset + n)[arr.offset:]
-        return bool((values == values[0]).all())
+        if not (values == values[0]).all():
+            return None
+        return canonical_encode(arr[0].as_py())
     offsets_type = _OFFSETS.get(typ)
     if offsets_type is None:
-        return False
+        return None
     offsets = np.frombuffer(arr.buffers()[1], dtype=offsets_type, count=arr.offset + n + 1)[arr.offset:]
     size = int(offsets[1] - offsets[0])
     if not (np.diff(offsets) == size).all():
-        return False
-    if size == 0:
-        return True
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8, count=int(offsets[-1]))[int(offsets[0]):]
+        return None
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8, count=int(offsets[-1]))[int(offsets[0]):] \
+        if size else np.zeros((n, 0), dtype=np.uint8)
     rows = data.reshape(n, size)
-    return bool((rows == rows[0]).all())
+    if size and not (rows == rows[0]).all():
+        return None
+    tag = _STR if pa.types.is_string(typ) or pa.types.is_large_string(typ) else _BYTES
+    return tag + _PACK_LEN(size) + rows[0].tobytes()
 
 
 def _one_array(column: pa.ChunkedArray) -> pa.Array:
