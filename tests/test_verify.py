@@ -180,6 +180,26 @@ def test_entry_edited_and_file_rewritten(backend, signer):
     assert ("file-row-count", paths[2]) not in found
 
 
+@pytest.mark.parametrize("column, edit", [
+    ("caller", lambda rows: [{**r, "caller": "svc-b"} for r in rows]),  # still one value
+    ("threshold", lambda rows: [{**r, "threshold": 0.5000000000000001} for r in rows]),
+    ("latency_ms", lambda rows: [{**r, "latency_ms": 1.5 if i else 2.5} for i, r in enumerate(rows)]),
+    ("explanation_ref", lambda rows: [{**r, "explanation_ref": "x" if i == 4 else None}
+                                      for i, r in enumerate(rows)]),
+])
+def test_a_column_of_one_value_edited_and_file_rewritten(backend, signer, column, edit):
+    """Leaves encode a column holding one value (or null) in every row of a file once: an
+    attacker who rewrites that value in every row, in one row, or fills one null, is caught."""
+    paths = standard_journal(backend, signer)
+    rows = decode_parquet(backend.storage.read(paths[2])).to_pylist()
+    assert len({repr(r[column]) for r in rows}) == 1
+    edited = pa.Table.from_pylist(edit(rows), schema=make_table("p2", []).schema)
+    backend.overwrite(paths[2], encode_parquet(edited))
+    found = errors(run(backend, signer))
+    assert ("file-entries-altered", paths[2]) in found
+    assert ("file-row-count", paths[2]) not in found
+
+
 def test_file_deleted(backend, signer):
     paths = standard_journal(backend, signer)
     backend.raw_remove(paths[0])
